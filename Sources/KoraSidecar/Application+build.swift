@@ -1,0 +1,193 @@
+import AsyncHTTPClient
+import HTTPTypes
+import Hummingbird
+import HummingbirdCore
+import Logging
+import NIOCore
+import ServiceLifecycle
+
+/// Which listener a ``SidecarOptions/onListening`` call is about.
+public enum ListenerRole: String, Sendable {
+    /// The public webhook listener.
+    case webhooks
+    /// The internal listener (API proxy, health, metrics, admin).
+    case `internal`
+}
+
+/// What ``buildApplication(_:logger:options:)`` takes besides the configuration: the seams tests
+/// and the demo use. Production passes the defaults.
+public struct SidecarOptions: Sendable {
+    /// The store to use instead of opening `storage.sqlitePath`.
+    public var store: (any SidecarStore)?
+    /// The wall clock (tests move it to check the timestamp tolerance).
+    public var clock: @Sendable () -> UnixTime = UnixTime.now
+    /// Called once each listener is bound, with its address.
+    public var onListening: @Sendable (ListenerRole, SocketAddress?) async -> Void = { _, _ in }
+    /// How long in-flight deliveries may take to finish on shutdown.
+    public var drainTimeout: Duration = .seconds(10)
+    /// The retry policy of queued delivery; nil uses `delivery.retrySchedule` with 20% jitter.
+    public var retryPolicy: RetryPolicy?
+
+    public init() {}
+}
+
+/// A start-up failure the operator can fix, as one sentence naming the file, key or address.
+public struct StartupError: Error, Sendable, CustomStringConvertible {
+    public var description: String
+
+    public init(_ description: String) { self.description = description }
+}
+
+/// Builds the sidecar: the public webhook listener as the application, with the internal listener,
+/// the outbox dispatcher, the store and the HTTP client as its services, in dependency order (on
+/// SIGTERM the listeners stop first, then the dispatcher drains, then the client and store close).
+public func buildApplication(
+    _ configuration: SidecarConfiguration, logger: Logger, options: SidecarOptions = .init()
+) throws -> some ApplicationProtocol {
+    let store: any SidecarStore
+    var services: [any Service] = []
+    if let given = options.store {
+        store = given
+    } else {
+        do {
+            let sqlite = try SQLiteStore(path: configuration.storage.sqlitePath)
+            store = sqlite
+            services.append(CloseOnShutdown { sqlite.close() })
+        } catch {
+            throw StartupError("The store \(configuration.storage.sqlitePath) (storage.sqlitePath) cannot be opened: \(error).")
+        }
+    }
+
+    let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: .sidecarDelivery)
+    services.append(CloseOnShutdown { try? await client.shutdown() })
+    let deliveryServices = configuration.deliveryServices
+    for service in deliveryServices where service.signingKey == nil {
+        logger.warning("Deliveries to this service are not signed: set deliver.signingSecret", metadata: ["service": "\(service.name)"])
+    }
+    if !configuration.webhooks.enforce {
+        logger.warning("webhooks.enforce is false: unverified webhooks are delivered (report-only mode)")
+    }
+    let sender = EventSender(client: client, reportOnly: !configuration.webhooks.enforce)
+    let readiness = Readiness(store: store)
+
+    let delivery: IngressDelivery
+    switch configuration.delivery.mode {
+    case .direct:
+        delivery = .direct(sender)
+    case .queued:
+        let dispatcher = OutboxDispatcher(
+            store: store, sender: sender, services: deliveryServices,
+            policy: options.retryPolicy ?? RetryPolicy(schedule: configuration.delivery.retrySchedule),
+            concurrency: configuration.delivery.concurrency, drainTimeout: options.drainTimeout,
+            logger: logger.with("component", "dispatcher"))
+        services.append(dispatcher)
+        services.append(
+            Housekeeping(store: store, retention: .seconds(configuration.webhooks.dedupWindowHours * 3600), logger: logger))
+        delivery = .queued(dispatcher)
+    }
+
+    let ingress = WebhookIngress(
+        configuration: configuration.webhooks, store: store,
+        router: EventRouter(services: deliveryServices, store: store), delivery: delivery, clock: options.clock,
+        logger: logger.with("component", "ingress"))
+
+    let internalListener = Application(
+        router: buildInternalRouter(configuration: configuration, store: store, readiness: readiness),
+        server: .sidecarHTTP1(configuration.internal.limits),
+        configuration: .sidecar(configuration.internal.listen, configuration.internal.limits, logger: logger),
+        onServerRunning: { channel in
+            if case .unixSocket(let path) = configuration.internal.listen { UnixSocketFile.restrict(path) }
+            await readiness.listenerBound(.internal)
+            await options.onListening(.internal, channel.localAddress)
+        },
+        logger: logger.with("listener", "internal"))
+    services.append(internalListener)
+
+    return Application(
+        responder: WebhookResponder(path: configuration.webhooks.path, ingress: ingress),
+        server: .sidecarHTTP1(configuration.webhooks.limits),
+        configuration: .sidecar(configuration.webhooks.listen, configuration.webhooks.limits, logger: logger),
+        services: services,
+        onServerRunning: { channel in
+            await readiness.listenerBound(.webhooks)
+            await options.onListening(.webhooks, channel.localAddress)
+        },
+        logger: logger.with("listener", "webhooks"))
+}
+
+/// The public listener: `POST {path}` and `GET /healthz`, nothing else (SPEC §4).
+struct WebhookResponder: HTTPResponder {
+    let path: String
+    let ingress: WebhookIngress
+
+    func respond(to request: Request, context: SidecarRequestContext) async throws -> Response {
+        switch request.uri.path {
+        case path:
+            guard request.method == .post else { return SidecarHTTPError.methodNotAllowed(allow: "POST").response(channel: nil) }
+            return await ingress.handle(request, context: context)
+        case "/healthz" where request.method == .get || request.method == .head:
+            return JSONResponse.make(.ok, ["status": "ok"])
+        case "/healthz":
+            return SidecarHTTPError.methodNotAllowed(allow: "GET").response(channel: nil)
+        default:
+            return SidecarHTTPError.notFound().response(channel: nil)
+        }
+    }
+}
+
+extension HTTPClient.Configuration {
+    /// The delivery client: no redirects, explicit connect time-out, pooled keep-alive connections.
+    static var sidecarDelivery: HTTPClient.Configuration {
+        var configuration = HTTPClient.Configuration(
+            redirectConfiguration: .disallow,
+            timeout: .init(connect: .seconds(5), read: .seconds(60)),
+            connectionPool: .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 64)
+        )
+        configuration.httpVersion = .http1Only
+        configuration.decompression = .disabled
+        return configuration
+    }
+}
+
+extension ApplicationConfiguration {
+    /// A listener bound to `address`, capped at `limits.maxConnections` open connections.
+    static func sidecar(_ address: ListenAddress, _ limits: ListenerLimits, logger: Logger) -> ApplicationConfiguration {
+        let bind: BindAddress =
+            switch address {
+            case .tcp(let host, let port): .hostname(host, port: port)
+            case .unixSocket(let path): .unixDomainSocket(path: path)
+            }
+        return ApplicationConfiguration(
+            address: bind, serverName: nil, availableConnectionsDelegate: .maximum(limits.maxConnections, logger: logger))
+    }
+}
+
+extension HTTPServerBuilder {
+    /// HTTP/1.1 with the listener's header limit and idle time-out.
+    static func sidecarHTTP1(_ limits: ListenerLimits) -> HTTPServerBuilder {
+        .http1(
+            configuration: .init(
+                idleTimeout: .seconds(Int64(limits.idleTimeoutSeconds)),
+                httpDecoderConfiguration: .init(
+                    maxHeaderFieldSize: limits.maxHeaderBytes, maxHeaderListSize: limits.maxHeaderBytes, maxHeaderFieldCount: 100)))
+    }
+}
+
+extension Logger {
+    /// A copy with one more metadata value.
+    func with(_ key: String, _ value: String) -> Logger {
+        var logger = self
+        logger[metadataKey: key] = "\(value)"
+        return logger
+    }
+}
+
+/// A service that waits for graceful shutdown, then runs `close` (the HTTP client, the store).
+struct CloseOnShutdown: Service {
+    let close: @Sendable () async -> Void
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        await close()
+    }
+}

@@ -1,0 +1,182 @@
+import Foundation
+
+/// Walks a parsed configuration document, reading typed values with defaults and collecting every
+/// problem with its JSON path instead of stopping at the first.
+final class ConfigurationReader {
+    private(set) var problems: [ConfigurationProblem] = []
+    private let environment: [String: String]
+
+    init(environment: [String: String]) {
+        self.environment = environment
+    }
+
+    func report(_ path: String, _ reason: String) {
+        problems.append(ConfigurationProblem(path: path, reason: reason))
+    }
+
+    /// The object at `path`, checking its keys against `keys` (nil: any key); an absent value reads as empty.
+    func object(_ value: JSONValue?, at path: String, keys: Set<String>?) -> ObjectReader {
+        switch value {
+        case nil, .null?:
+            return ObjectReader(reader: self, path: path, members: [])
+        case .object(let members)?:
+            for member in members where keys.map({ !$0.contains(member.key) }) ?? false {
+                let known = (keys ?? []).sorted().joined(separator: ", ")
+                report("\(path).\(member.key)", "unknown key (expected one of: \(known))")
+            }
+            return ObjectReader(reader: self, path: path, members: members)
+        case let other?:
+            report(path, "must be an object, not \(other.kindName)")
+            return ObjectReader(reader: self, path: path, members: [])
+        }
+    }
+
+    /// Resolves a secret written as `{"env": …}`, `{"file": …}` or a plain string.
+    func secret(_ value: JSONValue, at path: String) -> Secret? {
+        switch value {
+        case .string(let literal):
+            guard !literal.isEmpty else {
+                report(path, "must not be empty")
+                return nil
+            }
+            return Secret(literal, source: .literal)
+        case .object:
+            let object = self.object(value, at: path, keys: ["env", "file"])
+            let name = object.optionalString("env")
+            let file = object.optionalString("file")
+            switch (name, file) {
+            case (let name?, nil):
+                guard let resolved = environment[name], !resolved.isEmpty else {
+                    report(path, "environment variable \(name) is not set")
+                    return nil
+                }
+                return Secret(resolved, source: .environment(name))
+            case (nil, let file?):
+                guard let data = FileManager.default.contents(atPath: file) else {
+                    report(path, "secret file \(file) cannot be read")
+                    return nil
+                }
+                var text = String(decoding: data, as: UTF8.self)
+                while text.hasSuffix("\n") || text.hasSuffix("\r") { text.removeLast() }
+                guard !text.isEmpty else {
+                    report(path, "secret file \(file) is empty")
+                    return nil
+                }
+                return Secret(text, source: .file(file))
+            case (.some, .some):
+                report(path, "give either \"env\" or \"file\", not both")
+                return nil
+            case (nil, nil):
+                report(path, "must be {\"env\": \"NAME\"}, {\"file\": \"/path\"} or a string")
+                return nil
+            }
+        default:
+            report(path, "must be {\"env\": \"NAME\"}, {\"file\": \"/path\"} or a string, not \(value.kindName)")
+            return nil
+        }
+    }
+}
+
+/// Reads the members of one configuration object.
+struct ObjectReader {
+    let reader: ConfigurationReader
+    let path: String
+    let members: [JSONMember]
+
+    func value(_ key: String) -> JSONValue? {
+        members.last(where: { $0.key == key })?.value
+    }
+
+    func has(_ key: String) -> Bool { value(key).map { $0 != .null } ?? false }
+
+    func path(_ key: String) -> String { "\(path).\(key)" }
+
+    func object(_ key: String, keys: Set<String>?) -> ObjectReader {
+        reader.object(value(key), at: path(key), keys: keys)
+    }
+
+    func optionalString(_ key: String) -> String? {
+        switch value(key) {
+        case nil, .null?: return nil
+        case .string(let s)?: return s
+        case let other?:
+            reader.report(path(key), "must be a string, not \(other.kindName)")
+            return nil
+        }
+    }
+
+    func string(_ key: String, default defaultValue: String) -> String {
+        optionalString(key) ?? defaultValue
+    }
+
+    func requiredString(_ key: String) -> String? {
+        guard let s = optionalString(key) else {
+            if !has(key) { reader.report(path(key), "is required") }
+            return nil
+        }
+        return s
+    }
+
+    func int(_ key: String, default defaultValue: Int, in range: ClosedRange<Int>) -> Int {
+        switch value(key) {
+        case nil, .null?: return defaultValue
+        case .number(let text)?:
+            guard let number = Int(text), range.contains(number) else {
+                reader.report(path(key), "must be a whole number from \(range.lowerBound) to \(range.upperBound)")
+                return defaultValue
+            }
+            return number
+        case let other?:
+            reader.report(path(key), "must be a number, not \(other.kindName)")
+            return defaultValue
+        }
+    }
+
+    func bool(_ key: String, default defaultValue: Bool) -> Bool {
+        switch value(key) {
+        case nil, .null?: return defaultValue
+        case .bool(let b)?: return b
+        case let other?:
+            reader.report(path(key), "must be true or false, not \(other.kindName)")
+            return defaultValue
+        }
+    }
+
+    func enumeration<E: RawRepresentable & CaseIterable>(_ key: String, default defaultValue: E) -> E
+    where E.RawValue == String {
+        guard let text = optionalString(key) else { return defaultValue }
+        guard let parsed = E(rawValue: text) else {
+            let allowed = E.allCases.map { "\"\($0.rawValue)\"" }.joined(separator: ", ")
+            reader.report(path(key), "must be one of \(allowed), not \"\(text)\"")
+            return defaultValue
+        }
+        return parsed
+    }
+
+    /// An array, each element read by `element` with its own path; nil when absent.
+    func array<T>(_ key: String, _ element: (JSONValue, String) -> T?) -> [T]? {
+        switch value(key) {
+        case nil, .null?: return nil
+        case .array(let values)?:
+            return values.enumerated().compactMap { element($0.element, "\(path(key))[\($0.offset)]") }
+        case let other?:
+            reader.report(path(key), "must be an array, not \(other.kindName)")
+            return nil
+        }
+    }
+
+    func stringArray(_ key: String) -> [String]? {
+        array(key) { value, path in
+            guard case .string(let s) = value else {
+                reader.report(path, "must be a string, not \(value.kindName)")
+                return nil
+            }
+            return s
+        }
+    }
+
+    func optionalSecret(_ key: String) -> Secret? {
+        guard let value = value(key), value != .null else { return nil }
+        return reader.secret(value, at: path(key))
+    }
+}

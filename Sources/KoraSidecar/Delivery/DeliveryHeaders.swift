@@ -1,0 +1,36 @@
+import Crypto
+import NIOHTTP1
+
+/// The headers of one delivery to a service (SPEC §6).
+public enum DeliveryHeaders {
+    /// Header names the sidecar sets itself; configuration may not override them.
+    static let reserved: Set<String> = [
+        "webhook-id", "webhook-timestamp", "webhook-signature", "content-type", "content-length", "host",
+        "x-kora-event-type", "x-kora-delivery-attempt", "x-kora-signature-verified", "transfer-encoding", "connection",
+    ]
+
+    /// Builds the headers for `event` sent to `service` as attempt number `attempt` at `timestamp`.
+    public static func make(
+        event: KoraEvent, body: [UInt8], service: DeliveryService, attempt: Int, timestamp: Int64, reportOnly: Bool
+    ) -> HTTPHeaders {
+        var headers = HTTPHeaders()
+        headers.reserveCapacity(10 + service.headers.count)
+        headers.add(name: "Content-Type", value: "application/json")
+        headers.add(name: "webhook-id", value: event.id)
+        headers.add(name: "webhook-timestamp", value: String(timestamp))
+        if let key = service.signingKey {
+            headers.add(
+                name: "webhook-signature", value: StandardWebhooks.signature(key: key, id: event.id, timestamp: timestamp, body: body))
+        }
+        headers.add(name: "X-Kora-Event-Type", value: event.type)
+        headers.add(name: "X-Kora-Delivery-Attempt", value: String(attempt))
+        if reportOnly {
+            headers.add(name: "X-Kora-Signature-Verified", value: event.signatureVerified ? "true" : "false")
+        }
+        if service.format == .original {
+            for header in event.originalHeaders { headers.add(name: header.name, value: header.value) }
+        }
+        for header in service.headers { headers.add(name: header.name, value: header.value.value) }
+        return headers
+    }
+}

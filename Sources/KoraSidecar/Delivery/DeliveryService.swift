@@ -1,0 +1,52 @@
+import Crypto
+
+/// A service that receives events, resolved from its configuration once at start-up.
+public struct DeliveryService: Sendable {
+    public let name: String
+    /// The URL AsyncHTTPClient is given (`http+unix://…` for a Unix socket).
+    public let url: String
+    public let format: DeliveryFormat
+    public let signingKey: SymmetricKey?
+    public let headers: [(name: String, value: Secret)]
+    public let events: EventFilter
+    public let onlyOwnVerifications: Bool
+    public let timeout: Duration
+
+    public init(name: String, deliver: DeliverConfiguration) {
+        self.name = name
+        self.url = Self.url(for: deliver.target)
+        self.format = deliver.format
+        self.signingKey = deliver.signingSecret.flatMap(StandardWebhooks.key(from:))
+        self.headers = deliver.headers
+        self.events = deliver.events
+        self.onlyOwnVerifications = deliver.onlyOwnVerifications
+        self.timeout = .seconds(deliver.timeoutSeconds)
+    }
+
+    /// The request URL for `target`; a socket path is percent-encoded into the host, as
+    /// AsyncHTTPClient's `http+unix` scheme expects.
+    static func url(for target: DeliveryTarget) -> String {
+        switch target {
+        case .url(let url):
+            return url
+        case .unixSocket(let socketPath, let path):
+            let allowed = Set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~".utf8)
+            var host = ""
+            for byte in socketPath.utf8 {
+                if allowed.contains(byte) {
+                    host.append(Character(Unicode.Scalar(byte)))
+                } else {
+                    host += "%" + Hex.encode([byte]).uppercased()
+                }
+            }
+            return "http+unix://\(host)\(path)"
+        }
+    }
+}
+
+extension SidecarConfiguration {
+    /// The services that receive events, resolved for delivery.
+    public var deliveryServices: [DeliveryService] {
+        services.compactMap { service in service.deliver.map { DeliveryService(name: service.name, deliver: $0) } }
+    }
+}

@@ -1,0 +1,57 @@
+import Synchronization
+
+/// Wakes waiting workers when there is new work, so that a queued event is delivered at once
+/// instead of at the next poll.
+final class Doorbell: Sendable {
+    private struct State {
+        var generation = 0
+        var waiters: [Int: CheckedContinuation<Void, Never>] = [:]
+        var nextWaiter = 0
+    }
+
+    private let state = Mutex(State())
+
+    /// Wakes every waiter.
+    func ring() {
+        let waiters = state.withLock { state in
+            state.generation += 1
+            defer { state.waiters = [:] }
+            return Array(state.waiters.values)
+        }
+        waiters.forEach { $0.resume() }
+    }
+
+    /// The current generation; pass it to ``wait(after:timeout:)`` so that a ring between reading
+    /// it and waiting is not missed.
+    var generation: Int { state.withLock { $0.generation } }
+
+    /// Returns when the bell rings after `generation`, when `timeout` passes, or on cancellation.
+    func wait(after generation: Int, timeout: Duration) async {
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { try? await Task.sleep(for: timeout) }
+            group.addTask { await self.waitForRing(after: generation) }
+            await group.next()
+            group.cancelAll()
+        }
+    }
+
+    private func waitForRing(after generation: Int) async {
+        let id = state.withLock { state in
+            state.nextWaiter += 1
+            return state.nextWaiter
+        }
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let resumeNow = state.withLock { state in
+                    if state.generation != generation || Task.isCancelled { return true }
+                    state.waiters[id] = continuation
+                    return false
+                }
+                if resumeNow { continuation.resume() }
+            }
+        } onCancel: {
+            let continuation = state.withLock { $0.waiters.removeValue(forKey: id) }
+            continuation?.resume()
+        }
+    }
+}

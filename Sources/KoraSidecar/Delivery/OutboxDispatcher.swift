@@ -1,0 +1,118 @@
+import Logging
+import ServiceLifecycle
+import Synchronization
+
+/// Delivers queued events in the background (SPEC §4.5 `queued`).
+///
+/// Each service has its own workers (`delivery.concurrency` of them), so a service that is down
+/// never takes the workers of a healthy one. A worker leases one due delivery at a time, sends it,
+/// and records the attempt with the next step from the ``RetryPolicy``. On graceful shutdown the
+/// workers stop leasing and finish what they hold within the drain time-out; anything unfinished
+/// stays pending (its lease ends) and is delivered after the next start.
+public final class OutboxDispatcher: Service, Sendable {
+    private let store: any SidecarStore
+    private let sender: EventSender
+    private let services: [DeliveryService]
+    private let policy: RetryPolicy
+    private let concurrency: Int
+    private let drainTimeout: Duration
+    private let logger: Logger
+    private let doorbell = Doorbell()
+    private let stopping = Atomic(false)
+
+    /// Longest a worker sleeps before looking for due deliveries again.
+    static let idlePoll = Duration.seconds(5)
+
+    public init(
+        store: any SidecarStore, sender: EventSender, services: [DeliveryService], policy: RetryPolicy, concurrency: Int,
+        drainTimeout: Duration = .seconds(10), logger: Logger
+    ) {
+        self.store = store
+        self.sender = sender
+        self.services = services
+        self.policy = policy
+        self.concurrency = concurrency
+        self.drainTimeout = drainTimeout
+        self.logger = logger
+    }
+
+    /// Tells the workers that new deliveries are due now.
+    public func notify() { doorbell.ring() }
+
+    public func run() async throws {
+        try await store.releaseLeases()
+        await withGracefulShutdownHandler {
+            await withTaskGroup(of: Bool.self) { group in
+                group.addTask {
+                    await withTaskGroup(of: Void.self) { workers in
+                        for service in self.services {
+                            for _ in 0..<self.concurrency { workers.addTask { await self.work(for: service) } }
+                        }
+                    }
+                    return true
+                }
+                group.addTask {
+                    while !self.stopping.load(ordering: .relaxed), !Task.isCancelled {
+                        await self.doorbell.wait(after: self.doorbell.generation, timeout: .seconds(1))
+                    }
+                    try? await Task.sleep(for: self.drainTimeout)
+                    return false
+                }
+                if await group.next() == false {
+                    self.logger.warning("Drain time-out reached; unfinished deliveries stay pending", metadata: [:])
+                }
+                group.cancelAll()
+            }
+        } onGracefulShutdown: {
+            self.stopping.store(true, ordering: .relaxed)
+            self.doorbell.ring()
+        }
+    }
+
+    private func work(for service: DeliveryService) async {
+        let lease = service.timeout + .seconds(30)
+        while !stopping.load(ordering: .relaxed), !Task.isCancelled {
+            let generation = doorbell.generation
+            do {
+                if let job = try await store.claimDue(service: service.name, now: .now(), limit: 1, lease: lease).first {
+                    await deliver(job, to: service)
+                    continue
+                }
+                let wait: Duration =
+                    if let next = try await store.nextDueTime(service: service.name) {
+                        .milliseconds(min(max(next.milliseconds - UnixTime.now().milliseconds, 1), Self.idlePoll.milliseconds))
+                    } else {
+                        Self.idlePoll
+                    }
+                await doorbell.wait(after: generation, timeout: wait)
+            } catch {
+                logger.error("Outbox unavailable", metadata: ["service": "\(service.name)", "error": "\(error)"])
+                await doorbell.wait(after: generation, timeout: .seconds(1))
+            }
+        }
+    }
+
+    private func deliver(_ job: DeliveryJob, to service: DeliveryService) async {
+        let started = UnixTime.now()
+        let result = await sender.send(job.event, to: service, attempt: job.attempt)
+        let next = policy.next(after: job.attempt, result: result, now: .now())
+        let record = AttemptRecord(
+            attempt: job.attempt, at: started, statusCode: result.statusCode, error: result.error,
+            durationMilliseconds: result.durationMilliseconds)
+        var metadata: Logger.Metadata = [
+            "webhook.id": "\(job.event.id)", "service": "\(service.name)", "delivery.id": "\(job.deliveryID)",
+            "delivery.attempt": "\(job.attempt)", "delivery.status": "\(result.statusCode.map(String.init) ?? "-")",
+        ]
+        if let error = result.error { metadata["error"] = "\(error)" }
+        switch next {
+        case .delivered: logger.debug("Delivered", metadata: metadata)
+        case .retry: logger.notice("Delivery failed; will retry", metadata: metadata)
+        case .dead: logger.error("Delivery dead; waiting for an operator", metadata: metadata)
+        }
+        do {
+            try await store.finish(deliveryID: job.deliveryID, attempt: record, next: next)
+        } catch {
+            logger.error("Could not record a delivery attempt", metadata: metadata.merging(["error": "\(error)"]) { $1 })
+        }
+    }
+}

@@ -1,0 +1,109 @@
+import HTTPTypes
+import Hummingbird
+import NIOCore
+
+/// An error answered with the `{"code": "UPPER_SNAKE", "error": "one sentence"}` shape that Kora's
+/// own API uses (SPEC §4.2), so that Kora's SDKs show the message.
+public struct SidecarHTTPError: HTTPResponseError, Sendable {
+    public var status: HTTPResponse.Status
+    public var code: String
+    public var message: String
+    /// Whether to close the connection instead of reading the rest of the request.
+    public var closeConnection: Bool
+    public var headers: HTTPFields
+
+    public init(_ status: HTTPResponse.Status, code: String, message: String, closeConnection: Bool = false, headers: HTTPFields = [:]) {
+        self.status = status
+        self.code = code
+        self.message = message
+        self.closeConnection = closeConnection
+        self.headers = headers
+    }
+
+    public func response(from request: Request, context: some RequestContext) throws -> Response {
+        response(channel: (context as? SidecarRequestContext)?.channel)
+    }
+
+    /// The response; when `closeConnection` is set, the connection's input is shut once it is sent.
+    public func response(channel: (any Channel)?) -> Response {
+        var headers = self.headers
+        if closeConnection { headers[.connection] = "close" }
+        return JSONResponse.make(status, JSONWriter.encode(["code": .string(code), "error": .string(message)]), headers: headers) {
+            if closeConnection { channel?.close(mode: .input, promise: nil) }
+        }
+    }
+
+    static func notFound() -> SidecarHTTPError { .init(.notFound, code: "NOT_FOUND", message: "There is nothing at this path.") }
+
+    static func methodNotAllowed(allow: String) -> SidecarHTTPError {
+        .init(.methodNotAllowed, code: "METHOD_NOT_ALLOWED", message: "This path accepts \(allow) only.", headers: [.allow: allow])
+    }
+
+    static func payloadTooLarge(limit: Int) -> SidecarHTTPError {
+        .init(.contentTooLarge, code: "PAYLOAD_TOO_LARGE", message: "The body is larger than \(limit) bytes.", closeConnection: true)
+    }
+
+    static func requestTimeout() -> SidecarHTTPError {
+        .init(.requestTimeout, code: "REQUEST_TIMEOUT", message: "The body was not received in time.", closeConnection: true)
+    }
+
+    static func unavailable(_ message: String) -> SidecarHTTPError {
+        .init(.serviceUnavailable, code: "UNAVAILABLE", message: message, headers: [.retryAfter: "5"])
+    }
+}
+
+/// JSON responses.
+public enum JSONResponse {
+    /// A response carrying `body` as `application/json`; `afterWrite` runs once it is written.
+    public static func make(
+        _ status: HTTPResponse.Status, _ body: [UInt8], headers: HTTPFields = [:], afterWrite: (@Sendable () -> Void)? = nil
+    ) -> Response {
+        var headers = headers
+        headers[.contentType] = "application/json"
+        let buffer = ByteBuffer(bytes: body)
+        guard let afterWrite else {
+            return Response(status: status, headers: headers, body: .init(byteBuffer: buffer))
+        }
+        return Response(
+            status: status, headers: headers,
+            body: .init(contentLength: buffer.readableBytes) { writer in
+                try await writer.write(buffer)
+                try await writer.finish(nil)
+                afterWrite()
+            })
+    }
+
+    /// A response with a JSON value.
+    public static func make(_ status: HTTPResponse.Status, _ value: JSONValue, headers: HTTPFields = [:]) -> Response {
+        make(status, JSONWriter.encode(value), headers: headers)
+    }
+}
+
+/// Reads a request body with a size limit and a time limit, failing before reading further.
+public enum BodyReader {
+    /// The whole body, at most `limit` bytes, received within `timeout`.
+    /// - Throws: ``SidecarHTTPError`` 413 or 408; the connection is then closed.
+    public static func collect(_ request: Request, limit: Int, timeout: Duration) async throws(SidecarHTTPError) -> ByteBuffer {
+        if let length = request.headers[.contentLength].flatMap({ Int($0) }), length > limit {
+            throw .payloadTooLarge(limit: limit)
+        }
+        do {
+            return try await withThrowingTaskGroup(of: ByteBuffer?.self) { group in
+                group.addTask { try await request.body.collect(upTo: limit) }
+                group.addTask {
+                    try await Task.sleep(for: timeout)
+                    return nil
+                }
+                defer { group.cancelAll() }
+                guard let first = try await group.next(), let body = first else { throw SidecarHTTPError.requestTimeout() }
+                return body
+            }
+        } catch let error as SidecarHTTPError {
+            throw error
+        } catch is NIOTooManyBytesError {
+            throw .payloadTooLarge(limit: limit)
+        } catch {
+            throw .requestTimeout()
+        }
+    }
+}

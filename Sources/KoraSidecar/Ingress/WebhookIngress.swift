@@ -1,0 +1,201 @@
+import HTTPTypes
+import Hummingbird
+import Logging
+import NIOCore
+
+/// How an accepted webhook reaches the services (SPEC §4.5).
+public enum IngressDelivery: Sendable {
+    /// Deliver synchronously; 200 only when every service answered 2xx.
+    case direct(EventSender)
+    /// Commit to the outbox, then wake the dispatcher.
+    case queued(OutboxDispatcher)
+}
+
+/// The webhook route (SPEC §4): read the raw body within limits, verify it before parsing,
+/// quarantine what cannot be parsed, de-duplicate, then deliver or store.
+public struct WebhookIngress: Sendable {
+    private let configuration: WebhookConfiguration
+    private let verifier: SignatureVerifier
+    private let store: any SidecarStore
+    private let router: EventRouter
+    private let delivery: IngressDelivery
+    private let clock: @Sendable () -> UnixTime
+    private let logger: Logger
+
+    public init(
+        configuration: WebhookConfiguration, store: any SidecarStore, router: EventRouter, delivery: IngressDelivery,
+        clock: @escaping @Sendable () -> UnixTime = UnixTime.now, logger: Logger
+    ) {
+        self.configuration = configuration
+        self.verifier = SignatureVerifier(
+            secrets: configuration.secrets, schemes: configuration.schemes, toleranceSeconds: configuration.toleranceSeconds)
+        self.store = store
+        self.router = router
+        self.delivery = delivery
+        self.clock = clock
+        self.logger = logger
+    }
+
+    /// Header names read by the ingress.
+    enum Header {
+        static let signature = HTTPField.Name("X-Signature")!
+        static let timestamp = HTTPField.Name("X-Timestamp")!
+        static let algorithm = HTTPField.Name("X-Signature-Algorithm")!
+        static let legacySignature = HTTPField.Name("X-Kora-Signature")!
+        static let webhookID = HTTPField.Name("X-Webhook-ID")!
+        static let eventType = HTTPField.Name("X-Event-Type")!
+        /// Kora's headers forwarded with the `original` format and kept with quarantined payloads.
+        static let original = [signature, timestamp, algorithm, legacySignature, webhookID, eventType]
+    }
+
+    /// Answers one `POST {webhooks.path}`.
+    public func handle(_ request: Request, context: SidecarRequestContext) async -> Response {
+        do {
+            return try await accept(request, context: context)
+        } catch {
+            return error.response(channel: context.channel)
+        }
+    }
+
+    private func accept(_ request: Request, context: SidecarRequestContext) async throws(SidecarHTTPError) -> Response {
+        let limits = configuration.limits
+        let buffer = try await BodyReader.collect(request, limit: limits.maxBodyBytes, timeout: .seconds(limits.readTimeoutSeconds))
+        let body = Array(buffer.readableBytesView)
+        let now = clock()
+        let headers = SignatureHeaders(
+            signature: request.headers[Header.signature], timestamp: request.headers[Header.timestamp],
+            algorithm: request.headers[Header.algorithm], legacySignature: request.headers[Header.legacySignature])
+        var metadata: Logger.Metadata = ["webhook.bytes": "\(body.count)"]
+
+        var verified = true
+        switch verifier.verify(body: body, headers: headers, now: now.seconds) {
+        case .success(let scheme):
+            metadata["webhook.scheme"] = "\(scheme.rawValue)"
+        case .failure(let failure):
+            metadata["webhook.result"] = "\(failure.rawValue)"
+            guard !configuration.enforce else {
+                logger.warning("Webhook rejected", metadata: metadata)
+                throw SidecarHTTPError(.unauthorized, code: failure.rawValue, message: failure.message)
+            }
+            logger.warning("Webhook signature not verified; delivering anyway (report-only mode)", metadata: metadata)
+            verified = false
+        }
+
+        let originalHeaders = Header.original.compactMap { name in request.headers[name].map { (name.rawName, $0) } }
+        let event: KoraEvent
+        do {
+            event = try EventNormalizer.normalize(
+                body: body, webhookID: request.headers[Header.webhookID], receivedAt: now, signatureVerified: verified,
+                originalHeaders: originalHeaders)
+        } catch {
+            try await quarantine(body, headers: originalHeaders, reason: error.reason, verified: verified, at: now, metadata)
+            throw SidecarHTTPError(.badRequest, code: "INVALID_PAYLOAD", message: "The payload is not a JSON object with an event type: \(error.reason).")
+        }
+        metadata["webhook.id"] = "\(event.id)"
+        metadata["webhook.type"] = "\(event.type)"
+
+        let recipients: [DeliveryService]
+        do {
+            recipients = try await router.recipients(of: event)
+        } catch {
+            logger.error("Store unavailable", metadata: metadata.merging(["error": "\(error)"]) { $1 })
+            throw .unavailable("The sidecar cannot reach its store; retry later.")
+        }
+        let dedupSince = UnixTime(milliseconds: now.milliseconds - Int64(configuration.dedupWindowHours) * 3_600_000)
+        switch delivery {
+        case .queued(let dispatcher):
+            let result: EnqueueResult
+            do {
+                result = try await store.enqueue(event, services: recipients.map(\.name), at: now, dedupSince: dedupSince)
+            } catch {
+                logger.error("Webhook not stored", metadata: metadata.merging(["error": "\(error)"]) { $1 })
+                throw .unavailable("The sidecar could not store the event; retry later.")
+            }
+            if result == .duplicate { return duplicate(metadata) }
+            dispatcher.notify()
+        case .direct(let sender):
+            do {
+                if try await store.isDuplicate(eventID: event.id, since: dedupSince) { return duplicate(metadata) }
+            } catch {
+                logger.error("Store unavailable", metadata: metadata.merging(["error": "\(error)"]) { $1 })
+                throw .unavailable("The sidecar cannot reach its store; retry later.")
+            }
+            let refused = await deliverDirectly(event, to: recipients, sender: sender, metadata)
+            guard refused.isEmpty else {
+                throw .unavailable("Service \(refused.joined(separator: ", ")) did not accept the event; retry later.")
+            }
+            do {
+                try await store.remember(eventID: event.id, at: now)
+            } catch {
+                logger.error("Delivered but not remembered; a retry will be delivered again", metadata: metadata)
+            }
+        }
+        metadata["webhook.result"] = "accepted"
+        metadata["webhook.recipients"] = "\(recipients.count)"
+        logger.info("Webhook accepted", metadata: metadata)
+        return JSONResponse.make(.ok, ["received": true])
+    }
+
+    private func duplicate(_ metadata: Logger.Metadata) -> Response {
+        var metadata = metadata
+        metadata["webhook.result"] = "duplicate"
+        logger.info("Webhook already seen", metadata: metadata)
+        return JSONResponse.make(.ok, ["received": true, "duplicate": true])
+    }
+
+    private func quarantine(
+        _ body: [UInt8], headers: [(name: String, value: String)], reason: String, verified: Bool, at now: UnixTime,
+        _ metadata: Logger.Metadata
+    ) async throws(SidecarHTTPError) {
+        var metadata = metadata
+        metadata["webhook.result"] = "INVALID_PAYLOAD"
+        // Unsigned junk in report-only mode is refused but not kept: anyone could fill the store.
+        guard verified else {
+            logger.warning("Unsigned payload refused", metadata: metadata)
+            return
+        }
+        do {
+            let payload = QuarantinedPayload(
+                receivedAt: now, reason: reason, body: body,
+                headers: Dictionary(headers.map { ($0.name, $0.value) }, uniquingKeysWith: { $1 }), signatureVerified: verified)
+            try await store.quarantine(payload)
+        } catch {
+            logger.error("Payload could not be quarantined", metadata: metadata.merging(["error": "\(error)"]) { $1 })
+            throw .unavailable("The sidecar could not store the payload; retry later.")
+        }
+        logger.warning("Signed payload quarantined", metadata: metadata)
+    }
+
+    /// Sends to every recipient at once; returns the names of those that did not take it.
+    private func deliverDirectly(
+        _ event: KoraEvent, to recipients: [DeliveryService], sender: EventSender, _ metadata: Logger.Metadata
+    ) async -> [String] {
+        await withTaskGroup(of: (String, AttemptResult).self) { group in
+            for service in recipients {
+                group.addTask { (service.name, await sender.send(event, to: service, attempt: 1)) }
+            }
+            var refused: [String] = []
+            for await (name, result) in group where !result.succeeded {
+                var metadata = metadata
+                metadata["service"] = "\(name)"
+                metadata["delivery.status"] = "\(result.statusCode.map(String.init) ?? "-")"
+                if let error = result.error { metadata["error"] = "\(error)" }
+                logger.warning("Direct delivery refused", metadata: metadata)
+                refused.append(name)
+            }
+            return refused.sorted()
+        }
+    }
+}
+
+extension SignatureFailure {
+    /// The sentence returned with the 401.
+    var message: String {
+        switch self {
+        case .missingSignature: "The request carries no X-Signature or X-Kora-Signature header."
+        case .invalidSignature: "The signature does not match the body."
+        case .staleTimestamp: "X-Timestamp is missing, malformed or outside the tolerance window."
+        case .unsupportedAlgorithm: "X-Signature-Algorithm must be sha256."
+        }
+    }
+}

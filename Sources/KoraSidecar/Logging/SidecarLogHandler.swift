@@ -1,0 +1,59 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Logging
+
+/// Writes one log line per event to standard error: a JSON object (the default) or `key=value` text.
+/// Messages are static; what varies is in the metadata.
+public struct SidecarLogHandler: LogHandler {
+    public var metadata: Logger.Metadata = [:]
+    public var logLevel: Logger.Level
+    private let label: String
+    private let format: LogFormat
+
+    public init(label: String, level: Logger.Level, format: LogFormat) {
+        self.label = label
+        self.logLevel = level
+        self.format = format
+    }
+
+    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    public func log(event: LogEvent) {
+        var merged = metadata
+        if let extra = event.metadata { merged.merge(extra) { $1 } }
+        let time = UnixTime.now().iso8601Milliseconds
+        let line: String
+        switch format {
+        case .json:
+            var members: [JSONMember] = [
+                .init("time", .string(time)), .init("level", .string(event.level.rawValue)),
+                .init("message", .string(event.message.description)), .init("logger", .string(label)),
+            ]
+            for (key, value) in merged.sorted(by: { $0.key < $1.key }) { members.append(.init(key, Self.json(value))) }
+            line = String(decoding: JSONWriter.encode(.object(members)), as: UTF8.self)
+        case .text:
+            let fields = merged.sorted(by: { $0.key < $1.key }).map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+            line = "\(time) \(event.level.rawValue.uppercased()) \(event.message)" + (fields.isEmpty ? "" : " " + fields)
+        }
+        var text = line + "\n"
+        // One write(2) per line, so that lines from concurrent tasks never interleave.
+        text.withUTF8 { buffer in _ = write(2, buffer.baseAddress, buffer.count) }
+    }
+
+    private static func json(_ value: Logger.MetadataValue) -> JSONValue {
+        switch value {
+        case .string(let s): .string(s)
+        case .stringConvertible(let s): .string(s.description)
+        case .array(let values): .array(values.map(json))
+        case .dictionary(let values): .object(values.sorted { $0.key < $1.key }.map { .init($0.key, json($0.value)) })
+        }
+    }
+}

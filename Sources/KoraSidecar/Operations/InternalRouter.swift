@@ -1,0 +1,81 @@
+import Hummingbird
+
+/// The internal listener's routes: health, readiness and the admin API over the outbox.
+func buildInternalRouter(
+    configuration: SidecarConfiguration, store: any SidecarStore, readiness: Readiness
+) -> Router<SidecarRequestContext> {
+    let router = Router(context: SidecarRequestContext.self)
+    router.add(middleware: ErrorShapeMiddleware())
+    router.get("/healthz") { _, _ in JSONResponse.make(.ok, ["status": "ok"]) }
+    router.get("/readyz") { _, _ in
+        if let problem = await readiness.problem() {
+            return JSONResponse.make(.serviceUnavailable, ["status": "not ready", "reason": .string(problem)])
+        }
+        return JSONResponse.make(.ok, ["status": "ready"])
+    }
+    let admin = router.group("admin").add(middleware: AdminTokenMiddleware(token: configuration.internal.adminToken))
+    admin.get("deliveries") { request, _ in
+        let statusText = request.uri.queryParameters["status"].map(String.init)
+        let limit = request.uri.queryParameters["limit"].flatMap { Int($0) }.map { min(max($0, 1), 1000) } ?? 100
+        let listing: JSONValue
+        if statusText == "quarantined" {
+            listing = .array(try await store.quarantined(limit: limit).map(\.listingJSON))
+        } else {
+            var status: DeliveryStatus?
+            if let statusText {
+                guard let parsed = DeliveryStatus(rawValue: statusText) else {
+                    throw SidecarHTTPError(.badRequest, code: "INVALID_STATUS", message: "status must be pending, delivered, dead or quarantined.")
+                }
+                status = parsed
+            }
+            listing = .array(try await store.deliveries(status: status, limit: limit).map(\.listingJSON))
+        }
+        return JSONResponse.make(.ok, ["deliveries": listing])
+    }
+    admin.get("deliveries/:id") { _, context in
+        guard let id = context.parameters.get("id").flatMap({ Int64($0) }), let detail = try await store.delivery(id: id) else {
+            throw SidecarHTTPError(.notFound, code: "NOT_FOUND", message: "There is no such delivery.")
+        }
+        return JSONResponse.make(.ok, detail.listingJSON)
+    }
+    admin.post("deliveries/:id/retry") { _, context in
+        guard let id = context.parameters.get("id").flatMap({ Int64($0) }), try await store.requeue(id: id, at: .now()) else {
+            throw SidecarHTTPError(.notFound, code: "NOT_FOUND", message: "There is no such delivery waiting to be retried.")
+        }
+        return JSONResponse.make(.ok, ["requeued": .int(Int(id))])
+    }
+    return router
+}
+
+/// Turns Hummingbird's own errors (no route, wrong method) and unexpected failures into the
+/// `{"code", "error"}` shape; an unexpected error becomes a bare 500 that leaks nothing.
+struct ErrorShapeMiddleware: RouterMiddleware {
+    func handle(_ request: Request, context: SidecarRequestContext, next: (Request, SidecarRequestContext) async throws -> Response) async throws -> Response {
+        do {
+            return try await next(request, context)
+        } catch let error as SidecarHTTPError {
+            return error.response(channel: context.channel)
+        } catch let error as HTTPError {
+            let code = error.status == .notFound ? "NOT_FOUND" : error.status == .methodNotAllowed ? "METHOD_NOT_ALLOWED" : "BAD_REQUEST"
+            return SidecarHTTPError(error.status, code: code, message: error.status.reasonPhrase + ".").response(channel: nil)
+        } catch {
+            context.logger.error("Unexpected error", metadata: ["error.type": "\(type(of: error))"])
+            return SidecarHTTPError(.internalServerError, code: "INTERNAL", message: "Internal error.").response(channel: nil)
+        }
+    }
+}
+
+/// Guards `/admin/*` with `internal.adminToken` when it is set (constant-time comparison).
+struct AdminTokenMiddleware: RouterMiddleware {
+    let token: Secret?
+
+    func handle(_ request: Request, context: SidecarRequestContext, next: (Request, SidecarRequestContext) async throws -> Response) async throws -> Response {
+        if let token {
+            let given = request.headers[.authorization].flatMap { $0.hasPrefix("Bearer ") ? String($0.dropFirst(7)) : nil }
+            guard let given, ConstantTime.equal(given, token.value) else {
+                throw SidecarHTTPError(.unauthorized, code: "UNAUTHORIZED", message: "The admin API needs Authorization: Bearer with internal.adminToken.")
+            }
+        }
+        return try await next(request, context)
+    }
+}

@@ -1,0 +1,25 @@
+import Synchronization
+
+/// What `/readyz` reports: ready when both listeners are bound and the store accepts a write.
+public final class Readiness: Sendable {
+    private let bound = Mutex<Set<String>>([])
+    private let store: any SidecarStore
+
+    init(store: any SidecarStore) { self.store = store }
+
+    func listenerBound(_ role: ListenerRole) async {
+        bound.withLock { _ = $0.insert(role.rawValue) }
+    }
+
+    /// Nil when ready, else why not, as a sentence.
+    public func problem() async -> String? {
+        let missing = [ListenerRole.webhooks, .internal].filter { role in !bound.withLock { $0.contains(role.rawValue) } }
+        if let role = missing.first { return "The \(role.rawValue) listener is not bound yet." }
+        do {
+            try await store.checkWritable(at: .now())
+        } catch {
+            return "The store does not accept writes: \(error)."
+        }
+        return nil
+    }
+}

@@ -1,0 +1,195 @@
+import Synchronization
+
+/// A ``SidecarStore`` held in memory, for unit tests and for the demo: same behaviour, no durability.
+public final class InMemoryStore: SidecarStore {
+    private struct Delivery {
+        var summary: DeliverySummary
+        var event: KoraEvent
+        var leaseUntil: UnixTime?
+        var attempts: [AttemptRecord] = []
+    }
+
+    private struct State {
+        var seen: [String: UnixTime] = [:]
+        var deliveries: [Int64: Delivery] = [:]
+        var nextID: Int64 = 1
+        var quarantine: [QuarantinedPayload] = []
+        var origins: [String: String] = [:]
+    }
+
+    private let state = Mutex(State())
+
+    /// When set, every write fails with this error (fault injection in tests).
+    private let failure = Mutex<(any Error)?>(nil)
+
+    public init() {}
+
+    /// Makes every following write fail with `error`, or succeed again with nil.
+    public func failWrites(with error: (any Error)?) {
+        failure.withLock { $0 = error }
+    }
+
+    private func write<T>(_ body: (inout State) throws -> T) throws -> T {
+        if let error = failure.withLock({ $0 }) { throw error }
+        return try state.withLock { try body(&$0) }
+    }
+
+    public func isDuplicate(eventID: String, since: UnixTime) async throws -> Bool {
+        state.withLock { ($0.seen[eventID].map { $0 >= since }) ?? false }
+    }
+
+    public func remember(eventID: String, at: UnixTime) async throws {
+        try write { $0.seen[eventID] = at }
+    }
+
+    public func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws -> EnqueueResult {
+        try write { state in
+            if let seen = state.seen[event.id], seen >= dedupSince { return .duplicate }
+            state.seen[event.id] = at
+            for service in services {
+                let id = state.nextID
+                state.nextID += 1
+                state.deliveries[id] = Delivery(
+                    summary: DeliverySummary(
+                        id: id, eventID: event.id, eventType: event.type, service: service, status: .pending, attempts: 0,
+                        nextAttemptAt: at, lastStatusCode: nil, lastError: nil, createdAt: at, updatedAt: at),
+                    event: event)
+            }
+            return .accepted
+        }
+    }
+
+    public func quarantine(_ payload: QuarantinedPayload) async throws {
+        try write { state in
+            var payload = payload
+            payload.id = Int64(state.quarantine.count + 1)
+            state.quarantine.append(payload)
+        }
+    }
+
+    public func recordOrigin(verificationID: String, service: String, at: UnixTime) async throws {
+        try write { $0.origins[verificationID] = service }
+    }
+
+    public func origin(ofVerification verificationID: String) async throws -> String? {
+        state.withLock { $0.origins[verificationID] }
+    }
+
+    public func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration) async throws -> [DeliveryJob] {
+        try write { state in
+            let due = state.deliveries.values
+                .filter {
+                    $0.summary.service == service && $0.summary.status == .pending && ($0.summary.nextAttemptAt ?? now) <= now
+                        && ($0.leaseUntil.map { $0 <= now } ?? true)
+                }
+                .sorted { ($0.summary.nextAttemptAt!, $0.summary.id) < ($1.summary.nextAttemptAt!, $1.summary.id) }
+                .prefix(limit)
+            return due.map { delivery in
+                state.deliveries[delivery.summary.id]?.leaseUntil = now.adding(lease)
+                return DeliveryJob(
+                    deliveryID: delivery.summary.id, service: service, attempt: delivery.summary.attempts + 1, event: delivery.event)
+            }
+        }
+    }
+
+    public func finish(deliveryID: Int64, attempt: AttemptRecord, next: NextStep) async throws {
+        try write { state in
+            guard var delivery = state.deliveries[deliveryID] else { return }
+            delivery.attempts.append(attempt)
+            delivery.leaseUntil = nil
+            delivery.summary.attempts = attempt.attempt
+            delivery.summary.lastStatusCode = attempt.statusCode
+            delivery.summary.lastError = attempt.error
+            delivery.summary.updatedAt = attempt.at
+            switch next {
+            case .delivered:
+                delivery.summary.status = .delivered
+                delivery.summary.nextAttemptAt = nil
+            case .retry(let at):
+                delivery.summary.status = .pending
+                delivery.summary.nextAttemptAt = at
+            case .dead:
+                delivery.summary.status = .dead
+                delivery.summary.nextAttemptAt = nil
+            }
+            state.deliveries[deliveryID] = delivery
+        }
+    }
+
+    public func nextDueTime(service: String) async throws -> UnixTime? {
+        state.withLock { state in
+            state.deliveries.values
+                .filter { $0.summary.service == service && $0.summary.status == .pending }
+                .compactMap { delivery in delivery.summary.nextAttemptAt.map { max($0, delivery.leaseUntil ?? $0) } }
+                .min()
+        }
+    }
+
+    public func releaseLeases() async throws {
+        try write { state in
+            for id in state.deliveries.keys { state.deliveries[id]?.leaseUntil = nil }
+        }
+    }
+
+    public func deliveries(status: DeliveryStatus?, limit: Int) async throws -> [DeliverySummary] {
+        state.withLock { state in
+            Array(
+                state.deliveries.values.map(\.summary).filter { status == nil || $0.status == status }
+                    .sorted { $0.id > $1.id }.prefix(limit))
+        }
+    }
+
+    public func delivery(id: Int64) async throws -> DeliveryDetail? {
+        state.withLock { state in
+            state.deliveries[id].map { DeliveryDetail(summary: $0.summary, attempts: $0.attempts) }
+        }
+    }
+
+    public func quarantined(limit: Int) async throws -> [QuarantinedPayload] {
+        state.withLock { Array($0.quarantine.reversed().prefix(limit)) }
+    }
+
+    public func requeue(id: Int64, at: UnixTime) async throws -> Bool {
+        try write { state in
+            guard var delivery = state.deliveries[id], delivery.summary.status != .delivered else { return false }
+            delivery.summary.status = .pending
+            delivery.summary.nextAttemptAt = at
+            delivery.summary.updatedAt = at
+            delivery.leaseUntil = nil
+            state.deliveries[id] = delivery
+            return true
+        }
+    }
+
+    public func requeueAllDead(at: UnixTime) async throws -> Int {
+        let dead = try await deliveries(status: .dead, limit: .max)
+        for delivery in dead { _ = try await requeue(id: delivery.id, at: at) }
+        return dead.count
+    }
+
+    public func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult {
+        try write { state in
+            let delivered = state.deliveries.filter { $0.value.summary.status == .delivered && $0.value.summary.updatedAt < deliveredBefore }
+            for id in delivered.keys { state.deliveries[id] = nil }
+            let seen = state.seen.filter { $0.value < seenBefore }
+            for id in seen.keys { state.seen[id] = nil }
+            state.quarantine.removeAll { $0.receivedAt < seenBefore }
+            return PruneResult(deliveries: delivered.count, seenIDs: seen.count)
+        }
+    }
+
+    public func depth() async throws -> [OutboxDepth] {
+        state.withLock { state in
+            Dictionary(grouping: state.deliveries.values.map(\.summary)) { "\($0.service)\u{0}\($0.status.rawValue)" }
+                .values.map { group in
+                    OutboxDepth(
+                        service: group[0].service, status: group[0].status, count: group.count,
+                        oldestCreatedAt: group.map(\.createdAt).min())
+                }
+        }
+    }
+
+    public func checkWritable(at: UnixTime) async throws {
+        try write { _ in }
+    }
+}

@@ -1,0 +1,306 @@
+/// The SQLite implementation of ``SidecarStore``: one file, WAL mode, every write committed to
+/// disk before the caller continues.
+public final class SQLiteStore: SidecarStore {
+    private let database: SQLiteDatabase
+
+    /// The schema, one entry per version; a new version is appended, never edited.
+    static let migrations = [
+        """
+        CREATE TABLE seen_events(event_id TEXT PRIMARY KEY, seen_at INTEGER NOT NULL) WITHOUT ROWID;
+        CREATE INDEX seen_events_seen_at ON seen_events(seen_at);
+        CREATE TABLE events(
+            id INTEGER PRIMARY KEY, event_id TEXT NOT NULL, type TEXT NOT NULL, verification_id TEXT,
+            normalized BLOB NOT NULL, original BLOB NOT NULL, original_headers TEXT NOT NULL,
+            signature_verified INTEGER NOT NULL, received_at INTEGER NOT NULL);
+        CREATE TABLE deliveries(
+            id INTEGER PRIMARY KEY, event_row INTEGER NOT NULL REFERENCES events(id), service TEXT NOT NULL,
+            status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at INTEGER NOT NULL,
+            lease_until INTEGER, last_status INTEGER, last_error TEXT,
+            created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+        CREATE INDEX deliveries_due ON deliveries(service, status, next_attempt_at);
+        CREATE INDEX deliveries_event ON deliveries(event_row);
+        CREATE INDEX deliveries_updated ON deliveries(status, updated_at);
+        CREATE TABLE attempts(
+            delivery_id INTEGER NOT NULL, attempt INTEGER NOT NULL, at INTEGER NOT NULL, status_code INTEGER,
+            error TEXT, duration_ms INTEGER NOT NULL, PRIMARY KEY(delivery_id, attempt)) WITHOUT ROWID;
+        CREATE TABLE quarantine(
+            id INTEGER PRIMARY KEY, received_at INTEGER NOT NULL, reason TEXT NOT NULL, body BLOB NOT NULL,
+            headers TEXT NOT NULL, signature_verified INTEGER NOT NULL);
+        CREATE TABLE verification_origins(
+            verification_id TEXT PRIMARY KEY, service TEXT NOT NULL, created_at INTEGER NOT NULL) WITHOUT ROWID;
+        CREATE TABLE health(id INTEGER PRIMARY KEY, checked_at INTEGER NOT NULL);
+        """
+    ]
+
+    /// Opens (creating when needed) the store at `path`.
+    public init(path: String) throws {
+        database = try SQLiteDatabase(path: path, migrations: Self.migrations)
+    }
+
+    /// Waits for queued writes and closes the file.
+    public func close() { database.close() }
+
+    public func isDuplicate(eventID: String, since: UnixTime) async throws -> Bool {
+        try await database.write { db in
+            try !db.query("SELECT 1 FROM seen_events WHERE event_id = ? AND seen_at >= ?", [.text(eventID), .integer(since.milliseconds)]).isEmpty
+        }
+    }
+
+    public func remember(eventID: String, at: UnixTime) async throws {
+        try await database.write { db in try Self.remember(db, eventID, at) }
+    }
+
+    private static func remember(_ db: SQLiteConnection, _ eventID: String, _ at: UnixTime) throws {
+        try db.query(
+            "INSERT INTO seen_events(event_id, seen_at) VALUES(?, ?) ON CONFLICT(event_id) DO UPDATE SET seen_at = excluded.seen_at",
+            [.text(eventID), .integer(at.milliseconds)])
+    }
+
+    public func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws -> EnqueueResult {
+        try await database.write { db in
+            let seen = try db.query(
+                "SELECT 1 FROM seen_events WHERE event_id = ? AND seen_at >= ?", [.text(event.id), .integer(dedupSince.milliseconds)])
+            guard seen.isEmpty else { return .duplicate }
+            try Self.remember(db, event.id, at)
+            guard !services.isEmpty else { return .accepted }
+            try db.query(
+                """
+                INSERT INTO events(event_id, type, verification_id, normalized, original, original_headers, signature_verified, received_at)
+                VALUES(?, ?, ?, ?, ?, ?, ?, ?)
+                """,
+                [
+                    .text(event.id), .text(event.type), .optional(event.verificationID), .blob(event.normalizedBody),
+                    .blob(event.originalBody), .text(HeaderList.encode(event.originalHeaders)),
+                    .integer(event.signatureVerified ? 1 : 0), .integer(at.milliseconds),
+                ])
+            let row = db.lastInsertRowID
+            for service in services {
+                try db.query(
+                    """
+                    INSERT INTO deliveries(event_row, service, status, next_attempt_at, created_at, updated_at)
+                    VALUES(?, ?, 'pending', ?, ?, ?)
+                    """,
+                    [.integer(row), .text(service), .integer(at.milliseconds), .integer(at.milliseconds), .integer(at.milliseconds)])
+            }
+            return .accepted
+        }
+    }
+
+    public func quarantine(_ payload: QuarantinedPayload) async throws {
+        try await database.write { db in
+            try db.query(
+                "INSERT INTO quarantine(received_at, reason, body, headers, signature_verified) VALUES(?, ?, ?, ?, ?)",
+                [
+                    .integer(payload.receivedAt.milliseconds), .text(payload.reason), .blob(payload.body),
+                    .text(HeaderList.encode(payload.headers.sorted { $0.key < $1.key }.map { ($0.key, $0.value) })),
+                    .integer(payload.signatureVerified ? 1 : 0),
+                ])
+        }
+    }
+
+    public func recordOrigin(verificationID: String, service: String, at: UnixTime) async throws {
+        try await database.write { db in
+            try db.query(
+                "INSERT OR REPLACE INTO verification_origins(verification_id, service, created_at) VALUES(?, ?, ?)",
+                [.text(verificationID), .text(service), .integer(at.milliseconds)])
+        }
+    }
+
+    public func origin(ofVerification verificationID: String) async throws -> String? {
+        try await database.write { db in
+            try db.query("SELECT service FROM verification_origins WHERE verification_id = ?", [.text(verificationID)]).first?.string(0)
+        }
+    }
+
+    public func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration) async throws -> [DeliveryJob] {
+        try await database.write { db in
+            let rows = try db.query(
+                """
+                SELECT d.id, d.attempts, e.event_id, e.type, e.verification_id, e.normalized, e.original,
+                       e.original_headers, e.signature_verified
+                FROM deliveries d JOIN events e ON e.id = d.event_row
+                WHERE d.service = ? AND d.status = 'pending' AND d.next_attempt_at <= ?
+                  AND (d.lease_until IS NULL OR d.lease_until <= ?)
+                ORDER BY d.next_attempt_at, d.id LIMIT ?
+                """,
+                [.text(service), .integer(now.milliseconds), .integer(now.milliseconds), .int(limit)])
+            let leaseUntil = now.adding(lease).milliseconds
+            return try rows.map { row in
+                try db.query("UPDATE deliveries SET lease_until = ? WHERE id = ?", [.integer(leaseUntil), .integer(row.int(0))])
+                let event = KoraEvent(
+                    id: row.string(2), type: row.string(3), verificationID: row.optionalString(4),
+                    normalizedBody: row.bytes(5), originalBody: row.bytes(6),
+                    originalHeaders: HeaderList.decode(row.string(7)), signatureVerified: row.int(8) != 0)
+                return DeliveryJob(deliveryID: row.int(0), service: service, attempt: Int(row.int(1)) + 1, event: event)
+            }
+        }
+    }
+
+    public func finish(deliveryID: Int64, attempt: AttemptRecord, next: NextStep) async throws {
+        try await database.write { db in
+            try db.query(
+                "INSERT OR REPLACE INTO attempts(delivery_id, attempt, at, status_code, error, duration_ms) VALUES(?, ?, ?, ?, ?, ?)",
+                [
+                    .integer(deliveryID), .int(attempt.attempt), .integer(attempt.at.milliseconds),
+                    attempt.statusCode.map(SQLiteValue.int) ?? .null, .optional(attempt.error),
+                    .int(attempt.durationMilliseconds),
+                ])
+            let (status, nextAt): (DeliveryStatus, Int64) =
+                switch next {
+                case .delivered: (.delivered, attempt.at.milliseconds)
+                case .retry(let at): (.pending, at.milliseconds)
+                case .dead: (.dead, attempt.at.milliseconds)
+                }
+            try db.query(
+                """
+                UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, lease_until = NULL,
+                    last_status = ?, last_error = ?, updated_at = ?
+                WHERE id = ?
+                """,
+                [
+                    .text(status.rawValue), .int(attempt.attempt), .integer(nextAt),
+                    attempt.statusCode.map(SQLiteValue.int) ?? .null, .optional(attempt.error),
+                    .integer(attempt.at.milliseconds), .integer(deliveryID),
+                ])
+        }
+    }
+
+    public func nextDueTime(service: String) async throws -> UnixTime? {
+        try await database.write { db in
+            try db.query(
+                """
+                SELECT MIN(MAX(next_attempt_at, COALESCE(lease_until, 0))) FROM deliveries
+                WHERE service = ? AND status = 'pending'
+                """,
+                [.text(service)]
+            ).first?.optionalInt(0).map(UnixTime.init(milliseconds:))
+        }
+    }
+
+    public func releaseLeases() async throws {
+        try await database.write { db in try db.query("UPDATE deliveries SET lease_until = NULL WHERE lease_until IS NOT NULL") }
+    }
+
+    private static let summaryColumns = """
+        d.id, e.event_id, e.type, d.service, d.status, d.attempts, d.next_attempt_at, d.last_status, d.last_error,
+        d.created_at, d.updated_at FROM deliveries d JOIN events e ON e.id = d.event_row
+        """
+
+    private static func summary(_ row: SQLiteRow) -> DeliverySummary {
+        let status = DeliveryStatus(rawValue: row.string(4)) ?? .pending
+        return DeliverySummary(
+            id: row.int(0), eventID: row.string(1), eventType: row.string(2), service: row.string(3), status: status,
+            attempts: Int(row.int(5)), nextAttemptAt: status == .pending ? UnixTime(milliseconds: row.int(6)) : nil,
+            lastStatusCode: row.optionalInt(7).map(Int.init), lastError: row.optionalString(8),
+            createdAt: UnixTime(milliseconds: row.int(9)), updatedAt: UnixTime(milliseconds: row.int(10)))
+    }
+
+    public func deliveries(status: DeliveryStatus?, limit: Int) async throws -> [DeliverySummary] {
+        try await database.write { db in
+            let rows =
+                if let status {
+                    try db.query("SELECT \(Self.summaryColumns) WHERE d.status = ? ORDER BY d.id DESC LIMIT ?", [.text(status.rawValue), .int(limit)])
+                } else {
+                    try db.query("SELECT \(Self.summaryColumns) ORDER BY d.id DESC LIMIT ?", [.int(limit)])
+                }
+            return rows.map(Self.summary)
+        }
+    }
+
+    public func delivery(id: Int64) async throws -> DeliveryDetail? {
+        try await database.write { db in
+            guard let row = try db.query("SELECT \(Self.summaryColumns) WHERE d.id = ?", [.integer(id)]).first else { return nil }
+            let attempts = try db.query(
+                "SELECT attempt, at, status_code, error, duration_ms FROM attempts WHERE delivery_id = ? ORDER BY attempt",
+                [.integer(id)]
+            ).map { row in
+                AttemptRecord(
+                    attempt: Int(row.int(0)), at: UnixTime(milliseconds: row.int(1)), statusCode: row.optionalInt(2).map(Int.init),
+                    error: row.optionalString(3), durationMilliseconds: Int(row.int(4)))
+            }
+            return DeliveryDetail(summary: Self.summary(row), attempts: attempts)
+        }
+    }
+
+    public func quarantined(limit: Int) async throws -> [QuarantinedPayload] {
+        try await database.write { db in
+            try db.query(
+                "SELECT id, received_at, reason, body, headers, signature_verified FROM quarantine ORDER BY id DESC LIMIT ?", [.int(limit)]
+            ).map { row in
+                QuarantinedPayload(
+                    id: row.int(0), receivedAt: UnixTime(milliseconds: row.int(1)), reason: row.string(2), body: row.bytes(3),
+                    headers: Dictionary(HeaderList.decode(row.string(4)), uniquingKeysWith: { $1 }),
+                    signatureVerified: row.int(5) != 0)
+            }
+        }
+    }
+
+    public func requeue(id: Int64, at: UnixTime) async throws -> Bool {
+        try await database.write { db in
+            try db.query(
+                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, lease_until = NULL, updated_at = ? WHERE id = ? AND status != 'delivered'",
+                [.integer(at.milliseconds), .integer(at.milliseconds), .integer(id)])
+            return db.changes > 0
+        }
+    }
+
+    public func requeueAllDead(at: UnixTime) async throws -> Int {
+        try await database.write { db in
+            try db.query(
+                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, lease_until = NULL, updated_at = ? WHERE status = 'dead'",
+                [.integer(at.milliseconds), .integer(at.milliseconds)])
+            return db.changes
+        }
+    }
+
+    public func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult {
+        try await database.write { db in
+            try db.query(
+                """
+                DELETE FROM attempts WHERE delivery_id IN
+                    (SELECT id FROM deliveries WHERE status = 'delivered' AND updated_at < ?)
+                """,
+                [.integer(deliveredBefore.milliseconds)])
+            try db.query("DELETE FROM deliveries WHERE status = 'delivered' AND updated_at < ?", [.integer(deliveredBefore.milliseconds)])
+            let deliveries = db.changes
+            try db.query("DELETE FROM events WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_row = events.id)")
+            try db.query("DELETE FROM seen_events WHERE seen_at < ?", [.integer(seenBefore.milliseconds)])
+            let seen = db.changes
+            try db.query("DELETE FROM quarantine WHERE received_at < ?", [.integer(seenBefore.milliseconds)])
+            return PruneResult(deliveries: deliveries, seenIDs: seen)
+        }
+    }
+
+    public func depth() async throws -> [OutboxDepth] {
+        try await database.write { db in
+            try db.query("SELECT service, status, COUNT(*), MIN(created_at) FROM deliveries GROUP BY service, status").compactMap { row in
+                guard let status = DeliveryStatus(rawValue: row.string(1)) else { return nil }
+                return OutboxDepth(
+                    service: row.string(0), status: status, count: Int(row.int(2)),
+                    oldestCreatedAt: row.optionalInt(3).map(UnixTime.init(milliseconds:)))
+            }
+        }
+    }
+
+    public func checkWritable(at: UnixTime) async throws {
+        try await database.write { db in
+            try db.query("INSERT OR REPLACE INTO health(id, checked_at) VALUES(1, ?)", [.integer(at.milliseconds)])
+        }
+    }
+}
+
+/// Header lists stored as a JSON array of `[name, value]` pairs.
+enum HeaderList {
+    static func encode(_ headers: [(name: String, value: String)]) -> String {
+        String(decoding: JSONWriter.encode(.array(headers.map { [.string($0.name), .string($0.value)] })), as: UTF8.self)
+    }
+
+    static func decode(_ text: String) -> [(name: String, value: String)] {
+        guard case .array(let pairs)? = try? JSONParser.parse(Array(text.utf8)) else { return [] }
+        return pairs.compactMap { pair in
+            guard case .array(let parts) = pair, parts.count == 2, case .string(let name) = parts[0], case .string(let value) = parts[1]
+            else { return nil }
+            return (name, value)
+        }
+    }
+}

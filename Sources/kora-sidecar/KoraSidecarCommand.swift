@@ -1,0 +1,180 @@
+import ArgumentParser
+import Foundation
+import KoraSidecar
+import Logging
+
+/// `kora-sidecar`: parses the command line, builds, runs. All behaviour lives in the library.
+@main
+struct KoraSidecarCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "kora-sidecar",
+        abstract: "Owns every contact between an application and the Kora IDV API.",
+        subcommands: [Serve.self, CheckConfig.self, Sign.self, SendTestEvent.self, Deliveries.self]
+    )
+
+    /// Runs the command and maps failures to the exit codes of SPEC §2: 1 for a problem the user
+    /// can fix (one clear message), 2 for a usage error.
+    static func main() async {
+        do {
+            var command = try parseAsRoot()
+            if var command = command as? any AsyncParsableCommand {
+                try await command.run()
+            } else {
+                try command.run()
+            }
+        } catch let error as ConfigurationError {
+            fail(error.description, code: 1)
+        } catch let error as StartupError {
+            fail(error.description, code: 1)
+        } catch {
+            let code = exitCode(for: error)
+            if code == .success || code == .failure {
+                exit(withError: error)
+            }
+            fail(fullMessage(for: error), code: 2)
+        }
+    }
+
+    static func fail(_ message: String, code: Int32) -> Never {
+        FileHandle.standardError.write(Data((message + "\n").utf8))
+        Foundation.exit(code)
+    }
+}
+
+/// The process environment, read once here and passed down.
+var processEnvironment: [String: String] { ProcessInfo.processInfo.environment }
+
+struct ConfigOption: ParsableArguments {
+    @Option(name: .long, help: "Configuration file (default: $KORA_SIDECAR_CONFIG, else ./config.json, else the environment).")
+    var config: String?
+
+    func load() throws -> SidecarConfiguration {
+        try ConfigurationSource.resolve(flag: config, environment: processEnvironment).load(environment: processEnvironment)
+    }
+}
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Run the sidecar.")
+
+    @OptionGroup var options: ConfigOption
+
+    func run() async throws {
+        let configuration = try options.load()
+        let level = Logger.Level(rawValue: configuration.logging.level) ?? .info
+        LoggingSystem.bootstrap { label in
+            SidecarLogHandler(label: label, level: level, format: configuration.logging.format)
+        }
+        let logger = Logger(label: "kora-sidecar")
+        let app = try buildApplication(configuration, logger: logger)
+        do {
+            try await app.runService()
+        } catch {
+            throw StartupError("The sidecar stopped: \(error).")
+        }
+    }
+}
+
+struct CheckConfig: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "check-config", abstract: "Validate the configuration and print it with secrets masked.")
+
+    @OptionGroup var options: ConfigOption
+
+    func run() async throws {
+        let configuration = try options.load()
+        print(JSONWriter.prettyString(configuration.effectiveJSON))
+    }
+}
+
+struct Sign: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Print Kora's signature headers for a body.")
+
+    @Option(help: "The webhook secret.") var secret: String
+    @Option(help: "timestamped or legacy.") var scheme: SignatureScheme = .timestamped
+    @Option(help: "Unix seconds (default: now).") var timestamp: Int64?
+    @Argument(help: "File holding the body (default: standard input).") var file: String?
+
+    func run() async throws {
+        let body: Data
+        if let file {
+            guard let data = FileManager.default.contents(atPath: file) else { throw StartupError("The file \(file) cannot be read.") }
+            body = data
+        } else {
+            body = FileHandle.standardInput.readDataToEndOfFile()
+        }
+        let headers = KoraSignature.headers(
+            scheme: scheme, secret: Secret(secret), body: Array(body), timestamp: timestamp ?? UnixTime.now().seconds)
+        for header in headers { print("\(header.name): \(header.value)") }
+    }
+}
+
+struct SendTestEvent: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "send-test-event", abstract: "Build a realistic Kora event, sign it and POST it.")
+
+    @Option(help: "The sidecar's webhook URL.") var to: String
+    @Option(help: "The webhook secret.") var secret: String
+    @Option(help: "Event type.") var type: String = "verification.completed"
+    @Option(help: "auto_approve, auto_reject or manual_review.") var decision: String = "auto_approve"
+    @Option(name: .customLong("external-id"), help: "The verification's externalId.") var externalID: String = "user-123"
+    @Option(help: "timestamped or legacy.") var scheme: SignatureScheme = .timestamped
+
+    func run() async throws {
+        let body = TestEvent.body(type: type, decision: decision, externalID: externalID)
+        do {
+            let answer = try await TestEvent.send(body: body, to: to, secret: Secret(secret), scheme: scheme)
+            print("\(answer.status) \(answer.body)")
+        } catch {
+            throw StartupError("The event could not be sent to \(to): \(error).")
+        }
+    }
+}
+
+struct Deliveries: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Inspect and re-queue stored deliveries (works while serve runs).",
+        subcommands: [List.self, Show.self, Retry.self])
+
+    static func run(_ action: DeliveriesCommand.Action, options: ConfigOption) async throws {
+        let configuration = try options.load()
+        let store: SQLiteStore
+        do {
+            store = try SQLiteStore(path: configuration.storage.sqlitePath)
+        } catch {
+            throw StartupError("The store \(configuration.storage.sqlitePath) (storage.sqlitePath) cannot be opened: \(error).")
+        }
+        defer { store.close() }
+        print(try await DeliveriesCommand.run(action, store: store))
+    }
+
+    struct List: AsyncParsableCommand {
+        @OptionGroup var options: ConfigOption
+        @Option(help: "pending, delivered, dead or quarantined.") var status: String?
+        @Option(help: "At most this many.") var limit: Int = 100
+
+        func run() async throws { try await Deliveries.run(.list(status: status, limit: limit), options: options) }
+    }
+
+    struct Show: AsyncParsableCommand {
+        @OptionGroup var options: ConfigOption
+        @Argument(help: "Delivery id.") var id: Int64
+
+        func run() async throws { try await Deliveries.run(.show(id: id), options: options) }
+    }
+
+    struct Retry: AsyncParsableCommand {
+        @OptionGroup var options: ConfigOption
+        @Argument(help: "Delivery id.") var id: Int64?
+        @Flag(name: .customLong("all-dead"), help: "Re-queue every dead delivery.") var allDead = false
+
+        func validate() throws {
+            if (id == nil) == !allDead { throw ValidationError("Give a delivery id or --all-dead.") }
+        }
+
+        func run() async throws {
+            try await Deliveries.run(allDead ? .retryAllDead : .retry(id: id!), options: options)
+        }
+    }
+}
+
+extension SignatureScheme: ExpressibleByArgument {}
