@@ -22,7 +22,8 @@ public enum EventNormalizer {
             throw InvalidPayload(reason: "the body is not valid JSON (\(error.reason))")
         }
         guard case .object = root else { throw InvalidPayload(reason: "the body is not a JSON object") }
-        guard let type = string(root, "eventType", "event_type", "type"), !type.isEmpty else {
+        let typeValue = root["eventType"] ?? root["event_type"] ?? root["type"]
+        guard case .string(let type)? = typeValue, !type.isEmpty else {
             throw InvalidPayload(reason: "the body has no eventType")
         }
         let dataMember = root.member("data")

@@ -1,0 +1,216 @@
+import Foundation
+import Testing
+
+@testable import KoraSidecar
+
+@Suite("Configuration")
+struct ConfigurationTests {
+    let environment = ["KORAIDV_WEBHOOK_SECRET": "whsec_from_env", "APP_SIGNING": TestSecrets.signing, "KEY": "live_key_value"]
+
+    func load(_ text: String, environment: [String: String]? = nil) throws -> SidecarConfiguration {
+        try SidecarConfiguration.load(bytes: Array(text.utf8), source: "test.json", environment: environment ?? self.environment)
+    }
+
+    func problems(_ text: String, environment: [String: String]? = nil) -> [ConfigurationProblem] {
+        do {
+            _ = try load(text, environment: environment)
+            return []
+        } catch let error as ConfigurationError {
+            return error.problems
+        } catch {
+            return [.init(path: "?", reason: "\(error)")]
+        }
+    }
+
+    @Test func theMinimalFileGetsEveryDefault() throws {
+        let configuration = try load(#"{"webhooks": {"secrets": [{"env": "KORAIDV_WEBHOOK_SECRET"}]}}"#)
+        #expect(configuration.webhooks.secrets.map(\.value) == ["whsec_from_env"])
+        #expect(configuration.webhooks.listen == .tcp(host: "0.0.0.0", port: 8080))
+        #expect(configuration.webhooks.path == "/webhooks/koraidv")
+        #expect(configuration.webhooks.schemes == [.timestamped, .legacy])
+        #expect(configuration.webhooks.toleranceSeconds == 300)
+        #expect(configuration.webhooks.limits.maxBodyBytes == 1_048_576)
+        #expect(configuration.webhooks.enforce)
+        #expect(configuration.webhooks.dedupWindowHours == 168)
+        #expect(configuration.internal.listen == .tcp(host: "127.0.0.1", port: 8081))
+        #expect(configuration.internal.limits.maxBodyBytes == 26_214_400)
+        #expect(configuration.kora.apiBaseURL == "https://api.korastratum.com/api/v1/idv")
+        #expect(configuration.kora.timeoutSeconds == 30)
+        #expect(configuration.kora.retry == RetryConfiguration())
+        #expect(configuration.delivery.mode == .queued)
+        #expect(configuration.delivery.retrySchedule.map(DurationText.format) == ["5s", "30s", "2m", "10m", "30m", "1h", "2h", "4h", "8h", "12h"])
+        #expect(configuration.delivery.concurrency == 16)
+        #expect(configuration.storage.sqlitePath == "./data/kora-sidecar.sqlite")
+        #expect(configuration.logging.level == "info")
+        #expect(configuration.logging.format == .json)
+    }
+
+    @Test func everyProblemIsReportedAtOnceWithItsPath() {
+        let found = problems(
+            """
+            {"webhooks": {"secrets": [{"env": "MISSING_VAR"}], "toleranceSecond": 5, "maxBodyBytes": "big", "path": "hooks"},
+             "kora": {"timeoutSeconds": 0, "apiBaseURL": "ftp://x"},
+             "services": [{"name": "a b", "deliver": {"url": "http://x", "events": [], "format": "xml"}}, {"name": "c"}, {"name": "d"}],
+             "delivery": {"mode": "later", "retrySchedule": ["5s", "soon"]},
+             "logging": {"level": "loud"},
+             "extra": true}
+            """)
+        let paths = Set(found.map(\.path))
+        for path in [
+            "$.webhooks.secrets[0]", "$.webhooks.toleranceSecond", "$.webhooks.maxBodyBytes", "$.webhooks.path",
+            "$.kora.timeoutSeconds", "$.kora.apiBaseURL", "$.services[0].name", "$.services[0].deliver.events",
+            "$.services[0].deliver.format", "$.delivery.mode", "$.delivery.retrySchedule[1]", "$.logging.level", "$.extra",
+            "$.services[1].token",
+        ] {
+            #expect(paths.contains(path), "expected a problem at \(path); got \(found)")
+        }
+        #expect(found.first { $0.path == "$.webhooks.secrets[0]" }?.reason == "environment variable MISSING_VAR is not set")
+        #expect(found.first { $0.path == "$.webhooks.toleranceSecond" }?.reason.hasPrefix("unknown key") == true)
+    }
+
+    @Test func secretsComeFromEnvironmentFilesOrLiterals() throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        try "whsec_from_file\n".write(toFile: directory + "/secret", atomically: true, encoding: .utf8)
+        let configuration = try load(
+            #"{"webhooks": {"secrets": [{"env": "KORAIDV_WEBHOOK_SECRET"}, {"file": "\#(directory)/secret"}, "whsec_literal"]}}"#)
+        #expect(configuration.webhooks.secrets.map(\.value) == ["whsec_from_env", "whsec_from_file", "whsec_literal"])
+        #expect(configuration.webhooks.secrets[1].source == .file(directory + "/secret"))
+        let missing = problems(#"{"webhooks": {"secrets": [{"file": "\#(directory)/absent"}]}}"#)
+        #expect(missing == [.init(path: "$.webhooks.secrets[0]", reason: "secret file \(directory)/absent cannot be read")])
+        #expect(!problems(#"{"webhooks": {"secrets": [{"env": "A", "file": "/b"}]}}"#).isEmpty)
+        #expect(!problems(#"{"webhooks": {"secrets": [{"vault": "x"}]}}"#).isEmpty)
+    }
+
+    @Test func secretsAreRequired() {
+        #expect(problems("{}").map(\.path) == ["$.webhooks.secrets"])
+        #expect(problems(#"{"webhooks": {"secrets": []}}"#).map(\.path) == ["$.webhooks.secrets"])
+    }
+
+    @Test func invalidJSONNamesTheLineAndColumn() {
+        let found = problems("{\n  \"webhooks\": {,\n}")
+        #expect(found.count == 1)
+        #expect(found.first?.reason.contains("line 2, column 16") == true)
+        #expect(problems(#"{"webhooks": {"secrets": ["a"]}, "webhooks": {}}"#).first?.reason.contains("duplicate key") == true)
+    }
+
+    @Test func servicesAreValidatedTogether() {
+        let found = problems(
+            """
+            {"webhooks": {"secrets": ["s"]}, "services": [
+              {"name": "app", "deliver": {"unixSocket": "/tmp/\(String(repeating: "x", count: 120))"}},
+              {"name": "app", "token": "t", "deliver": {"url": "http://a", "unixSocket": "/tmp/s"}},
+              {"name": "other", "token": "t2", "allow": ["GET"], "deliver": {"url": "http://a", "signingSecret": "whsec_!!", "headers": {"webhook-id": "x", "Bad Header": "y"}}}
+            ]}
+            """)
+        let paths = found.map(\.path)
+        #expect(paths.contains("$.services[0].deliver.unixSocket"))
+        #expect(paths.contains("$.services[1].name"))
+        #expect(paths.contains("$.services[1].deliver"))
+        #expect(paths.contains("$.services[2].allow[0]"))
+        #expect(paths.contains("$.services[2].deliver.signingSecret"))
+        #expect(paths.contains("$.services[2].deliver.headers.webhook-id"))
+        #expect(paths.contains("$.services[2].deliver.headers.Bad Header"))
+    }
+
+    @Test func listenersMustNotCollide() {
+        let found = problems(#"{"webhooks": {"secrets": ["s"], "listen": {"port": 9000}}, "internal": {"listen": {"port": 9000}}}"#)
+        #expect(found.map(\.path).contains("$.internal.listen.port"))
+        let both = problems(#"{"webhooks": {"secrets": ["s"], "listen": {"port": 1, "unixSocket": "/tmp/a.sock"}}}"#)
+        #expect(both.map(\.path) == ["$.webhooks.listen"])
+    }
+
+    @Test func theEffectiveConfigurationMasksEverySecret() throws {
+        let configuration = try load(
+            """
+            {"kora": {"apiKey": {"env": "KEY"}, "tenantId": "tenant-literal-value"},
+             "webhooks": {"secrets": [{"env": "KORAIDV_WEBHOOK_SECRET"}, "whsec_literal_two"]},
+             "internal": {"adminToken": "admin-token-value"},
+             "services": [{"name": "app", "token": "service-token-value",
+               "deliver": {"url": "http://127.0.0.1:3000/e", "signingSecret": {"env": "APP_SIGNING"}, "headers": {"X-Api-Key": "header-secret-value"}}}]}
+            """)
+        let text = JSONWriter.prettyString(configuration.effectiveJSON)
+        for secret in [
+            "live_key_value", "tenant-literal-value", "whsec_from_env", "whsec_literal_two", "admin-token-value", "service-token-value",
+            TestSecrets.signing, "header-secret-value",
+        ] {
+            #expect(!text.contains(secret), "check-config output shows \(secret)")
+        }
+        #expect(text.contains(#""X-Api-Key": "***""#))
+        // The effective configuration is itself a valid configuration (with secrets put back).
+        #expect(try JSONParser.parse(Array(text.utf8))["delivery"]?["mode"] == "queued")
+    }
+
+    @Test func theExampleFileIsValid() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let environment = [
+            "KORAIDV_API_KEY": "k", "KORAIDV_TENANT_ID": "t", "KORAIDV_WEBHOOK_SECRET": "w", "KORAIDV_WEBHOOK_SECRET_PREVIOUS": "w0",
+            "KORA_SIDECAR_ADMIN_TOKEN": "a", "APP_SIDECAR_TOKEN": "s", "APP_WEBHOOK_SECRET": TestSecrets.signing, "APP_KEY": "x",
+            "BILLING_SIDECAR_TOKEN": "b", "BILLING_WEBHOOK_SECRET": TestSecrets.signing,
+        ]
+        let configuration = try SidecarConfiguration.load(file: root.path + "/config.example.json", environment: environment)
+        #expect(!configuration.services.isEmpty)
+    }
+
+    @Test func theEnvironmentAloneBuildsOneService() throws {
+        let environment = [
+            "KORAIDV_API_KEY": "live_k", "KORAIDV_TENANT_ID": "tenant", "KORAIDV_WEBHOOK_SECRET": "whsec_w",
+            "KORA_SIDECAR_FORWARD_SOCKET": "/run/app.sock", "KORA_SIDECAR_CALLBACK_URL": "https://hooks.example.com/k",
+            "KORA_SIDECAR_SIGNING_SECRET": TestSecrets.signing, "KORA_SIDECAR_WEBHOOK_PORT": "9090", "KORA_SIDECAR_DELIVERY_MODE": "direct",
+        ]
+        let configuration = try ConfigurationSource.environment.load(environment: environment)
+        #expect(configuration.kora.apiKey?.value == "live_k")
+        #expect(configuration.kora.tenantId?.value == "tenant")
+        #expect(configuration.kora.callbackURL == "https://hooks.example.com/k")
+        #expect(configuration.webhooks.secrets.map(\.value) == ["whsec_w"])
+        #expect(configuration.webhooks.listen == .tcp(host: "0.0.0.0", port: 9090))
+        #expect(configuration.delivery.mode == .direct)
+        let service = try #require(configuration.services.first)
+        #expect(service.name == "app")
+        #expect(service.deliver?.target == .unixSocket(socketPath: "/run/app.sock", path: "/kora-events"))
+        #expect(service.deliver?.signingSecret?.value == TestSecrets.signing)
+
+        #expect(throws: ConfigurationError.self) { try ConfigurationSource.environment.load(environment: [:]) }
+        let bad = ["KORAIDV_WEBHOOK_SECRET": "w", "KORA_SIDECAR_WEBHOOK_PORT": "eighty"]
+        #expect(throws: ConfigurationError.self) { try ConfigurationSource.environment.load(environment: bad) }
+    }
+
+    @Test func theSourceFollowsFlagThenVariable() {
+        #expect(ConfigurationSource.resolve(flag: "a.json", environment: ["KORA_SIDECAR_CONFIG": "b.json"]) == .file("a.json"))
+        #expect(ConfigurationSource.resolve(flag: nil, environment: ["KORA_SIDECAR_CONFIG": "b.json"]) == .file("b.json"))
+    }
+
+    @Test(arguments: [("250ms", 250), ("5s", 5000), ("2m", 120_000), ("1h", 3_600_000), ("1d", 86_400_000)])
+    func durationsParse(text: String, milliseconds: Int64) throws {
+        let duration = try #require(DurationText.parse(text))
+        #expect(duration.milliseconds == milliseconds)
+        #expect(DurationText.format(duration) == text)
+    }
+
+    @Test(arguments: ["", "5", "s", "-5s", "5 s", "1.5s", "5sec", "99999999999999h"])
+    func badDurationsAreRejected(text: String) {
+        #expect(DurationText.parse(text) == nil)
+    }
+
+    @Test func eventFiltersMatchFamiliesAndNames() {
+        let filter = EventFilter(["verification.*", "fraud_alert.created"])
+        #expect(filter.matches("verification.completed"))
+        #expect(filter.matches("fraud_alert.created"))
+        #expect(!filter.matches("fraud_alert.resolved"))
+        #expect(!filter.matches("verificationX"))
+        #expect(EventFilter.all.matches("anything"))
+    }
+
+    @Test func allowPatternsMatchSegments() throws {
+        let get = try #require(AllowPattern("GET /verifications/*"))
+        #expect(get.matches(method: "GET", path: "/verifications/ver_1"))
+        #expect(!get.matches(method: "GET", path: "/verifications/ver_1/images"))
+        #expect(!get.matches(method: "POST", path: "/verifications/ver_1"))
+        let rest = try #require(AllowPattern("* /verifications/**"))
+        #expect(rest.matches(method: "DELETE", path: "/verifications/a/b/c"))
+        #expect(!rest.matches(method: "GET", path: "/verifications"))
+        #expect(AllowPattern("GET") == nil)
+        #expect(AllowPattern("GET verifications") == nil)
+        #expect(AllowPattern("GET /**/x") == nil)
+    }
+}

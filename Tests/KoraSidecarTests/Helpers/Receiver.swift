@@ -1,0 +1,82 @@
+import Foundation
+import Hummingbird
+import KoraSidecar
+import Logging
+import NIOCore
+import ServiceLifecycle
+import Synchronization
+
+/// One request a receiver got.
+struct ReceivedDelivery: Sendable {
+    let path: String
+    let headers: [String: String]
+    let body: [UInt8]
+
+    func header(_ name: String) -> String? { headers[name.lowercased()] }
+    var json: JSONValue? { try? JSONParser.parse(body) }
+}
+
+/// A service that receives deliveries: a real Hummingbird listener on 127.0.0.1 port 0 or on a Unix socket.
+final class Receiver: Sendable {
+    private let received = Mutex<[ReceivedDelivery]>([])
+    private let answer: @Sendable (ReceivedDelivery, Int) async -> HTTPResponse.Status
+
+    /// `answer` decides the status from the request and how many requests came before it (from 0).
+    init(answer: @escaping @Sendable (ReceivedDelivery, Int) async -> HTTPResponse.Status = { _, _ in .ok }) {
+        self.answer = answer
+    }
+
+    var deliveries: [ReceivedDelivery] { received.withLock { $0 } }
+    var count: Int { received.withLock { $0.count } }
+
+    /// Waits until `count` deliveries arrived.
+    func waitFor(_ count: Int, timeout: Duration = .seconds(10)) async throws -> [ReceivedDelivery] {
+        try await waitUntil("\(count) deliveries", timeout: timeout) { self.count >= count }
+        return deliveries
+    }
+
+    fileprivate func record(_ request: Request) async throws -> Response {
+        let body = try await request.body.collect(upTo: 1 << 24)
+        var headers: [String: String] = [:]
+        for field in request.headers { headers[field.name.canonicalName] = field.value }
+        let delivery = ReceivedDelivery(path: request.uri.path, headers: headers, body: Array(body.readableBytesView))
+        let index = received.withLock { list in
+            list.append(delivery)
+            return list.count - 1
+        }
+        return Response(status: await answer(delivery, index))
+    }
+}
+
+/// Runs `receiver` on `address` (TCP port 0 or a Unix socket) for the duration of `body`; passes the bound port.
+func withReceiver<T: Sendable>(
+    _ receiver: Receiver, unixSocket: String? = nil, _ body: @Sendable (Int) async throws -> T
+) async throws -> T {
+    let router = Router()
+    router.post("**") { request, _ in try await receiver.record(request) }
+    let (stream, continuation) = AsyncStream.makeStream(of: Int.self)
+    let app = Application(
+        router: router,
+        configuration: .init(address: unixSocket.map { .unixDomainSocket(path: $0) } ?? .hostname("127.0.0.1", port: 0)),
+        onServerRunning: { channel in continuation.yield(channel.localAddress?.port ?? 0) },
+        logger: Logger(label: "receiver") { _ in SwiftLogNoOpLogHandler() })
+    let group = ServiceGroup(configuration: .init(services: [app], logger: Logger(label: "receiver") { _ in SwiftLogNoOpLogHandler() }))
+    return try await withThrowingTaskGroup(of: T?.self) { tasks in
+        tasks.addTask {
+            try await group.run()
+            return nil
+        }
+        var iterator = stream.makeAsyncIterator()
+        let port = await iterator.next() ?? 0
+        do {
+            let result = try await body(port)
+            await group.triggerGracefulShutdown()
+            tasks.cancelAll()
+            return result
+        } catch {
+            await group.triggerGracefulShutdown()
+            tasks.cancelAll()
+            throw error
+        }
+    }
+}
