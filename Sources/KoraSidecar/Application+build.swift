@@ -27,6 +27,8 @@ public struct SidecarOptions: Sendable {
     public var drainTimeout: Duration = .seconds(10)
     /// The retry policy of queued delivery; nil uses `delivery.retrySchedule` with 20% jitter.
     public var retryPolicy: RetryPolicy?
+    /// The API proxy's seams: how it waits between retries, the callback URL it injects.
+    public var koraProxy = KoraProxyOptions()
 
     public init() {}
 }
@@ -44,6 +46,9 @@ public struct StartupError: Error, Sendable, CustomStringConvertible {
 public func buildApplication(
     _ configuration: SidecarConfiguration, logger: Logger, options: SidecarOptions = .init()
 ) throws -> some ApplicationProtocol {
+    if case .unixSocket(let path) = configuration.internal.listen {
+        try UnixSocketFile.replaceIfStale(path, key: "internal.listen.unixSocket")
+    }
     let store: any SidecarStore
     var services: [any Service] = []
     if let given = options.store {
@@ -91,8 +96,13 @@ public func buildApplication(
         router: EventRouter(services: deliveryServices, store: store), delivery: delivery, clock: options.clock,
         logger: logger.with("component", "ingress"))
 
+    let proxyClient = HTTPClient(
+        eventLoopGroupProvider: .singleton, configuration: KoraProxy.clientConfiguration(timeoutSeconds: configuration.kora.timeoutSeconds))
+    services.append(CloseOnShutdown { try? await proxyClient.shutdown() })
+    let proxy = KoraProxy(
+        configuration: configuration, client: proxyClient, store: store, options: options.koraProxy, logger: logger.with("component", "proxy"))
     let internalListener = Application(
-        router: buildInternalRouter(configuration: configuration, store: store, readiness: readiness),
+        router: buildInternalRouter(configuration: configuration, store: store, readiness: readiness, proxy: proxy),
         server: .sidecarHTTP1(configuration.internal.limits),
         configuration: .sidecar(configuration.internal.listen, configuration.internal.limits, logger: logger),
         onServerRunning: { channel in

@@ -1,8 +1,9 @@
 import Hummingbird
 
-/// The internal listener's routes: health, readiness and the admin API over the outbox.
+/// The internal listener's routes: health, readiness, the admin API over the outbox and, when
+/// given, the Kora API proxy (SPEC §5.1).
 func buildInternalRouter(
-    configuration: SidecarConfiguration, store: any SidecarStore, readiness: Readiness
+    configuration: SidecarConfiguration, store: any SidecarStore, readiness: Readiness, proxy: KoraProxy? = nil
 ) -> Router<SidecarRequestContext> {
     let router = Router(context: SidecarRequestContext.self)
     router.add(middleware: ErrorShapeMiddleware())
@@ -43,6 +44,12 @@ func buildInternalRouter(
             throw SidecarHTTPError(.notFound, code: "NOT_FOUND", message: "There is no such delivery waiting to be retried.")
         }
         return JSONResponse.make(.ok, ["requeued": .int(Int(id))])
+    }
+    if let proxy {
+        for method in [HTTPRequest.Method.get, .head, .post, .put, .patch, .delete, .options] {
+            router.on("/api/v1/**", method: method) { request, context in try await proxy.forward(request, context: context) }
+        }
+        router.post("/api/verifications") { request, context in try await proxy.createShortcut(request, context: context) }
     }
     return router
 }

@@ -1,0 +1,59 @@
+/// Which internal service is calling the API proxy (SPEC §5.2), and what it may call.
+public struct ServiceIdentity: Sendable {
+    /// One service as the proxy knows it.
+    public struct Caller: Sendable {
+        /// The service's name (recorded as the origin of the verifications it creates).
+        public let name: String
+        /// Its `allow` patterns; nil allows everything.
+        public let allow: [AllowPattern]?
+
+        /// Whether the service may call `method` on `path` (relative to the Kora base).
+        public func may(_ method: String, _ path: String) -> Bool {
+            guard let allow else { return true }
+            return allow.contains { $0.matches(method: method, path: path) }
+        }
+    }
+
+    private let tokens: [(token: [UInt8], caller: Caller)]
+    private let anonymous: Caller?
+
+    /// Builds the table from `services`; the first service without a token is the anonymous caller
+    /// (configuration validation allows at most one).
+    public init(services: [ServiceConfiguration]) {
+        var tokens: [(token: [UInt8], caller: Caller)] = []
+        var anonymous: Caller?
+        for service in services {
+            let caller = Caller(name: service.name, allow: service.allow.map { $0.compactMap(AllowPattern.init) })
+            if let token = service.token {
+                tokens.append((token.bytes, caller))
+            } else if anonymous == nil {
+                anonymous = caller
+            }
+        }
+        self.tokens = tokens
+        self.anonymous = anonymous
+    }
+
+    /// The caller presenting `authorization` (the raw `Authorization` header): the service whose
+    /// token it carries, else the anonymous service, else nil (answer 401).
+    ///
+    /// Every token is compared, in constant time, whatever matches first, so the time taken does
+    /// not reveal which service (or how much of a token) matched.
+    public func caller(authorization: String?) -> Caller? {
+        var found: Caller?
+        if let authorization, let token = Self.bearerToken(authorization) {
+            let given = Array(token.utf8)
+            for entry in tokens where ConstantTime.equal(given, entry.token) && found == nil {
+                found = entry.caller
+            }
+        }
+        return found ?? anonymous
+    }
+
+    /// The credentials of `Bearer <token>` (the scheme is case-insensitive, RFC 9110 §11.1).
+    static func bearerToken(_ header: String) -> Substring? {
+        let parts = header.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: true)
+        guard parts.count == 2, parts[0].lowercased() == "bearer" else { return nil }
+        return parts[1]
+    }
+}
