@@ -1,0 +1,655 @@
+"""Checks of deploy/ that need no Docker, no Kubernetes and no systemd running.
+
+Needs: pytest, PyYAML. Optional: the kora-sidecar binary ($KORA_SIDECAR_BIN, default
+.build/debug/kora-sidecar) for `check-config` and the end-to-end delivery to the example app;
+systemd-analyze for `systemd-analyze verify`; the `standardwebhooks` package for a second opinion
+on the example app's signature check.
+
+Run: python3 -m pytest tests/deploy -q
+"""
+
+import base64
+import hashlib
+import hmac
+import http.server
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+PROBE = DEPLOY / "kora-sidecar-probe"
+PROBE_IN_IMAGE = "kora-sidecar-probe"
+DUMMY_WHSEC = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+SERVE_CONFIG = "/etc/kora-sidecar/config.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def load_yaml_documents(path):
+    with open(path) as handle:
+        return [document for document in yaml.safe_load_all(handle) if document is not None]
+
+
+def load_yaml(path):
+    (document,) = load_yaml_documents(path)
+    return document
+
+
+def env_references(value, path="$"):
+    """{"env": NAME} secrets in a configuration document: {NAME: json path}."""
+    found = {}
+    if isinstance(value, dict):
+        if set(value) == {"env"}:
+            return {value["env"]: path}
+        for key, member in value.items():
+            found.update(env_references(member, f"{path}.{key}"))
+    elif isinstance(value, list):
+        for index, member in enumerate(value):
+            found.update(env_references(member, f"{path}[{index}]"))
+    return found
+
+
+def sidecar_environment_variables():
+    """The variables the sidecar itself reads, taken from its source."""
+    source = (ROOT / "Sources/KoraSidecar/Configuration/EnvironmentConfiguration.swift").read_text()
+    names = set(re.findall(r'\("([A-Z][A-Z0-9_]+)",', source))
+    assert "KORAIDV_WEBHOOK_SECRET" in names, "could not read the variables from EnvironmentConfiguration.swift"
+    return names | {"KORA_SIDECAR_CONFIG"}
+
+
+def drain_seconds():
+    """The sidecar's delivery drain time on shutdown (SidecarOptions.drainTimeout)."""
+    source = (ROOT / "Sources/KoraSidecar/Application+build.swift").read_text()
+    match = re.search(r"drainTimeout: Duration = \.seconds\((\d+)\)", source)
+    if not match:
+        pytest.skip("the drain time-out default was not found in Sources/KoraSidecar/Application+build.swift")
+    return int(match.group(1))
+
+
+def seconds(text):
+    match = re.fullmatch(r"(\d+)\s*(ms|s|min|m|h)?", str(text).strip())
+    assert match, f"not a duration: {text!r}"
+    value, unit = int(match.group(1)), match.group(2) or "s"
+    return value * {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600}[unit]
+
+
+def compose_default(value):
+    """The value compose uses when the variable is unset: ${NAME:-default} -> default."""
+    match = re.fullmatch(r"\$\{([A-Z0-9_]+):-(.*)\}", value)
+    return match.group(2) if match else value
+
+
+def option(arguments, flag):
+    assert flag in arguments, f"{flag} missing from {arguments}"
+    return arguments[arguments.index(flag) + 1]
+
+
+def mount_target(volume):
+    return volume.split(":")[1] if isinstance(volume, str) else volume["target"]
+
+
+def mount_source(volume):
+    return volume.split(":")[0] if isinstance(volume, str) else volume.get("source")
+
+
+def directory_of(path):
+    return str(PurePosixPath(path).parent)
+
+
+def is_whsec(secret):
+    text = secret[len("whsec_"):] if secret.startswith("whsec_") else secret
+    try:
+        return len(base64.b64decode(text, validate=True)) >= 16
+    except ValueError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def sidecar_bin():
+    path = Path(os.environ.get("KORA_SIDECAR_BIN", ROOT / ".build/debug/kora-sidecar"))
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        pytest.skip(f"the kora-sidecar binary is absent at {path} (build it, or set KORA_SIDECAR_BIN)")
+    return path
+
+
+def check_config(binary, config_path, environment):
+    """Runs `kora-sidecar check-config` with exactly `environment`; returns the effective configuration."""
+    result = subprocess.run(
+        [str(binary), "check-config", "--config", str(config_path)],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **environment},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, f"check-config rejected {config_path}:\n{result.stderr}{result.stdout}"
+    return json.loads(result.stdout)
+
+
+def dummy_environment(config):
+    return {name: DUMMY_WHSEC for name in env_references(config)}
+
+
+def load_app_module():
+    spec = importlib.util.spec_from_file_location("kora_example_app", DEPLOY / "compose/app/app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# the files
+
+
+COMPOSE = DEPLOY / "docker-compose.yml"
+COMPOSE_CONFIG = DEPLOY / "compose/config.json"
+K8S = DEPLOY / "kubernetes"
+SYSTEMD_UNIT = DEPLOY / "systemd/kora-sidecar.service"
+SYSTEMD_CONFIG = DEPLOY / "systemd/config.json"
+SYSTEMD_ENV = DEPLOY / "systemd/kora-sidecar.env.example"
+DOCKERFILE = DEPLOY / "Dockerfile"
+
+
+def kubernetes_objects():
+    objects = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for document in load_yaml_documents(path):
+            objects[(document["kind"], document["metadata"]["name"])] = document
+    return objects
+
+
+def kubernetes_one(kind):
+    (found,) = [value for (k, _), value in kubernetes_objects().items() if k == kind]
+    return found
+
+
+def kubernetes_config():
+    return json.loads(kubernetes_one("ConfigMap")["data"]["config.json"])
+
+
+def pod_containers():
+    containers = kubernetes_one("Deployment")["spec"]["template"]["spec"]["containers"]
+    return {container["name"]: container for container in containers}
+
+
+def sidecar_container():
+    (container,) = [c for c in pod_containers().values() if "kora-sidecar" in c["image"]]
+    return container
+
+
+def app_container():
+    (container,) = [c for c in pod_containers().values() if "kora-sidecar" not in c["image"]]
+    return container
+
+
+def container_env(container):
+    return {entry["name"]: entry for entry in container.get("env", [])}
+
+
+def systemd_directives(path):
+    """[(section, key, value)] of a unit file, keeping repeated keys."""
+    directives, section = [], None
+    for raw in Path(path).read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+            continue
+        key, _, value = line.partition("=")
+        directives.append((section, key.strip(), value.strip()))
+    return directives
+
+
+def systemd_value(path, key):
+    values = [value for _, k, value in systemd_directives(path) if k == key]
+    assert values, f"{key}= missing from {path.name}"
+    return values[-1]
+
+
+def env_file(path):
+    values = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# everything parses
+
+
+def test_every_yaml_and_json_file_parses():
+    yaml_files = sorted(DEPLOY.rglob("*.yml")) + sorted(DEPLOY.rglob("*.yaml"))
+    json_files = sorted(DEPLOY.rglob("*.json"))
+    assert len(yaml_files) >= 5 and len(json_files) >= 2
+    for path in yaml_files:
+        assert load_yaml_documents(path), f"{path} holds no YAML document"
+    for path in json_files:
+        json.loads(path.read_text())
+    assert isinstance(kubernetes_config(), dict)
+
+
+@pytest.mark.parametrize("name", ["compose", "kubernetes", "systemd"])
+def test_config_passes_check_config(sidecar_bin, tmp_path, name):
+    if name == "compose":
+        config, path = json.loads(COMPOSE_CONFIG.read_text()), COMPOSE_CONFIG
+    elif name == "kubernetes":
+        config, path = kubernetes_config(), tmp_path / "config.json"
+        path.write_text(json.dumps(config))
+    else:
+        config, path = json.loads(SYSTEMD_CONFIG.read_text()), SYSTEMD_CONFIG
+    effective = check_config(sidecar_bin, path, dummy_environment(config))
+    assert effective["webhooks"]["secrets"] == ["***"] * len(config["webhooks"]["secrets"])
+
+
+def test_compose_demo_defaults_pass_check_config(sidecar_bin):
+    """`docker compose up` with nothing set must start: the demo defaults are valid secrets."""
+    environment = {key: compose_default(value) for key, value in compose_service("sidecar")["environment"].items()}
+    check_config(sidecar_bin, COMPOSE_CONFIG, environment)
+
+
+# ---------------------------------------------------------------------------------------------
+# docker compose
+
+
+def compose_service(name):
+    return load_yaml(COMPOSE)["services"][name]
+
+
+def test_compose_has_the_three_services():
+    assert set(load_yaml(COMPOSE)["services"]) == {"kora", "sidecar", "app"}
+    assert compose_service("kora")["command"][0] == "simulate"
+    assert compose_service("sidecar")["command"] == ["serve", "--config", SERVE_CONFIG]
+
+
+def test_compose_sidecar_environment_is_what_the_config_references():
+    config = json.loads(COMPOSE_CONFIG.read_text())
+    environment = compose_service("sidecar")["environment"]
+    missing = set(env_references(config)) - set(environment)
+    assert not missing, f"config.json references variables the sidecar service does not set: {missing}"
+    unused = set(environment) - set(env_references(config)) - sidecar_environment_variables()
+    assert not unused, f"variables set on the sidecar that nothing reads: {unused}"
+
+
+def test_compose_mounts_config_store_and_sockets():
+    config = json.loads(COMPOSE_CONFIG.read_text())
+    sidecar, app = compose_service("sidecar"), compose_service("app")
+    sidecar_mounts = {mount_target(v): mount_source(v) for v in sidecar["volumes"]}
+    app_mounts = {mount_target(v): mount_source(v) for v in app["volumes"]}
+    assert (DEPLOY / sidecar_mounts[SERVE_CONFIG]).resolve() == COMPOSE_CONFIG.resolve()
+    store_directory = directory_of(config["storage"]["sqlitePath"])
+    assert sidecar_mounts.get(store_directory) in load_yaml(COMPOSE)["volumes"], "the store is not on a volume"
+    socket_directory = directory_of(config["services"][0]["deliver"]["unixSocket"])
+    assert sidecar_mounts[socket_directory] == app_mounts[socket_directory], "the socket directory is not shared"
+    assert sidecar_mounts[socket_directory] in load_yaml(COMPOSE)["volumes"]
+    assert (DEPLOY / app_mounts["/app"]).resolve() == (DEPLOY / "compose/app").resolve()
+    assert app["command"][-1] == "/app/app.py"
+
+
+def test_compose_ports_paths_and_urls_agree_with_the_config():
+    config = json.loads(COMPOSE_CONFIG.read_text())
+    webhooks, internal = config["webhooks"], config["internal"]["listen"]
+    kora, sidecar, app = compose_service("kora"), compose_service("sidecar"), compose_service("app")
+
+    published = [str(port).rsplit(":", 1)[-1] for port in sidecar["ports"]]
+    assert published == [str(webhooks["listen"]["port"])], "publish the webhook port, and only it"
+    assert sidecar["healthcheck"]["test"] == ["CMD", PROBE_IN_IMAGE, f"127.0.0.1:{internal['port']}", "/readyz"]
+    assert internal["host"] == "127.0.0.1"
+
+    webhook_url = f"http://sidecar:{webhooks['listen']['port']}{webhooks['path']}"
+    assert option(kora["command"], "--webhook-url") == webhook_url
+    assert config["kora"]["callbackURL"] == webhook_url
+    assert config["kora"]["apiBaseURL"] == f"http://kora:{option(kora['command'], '--port')}/api/v1/idv"
+    assert option(kora["command"], "--webhook-secret") == sidecar["environment"]["KORAIDV_WEBHOOK_SECRET"]
+
+    # The app shares the sidecar's network namespace, so the loopback-only internal listener is its API.
+    assert app["network_mode"] == "service:sidecar"
+    assert app["environment"]["SIDECAR_API_URL"] == f"http://127.0.0.1:{internal['port']}"
+    deliver = config["services"][0]["deliver"]
+    assert app["environment"]["APP_SOCKET"] == deliver["unixSocket"]
+    assert app["environment"]["APP_EVENTS_PATH"] == deliver["path"]
+    signing_variable = deliver["signingSecret"]["env"]
+    assert app["environment"]["APP_WEBHOOK_SECRET"] == sidecar["environment"][signing_variable]
+    assert is_whsec(compose_default(app["environment"]["APP_WEBHOOK_SECRET"]))
+
+
+def test_compose_users_share_the_sidecar_group_and_stop_after_the_drain():
+    gid = re.search(r"groupadd .*--gid (\d+)", DOCKERFILE.read_text()).group(1)
+    assert compose_service("app")["user"].split(":")[1] == gid
+    assert seconds(compose_service("sidecar")["stop_grace_period"]) > drain_seconds()
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes
+
+
+def test_kubernetes_service_exposes_only_the_webhook_port():
+    service = kubernetes_one("Service")
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == 8080
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    container_ports = {p["name"]: p["containerPort"] for p in sidecar_container()["ports"]}
+    target = container_ports.get(port["targetPort"], port["targetPort"])
+    assert target == kubernetes_config()["webhooks"]["listen"]["port"] == 8080
+    assert list(container_ports.values()) == [8080], "declare only the webhook port"
+    pod_labels = kubernetes_one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+
+
+def test_kubernetes_probes_hit_readyz_and_healthz_on_the_right_ports():
+    config = kubernetes_config()
+    sidecar = sidecar_container()
+    internal = config["internal"]["listen"]
+    readiness = sidecar["readinessProbe"]["exec"]["command"]
+    assert readiness == [PROBE_IN_IMAGE, f"{internal['host']}:{internal['port']}", "/readyz"]
+    liveness = sidecar["livenessProbe"]["httpGet"]
+    assert liveness["path"] == "/healthz"
+    container_ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    assert container_ports.get(liveness["port"], liveness["port"]) == config["webhooks"]["listen"]["port"]
+
+
+def test_kubernetes_secrets_come_from_the_secret_and_match_the_config():
+    config = kubernetes_config()
+    secret = kubernetes_one("Secret")
+    environment = container_env(sidecar_container())
+    references = set(env_references(config))
+    assert references <= set(environment), f"not set in the pod: {references - set(environment)}"
+    assert not set(environment) - references - sidecar_environment_variables()
+    for name in references:
+        source = environment[name]["valueFrom"]["secretKeyRef"]
+        assert source["name"] == secret["metadata"]["name"]
+        assert source["key"] in secret["stringData"]
+    app_secret = container_env(app_container())["APP_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]
+    assert app_secret == environment[config["services"][0]["deliver"]["signingSecret"]["env"]]["valueFrom"]["secretKeyRef"]
+
+
+def test_kubernetes_volumes_config_store_and_socket():
+    config = kubernetes_config()
+    pod = kubernetes_one("Deployment")["spec"]["template"]["spec"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    sidecar, app = sidecar_container(), app_container()
+    sidecar_mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
+    app_mounts = {m["mountPath"]: m["name"] for m in app["volumeMounts"]}
+
+    config_path = option(sidecar["args"], "--config")
+    config_volume = volumes[sidecar_mounts[directory_of(config_path)]]
+    assert config_volume["configMap"]["name"] == kubernetes_one("ConfigMap")["metadata"]["name"]
+    assert PurePosixPath(config_path).name in kubernetes_one("ConfigMap")["data"]
+
+    assert "emptyDir" in volumes[sidecar_mounts[directory_of(config["storage"]["sqlitePath"])]]
+    socket = config["services"][0]["deliver"]["unixSocket"]
+    assert sidecar_mounts[directory_of(socket)] == app_mounts[directory_of(socket)]
+    assert "emptyDir" in volumes[app_mounts[directory_of(socket)]]
+    assert container_env(app)["APP_SOCKET"]["value"] == socket
+    assert container_env(app)["APP_EVENTS_PATH"]["value"] == config["services"][0]["deliver"]["path"]
+    assert container_env(app)["SIDECAR_API_URL"]["value"] == f"http://127.0.0.1:{config['internal']['listen']['port']}"
+
+
+def test_kubernetes_pod_is_hardened_and_sized():
+    pod = kubernetes_one("Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["terminationGracePeriodSeconds"] > drain_seconds()
+    for container in pod["containers"]:
+        context = container["securityContext"]
+        assert context["readOnlyRootFilesystem"] is True, container["name"]
+        assert context["allowPrivilegeEscalation"] is False, container["name"]
+        assert context["runAsUser"] != 0, container["name"]
+        assert context["capabilities"]["drop"] == ["ALL"], container["name"]
+        assert container["resources"]["requests"] and container["resources"]["limits"], container["name"]
+    uid = re.search(r"useradd .*--uid (\d+)", DOCKERFILE.read_text()).group(1)
+    assert sidecar_container()["securityContext"]["runAsUser"] == int(uid)
+
+
+# ---------------------------------------------------------------------------------------------
+# systemd
+
+
+def test_systemd_unit_is_hardened():
+    directives = {(key, value) for _, key, value in systemd_directives(SYSTEMD_UNIT)}
+    for expected in [
+        ("User", "kora-sidecar"), ("ProtectSystem", "strict"), ("ProtectHome", "yes"), ("PrivateTmp", "yes"),
+        ("NoNewPrivileges", "yes"), ("StateDirectory", "kora-sidecar"), ("RuntimeDirectory", "kora-sidecar"),
+        ("CapabilityBoundingSet", ""), ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6"),
+        ("SystemCallFilter", "@system-service"), ("MemoryDenyWriteExecute", "yes"), ("LockPersonality", "yes"),
+        ("Restart", "on-failure"), ("EnvironmentFile", "/etc/kora-sidecar/kora-sidecar.env"),
+        ("ExecStart", f"/usr/local/bin/kora-sidecar serve --config {SERVE_CONFIG}"),
+    ]:
+        assert expected in directives, f"{expected[0]}={expected[1]} missing"
+    assert seconds(systemd_value(SYSTEMD_UNIT, "TimeoutStopSec")) > drain_seconds()
+
+
+def test_systemd_config_uses_the_unit_directories_and_env_file():
+    config = json.loads(SYSTEMD_CONFIG.read_text())
+    state = "/var/lib/" + systemd_value(SYSTEMD_UNIT, "StateDirectory")
+    runtime = "/run/" + systemd_value(SYSTEMD_UNIT, "RuntimeDirectory")
+    assert config["storage"]["sqlitePath"].startswith(state + "/")
+    assert config["internal"]["listen"]["unixSocket"].startswith(runtime + "/")
+    environment = env_file(SYSTEMD_ENV)
+    assert set(env_references(config)) <= set(environment)
+    assert not set(environment) - set(env_references(config)) - sidecar_environment_variables()
+
+
+def test_systemd_unit_passes_systemd_analyze_verify(tmp_path, request):
+    analyze = shutil.which("systemd-analyze")
+    if not analyze:
+        pytest.skip("systemd-analyze is not installed")
+    # verify checks that ExecStart's binary exists: point it at a copy (or a stand-in) in tmp_path.
+    binary = Path(os.environ.get("KORA_SIDECAR_BIN", ROOT / ".build/debug/kora-sidecar"))
+    executable = tmp_path / "kora-sidecar"
+    if binary.is_file():
+        os.symlink(binary.resolve(), executable)
+    else:
+        executable.write_text("#!/bin/sh\n")
+        executable.chmod(0o755)
+    unit = tmp_path / SYSTEMD_UNIT.name
+    unit.write_text(SYSTEMD_UNIT.read_text().replace("ExecStart=/usr/local/bin/kora-sidecar ", f"ExecStart={executable} "))
+    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=120)
+    complaints = [line for line in (result.stdout + result.stderr).splitlines() if SYSTEMD_UNIT.name in line]
+    assert result.returncode == 0 and not complaints, "\n".join(complaints) or result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Dockerfile
+
+
+def dockerfile_instructions():
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def test_dockerfile_builds_like_ci():
+    text = DOCKERFILE.read_text()
+    assert "swift build -c release --static-swift-stdlib" in text
+    ci = ROOT / ".ci/run"
+    if ci.exists():
+        for line in ci.read_text().splitlines():
+            if "swift build" in line and "-c release" in line:
+                flags = line[line.index("swift build"):].split("#")[0].strip()
+                assert flags.split("--product")[0].strip() in text, f"CI builds with `{flags}`"
+
+
+def test_dockerfile_builder_tag_matches_the_toolchain():
+    version = re.search(r"ARG SWIFT_VERSION=(\S+)", DOCKERFILE.read_text()).group(1)
+    assert re.search(r"^FROM swift:\$\{SWIFT_VERSION\}-bookworm AS build$", DOCKERFILE.read_text(), re.M)
+    swift = shutil.which("swift")
+    if not swift:
+        pytest.skip("no swift toolchain here to compare the builder tag with")
+    output = subprocess.run([swift, "--version"], capture_output=True, text=True, timeout=60).stdout
+    local = re.search(r"Swift version (\d+\.\d+(?:\.\d+)?)", output).group(1)
+    assert version == local, f"builder image swift:{version} but the toolchain is {local}"
+
+
+def test_dockerfile_runtime_stage():
+    instructions = dockerfile_instructions()
+    stages = [i for i in instructions if i.startswith("FROM ")]
+    assert len(stages) == 2 and stages[1] == "FROM debian:bookworm-slim"
+    runtime = instructions[instructions.index("FROM debian:bookworm-slim"):]
+    (install,) = [i for i in runtime if "apt-get install" in i]
+    packages = set(install.split("apt-get install", 1)[1].split("&&")[0].split()) - {"-y", "--no-install-recommends"}
+    assert packages == {"libsqlite3-0", "ca-certificates"}
+    assert "USER 10001:10001" in runtime
+    assert 'VOLUME ["/data"]' in runtime
+    assert [i for i in runtime if i.startswith("EXPOSE")] == ["EXPOSE 8080"]
+    assert 'ENTRYPOINT ["kora-sidecar"]' in runtime
+    assert f'CMD ["serve", "--config", "{SERVE_CONFIG}"]' in runtime
+    (healthcheck,) = [i for i in runtime if i.startswith("HEALTHCHECK")]
+    assert f'CMD ["{PROBE_IN_IMAGE}", "127.0.0.1:8081", "/readyz"]' in healthcheck
+    copies = [i for i in runtime if i.startswith("COPY")]
+    assert not [c for c in copies if "config" in c or ".env" in c], "configuration or secrets baked into the image"
+
+
+def test_dockerignore_lets_every_copied_file_through():
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    allowed = {line[1:] for line in ignore if line.startswith("!")}
+    for instruction in dockerfile_instructions():
+        if instruction.startswith("COPY") and "--from=" not in instruction:
+            for source in instruction.split()[1:-1]:
+                if source.startswith("--"):
+                    continue
+                assert source in allowed or any(re.fullmatch(source.replace(".", r"\.").replace("*", ".*"), a) for a in allowed), source
+
+
+# ---------------------------------------------------------------------------------------------
+# the probe script used by HEALTHCHECK and the readiness probe
+
+
+@pytest.fixture
+def http_server():
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            status = 200 if self.path == "/readyz" else 503
+            body = json.dumps({"status": "ready" if status == 200 else "not ready"}).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def probe(port, path):
+    return subprocess.run([str(PROBE), f"127.0.0.1:{port}", path], capture_output=True, text=True, timeout=20)
+
+
+@pytest.mark.skipif(not shutil.which("bash"), reason="bash is not installed")
+def test_probe_script_reports_the_status(http_server):
+    ok = probe(http_server, "/readyz")
+    assert ok.returncode == 0 and '"ready"' in ok.stdout
+    not_ready = probe(http_server, "/other")
+    assert not_ready.returncode == 1 and "503" in not_ready.stdout
+    assert probe(free_port(), "/readyz").returncode == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the example app's signature check
+
+
+def reference_signature(secret, msg_id, timestamp, body):
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    digest = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def test_app_verify_agrees_with_a_known_vector():
+    app = load_app_module()
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    body = b'{"id":"evt_1","type":"verification.completed"}'
+    msg_id, timestamp = "evt_1", 1700000000
+    signature = reference_signature(secret, msg_id, timestamp, body)
+    headers = {"webhook-id": msg_id, "webhook-timestamp": str(timestamp), "webhook-signature": signature}
+
+    assert app.verify(secret, headers, body, now=timestamp + 10)
+    assert app.verify(secret, {k.title(): v for k, v in headers.items()}, body, now=timestamp)
+    assert app.verify(secret, {**headers, "webhook-signature": "v1,AAAA " + signature}, body, now=timestamp)
+    assert not app.verify(secret, headers, body + b" ", now=timestamp)
+    assert not app.verify(secret, {**headers, "webhook-id": "evt_2"}, body, now=timestamp)
+    assert not app.verify("whsec_" + base64.b64encode(b"another-secret-16b").decode(), headers, body, now=timestamp)
+    assert not app.verify(secret, headers, body, now=timestamp + 301)
+    assert not app.verify(secret, {**headers, "webhook-signature": "v2," + signature[3:]}, body, now=timestamp)
+    assert not app.verify(secret, {k: v for k, v in headers.items() if k != "webhook-timestamp"}, body, now=timestamp)
+
+
+def test_app_verify_agrees_with_the_standardwebhooks_library():
+    standardwebhooks = pytest.importorskip("standardwebhooks", reason="the standardwebhooks package is not installed")
+    from datetime import datetime, timezone
+
+    app = load_app_module()
+    secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    body = b'{"id":"evt_9","type":"fraud_alert.created","verification":null}'
+    now = int(time.time())
+    library = standardwebhooks.Webhook(secret)
+    signature = library.sign("evt_9", datetime.fromtimestamp(now, tz=timezone.utc), body.decode())
+    headers = {"webhook-id": "evt_9", "webhook-timestamp": str(now), "webhook-signature": signature}
+    assert signature == reference_signature(secret, "evt_9", now, body)
+    assert app.verify(secret, headers, body)
+    library.verify(body, headers)  # raises when the library disagrees
+
+
+def test_the_example_app_receives_events_from_the_real_sidecar(sidecar_bin, tmp_path):
+    """The compose flow without Docker: kora-sidecar delivers over a Unix socket to app.py."""
+    app = load_app_module()
+    secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    received = []
+    server = app.serve(str(tmp_path / "app.sock"), secret, "/kora-events", lambda event, headers: received.append(event))
+    webhook_port, internal_port = free_port(), free_port()
+    config = json.loads(COMPOSE_CONFIG.read_text())
+    config["kora"] = {}
+    config["webhooks"]["listen"] = {"host": "127.0.0.1", "port": webhook_port}
+    config["internal"]["listen"] = {"host": "127.0.0.1", "port": internal_port}
+    config["services"][0]["deliver"]["unixSocket"] = str(tmp_path / "app.sock")
+    config["storage"]["sqlitePath"] = str(tmp_path / "kora-sidecar.sqlite")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    environment = {"PATH": os.environ.get("PATH", ""), **dummy_environment(config)}
+    environment[config["services"][0]["deliver"]["signingSecret"]["env"]] = secret
+    environment[config["webhooks"]["secrets"][0]["env"]] = "kora-webhook-secret"
+    sidecar = subprocess.Popen(
+        [str(sidecar_bin), "serve", "--config", str(tmp_path / "config.json")],
+        env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 30
+        while probe(internal_port, "/readyz").returncode != 0:
+            assert sidecar.poll() is None and time.time() < deadline, "the sidecar did not become ready"
+            time.sleep(0.2)
+        sent = subprocess.run(
+            [str(sidecar_bin), "send-test-event", "--to", f"http://127.0.0.1:{webhook_port}{config['webhooks']['path']}",
+             "--secret", "kora-webhook-secret", "--external-id", "test-approve-deploy"],
+            capture_output=True, text=True, timeout=30)
+        assert sent.stdout.startswith("200"), sent.stdout + sent.stderr
+        while not received:
+            assert time.time() < deadline, "the app received no event (a signature it rejected?)"
+            time.sleep(0.1)
+        assert received[0]["verification"]["externalId"] == "test-approve-deploy"
+    finally:
+        sidecar.terminate()
+        try:
+            output, _ = sidecar.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            sidecar.kill()
+            output, _ = sidecar.communicate()
+        server.shutdown()
+    assert sidecar.returncode == 0, output
