@@ -73,7 +73,7 @@ public struct KoraProxy: Sendable {
     public func forward(_ request: Request, context: SidecarRequestContext) async throws -> Response {
         let path = Self.koraPath(request.uri.path)
         let caller = try authorize(request, method: request.method.rawValue, path: path)
-        let body = try await BodyReader.collect(request, limit: limits.maxBodyBytes, timeout: .seconds(limits.readTimeoutSeconds))
+        let body = try await BodyReader.collect(request, channel: context.channel, limit: limits.maxBodyBytes, timeout: .seconds(limits.readTimeoutSeconds))
         let call = KoraCall(method: request.method, path: path, query: request.uri.query, headers: request.headers, body: body)
         if Self.isCreate(method: request.method, path: path) {
             let answer = try await create(call, caller: caller)
@@ -87,7 +87,7 @@ public struct KoraProxy: Sendable {
     /// guide; answers `{"verificationId": "..."}`, or Kora's error unchanged.
     public func createShortcut(_ request: Request, context: SidecarRequestContext) async throws -> Response {
         let caller = try authorize(request, method: "POST", path: "/verifications")
-        let buffer = try await BodyReader.collect(request, limit: min(limits.maxBodyBytes, 65536), timeout: .seconds(limits.readTimeoutSeconds))
+        let buffer = try await BodyReader.collect(request, channel: context.channel, limit: min(limits.maxBodyBytes, 65536), timeout: .seconds(limits.readTimeoutSeconds))
         guard let object = try? JSONParser.parse(Array(buffer.readableBytesView)), case .string(let userID)? = object["userId"], !userID.isEmpty
         else {
             throw SidecarHTTPError(.badRequest, code: "INVALID_REQUEST", message: "The body must be a JSON object with a non-empty string userId.")

@@ -1,0 +1,61 @@
+/// How `kora-sidecar simulate` behaves: where it listens, how it signs and where it sends webhooks,
+/// and the knobs that make the sandbox's timing testable.
+public struct SimulatorConfiguration: Sendable {
+    /// The address to bind.
+    public var host = "127.0.0.1"
+    /// The port to bind; 0 picks a free one (reported through `onListening`).
+    public var port = 8090
+    /// The webhook secret (`whsec_…`); its UTF-8 bytes are the HMAC key, as with Kora.
+    public var webhookSecret: Secret
+    /// The tenant-wide "dashboard" webhook URL; events go here and to each verification's `callbackUrl`.
+    public var webhookURL: String?
+    /// The API keys accepted; empty accepts any non-empty Bearer key.
+    public var apiKeys: [String] = []
+    /// Completes every verification this long after it was created, as if the user finished the flow.
+    public var autoComplete: Duration?
+    /// Requests allowed per minute; nil does not limit (and sends no `X-RateLimit-*` headers).
+    public var rateLimitPerMinute: Int?
+    /// How long `test-slow-` verifications take to decide (Kora's sandbox: 10 s).
+    public var slowDelay: Duration = .seconds(10)
+    /// How long a `test-expired-` verification stays approved before it expires.
+    public var expiryDelay: Duration = .seconds(60)
+    /// Waits before the second, third, … attempt of a webhook that was not answered 2xx.
+    public var webhookRetryDelays: [Duration] = [.seconds(1), .seconds(2), .seconds(4)]
+    /// Largest request body accepted (uploads are base64 images of several MB).
+    public var maxBodyBytes = 26_214_400
+    /// The wall clock (rate-limit windows, timestamps, signatures).
+    public var clock: @Sendable () -> UnixTime = UnixTime.now
+
+    /// A simulator signing its webhooks with `webhookSecret`.
+    public init(webhookSecret: Secret) { self.webhookSecret = webhookSecret }
+}
+
+/// The sandbox outcomes, chosen by the `externalId` prefix (KORA.md §5).
+public enum SandboxOutcome: String, Sendable, CaseIterable {
+    case approve
+    case reject
+    case review
+    case fraud
+    case expired
+    case slow
+
+    /// The `externalId` prefix that selects this outcome, e.g. `test-approve-`.
+    public var prefix: String { "test-\(rawValue)-" }
+
+    /// The outcome `externalID` selects; anything without a known prefix is approved.
+    public init(externalID: String) {
+        self = Self.allCases.first { externalID.hasPrefix($0.prefix) } ?? .approve
+    }
+
+    /// What happens, in a few words, for people reading the demo.
+    public var summary: String {
+        switch self {
+        case .approve: "auto-approved, high score"
+        case .reject: "auto-rejected"
+        case .review: "sent to manual review"
+        case .fraud: "fraud alert, then rejection"
+        case .expired: "approved, then expires"
+        case .slow: "approved after a delay"
+        }
+    }
+}

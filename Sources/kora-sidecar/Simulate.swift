@@ -1,0 +1,52 @@
+import ArgumentParser
+import KoraSidecar
+import Logging
+
+/// `kora-sidecar simulate`: a local stand-in for the Kora IDV API.
+struct Simulate: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run a local stand-in for the Kora IDV API at /api/v1/idv (sandbox outcomes, signed webhooks).")
+
+    @Option(help: "Port to listen on (0 picks a free one).") var port: Int = 8090
+    @Option(help: "Address to bind.") var host: String = "127.0.0.1"
+    @Option(name: .customLong("webhook-secret"), help: "Secret that signs the webhooks (whsec_...).") var webhookSecret: String
+    @Option(name: .customLong("webhook-url"), help: "Tenant-wide (dashboard) webhook URL; events also go to each callbackUrl.")
+    var webhookURL: String?
+    @Option(name: .customLong("auto-complete"), help: "Complete every verification this many seconds after it is created.")
+    var autoComplete: Double?
+    @Option(name: .customLong("rate-limit"), help: "Requests allowed per minute; the rest are answered 429.") var rateLimit: Int?
+    @Option(name: .customLong("api-key"), help: "Accept only this API key (repeatable; default: any Bearer key).")
+    var apiKeys: [String] = []
+    @Option(name: .customLong("slow-delay"), help: "Seconds a test-slow- verification takes to decide.") var slowDelay: Double = 10
+
+    func validate() throws {
+        if !(0...65535).contains(port) { throw ValidationError("--port must be between 0 and 65535.") }
+        if let rateLimit, rateLimit < 1 { throw ValidationError("--rate-limit must be at least 1.") }
+        if let autoComplete, autoComplete < 0 { throw ValidationError("--auto-complete must not be negative.") }
+        if slowDelay < 0 { throw ValidationError("--slow-delay must not be negative.") }
+        if let webhookURL, !(webhookURL.hasPrefix("http://") || webhookURL.hasPrefix("https://")) {
+            throw ValidationError("--webhook-url must be an http:// or https:// URL.")
+        }
+    }
+
+    func run() async throws {
+        var configuration = SimulatorConfiguration(webhookSecret: Secret(webhookSecret))
+        configuration.host = host
+        configuration.port = port
+        configuration.webhookURL = webhookURL
+        configuration.apiKeys = apiKeys
+        configuration.autoComplete = autoComplete.map { .milliseconds(Int64($0 * 1000)) }
+        configuration.rateLimitPerMinute = rateLimit
+        configuration.slowDelay = .milliseconds(Int64(slowDelay * 1000))
+        var logger = Logger(label: "kora-sidecar.simulate")
+        logger.logLevel = .info
+        let app = buildSimulator(configuration: configuration, logger: logger) { address in
+            print("Kora simulator listening on http://\(address?.ipAddress ?? host):\(address?.port ?? port)/api/v1/idv")
+        }
+        do {
+            try await app.runService()
+        } catch {
+            throw StartupError("The simulator stopped: \(error).")
+        }
+    }
+}
