@@ -24,12 +24,13 @@ public struct SidecarHTTPError: HTTPResponseError, Sendable {
         response(channel: (context as? SidecarRequestContext)?.channel)
     }
 
-    /// The response; when `closeConnection` is set, the connection's input is shut once it is sent.
+    /// The response; when `closeConnection` is set, the connection is closed once it is sent, so
+    /// that the rest of an oversized body is never read.
     public func response(channel: (any Channel)?) -> Response {
         var headers = self.headers
         if closeConnection { headers[.connection] = "close" }
         return JSONResponse.make(status, JSONWriter.encode(["code": .string(code), "error": .string(message)]), headers: headers) {
-            if closeConnection { channel?.close(mode: .input, promise: nil) }
+            if closeConnection { channel?.close(promise: nil) }
         }
     }
 
@@ -83,7 +84,9 @@ public enum JSONResponse {
 public enum BodyReader {
     /// The whole body, at most `limit` bytes, received within `timeout`.
     /// - Throws: ``SidecarHTTPError`` 413 or 408; the connection is then closed.
-    public static func collect(_ request: Request, limit: Int, timeout: Duration) async throws(SidecarHTTPError) -> ByteBuffer {
+    public static func collect(
+        _ request: Request, channel: any Channel, limit: Int, timeout: Duration
+    ) async throws(SidecarHTTPError) -> ByteBuffer {
         if let length = request.headers[.contentLength].flatMap({ Int($0) }), length > limit {
             throw .payloadTooLarge(limit: limit)
         }
@@ -92,6 +95,9 @@ public enum BodyReader {
                 group.addTask { try await request.body.collect(upTo: limit) }
                 group.addTask {
                     try await Task.sleep(for: timeout)
+                    // A read waiting for bytes does not see cancellation: a client too slow to send
+                    // its body is disconnected, as nginx does, so that slow clients cannot pile up.
+                    channel.close(promise: nil)
                     return nil
                 }
                 defer { group.cancelAll() }

@@ -59,7 +59,7 @@ public struct WebhookIngress: Sendable {
 
     private func accept(_ request: Request, context: SidecarRequestContext) async throws(SidecarHTTPError) -> Response {
         let limits = configuration.limits
-        let buffer = try await BodyReader.collect(request, limit: limits.maxBodyBytes, timeout: .seconds(limits.readTimeoutSeconds))
+        let buffer = try await BodyReader.collect(request, channel: context.channel, limit: limits.maxBodyBytes, timeout: .seconds(limits.readTimeoutSeconds))
         let body = Array(buffer.readableBytesView)
         let now = clock()
         let headers = SignatureHeaders(

@@ -3,9 +3,18 @@ import Foundation
 import Glibc
 #endif
 
+/// Runs blocking work on a thread of its own, never on the cooperative pool (which has one thread
+/// per core: a blocked read there would starve the server under test).
+func offPool<T: Sendable>(_ work: @escaping @Sendable () -> T) async -> T {
+    await withCheckedContinuation { continuation in
+        Thread { continuation.resume(returning: work()) }.start()
+    }
+}
+
 /// A raw TCP client for what a well-behaved HTTP client cannot send: partial bodies, huge headers,
-/// slow or malformed requests.
-final class RawConnection {
+/// slow or malformed requests. Reads block, so tests call them through `offPool` (the async
+/// variants below).
+final class RawConnection: @unchecked Sendable {
     private let fd: Int32
 
     /// Connects to 127.0.0.1:`port`; reads give up after `readTimeout`.
@@ -33,6 +42,12 @@ final class RawConnection {
 
     @discardableResult
     func send(_ text: String) -> Bool { send(Array(text.utf8)) }
+
+    /// ``readResponse()`` off the cooperative pool.
+    func response() async -> String { await offPool { self.readResponse() } }
+
+    /// ``isClosedByPeer()`` off the cooperative pool.
+    func closedByPeer() async -> Bool { await offPool { self.isClosedByPeer() } }
 
     /// Reads until the peer closes, the read times out, or a full response head with its
     /// Content-Length body has arrived.

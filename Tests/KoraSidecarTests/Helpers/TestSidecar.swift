@@ -100,6 +100,8 @@ func post(_ url: String, body: [UInt8], headers: [(String, String)]) async throw
     var request = HTTPClientRequest(url: url)
     request.method = .POST
     request.headers.add(name: "Content-Type", value: "application/json")
+    // Test servers come and go on reused ports: a pooled connection to a dead one must not be reused.
+    request.headers.add(name: "Connection", value: "close")
     for (name, value) in headers { request.headers.add(name: name, value: value) }
     request.body = .bytes(ByteBuffer(bytes: body))
     let response = try await HTTPClient.shared.execute(request, timeout: .seconds(30))
@@ -112,6 +114,7 @@ func post(_ url: String, body: [UInt8], headers: [(String, String)]) async throw
 func get(_ url: String, headers: [(String, String)] = [], method: HTTPRequest.Method = .get) async throws -> WebhookAnswer {
     var request = HTTPClientRequest(url: url)
     request.method = .init(rawValue: method.rawValue)
+    request.headers.add(name: "Connection", value: "close")
     for (name, value) in headers { request.headers.add(name: name, value: value) }
     let response = try await HTTPClient.shared.execute(request, timeout: .seconds(30))
     let answer = try await response.body.collect(upTo: 1 << 20)

@@ -1,0 +1,263 @@
+import Foundation
+import Hummingbird
+import Testing
+
+@testable import KoraSidecar
+
+/// The public listener against SPEC §4, on real loopback listeners.
+@Suite("Webhook ingress")
+struct IngressTests {
+    func event(_ id: String = "evt_" + TestEvent.randomID(), type: String = "verification.completed") -> [UInt8] {
+        TestEvent.body(type: type, eventID: id)
+    }
+
+    func directSidecar(
+        receiver: Receiver, store: InMemoryStore = InMemoryStore(), logs: TestLogs = TestLogs(),
+        configure: @Sendable (inout SidecarConfiguration) -> Void = { _ in },
+        options: SidecarOptions = .init(), _ body: @escaping @Sendable (RunningSidecar) async throws -> Void
+    ) async throws {
+        try await withReceiver(receiver) { port in
+            var configuration = testConfiguration(services: [testService("app", target: .url("http://127.0.0.1:\(port)/events"))])
+            configure(&configuration)
+            var options = options
+            options.store = store
+            try await withSidecar(configuration, options: options, logs: logs, body)
+        }
+    }
+
+    @Test func acceptsOnceAndAcknowledgesDuplicates() async throws {
+        let receiver = Receiver()
+        try await directSidecar(receiver: receiver) { (sidecar: RunningSidecar) async throws in
+            let body = event("evt_once")
+            let first = try await sendSigned(body, to: sidecar)
+            #expect(first.status == 200)
+            #expect(first.json == ["received": true])
+            let again = try await sendSigned(body, to: sidecar, scheme: .legacy)
+            #expect(again.status == 200)
+            #expect(again.json == ["received": true, "duplicate": true])
+            #expect(receiver.count == 1)
+        }
+    }
+
+    @Test func rejectsEachSignatureProblemWithItsCode() async throws {
+        let receiver = Receiver()
+        try await directSidecar(receiver: receiver) { (sidecar: RunningSidecar) async throws in
+            let body = event()
+            let now = UnixTime.now().seconds
+            let missing = try await post(sidecar.webhookURL, body: body, headers: [])
+            let wrong = try await sendSigned(body, to: sidecar, secret: "whsec_wrong")
+            let stale = try await sendSigned(body, to: sidecar, timestamp: now - 301)
+            let future = try await sendSigned(body, to: sidecar, timestamp: now + 400)
+            var headers = KoraSignature.headers(scheme: .timestamped, secret: Secret(TestSecrets.webhook), body: body, timestamp: now)
+            headers[2].value = "sha1"
+            let algorithm = try await post(sidecar.webhookURL, body: body, headers: headers.map { ($0.name, $0.value) })
+            let notANumber = try await post(
+                sidecar.webhookURL, body: body, headers: [("X-Signature", String(repeating: "a", count: 64)), ("X-Timestamp", "abc")])
+            let badHex = try await post(sidecar.webhookURL, body: body, headers: [("X-Kora-Signature", "not-hex!")])
+            for (answer, code) in [
+                (missing, "MISSING_SIGNATURE"), (wrong, "INVALID_SIGNATURE"), (stale, "STALE_TIMESTAMP"), (future, "STALE_TIMESTAMP"),
+                (algorithm, "UNSUPPORTED_ALGORITHM"), (notANumber, "STALE_TIMESTAMP"), (badHex, "INVALID_SIGNATURE"),
+            ] {
+                #expect(answer.status == 401)
+                #expect(answer.code == code)
+                #expect(answer.json?["error"]?.text?.isEmpty == false)
+                guard case .object(let members)? = answer.json else { continue }
+                #expect(members.map(\.key) == ["code", "error"])
+            }
+            #expect(receiver.count == 0)
+        }
+    }
+
+    @Test func toleranceHoldsAtExactlyThreeHundredSecondsOnTheWire() async throws {
+        let now = UnixTime(milliseconds: 1_795_000_000_000)
+        var options = SidecarOptions()
+        options.clock = { now }
+        try await directSidecar(receiver: Receiver(), options: options) { (sidecar: RunningSidecar) async throws in
+            for (offset, status) in [(-300, 200), (300, 200), (-301, 401), (301, 401)] as [(Int64, Int)] {
+                let answer = try await sendSigned(event(), to: sidecar, timestamp: now.seconds + offset)
+                #expect(answer.status == status, "offset \(offset)")
+            }
+        }
+    }
+
+    @Test func verifiesTheExactRawBytes() async throws {
+        let receiver = Receiver()
+        try await directSidecar(receiver: receiver) { (sidecar: RunningSidecar) async throws in
+            let pretty = Array(
+                """
+                {
+                  "eventType" : "verification.completed",
+                  "id" : "evt_pretty",
+                  "data" : { "verificationId" : "ver_1", "decision" : "auto_approve" }
+                }
+                """.utf8)
+            #expect(try await sendSigned(pretty, to: sidecar).status == 200)
+            // The same content re-serialised (what JSON.stringify(req.body) does) no longer matches.
+            let reordered = Array(#"{"id":"evt_pretty2","eventType":"verification.completed","data":{"decision":"auto_approve","verificationId":"ver_1"}}"#.utf8)
+            let original = Array(#"{"eventType":"verification.completed","id":"evt_pretty2","data":{"verificationId":"ver_1","decision":"auto_approve"}}"#.utf8)
+            let headers = KoraSignature.headers(scheme: .timestamped, secret: Secret(TestSecrets.webhook), body: original, timestamp: UnixTime.now().seconds)
+            let answer = try await post(sidecar.webhookURL, body: reordered, headers: headers.map { ($0.name, $0.value) })
+            #expect(answer.code == "INVALID_SIGNATURE")
+            let delivered = try await receiver.waitFor(1)
+            #expect(delivered[0].json?["data"] == ["verificationId": "ver_1", "decision": "auto_approve"])
+        }
+    }
+
+    @Test func rotationAcceptsEveryConfiguredSecret() async throws {
+        let receiver = Receiver()
+        try await directSidecar(receiver: receiver, configure: { $0.webhooks.secrets = [Secret(TestSecrets.rotated), Secret(TestSecrets.webhook)] }) { (sidecar: RunningSidecar) async throws in
+            #expect(try await sendSigned(event(), to: sidecar, secret: TestSecrets.webhook).status == 200)
+            #expect(try await sendSigned(event(), to: sidecar, secret: TestSecrets.rotated, scheme: .legacy).status == 200)
+            #expect(try await sendSigned(event(), to: sidecar, secret: "whsec_retired").status == 401)
+            #expect(receiver.count == 2)
+        }
+    }
+
+    @Test func answers413BeforeTheBodyIsRead() async throws {
+        try await directSidecar(receiver: Receiver(), configure: { $0.webhooks.limits.maxBodyBytes = 1024 }) { (sidecar: RunningSidecar) async throws in
+            let large = try await sendSigned(Array(repeating: UInt8(ascii: " "), count: 2048), to: sidecar)
+            #expect(large.status == 413)
+            #expect(large.code == "PAYLOAD_TOO_LARGE")
+
+            // Announce 10 MB, send 100 bytes: the answer comes without the rest being sent.
+            let connection = try RawConnection(port: sidecar.webhookPort)
+            connection.send("POST /webhooks/koraidv HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\nX-Kora-Signature: 00\r\n\r\n")
+            connection.send(Array(repeating: 0x20, count: 100))
+            let response = await connection.response()
+            #expect(statusCode(of: response) == 413)
+            #expect(response.contains("PAYLOAD_TOO_LARGE"))
+            #expect(await connection.closedByPeer())
+
+            // A chunked body without a length is cut off as soon as it passes the limit.
+            let chunked = try RawConnection(port: sidecar.webhookPort)
+            chunked.send("POST /webhooks/koraidv HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+            chunked.send("800\r\n" + String(repeating: "a", count: 2048) + "\r\n")
+            let chunkedResponse = await chunked.response()
+            #expect(statusCode(of: chunkedResponse) == 413)
+
+            // The listener still serves a valid webhook.
+            #expect(try await sendSigned(event(), to: sidecar).status == 200)
+        }
+    }
+
+    @Test func aBodyThatNeverEndsIsCutOff() async throws {
+        try await directSidecar(receiver: Receiver(), configure: { $0.webhooks.limits.readTimeoutSeconds = 1 }) { (sidecar: RunningSidecar) async throws in
+            let connection = try RawConnection(port: sidecar.webhookPort, readTimeout: 20)
+            connection.send("POST /webhooks/koraidv HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{\"eventType\":")
+            #expect(await connection.closedByPeer())
+            #expect(try await sendSigned(event(), to: sidecar).status == 200)
+        }
+    }
+
+    @Test func signedButUnparseablePayloadsAreQuarantined() async throws {
+        let store = InMemoryStore()
+        let receiver = Receiver()
+        try await directSidecar(receiver: receiver, store: store) { (sidecar: RunningSidecar) async throws in
+            for body in ["[1,2,3]", "", "{\"data\":{}}", "\u{00}\u{FF}binary"] {
+                let answer = try await sendSigned(Array(body.utf8), to: sidecar)
+                #expect(answer.status == 400)
+                #expect(answer.code == "INVALID_PAYLOAD")
+            }
+            let quarantined = try await store.quarantined(limit: 10)
+            #expect(quarantined.count == 4)
+            #expect(quarantined.last?.body == Array("[1,2,3]".utf8))
+            #expect(quarantined.last?.headers["X-Signature"] != nil)
+            // An unsigned one is refused before parsing and never kept.
+            #expect(try await post(sidecar.webhookURL, body: Array("[]".utf8), headers: []).status == 401)
+            #expect(try await store.quarantined(limit: 10).count == 4)
+            #expect(receiver.count == 0)
+        }
+    }
+
+    @Test func directModeAnswers503UntilEveryServiceTookTheEvent() async throws {
+        let receiver = Receiver { _, index in index == 0 ? .internalServerError : .ok }
+        try await directSidecar(receiver: receiver) { (sidecar: RunningSidecar) async throws in
+            let body = event("evt_retry")
+            let refused = try await sendSigned(body, to: sidecar)
+            #expect(refused.status == 503)
+            #expect(refused.code == "UNAVAILABLE")
+            // Kora retries: the retry is delivered, not dropped as a duplicate.
+            #expect(try await sendSigned(body, to: sidecar).json == ["received": true])
+            #expect(try await sendSigned(body, to: sidecar).json == ["received": true, "duplicate": true])
+            #expect(receiver.count == 2)
+        }
+    }
+
+    @Test func queuedModeAnswers503WhenTheStoreFails() async throws {
+        let store = InMemoryStore()
+        try await directSidecar(receiver: Receiver(), store: store, configure: { $0.delivery.mode = .queued }) { (sidecar: RunningSidecar) async throws in
+            store.failWrites(with: SQLiteError(code: 13, message: "database or disk is full"))
+            let answer = try await sendSigned(event("evt_full"), to: sidecar)
+            #expect(answer.status == 503)
+            #expect(answer.code == "UNAVAILABLE")
+            let ready = try await get(sidecar.internalURL("/readyz"))
+            #expect(ready.status == 503)
+            #expect(ready.json?["reason"]?.text?.contains("store") == true)
+            store.failWrites(with: nil)
+            #expect(try await sendSigned(event("evt_full"), to: sidecar).json == ["received": true])
+            #expect(try await get(sidecar.internalURL("/readyz")).status == 200)
+        }
+    }
+
+    @Test func thePublicListenerServesNothingElse() async throws {
+        try await directSidecar(receiver: Receiver()) { (sidecar: RunningSidecar) async throws in
+            let wrongMethod = try await get(sidecar.webhookURL)
+            #expect(wrongMethod.status == 405)
+            #expect(wrongMethod.code == "METHOD_NOT_ALLOWED")
+            #expect(try await get(sidecar.webhookBase("/healthz")).json == ["status": "ok"])
+            for path in ["/", "/readyz", "/metrics", "/admin/deliveries", "/api/v1/idv/verifications", "/webhooks/koraidv/x"] {
+                let answer = try await get(sidecar.webhookBase(path))
+                #expect(answer.status == 404, "\(path)")
+                #expect(answer.code == "NOT_FOUND")
+            }
+            #expect(try await post(sidecar.webhookBase("/healthz"), body: [], headers: []).status == 405)
+        }
+    }
+
+    @Test func reportOnlyModeDeliversUnverifiedEventsMarked() async throws {
+        let receiver = Receiver()
+        try await directSidecar(receiver: receiver, configure: { $0.webhooks.enforce = false }) { (sidecar: RunningSidecar) async throws in
+            #expect(try await post(sidecar.webhookURL, body: event("evt_unsigned"), headers: []).status == 200)
+            #expect(try await sendSigned(event("evt_signed"), to: sidecar).status == 200)
+            let delivered = try await receiver.waitFor(2)
+            let byID = Dictionary(uniqueKeysWithValues: delivered.map { ($0.header("webhook-id") ?? "", $0) })
+            #expect(byID["evt_unsigned"]?.header("X-Kora-Signature-Verified") == "false")
+            #expect(byID["evt_signed"]?.header("X-Kora-Signature-Verified") == "true")
+        }
+    }
+
+    @Test func malformedRequestsNeverCrashOrAnswer500() async throws {
+        try await directSidecar(receiver: Receiver()) { (sidecar: RunningSidecar) async throws in
+            let hugeHeader = try RawConnection(port: sidecar.webhookPort)
+            hugeHeader.send("POST /webhooks/koraidv HTTP/1.1\r\nHost: x\r\nX-Big: \(String(repeating: "a", count: 40_000))\r\nContent-Length: 0\r\n\r\n")
+            let hugeStatus = statusCode(of: await hugeHeader.response())
+            #expect(hugeStatus.map { (400..<500).contains($0) } ?? true)
+
+            let garbage = try RawConnection(port: sidecar.webhookPort)
+            garbage.send([0x16, 0x03, 0x01, 0x00, 0xFF] + Array(repeating: 0x00, count: 64))
+            #expect(statusCode(of: await garbage.response()).map { $0 < 500 } ?? true)
+
+            let binary = try await post(sidecar.webhookURL, body: (0..<255).map { UInt8($0) }, headers: [("X-Kora-Signature", "zz")])
+            #expect(binary.status == 401)
+            #expect(try await sendSigned(event(), to: sidecar).status == 200)
+        }
+    }
+
+    @Test func logsOneLinePerWebhookAndNoSecret() async throws {
+        let logs = TestLogs()
+        try await directSidecar(receiver: Receiver(), logs: logs) { (sidecar: RunningSidecar) async throws in
+            _ = try await sendSigned(event("evt_logged"), to: sidecar)
+            _ = try await sendSigned(event("evt_bad"), to: sidecar, secret: "whsec_wrong")
+            _ = try await sendSigned(Array("[]".utf8), to: sidecar)
+        }
+        let lines = logs.all
+        #expect(lines.filter { $0.contains("Webhook accepted") && $0.contains("evt_logged") }.count == 1)
+        #expect(lines.filter { $0.contains("INVALID_SIGNATURE") }.count == 1)
+        #expect(lines.filter { $0.contains("quarantined") }.count == 1)
+        for line in lines {
+            #expect(!line.contains(TestSecrets.webhook))
+            #expect(!line.contains(TestSecrets.signing))
+            #expect(!line.contains("token-app"))
+        }
+    }
+}
