@@ -9,7 +9,7 @@ struct KoraSidecarCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "kora-sidecar",
         abstract: "Owns every contact between an application and the Kora IDV API.",
-        subcommands: [Serve.self, CheckConfig.self, Sign.self, SendTestEvent.self, Deliveries.self, Simulate.self]
+        subcommands: [Serve.self, CheckConfig.self, Sign.self, SendTestEvent.self, Deliveries.self, Simulate.self, Demo.self]
     )
 
     /// Runs the command and maps failures to the exit codes of SPEC §2: 1 for a problem the user

@@ -117,7 +117,9 @@ public final class KoraSimulator: Sendable {
         case .expire:
             return state.withLock { state in
                 guard var verification = state.verifications[id], verification.status == "verified" else { return [] }
+                // The approval no longer holds: without a decision, receivers read the status (expired).
                 verification.status = "expired"
+                verification.decision = nil
                 verification.decisionReason = "Verification expired"
                 verification.updatedAt = now
                 verification.expiresAt = now

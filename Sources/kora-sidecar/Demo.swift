@@ -1,0 +1,24 @@
+import ArgumentParser
+import Foundation
+import KoraSidecar
+import Logging
+
+/// `kora-sidecar demo`: the sidecar, the Kora simulator and a receiving app in one process.
+struct Demo: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the sidecar, a Kora simulator and a receiving app, and walk one verification per sandbox outcome through every hop.")
+
+    @Flag(name: .customLong("keep-running"), help: "Stay up afterwards and print commands to try (Ctrl-C stops).")
+    var keepRunning = false
+
+    func run() async throws {
+        var options = DemoOptions()
+        options.keepRunning = keepRunning
+        var logger = Logger(label: "kora-sidecar.demo") { label in
+            SidecarLogHandler(label: label, level: .error, format: .text)
+        }
+        logger.logLevel = .error
+        let passed = try await runDemo(options: options, logger: logger) { line in print(line) }
+        if !passed { throw ExitCode.failure }
+    }
+}
