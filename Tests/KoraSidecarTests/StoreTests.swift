@@ -1,0 +1,193 @@
+import Foundation
+import Testing
+
+@testable import KoraSidecar
+
+/// One behaviour suite for every store implementation.
+@Suite("Store behaviour")
+struct StoreTests {
+    enum Kind: String, CaseIterable, Sendable, CustomTestStringConvertible {
+        case memory, sqlite
+        var testDescription: String { rawValue }
+    }
+
+    /// A fresh store of `kind`, and what removes it.
+    func makeStore(_ kind: Kind) throws -> (store: any SidecarStore, cleanup: @Sendable () -> Void) {
+        switch kind {
+        case .memory:
+            return (InMemoryStore(), {})
+        case .sqlite:
+            let directory = try temporaryDirectory()
+            let store = try SQLiteStore(path: directory + "/store.sqlite")
+            return (store, { store.close(); try? FileManager.default.removeItem(atPath: directory) })
+        }
+    }
+
+    func event(_ id: String) throws -> KoraEvent {
+        try EventNormalizer.normalize(
+            body: TestEvent.body(eventID: id), webhookID: nil, receivedAt: .now(), originalHeaders: [("X-Signature", "abc")])
+    }
+
+    let t0 = UnixTime(milliseconds: 1_800_000_000_000)
+    func at(_ seconds: Int64) -> UnixTime { UnixTime(milliseconds: t0.milliseconds + seconds * 1000) }
+
+    @Test(arguments: Kind.allCases)
+    func enqueueDeduplicatesWithinTheWindow(kind: Kind) async throws {
+        let (store, cleanup) = try makeStore(kind)
+        defer { cleanup() }
+        #expect(try await store.enqueue(event("e1"), services: ["a", "b"], at: t0, dedupSince: at(-100)) == .accepted)
+        #expect(try await store.enqueue(event("e1"), services: ["a", "b"], at: at(1), dedupSince: at(-99)) == .duplicate)
+        // Outside the window the same id is new again.
+        #expect(try await store.enqueue(event("e1"), services: ["a"], at: at(200), dedupSince: at(100)) == .accepted)
+        #expect(try await store.deliveries(status: .pending, limit: 10).count == 3)
+        #expect(try await store.isDuplicate(eventID: "e1", since: at(150)))
+        #expect(try await !store.isDuplicate(eventID: "e2", since: at(-1000)))
+        try await store.remember(eventID: "e2", at: t0)
+        #expect(try await store.isDuplicate(eventID: "e2", since: at(-1)))
+        #expect(try await !store.isDuplicate(eventID: "e2", since: at(1)))
+    }
+
+    @Test(arguments: Kind.allCases)
+    func claimLeasesDueDeliveriesOldestFirst(kind: Kind) async throws {
+        let (store, cleanup) = try makeStore(kind)
+        defer { cleanup() }
+        for index in 0..<3 {
+            _ = try await store.enqueue(event("e\(index)"), services: ["a", "b"], at: at(Int64(index)), dedupSince: at(-1000))
+        }
+        let first = try await store.claimDue(service: "a", now: at(10), limit: 2, lease: .seconds(30))
+        #expect(first.map(\.event.id) == ["e0", "e1"])
+        #expect(first.allSatisfy { $0.attempt == 1 && $0.service == "a" })
+        #expect(first[0].event.originalHeaders.map(\.name) == ["X-Signature"])
+        // Leased deliveries are not handed out twice; the other service is independent.
+        #expect(try await store.claimDue(service: "a", now: at(11), limit: 10, lease: .seconds(30)).map(\.event.id) == ["e2"])
+        #expect(try await store.claimDue(service: "b", now: at(11), limit: 10, lease: .seconds(30)).count == 3)
+        // An unfinished lease expires and the delivery is due again.
+        #expect(try await store.claimDue(service: "a", now: at(45), limit: 10, lease: .seconds(30)).map(\.event.id) == ["e0", "e1", "e2"])
+        try await store.releaseLeases()
+        #expect(try await store.claimDue(service: "a", now: at(46), limit: 10, lease: .seconds(30)).count == 3)
+    }
+
+    @Test(arguments: Kind.allCases)
+    func attemptsMoveDeliveriesThroughTheirStates(kind: Kind) async throws {
+        let (store, cleanup) = try makeStore(kind)
+        defer { cleanup() }
+        _ = try await store.enqueue(event("e1"), services: ["a"], at: t0, dedupSince: at(-1))
+        let job = try #require(try await store.claimDue(service: "a", now: t0, limit: 1, lease: .seconds(30)).first)
+        try await store.finish(
+            deliveryID: job.deliveryID, attempt: .init(attempt: 1, at: t0, statusCode: 500, error: nil, durationMilliseconds: 3),
+            next: .retry(at: at(60)))
+        #expect(try await store.claimDue(service: "a", now: at(59), limit: 1, lease: .seconds(30)).isEmpty)
+        #expect(try await store.nextDueTime(service: "a") == at(60))
+        let second = try #require(try await store.claimDue(service: "a", now: at(60), limit: 1, lease: .seconds(30)).first)
+        #expect(second.attempt == 2)
+        try await store.finish(
+            deliveryID: second.deliveryID, attempt: .init(attempt: 2, at: at(60), statusCode: nil, error: "connection refused", durationMilliseconds: 1),
+            next: .dead)
+        let detail = try #require(try await store.delivery(id: job.deliveryID))
+        #expect(detail.summary.status == .dead)
+        #expect(detail.summary.attempts == 2)
+        #expect(detail.summary.lastError == "connection refused")
+        #expect(detail.attempts.map(\.statusCode) == [500, nil])
+        #expect(try await store.deliveries(status: .dead, limit: 10).map(\.id) == [job.deliveryID])
+
+        #expect(try await store.requeue(id: job.deliveryID, at: at(70)))
+        let third = try #require(try await store.claimDue(service: "a", now: at(70), limit: 1, lease: .seconds(30)).first)
+        #expect(third.attempt == 3)
+        try await store.finish(
+            deliveryID: third.deliveryID, attempt: .init(attempt: 3, at: at(70), statusCode: 204, error: nil, durationMilliseconds: 1),
+            next: .delivered)
+        #expect(try await store.deliveries(status: .delivered, limit: 10).count == 1)
+        #expect(try await !store.requeue(id: job.deliveryID, at: at(80)))
+        #expect(try await !store.requeue(id: 9999, at: at(80)))
+        #expect(try await store.nextDueTime(service: "a") == nil)
+    }
+
+    @Test(arguments: Kind.allCases)
+    func requeueAllDeadAndDepth(kind: Kind) async throws {
+        let (store, cleanup) = try makeStore(kind)
+        defer { cleanup() }
+        for index in 0..<4 {
+            _ = try await store.enqueue(event("e\(index)"), services: ["a"], at: t0, dedupSince: at(-1))
+        }
+        for job in try await store.claimDue(service: "a", now: t0, limit: 3, lease: .seconds(30)) {
+            try await store.finish(
+                deliveryID: job.deliveryID, attempt: .init(attempt: 1, at: t0, statusCode: 410, error: nil, durationMilliseconds: 1), next: .dead)
+        }
+        let depth = try await store.depth()
+        #expect(depth.first { $0.status == .dead }?.count == 3)
+        #expect(depth.first { $0.status == .pending }?.count == 1)
+        #expect(depth.first { $0.status == .pending }?.oldestCreatedAt == t0)
+        #expect(try await store.requeueAllDead(at: at(5)) == 3)
+        #expect(try await store.deliveries(status: .pending, limit: 10).count == 4)
+    }
+
+    @Test(arguments: Kind.allCases)
+    func pruningRemovesOnlyWhatIsFinishedAndOld(kind: Kind) async throws {
+        let (store, cleanup) = try makeStore(kind)
+        defer { cleanup() }
+        _ = try await store.enqueue(event("old"), services: ["a"], at: t0, dedupSince: at(-1))
+        _ = try await store.enqueue(event("pending"), services: ["a"], at: t0, dedupSince: at(-1))
+        let job = try #require(try await store.claimDue(service: "a", now: t0, limit: 1, lease: .seconds(30)).first)
+        try await store.finish(
+            deliveryID: job.deliveryID, attempt: .init(attempt: 1, at: t0, statusCode: 200, error: nil, durationMilliseconds: 1), next: .delivered)
+        try await store.quarantine(.init(receivedAt: t0, reason: "bad", body: [1], headers: [:], signatureVerified: true))
+        let result = try await store.prune(deliveredBefore: at(1), seenBefore: at(1))
+        #expect(result == PruneResult(deliveries: 1, seenIDs: 2))
+        #expect(try await store.deliveries(status: nil, limit: 10).map(\.eventID) == ["pending"])
+        #expect(try await store.quarantined(limit: 10).isEmpty)
+    }
+
+    @Test(arguments: Kind.allCases)
+    func originsAndQuarantineAreKept(kind: Kind) async throws {
+        let (store, cleanup) = try makeStore(kind)
+        defer { cleanup() }
+        try await store.recordOrigin(verificationID: "ver_1", service: "a", at: t0)
+        try await store.recordOrigin(verificationID: "ver_1", service: "b", at: t0)
+        #expect(try await store.origin(ofVerification: "ver_1") == "b")
+        #expect(try await store.origin(ofVerification: "ver_2") == nil)
+        try await store.quarantine(
+            .init(receivedAt: t0, reason: "not an object", body: Array("[]".utf8), headers: ["X-Signature": "ab"], signatureVerified: true))
+        let kept = try #require(try await store.quarantined(limit: 5).first)
+        #expect(kept.body == Array("[]".utf8))
+        #expect(kept.headers == ["X-Signature": "ab"])
+        #expect(kept.reason == "not an object")
+        try await store.checkWritable(at: t0)
+    }
+
+    @Test func sqliteSurvivesReopening() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let path = directory + "/store.sqlite"
+        let first = try SQLiteStore(path: path)
+        let stored = try event("e1")
+        _ = try await first.enqueue(stored, services: ["a"], at: t0, dedupSince: at(-1))
+        first.close()
+        let second = try SQLiteStore(path: path)
+        defer { second.close() }
+        let job = try #require(try await second.claimDue(service: "a", now: t0, limit: 1, lease: .seconds(1)).first)
+        #expect(job.event == stored)
+    }
+
+    @Test func sqliteGroupCommitsConcurrentWrites() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let store = try SQLiteStore(path: directory + "/store.sqlite")
+        defer { store.close() }
+        let events = try (0..<500).map { try event("bulk\($0)") }
+        try await withThrowingTaskGroup(of: EnqueueResult.self) { group in
+            for event in events {
+                group.addTask { try await store.enqueue(event, services: ["a"], at: self.t0, dedupSince: self.at(-1)) }
+            }
+            for try await result in group { #expect(result == .accepted) }
+        }
+        #expect(try await store.depth().first?.count == 500)
+    }
+
+    @Test func aCorruptSQLiteFileIsAClearError() throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let path = directory + "/store.sqlite"
+        try Data(repeating: 0x42, count: 4096).write(to: URL(fileURLWithPath: path))
+        #expect(throws: SQLiteError.self) { try SQLiteStore(path: path) }
+    }
+}
