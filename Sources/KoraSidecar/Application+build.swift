@@ -23,8 +23,6 @@ public struct SidecarOptions: Sendable {
     public var clock: @Sendable () -> UnixTime = UnixTime.now
     /// Called once each listener is bound, with its address.
     public var onListening: @Sendable (ListenerRole, SocketAddress?) async -> Void = { _, _ in }
-    /// How long in-flight deliveries may take to finish on shutdown.
-    public var drainTimeout: Duration = .seconds(10)
     /// The retry policy of queued delivery; nil uses `delivery.retrySchedule` with 20% jitter.
     public var retryPolicy: RetryPolicy?
     /// The API proxy's seams: how it waits between retries, the callback URL it injects.
@@ -83,7 +81,7 @@ public func buildApplication(
         let dispatcher = OutboxDispatcher(
             store: store, sender: sender, services: deliveryServices,
             policy: options.retryPolicy ?? RetryPolicy(schedule: configuration.delivery.retrySchedule),
-            concurrency: configuration.delivery.concurrency, drainTimeout: options.drainTimeout,
+            concurrency: configuration.delivery.concurrency, drainTimeout: configuration.delivery.drainTimeout,
             logger: logger.with("component", "dispatcher"))
         services.append(dispatcher)
         services.append(
@@ -108,6 +106,7 @@ public func buildApplication(
         onServerRunning: { channel in
             if case .unixSocket(let path) = configuration.internal.listen { UnixSocketFile.restrict(path) }
             await readiness.listenerBound(.internal)
+            logger.info("Listening", metadata: ["listener": "internal", "address": "\(channel.localAddress.map(String.init(describing:)) ?? "-")"])
             await options.onListening(.internal, channel.localAddress)
         },
         logger: logger.with("listener", "internal"))
@@ -120,6 +119,7 @@ public func buildApplication(
         services: services,
         onServerRunning: { channel in
             await readiness.listenerBound(.webhooks)
+            logger.info("Listening", metadata: ["listener": "webhooks", "address": "\(channel.localAddress.map(String.init(describing:)) ?? "-")"])
             await options.onListening(.webhooks, channel.localAddress)
         },
         logger: logger.with("listener", "webhooks"))

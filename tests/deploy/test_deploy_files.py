@@ -71,11 +71,10 @@ def sidecar_environment_variables():
 
 
 def drain_seconds():
-    """The sidecar's delivery drain time on shutdown (SidecarOptions.drainTimeout)."""
-    source = (ROOT / "Sources/KoraSidecar/Application+build.swift").read_text()
-    match = re.search(r"drainTimeout: Duration = \.seconds\((\d+)\)", source)
-    if not match:
-        pytest.skip("the drain time-out default was not found in Sources/KoraSidecar/Application+build.swift")
+    """The default of delivery.drainTimeout, the sidecar's delivery drain time on shutdown."""
+    source = (ROOT / "Sources/KoraSidecar/Configuration/SidecarConfiguration.swift").read_text()
+    match = re.search(r"drainTimeout = Duration\.seconds\((\d+)\)", source)
+    assert match, "the delivery.drainTimeout default was not found in SidecarConfiguration.swift"
     return int(match.group(1))
 
 

@@ -53,7 +53,7 @@ extension SidecarConfiguration {
         configuration.services = root.array("services") { value, path in
             readService(reader.object(value, at: path, keys: ["name", "token", "allow", "deliver"]))
         } ?? []
-        configuration.delivery = readDelivery(root.object("delivery", keys: ["mode", "retrySchedule", "concurrency"]))
+        configuration.delivery = readDelivery(root.object("delivery", keys: ["mode", "retrySchedule", "concurrency", "drainTimeout"]))
         let storage = root.object("storage", keys: ["sqlitePath"])
         configuration.storage.sqlitePath = storage.string("sqlitePath", default: configuration.storage.sqlitePath)
         if configuration.storage.sqlitePath.isEmpty { reader.report(storage.path("sqlitePath"), "must not be empty") }
@@ -277,6 +277,13 @@ extension SidecarConfiguration {
             delivery.retrySchedule = schedule
         }
         delivery.concurrency = object.int("concurrency", default: delivery.concurrency, in: 1...1024)
+        if let text = object.optionalString("drainTimeout") {
+            if let duration = DurationText.parse(text), duration <= .seconds(3600) {
+                delivery.drainTimeout = duration
+            } else {
+                object.reader.report(object.path("drainTimeout"), "must be a duration up to 1h, such as \"10s\"")
+            }
+        }
         return delivery
     }
 

@@ -40,6 +40,7 @@ extension SidecarConfiguration {
                 "mode": .string(delivery.mode.rawValue),
                 "retrySchedule": .array(delivery.retrySchedule.map { .string(DurationText.format($0)) }),
                 "concurrency": .int(delivery.concurrency),
+                "drainTimeout": .string(DurationText.format(delivery.drainTimeout)),
             ],
             "storage": ["sqlitePath": .string(storage.sqlitePath)],
             "logging": ["level": .string(logging.level), "format": .string(logging.format.rawValue)],

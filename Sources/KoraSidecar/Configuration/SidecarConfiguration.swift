@@ -162,6 +162,8 @@ public struct DeliveryConfiguration: Sendable {
     public var retrySchedule: [Duration] = ["5s", "30s", "2m", "10m", "30m", "1h", "2h", "4h", "8h", "12h"]
         .compactMap(DurationText.parse)
     public var concurrency = 16
+    /// How long in-flight deliveries may take to finish on SIGTERM before the process exits anyway.
+    public var drainTimeout = Duration.seconds(10)
 
     public init() {}
 }

@@ -49,9 +49,9 @@ final class Receiver: Sendable {
 }
 
 /// Runs `receiver` on `address` (TCP port 0 or a Unix socket) for the duration of `body`; passes the bound port.
-func withReceiver<T: Sendable>(
-    _ receiver: Receiver, unixSocket: String? = nil, _ body: @Sendable (Int) async throws -> T
-) async throws -> T {
+func withReceiver(
+    _ receiver: Receiver, unixSocket: String? = nil, _ body: @Sendable (Int) async throws -> Void
+) async throws {
     let router = Router()
     router.post("**") { request, _ in try await receiver.record(request) }
     let (stream, continuation) = AsyncStream.makeStream(of: Int.self)
@@ -61,18 +61,14 @@ func withReceiver<T: Sendable>(
         onServerRunning: { channel in continuation.yield(channel.localAddress?.port ?? 0) },
         logger: Logger(label: "receiver") { _ in SwiftLogNoOpLogHandler() })
     let group = ServiceGroup(configuration: .init(services: [app], logger: Logger(label: "receiver") { _ in SwiftLogNoOpLogHandler() }))
-    return try await withThrowingTaskGroup(of: T?.self) { tasks in
-        tasks.addTask {
-            try await group.run()
-            return nil
-        }
+    try await withThrowingTaskGroup(of: Void.self) { tasks in
+        tasks.addTask { try await group.run() }
         var iterator = stream.makeAsyncIterator()
         let port = await iterator.next() ?? 0
         do {
-            let result = try await body(port)
+            try await body(port)
             await group.triggerGracefulShutdown()
             tasks.cancelAll()
-            return result
         } catch {
             await group.triggerGracefulShutdown()
             tasks.cancelAll()

@@ -51,20 +51,17 @@ enum TestSecrets {
 }
 
 /// Runs a sidecar built from `configuration` for the duration of `body`, then shuts it down gracefully.
-func withSidecar<T: Sendable>(
+func withSidecar(
     _ configuration: SidecarConfiguration, options: SidecarOptions = .init(), logs: TestLogs = TestLogs(),
-    _ body: @Sendable (RunningSidecar) async throws -> T
-) async throws -> T {
+    _ body: @Sendable (RunningSidecar) async throws -> Void
+) async throws {
     var options = options
     let (stream, continuation) = AsyncStream.makeStream(of: (ListenerRole, SocketAddress?).self)
     options.onListening = { role, address in continuation.yield((role, address)) }
     let app = try buildApplication(configuration, logger: logs.logger(), options: options)
     let group = ServiceGroup(configuration: .init(services: [app], logger: Logger(label: "test-group") { _ in SwiftLogNoOpLogHandler() }))
-    return try await withThrowingTaskGroup(of: T?.self) { tasks in
-        tasks.addTask {
-            try await group.run()
-            return nil
-        }
+    try await withThrowingTaskGroup(of: Void.self) { tasks in
+        tasks.addTask { try await group.run() }
         var addresses: [ListenerRole: SocketAddress?] = [:]
         for await (role, address) in stream {
             addresses[role] = address
@@ -74,10 +71,9 @@ func withSidecar<T: Sendable>(
             webhookPort: addresses[.webhooks]??.port ?? 0, internalPort: addresses[.internal]??.port,
             internalAddress: addresses[.internal] ?? nil)
         do {
-            let result = try await body(running)
+            try await body(running)
             await group.triggerGracefulShutdown()
             try await tasks.waitForAll()
-            return result
         } catch {
             await group.triggerGracefulShutdown()
             try? await tasks.waitForAll()
