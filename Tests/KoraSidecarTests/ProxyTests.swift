@@ -1,0 +1,614 @@
+import AsyncHTTPClient
+import Crypto
+import Foundation
+import NIOCore
+import NIOHTTP1
+import Testing
+
+@testable import KoraSidecar
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The Kora API proxy of the internal listener (SPEC §5.1, §5.2), driven like an SDK would drive
+/// it, against the simulator or a scripted Kora.
+@Suite struct ProxyTests {
+    // MARK: Forwarding
+
+    @Test func sdkPointedAtTheSidecarWorksWithBothPathLayouts() async throws {
+        try await withSimulator({ $0.apiKeys = [ProxySecrets.apiKey] }) { simulator, kora in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: kora, services: [appService()])) { sidecar in
+                let idvSDK = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                let shortSDK = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1"), apiKey: ProxySecrets.appToken)
+
+                let created = try await idvSDK.createVerification(externalID: "test-approve-sdk-1")
+                #expect(created.status == 201)
+                let id = try #require(created.json?["id"]?.text)
+                let stored = try #require(simulator.verification(id))
+                #expect(stored["tenantId"]?.text == ProxySecrets.tenant)
+                #expect(stored["callbackUrl"]?.text == "https://hooks.example.com/webhooks/koraidv")
+
+                let fetched = try await shortSDK.call(.GET, "/verifications/\(id)")
+                #expect(fetched.status == 200)
+                #expect(fetched.json?["externalId"]?.text == "test-approve-sdk-1")
+                #expect(fetched.header("Content-Type") == "application/json")
+
+                let listed = try await shortSDK.call(.GET, "/subjects/test-approve-sdk-1/verifications")
+                guard case .array(let list)? = listed.json?["verifications"] else { throw TimedOut(what: "a list") }
+                #expect(list.count == 1)
+
+                let types = try await idvSDK.call(.GET, "/document-types?country=gb")
+                #expect(types.json?["country"]?.text == "GB")
+
+                let completed = try await idvSDK.call(.POST, "/verifications/\(id)/complete")
+                #expect(completed.json?["status"]?.text == "verified")
+            }
+        }
+    }
+
+    @Test func callerCredentialsAreReplacedByTheSidecars() async throws {
+        let kora = ScriptedKora()
+        try await withScriptedKora(kora) { base in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()])) { sidecar in
+                let answer = try await request(
+                    .PUT, sidecar.internalURL("/api/v1/idv/verifications/ver_1/metadata?a=1&b=two%20words"),
+                    headers: [
+                        ("Authorization", "Bearer \(ProxySecrets.appToken)"), ("X-Tenant-ID", "someone-else"), ("Cookie", "session=abc"),
+                        ("Proxy-Authorization", "Basic eA=="), ("Connection", "close, X-Hop"), ("X-Hop", "1"), ("X-Request-Id", "req-7"),
+                        ("Accept-Encoding", "gzip"),
+                    ],
+                    body: Array(#"{"note":"kept"}"#.utf8))
+                #expect(answer.status == 200)
+                let seen = try #require(kora.requests.first)
+                #expect(seen.method == "PUT")
+                #expect(seen.path == "/api/v1/idv/verifications/ver_1/metadata")
+                #expect(seen.query == "a=1&b=two%20words")
+                #expect(seen.headers["authorization"] == ["Bearer \(ProxySecrets.apiKey)"])
+                #expect(seen.headers["x-tenant-id"] == [ProxySecrets.tenant])
+                #expect(seen.header("cookie") == nil)
+                #expect(seen.header("proxy-authorization") == nil)
+                #expect(seen.header("x-hop") == nil)
+                #expect(seen.header("accept-encoding") == nil)
+                #expect(seen.header("x-request-id") == "req-7")
+                #expect(seen.body == Array(#"{"note":"kept"}"#.utf8))
+            }
+        }
+    }
+
+    @Test func createAddsTheCallbackURLOnlyWhenAbsent() async throws {
+        let kora = ScriptedKora([
+            .answer(201, [], #"{"id":"ver_a","status":"pending"}"#), .answer(201, [], #"{"id":"ver_b","status":"pending"}"#),
+        ])
+        try await withScriptedKora(kora) { base in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()])) { sidecar in
+                let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                _ = try await sdk.createVerification(externalID: "u1", extra: [JSONMember("tier", "enhanced")])
+                _ = try await sdk.createVerification(externalID: "u2", extra: [JSONMember("callbackUrl", "https://mine.example/cb")])
+                let bodies = kora.requests.map { try? JSONParser.parse($0.body) }
+                #expect(bodies[0]?["callbackUrl"]?.text == "https://hooks.example.com/webhooks/koraidv")
+                #expect(bodies[0]?["tier"]?.text == "enhanced")
+                #expect(bodies[1]?["callbackUrl"]?.text == "https://mine.example/cb")
+            }
+        }
+    }
+
+    @Test func koraAnswersArePassedBackUnchanged() async throws {
+        let kora = ScriptedKora([
+            .answer(404, [("X-RateLimit-Limit", "50"), ("X-RateLimit-Remaining", "49"), ("X-RateLimit-Reset", "1800000060")], #"{"error":"Verification not found"}"#),
+            .answer(422, [], #"{"message":"Validation failed","errors":[{"field":"externalId","message":"required"}]}"#),
+        ])
+        try await withScriptedKora(kora) { base in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()])) { sidecar in
+                let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                let missing = try await sdk.call(.GET, "/verifications/ver_nope")
+                #expect(missing.status == 404)
+                #expect(missing.body == #"{"error":"Verification not found"}"#)
+                #expect(missing.header("X-RateLimit-Limit") == "50")
+                #expect(missing.header("X-RateLimit-Remaining") == "49")
+                #expect(missing.header("X-RateLimit-Reset") == "1800000060")
+                let invalid = try await sdk.createVerification(externalID: "")
+                #expect(invalid.status == 422)
+                #expect(invalid.body == #"{"message":"Validation failed","errors":[{"field":"externalId","message":"required"}]}"#)
+                #expect(kora.requests.count == 2)
+            }
+        }
+    }
+
+    @Test func redirectsAreNotFollowed() async throws {
+        let kora = ScriptedKora([.answer(302, [("Location", "/api/v1/idv/elsewhere")], "{}")])
+        try await withScriptedKora(kora) { base in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()])) { sidecar in
+                let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                let answer = try await sdk.call(.GET, "/verifications/ver_1/report")
+                #expect(answer.status == 302)
+                #expect(answer.header("Location") == "/api/v1/idv/elsewhere")
+                #expect(kora.requests.map(\.path) == ["/api/v1/idv/verifications/ver_1/report"])
+            }
+        }
+    }
+
+    @Test func eightMegabyteSelfieIsStreamedToKoraIntact() async throws {
+        try await withSimulator { simulator, kora in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: kora, services: [appService()])) { sidecar in
+                let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                let id = try #require(try await sdk.createVerification(externalID: "test-approve-big").json?["id"]?.text)
+                let image = Data((0..<(6 * 1024 * 1024)).map { UInt8(truncatingIfNeeded: $0 &* 31) }).base64EncodedString()
+                #expect(image.utf8.count >= 8 * 1024 * 1024)
+                let body = Array(#"{"imageBase64":""#.utf8) + Array(image.utf8) + Array(#""}"#.utf8)
+                let answer = try await sdk.call(.POST, "/verifications/\(id)/selfie", raw: body)
+                #expect(answer.status == 200)
+                let upload = try #require(simulator.uploads(of: id)["selfie"])
+                #expect(upload.bytes == image.utf8.count)
+                #expect(upload.sha256 == Hex.encode(SHA256.hash(data: Array(image.utf8))))
+            }
+        }
+    }
+
+    // MARK: Identity and allow lists
+
+    @Test func unknownOrMissingTokenIsRefused() async throws {
+        let kora = ScriptedKora()
+        try await withScriptedKora(kora) { base in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService(), appService(name: "other", token: "other-token")])) {
+                sidecar in
+                for key in [nil, "wrong-token", ProxySecrets.appToken + "x", String(ProxySecrets.appToken.dropLast())] {
+                    let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: key)
+                    let answer = try await sdk.call(.GET, "/verifications/ver_1")
+                    #expect(answer.status == 401)
+                    #expect(answer.code == "UNAUTHORIZED")
+                    #expect(!answer.body.contains(ProxySecrets.appToken))
+                }
+                let other = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: "other-token")
+                #expect(try await other.call(.GET, "/verifications/ver_1").status == 200)
+                #expect(kora.requests.count == 1)
+            }
+        }
+    }
+
+    @Test func aServiceWithoutTokenIsTheAnonymousCaller() async throws {
+        let kora = ScriptedKora([.answer(201, [], #"{"id":"ver_anon"}"#)])
+        let store = InMemoryStore()
+        let options = { var options = SidecarOptions(); options.store = store; return options }()
+        try await withScriptedKora(kora) { base in
+            let configuration = proxyConfiguration(koraBaseURL: base, services: [appService(), appService(name: "legacy", token: nil)])
+            try await withProxySidecar(configuration, options: options) { sidecar in
+                let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: nil)
+                let created = try await sdk.createVerification(externalID: "u")
+                #expect(created.status == 201)
+                let origin = try await store.origin(ofVerification: "ver_anon")
+                #expect(origin == "legacy")
+            }
+        }
+    }
+
+    @Test func allowPatternsLimitWhatAServiceMayCall() async throws {
+        let kora = ScriptedKora()
+        try await withScriptedKora(kora) { base in
+            let configuration = proxyConfiguration(
+                koraBaseURL: base, services: [appService(allow: ["GET /verifications/*", "POST /verifications/*/complete"])])
+            try await withProxySidecar(configuration) { sidecar in
+                let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                #expect(try await sdk.call(.GET, "/verifications/ver_1").status == 200)
+                #expect(try await sdk.call(.POST, "/verifications/ver_1/complete").status == 200)
+                for (method, path) in [(HTTPMethod.POST, "/verifications"), (.GET, "/verifications/ver_1/images"), (.DELETE, "/verifications/ver_1")] {
+                    let answer = try await sdk.call(method, path)
+                    #expect(answer.status == 403, "\(method) \(path)")
+                    #expect(answer.code == "FORBIDDEN")
+                }
+                let shortcut = try await request(
+                    .POST, sidecar.internalURL("/api/verifications"), headers: [("Authorization", "Bearer \(ProxySecrets.appToken)")],
+                    body: Array(#"{"userId":"u"}"#.utf8))
+                #expect(shortcut.status == 403)
+                #expect(kora.requests.map(\.path) == ["/api/v1/idv/verifications/ver_1", "/api/v1/idv/verifications/ver_1/complete"])
+            }
+        }
+    }
+
+    @Test func proxyWithoutKoraCredentialsAnswers503() async throws {
+        var configuration = proxyConfiguration(koraBaseURL: "http://127.0.0.1:9/api/v1/idv", services: [appService()])
+        configuration.kora.apiKey = nil
+        try await withProxySidecar(configuration) { sidecar in
+            let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+            let answer = try await sdk.call(.GET, "/verifications/ver_1")
+            #expect(answer.status == 503)
+            #expect(answer.code == "PROXY_NOT_CONFIGURED")
+        }
+    }
+
+    @Test func bodyOverTheLimitIs413AndNeverReachesKora() async throws {
+        let kora = ScriptedKora()
+        try await withScriptedKora(kora) { base in
+            var configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
+            configuration.internal.limits.maxBodyBytes = 1024
+            try await withProxySidecar(configuration) { sidecar in
+                let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                let answer = try await sdk.call(.POST, "/verifications/ver_1/selfie", raw: Array(repeating: UInt8(ascii: "a"), count: 4096))
+                #expect(answer.status == 413)
+                #expect(answer.code == "PAYLOAD_TOO_LARGE")
+                #expect(kora.requests.isEmpty)
+            }
+        }
+    }
+
+    // MARK: Retries
+
+    @Test func readsAreRetriedOn5xxWithExponentialBackoff() async throws {
+        let kora = ScriptedKora([.answer(503, [], "{}"), .answer(502, [], "{}"), .answer(200, [], #"{"id":"ver_1"}"#)])
+        let sleeper = SleepRecorder()
+        try await withScriptedKora(kora) { base in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()]), options: proxyOptions(sleeper)) { sidecar in
+                let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                let answer = try await sdk.call(.GET, "/verifications/ver_1")
+                #expect(answer.status == 200)
+                #expect(kora.requests.count == 3)
+                let delays = sleeper.delays
+                #expect(delays.count == 2)
+                #expect((Duration.milliseconds(500)...Duration.milliseconds(1000)).contains(delays[0]))
+                #expect((Duration.milliseconds(1000)...Duration.milliseconds(2000)).contains(delays[1]))
+            }
+        }
+    }
+
+    @Test func readsGiveUpAfterMaxAttemptsAndPassKorasAnswerBack() async throws {
+        let kora = ScriptedKora([.answer(500, [], #"{"error":"a"}"#), .answer(500, [], #"{"error":"b"}"#), .answer(500, [], #"{"error":"c"}"#)])
+        let sleeper = SleepRecorder()
+        try await withScriptedKora(kora) { base in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()]), options: proxyOptions(sleeper)) { sidecar in
+                let answer = try await SDKStyleClient(baseURL: sidecar.internalURL("/api/v1"), apiKey: ProxySecrets.appToken)
+                    .call(.HEAD, "/verifications/ver_1")
+                #expect(answer.status == 500)
+                #expect(kora.requests.count == 3)
+                #expect(sleeper.delays.count == 2)
+            }
+        }
+    }
+
+    @Test func writesAreNotRetriedOn5xx() async throws {
+        for method in [HTTPMethod.POST, .PUT, .PATCH, .DELETE] {
+            let kora = ScriptedKora([.answer(503, [], #"{"error":"busy"}"#)])
+            let sleeper = SleepRecorder()
+            try await withScriptedKora(kora) { base in
+                try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()]), options: proxyOptions(sleeper)) { sidecar in
+                    let answer = try await SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                        .call(method, "/verifications/ver_1/complete", json: [:])
+                    #expect(answer.status == 503)
+                    #expect(answer.body == #"{"error":"busy"}"#)
+                    #expect(kora.requests.count == 1, "\(method)")
+                    #expect(sleeper.delays.isEmpty)
+                }
+            }
+        }
+    }
+
+    @Test func anyMethodIsRetriedOn429HonouringRetryAfterSeconds() async throws {
+        let kora = ScriptedKora([.answer(429, [("Retry-After", "7")], "{}"), .answer(201, [], #"{"id":"ver_9"}"#)])
+        let sleeper = SleepRecorder()
+        try await withScriptedKora(kora) { base in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()]), options: proxyOptions(sleeper)) { sidecar in
+                let answer = try await SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                    .createVerification(externalID: "u")
+                #expect(answer.status == 201)
+                #expect(kora.requests.count == 2)
+                #expect(kora.requests.map(\.body) == [kora.requests[0].body, kora.requests[0].body])
+                #expect(sleeper.delays == [.seconds(7)])
+            }
+        }
+    }
+
+    @Test func retryAfterAsAnHTTPDateIsHonoured() async throws {
+        let formatter = DateFormatter()
+        formatter.locale = Locale(identifier: "en_US_POSIX")
+        formatter.timeZone = TimeZone(identifier: "GMT")
+        formatter.dateFormat = "EEE, dd MMM yyyy HH:mm:ss 'GMT'"
+        let date = formatter.string(from: Date().addingTimeInterval(20))
+        let kora = ScriptedKora([.answer(429, [("Retry-After", date)], "{}"), .answer(200, [], "{}")])
+        let sleeper = SleepRecorder()
+        try await withScriptedKora(kora) { base in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()]), options: proxyOptions(sleeper)) { sidecar in
+                let answer = try await SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                    .call(.GET, "/alerts?status=open")
+                #expect(answer.status == 200)
+                let delay = try #require(sleeper.delays.first)
+                #expect(delay > .seconds(15) && delay <= .seconds(20))
+            }
+        }
+        #expect(ProxyRetryPolicy.parseRetryAfter("Sun, 06 Nov 1994 08:49:37 GMT", now: UnixTime(milliseconds: 784_111_777_000 - 5000)) == .seconds(5))
+        #expect(ProxyRetryPolicy.parseRetryAfter("soon", now: .now()) == nil)
+    }
+
+    @Test func retryAfterBeyondTheCapEndsTheRetriesAtOnce() async throws {
+        let kora = ScriptedKora([.answer(429, [("Retry-After", "120")], #"{"code":"RATE_LIMIT_EXCEEDED"}"#)])
+        let sleeper = SleepRecorder()
+        try await withScriptedKora(kora) { base in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()]), options: proxyOptions(sleeper)) { sidecar in
+                let answer = try await SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                    .call(.GET, "/verifications/ver_1")
+                #expect(answer.status == 429)
+                #expect(answer.header("Retry-After") == "120")
+                #expect(kora.requests.count == 1)
+                #expect(sleeper.delays.isEmpty)
+            }
+        }
+    }
+
+    @Test func korasRateLimitIsPassedThroughAfterTheRetryBudget() async throws {
+        let clock = ManualClock()
+        let sleeper = SleepRecorder()
+        try await withSimulator({
+            $0.rateLimitPerMinute = 1
+            $0.clock = { clock.read() }
+        }) { _, kora in
+            var configuration = proxyConfiguration(koraBaseURL: kora, services: [appService()])
+            configuration.kora.retry.maxDelayMilliseconds = 60000
+            try await withProxySidecar(configuration, options: proxyOptions(sleeper)) { sidecar in
+                let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                #expect(try await sdk.createVerification(externalID: "first").status == 201)
+                let limited = try await sdk.createVerification(externalID: "second")
+                #expect(limited.status == 429)
+                #expect(limited.code == "RATE_LIMIT_EXCEEDED")
+                #expect(limited.json?["details"]?["retryAfter"]?.text == limited.header("Retry-After"))
+                #expect(limited.header("X-RateLimit-Limit") == "1")
+                #expect(limited.header("X-RateLimit-Remaining") == "0")
+                #expect(limited.header("X-RateLimit-Reset") != nil)
+                let retryAfter = try #require(limited.header("Retry-After").flatMap { Int64($0) })
+                #expect(sleeper.delays == [.seconds(retryAfter), .seconds(retryAfter)])
+            }
+        }
+    }
+
+    @Test func aRateLimitedCallSucceedsOnceKorasWindowResets() async throws {
+        let clock = ManualClock()
+        let sleeper = SleepRecorder { _, duration in clock.advance(duration) }
+        try await withSimulator({
+            $0.rateLimitPerMinute = 1
+            $0.clock = { clock.read() }
+        }) { simulator, kora in
+            var configuration = proxyConfiguration(koraBaseURL: kora, services: [appService()])
+            configuration.kora.retry.maxDelayMilliseconds = 60000
+            try await withProxySidecar(configuration, options: proxyOptions(sleeper)) { sidecar in
+                let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                #expect(try await sdk.createVerification(externalID: "first").status == 201)
+                let second = try await sdk.createVerification(externalID: "second")
+                #expect(second.status == 201)
+                #expect(sleeper.delays.count == 1)
+                let id = try #require(second.json?["id"]?.text)
+                #expect(simulator.verification(id)?["externalId"]?.text == "second")
+            }
+        }
+    }
+
+    @Test func anyMethodIsRetriedWhenTheConnectionFailedBeforeSending() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let socket = directory + "/kora.sock"
+        let kora = ScriptedKora([.answer(201, [], #"{"id":"ver_late"}"#)])
+        let bound = BoundPort()
+        let started = Gate()
+        // Kora comes up only while the proxy waits for its second attempt.
+        let sleeper = SleepRecorder { _, _ in
+            started.open()
+            _ = try await bound.wait()
+        }
+        let base = "http+unix://\(percentEncoded(socket))/api/v1/idv"
+        try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()]), options: proxyOptions(sleeper)) { sidecar in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    await started.wait()
+                    try await withServices([scriptedKoraApp(kora, unixSocket: socket, bound: bound)]) {
+                        try await waitUntil("the create to reach Kora") { !kora.requests.isEmpty }
+                        try await Task.sleep(for: .milliseconds(50))  // let the answer leave before the listener stops
+                    }
+                }
+                let answer = try await SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                    .createVerification(externalID: "u")
+                #expect(answer.status == 201)
+                #expect(kora.requests.count == 1)
+                #expect(sleeper.delays.count == 1)
+                try await group.waitForAll()
+            }
+        }
+    }
+
+    @Test func aLostConnectionRetriesReadsButNeverAWriteThatMayHaveArrived() async throws {
+        let kora = ScriptedKora([.close, .answer(200, [], #"{"id":"ver_1"}"#), .close])
+        let sleeper = SleepRecorder()
+        try await withScriptedKora(kora) { base in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()]), options: proxyOptions(sleeper)) { sidecar in
+                let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                let read = try await sdk.call(.GET, "/verifications/ver_1")
+                #expect(read.status == 200)
+                #expect(kora.requests.count == 2)
+                let write = try await sdk.createVerification(externalID: "once")
+                #expect(write.status == 502)
+                #expect(write.code == "KORA_UNREACHABLE")
+                #expect(kora.requests.count == 3)
+                #expect(kora.requests.filter { $0.method == "POST" }.count == 1)
+            }
+        }
+    }
+
+    @Test func unreachableKoraIs502AfterTheRetries() async throws {
+        let sleeper = SleepRecorder()
+        let base = "http+unix://\(percentEncoded("/tmp/ks-nothing-\(TestSecrets.unique).sock"))/api/v1/idv"
+        try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()]), options: proxyOptions(sleeper)) { sidecar in
+            let answer = try await SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                .call(.GET, "/verifications/ver_1")
+            #expect(answer.status == 502)
+            #expect(answer.code == "KORA_UNREACHABLE")
+            #expect(sleeper.delays.count == 2)
+        }
+    }
+
+    @Test func slowKoraIs504AndNotRetried() async throws {
+        let kora = ScriptedKora([.stall, .stall])
+        let sleeper = SleepRecorder()
+        try await withScriptedKora(kora) { base in
+            defer { kora.release() }
+            var configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
+            configuration.kora.timeoutSeconds = 1
+            try await withProxySidecar(configuration, options: proxyOptions(sleeper)) { sidecar in
+                let answer = try await SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                    .call(.GET, "/verifications/ver_1")
+                #expect(answer.status == 504)
+                #expect(answer.code == "KORA_TIMEOUT")
+                #expect(kora.requests.count == 1)
+                #expect(sleeper.delays.isEmpty)
+            }
+        }
+    }
+
+    @Test func koraRejectingTheSidecarsKeyIs502AndLoggedWithoutTheKey() async throws {
+        let logs = TestLogs()
+        try await withSimulator({ $0.apiKeys = ["sk_sandbox_the_right_key"] }) { _, kora in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: kora, services: [appService()]), logs: logs) { sidecar in
+                let answer = try await SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                    .createVerification(externalID: "u")
+                #expect(answer.status == 502)
+                #expect(answer.code == "KORA_CREDENTIALS_REJECTED")
+                #expect(!answer.body.contains(ProxySecrets.apiKey))
+            }
+        }
+        let forbidden = ScriptedKora([.answer(403, [], #"{"error":"Forbidden"}"#)])
+        try await withScriptedKora(forbidden) { base in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()]), logs: logs) { sidecar in
+                let answer = try await SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                    .call(.GET, "/alerts")
+                #expect(answer.code == "KORA_CREDENTIALS_REJECTED")
+            }
+        }
+        let loud = logs.all.filter { $0.hasPrefix("error") && $0.contains("Kora rejected the sidecar's own API key") }
+        #expect(loud.count == 2)
+        #expect(!logs.all.contains { $0.contains(ProxySecrets.apiKey) || $0.contains(ProxySecrets.appToken) })
+    }
+
+    // MARK: Shortcut and origins
+
+    @Test func seedShortcutCreatesAVerification() async throws {
+        try await withSimulator { simulator, kora in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: kora, services: [appService()])) { sidecar in
+                let auth = [("Authorization", "Bearer \(ProxySecrets.appToken)"), ("Content-Type", "application/json")]
+                let created = try await request(
+                    .POST, sidecar.internalURL("/api/verifications"), headers: auth, body: Array(#"{"userId":"user-42","tier":"enhanced"}"#.utf8))
+                #expect(created.status == 200)
+                guard case .object(let members)? = created.json else { throw TimedOut(what: "an object") }
+                #expect(members.map(\.key) == ["verificationId"])
+                let id = try #require(created.json?["verificationId"]?.text)
+                let stored = try #require(simulator.verification(id))
+                #expect(stored["externalId"]?.text == "user-42")
+                #expect(stored["tier"]?.text == "enhanced")
+                #expect(stored["callbackUrl"]?.text == "https://hooks.example.com/webhooks/koraidv")
+
+                let standard = try await request(
+                    .POST, sidecar.internalURL("/api/verifications"), headers: auth, body: Array(#"{"userId":"user-43"}"#.utf8))
+                let other = try #require(standard.json?["verificationId"]?.text)
+                #expect(simulator.verification(other)?["tier"]?.text == "standard")
+
+                let invalid = try await request(.POST, sidecar.internalURL("/api/verifications"), headers: auth, body: Array(#"{"tier":"basic"}"#.utf8))
+                #expect(invalid.status == 400)
+                #expect(invalid.code == "INVALID_REQUEST")
+                let unknown = try await request(.POST, sidecar.internalURL("/api/verifications"), body: Array(#"{"userId":"x"}"#.utf8))
+                #expect(unknown.status == 401)
+            }
+        }
+    }
+
+    @Test func eventsReachOnlyTheServiceThatCreatedTheVerification() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let alpha = Receiver()
+        let beta = Receiver()
+        try await withReceiver(alpha) { alphaPort in
+            try await withReceiver(beta) { betaPort in
+                try await withSimulator { simulator, kora in
+                    var services: [ServiceConfiguration] = []
+                    for (name, port) in [("alpha", alphaPort), ("beta", betaPort)] {
+                        var service = testService(name, target: .url("http://127.0.0.1:\(port)/events"))
+                        service.token = Secret("\(name)-token")
+                        service.deliver?.onlyOwnVerifications = true
+                        services.append(service)
+                    }
+                    var configuration = proxyConfiguration(koraBaseURL: kora, services: services, mode: .queued)
+                    configuration.storage.sqlitePath = directory + "/sidecar.sqlite"
+                    configuration.kora.callbackURL = nil
+                    var options = SidecarOptions()
+                    options.retryPolicy = RetryPolicy(schedule: [.milliseconds(50)])
+                    try await withProxySidecar(configuration, options: options, useSQLite: true) { sidecar in
+                        simulator.setDashboardWebhookURL(sidecar.webhookURL)
+                        var ids: [String: String] = [:]
+                        for name in ["alpha", "beta"] {
+                            let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: "\(name)-token")
+                            let id = try #require(try await sdk.createVerification(externalID: "test-approve-\(name)").json?["id"]?.text)
+                            ids[name] = id
+                            #expect(try await sdk.call(.POST, "/verifications/\(id)/complete").status == 200)
+                        }
+                        let alphaGot = try await alpha.waitFor(1)
+                        let betaGot = try await beta.waitFor(1)
+                        #expect(alphaGot.map { $0.json?["verification"]?["id"]?.text } == [ids["alpha"]])
+                        #expect(betaGot.map { $0.json?["verification"]?["id"]?.text } == [ids["beta"]])
+                    }
+                    let reopened = try SQLiteStore(path: configuration.storage.sqlitePath)
+                    defer { reopened.close() }
+                    let origins = try await simulator.sent.all.map(\.verificationID).asyncMap { try await reopened.origin(ofVerification: $0) }
+                    #expect(Set(origins.compactMap { $0 }) == ["alpha", "beta"])
+                }
+            }
+        }
+        #expect(alpha.count == 1 && beta.count == 1)
+    }
+
+    // MARK: Unix socket
+
+    @Test func internalListenerOnAUnixSocketReplacesAStaleFileButNotALiveOne() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let socket = directory + "/api.sock"
+        try leaveStaleSocket(at: socket)
+        #expect(FileManager.default.fileExists(atPath: socket))
+
+        let kora = ScriptedKora()
+        try await withScriptedKora(kora) { base in
+            let configuration = {
+                var configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
+                configuration.internal.listen = .unixSocket(path: socket)
+                return configuration
+            }()
+            try await withProxySidecar(configuration) { _ in
+                let mode = try FileManager.default.attributesOfItem(atPath: socket)[.posixPermissions] as? Int
+                #expect(mode == 0o660)
+                let sdk = SDKStyleClient(baseURL: "http+unix://\(percentEncoded(socket))/api/v1/idv", apiKey: ProxySecrets.appToken)
+                #expect(try await sdk.call(.GET, "/verifications/ver_unix").status == 200)
+                #expect(kora.requests.first?.path == "/api/v1/idv/verifications/ver_unix")
+
+                #expect(throws: StartupError.self) {
+                    _ = try buildApplication(configuration, logger: quietLogger, options: { var o = SidecarOptions(); o.store = InMemoryStore(); return o }())
+                }
+                #expect(UnixSocketFile.isAnswering(socket))
+            }
+        }
+        let notASocket = directory + "/plain"
+        #expect(FileManager.default.createFile(atPath: notASocket, contents: Data("x".utf8)))
+        #expect(throws: StartupError.self) { try UnixSocketFile.replaceIfStale(notASocket, key: "internal.listen.unixSocket") }
+    }
+}
+
+/// Binds a Unix socket at `path` and closes it without removing the file: what a crashed run leaves.
+func leaveStaleSocket(at path: String) throws {
+    let descriptor = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(descriptor) }
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: Array(path.utf8)) }
+    let result = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(descriptor, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
+    guard result == 0 else { throw TimedOut(what: "binding a socket") }
+}
+
+extension Sequence {
+    fileprivate func asyncMap<T>(_ transform: (Element) async throws -> T) async rethrows -> [T] {
+        var results: [T] = []
+        for element in self { results.append(try await transform(element)) }
+        return results
+    }
+}
