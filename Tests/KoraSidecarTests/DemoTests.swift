@@ -1,0 +1,44 @@
+import Synchronization
+import Testing
+
+@testable import KoraSidecar
+
+/// `kora-sidecar demo`: the first command of the README must work, and say so only when it did.
+@Suite struct DemoTests {
+    @Test func demoWalksEverySandboxOutcomeThroughEveryHop() async throws {
+        let lines = Mutex<[String]>([])
+        var options = DemoOptions()
+        options.slowDelay = .milliseconds(200)
+        options.expiryDelay = .milliseconds(100)
+        let passed = try await runDemo(options: options, logger: quietLogger) { line in lines.withLock { $0.append(line) } }
+        let output = lines.withLock { $0 }
+        #expect(passed)
+        #expect(!output.contains { $0.contains("✗") })
+        #expect(output.last == "✓ 6 of 6 sandbox outcomes went through every hop.")
+        #expect(output.contains { $0.contains("test-slow- takes 10 s") && $0.contains("200 ms") })
+        for outcome in SandboxOutcome.allCases {
+            let start = try #require(output.firstIndex { $0.hasPrefix("▶ \(outcome.prefix)") })
+            let block = output[start...].prefix { !$0.isEmpty }
+            let events = DemoWalk.expectedEvents(outcome).count
+            #expect(block.filter { $0.contains("✓ 1. app → sidecar → Kora") }.count == 1, "\(outcome)")
+            #expect(block.filter { $0.contains("✓ 2. app → sidecar → Kora") }.count == 1, "\(outcome)")
+            #expect(block.filter { $0.contains("✓ 3. Kora → sidecar") && $0.contains("via callbackUrl") }.count == events, "\(outcome)")
+            #expect(block.filter { $0.contains("✓ 4. Kora → sidecar") && $0.contains(#""duplicate":true"#) }.count == events, "\(outcome)")
+            #expect(block.filter { $0.contains("✓ 5. sidecar → app") && $0.contains("webhook-signature valid") }.count == events, "\(outcome)")
+            #expect(block.last == "  ✓ every hop worked", "\(outcome)")
+        }
+        #expect(output.contains { $0.contains("verification.expired → outcome expired") })
+        #expect(output.contains { $0.contains("fraud_alert.created → fraud alert") })
+    }
+
+    @Test func theReceivingAppRefusesABadSignature() async throws {
+        let secret = Secret(TestSecrets.signing)
+        let key = try #require(StandardWebhooks.key(from: secret))
+        let body = Array(#"{"id":"evt_1"}"#.utf8)
+        let signature = StandardWebhooks.signature(key: key, id: "evt_1", timestamp: 1_800_000_000, body: body)
+        #expect(DemoReceiver.verify(body: body, id: "evt_1", timestamp: "1800000000", signatures: "v1,other " + signature, key: key, now: 1_800_000_010))
+        #expect(!DemoReceiver.verify(body: body + [0x20], id: "evt_1", timestamp: "1800000000", signatures: signature, key: key, now: 1_800_000_010))
+        #expect(!DemoReceiver.verify(body: body, id: "evt_2", timestamp: "1800000000", signatures: signature, key: key, now: 1_800_000_010))
+        #expect(!DemoReceiver.verify(body: body, id: "evt_1", timestamp: "1800000000", signatures: signature, key: key, now: 1_800_001_000))
+    }
+}

@@ -1,0 +1,218 @@
+import Foundation
+import NIOHTTP1
+import Testing
+
+@testable import KoraSidecar
+
+/// `kora-sidecar simulate`: the Kora stand-in our own tests and other teams use (KORA.md).
+@Suite struct SimulatorTests {
+    static let key = "sk_sandbox_simulator_test"
+
+    func kora(_ base: String, key: String? = SimulatorTests.key) -> SDKStyleClient {
+        SDKStyleClient(baseURL: base, apiKey: key, tenantID: "tenant-sim")
+    }
+
+    @Test func healthIsOpenButTheAPINeedsABearerKey() async throws {
+        try await withSimulator({ $0.apiKeys = [Self.key] }) { _, base in
+            #expect(try await request(.GET, base + "/health").status == 200)
+            for key in [nil, "sk_sandbox_wrong"] {
+                let answer = try await kora(base, key: key).call(.GET, "/verifications/ver_1")
+                #expect(answer.status == 401)
+                #expect(answer.code == "UNAUTHORIZED")
+                #expect(answer.json?["error"]?.text?.isEmpty == false)
+            }
+            let withoutTenant = try await request(.GET, base + "/alerts", headers: [("Authorization", "Bearer \(Self.key)")])
+            #expect(withoutTenant.status == 400)
+            #expect(withoutTenant.code == "MISSING_TENANT_ID")
+        }
+    }
+
+    @Test func createValidatesLikeKora() async throws {
+        try await withSimulator { _, base in
+            let missing = try await kora(base).call(.POST, "/verifications", json: ["tier": "basic"])
+            #expect(missing.status == 400)
+            #expect(missing.json?["message"]?.text == "Validation failed")
+            #expect(missing.json?["errors"] == [["field": "externalId", "message": "externalId is required"]])
+            let tier = try await kora(base).call(.POST, "/verifications", json: ["externalId": "u", "tier": "platinum"])
+            #expect(tier.status == 400)
+            let unknown = try await kora(base).call(.GET, "/verifications/ver_missing")
+            #expect(unknown.status == 404)
+            #expect(unknown.code == "NOT_FOUND")
+        }
+    }
+
+    @Test(arguments: SandboxOutcome.allCases)
+    func eachPrefixDecidesItsOutcomeAndSignsWebhooksToBothURLs(_ outcome: SandboxOutcome) async throws {
+        let callback = Receiver()
+        let dashboard = Receiver()
+        try await withReceiver(callback) { callbackPort in
+            try await withReceiver(dashboard) { dashboardPort in
+                try await withSimulator({
+                    $0.webhookURL = "http://127.0.0.1:\(dashboardPort)/dashboard"
+                    $0.slowDelay = .milliseconds(300)
+                    $0.expiryDelay = .milliseconds(100)
+                }) { simulator, base in
+                    let client = kora(base)
+                    let created = try await client.createVerification(
+                        externalID: outcome.prefix + "user-1", extra: [JSONMember("callbackUrl", .string("http://127.0.0.1:\(callbackPort)/cb"))])
+                    #expect(created.status == 201)
+                    #expect(created.json?["status"]?.text == "pending")
+                    let id = try #require(created.json?["id"]?.text)
+                    let image: JSONValue = ["imageBase64": .string(Data("fake image".utf8).base64EncodedString())]
+                    for path in ["document", "document/back", "selfie"] {
+                        #expect(try await client.call(.POST, "/verifications/\(id)/\(path)", json: image).status == 200)
+                    }
+                    #expect(try await client.call(.POST, "/verifications/\(id)/liveness/session").status == 201)
+                    #expect(try await client.call(.POST, "/verifications/\(id)/liveness/frames", json: ["frames": ["a", "b"]]).status == 200)
+                    #expect(simulator.uploads(of: id).keys.sorted() == ["document", "document/back", "liveness/frames", "selfie"])
+
+                    let completed = try await client.call(.POST, "/verifications/\(id)/complete")
+                    #expect(completed.status == 200)
+                    let expected = Self.expected[outcome]!
+                    if outcome == .slow {
+                        #expect(completed.json?["status"]?.text == "processing")
+                        let sentSoFar = await simulator.sent.all
+                        #expect(sentSoFar.isEmpty)
+                    } else {
+                        #expect(completed.json?["status"]?.text == expected.status)
+                    }
+                    let count = expected.events.count
+                    let fromCallback = try await callback.waitFor(count)
+                    let fromDashboard = try await dashboard.waitFor(count)
+                    #expect(fromCallback.map { $0.header("X-Event-Type") } == expected.events)
+                    #expect(fromCallback.map { $0.header("X-Webhook-ID") } == fromDashboard.map { $0.header("X-Webhook-ID") })
+                    let verifier = SignatureVerifier(secrets: [Secret(TestSecrets.webhook)], schemes: [.timestamped], toleranceSeconds: 300)
+                    for delivery in fromCallback + fromDashboard {
+                        let headers = SignatureHeaders(
+                            signature: delivery.header("X-Signature"), timestamp: delivery.header("X-Timestamp"),
+                            algorithm: delivery.header("X-Signature-Algorithm"))
+                        #expect(verifier.verify(body: delivery.body, headers: headers, now: UnixTime.now().seconds) == .success(.timestamped))
+                        #expect(delivery.json?["id"]?.text == delivery.header("X-Webhook-ID"))
+                        #expect(delivery.json?["tenantId"]?.text == "tenant-sim")
+                    }
+                    let final = try await client.call(.GET, "/verifications/\(id)")
+                    #expect(final.json?["status"]?.text == expected.finalStatus)
+                    #expect(fromCallback.last?.json?["data"]?["status"]?.text == expected.finalStatus)
+                }
+            }
+        }
+    }
+
+    static let expected: [SandboxOutcome: (status: String, finalStatus: String, events: [String])] = [
+        .approve: ("verified", "verified", ["verification.completed"]),
+        .reject: ("rejected", "rejected", ["verification.rejected"]),
+        .review: ("manual_review", "manual_review", ["verification.completed"]),
+        .fraud: ("rejected", "rejected", ["fraud_alert.created", "verification.rejected"]),
+        .expired: ("verified", "expired", ["verification.completed", "verification.expired"]),
+        .slow: ("verified", "verified", ["verification.completed"]),
+    ]
+
+    @Test func slowSandboxWaitsTenSecondsUnlessConfigured() {
+        #expect(SimulatorConfiguration(webhookSecret: Secret("s")).slowDelay == .seconds(10))
+        #expect(SandboxOutcome(externalID: "test-slow-1") == .slow)
+        #expect(SandboxOutcome(externalID: "someone") == .approve)
+    }
+
+    @Test func fraudRaisesAnAlertThatCanBeResolved() async throws {
+        try await withSimulator { _, base in
+            let client = kora(base)
+            let id = try #require(try await client.createVerification(externalID: "test-fraud-9").json?["id"]?.text)
+            _ = try await client.call(.POST, "/verifications/\(id)/complete")
+            let open = try await client.call(.GET, "/alerts?status=open")
+            guard case .array(let alerts)? = open.json?["alerts"], let alert = alerts.first else { throw TimedOut(what: "an alert") }
+            #expect(alerts.count == 1)
+            #expect(alert["verificationId"]?.text == id)
+            #expect(alert["severity"]?.text == "high")
+            let alertID = try #require(alert["id"]?.text)
+            let resolved = try await client.call(.POST, "/alerts/\(alertID)/resolve", json: ["resolution": "confirmed_fraud", "notes": "n"])
+            #expect(resolved.json?["status"]?.text == "resolved")
+            let stillOpen = try await client.call(.GET, "/alerts?status=open")
+            #expect(stillOpen.json?["alerts"] == .array([]))
+            #expect(try await client.call(.POST, "/alerts/alert_nope/resolve", json: [:]).status == 404)
+        }
+    }
+
+    @Test func manualReviewDecidesAReviewVerification() async throws {
+        let dashboard = Receiver()
+        try await withReceiver(dashboard) { port in
+            try await withSimulator({ $0.webhookURL = "http://127.0.0.1:\(port)/hooks" }) { _, base in
+                let client = kora(base)
+                let id = try #require(try await client.createVerification(externalID: "test-review-3").json?["id"]?.text)
+                let early = try await client.call(.POST, "/verifications/\(id)/review", json: ["decision": "approve"], headers: [("X-Reviewer-ID", "rev-1")])
+                #expect(early.status == 409)
+                #expect(early.code == "INVALID_STATE")
+                _ = try await client.call(.POST, "/verifications/\(id)/complete")
+                let noReviewer = try await client.call(.POST, "/verifications/\(id)/review", json: ["decision": "approve"])
+                #expect(noReviewer.status == 400)
+                let badDecision = try await client.call(.POST, "/verifications/\(id)/review", json: ["decision": "maybe"], headers: [("X-Reviewer-ID", "rev-1")])
+                #expect(badDecision.status == 400)
+                let reviewed = try await client.call(.POST, "/verifications/\(id)/review", json: ["decision": "approve"], headers: [("X-Reviewer-ID", "rev-1")])
+                #expect(reviewed.json?["status"]?.text == "verified")
+                let events = try await dashboard.waitFor(2)
+                #expect(events.map { $0.header("X-Event-Type") } == ["verification.completed", "verification.verified"])
+                let normalized = try EventNormalizer.normalize(
+                    body: events[1].body, webhookID: nil, receivedAt: .now(), signatureVerified: true, originalHeaders: [])
+                let body = try JSONParser.parse(normalized.normalizedBody)
+                #expect(body["verification"]?["outcome"]?.text == "approved")
+            }
+        }
+    }
+
+    @Test func autoCompleteDecidesWithoutACall() async throws {
+        let dashboard = Receiver()
+        try await withReceiver(dashboard) { port in
+            try await withSimulator({
+                $0.webhookURL = "http://127.0.0.1:\(port)/hooks"
+                $0.autoComplete = .milliseconds(50)
+            }) { simulator, base in
+                let id = try #require(try await kora(base).createVerification(externalID: "test-reject-auto").json?["id"]?.text)
+                let events = try await dashboard.waitFor(1)
+                #expect(events.first?.header("X-Event-Type") == "verification.rejected")
+                #expect(simulator.verification(id)?["status"]?.text == "rejected")
+                #expect(try await kora(base).call(.POST, "/verifications/\(id)/complete").status == 409)
+            }
+        }
+    }
+
+    @Test func rateLimitAnswers429WithKorasHeadersAndBody() async throws {
+        let clock = ManualClock()
+        try await withSimulator({
+            $0.rateLimitPerMinute = 2
+            $0.clock = { clock.read() }
+        }) { _, base in
+            let client = kora(base)
+            let first = try await client.call(.GET, "/document-types?country=DE")
+            #expect(first.status == 200)
+            #expect(first.header("X-RateLimit-Limit") == "2")
+            #expect(first.header("X-RateLimit-Remaining") == "1")
+            let reset = try #require(first.header("X-RateLimit-Reset").flatMap { Int64($0) })
+            #expect(reset > clock.read().seconds && reset <= clock.read().seconds + 60)
+            let unauthorized = try await kora(base, key: nil).call(.GET, "/alerts")
+            #expect(unauthorized.status == 401)
+            #expect(unauthorized.header("X-RateLimit-Remaining") == "0")
+            let limited = try await client.call(.GET, "/alerts")
+            #expect(limited.status == 429)
+            let retryAfter = reset - clock.read().seconds
+            #expect(limited.header("Retry-After") == String(retryAfter))
+            #expect(
+                limited.body
+                    == #"{"code":"RATE_LIMIT_EXCEEDED","error":"Rate limit exceeded. Please retry after the reset time.","details":{"retryAfter":"#
+                    + String(retryAfter) + "}}")
+            #expect(try await request(.GET, base + "/health").status == 200)
+            clock.advance(.seconds(retryAfter))
+            #expect(try await client.call(.GET, "/alerts").status == 200)
+        }
+    }
+
+    @Test func uploadsAreBoundedAndNeedAnImage() async throws {
+        try await withSimulator({ $0.maxBodyBytes = 1000 }) { _, base in
+            let client = kora(base)
+            let id = try #require(try await client.createVerification(externalID: "u").json?["id"]?.text)
+            let tooLarge = try await client.call(.POST, "/verifications/\(id)/selfie", json: ["imageBase64": .string(String(repeating: "A", count: 2000))])
+            #expect(tooLarge.status == 413)
+            let noImage = try await client.call(.POST, "/verifications/\(id)/document", json: ["side": "front"])
+            #expect(noImage.status == 400)
+            #expect(noImage.json?["errors"]?.text == nil && noImage.json?["message"]?.text == "Validation failed")
+        }
+    }
+}
