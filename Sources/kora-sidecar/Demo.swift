@@ -18,7 +18,10 @@ struct Demo: AsyncParsableCommand {
             SidecarLogHandler(label: label, level: .error, format: .text)
         }
         logger.logLevel = .error
-        let passed = try await runDemo(options: options, logger: logger) { line in print(line) }
+        // Written unbuffered: with --keep-running the output is read while the process still runs.
+        let passed = try await runDemo(options: options, logger: logger) { line in
+            FileHandle.standardOutput.write(Data((line + "\n").utf8))
+        }
         if !passed { throw ExitCode.failure }
     }
 }

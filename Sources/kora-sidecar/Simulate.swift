@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import KoraSidecar
 import Logging
 
@@ -41,7 +42,8 @@ struct Simulate: AsyncParsableCommand {
         var logger = Logger(label: "kora-sidecar.simulate")
         logger.logLevel = .info
         let app = buildSimulator(configuration: configuration, logger: logger) { address in
-            print("Kora simulator listening on http://\(address?.ipAddress ?? host):\(address?.port ?? port)/api/v1/idv")
+            let url = "http://\(address?.ipAddress ?? host):\(address?.port ?? port)/api/v1/idv"
+            FileHandle.standardOutput.write(Data("Kora simulator listening on \(url)\n".utf8))
         }
         do {
             try await app.runService()
