@@ -47,6 +47,11 @@ public func buildApplication(
     if case .unixSocket(let path) = configuration.internal.listen {
         try UnixSocketFile.replaceIfStale(path, key: "internal.listen.unixSocket")
     }
+    if case .unixSocket(let path) = configuration.webhooks.listen {
+        try UnixSocketFile.replaceIfStale(path, key: "webhooks.listen.unixSocket")
+    }
+    try ListenerPreflight.check(configuration.webhooks.listen, key: "webhooks.listen")
+    try ListenerPreflight.check(configuration.internal.listen, key: "internal.listen")
     let store: any SidecarStore
     var services: [any Service] = []
     if let given = options.store {

@@ -300,13 +300,13 @@ extension SidecarConfiguration {
                 "$.services[\(anonymous[1])].token",
                 "is required: at most one service may omit its token (services[\(anonymous[0])] already does)")
         }
-        if configuration.webhooks.listen == configuration.internal.listen {
-            reader.report("$.internal.listen", "must differ from webhooks.listen")
-        }
-        if case .tcp(_, let a) = configuration.webhooks.listen, case .tcp(_, let b) = configuration.internal.listen,
-            a == b, a != 0
-        {
+        switch (configuration.webhooks.listen, configuration.internal.listen) {
+        case (.tcp(_, let a), .tcp(_, let b)) where a == b && a != 0:
             reader.report("$.internal.listen.port", "must differ from webhooks.listen.port")
+        case (.unixSocket(let a), .unixSocket(let b)) where a == b:
+            reader.report("$.internal.listen.unixSocket", "must differ from webhooks.listen.unixSocket")
+        default:
+            break
         }
     }
 

@@ -92,7 +92,7 @@ struct WebhookAnswer: Sendable {
 }
 
 /// Posts `body` with `headers` to `url` and returns the answer.
-func post(_ url: String, body: [UInt8], headers: [(String, String)]) async throws -> WebhookAnswer {
+func post(_ url: String, body: [UInt8], headers: [(String, String)], timeout: Duration = .seconds(30)) async throws -> WebhookAnswer {
     var request = HTTPClientRequest(url: url)
     request.method = .POST
     request.headers.add(name: "Content-Type", value: "application/json")
@@ -100,7 +100,7 @@ func post(_ url: String, body: [UInt8], headers: [(String, String)]) async throw
     request.headers.add(name: "Connection", value: "close")
     for (name, value) in headers { request.headers.add(name: name, value: value) }
     request.body = .bytes(ByteBuffer(bytes: body))
-    let response = try await HTTPClient.shared.execute(request, timeout: .seconds(30))
+    let response = try await HTTPClient.shared.execute(request, timeout: .milliseconds(timeout.milliseconds))
     let answer = try await response.body.collect(upTo: 1 << 20)
     let bytes = Array(answer.readableBytesView)
     return WebhookAnswer(status: Int(response.status.code), body: String(decoding: bytes, as: UTF8.self), json: try? JSONParser.parse(bytes))
@@ -121,8 +121,8 @@ func get(_ url: String, headers: [(String, String)] = [], method: HTTPRequest.Me
 /// Signs `body` as Kora does and posts it to the sidecar.
 func sendSigned(
     _ body: [UInt8], to sidecar: RunningSidecar, secret: String = TestSecrets.webhook, scheme: SignatureScheme = .timestamped,
-    timestamp: Int64 = UnixTime.now().seconds, extra: [(String, String)] = []
+    timestamp: Int64 = UnixTime.now().seconds, extra: [(String, String)] = [], timeout: Duration = .seconds(30)
 ) async throws -> WebhookAnswer {
     let headers = KoraSignature.headers(scheme: scheme, secret: Secret(secret), body: body, timestamp: timestamp)
-    return try await post(sidecar.webhookURL, body: body, headers: headers.map { ($0.name, $0.value) } + extra)
+    return try await post(sidecar.webhookURL, body: body, headers: headers.map { ($0.name, $0.value) } + extra, timeout: timeout)
 }

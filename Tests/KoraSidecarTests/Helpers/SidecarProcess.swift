@@ -1,0 +1,123 @@
+import Foundation
+import KoraSidecar
+import Synchronization
+
+/// The real `kora-sidecar` binary (built by `swift build --build-tests`).
+enum Binary {
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().deletingLastPathComponent().path
+    static let path = root + "/.build/debug/kora-sidecar"
+
+    /// Runs a command to completion and returns its exit status and output.
+    static func run(_ arguments: [String], environment: [String: String] = [:], input: [UInt8]? = nil) async throws -> (status: Int32, stdout: String, stderr: String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: path)
+        process.arguments = arguments
+        process.environment = environment.merging(["PATH": "/usr/bin:/bin"]) { a, _ in a }
+        let out = Pipe()
+        let err = Pipe()
+        let inPipe = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        process.standardInput = inPipe
+        try process.run()
+        if let input { inPipe.fileHandleForWriting.write(Data(input)) }
+        try inPipe.fileHandleForWriting.close()
+        let result = await offPool {
+            let stdout = out.fileHandleForReading.readDataToEndOfFile()
+            let stderr = err.fileHandleForReading.readDataToEndOfFile()
+            process.waitUntilExit()
+            return (process.terminationStatus, String(decoding: stdout, as: UTF8.self), String(decoding: stderr, as: UTF8.self))
+        }
+        return result
+    }
+}
+
+/// `kora-sidecar serve` as a child process, with its log lines captured.
+final class SidecarProcess: @unchecked Sendable {
+    private let process = Process()
+    private let lines = Mutex<[String]>([])
+
+    init(config: String, environment: [String: String] = [:]) throws {
+        process.executableURL = URL(fileURLWithPath: Binary.path)
+        process.arguments = ["serve", "--config", config]
+        process.environment = environment.merging(["PATH": "/usr/bin:/bin"]) { a, _ in a }
+        let err = Pipe()
+        process.standardError = err
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        let handle = err.fileHandleForReading
+        Thread { [self] in
+            var buffer = Data()
+            while true {
+                let chunk = handle.availableData
+                if chunk.isEmpty { break }
+                buffer.append(chunk)
+                while let newline = buffer.firstIndex(of: 0x0A) {
+                    let line = String(decoding: buffer[buffer.startIndex..<newline], as: UTF8.self)
+                    buffer.removeSubrange(buffer.startIndex...newline)
+                    self.lines.withLock { $0.append(line) }
+                }
+            }
+        }.start()
+    }
+
+    var pid: Int32 { process.processIdentifier }
+    var log: [String] { lines.withLock { $0 } }
+
+    /// The ports the listeners bound, read from their `Listening` log lines.
+    func ports(timeout: Duration = .seconds(20)) async throws -> (webhooks: Int, internal: Int) {
+        var found: [String: Int] = [:]
+        try await waitUntil("the sidecar to listen", timeout: timeout) {
+            for line in self.log {
+                guard let json = try? JSONParser.parse(Array(line.utf8)), json["message"] == "Listening",
+                    let listener = json["listener"]?.text, let address = json["address"]?.text,
+                    let port = address.split(separator: ":").last.flatMap({ Int($0) })
+                else { continue }
+                found[listener] = port
+            }
+            return found.count == 2 || !self.process.isRunning
+        }
+        guard let webhooks = found["webhooks"], let internalPort = found["internal"] else {
+            throw TimedOut(what: "listening ports; log: \(log.suffix(5))")
+        }
+        return (webhooks, internalPort)
+    }
+
+    func signal(_ number: Int32) { kill(process.processIdentifier, number) }
+
+    /// Waits for the process to exit and returns its status.
+    func exitStatus(timeout: Duration = .seconds(30)) async throws -> Int32 {
+        try await waitUntil("the sidecar to exit", timeout: timeout) { !self.process.isRunning }
+        return process.terminationStatus
+    }
+
+    /// The resident set size in kilobytes, from /proc.
+    var residentKilobytes: Int {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+            let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") })
+        else { return 0 }
+        return Int(line.split(separator: " ").dropFirst().first ?? "0") ?? 0
+    }
+
+    deinit { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+}
+
+/// Writes a sidecar configuration for a child process: both listeners on 127.0.0.1 port 0,
+/// queued delivery to `receiverPort`, the store in `directory`.
+func writeProcessConfig(directory: String, receiverPort: Int, retrySchedule: [String] = ["100ms", "100ms", "200ms"], extra: String = "") throws -> String {
+    let path = directory + "/config.json"
+    let schedule = retrySchedule.map { "\"\($0)\"" }.joined(separator: ", ")
+    let text = """
+        {
+          "webhooks": {"listen": {"host": "127.0.0.1", "port": 0}, "secrets": ["\(TestSecrets.webhook)"]},
+          "internal": {"listen": {"host": "127.0.0.1", "port": 0}\(extra)},
+          "services": [{"name": "app", "deliver": {"url": "http://127.0.0.1:\(receiverPort)/events", "signingSecret": "\(TestSecrets.signing)", "timeoutSeconds": 5}}],
+          "delivery": {"mode": "queued", "retrySchedule": [\(schedule)], "concurrency": 8, "drainTimeout": "20s"},
+          "storage": {"sqlitePath": "\(directory)/store.sqlite"},
+          "logging": {"level": "info", "format": "json"}
+        }
+        """
+    try text.write(toFile: path, atomically: true, encoding: .utf8)
+    return path
+}

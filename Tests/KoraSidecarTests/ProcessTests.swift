@@ -1,0 +1,233 @@
+import Foundation
+import Hummingbird
+import Synchronization
+import Testing
+
+@testable import KoraSidecar
+
+/// The real binary as operators run it: crash safety, graceful shutdown, the command line.
+@Suite("The kora-sidecar process", .serialized)
+struct ProcessTests {
+    @Test func killNineLosesNoAcknowledgedEvent() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        // Every event fails its first attempt, so that many are pending when the process dies.
+        let taken = Mutex<Set<String>>([])
+        let seen = Mutex<Set<String>>([])
+        let receiver = Receiver { delivery, _ in
+            let id = delivery.header("webhook-id") ?? ""
+            guard seen.withLock({ !$0.insert(id).inserted }) else { return .serviceUnavailable }
+            taken.withLock { _ = $0.insert(id) }
+            return .ok
+        }
+        try await withReceiver(receiver) { (port: Int) async throws in
+            let config = try writeProcessConfig(directory: directory, receiverPort: port)
+            let first = try SidecarProcess(config: config)
+            let ports = try await first.ports()
+            let sidecar = RunningSidecar(webhookPort: ports.webhooks, internalPort: ports.internal, internalAddress: nil)
+            let acknowledged = Acknowledged()
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                // Sixteen requests stay in flight; the process dies under them after 250 were sent.
+                for index in 0..<250 {
+                    if index >= 16 { try await group.next() }
+                    group.addTask {
+                        let id = "evt_kill_\(index)"
+                        if let answer = try? await sendSigned(TestEvent.body(eventID: id), to: sidecar, timeout: .seconds(3)), answer.status == 200 {
+                            acknowledged.insert(id)
+                        }
+                    }
+                }
+                first.signal(SIGKILL)
+                try await group.waitForAll()
+            }
+            #expect(try await first.exitStatus() == SIGKILL)
+            let acked = acknowledged.ids
+            #expect(acked.count >= 200, "only \(acked.count) events were acknowledged before the kill")
+            #expect(taken.withLock { $0.count } < acked.count, "nothing was pending when the process died")
+
+            let second = try SidecarProcess(config: config)
+            _ = try await second.ports()
+            try await waitUntil("every acknowledged event to be delivered", timeout: .seconds(60)) {
+                taken.withLock { acked.isSubset(of: $0) }
+            }
+            second.signal(SIGTERM)
+            #expect(try await second.exitStatus() == 0)
+        }
+    }
+
+    @Test func sigtermFinishesInFlightDeliveriesAndExitsZero() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let gate = Gate()
+        let receiver = Receiver { _, _ in
+            await gate.wait()
+            return .ok
+        }
+        try await withReceiver(receiver) { (port: Int) async throws in
+            let config = try writeProcessConfig(directory: directory, receiverPort: port)
+            let child = try SidecarProcess(config: config)
+            let ports = try await child.ports()
+            let sidecar = RunningSidecar(webhookPort: ports.webhooks, internalPort: ports.internal, internalAddress: nil)
+            #expect(try await sendSigned(TestEvent.body(eventID: "evt_drain"), to: sidecar).status == 200)
+            _ = try await receiver.waitFor(1)
+            child.signal(SIGTERM)
+            // The listener stops accepting while the delivery is still in flight...
+            try await waitUntil("the webhook listener to close") { (try? RawConnection(port: ports.webhooks)) == nil }
+            gate.open()
+            // ...and the delivery finishes before the process exits 0.
+            #expect(try await child.exitStatus() == 0)
+            let listed = try await Binary.run(["deliveries", "list", "--status", "delivered", "--config", config])
+            #expect(listed.status == 0)
+            #expect(listed.stdout.contains("evt_drain"))
+            #expect(child.log.contains { $0.contains("\"level\":\"info\"") })
+        }
+    }
+
+    @Test func operatorsManageDeliveriesWhileServeRuns() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let healthy = Mutex(false)
+        let receiver = Receiver { _, _ in healthy.withLock { $0 } ? .ok : .internalServerError }
+        try await withReceiver(receiver) { (port: Int) async throws in
+            let config = try writeProcessConfig(directory: directory, receiverPort: port, retrySchedule: ["50ms"])
+            let child = try SidecarProcess(config: config)
+            let ports = try await child.ports()
+            let sidecar = RunningSidecar(webhookPort: ports.webhooks, internalPort: ports.internal, internalAddress: nil)
+            for index in 0..<3 {
+                #expect(try await sendSigned(TestEvent.body(eventID: "evt_cli_\(index)"), to: sidecar).status == 200)
+            }
+            try await waitUntil("three dead deliveries") {
+                let listed = try await Binary.run(["deliveries", "list", "--status", "dead", "--config", config])
+                return listed.stdout.components(separatedBy: "\"status\": \"dead\"").count - 1 == 3
+            }
+            let shown = try await Binary.run(["deliveries", "show", "1", "--config", config])
+            #expect(shown.status == 0)
+            #expect(shown.stdout.contains("\"statusCode\": 500"))
+            #expect(try await Binary.run(["deliveries", "show", "999", "--config", config]).status == 1)
+            healthy.withLock { $0 = true }
+            let retried = try await Binary.run(["deliveries", "retry", "--all-dead", "--config", config])
+            #expect(retried.stdout.contains("3 dead deliveries"))
+            try await waitUntil("the re-queued deliveries to arrive") { receiver.deliveries.filter { $0.header("X-Kora-Delivery-Attempt") == "3" }.count == 3 }
+            #expect(try await Binary.run(["deliveries", "retry", "--config", config]).status == 2)
+            child.signal(SIGTERM)
+            #expect(try await child.exitStatus() == 0)
+        }
+    }
+
+    @Test func checkConfigPrintsTheEffectiveConfigurationOrEveryProblem() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let good = directory + "/good.json"
+        try #"{"webhooks": {"secrets": [{"env": "WEBHOOK_SECRET"}]}, "kora": {"apiKey": "literal-api-key-value"}}"#
+            .write(toFile: good, atomically: true, encoding: .utf8)
+        let valid = try await Binary.run(["check-config", "--config", good], environment: ["WEBHOOK_SECRET": "whsec_env_value_123"])
+        #expect(valid.status == 0)
+        #expect(valid.stdout.contains("\"mode\": \"queued\""))
+        #expect(!valid.stdout.contains("whsec_env_value_123"))
+        #expect(!valid.stdout.contains("literal-api-key-value"))
+
+        let bad = directory + "/bad.json"
+        try #"{"webhooks": {"secrets": [{"env": "NOPE"}], "port": 1}, "delivery": {"mode": "sometimes"}}"#
+            .write(toFile: bad, atomically: true, encoding: .utf8)
+        let invalid = try await Binary.run(["check-config", "--config", bad])
+        #expect(invalid.status == 1)
+        for path in ["$.webhooks.secrets[0]", "$.webhooks.port", "$.delivery.mode"] {
+            #expect(invalid.stderr.contains(path), "\(path) not reported: \(invalid.stderr)")
+        }
+        let missing = try await Binary.run(["check-config", "--config", directory + "/absent.json"])
+        #expect(missing.status == 1)
+        #expect(missing.stderr.contains("absent.json"))
+        #expect(try await Binary.run(["check-config", "--bogus-flag"]).status == 2)
+        #expect(try await Binary.run(["no-such-command"]).status == 2)
+    }
+
+    @Test func startupFailuresExitOneWithOneSentence() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let blocker = try RawListener()
+        let busy = directory + "/busy.json"
+        try """
+            {"webhooks": {"listen": {"host": "127.0.0.1", "port": \(blocker.port)}, "secrets": ["s"]},
+             "internal": {"listen": {"host": "127.0.0.1", "port": 0}}, "storage": {"sqlitePath": "\(directory)/a.sqlite"}}
+            """.write(toFile: busy, atomically: true, encoding: .utf8)
+        let portInUse = try await Binary.run(["serve", "--config", busy])
+        #expect(portInUse.status == 1)
+        #expect(portInUse.stderr.contains("\(blocker.port)") && portInUse.stderr.contains("webhooks.listen"), "\(portInUse.stderr)")
+
+        try "not a directory".write(toFile: directory + "/file", atomically: true, encoding: .utf8)
+        let unwritable = directory + "/unwritable.json"
+        try """
+            {"webhooks": {"listen": {"host": "127.0.0.1", "port": 0}, "secrets": ["s"]},
+             "internal": {"listen": {"host": "127.0.0.1", "port": 0}}, "storage": {"sqlitePath": "\(directory)/file/store.sqlite"}}
+            """.write(toFile: unwritable, atomically: true, encoding: .utf8)
+        let store = try await Binary.run(["serve", "--config", unwritable])
+        #expect(store.status == 1)
+        #expect(store.stderr.contains("storage.sqlitePath"))
+
+        let secretFile = directory + "/secretfile.json"
+        try #"{"webhooks": {"secrets": [{"file": "/nonexistent/secret"}]}}"#.write(toFile: secretFile, atomically: true, encoding: .utf8)
+        let secret = try await Binary.run(["serve", "--config", secretFile])
+        #expect(secret.status == 1)
+        #expect(secret.stderr.contains("/nonexistent/secret"))
+        #expect(!secret.stderr.contains("Fatal error"))
+    }
+
+    @Test func signPrintsKorasHeadersAndSendTestEventPostsThem() async throws {
+        let body = Array(#"{"eventType":"verification.completed","data":{}}"#.utf8)
+        let signed = try await Binary.run(["sign", "--secret", "whsec_cli", "--timestamp", "1795000000"], input: body)
+        #expect(signed.status == 0)
+        let expected = KoraSignature.timestamped(secret: Secret("whsec_cli"), timestamp: "1795000000", body: body)
+        #expect(signed.stdout == "X-Signature: \(expected)\nX-Timestamp: 1795000000\nX-Signature-Algorithm: sha256\n")
+        let legacy = try await Binary.run(["sign", "--secret", "whsec_cli", "--scheme", "legacy"], input: body)
+        #expect(legacy.stdout == "X-Kora-Signature: \(KoraSignature.legacy(secret: Secret("whsec_cli"), body: body))\n")
+        #expect(try await Binary.run(["sign", "--secret", "s", "--scheme", "md5"], input: body).status == 2)
+
+        let receiver = Receiver()
+        try await withReceiver(receiver) { (port: Int) async throws in
+            let configuration = testConfiguration(services: [testService("app", target: .url("http://127.0.0.1:\(port)/events"))])
+            var options = SidecarOptions()
+            options.store = InMemoryStore()
+            try await withSidecar(configuration, options: options) { (sidecar: RunningSidecar) async throws in
+                let sent = try await Binary.run([
+                    "send-test-event", "--to", sidecar.webhookURL, "--secret", TestSecrets.webhook, "--type", "verification.rejected",
+                    "--decision", "auto_reject", "--external-id", "user-9",
+                ])
+                #expect(sent.stdout.hasPrefix("200 "))
+                let delivery = try #require(try await receiver.waitFor(1).first)
+                #expect(delivery.json?["verification"]?["outcome"] == "rejected")
+                #expect(delivery.json?["verification"]?["externalId"] == "user-9")
+                let refused = try await Binary.run(["send-test-event", "--to", sidecar.webhookURL, "--secret", "whsec_wrong"])
+                #expect(refused.stdout.hasPrefix("401 "))
+            }
+        }
+    }
+}
+
+/// Event ids the sidecar acknowledged with 200.
+final class Acknowledged: Sendable {
+    private let storage = Mutex<Set<String>>([])
+    func insert(_ id: String) { storage.withLock { _ = $0.insert(id) } }
+    var ids: Set<String> { storage.withLock { $0 } }
+}
+
+/// A TCP listener held open by the test (to make a port busy).
+final class RawListener {
+    let fd: Int32
+    let port: Int
+
+    init() throws {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        self.fd = fd
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        _ = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        listen(fd, 1)
+        var bound = sockaddr_in()
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &bound) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
+        port = Int(UInt16(bigEndian: bound.sin_port))
+    }
+
+    deinit { close(fd) }
+}
