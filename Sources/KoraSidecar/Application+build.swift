@@ -25,6 +25,8 @@ public struct SidecarOptions: Sendable {
     public var onListening: @Sendable (ListenerRole, SocketAddress?) async -> Void = { _, _ in }
     /// The retry policy of queued delivery; nil uses `delivery.retrySchedule` with 20% jitter.
     public var retryPolicy: RetryPolicy?
+    /// Where the metrics are kept and rendered from.
+    public var metrics = SidecarMetrics()
     /// The API proxy's seams: how it waits between retries, the callback URL it injects.
     public var koraProxy = KoraProxyOptions()
 
@@ -52,6 +54,7 @@ public func buildApplication(
     }
     try ListenerPreflight.check(configuration.webhooks.listen, key: "webhooks.listen")
     try ListenerPreflight.check(configuration.internal.listen, key: "internal.listen")
+    let webhookServer = try HTTPServerBuilder.webhookServer(configuration.webhooks.limits, tls: configuration.webhooks.tls)
     let store: any SidecarStore
     var services: [any Service] = []
     if let given = options.store {
@@ -87,25 +90,27 @@ public func buildApplication(
             store: store, sender: sender, services: deliveryServices,
             policy: options.retryPolicy ?? RetryPolicy(schedule: configuration.delivery.retrySchedule),
             concurrency: configuration.delivery.concurrency, drainTimeout: configuration.delivery.drainTimeout,
+            metrics: options.metrics,
             logger: logger.with("component", "dispatcher"))
         services.append(dispatcher)
-        services.append(
-            Housekeeping(store: store, retention: .seconds(configuration.webhooks.dedupWindowHours * 3600), logger: logger))
         delivery = .queued(dispatcher)
     }
+    services.append(Housekeeping(store: store, retention: .seconds(configuration.webhooks.dedupWindowHours * 3600), logger: logger))
 
     let ingress = WebhookIngress(
         configuration: configuration.webhooks, store: store,
         router: EventRouter(services: deliveryServices, store: store), delivery: delivery, clock: options.clock,
+        metrics: options.metrics,
         logger: logger.with("component", "ingress"))
 
     let proxyClient = HTTPClient(
         eventLoopGroupProvider: .singleton, configuration: KoraProxy.clientConfiguration(timeoutSeconds: configuration.kora.timeoutSeconds))
     services.append(CloseOnShutdown { try? await proxyClient.shutdown() })
     let proxy = KoraProxy(
-        configuration: configuration, client: proxyClient, store: store, options: options.koraProxy, logger: logger.with("component", "proxy"))
+        configuration: configuration, client: proxyClient, store: store, options: options.koraProxy, metrics: options.metrics, logger: logger.with("component", "proxy"))
     let internalListener = Application(
-        router: buildInternalRouter(configuration: configuration, store: store, readiness: readiness, proxy: proxy),
+        router: buildInternalRouter(
+            configuration: configuration, store: store, readiness: readiness, metrics: options.metrics, proxy: proxy),
         server: .sidecarHTTP1(configuration.internal.limits),
         configuration: .sidecar(configuration.internal.listen, configuration.internal.limits, logger: logger),
         onServerRunning: { channel in
@@ -119,7 +124,7 @@ public func buildApplication(
 
     return Application(
         responder: WebhookResponder(path: configuration.webhooks.path, ingress: ingress),
-        server: .sidecarHTTP1(configuration.webhooks.limits),
+        server: webhookServer,
         configuration: .sidecar(configuration.webhooks.listen, configuration.webhooks.limits, logger: logger),
         services: services,
         onServerRunning: { channel in

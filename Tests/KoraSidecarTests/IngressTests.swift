@@ -261,3 +261,58 @@ struct IngressTests {
         }
     }
 }
+
+@Suite("Replays and hostile ids")
+struct ReplayTests {
+    func sidecar(receiver: Receiver, mode: DeliveryMode, _ body: @escaping @Sendable (RunningSidecar) async throws -> Void) async throws {
+        try await withReceiver(receiver) { (port: Int) async throws in
+            let configuration = testConfiguration(services: [testService("app", target: .url("http://127.0.0.1:\(port)/e"))], mode: mode)
+            var options = SidecarOptions()
+            options.store = InMemoryStore()
+            try await withSidecar(configuration, options: options, body)
+        }
+    }
+
+    @Test(arguments: [DeliveryMode.queued, .direct])
+    func aBodyWithoutIdReplayedUnderANewHeaderIdIsADuplicate(mode: DeliveryMode) async throws {
+        let receiver = Receiver()
+        try await sidecar(receiver: receiver, mode: mode) { (sidecar: RunningSidecar) async throws in
+            let body = Array(#"{"eventType":"verification.completed","data":{"verificationId":"ver_1","decision":"auto_approve"}}"#.utf8)
+            let first = try await sendSigned(body, to: sidecar, scheme: .legacy, extra: [("X-Webhook-ID", "evt_a")])
+            #expect(first.json == ["received": true])
+            let replay = try await sendSigned(body, to: sidecar, scheme: .legacy, extra: [("X-Webhook-ID", "evt_b")])
+            #expect(replay.json == ["received": true, "duplicate": true])
+            _ = try await receiver.waitFor(1)
+            #expect(receiver.deliveries.map { $0.header("webhook-id") } == ["evt_a"])
+        }
+    }
+
+    @Test func korasTwoSimultaneousCopiesAreDeliveredOnceInDirectMode() async throws {
+        let gate = Gate()
+        let receiver = Receiver { _, _ in
+            await gate.wait()
+            return .ok
+        }
+        try await sidecar(receiver: receiver, mode: .direct) { (sidecar: RunningSidecar) async throws in
+            let body = TestEvent.body(eventID: "evt_twice")
+            async let first = sendSigned(body, to: sidecar)
+            _ = try await receiver.waitFor(1)
+            let second = try await sendSigned(body, to: sidecar)
+            #expect(second.status == 503)
+            gate.open()
+            #expect(try await first.status == 200)
+            #expect(try await sendSigned(body, to: sidecar).json == ["received": true, "duplicate": true])
+            #expect(receiver.count == 1)
+        }
+    }
+
+    @Test func idsThatCannotBeHeadersFallBackToTheDigest() throws {
+        for id in ["", "evt\r\nX-Injected: 1", String(repeating: "a", count: 300), "évt"] {
+            let body = JSONWriter.encode(["id": .string(id), "eventType": "verification.completed", "data": [:]])
+            let event = try EventNormalizer.normalize(body: body, webhookID: nil, receivedAt: .now())
+            #expect(event.id.hasPrefix("sha256:"))
+        }
+        let badType = JSONWriter.encode(["eventType": "verification.completed\r\nX: 1", "data": [:]])
+        #expect(throws: InvalidPayload.self) { try EventNormalizer.normalize(body: badType, webhookID: nil, receivedAt: .now()) }
+    }
+}

@@ -36,7 +36,6 @@ struct OutboxTests {
     }
 
     @Test func deadAfterTheLastAttemptThenRequeuedByAnOperator() async throws {
-        let healthy = Gate()
         let receiver = Receiver { _, index in index < 3 ? .internalServerError : .noContent }
         let store = InMemoryStore()
         try await withReceiver(receiver) { (port: Int) async throws in
@@ -63,7 +62,6 @@ struct OutboxTests {
                 #expect(delivered.last?.header("X-Kora-Delivery-Attempt") == "4")
                 try await waitUntil("the requeued delivery to succeed") { try await store.deliveries(status: .delivered, limit: 5).count == 1 }
                 #expect(try await post(sidecar.internalURL("/admin/deliveries/999999/retry"), body: [], headers: admin).status == 404)
-                healthy.open()
             }
         }
     }
@@ -91,9 +89,12 @@ struct OutboxTests {
         let store = InMemoryStore()
         try await withReceiver(stuck) { (stuckPort: Int) async throws in
             try await withReceiver(healthy) { (healthyPort: Int) async throws in
+                var stuckService = testService("stuck", target: .url("http://127.0.0.1:\(stuckPort)/e"))
+                // Long enough that no attempt times out while the test holds the service.
+                stuckService.deliver?.timeoutSeconds = 120
                 var configuration = testConfiguration(
                     services: [
-                        testService("stuck", target: .url("http://127.0.0.1:\(stuckPort)/e")),
+                        stuckService,
                         testService("healthy", target: .url("http://127.0.0.1:\(healthyPort)/e")),
                     ], mode: .queued)
                 configuration.delivery.concurrency = 2

@@ -80,7 +80,8 @@ import Testing
                     let fromCallback = try await callback.waitFor(count)
                     let fromDashboard = try await dashboard.waitFor(count)
                     #expect(fromCallback.map { $0.header("X-Event-Type") } == expected.events)
-                    #expect(fromCallback.map { $0.header("X-Webhook-ID") } == fromDashboard.map { $0.header("X-Webhook-ID") })
+                    // The same events reach both URLs; their order may differ between the two.
+                    #expect(Set(fromCallback.map { $0.header("X-Webhook-ID") }) == Set(fromDashboard.map { $0.header("X-Webhook-ID") }))
                     let verifier = SignatureVerifier(secrets: [Secret(TestSecrets.webhook)], schemes: [.timestamped], toleranceSeconds: 300)
                     for delivery in fromCallback + fromDashboard {
                         let headers = SignatureHeaders(

@@ -24,11 +24,6 @@ public struct EventRouter: Sendable {
         }
         return recipients
     }
-
-    /// The service named `name`, if it receives events.
-    public func service(named name: String) -> DeliveryService? {
-        services.first { $0.name == name }
-    }
 }
 
 extension Optional {

@@ -16,6 +16,7 @@ public final class OutboxDispatcher: Service, Sendable {
     private let policy: RetryPolicy
     private let concurrency: Int
     private let drainTimeout: Duration
+    private let metrics: SidecarMetrics
     private let logger: Logger
     private let doorbell = Doorbell()
     private let stopping = Atomic(false)
@@ -25,8 +26,9 @@ public final class OutboxDispatcher: Service, Sendable {
 
     public init(
         store: any SidecarStore, sender: EventSender, services: [DeliveryService], policy: RetryPolicy, concurrency: Int,
-        drainTimeout: Duration = .seconds(10), logger: Logger
+        drainTimeout: Duration = .seconds(10), metrics: SidecarMetrics = SidecarMetrics(), logger: Logger
     ) {
+        self.metrics = metrics
         self.store = store
         self.sender = sender
         self.services = services
@@ -104,6 +106,7 @@ public final class OutboxDispatcher: Service, Sendable {
             "delivery.attempt": "\(job.attempt)", "delivery.status": "\(result.statusCode.map(String.init) ?? "-")",
         ]
         if let error = result.error { metadata["error"] = "\(error)" }
+        metrics.delivery(service: service.name, result: next.metricName, milliseconds: result.durationMilliseconds)
         switch next {
         case .delivered: logger.debug("Delivered", metadata: metadata)
         case .retry: logger.notice("Delivery failed; will retry", metadata: metadata)
@@ -113,6 +116,17 @@ public final class OutboxDispatcher: Service, Sendable {
             try await store.finish(deliveryID: job.deliveryID, attempt: record, next: next)
         } catch {
             logger.error("Could not record a delivery attempt", metadata: metadata.merging(["error": "\(error)"]) { $1 })
+        }
+    }
+}
+
+extension NextStep {
+    /// The `result` label of the deliveries counter.
+    var metricName: String {
+        switch self {
+        case .delivered: "delivered"
+        case .retry: "retry"
+        case .dead: "dead"
         }
     }
 }

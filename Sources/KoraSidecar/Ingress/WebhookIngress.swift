@@ -2,6 +2,7 @@ import HTTPTypes
 import Hummingbird
 import Logging
 import NIOCore
+import Synchronization
 
 /// How an accepted webhook reaches the services (SPEC §4.5).
 public enum IngressDelivery: Sendable {
@@ -20,12 +21,15 @@ public struct WebhookIngress: Sendable {
     private let router: EventRouter
     private let delivery: IngressDelivery
     private let clock: @Sendable () -> UnixTime
+    private let metrics: SidecarMetrics
+    private let inFlight = InFlightEvents()
     private let logger: Logger
 
     public init(
         configuration: WebhookConfiguration, store: any SidecarStore, router: EventRouter, delivery: IngressDelivery,
-        clock: @escaping @Sendable () -> UnixTime = UnixTime.now, logger: Logger
+        clock: @escaping @Sendable () -> UnixTime = UnixTime.now, metrics: SidecarMetrics = SidecarMetrics(), logger: Logger
     ) {
+        self.metrics = metrics
         self.configuration = configuration
         self.verifier = SignatureVerifier(
             secrets: configuration.secrets, schemes: configuration.schemes, toleranceSeconds: configuration.toleranceSeconds)
@@ -53,6 +57,7 @@ public struct WebhookIngress: Sendable {
         do {
             return try await accept(request, context: context)
         } catch {
+            metrics.webhook(error.code)
             return error.response(channel: context.channel)
         }
     }
@@ -114,18 +119,25 @@ public struct WebhookIngress: Sendable {
             if result == .duplicate { return duplicate(metadata) }
             dispatcher.notify()
         case .direct(let sender):
+            // Kora's two copies of an event (dashboard and callback URL) arrive together: the second
+            // waits for Kora's retry rather than being delivered twice.
+            guard inFlight.begin(event.id) else {
+                throw .unavailable("The same event is being delivered now; retry later.")
+            }
+            defer { inFlight.end(event.id) }
             do {
-                if try await store.isDuplicate(eventID: event.id, since: dedupSince) { return duplicate(metadata) }
+                for key in event.dedupKeys where try await store.isDuplicate(eventID: key, since: dedupSince) {
+                    return duplicate(metadata)
+                }
             } catch {
                 logger.error("Store unavailable", metadata: metadata.merging(["error": "\(error)"]) { $1 })
                 throw .unavailable("The sidecar cannot reach its store; retry later.")
             }
-            let refused = await deliverDirectly(event, to: recipients, sender: sender, metadata)
-            guard refused.isEmpty else {
-                throw .unavailable("Service \(refused.joined(separator: ", ")) did not accept the event; retry later.")
+            guard await deliverDirectly(event, to: recipients, sender: sender, metadata) else {
+                throw .unavailable("A service did not accept the event; retry later.")
             }
             do {
-                try await store.remember(eventID: event.id, at: now)
+                for key in event.dedupKeys { try await store.remember(eventID: key, at: now) }
             } catch {
                 logger.error("Delivered but not remembered; a retry will be delivered again", metadata: metadata)
             }
@@ -133,6 +145,7 @@ public struct WebhookIngress: Sendable {
         metadata["webhook.result"] = "accepted"
         metadata["webhook.recipients"] = "\(recipients.count)"
         logger.info("Webhook accepted", metadata: metadata)
+        metrics.webhook("accepted")
         return JSONResponse.make(.ok, ["received": true])
     }
 
@@ -140,6 +153,7 @@ public struct WebhookIngress: Sendable {
         var metadata = metadata
         metadata["webhook.result"] = "duplicate"
         logger.info("Webhook already seen", metadata: metadata)
+        metrics.webhook("duplicate")
         return JSONResponse.make(.ok, ["received": true, "duplicate": true])
     }
 
@@ -166,16 +180,18 @@ public struct WebhookIngress: Sendable {
         logger.warning("Signed payload quarantined", metadata: metadata)
     }
 
-    /// Sends to every recipient at once; returns the names of those that did not take it.
+    /// Sends to every recipient at once; true when every one took it.
     private func deliverDirectly(
         _ event: KoraEvent, to recipients: [DeliveryService], sender: EventSender, _ metadata: Logger.Metadata
-    ) async -> [String] {
+    ) async -> Bool {
         await withTaskGroup(of: (String, AttemptResult).self) { group in
             for service in recipients {
                 group.addTask { (service.name, await sender.send(event, to: service, attempt: 1)) }
             }
             var refused: [String] = []
-            for await (name, result) in group where !result.succeeded {
+            for await (name, result) in group {
+                metrics.delivery(service: name, result: result.succeeded ? "delivered" : "refused", milliseconds: result.durationMilliseconds)
+                guard !result.succeeded else { continue }
                 var metadata = metadata
                 metadata["service"] = "\(name)"
                 metadata["delivery.status"] = "\(result.statusCode.map(String.init) ?? "-")"
@@ -183,7 +199,7 @@ public struct WebhookIngress: Sendable {
                 logger.warning("Direct delivery refused", metadata: metadata)
                 refused.append(name)
             }
-            return refused.sorted()
+            return refused.isEmpty
         }
     }
 }
@@ -198,4 +214,14 @@ extension SignatureFailure {
         case .unsupportedAlgorithm: "X-Signature-Algorithm must be sha256."
         }
     }
+}
+
+/// Event ids being delivered in `direct` mode right now.
+final class InFlightEvents: Sendable {
+    private let ids = Mutex<Set<String>>([])
+
+    /// Marks `id` in flight; false when it already was.
+    func begin(_ id: String) -> Bool { ids.withLock { $0.insert(id).inserted } }
+
+    func end(_ id: String) { ids.withLock { _ = $0.remove(id) } }
 }

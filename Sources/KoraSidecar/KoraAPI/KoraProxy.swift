@@ -36,13 +36,15 @@ public struct KoraProxy: Sendable {
     private let store: any SidecarStore
     private let policy: ProxyRetryPolicy
     private let callbackURL: @Sendable () async -> String?
+    private let metrics: SidecarMetrics
     private let logger: Logger
 
     /// Creates the proxy. `client` should be built with ``KoraProxy/clientConfiguration(timeoutSeconds:)``.
     public init(
         configuration: SidecarConfiguration, client: HTTPClient, store: any SidecarStore, options: KoraProxyOptions = .init(),
-        logger: Logger
+        metrics: SidecarMetrics = SidecarMetrics(), logger: Logger
     ) {
+        self.metrics = metrics
         self.kora = configuration.kora
         self.limits = configuration.internal.limits
         self.identity = ServiceIdentity(services: configuration.services)
@@ -72,6 +74,10 @@ public struct KoraProxy: Sendable {
     /// `ANY /api/v1/idv/{path}` and its alias `ANY /api/v1/{path}`: forwards to `{apiBaseURL}/{path}`.
     public func forward(_ request: Request, context: SidecarRequestContext) async throws -> Response {
         let path = Self.koraPath(request.uri.path)
+        guard Self.isPlain(path) else {
+            throw SidecarHTTPError(
+                .badRequest, code: "INVALID_PATH", message: "The path may not hold empty, '.' or '..' segments or encoded dots and slashes.")
+        }
         let caller = try authorize(request, method: request.method.rawValue, path: path)
         let body = try await BodyReader.collect(request, channel: context.channel, limit: limits.maxBodyBytes, timeout: .seconds(limits.readTimeoutSeconds))
         let call = KoraCall(method: request.method, path: path, query: request.uri.query, headers: request.headers, body: body)
@@ -197,9 +203,13 @@ public struct KoraProxy: Sendable {
             attempt += 1
             metadata["kora.attempt"] = "\(attempt)"
             let response: HTTPClientResponse
+            let started = ContinuousClock.now
             do {
                 response = try await client.execute(request, timeout: timeout)
+                metrics.koraCall(
+                    statusClass: "\(response.status.code / 100)xx", milliseconds: Int((ContinuousClock.now - started).milliseconds))
             } catch {
+                metrics.koraCall(statusClass: "error", milliseconds: Int((ContinuousClock.now - started).milliseconds))
                 try Task.checkCancellation()
                 let failure = TransportFailure(error)
                 metadata["error"] = "\(EventSender.describe(error))"
@@ -301,6 +311,15 @@ public struct KoraProxy: Sendable {
             return rest.isEmpty ? "/" : rest
         }
         return path
+    }
+
+    /// Whether `path` names one resource plainly: no `.` or `..` segment, no empty segment and no
+    /// percent-encoded dot, slash or backslash, so that what `allow` matched is what Kora resolves.
+    static func isPlain(_ path: String) -> Bool {
+        let segments = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst()
+        let lowered = path.lowercased()
+        return !segments.dropLast().contains(where: \.isEmpty) && !segments.contains(where: { $0 == "." || $0 == ".." })
+            && !["%2e", "%2f", "%5c"].contains(where: lowered.contains)
     }
 
     /// Whether the call creates a verification (`POST /verifications`).

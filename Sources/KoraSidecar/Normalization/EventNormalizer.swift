@@ -23,12 +23,14 @@ public enum EventNormalizer {
         }
         guard case .object = root else { throw InvalidPayload(reason: "the body is not a JSON object") }
         let typeValue = root["eventType"] ?? root["event_type"] ?? root["type"]
-        guard case .string(let type)? = typeValue, !type.isEmpty else {
+        guard case .string(let type)? = typeValue, usableID(type) != nil else {
             throw InvalidPayload(reason: "the body has no eventType")
         }
         let dataMember = root.member("data")
         let data = dataMember?.value ?? .null
-        let id = string(root, "id") ?? webhookID.flatMap { $0.isEmpty ? nil : $0 } ?? "sha256:" + Hex.encode(SHA256.hash(data: body))
+        let digest = "sha256:" + Hex.encode(SHA256.hash(data: body))
+        let bodyID = string(root, "id").flatMap(usableID)
+        let id = bodyID ?? webhookID.flatMap(usableID) ?? digest
 
         let verification = verificationJSON(root: root, data: data, type: type)
         let fraudAlert: JSONValue = type.hasPrefix("fraud_alert.") ? fraudAlertJSON(root: root, data: data) : .null
@@ -53,9 +55,17 @@ public enum EventNormalizer {
         }
         normalized.append(UInt8(ascii: "}"))
 
-        return KoraEvent(
+        var event = KoraEvent(
             id: id, type: type, verificationID: verification.id, normalizedBody: normalized, originalBody: body,
             originalHeaders: originalHeaders, signatureVerified: signatureVerified)
+        if bodyID == nil, id != digest { event.dedupKeys.append(digest) }
+        return event
+    }
+
+    /// `text` when it can travel in a header (`webhook-id`, `X-Kora-Event-Type`): 1 to 256 printable
+    /// ASCII characters; nil otherwise, and the id falls back to the next source.
+    private static func usableID(_ text: String) -> String? {
+        (1...256).contains(text.utf8.count) && text.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) ? text : nil
     }
 
     private static func verificationJSON(root: JSONValue, data: JSONValue, type: String) -> (id: String?, json: JSONValue) {

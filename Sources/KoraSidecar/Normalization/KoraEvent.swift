@@ -14,6 +14,10 @@ public struct KoraEvent: Sendable, Equatable {
     public var originalHeaders: [(name: String, value: String)]
     /// Whether the signature was verified; false only in report-only mode.
     public var signatureVerified: Bool
+    /// Every key under which this event is de-duplicated: its id, plus the digest of the body when
+    /// the id came from the unsigned `X-Webhook-ID` header (so that a captured body replayed under a
+    /// new header is still recognised).
+    public var dedupKeys: [String] = []
 
     public init(
         id: String, type: String, verificationID: String?, normalizedBody: [UInt8], originalBody: [UInt8],
@@ -26,6 +30,7 @@ public struct KoraEvent: Sendable, Equatable {
         self.originalBody = originalBody
         self.originalHeaders = originalHeaders
         self.signatureVerified = signatureVerified
+        self.dedupKeys = [id]
     }
 
     /// The body a service receives in `format`.

@@ -1,9 +1,11 @@
 import Hummingbird
+import NIOCore
 
 /// The internal listener's routes: health, readiness, the admin API over the outbox and, when
 /// given, the Kora API proxy (SPEC §5.1).
 func buildInternalRouter(
-    configuration: SidecarConfiguration, store: any SidecarStore, readiness: Readiness, proxy: KoraProxy? = nil
+    configuration: SidecarConfiguration, store: any SidecarStore, readiness: Readiness, metrics: SidecarMetrics,
+    proxy: KoraProxy? = nil
 ) -> Router<SidecarRequestContext> {
     let router = Router(context: SidecarRequestContext.self)
     router.add(middleware: ErrorShapeMiddleware())
@@ -13,6 +15,13 @@ func buildInternalRouter(
             return JSONResponse.make(.serviceUnavailable, ["status": "not ready", "reason": .string(problem)])
         }
         return JSONResponse.make(.ok, ["status": "ready"])
+    }
+    let serviceNames = configuration.deliveryServices.map(\.name)
+    router.get("/metrics") { _, _ in
+        let text = await metrics.render(store: store, services: serviceNames, now: .now())
+        return Response(
+            status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+            body: .init(byteBuffer: ByteBuffer(string: text)))
     }
     let admin = router.group("admin").add(middleware: AdminTokenMiddleware(token: configuration.internal.adminToken))
     admin.get("deliveries") { request, _ in
@@ -78,8 +87,8 @@ struct AdminTokenMiddleware: RouterMiddleware {
 
     func handle(_ request: Request, context: SidecarRequestContext, next: (Request, SidecarRequestContext) async throws -> Response) async throws -> Response {
         if let token {
-            let given = request.headers[.authorization].flatMap { $0.hasPrefix("Bearer ") ? String($0.dropFirst(7)) : nil }
-            guard let given, ConstantTime.equal(given, token.value) else {
+            let given = request.headers[.authorization].flatMap(ServiceIdentity.bearerToken)
+            guard let given, ConstantTime.equal(String(given), token.value) else {
                 throw SidecarHTTPError(.unauthorized, code: "UNAUTHORIZED", message: "The admin API needs Authorization: Bearer with internal.adminToken.")
             }
         }

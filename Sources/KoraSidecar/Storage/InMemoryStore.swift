@@ -44,8 +44,8 @@ public final class InMemoryStore: SidecarStore {
 
     public func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws -> EnqueueResult {
         try write { state in
-            if let seen = state.seen[event.id], seen >= dedupSince { return .duplicate }
-            state.seen[event.id] = at
+            for key in event.dedupKeys where (state.seen[key].map { $0 >= dedupSince } ?? false) { return .duplicate }
+            for key in event.dedupKeys { state.seen[key] = at }
             for service in services {
                 let id = state.nextID
                 state.nextID += 1

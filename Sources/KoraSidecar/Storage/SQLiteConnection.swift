@@ -8,11 +8,6 @@ public struct SQLiteError: Error, Sendable, CustomStringConvertible {
     public var message: String
 
     public var description: String { "SQLite error \(code): \(message)" }
-
-    /// Whether the disk is full or the database is read-only or unreachable: the store is unavailable.
-    public var isUnavailable: Bool {
-        [SQLITE_FULL, SQLITE_READONLY, SQLITE_IOERR, SQLITE_CANTOPEN, SQLITE_BUSY, SQLITE_LOCKED].contains(code & 0xFF)
-    }
 }
 
 /// One SQLite connection, used from one thread at a time (its owner serialises access).
@@ -21,9 +16,9 @@ final class SQLiteConnection {
     private var statements: [String: OpaquePointer] = [:]
 
     /// Opens (and creates when absent) the database at `path`.
-    init(path: String, readOnly: Bool = false) throws(SQLiteError) {
+    init(path: String) throws(SQLiteError) {
         var db: OpaquePointer?
-        let flags = (readOnly ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE) | SQLITE_OPEN_NOMUTEX
+        let flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX
         let result = sqlite3_open_v2(path, &db, flags, nil)
         guard result == SQLITE_OK, let db else {
             let message = db.map { String(cString: sqlite3_errmsg($0)) } ?? "cannot open"

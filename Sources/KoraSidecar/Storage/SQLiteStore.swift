@@ -41,9 +41,11 @@ public final class SQLiteStore: SidecarStore {
     public func close() { database.close() }
 
     public func isDuplicate(eventID: String, since: UnixTime) async throws -> Bool {
-        try await database.write { db in
-            try !db.query("SELECT 1 FROM seen_events WHERE event_id = ? AND seen_at >= ?", [.text(eventID), .integer(since.milliseconds)]).isEmpty
-        }
+        try await database.write { db in try Self.seen(db, eventID, since: since) }
+    }
+
+    private static func seen(_ db: SQLiteConnection, _ key: String, since: UnixTime) throws -> Bool {
+        try !db.query("SELECT 1 FROM seen_events WHERE event_id = ? AND seen_at >= ?", [.text(key), .integer(since.milliseconds)]).isEmpty
     }
 
     public func remember(eventID: String, at: UnixTime) async throws {
@@ -58,10 +60,8 @@ public final class SQLiteStore: SidecarStore {
 
     public func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws -> EnqueueResult {
         try await database.write { db in
-            let seen = try db.query(
-                "SELECT 1 FROM seen_events WHERE event_id = ? AND seen_at >= ?", [.text(event.id), .integer(dedupSince.milliseconds)])
-            guard seen.isEmpty else { return .duplicate }
-            try Self.remember(db, event.id, at)
+            for key in event.dedupKeys where try Self.seen(db, key, since: dedupSince) { return .duplicate }
+            for key in event.dedupKeys { try Self.remember(db, key, at) }
             guard !services.isEmpty else { return .accepted }
             try db.query(
                 """

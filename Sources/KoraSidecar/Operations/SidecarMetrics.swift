@@ -1,0 +1,60 @@
+import CoreMetrics
+import Prometheus
+
+/// The sidecar's metrics (SPEC §5.3), rendered in Prometheus text format on `/metrics`.
+///
+/// Labels are low cardinality: a result code, a service name from the configuration, a status
+/// class; never an id, a URL or a value a caller chose.
+public struct SidecarMetrics: Sendable {
+    /// Where the metrics are kept; `/metrics` renders it.
+    public let registry: PrometheusCollectorRegistry
+    private let factory: PrometheusMetricsFactory
+
+    public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
+        self.registry = registry
+        var factory = PrometheusMetricsFactory(registry: registry)
+        factory.defaultDurationHistogramBuckets = [
+            .milliseconds(1), .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100),
+            .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2.5), .seconds(5), .seconds(10), .seconds(30),
+        ]
+        self.factory = factory
+    }
+
+    /// One webhook answered: `accepted`, `duplicate`, or the error code.
+    func webhook(_ result: String) {
+        Counter(label: "kora_sidecar_webhooks_total", dimensions: [("result", result)], factory: factory).increment()
+    }
+
+    /// One delivery attempt to `service` and what followed: `delivered`, `retry`, `dead` or `refused`.
+    func delivery(service: String, result: String, milliseconds: Int) {
+        Counter(label: "kora_sidecar_deliveries_total", dimensions: [("service", service), ("result", result)], factory: factory)
+            .increment()
+        Timer(label: "kora_sidecar_delivery_duration_seconds", dimensions: [("service", service)], factory: factory)
+            .recordMilliseconds(milliseconds)
+    }
+
+    /// One call to Kora through the proxy: its status class (`2xx` … `5xx`, or `error`) and duration.
+    func koraCall(statusClass: String, milliseconds: Int) {
+        Counter(label: "kora_sidecar_kora_requests_total", dimensions: [("status_class", statusClass)], factory: factory).increment()
+        Timer(label: "kora_sidecar_kora_request_duration_seconds", dimensions: [], factory: factory).recordMilliseconds(milliseconds)
+    }
+
+    /// Refreshes the outbox gauges from the store, then renders every metric.
+    func render(store: any SidecarStore, services: [String], now: UnixTime) async -> String {
+        if let depth = try? await store.depth() {
+            for service in services {
+                for status in DeliveryStatus.allCases {
+                    let count = depth.first { $0.service == service && $0.status == status }?.count ?? 0
+                    Gauge(label: "kora_sidecar_outbox_depth", dimensions: [("service", service), ("state", status.rawValue)], factory: factory)
+                        .record(count)
+                }
+                let oldest = depth.first { $0.service == service && $0.status == .pending }?.oldestCreatedAt
+                let age = oldest.map { Double(max(0, now.milliseconds - $0.milliseconds)) / 1000 } ?? 0
+                Gauge(label: "kora_sidecar_oldest_pending_age_seconds", dimensions: [("service", service)], factory: factory).record(age)
+            }
+        }
+        var buffer: [UInt8] = []
+        registry.emit(into: &buffer)
+        return String(decoding: buffer, as: UTF8.self)
+    }
+}

@@ -1,0 +1,118 @@
+import AsyncHTTPClient
+import Foundation
+import NIOCore
+import NIOSSL
+import Testing
+
+@testable import KoraSidecar
+
+/// Health, readiness, metrics and TLS (SPEC §5.3, `webhooks.tls`).
+@Suite("Operations")
+struct OperationsTests {
+    @Test func metricsCountWebhooksDeliveriesAndTheOutbox() async throws {
+        let receiver = Receiver { _, index in index == 0 ? .internalServerError : .ok }
+        try await withReceiver(receiver) { (port: Int) async throws in
+            let configuration = testConfiguration(services: [testService("app", target: .url("http://127.0.0.1:\(port)/e"))], mode: .queued)
+            var options = SidecarOptions()
+            options.store = InMemoryStore()
+            options.retryPolicy = RetryPolicy(schedule: [.milliseconds(10)], jitter: 0)
+            try await withSidecar(configuration, options: options) { (sidecar: RunningSidecar) async throws in
+                let body = TestEvent.body(eventID: "evt_metrics")
+                #expect(try await sendSigned(body, to: sidecar).status == 200)
+                #expect(try await sendSigned(body, to: sidecar).status == 200)
+                #expect(try await sendSigned(body, to: sidecar, secret: "whsec_wrong").status == 401)
+                _ = try await receiver.waitFor(2)
+                var text = ""
+                try await waitUntil("the delivery to be counted") {
+                    text = try await get(sidecar.internalURL("/metrics")).body
+                    return text.contains(#"kora_sidecar_deliveries_total{service="app",result="delivered"} 1"#)
+                }
+                #expect(text.contains(#"kora_sidecar_webhooks_total{result="accepted"} 1"#))
+                #expect(text.contains(#"kora_sidecar_webhooks_total{result="duplicate"} 1"#))
+                #expect(text.contains(#"kora_sidecar_webhooks_total{result="INVALID_SIGNATURE"} 1"#))
+                #expect(text.contains(#"kora_sidecar_deliveries_total{service="app",result="retry"} 1"#))
+                #expect(text.contains(#"kora_sidecar_outbox_depth{service="app",state="delivered"} 1"#))
+                #expect(text.contains(#"kora_sidecar_outbox_depth{service="app",state="pending"} 0"#))
+                #expect(text.contains("kora_sidecar_delivery_duration_seconds_bucket"))
+                #expect(text.contains("kora_sidecar_oldest_pending_age_seconds"))
+                // Labels never carry ids or secrets.
+                #expect(!text.contains("evt_metrics"))
+                #expect(!text.contains(TestSecrets.webhook))
+            }
+        }
+    }
+
+    @Test func healthAndReadinessOnTheInternalListener() async throws {
+        var options = SidecarOptions()
+        options.store = InMemoryStore()
+        try await withSidecar(testConfiguration(), options: options) { (sidecar: RunningSidecar) async throws in
+            #expect(try await get(sidecar.internalURL("/healthz")).json == ["status": "ok"])
+            #expect(try await get(sidecar.internalURL("/readyz")).json == ["status": "ready"])
+            let unknown = try await get(sidecar.internalURL("/nothing"))
+            #expect(unknown.status == 404)
+            #expect(unknown.code == "NOT_FOUND")
+        }
+    }
+
+    @Test func theWebhookListenerSpeaksTLSWhenConfigured() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let certificate = directory + "/cert.pem"
+        let key = directory + "/key.pem"
+        let openssl = Process()
+        openssl.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
+        openssl.arguments = [
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", certificate, "-days", "1", "-subj", "/CN=localhost",
+        ]
+        openssl.standardError = FileHandle.nullDevice
+        try openssl.run()
+        openssl.waitUntilExit()
+        try #require(openssl.terminationStatus == 0)
+
+        var configuration = testConfiguration(services: [])
+        configuration.webhooks.tls = TLSFiles(certificateFile: certificate, privateKeyFile: key)
+        var options = SidecarOptions()
+        options.store = InMemoryStore()
+        try await withSidecar(configuration, options: options) { (sidecar: RunningSidecar) async throws in
+            var tls = TLSConfiguration.makeClientConfiguration()
+            tls.certificateVerification = .none
+            tls.maximumTLSVersion = .tlsv11
+            let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: .init(tlsConfiguration: tls))
+            var modern = TLSConfiguration.makeClientConfiguration()
+            modern.certificateVerification = .none
+            let modernClient = HTTPClient(eventLoopGroupProvider: .singleton, configuration: .init(tlsConfiguration: modern))
+            let body = TestEvent.body()
+            var request = HTTPClientRequest(url: "https://127.0.0.1:\(sidecar.webhookPort)/webhooks/koraidv")
+            request.method = .POST
+            for header in KoraSignature.headers(scheme: .timestamped, secret: Secret(TestSecrets.webhook), body: body, timestamp: UnixTime.now().seconds) {
+                request.headers.add(name: header.name, value: header.value)
+            }
+            request.body = .bytes(ByteBuffer(bytes: body))
+            let response = try await modernClient.execute(request, timeout: .seconds(10))
+            #expect(response.status.code == 200)
+            // TLS 1.1 and below are refused.
+            await #expect(throws: (any Error).self) { try await client.execute(request, timeout: .seconds(10)) }
+            // Plain HTTP on the TLS port gets no answer.
+            let plain = try? await post(sidecar.webhookURL, body: body, headers: [], timeout: .seconds(5))
+            #expect(plain?.status == nil)
+            try await client.shutdown()
+            try await modernClient.shutdown()
+        }
+
+        configuration.webhooks.tls = TLSFiles(certificateFile: directory + "/absent.pem", privateKeyFile: key)
+        #expect(throws: StartupError.self) { try buildApplication(configuration, logger: TestLogs().logger(), options: options) }
+    }
+}
+
+@Suite("Proxy paths")
+struct ProxyPathTests {
+    @Test(arguments: ["/verifications/../alerts", "/verifications/./x", "/verifications//x", "/verifications/%2e%2e/alerts", "/v/%2F/x", "/v/%5C"])
+    func pathsThatCouldEscapeAnAllowPatternAreRefused(path: String) {
+        #expect(!KoraProxy.isPlain(path))
+    }
+
+    @Test(arguments: ["/verifications", "/verifications/", "/verifications/ver_1/images", "/subjects/user%20x/verifications"])
+    func plainPathsPass(path: String) {
+        #expect(KoraProxy.isPlain(path))
+    }
+}
