@@ -114,6 +114,47 @@ struct ProcessTests {
         }
     }
 
+    @Test func aHundredThousandPendingDeliveriesDrainWithBoundedMemory() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let total = 100_000
+        // The backlog a service leaves after a day down, written straight into the store.
+        let store = try SQLiteStore(path: directory + "/store.sqlite")
+        let template = try EventNormalizer.normalize(body: TestEvent.body(eventID: "evt_template"), webhookID: nil, receivedAt: .now())
+        let now = UnixTime.now()
+        for chunk in stride(from: 0, to: total, by: 500) {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for index in chunk..<min(chunk + 500, total) {
+                    var event = template
+                    event.id = "evt_backlog_\(index)"
+                    event.dedupKeys = [event.id]
+                    group.addTask { _ = try await store.enqueue(event, services: ["app"], at: now, dedupSince: now) }
+                }
+                try await group.waitForAll()
+            }
+        }
+        store.close()
+
+        let counter = Receiver(recording: false)
+        try await withReceiver(counter) { (port: Int) async throws in
+            let config = try writeProcessConfig(directory: directory, receiverPort: port)
+            let child = try SidecarProcess(config: config)
+            _ = try await child.ports()
+            let idle = child.residentKilobytes
+            var peak = idle
+            try await waitUntil("the backlog to drain", timeout: .seconds(600)) {
+                peak = max(peak, child.residentKilobytes)
+                return counter.count >= total
+            }
+            child.signal(SIGTERM)
+            #expect(try await child.exitStatus() == 0)
+            // Deliveries are read one lease at a time, never all at once: memory stays near its idle level.
+            #expect(peak < idle + 64 * 1024, "peak RSS \(peak) kB against \(idle) kB idle")
+            let pending = try await Binary.run(["deliveries", "list", "--status", "pending", "--limit", "5", "--config", config])
+            #expect(pending.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "[]")
+        }
+    }
+
     @Test func checkConfigPrintsTheEffectiveConfigurationOrEveryProblem() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
