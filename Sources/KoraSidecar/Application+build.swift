@@ -1,4 +1,5 @@
 import AsyncHTTPClient
+import Foundation
 import HTTPTypes
 import Hummingbird
 import HummingbirdCore
@@ -63,7 +64,16 @@ public func buildApplication(
         do {
             let sqlite = try SQLiteStore(path: configuration.storage.sqlitePath)
             store = sqlite
-            services.append(CloseOnShutdown { sqlite.close() })
+            // Closing waits for queued writes: it runs on a thread of its own, not the cooperative pool.
+            services.append(
+                CloseOnShutdown {
+                    await withCheckedContinuation { done in
+                        Thread {
+                            sqlite.close()
+                            done.resume()
+                        }.start()
+                    }
+                })
         } catch {
             throw StartupError("The store \(configuration.storage.sqlitePath) (storage.sqlitePath) cannot be opened: \(error).")
         }

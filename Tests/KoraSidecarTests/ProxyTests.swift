@@ -385,6 +385,7 @@ import Glibc
         let kora = ScriptedKora([.answer(201, [], #"{"id":"ver_late"}"#)])
         let bound = BoundPort()
         let started = Gate()
+        let answered = Gate()
         // Kora comes up only while the proxy waits for its second attempt.
         let sleeper = SleepRecorder { _, _ in
             started.open()
@@ -396,12 +397,13 @@ import Glibc
                 group.addTask {
                     await started.wait()
                     try await withServices([scriptedKoraApp(kora, unixSocket: socket, bound: bound)]) {
-                        try await waitUntil("the create to reach Kora") { !kora.requests.isEmpty }
-                        try await Task.sleep(for: .milliseconds(50))  // let the answer leave before the listener stops
+                        // Kora stays up until the caller has its answer.
+                        await answered.wait()
                     }
                 }
                 let answer = try await SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
                     .createVerification(externalID: "u")
+                answered.open()
                 #expect(answer.status == 201)
                 #expect(kora.requests.count == 1)
                 #expect(sleeper.delays.count == 1)
