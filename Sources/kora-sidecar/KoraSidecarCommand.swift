@@ -48,8 +48,9 @@ struct ConfigOption: ParsableArguments {
     @Option(name: .long, help: "Configuration file (default: $KORA_SIDECAR_CONFIG, else ./config.json, else the environment).")
     var config: String?
 
-    func load() throws -> SidecarConfiguration {
-        try ConfigurationSource.resolve(flag: config, environment: processEnvironment).load(environment: processEnvironment)
+    func load(resolvingSecrets: Bool = true) throws -> SidecarConfiguration {
+        try ConfigurationSource.resolve(flag: config, environment: processEnvironment)
+            .load(environment: processEnvironment, resolvingSecrets: resolvingSecrets)
     }
 }
 
@@ -136,7 +137,8 @@ struct Deliveries: AsyncParsableCommand {
         subcommands: [List.self, Show.self, Retry.self])
 
     static func run(_ action: DeliveriesCommand.Action, options: ConfigOption) async throws {
-        let configuration = try options.load()
+        // Only the store's path is needed: an operator need not hold Kora's secrets to list deliveries.
+        let configuration = try options.load(resolvingSecrets: false)
         let store: SQLiteStore
         do {
             store = try SQLiteStore(path: configuration.storage.sqlitePath)

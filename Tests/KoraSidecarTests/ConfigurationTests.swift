@@ -82,6 +82,17 @@ struct ConfigurationTests {
         #expect(!problems(#"{"webhooks": {"secrets": [{"vault": "x"}]}}"#).isEmpty)
     }
 
+    @Test func secretsCanBeLeftUnreadForStoreOnlyCommands() throws {
+        let text = #"{"webhooks": {"secrets": [{"env": "ABSENT_VAR"}, {"file": "/absent/file"}]}, "storage": {"sqlitePath": "/tmp/x.sqlite"}}"#
+        #expect(throws: ConfigurationError.self) { try load(text) }
+        let configuration = try SidecarConfiguration.load(bytes: Array(text.utf8), source: "t", environment: [:], resolvingSecrets: false)
+        #expect(configuration.storage.sqlitePath == "/tmp/x.sqlite")
+        // Shape is still checked.
+        #expect(throws: ConfigurationError.self) {
+            try SidecarConfiguration.load(bytes: Array(#"{"webhooks": {"secrets": [{"vault": 1}]}}"#.utf8), source: "t", environment: [:], resolvingSecrets: false)
+        }
+    }
+
     @Test func secretsAreRequired() {
         #expect(problems("{}").map(\.path) == ["$.webhooks.secrets"])
         #expect(problems(#"{"webhooks": {"secrets": []}}"#).map(\.path) == ["$.webhooks.secrets"])

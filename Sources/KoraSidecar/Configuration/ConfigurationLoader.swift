@@ -3,15 +3,17 @@ import Foundation
 extension SidecarConfiguration {
     /// Loads and validates a configuration file, resolving its secrets from `environment`.
     /// - Throws: ``ConfigurationError`` with every problem found, each with its JSON path.
-    public static func load(file: String, environment: [String: String]) throws -> SidecarConfiguration {
+    public static func load(file: String, environment: [String: String], resolvingSecrets: Bool = true) throws -> SidecarConfiguration {
         guard let data = FileManager.default.contents(atPath: file) else {
             throw ConfigurationError(source: file, problems: [.init(path: "$", reason: "the file cannot be read")])
         }
-        return try load(bytes: Array(data), source: file, environment: environment)
+        return try load(bytes: Array(data), source: file, environment: environment, resolvingSecrets: resolvingSecrets)
     }
 
     /// Loads and validates a configuration document given as bytes.
-    public static func load(bytes: [UInt8], source: String, environment: [String: String]) throws -> SidecarConfiguration {
+    public static func load(
+        bytes: [UInt8], source: String, environment: [String: String], resolvingSecrets: Bool = true
+    ) throws -> SidecarConfiguration {
         let document: JSONValue
         do {
             document = try JSONParser.parse(bytes, rejectDuplicateKeys: true)
@@ -22,12 +24,16 @@ extension SidecarConfiguration {
                 problems: [.init(path: "$", reason: "not valid JSON: \(error.reason) (line \(line), column \(column))")]
             )
         }
-        return try load(document: document, source: source, environment: environment)
+        return try load(document: document, source: source, environment: environment, resolvingSecrets: resolvingSecrets)
     }
 
     /// Loads and validates a parsed configuration document.
-    public static func load(document: JSONValue, source: String, environment: [String: String]) throws -> SidecarConfiguration {
-        let reader = ConfigurationReader(environment: environment)
+    /// - Parameter resolvingSecrets: false checks secrets for shape only, without reading any
+    ///   variable or file (for commands that need the store alone); such a configuration cannot serve.
+    public static func load(
+        document: JSONValue, source: String, environment: [String: String], resolvingSecrets: Bool = true
+    ) throws -> SidecarConfiguration {
+        let reader = ConfigurationReader(environment: environment, resolvesSecrets: resolvingSecrets)
         let configuration = read(document, reader)
         if let configuration, reader.problems.isEmpty {
             return configuration

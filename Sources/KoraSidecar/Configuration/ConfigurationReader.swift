@@ -5,9 +5,13 @@ import Foundation
 final class ConfigurationReader {
     private(set) var problems: [ConfigurationProblem] = []
     private let environment: [String: String]
+    private let resolvesSecrets: Bool
 
-    init(environment: [String: String]) {
+    /// Without `resolvesSecrets`, `{"env"}` and `{"file"}` secrets are checked for shape only and
+    /// not read (commands that only need the store, such as `deliveries`).
+    init(environment: [String: String], resolvesSecrets: Bool = true) {
         self.environment = environment
+        self.resolvesSecrets = resolvesSecrets
     }
 
     func report(_ path: String, _ reason: String) {
@@ -45,6 +49,10 @@ final class ConfigurationReader {
             let name = object.optionalString("env")
             let file = object.optionalString("file")
             switch (name, file) {
+            case (let name?, nil) where !resolvesSecrets:
+                return Secret("", source: .environment(name))
+            case (nil, let file?) where !resolvesSecrets:
+                return Secret("", source: .file(file))
             case (let name?, nil):
                 guard let resolved = environment[name], !resolved.isEmpty else {
                     report(path, "environment variable \(name) is not set")

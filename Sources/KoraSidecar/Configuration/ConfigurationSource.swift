@@ -14,18 +14,19 @@ public enum ConfigurationSource: Sendable, Equatable {
         return .environment
     }
 
-    /// Loads and validates the configuration from this source.
-    public func load(environment: [String: String]) throws -> SidecarConfiguration {
+    /// Loads and validates the configuration from this source (see `resolvingSecrets` on
+    /// ``SidecarConfiguration/load(document:source:environment:resolvingSecrets:)``).
+    public func load(environment: [String: String], resolvingSecrets: Bool = true) throws -> SidecarConfiguration {
         switch self {
         case .file(let path):
             guard FileManager.default.fileExists(atPath: path) else {
                 throw ConfigurationError(source: path, problems: [.init(path: "$", reason: "the file does not exist")])
             }
-            return try SidecarConfiguration.load(file: path, environment: environment)
+            return try SidecarConfiguration.load(file: path, environment: environment, resolvingSecrets: resolvingSecrets)
         case .environment:
             return try SidecarConfiguration.load(
                 document: EnvironmentConfiguration.document(environment), source: "the environment (no configuration file)",
-                environment: environment)
+                environment: environment, resolvingSecrets: resolvingSecrets)
         }
     }
 }
