@@ -193,10 +193,11 @@ extension ApplicationConfiguration {
 }
 
 extension HTTPServerBuilder {
-    /// HTTP/1.1 with the listener's header limit and idle time-out.
+    /// HTTP/1.1 with the listener's header limit, a deadline for the first request head, and the idle time-out.
     static func sidecarHTTP1(_ limits: ListenerLimits) -> HTTPServerBuilder {
         .http1(
             configuration: .init(
+                additionalChannelHandlers: [RequestHeadDeadline(deadline: .seconds(Int64(limits.readTimeoutSeconds)))],
                 idleTimeout: .seconds(Int64(limits.idleTimeoutSeconds)),
                 httpDecoderConfiguration: .init(
                     maxHeaderFieldSize: limits.maxHeaderBytes, maxHeaderListSize: limits.maxHeaderBytes, maxHeaderFieldCount: 100)))

@@ -149,6 +149,17 @@ struct IngressTests {
         }
     }
 
+    @Test func headersSentSlowlyAreCutOff() async throws {
+        try await directSidecar(receiver: Receiver(), configure: { $0.webhooks.limits.readTimeoutSeconds = 1 }) { (sidecar: RunningSidecar) async throws in
+            let slow = try RawConnection(port: sidecar.webhookPort, readTimeout: 20)
+            slow.send("POST /webhooks/koraidv HTTP/1.1\r\nHost: x\r\n")
+            #expect(await slow.closedByPeer())
+            let idle = try RawConnection(port: sidecar.webhookPort, readTimeout: 20)
+            #expect(await idle.closedByPeer())
+            #expect(try await sendSigned(TestEvent.body(), to: sidecar).status == 200)
+        }
+    }
+
     @Test func signedButUnparseablePayloadsAreQuarantined() async throws {
         let store = InMemoryStore()
         let receiver = Receiver()
