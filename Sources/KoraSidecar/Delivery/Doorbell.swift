@@ -1,7 +1,7 @@
 import Synchronization
 
-/// Wakes waiting workers when there is new work, so that a queued event is delivered at once
-/// instead of at the next poll.
+/// Wakes a waiting worker when there is new work, so that a queued event is delivered at once
+/// instead of at the next poll, without waking every idle worker for one event.
 final class Doorbell: Sendable {
     private struct State {
         var generation = 0
@@ -11,8 +11,19 @@ final class Doorbell: Sendable {
 
     private let state = Mutex(State())
 
-    /// Wakes every waiter.
+    /// Wakes one waiter (one new piece of work needs one worker); with none waiting, the next
+    /// worker to wait finds the generation changed and does not sleep.
     func ring() {
+        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+            state.generation += 1
+            guard let id = state.waiters.keys.first else { return nil }
+            return state.waiters.removeValue(forKey: id)
+        }
+        waiter?.resume()
+    }
+
+    /// Wakes every waiter (shutdown).
+    func ringAll() {
         let waiters = state.withLock { state in
             state.generation += 1
             defer { state.waiters = [:] }

@@ -18,7 +18,10 @@ public final class OutboxDispatcher: Service, Sendable {
     private let drainTimeout: Duration
     private let metrics: SidecarMetrics
     private let logger: Logger
-    private let doorbell = Doorbell()
+    /// One bell per service: an event wakes a worker of each service that receives it, no other.
+    private let doorbells: [String: Doorbell]
+    /// Rung once, on shutdown.
+    private let shutdownBell = Doorbell()
     private let stopping = Atomic(false)
 
     /// Longest a worker sleeps before looking for due deliveries again.
@@ -32,14 +35,17 @@ public final class OutboxDispatcher: Service, Sendable {
         self.store = store
         self.sender = sender
         self.services = services
+        self.doorbells = Dictionary(services.map { ($0.name, Doorbell()) }, uniquingKeysWith: { first, _ in first })
         self.policy = policy
         self.concurrency = concurrency
         self.drainTimeout = drainTimeout
         self.logger = logger
     }
 
-    /// Tells the workers that new deliveries are due now.
-    public func notify() { doorbell.ring() }
+    /// Tells a worker of each of `services` that a new delivery is due now.
+    public func notify(services: [String]) {
+        for name in services { doorbells[name]?.ring() }
+    }
 
     public func run() async throws {
         try await store.releaseLeases()
@@ -55,7 +61,7 @@ public final class OutboxDispatcher: Service, Sendable {
                 }
                 group.addTask {
                     while !self.stopping.load(ordering: .relaxed), !Task.isCancelled {
-                        await self.doorbell.wait(after: self.doorbell.generation, timeout: .seconds(1))
+                        await self.shutdownBell.wait(after: self.shutdownBell.generation, timeout: .seconds(1))
                     }
                     try? await Task.sleep(for: self.drainTimeout)
                     return false
@@ -67,12 +73,14 @@ public final class OutboxDispatcher: Service, Sendable {
             }
         } onGracefulShutdown: {
             self.stopping.store(true, ordering: .relaxed)
-            self.doorbell.ring()
+            self.shutdownBell.ringAll()
+            self.doorbells.values.forEach { $0.ringAll() }
         }
     }
 
     private func work(for service: DeliveryService) async {
         let lease = service.timeout + .seconds(30)
+        guard let doorbell = doorbells[service.name] else { return }
         while !stopping.load(ordering: .relaxed), !Task.isCancelled {
             let generation = doorbell.generation
             do {

@@ -117,7 +117,7 @@ public struct WebhookIngress: Sendable {
                 throw .unavailable("The sidecar could not store the event; retry later.")
             }
             if result == .duplicate { return duplicate(metadata) }
-            dispatcher.notify()
+            dispatcher.notify(services: recipients.map(\.name))
         case .direct(let sender):
             // Kora's two copies of an event (dashboard and callback URL) arrive together: the second
             // waits for Kora's retry rather than being delivered twice.
