@@ -47,6 +47,8 @@ struct DeliveryTests {
                 #expect(try await sendSigned(TestEvent.body(eventID: "evt_unix"), to: sidecar).status == 200)
                 let delivery = try #require(try await receiver.waitFor(1).first)
                 #expect(delivery.path == "/hooks/kora")
+                // HTTP/1.1 requires Host; nginx and Go answer 400 without it.
+                #expect(delivery.header("Host") == "localhost")
                 #expect(delivery.header("webhook-id") == "evt_unix")
                 #expect(try verifyWithReferenceLibrary(secret: TestSecrets.signing, delivery: delivery).ok)
             }

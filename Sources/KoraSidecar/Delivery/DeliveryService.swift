@@ -11,6 +11,9 @@ public struct DeliveryService: Sendable {
     public let events: EventFilter
     public let onlyOwnVerifications: Bool
     public let timeout: Duration
+    /// The `Host` header to send: AsyncHTTPClient sends none over a Unix socket, and HTTP/1.1
+    /// servers (nginx, Go's net/http) refuse a request without one.
+    public let hostHeader: String?
 
     public init(name: String, deliver: DeliverConfiguration) {
         self.name = name
@@ -21,6 +24,7 @@ public struct DeliveryService: Sendable {
         self.events = deliver.events
         self.onlyOwnVerifications = deliver.onlyOwnVerifications
         self.timeout = .seconds(deliver.timeoutSeconds)
+        if case .unixSocket = deliver.target { self.hostHeader = "localhost" } else { self.hostHeader = nil }
     }
 
     /// The request URL for `target`; a socket path is percent-encoded into the host, as

@@ -43,6 +43,8 @@ final class Receiver: Sendable {
         let body = try await request.body.collect(upTo: 1 << 24)
         var headers: [String: String] = [:]
         for field in request.headers { headers[field.name.canonicalName] = field.value }
+        // HTTPTypes carries Host as the request's authority, not as a header field.
+        if let authority = request.head.authority { headers["host"] = authority }
         let delivery = ReceivedDelivery(path: request.uri.path, headers: headers, body: Array(body.readableBytesView))
         if recording { received.withLock { $0.append(delivery) } }
         let index = counted.withLock { count in
