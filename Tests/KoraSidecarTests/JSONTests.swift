@@ -65,4 +65,10 @@ struct JSONTests {
         #expect(Hex.decode(Substring("0g").utf8) == nil)
         #expect(Hex.decode(Substring("abc").utf8) == nil)
     }
+
+    @Test func textLogValuesCannotForgeLines() {
+        #expect(SidecarLogHandler.escaped("evt_1") == "evt_1")
+        #expect(SidecarLogHandler.escaped("a\n2026-01-01 ERROR forged") == "a\\n2026-01-01 ERROR forged")
+        #expect(!SidecarLogHandler.escaped("x\r\ny\u{1B}[31m").contains(where: { $0.isNewline || $0 == "\u{1B}" }))
+    }
 }

@@ -40,12 +40,29 @@ public struct SidecarLogHandler: LogHandler {
             for (key, value) in merged.sorted(by: { $0.key < $1.key }) { members.append(.init(key, Self.json(value))) }
             line = String(decoding: JSONWriter.encode(.object(members)), as: UTF8.self)
         case .text:
-            let fields = merged.sorted(by: { $0.key < $1.key }).map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+            let fields = merged.sorted(by: { $0.key < $1.key }).map { "\($0.key)=\(Self.escaped("\($0.value)"))" }.joined(separator: " ")
             line = "\(time) \(event.level.rawValue.uppercased()) \(event.message)" + (fields.isEmpty ? "" : " " + fields)
         }
         var text = line + "\n"
         // One write(2) per line, so that lines from concurrent tasks never interleave.
         text.withUTF8 { buffer in _ = write(2, buffer.baseAddress, buffer.count) }
+    }
+
+    /// A metadata value as one token of a text line: control characters escaped, so that a value
+    /// taken from a request (an event id, a type) can never start a forged log line.
+    static func escaped(_ value: String) -> String {
+        guard value.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) else { return value }
+        var output = ""
+        for scalar in value.unicodeScalars {
+            switch scalar {
+            case "\n": output += "\\n"
+            case "\r": output += "\\r"
+            case "\t": output += "\\t"
+            case _ where scalar.value < 0x20 || scalar.value == 0x7F: output += "\\u{\(String(scalar.value, radix: 16))}"
+            default: output.unicodeScalars.append(scalar)
+            }
+        }
+        return output
     }
 
     private static func json(_ value: Logger.MetadataValue) -> JSONValue {
