@@ -23,8 +23,7 @@ struct ProcessTests {
         try await withReceiver(receiver) { (port: Int) async throws in
             let config = try writeProcessConfig(directory: directory, receiverPort: port)
             let first = try SidecarProcess(config: config)
-            let ports = try await first.ports()
-            let sidecar = RunningSidecar(webhookPort: ports.webhooks, internalPort: ports.internal, internalAddress: nil)
+            let sidecar = try await first.running()
             let acknowledged = Acknowledged()
             try await withThrowingTaskGroup(of: Void.self) { group in
                 // Sixteen requests stay in flight; the process dies under them after 250 were sent.
@@ -66,13 +65,12 @@ struct ProcessTests {
         try await withReceiver(receiver) { (port: Int) async throws in
             let config = try writeProcessConfig(directory: directory, receiverPort: port)
             let child = try SidecarProcess(config: config)
-            let ports = try await child.ports()
-            let sidecar = RunningSidecar(webhookPort: ports.webhooks, internalPort: ports.internal, internalAddress: nil)
+            let sidecar = try await child.running()
             #expect(try await sendSigned(TestEvent.body(eventID: "evt_drain"), to: sidecar).status == 200)
             _ = try await receiver.waitFor(1)
             child.signal(SIGTERM)
             // The listener stops accepting while the delivery is still in flight...
-            try await waitUntil("the webhook listener to close") { (try? RawConnection(port: ports.webhooks)) == nil }
+            try await waitUntil("the webhook listener to close") { (try? RawConnection(port: sidecar.webhookPort)) == nil }
             gate.open()
             // ...and the delivery finishes before the process exits 0.
             #expect(try await child.exitStatus() == 0)
@@ -91,8 +89,7 @@ struct ProcessTests {
         try await withReceiver(receiver) { (port: Int) async throws in
             let config = try writeProcessConfig(directory: directory, receiverPort: port, retrySchedule: ["50ms"])
             let child = try SidecarProcess(config: config)
-            let ports = try await child.ports()
-            let sidecar = RunningSidecar(webhookPort: ports.webhooks, internalPort: ports.internal, internalAddress: nil)
+            let sidecar = try await child.running()
             for index in 0..<3 {
                 #expect(try await sendSigned(TestEvent.body(eventID: "evt_cli_\(index)"), to: sidecar).status == 200)
             }

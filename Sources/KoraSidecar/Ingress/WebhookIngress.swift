@@ -103,8 +103,7 @@ public struct WebhookIngress: Sendable {
         do {
             recipients = try await router.recipients(of: event)
         } catch {
-            logger.error("Store unavailable", metadata: metadata.merging(["error": "\(error)"]) { $1 })
-            throw .unavailable("The sidecar cannot reach its store; retry later.")
+            throw storeUnavailable(error, metadata)
         }
         let dedupSince = UnixTime(milliseconds: now.milliseconds - Int64(configuration.dedupWindowHours) * 3_600_000)
         switch delivery {
@@ -130,8 +129,7 @@ public struct WebhookIngress: Sendable {
                     return duplicate(metadata)
                 }
             } catch {
-                logger.error("Store unavailable", metadata: metadata.merging(["error": "\(error)"]) { $1 })
-                throw .unavailable("The sidecar cannot reach its store; retry later.")
+                throw storeUnavailable(error, metadata)
             }
             guard await deliverDirectly(event, to: recipients, sender: sender, metadata) else {
                 throw .unavailable("A service did not accept the event; retry later.")
@@ -147,6 +145,12 @@ public struct WebhookIngress: Sendable {
         logger.info("Webhook accepted", metadata: metadata)
         metrics.webhook("accepted")
         return JSONResponse.make(.ok, ["received": true])
+    }
+
+    /// Logs a failed store read and gives the 503 that makes Kora retry.
+    private func storeUnavailable(_ error: any Error, _ metadata: Logger.Metadata) -> SidecarHTTPError {
+        logger.error("Store unavailable", metadata: metadata.merging(["error": "\(error)"]) { $1 })
+        return .unavailable("The sidecar cannot reach its store; retry later.")
     }
 
     private func duplicate(_ metadata: Logger.Metadata) -> Response {
@@ -188,7 +192,7 @@ public struct WebhookIngress: Sendable {
             for service in recipients {
                 group.addTask { (service.name, await sender.send(event, to: service, attempt: 1)) }
             }
-            var refused: [String] = []
+            var everyServiceTookIt = true
             for await (name, result) in group {
                 metrics.delivery(service: name, result: result.succeeded ? "delivered" : "refused", milliseconds: result.durationMilliseconds)
                 guard !result.succeeded else { continue }
@@ -197,9 +201,9 @@ public struct WebhookIngress: Sendable {
                 metadata["delivery.status"] = "\(result.statusCode.map(String.init) ?? "-")"
                 if let error = result.error { metadata["error"] = "\(error)" }
                 logger.warning("Direct delivery refused", metadata: metadata)
-                refused.append(name)
+                everyServiceTookIt = false
             }
-            return refused.isEmpty
+            return everyServiceTookIt
         }
     }
 }

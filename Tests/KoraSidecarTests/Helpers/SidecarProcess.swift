@@ -84,6 +84,12 @@ final class SidecarProcess: @unchecked Sendable {
         return (webhooks, internalPort)
     }
 
+    /// The listeners' addresses once both are bound, for the webhook helpers.
+    func running() async throws -> RunningSidecar {
+        let ports = try await ports()
+        return RunningSidecar(webhookPort: ports.webhooks, internalPort: ports.internal, internalAddress: nil)
+    }
+
     func signal(_ number: Int32) { kill(process.processIdentifier, number) }
 
     /// Waits for the process to exit and returns its status.
