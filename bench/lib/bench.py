@@ -108,6 +108,25 @@ def proc_status_kb(pid, field):
     return None
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of process `pid` (all its threads) and of its direct children (nginx
+    workers), in seconds."""
+    def times(path):
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[1], int(fields[11]) + int(fields[12])  # ppid, utime + stime (ticks)
+    total = times("/proc/%s/stat" % pid)[1]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and entry != str(pid):
+            try:
+                ppid, ticks = times("/proc/%s/stat" % entry)
+            except (OSError, IndexError):
+                continue
+            if ppid == str(pid):
+                total += ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def to_ms(value):
     m = re.match(r"([\d.]+)(us|ms|s|m)$", value)
     if not m:
@@ -196,10 +215,13 @@ def report(results_path, out_json):
             r["ratio_rps_vs_baseline"] = round(r["rps"] / base["rps"], 3)
         if base.get("p99_ms") is not None and r.get("p99_ms") is not None:
             r["p99_delta_ms_vs_baseline"] = round(r["p99_ms"] - base["p99_ms"], 3)
+        if r.get("cpu_s") is not None and r.get("requests"):
+            r["cpu_us_per_request"] = round(r["cpu_s"] * 1e6 / r["requests"], 1)
         if name == "proxy" and base_get.get("rps") and r.get("rps") is not None:
             r["ratio_rps_vs_nginx_get"] = round(r["rps"] / base_get["rps"], 3)
 
-    cols = ["scenario", "req/s", "ratio", "p50 ms", "p99 ms", "Δp99 ms", "errors", "peak RSS MB", "start s", "idle RSS MB"]
+    cols = ["scenario", "req/s", "ratio", "p50 ms", "p99 ms", "Δp99 ms", "errors", "CPU µs/req", "peak RSS MB", "start s",
+            "idle RSS MB"]
     rows = []
     for name in ("nginx", "direct", "queued", "nginx-get", "proxy"):
         r = sc.get(name)
@@ -208,7 +230,7 @@ def report(results_path, out_json):
         rows.append([
             SCENARIO_TITLES[name], fmt(r.get("rps"), ".0f"), fmt(r.get("ratio_rps_vs_baseline"), ".2f"),
             fmt(r.get("p50_ms"), ".2f"), fmt(r.get("p99_ms"), ".2f"), fmt(r.get("p99_delta_ms_vs_baseline"), "+.2f"),
-            fmt(r.get("errors"), "d"),
+            fmt(r.get("errors"), "d"), fmt(r.get("cpu_us_per_request"), ".0f"),
             fmt(r["peak_rss_kb"] / 1024 if r.get("peak_rss_kb") else None, ".1f"),
             fmt(r.get("startup_s"), ".3f"),
             fmt(r["idle_rss_kb"] / 1024 if r.get("idle_rss_kb") else None, ".1f"),
@@ -287,6 +309,8 @@ def main(argv):
         return wait_http(argv[2], float(argv[3]))
     elif cmd == "rss":  # rss PID FIELD -> kB
         print(proc_status_kb(argv[2], argv[3]))
+    elif cmd == "cpu":  # cpu PID [SINCE] -> CPU seconds used (since the SINCE figure)
+        print("%.2f" % (cpu_seconds(argv[2]) - (float(argv[3]) if len(argv) > 3 else 0)))
     elif cmd == "init":  # init RESULTS META_JSON
         with open(argv[2], "w") as f:
             json.dump({"meta": json.loads(argv[3]), "scenarios": {}}, f, indent=2)
