@@ -197,7 +197,7 @@ extension HTTPServerBuilder {
     static func sidecarHTTP1(_ limits: ListenerLimits) -> HTTPServerBuilder {
         .http1(
             configuration: .init(
-                additionalChannelHandlers: [RequestHeadDeadline(deadline: .seconds(Int64(limits.readTimeoutSeconds)))],
+                additionalChannelHandlers: [RequestDeadline(deadline: .seconds(Int64(limits.readTimeoutSeconds)))],
                 idleTimeout: .seconds(Int64(limits.idleTimeoutSeconds)),
                 httpDecoderConfiguration: .init(
                     maxHeaderFieldSize: limits.maxHeaderBytes, maxHeaderListSize: limits.maxHeaderBytes, maxHeaderFieldCount: 100)))

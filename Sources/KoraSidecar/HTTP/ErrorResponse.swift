@@ -82,34 +82,33 @@ public enum JSONResponse {
 
 /// Reads a request body with a size limit and a time limit, failing before reading further.
 public enum BodyReader {
-    /// The whole body, at most `limit` bytes, received within `timeout`.
-    /// - Throws: ``SidecarHTTPError`` 413 or 408; the connection is then closed.
+    /// The whole body, at most `limit` bytes. On the sidecar's listeners ``RequestDeadline`` bounds
+    /// how long a body may take; a server without it passes `timeout`, after which the connection
+    /// is closed.
+    /// - Throws: ``SidecarHTTPError`` 413, or 408 when the connection closed before the body ended;
+    ///   the connection is then closed.
     public static func collect(
-        _ request: Request, channel: any Channel, limit: Int, timeout: Duration
+        _ request: Request, channel: any Channel, limit: Int, timeout: Duration? = nil
     ) async throws(SidecarHTTPError) -> ByteBuffer {
         if let length = request.headers[.contentLength].flatMap({ Int($0) }), length > limit {
             throw .payloadTooLarge(limit: limit)
         }
+        // A read waiting for bytes does not see cancellation: a client too slow to send its body is
+        // disconnected, as nginx does, so that slow clients cannot pile up.
+        let timer = timeout.map { timeout in
+            channel.eventLoop.scheduleTask(in: .milliseconds(timeout.milliseconds)) { channel.close(promise: nil) }
+        }
+        defer { timer?.cancel() }
+        let body: ByteBuffer
         do {
-            return try await withThrowingTaskGroup(of: ByteBuffer?.self) { group in
-                group.addTask { try await request.body.collect(upTo: limit) }
-                group.addTask {
-                    try await Task.sleep(for: timeout)
-                    // A read waiting for bytes does not see cancellation: a client too slow to send
-                    // its body is disconnected, as nginx does, so that slow clients cannot pile up.
-                    channel.close(promise: nil)
-                    return nil
-                }
-                defer { group.cancelAll() }
-                guard let first = try await group.next(), let body = first else { throw SidecarHTTPError.requestTimeout() }
-                return body
-            }
-        } catch let error as SidecarHTTPError {
-            throw error
+            body = try await request.body.collect(upTo: limit)
         } catch is NIOTooManyBytesError {
             throw .payloadTooLarge(limit: limit)
         } catch {
             throw .requestTimeout()
         }
+        // A connection closed mid-body ends the body early: there is no request to answer.
+        guard channel.isActive else { throw .requestTimeout() }
+        return body
     }
 }

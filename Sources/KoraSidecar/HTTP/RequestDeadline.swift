@@ -1,0 +1,67 @@
+import HummingbirdCore
+import NIOCore
+
+/// Closes a connection whose request does not arrive in time: the first request head within the
+/// deadline of the connection opening, and every request body within the deadline of its head.
+///
+/// Clients sending headers a byte at a time (slowloris) or a body that never ends cannot hold
+/// connections: the idle time-out alone never fires while bytes keep trickling in. The timer is
+/// armed only when a read ends with a request still incomplete, so a request that arrives whole
+/// (the usual case) costs no timer, and the routes read bodies without one.
+///
+/// It sits after HTTP decoding and removes nothing from the pipeline; the next head on a kept-alive
+/// connection falls under the idle time-out.
+final class RequestDeadline: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTP1Channel.Value.InboundElement
+    typealias InboundOut = InboundIn
+
+    private let deadline: TimeAmount
+    private var timer: Scheduled<Void>?
+    /// Whether a request head arrived and its end has not.
+    private var inBody = false
+
+    init(deadline: TimeAmount) { self.deadline = deadline }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        arm(context)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        disarm()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head:
+            disarm()
+            inBody = true
+        case .end:
+            disarm()
+            inBody = false
+        case .body:
+            break
+        }
+        context.fireChannelRead(data)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if inBody, timer == nil { arm(context) }
+        context.fireChannelReadComplete()
+    }
+
+    private func arm(_ context: ChannelHandlerContext) {
+        let channel = context.channel
+        timer = context.eventLoop.scheduleTask(in: deadline) { channel.close(promise: nil) }
+    }
+
+    private func disarm() {
+        timer?.cancel()
+        timer = nil
+    }
+}
+
+extension NIOAsyncChannel {
+    /// What the channel reads: for ``HTTP1Channel`` the decoded request parts, which Hummingbird
+    /// does not export by name.
+    typealias InboundElement = Inbound
+}
