@@ -94,7 +94,10 @@ public func buildApplication(
     let delivery: IngressDelivery
     switch configuration.delivery.mode {
     case .direct:
-        delivery = .direct(sender)
+        let delivered = DeliveredEvents(store: store, logger: logger.with("component", "ingress"))
+        // Listed before the listeners, so it stops after them and writes the last ids before the store closes.
+        services.append(delivered)
+        delivery = .direct(sender, delivered)
     case .queued:
         let dispatcher = OutboxDispatcher(
             store: store, sender: sender, services: deliveryServices,

@@ -7,7 +7,7 @@ import Synchronization
 /// How an accepted webhook reaches the services (SPEC §4.5).
 public enum IngressDelivery: Sendable {
     /// Deliver synchronously; 200 only when every service answered 2xx.
-    case direct(EventSender)
+    case direct(EventSender, DeliveredEvents)
     /// Commit to the outbox, then wake the dispatcher.
     case queued(OutboxDispatcher)
 }
@@ -64,7 +64,7 @@ public struct WebhookIngress: Sendable {
 
     private func accept(_ request: Request, context: SidecarRequestContext) async throws(SidecarHTTPError) -> Response {
         let limits = configuration.limits
-        let buffer = try await BodyReader.collect(request, channel: context.channel, limit: limits.maxBodyBytes, timeout: .seconds(limits.readTimeoutSeconds))
+        let buffer = try await BodyReader.collect(request, channel: context.channel, limit: limits.maxBodyBytes)
         let body = Array(buffer.readableBytesView)
         let now = clock()
         let headers = SignatureHeaders(
@@ -117,7 +117,7 @@ public struct WebhookIngress: Sendable {
             }
             if result == .duplicate { return duplicate(metadata) }
             dispatcher.notify(services: recipients.map(\.name))
-        case .direct(let sender):
+        case .direct(let sender, let delivered):
             // Kora's two copies of an event (dashboard and callback URL) arrive together: the second
             // waits for Kora's retry rather than being delivered twice.
             guard inFlight.begin(event.id) else {
@@ -125,27 +125,25 @@ public struct WebhookIngress: Sendable {
             }
             defer { inFlight.end(event.id) }
             do {
-                for key in event.dedupKeys where try await store.isDuplicate(eventID: key, since: dedupSince) {
-                    return duplicate(metadata)
-                }
+                if try await delivered.contains(any: event.dedupKeys, since: dedupSince) { return duplicate(metadata) }
             } catch {
                 throw storeUnavailable(error, metadata)
             }
             guard await deliverDirectly(event, to: recipients, sender: sender, metadata) else {
                 throw .unavailable("A service did not accept the event; retry later.")
             }
-            do {
-                for key in event.dedupKeys { try await store.remember(eventID: key, at: now) }
-            } catch {
-                logger.error("Delivered but not remembered; a retry will be delivered again", metadata: metadata)
-            }
+            delivered.record(event.dedupKeys, at: now)
         }
         metadata["webhook.result"] = "accepted"
         metadata["webhook.recipients"] = "\(recipients.count)"
         logger.info("Webhook accepted", metadata: metadata)
         metrics.webhook("accepted")
-        return JSONResponse.make(.ok, ["received": true])
+        return JSONResponse.make(.ok, Self.acceptedBody)
     }
+
+    /// The two 200 bodies, encoded once.
+    private static let acceptedBody = JSONWriter.encode(["received": true])
+    private static let duplicateBody = JSONWriter.encode(["received": true, "duplicate": true])
 
     /// Logs a failed store read and gives the 503 that makes Kora retry.
     private func storeUnavailable(_ error: any Error, _ metadata: Logger.Metadata) -> SidecarHTTPError {
@@ -158,7 +156,7 @@ public struct WebhookIngress: Sendable {
         metadata["webhook.result"] = "duplicate"
         logger.info("Webhook already seen", metadata: metadata)
         metrics.webhook("duplicate")
-        return JSONResponse.make(.ok, ["received": true, "duplicate": true])
+        return JSONResponse.make(.ok, Self.duplicateBody)
     }
 
     private func quarantine(
@@ -188,23 +186,30 @@ public struct WebhookIngress: Sendable {
     private func deliverDirectly(
         _ event: KoraEvent, to recipients: [DeliveryService], sender: EventSender, _ metadata: Logger.Metadata
     ) async -> Bool {
-        await withTaskGroup(of: (String, AttemptResult).self) { group in
-            for service in recipients {
-                group.addTask { (service.name, await sender.send(event, to: service, attempt: 1)) }
+        // One service, the usual case, is sent to from this task: a child task costs a thread hop.
+        let results: [(name: String, result: AttemptResult)] =
+            if recipients.count == 1 {
+                [(recipients[0].name, await sender.send(event, to: recipients[0], attempt: 1))]
+            } else {
+                await withTaskGroup(of: (name: String, result: AttemptResult).self) { group in
+                    for service in recipients {
+                        group.addTask { (service.name, await sender.send(event, to: service, attempt: 1)) }
+                    }
+                    return await group.reduce(into: []) { $0.append($1) }
+                }
             }
-            var everyServiceTookIt = true
-            for await (name, result) in group {
-                metrics.delivery(service: name, result: result.succeeded ? "delivered" : "refused", milliseconds: result.durationMilliseconds)
-                guard !result.succeeded else { continue }
-                var metadata = metadata
-                metadata["service"] = "\(name)"
-                metadata["delivery.status"] = "\(result.statusCode.map(String.init) ?? "-")"
-                if let error = result.error { metadata["error"] = "\(error)" }
-                logger.warning("Direct delivery refused", metadata: metadata)
-                everyServiceTookIt = false
-            }
-            return everyServiceTookIt
+        var everyServiceTookIt = true
+        for (name, result) in results {
+            metrics.delivery(service: name, result: result.succeeded ? "delivered" : "refused", milliseconds: result.durationMilliseconds)
+            guard !result.succeeded else { continue }
+            var metadata = metadata
+            metadata["service"] = "\(name)"
+            metadata["delivery.status"] = "\(result.statusCode.map(String.init) ?? "-")"
+            if let error = result.error { metadata["error"] = "\(error)" }
+            logger.warning("Direct delivery refused", metadata: metadata)
+            everyServiceTookIt = false
         }
+        return everyServiceTookIt
     }
 }
 

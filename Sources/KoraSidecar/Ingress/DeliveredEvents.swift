@@ -1,0 +1,108 @@
+import Logging
+import ServiceLifecycle
+import Synchronization
+
+/// Direct mode's de-duplication ids (SPEC §4.5): an id is remembered once every service took the
+/// event, and written to the store just after the 200, off the response path, many ids to one
+/// transaction.
+///
+/// Recently delivered ids are also kept in memory, so a copy that arrives before the write (Kora's
+/// second URL) or soon after is a duplicate without asking the store. The store stays the truth
+/// (replicas sharing a database see each other's ids there): memory only ever says "seen", never
+/// "not seen". A crash between a 200 and its write forgets the ids of that moment; a later copy of
+/// one of them is then delivered again, as any retry would be (at least once).
+public final class DeliveredEvents: Service, Sendable {
+    private struct State {
+        /// When each id in memory was delivered.
+        var seen: [String: UnixTime] = [:]
+        /// The ids in memory, oldest first from `oldest`, overwritten in turn.
+        var ring: [String] = []
+        var oldest = 0
+        /// Delivered, not yet written to the store.
+        var unwritten: [(id: String, at: UnixTime)] = []
+        var stopping = false
+    }
+
+    private let store: any SidecarStore
+    private let capacity: Int
+    private let state = Mutex(State())
+    private let bell = Doorbell()
+    private let logger: Logger
+
+    /// How long the writer lets ids gather before a transaction, so that reads waiting behind a
+    /// commit (the store has one writer) wait for few of them.
+    static let gathering = Duration.milliseconds(10)
+
+    /// Keeps up to `capacity` ids in memory.
+    init(store: any SidecarStore, capacity: Int = 10_000, logger: Logger) {
+        self.store = store
+        self.capacity = capacity
+        self.logger = logger
+    }
+
+    /// Whether any of `keys` was delivered at or after `since`: from memory, else from the store.
+    func contains(any keys: [String], since: UnixTime) async throws -> Bool {
+        let inMemory = state.withLock { state in keys.contains { key in state.seen[key].map { $0 >= since } ?? false } }
+        if inMemory { return true }
+        for key in keys where try await store.isDuplicate(eventID: key, since: since) { return true }
+        return false
+    }
+
+    /// Remembers `keys` as delivered at `at`, in memory now and in the store shortly.
+    func record(_ keys: [String], at: UnixTime) {
+        state.withLock { state in
+            for key in keys {
+                if state.ring.count < capacity {
+                    state.ring.append(key)
+                } else {
+                    state.seen[state.ring[state.oldest]] = nil
+                    state.ring[state.oldest] = key
+                    state.oldest = (state.oldest + 1) % capacity
+                }
+                state.seen[key] = at
+                state.unwritten.append((key, at))
+            }
+        }
+        bell.ring()
+    }
+
+    /// Writes recorded ids to the store until shutdown, then writes the rest.
+    public func run() async throws {
+        await withGracefulShutdownHandler {
+            while true {
+                let generation = bell.generation
+                let (batch, stopping) = state.withLock { state in
+                    defer { state.unwritten = [] }
+                    return (state.unwritten, state.stopping)
+                }
+                if !batch.isEmpty {
+                    await write(batch)
+                    continue
+                }
+                if stopping || Task.isCancelled { return }
+                await bell.wait(after: generation, timeout: .seconds(5))
+                try? await Task.sleep(for: Self.gathering)
+            }
+        } onGracefulShutdown: {
+            self.state.withLock { $0.stopping = true }
+            self.bell.ringAll()
+        }
+    }
+
+    /// Writes `batch` with every id in flight at once, so that the store commits them together.
+    private func write(_ batch: [(id: String, at: UnixTime)]) async {
+        await withTaskGroup(of: Void.self) { group in
+            for (id, at) in batch {
+                group.addTask {
+                    do {
+                        try await self.store.remember(eventID: id, at: at)
+                    } catch {
+                        self.logger.error(
+                            "Delivered but not remembered; a copy arriving later will be delivered again",
+                            metadata: ["webhook.id": "\(id)", "error": "\(error)"])
+                    }
+                }
+            }
+        }
+    }
+}
