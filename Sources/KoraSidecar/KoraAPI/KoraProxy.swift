@@ -30,6 +30,8 @@ public struct KoraProxyOptions: Sendable {
 /// remembers which service created each verification, and maps transport failures to its own codes.
 public struct KoraProxy: Sendable {
     private let kora: KoraConfiguration
+    /// `kora.apiBaseURL` without a trailing slash.
+    private let baseURL: String
     private let limits: ListenerLimits
     private let identity: ServiceIdentity
     private let client: HTTPClient
@@ -46,6 +48,9 @@ public struct KoraProxy: Sendable {
     ) {
         self.metrics = metrics
         self.kora = configuration.kora
+        var base = Substring(configuration.kora.apiBaseURL)
+        while base.hasSuffix("/") { base = base.dropLast() }
+        self.baseURL = String(base)
         self.limits = configuration.internal.limits
         self.identity = ServiceIdentity(services: configuration.services)
         self.client = client
@@ -79,21 +84,21 @@ public struct KoraProxy: Sendable {
                 .badRequest, code: "INVALID_PATH", message: "The path may not hold empty, '.' or '..' segments or encoded dots and slashes.")
         }
         let caller = try authorize(request, method: request.method.rawValue, path: path)
-        let body = try await BodyReader.collect(request, channel: context.channel, limit: limits.maxBodyBytes, timeout: .seconds(limits.readTimeoutSeconds))
+        let body = try await BodyReader.collect(request, channel: context.channel, limit: limits.maxBodyBytes)
         let call = KoraCall(method: request.method, path: path, query: request.uri.query, headers: request.headers, body: body)
         if Self.isCreate(method: request.method, path: path) {
             let answer = try await create(call, caller: caller)
             return JSONResponse.make(answer.status, answer.body, headers: answer.headers).withContentType(answer.contentType)
         }
         let response = try await send(call, caller: caller)
-        return Self.passBack(response, head: request.method == .head)
+        return try await Self.passBack(response, head: request.method == .head)
     }
 
     /// `POST /api/verifications` with `{"userId", "tier"}`: the seed server of Kora's integration
     /// guide; answers `{"verificationId": "..."}`, or Kora's error unchanged.
     public func createShortcut(_ request: Request, context: SidecarRequestContext) async throws -> Response {
         let caller = try authorize(request, method: "POST", path: "/verifications")
-        let buffer = try await BodyReader.collect(request, channel: context.channel, limit: min(limits.maxBodyBytes, 65536), timeout: .seconds(limits.readTimeoutSeconds))
+        let buffer = try await BodyReader.collect(request, channel: context.channel, limit: min(limits.maxBodyBytes, 65536))
         guard let object = try? JSONParser.parse(Array(buffer.readableBytesView)), case .string(let userID)? = object["userId"], !userID.isEmpty
         else {
             throw SidecarHTTPError(.badRequest, code: "INVALID_REQUEST", message: "The body must be a JSON object with a non-empty string userId.")
@@ -197,11 +202,20 @@ public struct KoraProxy: Sendable {
         let request = upstreamRequest(call)
         let isRead = call.method == .get || call.method == .head
         let timeout = TimeAmount.seconds(Int64(max(1, kora.timeoutSeconds)))
-        var metadata: Logger.Metadata = ["service": "\(caller.name)", "kora.method": "\(call.method.rawValue)", "kora.path": "\(call.path)"]
         var attempt = 0
+        var status: Int?
+        var errorText: String?
+        // Built only for a line that is logged: a successful call logs at debug.
+        func metadata() -> Logger.Metadata {
+            var metadata: Logger.Metadata = [
+                "service": "\(caller.name)", "kora.method": "\(call.method.rawValue)", "kora.path": "\(call.path)", "kora.attempt": "\(attempt)",
+            ]
+            if let status { metadata["kora.status"] = "\(status)" }
+            if let errorText { metadata["error"] = "\(errorText)" }
+            return metadata
+        }
         while true {
             attempt += 1
-            metadata["kora.attempt"] = "\(attempt)"
             let response: HTTPClientResponse
             let started = ContinuousClock.now
             do {
@@ -212,33 +226,33 @@ public struct KoraProxy: Sendable {
                 metrics.koraCall(statusClass: "error", milliseconds: Int((ContinuousClock.now - started).milliseconds))
                 try Task.checkCancellation()
                 let failure = TransportFailure(error)
-                metadata["error"] = "\(EventSender.describe(error))"
+                errorText = EventSender.describe(error)
                 if attempt < policy.maxAttempts, failure == .notSent || (isRead && failure == .lost) {
-                    logger.debug("Kora call failed; retrying", metadata: metadata)
+                    logger.debug("Kora call failed; retrying", metadata: metadata())
                     try await policy.sleep(policy.backoff(after: attempt))
                     continue
                 }
-                logger.warning("Kora could not be reached", metadata: metadata)
+                logger.warning("Kora could not be reached", metadata: metadata())
                 throw failure.error
             }
-            let status = Int(response.status.code)
-            metadata["kora.status"] = "\(status)"
-            if attempt < policy.maxAttempts, status == 429 || (isRead && status >= 500),
+            let code = Int(response.status.code)
+            status = code
+            if attempt < policy.maxAttempts, code == 429 || (isRead && code >= 500),
                 let delay = policy.delay(after: attempt, retryAfter: response.headers.first(name: "retry-after"))
             {
-                logger.debug("Kora asked to retry", metadata: metadata)
+                logger.debug("Kora asked to retry", metadata: metadata())
                 _ = try? await response.body.collect(upTo: 1 << 20)
                 try await policy.sleep(delay)
                 continue
             }
-            if status == 401 || status == 403 {
+            if code == 401 || code == 403 {
                 _ = try? await response.body.collect(upTo: 1 << 20)
-                logger.error("Kora rejected the sidecar's own API key: check kora.apiKey and kora.tenantId", metadata: metadata)
+                logger.error("Kora rejected the sidecar's own API key: check kora.apiKey and kora.tenantId", metadata: metadata())
                 throw SidecarHTTPError(
                     .badGateway, code: "KORA_CREDENTIALS_REJECTED",
                     message: "Kora rejected the sidecar's credentials; an operator must check kora.apiKey and kora.tenantId.")
             }
-            logger.debug("Kora call answered", metadata: metadata)
+            logger.debug("Kora call answered", metadata: metadata())
             return response
         }
     }
@@ -252,14 +266,12 @@ public struct KoraProxy: Sendable {
     ]
 
     private func upstreamRequest(_ call: KoraCall) -> HTTPClientRequest {
-        var base = Substring(kora.apiBaseURL)
-        while base.hasSuffix("/") { base = base.dropLast() }
-        var url = base + call.path
+        var url = baseURL + call.path
         if let query = call.query, !query.isEmpty { url += "?" + query }
-        var request = HTTPClientRequest(url: String(url))
+        var request = HTTPClientRequest(url: url)
         request.method = HTTPMethod(rawValue: call.method.rawValue)
-        let listed = Set(
-            call.headers[values: .connection].flatMap { $0.split(separator: ",") }.map { $0.trimmingCharacters(in: " \t").lowercased() })
+        let connection = call.headers[values: .connection]
+        let listed = connection.isEmpty ? [] : Set(connection.flatMap { $0.split(separator: ",") }.map { $0.trimmingCharacters(in: " \t").lowercased() })
         for field in call.headers {
             let name = field.name.canonicalName
             if Self.droppedRequestHeaders.contains(name) || listed.contains(name) { continue }
@@ -287,12 +299,23 @@ public struct KoraProxy: Sendable {
         return fields
     }
 
-    /// Kora's response as the service's response, its body streamed through as it arrives.
-    static func passBack(_ response: HTTPClientResponse, head: Bool) -> Response {
+    /// Largest answer of known length passed back as one buffer; longer ones are streamed.
+    static let bufferedAnswerBytes = 64 * 1024
+
+    /// Kora's response as the service's response: read whole when it is small (one write, no
+    /// streaming machinery), else its body streamed through as it arrives.
+    static func passBack(_ response: HTTPClientResponse, head: Bool) async throws(SidecarHTTPError) -> Response {
         let status = HTTPResponse.Status(code: Int(response.status.code), reasonPhrase: response.status.reasonPhrase)
         let headers = passedHeaders(response.headers)
         if head { return Response(status: status, headers: headers, body: .init()) }
         let length = response.headers.first(name: "content-length").flatMap { Int($0) }
+        if let length, length <= bufferedAnswerBytes {
+            do {
+                return Response(status: status, headers: headers, body: .init(byteBuffer: try await response.body.collect(upTo: length)))
+            } catch {
+                throw SidecarHTTPError(.badGateway, code: "KORA_UNREACHABLE", message: "Kora's answer could not be read.")
+            }
+        }
         let body = response.body
         return Response(
             status: status, headers: headers,
