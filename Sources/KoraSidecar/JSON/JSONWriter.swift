@@ -25,6 +25,12 @@ public struct JSONWriter {
     /// Appends `string` as a quoted, escaped JSON string to `output`.
     public static func appendString(_ string: String, to output: inout [UInt8]) {
         output.append(UInt8(ascii: "\""))
+        defer { output.append(UInt8(ascii: "\"")) }
+        // Most strings need no escape: copied whole.
+        guard string.utf8.contains(where: { $0 < 0x20 || $0 == UInt8(ascii: "\"") || $0 == UInt8(ascii: "\\") }) else {
+            output.append(contentsOf: string.utf8)
+            return
+        }
         for byte in string.utf8 {
             switch byte {
             case UInt8(ascii: "\""): output.append(contentsOf: [0x5C, 0x22])
@@ -39,7 +45,6 @@ public struct JSONWriter {
             default: output.append(byte)
             }
         }
-        output.append(UInt8(ascii: "\""))
     }
 
     private mutating func newline(_ level: Int) {
@@ -50,9 +55,9 @@ public struct JSONWriter {
 
     private mutating func write(_ value: JSONValue, level: Int) {
         switch value {
-        case .null: output.append(contentsOf: Array("null".utf8))
-        case .bool(let b): output.append(contentsOf: Array((b ? "true" : "false").utf8))
-        case .number(let n): output.append(contentsOf: Array(n.utf8))
+        case .null: output.append(contentsOf: "null".utf8)
+        case .bool(let b): output.append(contentsOf: (b ? "true" : "false").utf8)
+        case .number(let n): output.append(contentsOf: n.utf8)
         case .string(let s): Self.appendString(s, to: &output)
         case .array(let elements):
             output.append(UInt8(ascii: "["))

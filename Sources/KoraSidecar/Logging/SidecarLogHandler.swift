@@ -30,22 +30,41 @@ public struct SidecarLogHandler: LogHandler {
         var merged = metadata
         if let extra = event.metadata { merged.merge(extra) { $1 } }
         let time = UnixTime.now().iso8601Milliseconds
-        let line: String
+        var line: [UInt8] = []
+        line.reserveCapacity(320)
         switch format {
         case .json:
-            var members: [JSONMember] = [
-                .init("time", .string(time)), .init("level", .string(event.level.rawValue)),
-                .init("message", .string(event.message.description)), .init("logger", .string(label)),
-            ]
-            for (key, value) in merged.sorted(by: { $0.key < $1.key }) { members.append(.init(key, Self.json(value))) }
-            line = String(decoding: JSONWriter.encode(.object(members)), as: UTF8.self)
+            // Written straight into the line: this runs once per webhook.
+            func member(_ key: String, _ value: String) {
+                line.append(line.isEmpty ? UInt8(ascii: "{") : UInt8(ascii: ","))
+                JSONWriter.appendString(key, to: &line)
+                line.append(UInt8(ascii: ":"))
+                JSONWriter.appendString(value, to: &line)
+            }
+            member("time", time)
+            member("level", event.level.rawValue)
+            member("message", event.message.description)
+            member("logger", label)
+            for (key, value) in merged.sorted(by: { $0.key < $1.key }) {
+                switch value {
+                case .string(let text): member(key, text)
+                case .stringConvertible(let text): member(key, text.description)
+                case .array, .dictionary:
+                    line.append(UInt8(ascii: ","))
+                    JSONWriter.appendString(key, to: &line)
+                    line.append(UInt8(ascii: ":"))
+                    line.append(contentsOf: JSONWriter.encode(Self.json(value)))
+                }
+            }
+            line.append(UInt8(ascii: "}"))
         case .text:
             let fields = merged.sorted(by: { $0.key < $1.key }).map { "\($0.key)=\(Self.escaped("\($0.value)"))" }.joined(separator: " ")
-            line = "\(time) \(event.level.rawValue.uppercased()) \(event.message)" + (fields.isEmpty ? "" : " " + fields)
+            line.append(contentsOf: "\(time) \(event.level.rawValue.uppercased()) \(event.message)".utf8)
+            if !fields.isEmpty { line.append(contentsOf: (" " + fields).utf8) }
         }
-        var text = line + "\n"
+        line.append(0x0A)
         // One write(2) per line, so that lines from concurrent tasks never interleave.
-        text.withUTF8 { buffer in _ = write(2, buffer.baseAddress, buffer.count) }
+        line.withUnsafeBufferPointer { buffer in _ = write(2, buffer.baseAddress, buffer.count) }
     }
 
     /// A metadata value as one token of a text line: control characters escaped, so that a value
