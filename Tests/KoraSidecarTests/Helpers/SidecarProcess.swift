@@ -10,26 +10,7 @@ enum Binary {
 
     /// Runs a command to completion and returns its exit status and output.
     static func run(_ arguments: [String], environment: [String: String] = [:], input: [UInt8]? = nil) async throws -> (status: Int32, stdout: String, stderr: String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: path)
-        process.arguments = arguments
-        process.environment = environment.merging(["PATH": "/usr/bin:/bin"]) { a, _ in a }
-        let out = Pipe()
-        let err = Pipe()
-        let inPipe = Pipe()
-        process.standardOutput = out
-        process.standardError = err
-        process.standardInput = inPipe
-        try process.run()
-        if let input { inPipe.fileHandleForWriting.write(Data(input)) }
-        try inPipe.fileHandleForWriting.close()
-        let result = await offPool {
-            let stdout = out.fileHandleForReading.readDataToEndOfFile()
-            let stderr = err.fileHandleForReading.readDataToEndOfFile()
-            process.waitUntilExit()
-            return (process.terminationStatus, String(decoding: stdout, as: UTF8.self), String(decoding: stderr, as: UTF8.self))
-        }
-        return result
+        try await runTool(path, arguments, environment: environment, input: input)
     }
 }
 
@@ -110,15 +91,17 @@ final class SidecarProcess: @unchecked Sendable {
 }
 
 /// Writes a sidecar configuration for a child process: both listeners on 127.0.0.1 port 0,
-/// queued delivery to `receiverPort`, the store in `directory`.
-func writeProcessConfig(directory: String, receiverPort: Int, retrySchedule: [String] = ["100ms", "100ms", "200ms"], extra: String = "") throws -> String {
+/// queued delivery to `receiverPort` (or to the `services` given as JSON), the store in `directory`.
+func writeProcessConfig(
+    directory: String, receiverPort: Int, retrySchedule: [String] = ["100ms", "100ms", "200ms"], extra: String = "", services: String? = nil
+) throws -> String {
     let path = directory + "/config.json"
     let schedule = retrySchedule.map { "\"\($0)\"" }.joined(separator: ", ")
     let text = """
         {
           "webhooks": {"listen": {"host": "127.0.0.1", "port": 0}, "secrets": ["\(TestSecrets.webhook)"]},
           "internal": {"listen": {"host": "127.0.0.1", "port": 0}\(extra)},
-          "services": [{"name": "app", "deliver": {"url": "http://127.0.0.1:\(receiverPort)/events", "signingSecret": "\(TestSecrets.signing)", "timeoutSeconds": 5}}],
+          "services": \(services ?? #"[{"name": "app", "deliver": {"url": "http://127.0.0.1:\#(receiverPort)/events", "signingSecret": "\#(TestSecrets.signing)", "timeoutSeconds": 5}}]"#),
           "delivery": {"mode": "queued", "retrySchedule": [\(schedule)], "concurrency": 8, "drainTimeout": "20s"},
           "storage": {"sqlitePath": "\(directory)/store.sqlite"},
           "logging": {"level": "info", "format": "json"}

@@ -1,0 +1,121 @@
+import Foundation
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Runs an executable to completion and returns its exit status and output.
+func runTool(
+    _ executable: String, _ arguments: [String], environment: [String: String] = [:], input: [UInt8]? = nil
+) async throws -> (status: Int32, stdout: String, stderr: String) {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: executable)
+    process.arguments = arguments
+    process.environment = environment.merging(["PATH": "/usr/sbin:/usr/bin:/sbin:/bin"]) { a, _ in a }
+    let out = Pipe()
+    let err = Pipe()
+    let inPipe = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    process.standardInput = inPipe
+    try process.run()
+    if let input { inPipe.fileHandleForWriting.write(Data(input)) }
+    try inPipe.fileHandleForWriting.close()
+    return await offPool {
+        let stdout = out.fileHandleForReading.readDataToEndOfFile()
+        let stderr = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (process.terminationStatus, String(decoding: stdout, as: UTF8.self), String(decoding: stderr, as: UTF8.self))
+    }
+}
+
+/// A system tool that must succeed (mount, chattr): throws with its error output otherwise.
+struct ToolFailed: Error, CustomStringConvertible {
+    let description: String
+}
+
+func mustRun(_ executable: String, _ arguments: [String]) async throws {
+    let result = try await runTool(executable, arguments)
+    guard result.status == 0 else { throw ToolFailed(description: "\(executable) \(arguments): \(result.stderr)") }
+}
+
+/// Whether this process may mount file systems and set file attributes (the fault tests need root).
+let runningAsRoot = geteuid() == 0
+
+/// A real tmpfs of a few megabytes on a fresh temporary directory: its disk can be filled for real.
+struct TinyFilesystem {
+    let path: String
+    private var filler: String { path + "/filler" }
+
+    static func mount(megabytes: Int) async throws -> TinyFilesystem {
+        let path = try temporaryDirectory()
+        try await mustRun("/usr/bin/mount", ["-t", "tmpfs", "-o", "size=\(megabytes)m", "tmpfs", path])
+        return TinyFilesystem(path: path)
+    }
+
+    /// Writes a file until the file system answers ENOSPC.
+    func fill() throws {
+        let fd = open(filler, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        guard fd >= 0 else { throw ToolFailed(description: "cannot create \(filler)") }
+        defer { close(fd) }
+        let block = [UInt8](repeating: 0, count: 65536)
+        while block.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) > 0 {}
+        guard errno == ENOSPC else { throw ToolFailed(description: "filling \(path) stopped with errno \(errno)") }
+    }
+
+    /// Frees what ``fill()`` took.
+    func free() throws { try FileManager.default.removeItem(atPath: filler) }
+
+    /// Unmounts (lazily, in case a killed child still holds a file) and removes the directory.
+    func unmount() async {
+        _ = try? await runTool("/usr/bin/umount", ["-l", path])
+        try? FileManager.default.removeItem(atPath: path)
+    }
+}
+
+/// Makes `paths` immutable (`chattr +i`): the kernel refuses every write to them, even root's.
+func setImmutable(_ immutable: Bool, _ paths: [String]) async throws {
+    try await mustRun("/usr/bin/chattr", [immutable ? "+i" : "-i"] + paths)
+}
+
+/// A TCP peer on 127.0.0.1 that accepts every connection and then either holds it open without
+/// reading or answering (a hung process), or resets it at once (RST).
+final class SilentPeer: @unchecked Sendable {
+    enum Behaviour { case hold, reset }
+    let port: Int
+    private let listener: RawListener
+    private let held = Connections()
+
+    /// How many connections it accepted.
+    var accepted: Int { held.list.withLock { $0.count } }
+
+    private final class Connections: Sendable {
+        let list = Mutex<[Int32]>([])
+    }
+
+    init(_ behaviour: Behaviour) throws {
+        listener = try RawListener()
+        port = listener.port
+        let fd = listener.fd
+        listen(fd, 128)
+        Thread { [held] in
+            while true {
+                let connection = accept(fd, nil, nil)
+                if connection < 0 { return }
+                if behaviour == .reset {
+                    var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
+                    setsockopt(connection, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
+                    close(connection)
+                    held.list.withLock { $0.append(-1) }
+                } else {
+                    held.list.withLock { $0.append(connection) }
+                }
+            }
+        }.start()
+    }
+
+    deinit {
+        shutdown(listener.fd, Int32(SHUT_RDWR))
+        for fd in held.list.withLock({ $0 }) where fd >= 0 { close(fd) }
+    }
+}
