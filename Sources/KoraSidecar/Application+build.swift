@@ -18,7 +18,7 @@ public enum ListenerRole: String, Sendable {
 /// What ``buildApplication(_:logger:options:)`` takes besides the configuration: the seams tests
 /// and the demo use. Production passes the defaults.
 public struct SidecarOptions: Sendable {
-    /// The store to use instead of opening `storage.sqlitePath`.
+    /// The store to use instead of opening the configured one.
     public var store: (any SidecarStore)?
     /// The wall clock (tests move it to check the timestamp tolerance).
     public var clock: @Sendable () -> UnixTime = UnixTime.now
@@ -61,22 +61,9 @@ public func buildApplication(
     if let given = options.store {
         store = given
     } else {
-        do {
-            let sqlite = try SQLiteStore(path: configuration.storage.sqlitePath)
-            store = sqlite
-            // Closing waits for queued writes: it runs on a thread of its own, not the cooperative pool.
-            services.append(
-                CloseOnShutdown {
-                    await withCheckedContinuation { done in
-                        Thread {
-                            sqlite.close()
-                            done.resume()
-                        }.start()
-                    }
-                })
-        } catch {
-            throw StartupError("The store \(configuration.storage.sqlitePath) (storage.sqlitePath) cannot be opened: \(error).")
-        }
+        let opened = try configuration.storage.open(logger: logger)
+        store = opened.store
+        services.append(opened.service)
     }
 
     let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: .sidecarDelivery)

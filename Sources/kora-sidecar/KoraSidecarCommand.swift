@@ -139,14 +139,10 @@ struct Deliveries: AsyncParsableCommand {
     static func run(_ action: DeliveriesCommand.Action, options: ConfigOption) async throws {
         // Only the store's path is needed: an operator need not hold Kora's secrets to list deliveries.
         let configuration = try options.load(resolvingSecrets: false)
-        let store: SQLiteStore
-        do {
-            store = try SQLiteStore(path: configuration.storage.sqlitePath)
-        } catch {
-            throw StartupError("The store \(configuration.storage.sqlitePath) (storage.sqlitePath) cannot be opened: \(error).")
+        let output = try await configuration.storage.withStore(logger: Logger(label: "kora-sidecar", factory: { _ in SwiftLogNoOpLogHandler() })) { store in
+            try await DeliveriesCommand.run(action, store: store)
         }
-        defer { store.close() }
-        print(try await DeliveriesCommand.run(action, store: store))
+        print(output)
     }
 
     struct List: AsyncParsableCommand {

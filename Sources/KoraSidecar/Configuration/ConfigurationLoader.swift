@@ -60,9 +60,7 @@ extension SidecarConfiguration {
             readService(reader.object(value, at: path, keys: ["name", "token", "allow", "deliver"]))
         } ?? []
         configuration.delivery = readDelivery(root.object("delivery", keys: ["mode", "retrySchedule", "concurrency", "drainTimeout"]))
-        let storage = root.object("storage", keys: ["sqlitePath"])
-        configuration.storage.sqlitePath = storage.string("sqlitePath", default: configuration.storage.sqlitePath)
-        if configuration.storage.sqlitePath.isEmpty { reader.report(storage.path("sqlitePath"), "must not be empty") }
+        configuration.storage = readStorage(root.object("storage", keys: ["sqlitePath", "postgresURL"]))
         let logging = root.object("logging", keys: ["level", "format"])
         configuration.logging.level = logging.string("level", default: "info")
         if !LoggingConfiguration.levels.contains(configuration.logging.level) {
@@ -71,6 +69,22 @@ extension SidecarConfiguration {
         configuration.logging.format = logging.enumeration("format", default: .json)
         validate(configuration, root: root, reader)
         return configuration
+    }
+
+    private static func readStorage(_ object: ObjectReader) -> StorageConfiguration {
+        var storage = StorageConfiguration()
+        storage.sqlitePath = object.string("sqlitePath", default: storage.sqlitePath)
+        if storage.sqlitePath.isEmpty { object.reader.report(object.path("sqlitePath"), "must not be empty") }
+        guard object.has("postgresURL") else { return storage }
+        if object.has("sqlitePath") {
+            object.reader.report(object.path("postgresURL"), "give either sqlitePath or postgresURL, not both")
+        }
+        storage.postgresURL = object.optionalSecret("postgresURL", always: true)
+        if let url = storage.postgresURL {
+            // The reason never quotes the URL: it holds the database password.
+            do { _ = try PostgresURL(url) } catch { object.reader.report(object.path("postgresURL"), error.reason) }
+        }
+        return storage
     }
 
     private enum KoraKeys {

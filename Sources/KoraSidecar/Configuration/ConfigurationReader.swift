@@ -35,8 +35,10 @@ final class ConfigurationReader {
         }
     }
 
-    /// Resolves a secret written as `{"env": …}`, `{"file": …}` or a plain string.
-    func secret(_ value: JSONValue, at path: String) -> Secret? {
+    /// Resolves a secret written as `{"env": …}`, `{"file": …}` or a plain string; `always` resolves
+    /// it even when the reader checks secrets for shape only (the store's address is needed by every command).
+    func secret(_ value: JSONValue, at path: String, always: Bool = false) -> Secret? {
+        let resolvesSecrets = resolvesSecrets || always
         switch value {
         case .string(let literal):
             guard !literal.isEmpty else {
@@ -183,8 +185,8 @@ struct ObjectReader {
         }
     }
 
-    func optionalSecret(_ key: String) -> Secret? {
+    func optionalSecret(_ key: String, always: Bool = false) -> Secret? {
         guard let value = value(key), value != .null else { return nil }
-        return reader.secret(value, at: path(key))
+        return reader.secret(value, at: path(key), always: always)
     }
 }

@@ -57,7 +57,11 @@ public enum EnvironmentConfiguration {
             .init("services", [.object(service)]),
         ]
         if let mode = env("KORA_SIDECAR_DELIVERY_MODE") { document.append(.init("delivery", ["mode": .string(mode)])) }
-        if let path = env("KORA_SIDECAR_SQLITE_PATH") { document.append(.init("storage", ["sqlitePath": .string(path)])) }
+        if env("KORA_SIDECAR_DATABASE_URL") != nil {
+            document.append(.init("storage", ["postgresURL": reference("KORA_SIDECAR_DATABASE_URL")]))
+        } else if let path = env("KORA_SIDECAR_SQLITE_PATH") {
+            document.append(.init("storage", ["sqlitePath": .string(path)]))
+        }
         var logging: [JSONMember] = []
         if let level = env("KORA_SIDECAR_LOG_LEVEL") { logging.append(.init("level", .string(level))) }
         if let format = env("KORA_SIDECAR_LOG_FORMAT") { logging.append(.init("format", .string(format))) }

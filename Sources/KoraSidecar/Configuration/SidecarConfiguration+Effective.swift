@@ -42,7 +42,7 @@ extension SidecarConfiguration {
                 "concurrency": .int(delivery.concurrency),
                 "drainTimeout": .string(DurationText.format(delivery.drainTimeout)),
             ],
-            "storage": ["sqlitePath": .string(storage.sqlitePath)],
+            "storage": storage.postgresURL == nil ? ["sqlitePath": .string(storage.sqlitePath)] : ["postgresURL": "***"],
             "logging": ["level": .string(logging.level), "format": .string(logging.format.rawValue)],
         ]
     }

@@ -171,6 +171,9 @@ public struct DeliveryConfiguration: Sendable {
 /// Where state is kept (`storage`).
 public struct StorageConfiguration: Sendable {
     public var sqlitePath = "./data/kora-sidecar.sqlite"
+    /// `postgres://user:password@host:5432/database?sslmode=require`: when set, state is kept in
+    /// PostgreSQL, shared by every replica, and `sqlitePath` is not used.
+    public var postgresURL: Secret?
 
     public init() {}
 }

@@ -145,12 +145,7 @@ public final class SQLiteStore: SidecarStore {
                     attempt.statusCode.map(SQLiteValue.int) ?? .null, .optional(attempt.error),
                     .int(attempt.durationMilliseconds),
                 ])
-            let (status, nextAt): (DeliveryStatus, Int64) =
-                switch next {
-                case .delivered: (.delivered, attempt.at.milliseconds)
-                case .retry(let at): (.pending, at.milliseconds)
-                case .dead: (.dead, attempt.at.milliseconds)
-                }
+            let (status, nextAt) = next.statusAndTime(after: attempt)
             try db.query(
                 """
                 UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, lease_until = NULL,

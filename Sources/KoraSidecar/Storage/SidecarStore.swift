@@ -96,6 +96,17 @@ public enum NextStep: Sendable, Equatable {
     case dead
 }
 
+extension NextStep {
+    /// The delivery's status after an attempt, and when it is next due (or when it ended).
+    func statusAndTime(after attempt: AttemptRecord) -> (DeliveryStatus, Int64) {
+        switch self {
+        case .delivered: (.delivered, attempt.at.milliseconds)
+        case .retry(let at): (.pending, at.milliseconds)
+        case .dead: (.dead, attempt.at.milliseconds)
+        }
+    }
+}
+
 /// One delivery, as operators list it.
 public struct DeliverySummary: Sendable, Equatable {
     public var id: Int64

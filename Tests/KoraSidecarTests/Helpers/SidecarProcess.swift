@@ -91,10 +91,13 @@ final class SidecarProcess: @unchecked Sendable {
 }
 
 /// Writes a sidecar configuration for a child process: both listeners on 127.0.0.1 port 0,
-/// queued delivery to `receiverPort` (or to the `services` given as JSON), the store in `directory`.
+/// queued delivery to `receiverPort` (or to the `services` given as JSON), the store in `directory`
+/// (or the PostgreSQL database at `postgresURL`).
 func writeProcessConfig(
-    directory: String, receiverPort: Int, retrySchedule: [String] = ["100ms", "100ms", "200ms"], extra: String = "", services: String? = nil
+    directory: String, receiverPort: Int, retrySchedule: [String] = ["100ms", "100ms", "200ms"], extra: String = "", services: String? = nil,
+    postgresURL: String? = nil
 ) throws -> String {
+    let storage = postgresURL.map { #"{"postgresURL": "\#($0)"}"# } ?? #"{"sqlitePath": "\#(directory)/store.sqlite"}"#
     let path = directory + "/config.json"
     let schedule = retrySchedule.map { "\"\($0)\"" }.joined(separator: ", ")
     let text = """
@@ -103,7 +106,7 @@ func writeProcessConfig(
           "internal": {"listen": {"host": "127.0.0.1", "port": 0}\(extra)},
           "services": \(services ?? #"[{"name": "app", "deliver": {"url": "http://127.0.0.1:\#(receiverPort)/events", "signingSecret": "\#(TestSecrets.signing)", "timeoutSeconds": 5}}]"#),
           "delivery": {"mode": "queued", "retrySchedule": [\(schedule)], "concurrency": 8, "drainTimeout": "20s"},
-          "storage": {"sqlitePath": "\(directory)/store.sqlite"},
+          "storage": \(storage),
           "logging": {"level": "info", "format": "json"}
         }
         """

@@ -1,0 +1,69 @@
+import Logging
+import PostgresNIO
+
+/// The PostgreSQL schema, versioned: tables carry a `kora_` prefix so that the sidecar can share a
+/// database with an application.
+enum PostgresSchema {
+    /// One entry per version, each a list of single statements; a new version is appended, never edited.
+    static let migrations: [[String]] = [
+        [
+            "CREATE TABLE kora_seen_events(event_id TEXT PRIMARY KEY, seen_at BIGINT NOT NULL)",
+            "CREATE INDEX kora_seen_events_seen_at ON kora_seen_events(seen_at)",
+            """
+            CREATE TABLE kora_events(
+                id BIGSERIAL PRIMARY KEY, event_id TEXT NOT NULL, type TEXT NOT NULL, verification_id TEXT,
+                normalized BYTEA NOT NULL, original BYTEA NOT NULL, original_headers TEXT NOT NULL,
+                signature_verified BOOLEAN NOT NULL, received_at BIGINT NOT NULL)
+            """,
+            """
+            CREATE TABLE kora_deliveries(
+                id BIGSERIAL PRIMARY KEY, event_row BIGINT NOT NULL REFERENCES kora_events(id), service TEXT NOT NULL,
+                status TEXT NOT NULL, attempts BIGINT NOT NULL DEFAULT 0, next_attempt_at BIGINT NOT NULL,
+                lease_until BIGINT, last_status BIGINT, last_error TEXT,
+                created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL)
+            """,
+            "CREATE INDEX kora_deliveries_due ON kora_deliveries(service, status, next_attempt_at)",
+            "CREATE INDEX kora_deliveries_event ON kora_deliveries(event_row)",
+            "CREATE INDEX kora_deliveries_updated ON kora_deliveries(status, updated_at)",
+            """
+            CREATE TABLE kora_attempts(
+                delivery_id BIGINT NOT NULL, attempt BIGINT NOT NULL, at BIGINT NOT NULL, status_code BIGINT,
+                error TEXT, duration_ms BIGINT NOT NULL, PRIMARY KEY(delivery_id, attempt))
+            """,
+            """
+            CREATE TABLE kora_quarantine(
+                id BIGSERIAL PRIMARY KEY, received_at BIGINT NOT NULL, reason TEXT NOT NULL, body BYTEA NOT NULL,
+                headers TEXT NOT NULL, signature_verified BOOLEAN NOT NULL)
+            """,
+            """
+            CREATE TABLE kora_verification_origins(
+                verification_id TEXT PRIMARY KEY, service TEXT NOT NULL, created_at BIGINT NOT NULL)
+            """,
+            "CREATE TABLE kora_health(id BIGINT PRIMARY KEY, checked_at BIGINT NOT NULL)",
+        ]
+    ]
+
+    /// Any constant, the same in every replica: the advisory lock that serialises migrations.
+    private static let migrationLock: Int64 = 0x4B6F_7261_5369_6465  // "KoraSide"
+
+    /// Brings the schema to the newest version, inside the caller's transaction. Replicas starting
+    /// at the same moment queue on an advisory lock, so each version is applied exactly once.
+    static func migrate(_ connection: PostgresConnection, logger: Logger) async throws {
+        try await connection.query("SELECT pg_advisory_xact_lock(\(migrationLock))", logger: logger)
+        try await connection.query("CREATE TABLE IF NOT EXISTS kora_schema_version(version BIGINT NOT NULL)", logger: logger)
+        let current = try await connection.query("SELECT version FROM kora_schema_version", logger: logger).collect()
+            .first?.decode(Int64.self)
+        let version = Int(current ?? 0)
+        guard version < migrations.count else { return }
+        for statements in migrations[version...] {
+            for statement in statements { try await connection.query(PostgresQuery(unsafeSQL: statement), logger: logger) }
+        }
+        let newest = Int64(migrations.count)
+        if current == nil {
+            try await connection.query("INSERT INTO kora_schema_version(version) VALUES(\(newest))", logger: logger)
+        } else {
+            try await connection.query("UPDATE kora_schema_version SET version = \(newest)", logger: logger)
+        }
+        logger.info("PostgreSQL schema migrated", metadata: ["from": "\(version)", "to": "\(newest)"])
+    }
+}

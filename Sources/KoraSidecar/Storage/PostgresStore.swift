@@ -1,0 +1,415 @@
+import Logging
+import NIOCore
+import PostgresNIO
+import ServiceLifecycle
+import Synchronization
+
+/// The PostgreSQL implementation of ``SidecarStore``, shared by several replicas.
+///
+/// Replicas cooperate through the database alone: de-duplication is an insert against a unique key,
+/// deliveries are leased with `FOR UPDATE SKIP LOCKED`, and a replica that dies leaves leases that
+/// expire. The store is a `Service`: `run()` keeps the connection pool and migrates the schema,
+/// retrying until the database answers; until then every operation throws ``PostgresStoreError``.
+public final class PostgresStore: SidecarStore, Service {
+    private let client: PostgresClient
+    private let location: String
+    private let logger: Logger
+    /// Longest an operation waits, including for a connection, before it fails (the caller answers 503).
+    private let operationTimeout: Duration
+    /// Nil once the schema is current; else why the store cannot be used yet.
+    private let notReady = Mutex<String?>("the schema is not migrated yet")
+
+    /// Creates the store for `url`; nothing connects until ``run()``.
+    public convenience init(url: Secret, logger: Logger, operationTimeout: Duration = .seconds(5)) throws(ConfigurationError) {
+        let address: PostgresURL
+        do {
+            address = try PostgresURL(url)
+        } catch {
+            throw ConfigurationError(source: "storage.postgresURL", problems: [.init(path: "storage.postgresURL", reason: error.reason)])
+        }
+        self.init(address: address, logger: logger, operationTimeout: operationTimeout)
+    }
+
+    init(address: PostgresURL, logger: Logger, operationTimeout: Duration) {
+        client = PostgresClient(configuration: address.clientConfiguration, backgroundLogger: logger)
+        location = address.location
+        self.logger = logger
+        self.operationTimeout = operationTimeout
+    }
+
+    /// Runs the connection pool and migrates the schema, until graceful shutdown or cancellation;
+    /// then gives the pool a few seconds to close its connections, and no more.
+    public func run() async {
+        let pool = Task { await self.client.run() }
+        await migrateUntilDone()
+        try? await gracefulShutdown()
+        pool.cancel()
+        _ = try? await Deadline.run(after: .seconds(5), error: { CancellationError() }) { await pool.value }
+    }
+
+    /// Runs `body` with the store running, then stops it (one-shot commands and tests).
+    public func whileRunning<T: Sendable>(_ body: @Sendable (PostgresStore) async throws -> T) async throws -> T {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { await self.run() }
+            defer { group.cancelAll() }
+            try await waitUntilMigrated()
+            return try await body(self)
+        }
+    }
+
+    /// Waits until the schema is current, or fails with why after the operation time-out.
+    public func waitUntilMigrated() async throws {
+        let deadline = ContinuousClock.now + operationTimeout
+        while let reason = notReady.withLock({ $0 }) {
+            guard ContinuousClock.now < deadline else { throw PostgresStoreError(location: location, reason: reason) }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
+    private func migrateUntilDone() async {
+        var delay = Duration.milliseconds(100)
+        while !Task.isCancelled, !Task.isShuttingDownGracefully {
+            do {
+                try await client.withConnection { connection in
+                    try await Self.transaction(connection, logger: self.logger) { try await PostgresSchema.migrate($0, logger: self.logger) }
+                }
+                notReady.withLock { $0 = nil }
+                return
+            } catch {
+                let reason = PostgresStoreError.describe(error)
+                notReady.withLock { $0 = "the schema cannot be migrated: \(reason)" }
+                logger.error("PostgreSQL schema migration failed; retrying", metadata: ["store": "\(location)", "error": "\(reason)"])
+                try? await Task.sleep(for: delay)
+                delay = min(delay * 2, .seconds(5))
+            }
+        }
+    }
+
+    // MARK: Running statements
+
+    /// Runs `body` on a pooled connection within the operation time-out, turning every failure into
+    /// a ``PostgresStoreError`` that says why without leaking the URL.
+    private func withConnection<T: Sendable>(_ body: @escaping @Sendable (PostgresConnection) async throws -> T) async throws -> T {
+        try await waitUntilMigrated()
+        do {
+            let location = self.location, timeout = operationTimeout
+            return try await Deadline.run(
+                after: timeout, error: { PostgresStoreError(location: location, reason: "no answer within \(timeout)") }
+            ) { try await self.client.withConnection(body) }
+        } catch let error as PostgresStoreError {
+            throw error
+        } catch let error as Duplicate {
+            throw error
+        } catch {
+            throw PostgresStoreError(location: location, reason: PostgresStoreError.describe(error))
+        }
+    }
+
+    private func inTransaction<T: Sendable>(_ body: @escaping @Sendable (PostgresConnection) async throws -> T) async throws -> T {
+        try await withConnection { connection in try await Self.transaction(connection, logger: self.logger, body) }
+    }
+
+    /// BEGIN, `body`, COMMIT; ROLLBACK when `body` throws, whose error is rethrown as it is.
+    private static func transaction<T: Sendable>(
+        _ connection: PostgresConnection, logger: Logger, _ body: (PostgresConnection) async throws -> T
+    ) async throws -> T {
+        try await connection.query("BEGIN", logger: logger)
+        let value: T
+        do {
+            value = try await body(connection)
+        } catch {
+            _ = try? await connection.query("ROLLBACK", logger: logger)
+            throw error
+        }
+        try await connection.query("COMMIT", logger: logger)
+        return value
+    }
+
+    private func rows(_ query: PostgresQuery) async throws -> [PostgresRow] {
+        try await withConnection { connection in try await connection.query(query, logger: self.logger).collect() }
+    }
+
+    // MARK: De-duplication and events
+
+    public func isDuplicate(eventID: String, since: UnixTime) async throws -> Bool {
+        try await !rows("SELECT 1 FROM kora_seen_events WHERE event_id = \(eventID) AND seen_at >= \(since.milliseconds)").isEmpty
+    }
+
+    public func remember(eventID: String, at: UnixTime) async throws {
+        _ = try await rows(
+            """
+            INSERT INTO kora_seen_events(event_id, seen_at) VALUES(\(eventID), \(at.milliseconds))
+            ON CONFLICT(event_id) DO UPDATE SET seen_at = excluded.seen_at
+            """)
+    }
+
+    public func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws -> EnqueueResult {
+        do {
+            try await enqueueOrThrowDuplicate(event, services: services, at: at, dedupSince: dedupSince)
+            return .accepted
+        } catch is Duplicate {
+            return .duplicate
+        }
+    }
+
+    private func enqueueOrThrowDuplicate(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws {
+        try await inTransaction { connection in
+            for key in event.dedupKeys {
+                // Atomic across replicas: a concurrent insert of the same key waits for this one's
+                // commit and then finds the key taken, so exactly one replica accepts the event.
+                let claimed = try await connection.query(
+                    """
+                    INSERT INTO kora_seen_events(event_id, seen_at) VALUES(\(key), \(at.milliseconds))
+                    ON CONFLICT(event_id) DO UPDATE SET seen_at = excluded.seen_at
+                    WHERE kora_seen_events.seen_at < \(dedupSince.milliseconds)
+                    RETURNING 1
+                    """, logger: self.logger
+                ).collect()
+                if claimed.isEmpty { throw Duplicate() }
+            }
+            guard !services.isEmpty else { return }
+            let eventRow = try await connection.query(
+                """
+                INSERT INTO kora_events(event_id, type, verification_id, normalized, original, original_headers, signature_verified, received_at)
+                VALUES(\(event.id), \(event.type), \(event.verificationID), \(ByteBuffer(bytes: event.normalizedBody)),
+                       \(ByteBuffer(bytes: event.originalBody)), \(HeaderList.encode(event.originalHeaders)),
+                       \(event.signatureVerified), \(at.milliseconds))
+                RETURNING id
+                """, logger: self.logger
+            ).collect().first?.decode(Int64.self) ?? 0
+            try await connection.query(
+                """
+                INSERT INTO kora_deliveries(event_row, service, status, next_attempt_at, created_at, updated_at)
+                SELECT \(eventRow), service, 'pending', \(at.milliseconds), \(at.milliseconds), \(at.milliseconds)
+                FROM unnest(\(services)::text[]) AS service
+                """, logger: self.logger)
+        }
+    }
+
+    /// Rolls back an enqueue whose event was already seen.
+    private struct Duplicate: Error {}
+
+    public func quarantine(_ payload: QuarantinedPayload) async throws {
+        let headers = HeaderList.encode(payload.headers.sorted { $0.key < $1.key }.map { ($0.key, $0.value) })
+        _ = try await rows(
+            """
+            INSERT INTO kora_quarantine(received_at, reason, body, headers, signature_verified)
+            VALUES(\(payload.receivedAt.milliseconds), \(payload.reason), \(ByteBuffer(bytes: payload.body)), \(headers), \(payload.signatureVerified))
+            """)
+    }
+
+    public func recordOrigin(verificationID: String, service: String, at: UnixTime) async throws {
+        _ = try await rows(
+            """
+            INSERT INTO kora_verification_origins(verification_id, service, created_at) VALUES(\(verificationID), \(service), \(at.milliseconds))
+            ON CONFLICT(verification_id) DO UPDATE SET service = excluded.service, created_at = excluded.created_at
+            """)
+    }
+
+    public func origin(ofVerification verificationID: String) async throws -> String? {
+        try await rows("SELECT service FROM kora_verification_origins WHERE verification_id = \(verificationID)")
+            .first?.decode(String.self)
+    }
+
+    // MARK: The outbox
+
+    public func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration) async throws -> [DeliveryJob] {
+        let leaseUntil = now.adding(lease).milliseconds
+        // SKIP LOCKED: two replicas claiming at once take different rows, never the same one.
+        return try await rows(
+            """
+            WITH due AS (
+                SELECT id FROM kora_deliveries
+                WHERE service = \(service) AND status = 'pending' AND next_attempt_at <= \(now.milliseconds)
+                  AND (lease_until IS NULL OR lease_until <= \(now.milliseconds))
+                ORDER BY next_attempt_at, id LIMIT \(limit)
+                FOR UPDATE SKIP LOCKED),
+            leased AS (
+                UPDATE kora_deliveries d SET lease_until = \(leaseUntil) FROM due WHERE d.id = due.id
+                RETURNING d.id, d.attempts, d.event_row)
+            SELECT l.id, l.attempts, e.event_id, e.type, e.verification_id, e.normalized, e.original,
+                   e.original_headers, e.signature_verified
+            FROM leased l JOIN kora_events e ON e.id = l.event_row ORDER BY l.id
+            """
+        ).map { row in
+            let (id, attempts, eventID, type, verificationID, normalized, original, headers, verified) = try row.decode(
+                (Int64, Int64, String, String, String?, ByteBuffer, ByteBuffer, String, Bool).self)
+            let event = KoraEvent(
+                id: eventID, type: type, verificationID: verificationID, normalizedBody: Array(buffer: normalized),
+                originalBody: Array(buffer: original), originalHeaders: HeaderList.decode(headers), signatureVerified: verified)
+            return DeliveryJob(deliveryID: id, service: service, attempt: Int(attempts) + 1, event: event)
+        }
+    }
+
+    public func finish(deliveryID: Int64, attempt: AttemptRecord, next: NextStep) async throws {
+        let (status, nextAt) = next.statusAndTime(after: attempt)
+        try await inTransaction { connection in
+            try await connection.query(
+                """
+                INSERT INTO kora_attempts(delivery_id, attempt, at, status_code, error, duration_ms)
+                VALUES(\(deliveryID), \(attempt.attempt), \(attempt.at.milliseconds), \(attempt.statusCode), \(attempt.error),
+                       \(attempt.durationMilliseconds))
+                ON CONFLICT(delivery_id, attempt) DO UPDATE SET at = excluded.at, status_code = excluded.status_code,
+                    error = excluded.error, duration_ms = excluded.duration_ms
+                """, logger: self.logger)
+            try await connection.query(
+                """
+                UPDATE kora_deliveries SET status = \(status.rawValue), attempts = \(attempt.attempt), next_attempt_at = \(nextAt),
+                    lease_until = NULL, last_status = \(attempt.statusCode), last_error = \(attempt.error),
+                    updated_at = \(attempt.at.milliseconds)
+                WHERE id = \(deliveryID)
+                """, logger: self.logger)
+        }
+    }
+
+    public func nextDueTime(service: String) async throws -> UnixTime? {
+        try await rows(
+            """
+            SELECT MIN(GREATEST(next_attempt_at, COALESCE(lease_until, 0))) FROM kora_deliveries
+            WHERE service = \(service) AND status = 'pending'
+            """
+        ).first?.decode(Int64?.self).map(UnixTime.init(milliseconds:))
+    }
+
+    /// Does nothing: other replicas hold leases in this database, and a dead replica's leases expire.
+    public func releaseLeases() async throws {}
+
+    // MARK: Operators
+
+    private static let summarySelect = """
+        SELECT d.id, e.event_id, e.type, d.service, d.status, d.attempts, d.next_attempt_at, d.last_status, d.last_error,
+        d.created_at, d.updated_at FROM kora_deliveries d JOIN kora_events e ON e.id = d.event_row
+        """
+
+    private static func summary(_ row: PostgresRow) throws -> DeliverySummary {
+        let (id, eventID, type, service, statusText, attempts, nextAt, lastStatus, lastError, created, updated) = try row.decode(
+            (Int64, String, String, String, String, Int64, Int64, Int64?, String?, Int64, Int64).self)
+        let status = DeliveryStatus(rawValue: statusText) ?? .pending
+        return DeliverySummary(
+            id: id, eventID: eventID, eventType: type, service: service, status: status, attempts: Int(attempts),
+            nextAttemptAt: status == .pending ? UnixTime(milliseconds: nextAt) : nil, lastStatusCode: lastStatus.map(Int.init),
+            lastError: lastError, createdAt: UnixTime(milliseconds: created), updatedAt: UnixTime(milliseconds: updated))
+    }
+
+    public func deliveries(status: DeliveryStatus?, limit: Int) async throws -> [DeliverySummary] {
+        let rows =
+            if let status {
+                try await rows("\(unescaped: Self.summarySelect) WHERE d.status = \(status.rawValue) ORDER BY d.id DESC LIMIT \(limit)")
+            } else {
+                try await rows("\(unescaped: Self.summarySelect) ORDER BY d.id DESC LIMIT \(limit)")
+            }
+        return try rows.map(Self.summary)
+    }
+
+    public func delivery(id: Int64) async throws -> DeliveryDetail? {
+        guard let row = try await rows("\(unescaped: Self.summarySelect) WHERE d.id = \(id)").first else { return nil }
+        let attempts = try await rows(
+            "SELECT attempt, at, status_code, error, duration_ms FROM kora_attempts WHERE delivery_id = \(id) ORDER BY attempt"
+        ).map { row in
+            let (attempt, at, statusCode, error, duration) = try row.decode((Int64, Int64, Int64?, String?, Int64).self)
+            return AttemptRecord(
+                attempt: Int(attempt), at: UnixTime(milliseconds: at), statusCode: statusCode.map(Int.init), error: error,
+                durationMilliseconds: Int(duration))
+        }
+        return DeliveryDetail(summary: try Self.summary(row), attempts: attempts)
+    }
+
+    public func quarantined(limit: Int) async throws -> [QuarantinedPayload] {
+        try await rows(
+            "SELECT id, received_at, reason, body, headers, signature_verified FROM kora_quarantine ORDER BY id DESC LIMIT \(limit)"
+        ).map { row in
+            let (id, receivedAt, reason, body, headers, verified) = try row.decode((Int64, Int64, String, ByteBuffer, String, Bool).self)
+            return QuarantinedPayload(
+                id: id, receivedAt: UnixTime(milliseconds: receivedAt), reason: reason, body: Array(buffer: body),
+                headers: Dictionary(HeaderList.decode(headers), uniquingKeysWith: { $1 }), signatureVerified: verified)
+        }
+    }
+
+    public func requeue(id: Int64, at: UnixTime) async throws -> Bool {
+        try await !rows(
+            """
+            UPDATE kora_deliveries SET status = 'pending', next_attempt_at = \(at.milliseconds), lease_until = NULL,
+                updated_at = \(at.milliseconds)
+            WHERE id = \(id) AND status != 'delivered' RETURNING id
+            """
+        ).isEmpty
+    }
+
+    public func requeueAllDead(at: UnixTime) async throws -> Int {
+        try await rows(
+            """
+            UPDATE kora_deliveries SET status = 'pending', next_attempt_at = \(at.milliseconds), lease_until = NULL,
+                updated_at = \(at.milliseconds)
+            WHERE status = 'dead' RETURNING id
+            """
+        ).count
+    }
+
+    public func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult {
+        try await inTransaction { connection in
+            let before = deliveredBefore.milliseconds
+            try await connection.query(
+                """
+                DELETE FROM kora_attempts WHERE delivery_id IN
+                    (SELECT id FROM kora_deliveries WHERE status = 'delivered' AND updated_at < \(before))
+                """, logger: self.logger)
+            let deliveries = try await connection.query(
+                "DELETE FROM kora_deliveries WHERE status = 'delivered' AND updated_at < \(before) RETURNING id", logger: self.logger
+            ).collect().count
+            try await connection.query(
+                "DELETE FROM kora_events e WHERE NOT EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id)",
+                logger: self.logger)
+            let seen = try await connection.query(
+                "DELETE FROM kora_seen_events WHERE seen_at < \(seenBefore.milliseconds) RETURNING 1", logger: self.logger
+            ).collect().count
+            try await connection.query("DELETE FROM kora_quarantine WHERE received_at < \(seenBefore.milliseconds)", logger: self.logger)
+            return PruneResult(deliveries: deliveries, seenIDs: seen)
+        }
+    }
+
+    public func depth() async throws -> [OutboxDepth] {
+        try await rows("SELECT service, status, COUNT(*), MIN(created_at) FROM kora_deliveries GROUP BY service, status").compactMap { row in
+            let (service, statusText, count, oldest) = try row.decode((String, String, Int64, Int64?).self)
+            guard let status = DeliveryStatus(rawValue: statusText) else { return nil }
+            return OutboxDepth(service: service, status: status, count: Int(count), oldestCreatedAt: oldest.map(UnixTime.init(milliseconds:)))
+        }
+    }
+
+    public func checkWritable(at: UnixTime) async throws {
+        _ = try await rows(
+            """
+            INSERT INTO kora_health(id, checked_at) VALUES(1, \(at.milliseconds))
+            ON CONFLICT(id) DO UPDATE SET checked_at = excluded.checked_at
+            """)
+    }
+}
+
+/// Why the PostgreSQL store failed, as a sentence fit for `/readyz` and logs: the server and the
+/// cause, never the URL's password.
+public struct PostgresStoreError: Error, Sendable, CustomStringConvertible {
+    var location: String
+    var reason: String
+
+    public var description: String { "PostgreSQL at \(location): \(reason)" }
+
+    /// What went wrong, from postgres-nio's errors (whose own description is deliberately empty).
+    static func describe(_ error: any Error) -> String {
+        switch error {
+        case let error as PSQLError:
+            if let message = error.serverInfo?[.message] {
+                return "the server says: \(message) (\(error.serverInfo?[.sqlState] ?? "?"))"
+            }
+            let cause = error.underlying.map { ": \($0)" } ?? ""
+            return switch error.code {
+            case .connectionError: "cannot connect\(cause)"
+            case .serverClosedConnection: "the server closed the connection\(cause)"
+            case .clientClosedConnection, .poolClosed: "the connection pool is closed"
+            default: "\(error.code)\(cause)"
+            }
+        case is CancellationError:
+            return "the operation was cancelled"
+        default:
+            return "\(error)"
+        }
+    }
+}

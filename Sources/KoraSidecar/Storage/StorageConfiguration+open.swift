@@ -1,0 +1,56 @@
+import Foundation
+import Logging
+import ServiceLifecycle
+
+extension StorageConfiguration {
+    /// Opens the configured store. `service` belongs first in the service group: it keeps the
+    /// store running (PostgreSQL's connection pool) and closes it after everything else stopped.
+    /// - Throws: ``StartupError`` naming the key when the store cannot be opened.
+    public func open(logger: Logger) throws -> (store: any SidecarStore, service: any Service) {
+        if let url = postgresURL {
+            let store = try openPostgres(url, logger: logger.with("component", "store"))
+            return (store, store)
+        }
+        let sqlite = try openSQLite()
+        // Closing waits for queued writes: it runs on a thread of its own, not the cooperative pool.
+        let close = CloseOnShutdown {
+            await withCheckedContinuation { done in
+                Thread {
+                    sqlite.close()
+                    done.resume()
+                }.start()
+            }
+        }
+        return (sqlite, close)
+    }
+
+    /// Runs `body` with the configured store open, then closes it (one-shot commands).
+    public func withStore<T: Sendable>(logger: Logger, _ body: @Sendable (any SidecarStore) async throws -> T) async throws -> T {
+        guard let url = postgresURL else {
+            let sqlite = try openSQLite()
+            defer { sqlite.close() }
+            return try await body(sqlite)
+        }
+        do {
+            return try await openPostgres(url, logger: logger).whileRunning(body)
+        } catch let error as PostgresStoreError {
+            throw StartupError("The store (storage.postgresURL) cannot be reached: \(error).")
+        }
+    }
+
+    private func openPostgres(_ url: Secret, logger: Logger) throws -> PostgresStore {
+        do {
+            return try PostgresStore(url: url, logger: logger)
+        } catch {
+            throw StartupError("The store (storage.postgresURL) cannot be used: \(error.problems.map(\.reason).joined(separator: "; ")).")
+        }
+    }
+
+    private func openSQLite() throws -> SQLiteStore {
+        do {
+            return try SQLiteStore(path: sqlitePath)
+        } catch {
+            throw StartupError("The store \(sqlitePath) (storage.sqlitePath) cannot be opened: \(error).")
+        }
+    }
+}

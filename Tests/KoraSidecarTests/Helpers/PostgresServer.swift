@@ -1,0 +1,133 @@
+import Foundation
+import KoraSidecar
+import Synchronization
+
+/// A real PostgreSQL server for the tests: Debian's binaries (`scripts/setup` installs them),
+/// initialised in a temporary directory, listening on 127.0.0.1 on a free port, stopped when the
+/// test process exits. As root it runs as the `postgres` user, since PostgreSQL refuses root.
+final class PostgresServer: Sendable {
+    let directory: String
+    let port: Int
+    private let bin: String
+
+    /// The server most tests share; each test takes a database of its own on it.
+    static func shared() async throws -> PostgresServer { try await sharedServer.value }
+
+    private static let sharedServer = Task { try await PostgresServer() }
+    private static let started = Mutex<[PostgresServer]>([])
+
+    /// Initialises and starts a server of its own (a test that restarts its server needs one).
+    init() async throws {
+        bin = try Self.binaries()
+        directory = try temporaryDirectory()
+        port = try freePort()
+        if getuid() == 0 { try await Self.spawn("/usr/bin/chown", ["postgres:postgres", directory]) }
+        try await run("initdb", ["-D", directory + "/data", "-U", "kora", "-A", "trust", "--no-sync", "-E", "UTF8"])
+        try await start()
+        let first = Self.started.withLock { started in
+            started.append(self)
+            return started.count == 1
+        }
+        if first { atexit { PostgresServer.stopAll() } }
+    }
+
+    /// A new, empty database on this server, as the URL the sidecar takes.
+    func createDatabase() async throws -> String {
+        let name = "t" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
+        try await Self.spawn(bin + "/psql", ["-h", "127.0.0.1", "-p", "\(port)", "-U", "kora", "-d", "postgres", "-qc", "CREATE DATABASE \(name)"])
+        return url(database: name)
+    }
+
+    func url(database: String) -> String { "postgres://kora@127.0.0.1:\(port)/\(database)?sslmode=disable" }
+
+    func start() async throws {
+        try await run("pg_ctl", [
+            "start", "-w", "-D", directory + "/data", "-l", directory + "/server.log",
+            "-o", "-p \(port) -h 127.0.0.1 -k \(directory) -F -c max_connections=300",
+        ])
+    }
+
+    /// Stops the server at once, as a crash or a failover would.
+    func stop() async throws {
+        try await run("pg_ctl", ["stop", "-w", "-m", "immediate", "-D", directory + "/data"])
+    }
+
+    /// Runs one of the server's programs, as `postgres` when the tests run as root.
+    private func run(_ program: String, _ arguments: [String]) async throws {
+        try await Self.spawn(program: bin + "/" + program, arguments)
+    }
+
+    private static func stopAll() {
+        for server in started.withLock({ $0 }) {
+            _ = try? spawnAndWait(program: server.bin + "/pg_ctl", ["stop", "-m", "immediate", "-D", server.directory + "/data"])
+            try? FileManager.default.removeItem(atPath: server.directory)
+        }
+    }
+
+    private static func spawn(program: String, _ arguments: [String]) async throws {
+        try await offPool { Result { try spawnAndWait(program: program, arguments) } }.get()
+    }
+
+    private static func spawn(_ executable: String, _ arguments: [String]) async throws {
+        try await offPool { Result { try spawnAndWait(executable, arguments) } }.get()
+    }
+
+    /// `program` as the `postgres` user when the tests run as root.
+    private static func spawnAndWait(program: String, _ arguments: [String]) throws {
+        if getuid() == 0 {
+            try spawnAndWait("/usr/sbin/runuser", ["-u", "postgres", "--", program] + arguments)
+        } else {
+            try spawnAndWait(program, arguments)
+        }
+    }
+
+    /// Runs a command to completion with posix_spawn and waitpid (Foundation's `Process` was seen
+    /// spinning in `waitUntilExit` on `runuser`); its output goes to a file read back on failure.
+    private static func spawnAndWait(_ executable: String, _ arguments: [String]) throws {
+        let output = NSTemporaryDirectory() + "/pg-" + String(UInt32.random(in: 0...UInt32.max), radix: 36) + ".out"
+        defer { unlink(output) }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        var pid = pid_t()
+        let spawned = posix_spawn(&pid, executable, &actions, nil, argv, environ)
+        guard spawned == 0 else { throw ToolFailed(description: "\(executable) cannot start: \(String(cString: strerror(spawned)))") }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0, errno == EINTR {}
+        guard status == 0 else {
+            let text = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
+            throw ToolFailed(description: "\(executable) \(arguments.first ?? "") failed (\(status)): \(text)")
+        }
+    }
+
+    /// The newest installed PostgreSQL's `bin` folder.
+    private static func binaries() throws -> String {
+        let root = "/usr/lib/postgresql"
+        let versions = (try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []
+        guard let newest = versions.compactMap(Int.init).max(), FileManager.default.fileExists(atPath: "\(root)/\(newest)/bin/postgres")
+        else { throw ToolFailed(description: "PostgreSQL is not installed under \(root): run scripts/setup (apt-get install postgresql)") }
+        return "\(root)/\(newest)/bin"
+    }
+}
+
+/// A TCP port that nothing listens on now: bound to port 0, read, released.
+func freePort() throws -> Int {
+    let socket = Foundation.socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard socket >= 0 else { throw ToolFailed(description: "socket() failed") }
+    defer { close(socket) }
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    address.sin_port = 0
+    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+    let bound = withUnsafeMutablePointer(to: &address) { pointer in
+        pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(socket, $0, length) == 0 && getsockname(socket, $0, &length) == 0 }
+    }
+    guard bound else { throw ToolFailed(description: "bind() failed") }
+    return Int(UInt16(bigEndian: address.sin_port))
+}

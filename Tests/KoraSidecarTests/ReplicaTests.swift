@@ -1,0 +1,142 @@
+import Foundation
+import KoraSidecar
+import Synchronization
+import Testing
+
+/// Several real sidecar processes sharing one real PostgreSQL database.
+@Suite("PostgreSQL replicas", .serialized)
+struct ReplicaTests {
+    /// One service with a one-second time-out, so that a dead replica's lease ends 31 s after its claim.
+    static func services(port: Int) -> String {
+        #"[{"name": "app", "deliver": {"url": "http://127.0.0.1:\#(port)/events", "signingSecret": "\#(TestSecrets.signing)", "timeoutSeconds": 1}}]"#
+    }
+
+    @Test func twoReplicasReceivingTheSameEventsDeliverEachOnce() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let database = try await PostgresServer.shared().createDatabase()
+        let receiver = Receiver()
+        try await withReceiver(receiver) { (port: Int) async throws in
+            let config = try writeProcessConfig(directory: directory, receiverPort: port, postgresURL: database)
+            let replicas = try [SidecarProcess(config: config), SidecarProcess(config: config)]
+            let running = [try await replicas[0].running(), try await replicas[1].running()]
+            let ids = (0..<40).map { "evt_both_\($0)" }
+            // Kora's two copies of each event (callback URL and dashboard URL) reach different replicas at once.
+            try await withThrowingTaskGroup(of: Int.self) { group in
+                for id in ids {
+                    for sidecar in running { group.addTask { try await sendSigned(TestEvent.body(eventID: id), to: sidecar).status } }
+                }
+                for try await status in group { #expect(status == 200, "\(replicas.flatMap(\.log).filter { $0.contains("error") }.suffix(2))") }
+            }
+            try await waitUntil("every delivery to be marked delivered", timeout: .seconds(30)) {
+                let listed = try await Binary.run(["deliveries", "list", "--status", "delivered", "--config", config])
+                return ids.allSatisfy { listed.stdout.contains("\"\($0)\"") }
+            }
+            let pending = try await Binary.run(["deliveries", "list", "--status", "pending", "--config", config])
+            #expect(pending.status == 0)
+            #expect(!pending.stdout.contains("evt_both_"))
+            // Every delivery row is delivered and none is pending, so no second copy can still come.
+            let delivered = receiver.deliveries.compactMap { $0.header("webhook-id") }
+            #expect(delivered.count == ids.count, "\(delivered.count) deliveries for \(ids.count) events")
+            #expect(Set(delivered).count == ids.count)
+            for replica in replicas { replica.signal(SIGTERM) }
+            for replica in replicas { #expect(try await replica.exitStatus() == 0) }
+        }
+    }
+
+    @Test func aReplicaKilledMidStreamLosesNoAcknowledgedEvent() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let database = try await PostgresServer.shared().createDatabase()
+        // Every event fails its first attempt, so that the dying replica holds pending and leased work.
+        let seen = Mutex<Set<String>>([])
+        let taken = Mutex<Set<String>>([])
+        let receiver = Receiver(recording: false) { delivery, _ in
+            let id = delivery.header("webhook-id") ?? ""
+            guard seen.withLock({ !$0.insert(id).inserted }) else { return .serviceUnavailable }
+            taken.withLock { _ = $0.insert(id) }
+            return .ok
+        }
+        try await withReceiver(receiver) { (port: Int) async throws in
+            let config = try writeProcessConfig(
+                directory: directory, receiverPort: port, services: Self.services(port: port), postgresURL: database)
+            let doomed = try SidecarProcess(config: config)
+            let survivor = try SidecarProcess(config: config)
+            let targets = [try await doomed.running(), try await survivor.running()]
+            let acknowledged = Acknowledged()
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for index in 0..<200 {
+                    if index >= 16 { try await group.next() }
+                    group.addTask {
+                        let id = "evt_replica_\(index)"
+                        let answer = try? await sendSigned(TestEvent.body(eventID: id), to: targets[index % 2], timeout: .seconds(6))
+                        if answer?.status == 200 { acknowledged.insert(id) }
+                    }
+                }
+                doomed.signal(SIGKILL)
+                try await group.waitForAll()
+            }
+            #expect(try await doomed.exitStatus() == SIGKILL)
+            let acked = acknowledged.ids
+            #expect(acked.count >= 100, "only \(acked.count) events were acknowledged")
+            // The survivor takes over the dead replica's work once its leases end.
+            try await waitUntil("every acknowledged event to be delivered", timeout: .seconds(90)) {
+                taken.withLock { acked.isSubset(of: $0) }
+            }
+            survivor.signal(SIGTERM)
+            #expect(try await survivor.exitStatus() == 0)
+        }
+    }
+
+    @Test func aDatabaseRestartMeans503AndRecoveryWithoutARestart() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        // A server of its own, since this test stops it; it is removed when the test process exits.
+        let server = try await PostgresServer()
+        let database = try await server.createDatabase()
+        let receiver = Receiver()
+        try await withReceiver(receiver) { (port: Int) async throws in
+            let config = try writeProcessConfig(directory: directory, receiverPort: port, postgresURL: database)
+            let child = try SidecarProcess(config: config)
+            let sidecar = try await child.running()
+            let readyz = "http://127.0.0.1:\(sidecar.internalPort ?? 0)/readyz"
+            try await waitUntil("the sidecar to be ready") { try await get(readyz).status == 200 }
+            let acknowledged = Acknowledged()
+            // Traffic runs through the outage: every answer is 200 (stored) or 503 (Kora retries), never 500.
+            let statuses = Mutex<[Int]>([])
+            let traffic = Task {
+                var index = 0
+                while !Task.isCancelled {
+                    let id = "evt_restart_\(index)"
+                    index += 1
+                    let answer = try? await sendSigned(TestEvent.body(eventID: id), to: sidecar, timeout: .seconds(15))
+                    if let answer { statuses.withLock { $0.append(answer.status) } }
+                    if answer?.status == 200 { acknowledged.insert(id) }
+                }
+            }
+            try await waitUntil("traffic to flow") { acknowledged.ids.count >= 20 }
+
+            try await server.stop()
+            try await waitUntil("a webhook to be refused with 503", timeout: .seconds(30)) { statuses.withLock { $0.contains(503) } }
+            let down = try await get(readyz)
+            #expect(down.status == 503)
+            #expect(down.body.contains("PostgreSQL"), "\(down.body)")
+
+            try await server.start()
+            let before = acknowledged.ids.count
+            try await waitUntil("webhooks to be accepted again", timeout: .seconds(30)) { acknowledged.ids.count > before + 10 }
+            #expect(try await get(readyz).status == 200)
+            traffic.cancel()
+            _ = await traffic.result
+
+            let acked = acknowledged.ids
+            try await waitUntil("every acknowledged event to be delivered", timeout: .seconds(30)) {
+                acked.isSubset(of: Set(receiver.deliveries.compactMap { $0.header("webhook-id") }))
+            }
+            #expect(statuses.withLock { $0.allSatisfy { $0 == 200 || $0 == 503 } }, "\(statuses.withLock { Set($0) })")
+            child.signal(SIGTERM)
+            let status = try? await child.exitStatus()
+            #expect(status == 0, "\(child.log.suffix(8))")
+        }
+    }
+}
