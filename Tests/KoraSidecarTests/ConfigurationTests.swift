@@ -152,6 +152,36 @@ struct ConfigurationTests {
         #expect(try JSONParser.parse(Array(text.utf8))["delivery"]?["mode"] == "queued")
     }
 
+    @Test func postgresStorageIsASecretURLCheckedWithoutQuotingIt() throws {
+        let secrets = #"{"webhooks": {"secrets": ["w"]}, "storage": "#
+        let url = "postgres://kora:pg-password-value@db.internal:6432/kora?sslmode=require"
+        let configuration = try load(secrets + #"{"postgresURL": {"env": "DATABASE_URL"}}}"#, environment: ["DATABASE_URL": url])
+        #expect(configuration.storage.postgresURL?.value == url)
+        let text = JSONWriter.prettyString(configuration.effectiveJSON)
+        #expect(!text.contains("pg-password-value"))
+        #expect(text.contains(#""postgresURL": "***""#))
+        // The URL is read even by store-only commands, which need nothing else secret.
+        let storeOnly = try SidecarConfiguration.load(
+            bytes: Array((secrets + #"{"postgresURL": {"env": "DATABASE_URL"}}}"#).utf8), source: "t", environment: ["DATABASE_URL": url],
+            resolvingSecrets: false)
+        #expect(storeOnly.storage.postgresURL?.value == url)
+
+        let both = problems(secrets + #"{"sqlitePath": "/tmp/s", "postgresURL": "postgres://u@h/d"}}"#)
+        #expect(both.map(\.path) == ["$.storage.postgresURL"])
+        for bad in [
+            "mysql://u:secret-in-url@h/d", "postgres://u:secret-in-url@/d", "postgres://:secret-in-url@h/d", "postgres://u:secret-in-url@h",
+            "postgres://u:secret-in-url@h/d?sslmode=sometimes", "postgres://u:secret-in-url@h/d?connect_timeout=3",
+        ] {
+            let found = problems(secrets + #"{"postgresURL": "\#(bad)"}}"#)
+            #expect(found.map(\.path) == ["$.storage.postgresURL"], "\(bad)")
+            #expect(!found.map(\.reason).joined().contains("secret-in-url"))
+        }
+        let fromEnvironment = try ConfigurationSource.environment.load(environment: [
+            "KORAIDV_WEBHOOK_SECRET": "w", "KORA_SIDECAR_DATABASE_URL": "postgres://kora@127.0.0.1/kora",
+        ])
+        #expect(fromEnvironment.storage.postgresURL?.value == "postgres://kora@127.0.0.1/kora")
+    }
+
     @Test func theExampleFileIsValid() throws {
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
         let environment = [

@@ -190,6 +190,56 @@ struct StoreTests {
         #expect(try await store.depth().first?.count == 500)
     }
 
+    /// A running PostgreSQL store on `url` (a replica), with what stops it.
+    func postgresReplica(_ url: String) async throws -> (store: PostgresStore, stop: @Sendable () -> Void) {
+        let store = try PostgresStore(url: Secret(url), logger: Logger(label: "test"))
+        let running = Task { await store.run() }
+        try await store.waitUntilMigrated()
+        return (store, { running.cancel() })
+    }
+
+    @Test func postgresReplicasStartingTogetherMigrateOnceAndNeverClaimTheSameDelivery() async throws {
+        let url = try await PostgresServer.shared().createDatabase()
+        // Four replicas start at the same moment on an empty database.
+        let replicas = try await withThrowingTaskGroup(of: (store: PostgresStore, stop: @Sendable () -> Void).self) { group in
+            for _ in 0..<4 { group.addTask { try await self.postgresReplica(url) } }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        defer { replicas.forEach { $0.stop() } }
+        for index in 0..<200 {
+            _ = try await replicas[index % 4].store.enqueue(event("r\(index)"), services: ["a"], at: t0, dedupSince: at(-1))
+        }
+        let claimed = try await withThrowingTaskGroup(of: [Int64].self) { group in
+            for replica in replicas {
+                group.addTask {
+                    var mine: [Int64] = []
+                    while case let jobs = try await replica.store.claimDue(service: "a", now: self.at(1), limit: 7, lease: .seconds(60)), !jobs.isEmpty {
+                        mine += jobs.map(\.deliveryID)
+                    }
+                    return mine
+                }
+            }
+            return try await group.reduce(into: [[Int64]]()) { $0.append($1) }
+        }
+        #expect(claimed.joined().count == 200)
+        #expect(Set(claimed.joined()).count == 200, "a delivery was leased to two replicas")
+    }
+
+    @Test func postgresDeDuplicationIsAtomicAcrossReplicas() async throws {
+        let url = try await PostgresServer.shared().createDatabase()
+        let (first, stopFirst) = try await postgresReplica(url)
+        let (second, stopSecond) = try await postgresReplica(url)
+        defer { stopFirst(); stopSecond() }
+        for index in 0..<50 {
+            let copy = try event("same\(index)")
+            async let a = first.enqueue(copy, services: ["a"], at: t0, dedupSince: at(-1))
+            async let b = second.enqueue(copy, services: ["a"], at: t0, dedupSince: at(-1))
+            let results = try await [a, b]
+            #expect(results.sorted { "\($0)" < "\($1)" } == [.accepted, .duplicate], "\(results)")
+        }
+        #expect(try await first.depth().first?.count == 50)
+    }
+
     @Test func aCorruptSQLiteFileIsAClearError() throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
