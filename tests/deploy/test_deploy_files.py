@@ -652,3 +652,67 @@ def test_the_example_app_receives_events_from_the_real_sidecar(sidecar_bin, tmp_
             output, _ = sidecar.communicate()
         server.shutdown()
     assert sidecar.returncode == 0, output
+
+
+# ---------------------------------------------------------------------------------------------
+# kubernetes: two replicas sharing PostgreSQL
+
+K8S_REPLICAS = K8S / "replicas-postgres"
+
+
+def replicas_objects():
+    objects = {}
+    for path in sorted(K8S_REPLICAS.glob("*.yaml")):
+        for document in load_yaml_documents(path):
+            objects.setdefault(document["kind"], []).append(document)
+    return objects
+
+
+def replicas_config():
+    (config_map,) = replicas_objects()["ConfigMap"]
+    return json.loads(config_map["data"]["config.json"])
+
+
+def test_replicas_config_passes_check_config_with_a_postgres_url(sidecar_bin, tmp_path):
+    config, path = replicas_config(), tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    environment = dummy_environment(config)
+    environment["KORA_SIDECAR_DATABASE_URL"] = "postgres://kora:pg-secret-value@db:5432/kora?sslmode=require"
+    effective = check_config(sidecar_bin, path, environment)
+    assert effective["storage"] == {"postgresURL": "***"}
+    assert "pg-secret-value" not in json.dumps(effective)
+
+
+def test_replicas_share_postgres_and_every_variable_comes_from_the_secret():
+    objects, config = replicas_objects(), replicas_config()
+    (deployment,) = objects["Deployment"]
+    (secret,) = objects["Secret"]
+    assert deployment["spec"]["replicas"] >= 2
+    assert config["storage"] == {"postgresURL": {"env": "KORA_SIDECAR_DATABASE_URL"}}
+    assert secret["stringData"]["KORA_SIDECAR_DATABASE_URL"].startswith("postgres://")
+    assert set(env_references(config)) <= set(secret["stringData"])
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["envFrom"] == [{"secretRef": {"name": secret["metadata"]["name"]}}]
+    # Nothing on a pod's disk: no volume but the configuration and /tmp.
+    volumes = {volume["name"] for volume in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes == {"config", "tmp"}
+
+
+def test_replicas_internal_listener_is_token_protected_and_probed():
+    objects, config = replicas_objects(), replicas_config()
+    (deployment,) = objects["Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"webhooks": config["webhooks"]["listen"]["port"], "internal": config["internal"]["listen"]["port"]}
+    # Reachable from the cluster, so every service must present its own token.
+    assert config["internal"]["listen"]["host"] == "0.0.0.0"
+    assert all("token" in service for service in config["services"])
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "internal"}
+    # The readiness answer may wait for the store's 5 s operation time-out.
+    assert container["readinessProbe"]["timeoutSeconds"] > 5
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for service in objects["Service"]:
+        assert service["spec"]["selector"].items() <= labels.items()
+    (budget,) = objects["PodDisruptionBudget"]
+    assert budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
