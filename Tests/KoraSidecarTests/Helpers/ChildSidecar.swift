@@ -2,14 +2,20 @@ import Foundation
 import KoraSidecar
 import Testing
 
-/// Runs the real binary (configured by ``writeProcessConfig``, store in `directory`) delivering to a
-/// fresh receiver, for the duration of `body`; then expects it to stop on SIGTERM with status 0.
+/// Runs the real binary (configured by ``writeProcessConfig``, store in `directory`, `webhooks` added
+/// to the webhook listener's keys) delivering to a fresh receiver, for the duration of `body`; then
+/// expects it to stop on SIGTERM with status 0.
 func withChildSidecar(
-    directory: String, extra: String = "", _ body: @Sendable (SidecarProcess, RunningSidecar, Receiver) async throws -> Void
+    directory: String, webhooks: String? = nil, _ body: @Sendable (SidecarProcess, RunningSidecar, Receiver) async throws -> Void
 ) async throws {
     let receiver = Receiver()
     try await withReceiver(receiver) { (port: Int) async throws in
-        let config = try writeProcessConfig(directory: directory, receiverPort: port, extra: extra)
+        let config = try writeProcessConfig(directory: directory, receiverPort: port)
+        if let webhooks {
+            let text = try String(contentsOfFile: config, encoding: .utf8)
+            try text.replacingOccurrences(of: #""webhooks": {"#, with: #""webhooks": {\#(webhooks), "#)
+                .write(toFile: config, atomically: true, encoding: .utf8)
+        }
         let child = try SidecarProcess(config: config)
         let sidecar = try await child.running()
         try await body(child, sidecar, receiver)
@@ -20,10 +26,12 @@ func withChildSidecar(
 }
 
 /// Sends a new signed event and expects it accepted (200) and delivered, each within a generous
-/// liveness bound (the request's and the delivery's 10 s time-outs), not a measured threshold.
-func expectServesAValidWebhook(_ sidecar: RunningSidecar, _ receiver: Receiver, _ sourceLocation: SourceLocation = #_sourceLocation) async throws {
+/// liveness bound (`timeout` for the request, 10 s for the delivery), not a measured threshold.
+func expectServesAValidWebhook(
+    _ sidecar: RunningSidecar, _ receiver: Receiver, timeout: Duration = .seconds(10), _ sourceLocation: SourceLocation = #_sourceLocation
+) async throws {
     let id = "evt_probe_" + TestEvent.randomID()
-    let answer = try await sendSigned(TestEvent.body(eventID: id), to: sidecar, timeout: .seconds(10))
+    let answer = try await sendSigned(TestEvent.body(eventID: id), to: sidecar, timeout: timeout)
     #expect(answer.status == 200, "\(answer.body)", sourceLocation: sourceLocation)
     try await waitUntil("the probe \(id) to be delivered") { receiver.deliveries.contains { $0.header("webhook-id") == id } }
 }
