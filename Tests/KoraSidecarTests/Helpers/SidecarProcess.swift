@@ -6,7 +6,8 @@ import Synchronization
 enum Binary {
     static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .deletingLastPathComponent().deletingLastPathComponent().path
-    static let path = root + "/.build/debug/kora-sidecar"
+    /// `KORA_SIDECAR_BINARY` overrides it (scripts/sanitize runs the sanitized build).
+    static let path = ProcessInfo.processInfo.environment["KORA_SIDECAR_BINARY"] ?? root + "/.build/debug/kora-sidecar"
 
     /// Runs a command to completion and returns its exit status and output.
     static func run(_ arguments: [String], environment: [String: String] = [:], input: [UInt8]? = nil) async throws -> (status: Int32, stdout: String, stderr: String) {
