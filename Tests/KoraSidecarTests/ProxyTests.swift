@@ -297,12 +297,8 @@ import Glibc
     }
 
     @Test func retryAfterAsAnHTTPDateIsHonoured() async throws {
-        let formatter = DateFormatter()
-        formatter.locale = Locale(identifier: "en_US_POSIX")
-        formatter.timeZone = TimeZone(identifier: "GMT")
-        formatter.dateFormat = "EEE, dd MMM yyyy HH:mm:ss 'GMT'"
-        let date = formatter.string(from: Date().addingTimeInterval(20))
-        let kora = ScriptedKora([.answer(429, [("Retry-After", date)], "{}"), .answer(200, [], "{}")])
+        // The date is written when Kora answers, as a real server would, not before the sidecar starts.
+        let kora = ScriptedKora([.answerDated(429, "Retry-After", secondsAhead: 20), .answer(200, [], "{}")])
         let sleeper = SleepRecorder()
         try await withScriptedKora(kora) { base in
             try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()]), options: proxyOptions(sleeper)) { sidecar in

@@ -18,7 +18,7 @@ struct StoreTests {
         case .postgres:
             let store = try PostgresStore(url: Secret(try await PostgresServer.shared().createDatabase()), logger: Logger(label: "test"))
             let running = Task { await store.run() }
-            try await store.waitUntilMigrated()
+            try await store.waitUntilMigrated(timeout: .seconds(60))
             return (store, { running.cancel() })
         case .memory:
             return (InMemoryStore(), {})
@@ -194,7 +194,7 @@ struct StoreTests {
     func postgresReplica(_ url: String) async throws -> (store: PostgresStore, stop: @Sendable () -> Void) {
         let store = try PostgresStore(url: Secret(url), logger: Logger(label: "test"))
         let running = Task { await store.run() }
-        try await store.waitUntilMigrated()
+        try await store.waitUntilMigrated(timeout: .seconds(60))
         return (store, { running.cancel() })
     }
 

@@ -57,9 +57,9 @@ public final class PostgresStore: SidecarStore, Service {
         }
     }
 
-    /// Waits until the schema is current, or fails with why after the operation time-out.
-    public func waitUntilMigrated() async throws {
-        let deadline = ContinuousClock.now + operationTimeout
+    /// Waits until the schema is current, or fails with why after `timeout` (the operation time-out).
+    public func waitUntilMigrated(timeout: Duration? = nil) async throws {
+        let deadline = ContinuousClock.now + (timeout ?? operationTimeout)
         while let reason = notReady.withLock({ $0 }) {
             guard ContinuousClock.now < deadline else { throw PostgresStoreError(location: location, reason: reason) }
             try await Task.sleep(for: .milliseconds(20))

@@ -16,7 +16,9 @@ func withChildSidecar(
             try text.replacingOccurrences(of: #""webhooks": {"#, with: #""webhooks": {\#(webhooks), "#)
                 .write(toFile: config, atomically: true, encoding: .utf8)
         }
-        let child = try SidecarProcess(config: config)
+        // One malloc arena: memory freed by one thread is reused by the next, so the resident set
+        // measures what the sidecar holds rather than how allocations spread over per-thread arenas.
+        let child = try SidecarProcess(config: config, environment: ["MALLOC_ARENA_MAX": "1"])
         let sidecar = try await child.running()
         try await body(child, sidecar, receiver)
         child.signal(SIGTERM)

@@ -102,6 +102,8 @@ final class ScriptedKora: Sendable {
     enum Reply: Sendable {
         /// Status, headers and body.
         case answer(Int, [(String, String)], String)
+        /// Status and an empty JSON body, with `header` holding the HTTP date `secondsAhead` from when it answers.
+        case answerDated(Int, String, secondsAhead: Double)
         /// 200 with the request as JSON: method, path, query, headers, body length.
         case echo
         /// Closes the connection after the request was received, without answering.
@@ -140,8 +142,17 @@ final class ScriptedKora: Sendable {
             method: request.method.rawValue, path: request.uri.path, query: request.uri.query, headers: headers, bodyBytes: body.readableBytes,
             body: Array(body.readableBytesView))
         seen.withLock { $0.append(entry) }
-        let reply = script.withLock { $0.isEmpty ? Reply.echo : $0.removeFirst() }
+        var reply = script.withLock { $0.isEmpty ? Reply.echo : $0.removeFirst() }
+        if case .answerDated(let status, let header, let ahead) = reply {
+            let formatter = DateFormatter()
+            formatter.locale = Locale(identifier: "en_US_POSIX")
+            formatter.timeZone = TimeZone(identifier: "GMT")
+            formatter.dateFormat = "EEE, dd MMM yyyy HH:mm:ss 'GMT'"
+            reply = .answer(status, [(header, formatter.string(from: Date().addingTimeInterval(ahead)))], "{}")
+        }
         switch reply {
+        case .answerDated:
+            preconditionFailure("answered above")
         case .answer(let status, let extra, let text):
             var fields = HTTPFields()
             fields[.contentType] = "application/json"
