@@ -72,8 +72,10 @@ struct ProcessTests {
             // The listener stops accepting while the delivery is still in flight...
             try await waitUntil("the webhook listener to close") { (try? RawConnection(port: sidecar.webhookPort)) == nil }
             gate.open()
-            // ...and the delivery finishes before the process exits 0.
+            // ...and the delivery finishes before the process exits 0, with the store closed cleanly
+            // (its write-ahead log checkpointed into the file and removed).
             #expect(try await child.exitStatus() == 0)
+            #expect(!FileManager.default.fileExists(atPath: directory + "/store.sqlite-wal"))
             let listed = try await Binary.run(["deliveries", "list", "--status", "delivered", "--config", config])
             #expect(listed.status == 0)
             #expect(listed.stdout.contains("evt_drain"))

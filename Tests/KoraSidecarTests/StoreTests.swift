@@ -240,6 +240,21 @@ struct StoreTests {
         #expect(try await first.depth().first?.count == 50)
     }
 
+    @Test func aStoreFromANewerVersionIsRefusedAtOpening() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let path = directory + "/store.sqlite"
+        try SQLiteStore(path: path).close()
+        let newer = SQLiteStore.migrations.count + 1
+        let result = try await runTool("/usr/bin/sqlite3", [path, "PRAGMA user_version=\(newer)"])
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect {
+            try SQLiteStore(path: path)
+        } throws: { error in
+            "\(error)".contains("schema version \(newer) was written by a newer kora-sidecar")
+        }
+    }
+
     @Test func aCorruptSQLiteFileIsAClearError() throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }

@@ -54,6 +54,10 @@ enum PostgresSchema {
         let current = try await connection.query("SELECT version FROM kora_schema_version", logger: logger).collect()
             .first?.decode(Int64.self)
         let version = Int(current ?? 0)
+        if version > migrations.count {
+            // A newer replica migrated first (a rolling update): its changes are additive, keep serving.
+            logger.warning("PostgreSQL schema is newer than this kora-sidecar", metadata: ["schema": "\(version)", "known": "\(migrations.count)"])
+        }
         guard version < migrations.count else { return }
         for statements in migrations[version...] {
             for statement in statements { try await connection.query(PostgresQuery(unsafeSQL: statement), logger: logger) }

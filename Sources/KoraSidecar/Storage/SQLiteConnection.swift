@@ -30,10 +30,19 @@ final class SQLiteConnection {
         sqlite3_busy_timeout(db, 5000)
     }
 
-    deinit {
+    private var isOpen = true
+
+    /// Finalizes the statements and closes the file; the last connection's close checkpoints the
+    /// WAL into the database and removes it.
+    func close() {
+        guard isOpen else { return }
+        isOpen = false
         for statement in statements.values { sqlite3_finalize(statement) }
+        statements = [:]
         sqlite3_close_v2(handle)
     }
+
+    deinit { close() }
 
     private func error(_ code: Int32) -> SQLiteError {
         SQLiteError(code: code, message: String(cString: sqlite3_errmsg(handle)))

@@ -43,6 +43,10 @@ final class SQLiteDatabase: @unchecked Sendable {
 
     private static func migrate(_ connection: SQLiteConnection, _ migrations: [String]) throws {
         let version = Int(try connection.query("PRAGMA user_version").first?.int(0) ?? 0)
+        if version > migrations.count {
+            // SQLITE_CANTOPEN: a newer kora-sidecar's store may not mean what this build would read.
+            throw SQLiteError(code: 14, message: "schema version \(version) was written by a newer kora-sidecar (this one knows \(migrations.count))")
+        }
         guard version < migrations.count else { return }
         try connection.execute("BEGIN IMMEDIATE")
         do {
@@ -98,6 +102,8 @@ final class SQLiteDatabase: @unchecked Sendable {
         while let batch = nextBatch() {
             commit(batch, connection)
         }
+        // Closed before `close()` returns, so the file is whole and unlocked when the process exits.
+        connection.close()
         stopped.lock()
         running = false
         stopped.broadcast()
