@@ -12,42 +12,23 @@ struct ProcessTests {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
         // Every event fails its first attempt, so that many are pending when the process dies.
-        let taken = Mutex<Set<String>>([])
-        let seen = Mutex<Set<String>>([])
-        let receiver = Receiver { delivery, _ in
-            let id = delivery.header("webhook-id") ?? ""
-            guard seen.withLock({ !$0.insert(id).inserted }) else { return .serviceUnavailable }
-            taken.withLock { _ = $0.insert(id) }
-            return .ok
-        }
-        try await withReceiver(receiver) { (port: Int) async throws in
+        let service = FirstAttemptRefused()
+        try await withReceiver(service.receiver) { (port: Int) async throws in
             let config = try writeProcessConfig(directory: directory, receiverPort: port)
             let first = try SidecarProcess(config: config)
             let sidecar = try await first.running()
-            let acknowledged = Acknowledged()
-            try await withThrowingTaskGroup(of: Void.self) { group in
-                // Sixteen requests stay in flight; the process dies under them after 250 were sent.
-                for index in 0..<250 {
-                    if index >= 16 { try await group.next() }
-                    group.addTask {
-                        let id = "evt_kill_\(index)"
-                        if let answer = try? await sendSigned(TestEvent.body(eventID: id), to: sidecar, timeout: .seconds(3)), answer.status == 200 {
-                            acknowledged.insert(id)
-                        }
-                    }
-                }
+            // The process dies under sixteen requests in flight, after 250 were sent.
+            let acked = try await sendSixteenInFlight(250, prefix: "evt_kill_", timeout: .seconds(3), to: { _ in sidecar }) {
                 first.signal(SIGKILL)
-                try await group.waitForAll()
             }
             #expect(try await first.exitStatus() == SIGKILL)
-            let acked = acknowledged.ids
             #expect(acked.count >= 200, "only \(acked.count) events were acknowledged before the kill")
-            #expect(taken.withLock { $0.count } < acked.count, "nothing was pending when the process died")
+            #expect(service.taken.count < acked.count, "nothing was pending when the process died")
 
             let second = try SidecarProcess(config: config)
             _ = try await second.ports()
             try await waitUntil("every acknowledged event to be delivered", timeout: .seconds(60)) {
-                taken.withLock { acked.isSubset(of: $0) }
+                acked.isSubset(of: service.taken)
             }
             second.signal(SIGTERM)
             #expect(try await second.exitStatus() == 0)
@@ -246,8 +227,52 @@ struct ProcessTests {
 /// Event ids the sidecar acknowledged with 200.
 final class Acknowledged: Sendable {
     private let storage = Mutex<Set<String>>([])
-    func insert(_ id: String) { storage.withLock { _ = $0.insert(id) } }
+    /// Whether `id` is new.
+    @discardableResult func insert(_ id: String) -> Bool { storage.withLock { $0.insert(id).inserted } }
     var ids: Set<String> { storage.withLock { $0 } }
+}
+
+/// A service that refuses every event's first delivery attempt and takes the next, so that work is
+/// pending when a process dies.
+final class FirstAttemptRefused: Sendable {
+    private let accepted = Acknowledged()
+    let receiver: Receiver
+
+    init() {
+        let seen = Acknowledged(), accepted = accepted
+        receiver = Receiver(recording: false) { delivery, _ in
+            let id = delivery.header("webhook-id") ?? ""
+            guard !seen.insert(id) else { return .serviceUnavailable }
+            accepted.insert(id)
+            return .ok
+        }
+    }
+
+    /// The event ids delivered (taken on a later attempt).
+    var taken: Set<String> { accepted.ids }
+}
+
+/// Sends `count` signed events with ids `prefix` + index, `target(index)` receiving each, sixteen in
+/// flight; calls `whileInFlight` once the last is sent, before the last answers. Returns the ids
+/// answered 200.
+func sendSixteenInFlight(
+    _ count: Int, prefix: String, timeout: Duration, to target: @escaping @Sendable (Int) -> RunningSidecar,
+    whileInFlight: () -> Void
+) async throws -> Set<String> {
+    let acknowledged = Acknowledged()
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for index in 0..<count {
+            if index >= 16 { try await group.next() }
+            group.addTask {
+                let id = prefix + "\(index)"
+                let answer = try? await sendSigned(TestEvent.body(eventID: id), to: target(index), timeout: timeout)
+                if answer?.status == 200 { acknowledged.insert(id) }
+            }
+        }
+        whileInFlight()
+        try await group.waitForAll()
+    }
+    return acknowledged.ids
 }
 
 /// A TCP listener held open by the test (to make a port busy).

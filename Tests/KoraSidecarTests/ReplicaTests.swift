@@ -49,39 +49,21 @@ struct ReplicaTests {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let database = try await PostgresServer.shared().createDatabase()
         // Every event fails its first attempt, so that the dying replica holds pending and leased work.
-        let seen = Mutex<Set<String>>([])
-        let taken = Mutex<Set<String>>([])
-        let receiver = Receiver(recording: false) { delivery, _ in
-            let id = delivery.header("webhook-id") ?? ""
-            guard seen.withLock({ !$0.insert(id).inserted }) else { return .serviceUnavailable }
-            taken.withLock { _ = $0.insert(id) }
-            return .ok
-        }
-        try await withReceiver(receiver) { (port: Int) async throws in
+        let service = FirstAttemptRefused()
+        try await withReceiver(service.receiver) { (port: Int) async throws in
             let config = try writeProcessConfig(
                 directory: directory, receiverPort: port, services: Self.services(port: port), postgresURL: database)
             let doomed = try SidecarProcess(config: config)
             let survivor = try SidecarProcess(config: config)
             let targets = [try await doomed.running(), try await survivor.running()]
-            let acknowledged = Acknowledged()
-            try await withThrowingTaskGroup(of: Void.self) { group in
-                for index in 0..<200 {
-                    if index >= 16 { try await group.next() }
-                    group.addTask {
-                        let id = "evt_replica_\(index)"
-                        let answer = try? await sendSigned(TestEvent.body(eventID: id), to: targets[index % 2], timeout: .seconds(6))
-                        if answer?.status == 200 { acknowledged.insert(id) }
-                    }
-                }
+            let acked = try await sendSixteenInFlight(200, prefix: "evt_replica_", timeout: .seconds(6), to: { targets[$0 % 2] }) {
                 doomed.signal(SIGKILL)
-                try await group.waitForAll()
             }
             #expect(try await doomed.exitStatus() == SIGKILL)
-            let acked = acknowledged.ids
             #expect(acked.count >= 100, "only \(acked.count) events were acknowledged")
             // The survivor takes over the dead replica's work once its leases end.
             try await waitUntil("every acknowledged event to be delivered", timeout: .seconds(90)) {
-                taken.withLock { acked.isSubset(of: $0) }
+                acked.isSubset(of: service.taken)
             }
             survivor.signal(SIGTERM)
             #expect(try await survivor.exitStatus() == 0)
