@@ -134,6 +134,13 @@ final class ScriptedKora: Sendable {
 
     var requests: [Seen] { seen.withLock { $0 } }
 
+    private static func answer(_ status: Int, _ extra: [(String, String)], _ text: String) -> Response {
+        var fields = HTTPFields()
+        fields[.contentType] = "application/json"
+        for (name, value) in extra { fields.append(HTTPField(name: HTTPField.Name(name)!, value: value)) }
+        return Response(status: .init(code: status), headers: fields, body: .init(byteBuffer: ByteBuffer(string: text)))
+    }
+
     fileprivate func respond(_ request: Request, context: SidecarRequestContext) async throws -> Response {
         let body = try await request.body.collect(upTo: 1 << 26)
         var headers: [String: [String]] = [:]
@@ -142,22 +149,16 @@ final class ScriptedKora: Sendable {
             method: request.method.rawValue, path: request.uri.path, query: request.uri.query, headers: headers, bodyBytes: body.readableBytes,
             body: Array(body.readableBytesView))
         seen.withLock { $0.append(entry) }
-        var reply = script.withLock { $0.isEmpty ? Reply.echo : $0.removeFirst() }
-        if case .answerDated(let status, let header, let ahead) = reply {
+        let reply = script.withLock { $0.isEmpty ? Reply.echo : $0.removeFirst() }
+        switch reply {
+        case .answer(let status, let extra, let text):
+            return Self.answer(status, extra, text)
+        case .answerDated(let status, let header, let ahead):
             let formatter = DateFormatter()
             formatter.locale = Locale(identifier: "en_US_POSIX")
             formatter.timeZone = TimeZone(identifier: "GMT")
             formatter.dateFormat = "EEE, dd MMM yyyy HH:mm:ss 'GMT'"
-            reply = .answer(status, [(header, formatter.string(from: Date().addingTimeInterval(ahead)))], "{}")
-        }
-        switch reply {
-        case .answerDated:
-            preconditionFailure("answered above")
-        case .answer(let status, let extra, let text):
-            var fields = HTTPFields()
-            fields[.contentType] = "application/json"
-            for (name, value) in extra { fields.append(HTTPField(name: HTTPField.Name(name)!, value: value)) }
-            return Response(status: .init(code: status), headers: fields, body: .init(byteBuffer: ByteBuffer(string: text)))
+            return Self.answer(status, [(header, formatter.string(from: Date().addingTimeInterval(ahead)))], "{}")
         case .echo:
             let echoed: JSONValue = [
                 "method": .string(entry.method), "path": .string(entry.path), "query": .optional(entry.query),
