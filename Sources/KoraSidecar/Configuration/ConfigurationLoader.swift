@@ -288,8 +288,9 @@ extension SidecarConfiguration {
         var delivery = DeliveryConfiguration()
         delivery.mode = object.enumeration("mode", default: .queued)
         if let schedule = object.array("retrySchedule", { value, path -> Duration? in
-            guard case .string(let text) = value, let duration = DurationText.parse(text) else {
-                object.reader.report(path, "must be a duration such as \"250ms\", \"5s\", \"2m\" or \"1h\"")
+            // Bounded so that the time of the next attempt stays a date (and its arithmetic cannot trap).
+            guard case .string(let text) = value, let duration = DurationText.parse(text), duration <= .seconds(30 * 86_400) else {
+                object.reader.report(path, "must be a duration up to 30d, such as \"250ms\", \"5s\", \"2m\" or \"1h\"")
                 return nil
             }
             return duration

@@ -4,14 +4,16 @@ public enum DurationText {
         ("ms", 1), ("s", 1000), ("m", 60_000), ("h", 3_600_000), ("d", 86_400_000),
     ]
 
-    /// Parses a whole number followed by one of `ms`, `s`, `m`, `h`, `d`; nil for anything else.
+    /// Parses a whole number followed by one of `ms`, `s`, `m`, `h`, `d`; nil for anything else,
+    /// including an amount too large to count in milliseconds (`999999999999d`).
     public static func parse(_ text: String) -> Duration? {
         let digits = text.prefix(while: { $0.isASCII && $0.isNumber })
         let unit = text.dropFirst(digits.count)
         guard !digits.isEmpty, digits.count <= 12, let amount = Int64(digits),
             let scale = units.first(where: { $0.suffix == unit })?.milliseconds
         else { return nil }
-        return .milliseconds(amount * scale)
+        let (milliseconds, overflow) = amount.multipliedReportingOverflow(by: scale)
+        return overflow ? nil : .milliseconds(milliseconds)
     }
 
     /// The shortest exact text for `duration`, in the largest unit that divides it.
