@@ -11,7 +11,7 @@ func runTool(
     let process = Process()
     process.executableURL = URL(fileURLWithPath: executable)
     process.arguments = arguments
-    process.environment = environment.merging(["PATH": "/usr/sbin:/usr/bin:/sbin:/bin"]) { a, _ in a }
+    process.environment = environment.merging(["PATH": "/usr/sbin:/usr/bin:/sbin:/bin"].merging(Sanitizer.childEnvironment) { a, _ in a }) { a, _ in a }
     let out = Pipe()
     let err = Pipe()
     let inPipe = Pipe()

@@ -205,7 +205,7 @@ final class BoundPort: Sendable {
     var hook: @Sendable (SocketAddress?) async -> Void { { address in await self.log.append(address?.port ?? 0) } }
 
     func wait() async throws -> Int {
-        guard let port = await log.first(timeout: .seconds(10), where: { _ in true }) else { throw TimedOut(what: "a listener") }
+        guard let port = await log.first(timeout: .seconds(10) * Sanitizer.slowdown, where: { _ in true }) else { throw TimedOut(what: "a listener") }
         return port
     }
 }
@@ -308,7 +308,7 @@ func withProxySidecar(
     options.onListening = { role, address in await ports.append((role, address?.port ?? 0)) }
     let app = try buildApplication(configuration, logger: logs.logger(), options: options)
     try await withServices([app]) {
-        guard await ports.wait(timeout: .seconds(10), until: { $0.count == 2 }) else { throw TimedOut(what: "the sidecar's listeners") }
+        guard await ports.wait(timeout: .seconds(10) * Sanitizer.slowdown, until: { $0.count == 2 }) else { throw TimedOut(what: "the sidecar's listeners") }
         let bound = await ports.all
         try await body(
             ProxySidecar(

@@ -28,7 +28,7 @@ final class RawConnection: @unchecked Sendable {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
         }
         guard result == 0 else { throw TimedOut(what: "a connection to port \(port)") }
-        var timeout = timeval(tv_sec: readTimeout, tv_usec: 0)
+        var timeout = timeval(tv_sec: readTimeout * Sanitizer.slowdown, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
     }
 

@@ -37,7 +37,7 @@ func testService(
     deliver.format = format
     deliver.signingSecret = Secret(TestSecrets.signing)
     deliver.events = EventFilter(events)
-    deliver.timeoutSeconds = 5
+    deliver.timeoutSeconds = 5 * Sanitizer.slowdown
     return ServiceConfiguration(name: name, token: Secret("token-\(name)-\(TestSecrets.unique)"), deliver: deliver)
 }
 
@@ -100,7 +100,7 @@ func post(_ url: String, body: [UInt8], headers: [(String, String)], timeout: Du
     request.headers.add(name: "Connection", value: "close")
     for (name, value) in headers { request.headers.add(name: name, value: value) }
     request.body = .bytes(ByteBuffer(bytes: body))
-    let response = try await HTTPClient.shared.execute(request, timeout: .milliseconds(timeout.milliseconds))
+    let response = try await HTTPClient.shared.execute(request, timeout: .milliseconds((timeout * Sanitizer.slowdown).milliseconds))
     let answer = try await response.body.collect(upTo: 1 << 20)
     let bytes = Array(answer.readableBytesView)
     return WebhookAnswer(status: Int(response.status.code), body: String(decoding: bytes, as: UTF8.self), json: try? JSONParser.parse(bytes))

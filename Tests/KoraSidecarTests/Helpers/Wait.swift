@@ -7,10 +7,11 @@ struct TimedOut: Error, CustomStringConvertible {
 }
 
 /// Polls `condition` until it holds or `timeout` passes (a condition with a time-out, never a bare sleep).
+/// The time-out stretches under a sanitizer (``Sanitizer/slowdown``).
 func waitUntil(
     _ what: String, timeout: Duration = .seconds(10), _ condition: () async throws -> Bool
 ) async throws {
-    let deadline = ContinuousClock.now + timeout
+    let deadline = ContinuousClock.now + timeout * Sanitizer.slowdown
     while ContinuousClock.now < deadline {
         if try await condition() { return }
         try await Task.sleep(for: .milliseconds(10))

@@ -1,0 +1,23 @@
+import Foundation
+
+/// What running under a sanitizer changes for the tests. `scripts/sanitize` sets
+/// `KORA_SIDECAR_SANITIZER` to `address` or `thread`: everything runs several times slower, and the
+/// sanitizer's allocator keeps memory that a plain build gives back to malloc.
+enum Sanitizer {
+    /// `address`, `thread`, or nil for a plain build.
+    static let active = ProcessInfo.processInfo.environment["KORA_SIDECAR_SANITIZER"]
+
+    /// Test time-outs and waits are multiplied by this: 1 in a plain build, 10 under a sanitizer.
+    /// (The waits poll a condition, so a longer bound only costs time when something is wrong.)
+    static let slowdown = active == nil ? 1 : 10
+
+    /// Memory a sanitizer may hold after the code under test freed it: AddressSanitizer's quarantine
+    /// (`quarantine_size_mb=32` in scripts/sanitize) or ThreadSanitizer's shadow of what was touched.
+    static let retainedKilobytes = active == nil ? 0 : 64 * 1024
+
+    /// The sanitizer's options, passed on to every child process: the sanitized `kora-sidecar`
+    /// then fails its exit status on a leak or a race, just as the test runner does.
+    static let childEnvironment = ProcessInfo.processInfo.environment.filter {
+        ["ASAN_OPTIONS", "LSAN_OPTIONS", "TSAN_OPTIONS"].contains($0.key)
+    }
+}
