@@ -1,23 +1,12 @@
 import Foundation
 
-/// Owns one SQLite connection on a dedicated thread, so that no SQLite call ever blocks the event
-/// loops or the cooperative pool, and commits together every operation that arrives while the
-/// previous commit is in progress (group commit: one fsync for many webhooks under load).
-final class SQLiteDatabase: @unchecked Sendable {
-    private struct Operation {
-        /// Runs inside the open transaction; returns what resumes the caller once committed.
-        let run: (SQLiteConnection) throws -> (() -> Void)
-        let fail: (any Error) -> Void
-    }
-
-    /// Largest number of operations committed in one transaction.
-    private static let maximumBatch = 512
-
-    private let condition = NSCondition()
-    private var pending: [Operation] = []
-    private var closed = false
-    private let stopped = NSCondition()
-    private var running = true
+/// The store's SQLite file, used through two connections, each on a dedicated thread so that no
+/// SQLite call ever blocks the event loops or the cooperative pool: the writer runs every write,
+/// and a read-only reader runs pure reads, which WAL mode lets proceed while the writer commits
+/// (a read never waits behind the fsync of queued writes).
+final class SQLiteDatabase: Sendable {
+    private let writer: SQLiteThread
+    private let reader: SQLiteThread
 
     /// The database file.
     let path: String
@@ -35,10 +24,29 @@ final class SQLiteDatabase: @unchecked Sendable {
         guard mode == "wal" else { throw SQLiteError(code: 1, message: "cannot switch to WAL mode") }
         try connection.execute("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
         try Self.migrate(connection, migrations)
-        let owned = OwnedConnection(connection: connection)
-        let thread = Thread { [self] in self.loop(owned.connection) }
-        thread.name = "kora-sidecar-sqlite"
-        thread.start()
+        // Opened once the writer has created and migrated the file.
+        let readConnection = try SQLiteConnection(path: path, readOnly: true)
+        writer = SQLiteThread(connection, name: "kora-sidecar-sqlite", writes: true)
+        reader = SQLiteThread(readConnection, name: "kora-sidecar-sqlite-read", writes: false)
+    }
+
+    /// Runs `body` in a transaction on the writer's thread and returns once it is committed.
+    @discardableResult
+    func write<T: Sendable>(_ body: @escaping @Sendable (SQLiteConnection) throws -> T) async throws -> T {
+        try await writer.run(body)
+    }
+
+    /// Runs `body` (which must not write) on the reader's thread, in a read transaction that sees
+    /// every write committed before the call, but none still queued or in progress on the writer.
+    func read<T: Sendable>(_ body: @escaping @Sendable (SQLiteConnection) throws -> T) async throws -> T {
+        try await reader.run(body)
+    }
+
+    /// Finishes the queued operations and closes both connections, the writer last: the last
+    /// connection's close checkpoints the WAL and removes it.
+    func close() {
+        reader.close()
+        writer.close()
     }
 
     private static func migrate(_ connection: SQLiteConnection, _ migrations: [String]) throws {
@@ -58,15 +66,45 @@ final class SQLiteDatabase: @unchecked Sendable {
             throw error
         }
     }
+}
 
-    /// Hands the connection to the database thread, its only user from then on.
+/// One SQLite connection on a dedicated thread, its only user, which runs the operations that
+/// arrived while it was busy together in one transaction (for writes, group commit: one fsync for
+/// many webhooks under load).
+private final class SQLiteThread: @unchecked Sendable {
+    private struct Operation {
+        /// Runs inside the open transaction; returns what resumes the caller once committed.
+        let run: (SQLiteConnection) throws -> (() -> Void)
+        let fail: (any Error) -> Void
+    }
+
+    /// Largest number of operations run in one transaction.
+    private static let maximumBatch = 512
+
+    /// Whether the operations write: they then run in `BEGIN IMMEDIATE`, each in a savepoint so that
+    /// one failing undoes only itself; reads share a plain read transaction, one snapshot.
+    private let writes: Bool
+    private let condition = NSCondition()
+    private var pending: [Operation] = []
+    private var closed = false
+    private let stopped = NSCondition()
+    private var running = true
+
+    init(_ connection: SQLiteConnection, name: String, writes: Bool) {
+        self.writes = writes
+        let owned = OwnedConnection(connection: connection)
+        let thread = Thread { [self] in self.loop(owned.connection) }
+        thread.name = name
+        thread.start()
+    }
+
+    /// Hands the connection to the thread, its only user from then on.
     private struct OwnedConnection: @unchecked Sendable {
         let connection: SQLiteConnection
     }
 
-    /// Runs `body` in a transaction on the database thread and returns once it is committed.
-    @discardableResult
-    func write<T: Sendable>(_ body: @escaping @Sendable (SQLiteConnection) throws -> T) async throws -> T {
+    /// Runs `body` in a transaction on the thread and returns once it is committed.
+    func run<T: Sendable>(_ body: @escaping @Sendable (SQLiteConnection) throws -> T) async throws -> T {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
             let operation = Operation(
                 run: { connection in
@@ -123,19 +161,19 @@ final class SQLiteDatabase: @unchecked Sendable {
     private func commit(_ batch: [Operation], _ connection: SQLiteConnection) {
         var committed: [(resume: () -> Void, fail: (any Error) -> Void)] = []
         do {
-            try connection.execute("BEGIN IMMEDIATE")
+            try connection.execute(writes ? "BEGIN IMMEDIATE" : "BEGIN")
         } catch {
             batch.forEach { $0.fail(error) }
             return
         }
         for operation in batch {
             do {
-                try connection.execute("SAVEPOINT operation")
+                if writes { try connection.execute("SAVEPOINT operation") }
                 let resume = try operation.run(connection)
-                try connection.execute("RELEASE operation")
+                if writes { try connection.execute("RELEASE operation") }
                 committed.append((resume, operation.fail))
             } catch {
-                try? connection.execute("ROLLBACK TO operation; RELEASE operation")
+                if writes { try? connection.execute("ROLLBACK TO operation; RELEASE operation") }
                 operation.fail(error)
             }
         }

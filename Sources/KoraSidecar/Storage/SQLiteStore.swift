@@ -1,5 +1,5 @@
 /// The SQLite implementation of ``SidecarStore``: one file, WAL mode, every write committed to
-/// disk before the caller continues.
+/// disk before the caller continues; pure reads go to a reader connection and see the last commit.
 public final class SQLiteStore: SidecarStore {
     private let database: SQLiteDatabase
 
@@ -41,7 +41,7 @@ public final class SQLiteStore: SidecarStore {
     public func close() { database.close() }
 
     public func isDuplicate(eventID: String, since: UnixTime) async throws -> Bool {
-        try await database.write { db in try Self.seen(db, eventID, since: since) }
+        try await database.read { db in try Self.seen(db, eventID, since: since) }
     }
 
     private static func seen(_ db: SQLiteConnection, _ key: String, since: UnixTime) throws -> Bool {
@@ -107,7 +107,7 @@ public final class SQLiteStore: SidecarStore {
     }
 
     public func origin(ofVerification verificationID: String) async throws -> String? {
-        try await database.write { db in
+        try await database.read { db in
             try db.query("SELECT service FROM verification_origins WHERE verification_id = ?", [.text(verificationID)]).first?.string(0)
         }
     }
@@ -161,7 +161,7 @@ public final class SQLiteStore: SidecarStore {
     }
 
     public func nextDueTime(service: String) async throws -> UnixTime? {
-        try await database.write { db in
+        try await database.read { db in
             try db.query(
                 """
                 SELECT MIN(MAX(next_attempt_at, COALESCE(lease_until, 0))) FROM deliveries
@@ -191,7 +191,7 @@ public final class SQLiteStore: SidecarStore {
     }
 
     public func deliveries(status: DeliveryStatus?, limit: Int) async throws -> [DeliverySummary] {
-        try await database.write { db in
+        try await database.read { db in
             let rows =
                 if let status {
                     try db.query("SELECT \(Self.summaryColumns) WHERE d.status = ? ORDER BY d.id DESC LIMIT ?", [.text(status.rawValue), .int(limit)])
@@ -203,7 +203,7 @@ public final class SQLiteStore: SidecarStore {
     }
 
     public func delivery(id: Int64) async throws -> DeliveryDetail? {
-        try await database.write { db in
+        try await database.read { db in
             guard let row = try db.query("SELECT \(Self.summaryColumns) WHERE d.id = ?", [.integer(id)]).first else { return nil }
             let attempts = try db.query(
                 "SELECT attempt, at, status_code, error, duration_ms FROM attempts WHERE delivery_id = ? ORDER BY attempt",
@@ -218,7 +218,7 @@ public final class SQLiteStore: SidecarStore {
     }
 
     public func quarantined(limit: Int) async throws -> [QuarantinedPayload] {
-        try await database.write { db in
+        try await database.read { db in
             try db.query(
                 "SELECT id, received_at, reason, body, headers, signature_verified FROM quarantine ORDER BY id DESC LIMIT ?", [.int(limit)]
             ).map { row in
@@ -267,7 +267,7 @@ public final class SQLiteStore: SidecarStore {
     }
 
     public func depth() async throws -> [OutboxDepth] {
-        try await database.write { db in
+        try await database.read { db in
             try db.query("SELECT service, status, COUNT(*), MIN(created_at) FROM deliveries GROUP BY service, status").compactMap { row in
                 guard let status = DeliveryStatus(rawValue: row.string(1)) else { return nil }
                 return OutboxDepth(
