@@ -190,6 +190,36 @@ struct StoreTests {
         #expect(try await store.depth().first?.count == 500)
     }
 
+    @Test func sqliteReadsDoNotWaitForAnOpenWriteTransaction() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let database = try SQLiteDatabase(path: directory + "/store.sqlite", migrations: SQLiteStore.migrations)
+        defer { database.close() }
+        let ids: @Sendable (SQLiteConnection) throws -> [String] = { db in
+            try db.query("SELECT event_id FROM seen_events ORDER BY event_id").map { $0.string(0) }
+        }
+        try await database.write { db in try db.query("INSERT INTO seen_events VALUES('committed', 1)") }
+        let entered = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        let writing = Task {
+            try await database.write { db in
+                try db.query("INSERT INTO seen_events VALUES('uncommitted', 1)")
+                entered.signal()
+                // A liveness bound: a read stuck behind this transaction fails the test instead of hanging it.
+                _ = release.wait(timeout: .now() + .seconds(10 * Sanitizer.slowdown))
+            }
+        }
+        #expect(await offPool { entered.wait(timeout: .now() + .seconds(10 * Sanitizer.slowdown)) } == .success)
+        // The writer holds its transaction open; the reader answers from the last commit.
+        #expect(try await database.read(ids) == ["committed"])
+        release.signal()
+        try await writing.value
+        #expect(try await database.read(ids) == ["committed", "uncommitted"])
+        await #expect(throws: SQLiteError.self) {
+            try await database.read { db in try db.query("INSERT INTO seen_events VALUES('from the reader', 1)") }
+        }
+    }
+
     /// A running PostgreSQL store on `url` (a replica), with what stops it.
     func postgresReplica(_ url: String) async throws -> (store: PostgresStore, stop: @Sendable () -> Void) {
         let store = try PostgresStore(url: Secret(url), logger: Logger(label: "test"))
