@@ -48,7 +48,7 @@ struct AbuseTests {
     }
 
     @Test func connectionsBeyondMaxConnectionsWaitOnlyUntilTheHeadDeadlineFreesThem() async throws {
-        try await abuse(webhooks: #""maxConnections": 16, "readTimeoutSeconds": 1"#) { sidecar, receiver in
+        try await abuse(webhooks: #""maxConnections": 16, "readTimeoutSeconds": \#(Sanitizer.slowdown)"#) { sidecar, receiver in
             let idle = try await offPool { Result { try (0..<32).map { _ in try RawConnection(port: sidecar.webhookPort) } } }.get()
             // The first 16 are cut off by the one-second head deadline, then the next 16, so the probe
             // behind them gets in (30 s: a liveness bound far above those two seconds, not a measure).
@@ -60,7 +60,7 @@ struct AbuseTests {
     }
 
     @Test func slowHeadersSlowBodiesAndChunkedBodiesWithoutAnEndAreCutOff() async throws {
-        try await abuse(webhooks: #""readTimeoutSeconds": 1"#) { sidecar, receiver in
+        try await abuse(webhooks: #""readTimeoutSeconds": \#(Sanitizer.slowdown)"#) { sidecar, receiver in
             let body = TestEvent.body()
             let signed = KoraSignature.headers(scheme: .timestamped, secret: Secret(TestSecrets.webhook), body: body, timestamp: UnixTime.now().seconds)
                 .map { "\($0.name): \($0.value)\r\n" }.joined()

@@ -68,7 +68,7 @@ struct FaultInjectionTests {
         let first = try SidecarProcess(config: config)
         _ = try await first.ports()
         first.signal(SIGTERM)
-        #expect(try await first.exitStatus() == 0)
+        try await first.expectCleanExit()
         let healthy = try Data(contentsOf: URL(fileURLWithPath: store))
 
         for (name, bytes) in [("garbage", Data(repeating: 0x42, count: 8192)), ("truncated", healthy.prefix(60))] {
@@ -125,7 +125,7 @@ struct FaultInjectionTests {
             let shown = try await Binary.run(["deliveries", "show", "1", "--config", config])
             #expect(shown.stdout.lowercased().contains("time"), "\(shown.stdout)")
             child.signal(SIGTERM)
-            #expect(try await child.exitStatus() == 0)
+            try await child.expectCleanExit()
         }
     }
 

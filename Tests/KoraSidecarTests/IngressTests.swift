@@ -141,7 +141,7 @@ struct IngressTests {
     }
 
     @Test func aBodyThatNeverEndsIsCutOff() async throws {
-        try await directSidecar(receiver: Receiver(), configure: { $0.webhooks.limits.readTimeoutSeconds = 1 }) { (sidecar: RunningSidecar) async throws in
+        try await directSidecar(receiver: Receiver(), configure: { $0.webhooks.limits.readTimeoutSeconds = Sanitizer.slowdown }) { (sidecar: RunningSidecar) async throws in
             let connection = try RawConnection(port: sidecar.webhookPort, readTimeout: 20)
             connection.send("POST /webhooks/koraidv HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{\"eventType\":")
             #expect(await connection.closedByPeer())
@@ -150,7 +150,7 @@ struct IngressTests {
     }
 
     @Test func headersSentSlowlyAreCutOff() async throws {
-        try await directSidecar(receiver: Receiver(), configure: { $0.webhooks.limits.readTimeoutSeconds = 1 }) { (sidecar: RunningSidecar) async throws in
+        try await directSidecar(receiver: Receiver(), configure: { $0.webhooks.limits.readTimeoutSeconds = Sanitizer.slowdown }) { (sidecar: RunningSidecar) async throws in
             let slow = try RawConnection(port: sidecar.webhookPort, readTimeout: 20)
             slow.send("POST /webhooks/koraidv HTTP/1.1\r\nHost: x\r\n")
             #expect(await slow.closedByPeer())

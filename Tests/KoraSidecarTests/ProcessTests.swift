@@ -31,7 +31,7 @@ struct ProcessTests {
                 acked.isSubset(of: service.taken)
             }
             second.signal(SIGTERM)
-            #expect(try await second.exitStatus() == 0)
+            try await second.expectCleanExit()
         }
     }
 
@@ -55,7 +55,7 @@ struct ProcessTests {
             gate.open()
             // ...and the delivery finishes before the process exits 0, with the store closed cleanly
             // (its write-ahead log checkpointed into the file and removed).
-            #expect(try await child.exitStatus() == 0)
+            try await child.expectCleanExit()
             #expect(!FileManager.default.fileExists(atPath: directory + "/store.sqlite-wal"))
             let listed = try await Binary.run(["deliveries", "list", "--status", "delivered", "--config", config])
             #expect(listed.status == 0)
@@ -90,7 +90,7 @@ struct ProcessTests {
             try await waitUntil("the re-queued deliveries to arrive") { receiver.deliveries.filter { $0.header("X-Kora-Delivery-Attempt") == "3" }.count == 3 }
             #expect(try await Binary.run(["deliveries", "retry", "--config", config]).status == 2)
             child.signal(SIGTERM)
-            #expect(try await child.exitStatus() == 0)
+            try await child.expectCleanExit()
         }
     }
 
@@ -127,7 +127,7 @@ struct ProcessTests {
                 return counter.count >= total
             }
             child.signal(SIGTERM)
-            #expect(try await child.exitStatus() == 0)
+            try await child.expectCleanExit()
             // Deliveries are read one lease at a time, never all at once: memory stays near its idle level.
             #expect(peak < idle + 64 * 1024, "peak RSS \(peak) kB against \(idle) kB idle")
             let pending = try await Binary.run(["deliveries", "list", "--status", "pending", "--limit", "5", "--config", config])

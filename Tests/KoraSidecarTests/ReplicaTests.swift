@@ -40,7 +40,7 @@ struct ReplicaTests {
             #expect(delivered.count == ids.count, "\(delivered.count) deliveries for \(ids.count) events")
             #expect(Set(delivered).count == ids.count)
             for replica in replicas { replica.signal(SIGTERM) }
-            for replica in replicas { #expect(try await replica.exitStatus() == 0) }
+            for replica in replicas { try await replica.expectCleanExit() }
         }
     }
 
@@ -66,7 +66,7 @@ struct ReplicaTests {
                 acked.isSubset(of: service.taken)
             }
             survivor.signal(SIGTERM)
-            #expect(try await survivor.exitStatus() == 0)
+            try await survivor.expectCleanExit()
         }
     }
 

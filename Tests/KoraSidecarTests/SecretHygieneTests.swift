@@ -86,7 +86,7 @@ struct SecretHygieneTests {
                     outputs.add("deliveries \(arguments)", try await Binary.run(["deliveries"] + arguments + ["--config", config], environment: env))
                 }
                 child.signal(SIGTERM)
-                #expect(try await child.exitStatus() == 0)
+                try await child.expectCleanExit()
                 outputs.add("serve log", child.log.joined(separator: "\n"))
                 #expect(child.log.count > 10, "the log is too short to prove anything")
             }

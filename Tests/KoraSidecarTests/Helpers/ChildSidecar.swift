@@ -22,7 +22,7 @@ func withChildSidecar(
         let sidecar = try await child.running()
         try await body(child, sidecar, receiver)
         child.signal(SIGTERM)
-        #expect(try await child.exitStatus() == 0)
+        try await child.expectCleanExit()
         #expect(!child.log.contains { $0.contains("Fatal error") }, "\(child.log.suffix(5))")
     }
 }

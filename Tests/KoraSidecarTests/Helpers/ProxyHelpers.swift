@@ -13,7 +13,7 @@ import Synchronization
 /// A client that never follows redirects (so a test sees what the proxy passed back) and opens a
 /// fresh connection per request (servers come and go between tests).
 let proxyTestClient: HTTPClient = {
-    var configuration = HTTPClient.Configuration(redirectConfiguration: .disallow, timeout: .init(connect: .seconds(5), read: .seconds(60)))
+    var configuration = HTTPClient.Configuration(redirectConfiguration: .disallow, timeout: .init(connect: .seconds(5 * Int64(Sanitizer.slowdown)), read: .seconds(60)))
     configuration.connectionPool = .init(idleTimeout: .milliseconds(1))
     return HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
 }()

@@ -9,6 +9,7 @@ enum Sanitizer {
 
     /// Test time-outs and waits are multiplied by this: 1 in a plain build, 10 under a sanitizer.
     /// (The waits poll a condition, so a longer bound only costs time when something is wrong.)
+    /// A test that gives the sidecar a one-second time-out writes it as `Sanitizer.slowdown` seconds.
     static let slowdown = active == nil ? 1 : 10
 
     /// Memory a sanitizer may hold after the code under test freed it: AddressSanitizer's quarantine

@@ -1,6 +1,7 @@
 import Foundation
 import KoraSidecar
 import Synchronization
+import Testing
 
 /// The real `kora-sidecar` binary (built by `swift build --build-tests`).
 enum Binary {
@@ -78,6 +79,13 @@ final class SidecarProcess: @unchecked Sendable {
     func exitStatus(timeout: Duration = .seconds(30)) async throws -> Int32 {
         try await waitUntil("the sidecar to exit", timeout: timeout) { !self.process.isRunning }
         return process.terminationStatus
+    }
+
+    /// Expects the process to exit with status 0; on failure shows the end of its log (under a
+    /// sanitizer, where the report of a leak or a race is).
+    func expectCleanExit(_ sourceLocation: SourceLocation = #_sourceLocation) async throws {
+        let status = try await exitStatus()
+        #expect(status == 0, "exit status \(status); log ends: \(log.suffix(40).joined(separator: "\n"))", sourceLocation: sourceLocation)
     }
 
     /// The resident set size in kilobytes, from /proc.
