@@ -444,7 +444,7 @@ import Glibc
         try await withScriptedKora(kora) { base in
             defer { kora.release() }
             var configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
-            configuration.kora.timeoutSeconds = 1
+            configuration.kora.timeoutSeconds = Sanitizer.slowdown
             try await withProxySidecar(configuration, options: proxyOptions(sleeper)) { sidecar in
                 let answer = try await SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
                     .call(.GET, "/verifications/ver_1")

@@ -79,7 +79,7 @@ struct ReplicaTests {
         let receiver = Receiver()
         try await withReceiver(receiver) { (port: Int) async throws in
             let config = try writeProcessConfig(directory: directory, receiverPort: port, postgresURL: database)
-            let child = try SidecarProcess(config: config)
+            let child = try SidecarProcess(config: config, environment: Sanitizer.leaksNotFatal)
             let sidecar = try await child.running()
             let readyz = "http://127.0.0.1:\(sidecar.internalPort ?? 0)/readyz"
             try await waitUntil("the sidecar to be ready") { try await get(readyz).status == 200 }

@@ -16,7 +16,9 @@ struct StoreTests {
     func makeStore(_ kind: Kind) async throws -> (store: any SidecarStore, cleanup: @Sendable () -> Void) {
         switch kind {
         case .postgres:
-            let store = try PostgresStore(url: Secret(try await PostgresServer.shared().createDatabase()), logger: Logger(label: "test"))
+            let store = try PostgresStore(
+                url: Secret(try await PostgresServer.shared().createDatabase()), logger: Logger(label: "test"),
+                operationTimeout: .seconds(5) * Sanitizer.slowdown)
             let running = Task { await store.run() }
             try await store.waitUntilMigrated(timeout: .seconds(60))
             return (store, { running.cancel() })
@@ -222,7 +224,7 @@ struct StoreTests {
 
     /// A running PostgreSQL store on `url` (a replica), with what stops it.
     func postgresReplica(_ url: String) async throws -> (store: PostgresStore, stop: @Sendable () -> Void) {
-        let store = try PostgresStore(url: Secret(url), logger: Logger(label: "test"))
+        let store = try PostgresStore(url: Secret(url), logger: Logger(label: "test"), operationTimeout: .seconds(5) * Sanitizer.slowdown)
         let running = Task { await store.run() }
         try await store.waitUntilMigrated(timeout: .seconds(60))
         return (store, { running.cancel() })
