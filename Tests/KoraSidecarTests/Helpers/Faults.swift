@@ -4,6 +4,12 @@ import Synchronization
 import Glibc
 #endif
 
+/// A child process's whole environment: `given`, then `PATH`, then the sanitizer's options (the
+/// first of them that sets a name wins).
+func childEnvironment(_ given: [String: String], path: String) -> [String: String] {
+    given.merging(["PATH": path]) { mine, _ in mine }.merging(Sanitizer.childEnvironment) { mine, _ in mine }
+}
+
 /// Runs an executable to completion and returns its exit status and output.
 func runTool(
     _ executable: String, _ arguments: [String], environment: [String: String] = [:], input: [UInt8]? = nil
@@ -11,7 +17,7 @@ func runTool(
     let process = Process()
     process.executableURL = URL(fileURLWithPath: executable)
     process.arguments = arguments
-    process.environment = environment.merging(["PATH": "/usr/sbin:/usr/bin:/sbin:/bin"].merging(Sanitizer.childEnvironment) { a, _ in a }) { a, _ in a }
+    process.environment = childEnvironment(environment, path: "/usr/sbin:/usr/bin:/sbin:/bin")
     let out = Pipe()
     let err = Pipe()
     let inPipe = Pipe()

@@ -24,7 +24,7 @@ final class SidecarProcess: @unchecked Sendable {
     init(config: String, environment: [String: String] = [:]) throws {
         process.executableURL = URL(fileURLWithPath: Binary.path)
         process.arguments = ["serve", "--config", config]
-        process.environment = environment.merging(["PATH": "/usr/bin:/bin"].merging(Sanitizer.childEnvironment) { a, _ in a }) { a, _ in a }
+        process.environment = childEnvironment(environment, path: "/usr/bin:/bin")
         let err = Pipe()
         process.standardError = err
         process.standardOutput = FileHandle.nullDevice
