@@ -1,5 +1,6 @@
 import CoreMetrics
 import Prometheus
+import Synchronization
 
 /// The sidecar's metrics (SPEC §5.3), rendered in Prometheus text format on `/metrics`.
 ///
@@ -9,6 +10,7 @@ public struct SidecarMetrics: Sendable {
     /// Where the metrics are kept; `/metrics` renders it.
     public let registry: PrometheusCollectorRegistry
     private let factory: PrometheusMetricsFactory
+    private let handles = Handles()
 
     public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
         self.registry = registry
@@ -22,21 +24,19 @@ public struct SidecarMetrics: Sendable {
 
     /// One webhook answered: `accepted`, `duplicate`, or the error code.
     func webhook(_ result: String) {
-        Counter(label: "kora_sidecar_webhooks_total", dimensions: [("result", result)], factory: factory).increment()
+        handles.counter("kora_sidecar_webhooks_total", [("result", result)], factory).increment()
     }
 
     /// One delivery attempt to `service` and what followed: `delivered`, `retry`, `dead` or `refused`.
     func delivery(service: String, result: String, milliseconds: Int) {
-        Counter(label: "kora_sidecar_deliveries_total", dimensions: [("service", service), ("result", result)], factory: factory)
-            .increment()
-        Timer(label: "kora_sidecar_delivery_duration_seconds", dimensions: [("service", service)], factory: factory)
-            .recordMilliseconds(milliseconds)
+        handles.counter("kora_sidecar_deliveries_total", [("service", service), ("result", result)], factory).increment()
+        handles.timer("kora_sidecar_delivery_duration_seconds", [("service", service)], factory).recordMilliseconds(milliseconds)
     }
 
     /// One call to Kora through the proxy: its status class (`2xx` … `5xx`, or `error`) and duration.
     func koraCall(statusClass: String, milliseconds: Int) {
-        Counter(label: "kora_sidecar_kora_requests_total", dimensions: [("status_class", statusClass)], factory: factory).increment()
-        Timer(label: "kora_sidecar_kora_request_duration_seconds", dimensions: [], factory: factory).recordMilliseconds(milliseconds)
+        handles.counter("kora_sidecar_kora_requests_total", [("status_class", statusClass)], factory).increment()
+        handles.timer("kora_sidecar_kora_request_duration_seconds", [], factory).recordMilliseconds(milliseconds)
     }
 
     /// Refreshes the outbox gauges from the store, then renders every metric.
@@ -56,5 +56,36 @@ public struct SidecarMetrics: Sendable {
         var buffer: [UInt8] = []
         registry.emit(into: &buffer)
         return String(decoding: buffer, as: UTF8.self)
+    }
+}
+
+/// The counters and timers of the request paths, each made once per label set: making one through
+/// the factory checks the names and looks it up under the registry's lock on every call.
+private final class Handles: Sendable {
+    private let counters = Mutex<[[String]: CoreMetrics.Counter]>([:])
+    private let timers = Mutex<[[String]: CoreMetrics.Timer]>([:])
+
+    func counter(_ label: String, _ dimensions: [(String, String)], _ factory: PrometheusMetricsFactory) -> CoreMetrics.Counter {
+        counters.withLock { cache in
+            let key = Self.key(label, dimensions)
+            if let counter = cache[key] { return counter }
+            let counter = CoreMetrics.Counter(label: label, dimensions: dimensions, factory: factory)
+            cache[key] = counter
+            return counter
+        }
+    }
+
+    func timer(_ label: String, _ dimensions: [(String, String)], _ factory: PrometheusMetricsFactory) -> CoreMetrics.Timer {
+        timers.withLock { cache in
+            let key = Self.key(label, dimensions)
+            if let timer = cache[key] { return timer }
+            let timer = CoreMetrics.Timer(label: label, dimensions: dimensions, factory: factory)
+            cache[key] = timer
+            return timer
+        }
+    }
+
+    private static func key(_ label: String, _ dimensions: [(String, String)]) -> [String] {
+        dimensions.reduce(into: [label]) { $0 += [$1.0, $1.1] }
     }
 }
