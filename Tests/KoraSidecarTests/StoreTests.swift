@@ -50,9 +50,12 @@ struct StoreTests {
         #expect(try await store.deliveries(status: .pending, limit: 10).count == 3)
         #expect(try await store.isDuplicate(eventID: "e1", since: at(150)))
         #expect(try await !store.isDuplicate(eventID: "e2", since: at(-1000)))
-        try await store.remember(eventID: "e2", at: t0)
+        try await store.remember([("e2", t0), ("e3", at(5)), ("e3", at(2))])
         #expect(try await store.isDuplicate(eventID: "e2", since: at(-1)))
         #expect(try await !store.isDuplicate(eventID: "e2", since: at(1)))
+        // An id given twice keeps its later time.
+        #expect(try await store.isDuplicate(eventID: "e3", since: at(5)))
+        #expect(try await !store.isDuplicate(eventID: "e3", since: at(6)))
     }
 
     @Test(arguments: Kind.allCases)
@@ -74,6 +77,30 @@ struct StoreTests {
         // At start-up a store of its own ends the last run's leases; a shared one keeps other replicas' leases.
         try await store.releaseLeases()
         #expect(try await store.claimDue(service: "a", now: at(46), limit: 10, lease: .seconds(30)).count == (kind == .postgres ? 0 : 3))
+    }
+
+    @Test(arguments: Kind.allCases)
+    func finishingADeliveryLeasesTheNextDueOne(kind: Kind) async throws {
+        let (store, cleanup) = try await makeStore(kind)
+        defer { cleanup() }
+        for index in 0..<2 {
+            _ = try await store.enqueue(event("e\(index)"), services: ["a"], at: at(Int64(index)), dedupSince: at(-1000))
+        }
+        let first = try #require(try await store.claimDue(service: "a", now: at(10), limit: 1, lease: .seconds(30)).first)
+        let delivered = AttemptRecord(attempt: 1, at: at(10), statusCode: 204, error: nil, durationMilliseconds: 2)
+        let second = try await store.finishAndClaimNext(
+            deliveryID: first.deliveryID, attempt: delivered, next: .delivered, service: "a", now: at(11), lease: .seconds(30))
+        #expect(second?.event.id == "e1")
+        #expect(try await store.delivery(id: first.deliveryID)?.summary.status == .delivered)
+        // The next one is leased: no other worker gets it until the lease ends.
+        #expect(try await store.claimDue(service: "a", now: at(12), limit: 10, lease: .seconds(30)).isEmpty)
+        #expect(try await store.claimDue(service: "a", now: at(42), limit: 10, lease: .seconds(30)).map(\.event.id) == ["e1"])
+        // With nothing left to lease, the attempt is still recorded.
+        let last = try await store.finishAndClaimNext(
+            deliveryID: try #require(second).deliveryID, attempt: delivered, next: .retry(at: at(100)), service: "a", now: at(43),
+            lease: .seconds(30))
+        #expect(last == nil)
+        #expect(try await store.nextDueTime(service: "a") == at(100))
     }
 
     @Test(arguments: Kind.allCases)

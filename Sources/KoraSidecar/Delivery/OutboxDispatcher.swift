@@ -8,7 +8,8 @@ import Synchronization
 /// never takes the workers of a healthy one. A worker leases one due delivery at a time, sends it,
 /// and records the attempt with the next step from the ``RetryPolicy``. On graceful shutdown the
 /// workers stop leasing and finish what they hold within the drain time-out; anything unfinished
-/// stays pending (its lease ends) and is delivered after the next start.
+/// stays pending (its lease ends) and is delivered after the next start. A busy worker records an
+/// attempt and leases its next delivery in one store call.
 public final class OutboxDispatcher: Service, Sendable {
     private let store: any SidecarStore
     private let sender: EventSender
@@ -81,11 +82,18 @@ public final class OutboxDispatcher: Service, Sendable {
     private func work(for service: DeliveryService) async {
         let lease = service.timeout + .seconds(30)
         guard let doorbell = doorbells[service.name] else { return }
-        while !stopping.load(ordering: .relaxed), !Task.isCancelled {
+        var held: DeliveryJob?
+        while !Task.isCancelled {
+            // What a worker holds it delivers, also once stopping: the drain time-out bounds it.
+            if let job = held {
+                held = await deliver(job, to: service, lease: lease)
+                continue
+            }
+            guard !stopping.load(ordering: .relaxed) else { return }
             let generation = doorbell.generation
             do {
                 if let job = try await store.claimDue(service: service.name, now: .now(), limit: 1, lease: lease).first {
-                    await deliver(job, to: service)
+                    held = job
                     continue
                 }
                 let wait: Duration =
@@ -102,7 +110,9 @@ public final class OutboxDispatcher: Service, Sendable {
         }
     }
 
-    private func deliver(_ job: DeliveryJob, to service: DeliveryService) async {
+    /// Delivers `job`, records the attempt and, unless stopping, leases the next due delivery in the
+    /// same store call (the busy path: one transaction per delivery instead of two).
+    private func deliver(_ job: DeliveryJob, to service: DeliveryService, lease: Duration) async -> DeliveryJob? {
         let started = UnixTime.now()
         let result = await sender.send(job.event, to: service, attempt: job.attempt)
         let next = policy.next(after: job.attempt, result: result, now: .now())
@@ -121,9 +131,15 @@ public final class OutboxDispatcher: Service, Sendable {
         case .dead: logger.error("Delivery dead; waiting for an operator", metadata: metadata)
         }
         do {
-            try await store.finish(deliveryID: job.deliveryID, attempt: record, next: next)
+            guard !stopping.load(ordering: .relaxed) else {
+                try await store.finish(deliveryID: job.deliveryID, attempt: record, next: next)
+                return nil
+            }
+            return try await store.finishAndClaimNext(
+                deliveryID: job.deliveryID, attempt: record, next: next, service: service.name, now: .now(), lease: lease)
         } catch {
             logger.error("Could not record a delivery attempt", metadata: metadata.merging(["error": "\(error)"]) { $1 })
+            return nil
         }
     }
 }

@@ -19,7 +19,7 @@ public final class DeliveredEvents: Service, Sendable {
         var ring: [String] = []
         var oldest = 0
         /// Delivered, not yet written to the store.
-        var unwritten: [(id: String, at: UnixTime)] = []
+        var unwritten: [(eventID: String, at: UnixTime)] = []
         var stopping = false
     }
 
@@ -32,6 +32,8 @@ public final class DeliveredEvents: Service, Sendable {
     /// How long the writer lets ids gather before a transaction, so that reads waiting behind a
     /// commit (the store has one writer) wait for few of them.
     static let gathering = Duration.milliseconds(10)
+    /// Most ids written in one transaction.
+    static let maximumBatch = 1_000
 
     /// Keeps up to `capacity` ids in memory.
     init(store: any SidecarStore, capacity: Int = 10_000, logger: Logger) {
@@ -72,8 +74,9 @@ public final class DeliveredEvents: Service, Sendable {
             while true {
                 let generation = bell.generation
                 let (batch, stopping) = state.withLock { state in
-                    defer { state.unwritten = [] }
-                    return (state.unwritten, state.stopping)
+                    let batch = Array(state.unwritten.prefix(Self.maximumBatch))
+                    state.unwritten.removeFirst(batch.count)
+                    return (batch, state.stopping)
                 }
                 if !batch.isEmpty {
                     await write(batch)
@@ -89,20 +92,17 @@ public final class DeliveredEvents: Service, Sendable {
         }
     }
 
-    /// Writes `batch` with every id in flight at once, so that the store commits them together.
-    private func write(_ batch: [(id: String, at: UnixTime)]) async {
-        await withTaskGroup(of: Void.self) { group in
-            for (id, at) in batch {
-                group.addTask {
-                    do {
-                        try await self.store.remember(eventID: id, at: at)
-                    } catch {
-                        self.logger.error(
-                            "Delivered but not remembered; a copy arriving later will be delivered again",
-                            metadata: ["webhook.id": "\(id)", "error": "\(error)"])
-                    }
-                }
-            }
+    /// Writes `batch` in one store call, one transaction.
+    private func write(_ batch: [(eventID: String, at: UnixTime)]) async {
+        do {
+            try await store.remember(batch)
+        } catch {
+            logger.error(
+                "Delivered but not remembered; a copy arriving later will be delivered again",
+                metadata: [
+                    "webhook.count": "\(batch.count)", "webhook.ids": "\(batch.prefix(10).map(\.eventID).joined(separator: ","))",
+                    "error": "\(error)",
+                ])
         }
     }
 }

@@ -38,8 +38,10 @@ public final class InMemoryStore: SidecarStore {
         state.withLock { ($0.seen[eventID].map { $0 >= since }) ?? false }
     }
 
-    public func remember(eventID: String, at: UnixTime) async throws {
-        try write { $0.seen[eventID] = at }
+    public func remember(_ seen: [(eventID: String, at: UnixTime)]) async throws {
+        try write { state in
+            for (eventID, at) in seen { state.seen[eventID] = max(at, state.seen[eventID] ?? at) }
+        }
     }
 
     public func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws -> EnqueueResult {

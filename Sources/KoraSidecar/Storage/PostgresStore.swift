@@ -135,11 +135,14 @@ public final class PostgresStore: SidecarStore, Service {
         try await !rows("SELECT 1 FROM kora_seen_events WHERE event_id = \(eventID) AND seen_at >= \(since.milliseconds)").isEmpty
     }
 
-    public func remember(eventID: String, at: UnixTime) async throws {
+    public func remember(_ seen: [(eventID: String, at: UnixTime)]) async throws {
+        // One row per id: an upsert may not touch the same row twice.
+        let latest = Dictionary(seen.map { ($0.eventID, $0.at.milliseconds) }, uniquingKeysWith: max)
         _ = try await rows(
             """
-            INSERT INTO kora_seen_events(event_id, seen_at) VALUES(\(eventID), \(at.milliseconds))
-            ON CONFLICT(event_id) DO UPDATE SET seen_at = excluded.seen_at
+            INSERT INTO kora_seen_events(event_id, seen_at)
+            SELECT * FROM unnest(\(Array(latest.keys))::text[], \(Array(latest.values))::bigint[])
+            ON CONFLICT(event_id) DO UPDATE SET seen_at = GREATEST(kora_seen_events.seen_at, excluded.seen_at)
             """)
     }
 

@@ -48,13 +48,15 @@ public final class SQLiteStore: SidecarStore {
         try !db.query("SELECT 1 FROM seen_events WHERE event_id = ? AND seen_at >= ?", [.text(key), .integer(since.milliseconds)]).isEmpty
     }
 
-    public func remember(eventID: String, at: UnixTime) async throws {
-        try await database.write { db in try Self.remember(db, eventID, at) }
+    public func remember(_ seen: [(eventID: String, at: UnixTime)]) async throws {
+        try await database.write { db in
+            for (eventID, at) in seen { try Self.remember(db, eventID, at) }
+        }
     }
 
     private static func remember(_ db: SQLiteConnection, _ eventID: String, _ at: UnixTime) throws {
         try db.query(
-            "INSERT INTO seen_events(event_id, seen_at) VALUES(?, ?) ON CONFLICT(event_id) DO UPDATE SET seen_at = excluded.seen_at",
+            "INSERT INTO seen_events(event_id, seen_at) VALUES(?, ?) ON CONFLICT(event_id) DO UPDATE SET seen_at = max(seen_at, excluded.seen_at)",
             [.text(eventID), .integer(at.milliseconds)])
     }
 
@@ -113,51 +115,64 @@ public final class SQLiteStore: SidecarStore {
     }
 
     public func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration) async throws -> [DeliveryJob] {
-        try await database.write { db in
-            let rows = try db.query(
-                """
-                SELECT d.id, d.attempts, e.event_id, e.type, e.verification_id, e.normalized, e.original,
-                       e.original_headers, e.signature_verified
-                FROM deliveries d JOIN events e ON e.id = d.event_row
-                WHERE d.service = ? AND d.status = 'pending' AND d.next_attempt_at <= ?
-                  AND (d.lease_until IS NULL OR d.lease_until <= ?)
-                ORDER BY d.next_attempt_at, d.id LIMIT ?
-                """,
-                [.text(service), .integer(now.milliseconds), .integer(now.milliseconds), .int(limit)])
-            let leaseUntil = now.adding(lease).milliseconds
-            return try rows.map { row in
-                try db.query("UPDATE deliveries SET lease_until = ? WHERE id = ?", [.integer(leaseUntil), .integer(row.int(0))])
-                let event = KoraEvent(
-                    id: row.string(2), type: row.string(3), verificationID: row.optionalString(4),
-                    normalizedBody: row.bytes(5), originalBody: row.bytes(6),
-                    originalHeaders: HeaderList.decode(row.string(7)), signatureVerified: row.int(8) != 0)
-                return DeliveryJob(deliveryID: row.int(0), service: service, attempt: Int(row.int(1)) + 1, event: event)
-            }
-        }
+        try await database.write { db in try Self.claimDue(db, service: service, now: now, limit: limit, lease: lease) }
     }
 
     public func finish(deliveryID: Int64, attempt: AttemptRecord, next: NextStep) async throws {
+        try await database.write { db in try Self.finish(db, deliveryID: deliveryID, attempt: attempt, next: next) }
+    }
+
+    public func finishAndClaimNext(
+        deliveryID: Int64, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration
+    ) async throws -> DeliveryJob? {
         try await database.write { db in
-            try db.query(
-                "INSERT OR REPLACE INTO attempts(delivery_id, attempt, at, status_code, error, duration_ms) VALUES(?, ?, ?, ?, ?, ?)",
-                [
-                    .integer(deliveryID), .int(attempt.attempt), .integer(attempt.at.milliseconds),
-                    attempt.statusCode.map(SQLiteValue.int) ?? .null, .optional(attempt.error),
-                    .int(attempt.durationMilliseconds),
-                ])
-            let (status, nextAt) = next.statusAndTime(after: attempt)
-            try db.query(
-                """
-                UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, lease_until = NULL,
-                    last_status = ?, last_error = ?, updated_at = ?
-                WHERE id = ?
-                """,
-                [
-                    .text(status.rawValue), .int(attempt.attempt), .integer(nextAt),
-                    attempt.statusCode.map(SQLiteValue.int) ?? .null, .optional(attempt.error),
-                    .integer(attempt.at.milliseconds), .integer(deliveryID),
-                ])
+            try Self.finish(db, deliveryID: deliveryID, attempt: attempt, next: next)
+            return try Self.claimDue(db, service: service, now: now, limit: 1, lease: lease).first
         }
+    }
+
+    private static func claimDue(_ db: SQLiteConnection, service: String, now: UnixTime, limit: Int, lease: Duration) throws -> [DeliveryJob] {
+        let rows = try db.query(
+            """
+            SELECT d.id, d.attempts, e.event_id, e.type, e.verification_id, e.normalized, e.original,
+                   e.original_headers, e.signature_verified
+            FROM deliveries d JOIN events e ON e.id = d.event_row
+            WHERE d.service = ? AND d.status = 'pending' AND d.next_attempt_at <= ?
+              AND (d.lease_until IS NULL OR d.lease_until <= ?)
+            ORDER BY d.next_attempt_at, d.id LIMIT ?
+            """,
+            [.text(service), .integer(now.milliseconds), .integer(now.milliseconds), .int(limit)])
+        let leaseUntil = now.adding(lease).milliseconds
+        return try rows.map { row in
+            try db.query("UPDATE deliveries SET lease_until = ? WHERE id = ?", [.integer(leaseUntil), .integer(row.int(0))])
+            let event = KoraEvent(
+                id: row.string(2), type: row.string(3), verificationID: row.optionalString(4),
+                normalizedBody: row.bytes(5), originalBody: row.bytes(6),
+                originalHeaders: HeaderList.decode(row.string(7)), signatureVerified: row.int(8) != 0)
+            return DeliveryJob(deliveryID: row.int(0), service: service, attempt: Int(row.int(1)) + 1, event: event)
+        }
+    }
+
+    private static func finish(_ db: SQLiteConnection, deliveryID: Int64, attempt: AttemptRecord, next: NextStep) throws {
+        try db.query(
+            "INSERT OR REPLACE INTO attempts(delivery_id, attempt, at, status_code, error, duration_ms) VALUES(?, ?, ?, ?, ?, ?)",
+            [
+                .integer(deliveryID), .int(attempt.attempt), .integer(attempt.at.milliseconds),
+                attempt.statusCode.map(SQLiteValue.int) ?? .null, .optional(attempt.error),
+                .int(attempt.durationMilliseconds),
+            ])
+        let (status, nextAt) = next.statusAndTime(after: attempt)
+        try db.query(
+            """
+            UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, lease_until = NULL,
+                last_status = ?, last_error = ?, updated_at = ?
+            WHERE id = ?
+            """,
+            [
+                .text(status.rawValue), .int(attempt.attempt), .integer(nextAt),
+                attempt.statusCode.map(SQLiteValue.int) ?? .null, .optional(attempt.error),
+                .integer(attempt.at.milliseconds), .integer(deliveryID),
+            ])
     }
 
     public func nextDueTime(service: String) async throws -> UnixTime? {

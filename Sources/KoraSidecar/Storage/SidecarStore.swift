@@ -6,8 +6,9 @@
 public protocol SidecarStore: Sendable {
     /// Whether `eventID` was remembered at or after `since`.
     func isDuplicate(eventID: String, since: UnixTime) async throws -> Bool
-    /// Remembers `eventID` as seen at `at` (direct mode, once every service took it).
-    func remember(eventID: String, at: UnixTime) async throws
+    /// Remembers each id as seen at its time, in one transaction (direct mode, once every service
+    /// took the event). An id given twice keeps its later time.
+    func remember(_ seen: [(eventID: String, at: UnixTime)]) async throws
     /// In one transaction: unless `event.id` was seen at or after `dedupSince`, remembers it and
     /// stores the event with one pending delivery per service.
     func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws -> EnqueueResult
@@ -23,6 +24,11 @@ public protocol SidecarStore: Sendable {
     func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration) async throws -> [DeliveryJob]
     /// Records one attempt of a leased delivery and what follows from it.
     func finish(deliveryID: Int64, attempt: AttemptRecord, next: NextStep) async throws
+    /// ``finish(deliveryID:attempt:next:)``, then ``claimDue(service:now:limit:lease:)`` of one
+    /// delivery: a busy worker's two calls per delivery, as one transaction where the store can.
+    func finishAndClaimNext(
+        deliveryID: Int64, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration
+    ) async throws -> DeliveryJob?
     /// When the next pending delivery of `service` becomes due, if any.
     func nextDueTime(service: String) async throws -> UnixTime?
     /// Ends every lease: at start-up of a store that only this process uses.
@@ -161,4 +167,13 @@ public struct OutboxDepth: Sendable, Equatable {
     public var count: Int
     /// When the oldest delivery in this state was created.
     public var oldestCreatedAt: UnixTime?
+}
+
+extension SidecarStore {
+    public func finishAndClaimNext(
+        deliveryID: Int64, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration
+    ) async throws -> DeliveryJob? {
+        try await finish(deliveryID: deliveryID, attempt: attempt, next: next)
+        return try await claimDue(service: service, now: now, limit: 1, lease: lease).first
+    }
 }
