@@ -156,7 +156,8 @@ struct WebhookResponder: HTTPResponder {
 }
 
 extension HTTPClient.Configuration {
-    /// The delivery client: no redirects, explicit connect time-out, pooled keep-alive connections.
+    /// The delivery client: no redirects, explicit connect time-out, pooled keep-alive connections,
+    /// no tracing (the sidecar bootstraps no tracer, and a span per request costs a URL parse).
     static var sidecarDelivery: HTTPClient.Configuration {
         var configuration = HTTPClient.Configuration(
             redirectConfiguration: .disallow,
@@ -165,6 +166,7 @@ extension HTTPClient.Configuration {
         )
         configuration.httpVersion = .http1Only
         configuration.decompression = .disabled
+        configuration.tracing.tracer = nil
         return configuration
     }
 }

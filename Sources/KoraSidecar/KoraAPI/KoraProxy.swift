@@ -62,7 +62,7 @@ public struct KoraProxy: Sendable {
     }
 
     /// The proxy's own HTTP client: no redirects, connect and read time-outs of `kora.timeoutSeconds`,
-    /// and no hidden connection retries (the proxy's retry rules decide, SPEC §5.1).
+    /// no hidden connection retries (the proxy's retry rules decide, SPEC §5.1) and no tracing.
     public static func clientConfiguration(timeoutSeconds: Int) -> HTTPClient.Configuration {
         let timeout = TimeAmount.seconds(Int64(max(1, timeoutSeconds)))
         var configuration = HTTPClient.Configuration(
@@ -71,6 +71,7 @@ public struct KoraProxy: Sendable {
             connectionPool: .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 64))
         configuration.connectionPool.retryConnectionEstablishment = false
         configuration.decompression = .disabled
+        configuration.tracing.tracer = nil
         return configuration
     }
 
