@@ -20,6 +20,7 @@ SCENARIO_TITLES = {
     "queued": "3 sidecar queued (SQLite) + delivery",
     "nginx-get": "4' nginx GET proxy to Kora stand-in",
     "proxy": "4 sidecar API proxy GET → Kora stand-in",
+    "floor": "5 sidecar GET /healthz (HTTP floor)",
 }
 
 
@@ -223,7 +224,7 @@ def report(results_path, out_json):
     cols = ["scenario", "req/s", "ratio", "p50 ms", "p99 ms", "Δp99 ms", "errors", "CPU µs/req", "peak RSS MB", "start s",
             "idle RSS MB"]
     rows = []
-    for name in ("nginx", "direct", "queued", "nginx-get", "proxy"):
+    for name in ("nginx", "direct", "queued", "nginx-get", "proxy", "floor"):
         r = sc.get(name)
         if not r:
             continue
