@@ -49,8 +49,10 @@ import Testing
             try await withReceiver(dashboard) { dashboardPort in
                 try await withSimulator({
                     $0.webhookURL = "http://127.0.0.1:\(dashboardPort)/dashboard"
-                    $0.slowDelay = .milliseconds(300)
-                    $0.expiryDelay = .milliseconds(100)
+                    // The expiry must fire after `verification.completed` reached both URLs, and the slow
+                    // outcome's events after the test looked: margins that stretch under a sanitizer.
+                    $0.slowDelay = .milliseconds(300 * Sanitizer.slowdown)
+                    $0.expiryDelay = .milliseconds(100 * Sanitizer.slowdown)
                 }) { simulator, base in
                     let client = kora(base)
                     let created = try await client.createVerification(
