@@ -10,7 +10,8 @@ public struct SidecarMetrics: Sendable {
     /// Where the metrics are kept; `/metrics` renders it.
     public let registry: PrometheusCollectorRegistry
     private let factory: PrometheusMetricsFactory
-    private let handles = Handles()
+    private let counters = Handles<CoreMetrics.Counter>()
+    private let timers = Handles<CoreMetrics.Timer>()
 
     public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
         self.registry = registry
@@ -24,19 +25,27 @@ public struct SidecarMetrics: Sendable {
 
     /// One webhook answered: `accepted`, `duplicate`, or the error code.
     func webhook(_ result: String) {
-        handles.counter("kora_sidecar_webhooks_total", [("result", result)], factory).increment()
+        counter("kora_sidecar_webhooks_total", [("result", result)]).increment()
     }
 
     /// One delivery attempt to `service` and what followed: `delivered`, `retry`, `dead` or `refused`.
     func delivery(service: String, result: String, milliseconds: Int) {
-        handles.counter("kora_sidecar_deliveries_total", [("service", service), ("result", result)], factory).increment()
-        handles.timer("kora_sidecar_delivery_duration_seconds", [("service", service)], factory).recordMilliseconds(milliseconds)
+        counter("kora_sidecar_deliveries_total", [("service", service), ("result", result)]).increment()
+        timer("kora_sidecar_delivery_duration_seconds", [("service", service)]).recordMilliseconds(milliseconds)
     }
 
     /// One call to Kora through the proxy: its status class (`2xx` … `5xx`, or `error`) and duration.
     func koraCall(statusClass: String, milliseconds: Int) {
-        handles.counter("kora_sidecar_kora_requests_total", [("status_class", statusClass)], factory).increment()
-        handles.timer("kora_sidecar_kora_request_duration_seconds", [], factory).recordMilliseconds(milliseconds)
+        counter("kora_sidecar_kora_requests_total", [("status_class", statusClass)]).increment()
+        timer("kora_sidecar_kora_request_duration_seconds", []).recordMilliseconds(milliseconds)
+    }
+
+    private func counter(_ label: String, _ dimensions: [(String, String)]) -> CoreMetrics.Counter {
+        counters.handle(label, dimensions) { CoreMetrics.Counter(label: label, dimensions: dimensions, factory: factory) }
+    }
+
+    private func timer(_ label: String, _ dimensions: [(String, String)]) -> CoreMetrics.Timer {
+        timers.handle(label, dimensions) { CoreMetrics.Timer(label: label, dimensions: dimensions, factory: factory) }
     }
 
     /// Refreshes the outbox gauges from the store, then renders every metric.
@@ -59,33 +68,19 @@ public struct SidecarMetrics: Sendable {
     }
 }
 
-/// The counters and timers of the request paths, each made once per label set: making one through
+/// The counters or timers of the request paths, each made once per label set: making one through
 /// the factory checks the names and looks it up under the registry's lock on every call.
-private final class Handles: Sendable {
-    private let counters = Mutex<[[String]: CoreMetrics.Counter]>([:])
-    private let timers = Mutex<[[String]: CoreMetrics.Timer]>([:])
+private final class Handles<Metric: Sendable>: Sendable {
+    private let made = Mutex<[[String]: Metric]>([:])
 
-    func counter(_ label: String, _ dimensions: [(String, String)], _ factory: PrometheusMetricsFactory) -> CoreMetrics.Counter {
-        counters.withLock { cache in
-            let key = Self.key(label, dimensions)
-            if let counter = cache[key] { return counter }
-            let counter = CoreMetrics.Counter(label: label, dimensions: dimensions, factory: factory)
-            cache[key] = counter
-            return counter
+    /// The handle for `label` and `dimensions`, made by `make` the first time.
+    func handle(_ label: String, _ dimensions: [(String, String)], make: () -> Metric) -> Metric {
+        made.withLock { made in
+            let key = dimensions.reduce(into: [label]) { $0 += [$1.0, $1.1] }
+            if let metric = made[key] { return metric }
+            let metric = make()
+            made[key] = metric
+            return metric
         }
-    }
-
-    func timer(_ label: String, _ dimensions: [(String, String)], _ factory: PrometheusMetricsFactory) -> CoreMetrics.Timer {
-        timers.withLock { cache in
-            let key = Self.key(label, dimensions)
-            if let timer = cache[key] { return timer }
-            let timer = CoreMetrics.Timer(label: label, dimensions: dimensions, factory: factory)
-            cache[key] = timer
-            return timer
-        }
-    }
-
-    private static func key(_ label: String, _ dimensions: [(String, String)]) -> [String] {
-        dimensions.reduce(into: [label]) { $0 += [$1.0, $1.1] }
     }
 }
