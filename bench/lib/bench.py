@@ -220,6 +220,11 @@ def report(results_path, out_json):
             r["cpu_us_per_request"] = round(r["cpu_s"] * 1e6 / r["requests"], 1)
         if name == "proxy" and base_get.get("rps") and r.get("rps") is not None:
             r["ratio_rps_vs_nginx_get"] = round(r["rps"] / base_get["rps"], 3)
+        # Queued req/s counts only the answers; delivery competes for the same CPU during the load
+        # and finishes after it, so the pipeline's throughput is acknowledged / (load + drain).
+        load = re.search(r"-d(\d+)s", data["meta"]["wrk_args"])
+        if name == "queued" and load and r.get("acknowledged") and isinstance(r.get("drain_s"), (int, float)):
+            r["end_to_end_per_s"] = round(r["acknowledged"] / (int(load.group(1)) + r["drain_s"]))
 
     cols = ["scenario", "req/s", "ratio", "p50 ms", "p99 ms", "Δp99 ms", "errors", "CPU µs/req", "peak RSS MB", "start s",
             "idle RSS MB"]
@@ -254,11 +259,7 @@ def report(results_path, out_json):
     if q.get("store"):
         print("queued  store after stop: %s; acknowledged 2xx = %s; all durable: %s; backlog drained in %s s" % (
             q["store"], q.get("acknowledged"), q.get("all_acknowledged_durable"), q.get("drain_s")))
-        # req/s counts only the answers; delivery competes for the same CPU during the load and
-        # finishes after it, so the pipeline's throughput is acknowledged / (load + drain).
-        load = re.search(r"-d(\d+)s", data["meta"]["wrk_args"])
-        if load and q.get("acknowledged") and isinstance(q.get("drain_s"), (int, float)):
-            q["end_to_end_per_s"] = round(q["acknowledged"] / (int(load.group(1)) + q["drain_s"]))
+        if q.get("end_to_end_per_s") is not None:
             print("queued  end to end: %d events/s acknowledged and delivered (acknowledged / (load + drain))" % q["end_to_end_per_s"])
     if (sc.get("proxy") or {}).get("ratio_rps_vs_nginx_get") is not None:
         print("proxy   ratio to nginx proxying the same GET: %.2f" % sc["proxy"]["ratio_rps_vs_nginx_get"])
