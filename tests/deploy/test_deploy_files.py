@@ -1,9 +1,10 @@
 """Checks of deploy/ that need no Docker, no Kubernetes and no systemd running.
 
 Needs: pytest, PyYAML. Optional: the kora-sidecar binary ($KORA_SIDECAR_BIN, default
-.build/debug/kora-sidecar) for `check-config` and the end-to-end delivery to the example app;
-systemd-analyze for `systemd-analyze verify`; the `standardwebhooks` package for a second opinion
-on the example app's signature check.
+.build/debug/kora-sidecar, copied before use because a build may replace it) for `check-config`, the
+metrics listener and the end-to-end runs; systemd-analyze for `systemd-analyze verify`; the
+`standardwebhooks` package for a second opinion on the example app's signature check.
+deploy/monitoring/ is checked by test_monitoring.py.
 
 Run: python3 -m pytest tests/deploy -q
 """
@@ -31,7 +32,24 @@ DEPLOY = ROOT / "deploy"
 PROBE = DEPLOY / "kora-sidecar-probe"
 PROBE_IN_IMAGE = "kora-sidecar-probe"
 DUMMY_WHSEC = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+# Where `serve` (and every other command) finds the configuration in the image when no --config is
+# given: the image's CMD is plain `serve`, and the examples mount their config.json here.
 SERVE_CONFIG = "/etc/kora-sidecar/config.json"
+# Kora calls through the proxy wait up to kora.timeoutSeconds (default 30) before shutdown completes.
+KORA_TIMEOUT_DEFAULT = 30
+
+# Every variable an environment-only start reads once issue 14 is done, so that the
+# files may set the new ones before the sources that read them have landed.
+CONTRACT_ENVIRONMENT = {
+    "KORAIDV_WEBHOOK_SECRET", "KORAIDV_API_KEY", "KORAIDV_TENANT_ID", "KORA_SIDECAR_FORWARD_URL",
+    "KORA_SIDECAR_FORWARD_SOCKET", "KORA_SIDECAR_FORWARD_PATH", "KORA_SIDECAR_SIGNING_SECRET",
+    "KORA_SIDECAR_CALLBACK_URL", "KORA_SIDECAR_API_BASE_URL", "KORA_SIDECAR_WEBHOOK_PORT",
+    "KORA_SIDECAR_INTERNAL_PORT", "KORA_SIDECAR_DELIVERY_MODE", "KORA_SIDECAR_SQLITE_PATH",
+    "KORA_SIDECAR_DATABASE_URL", "KORA_SIDECAR_LOG_LEVEL", "KORA_SIDECAR_LOG_FORMAT",
+    "KORA_SIDECAR_INTERNAL_HOST", "KORA_SIDECAR_INTERNAL_SOCKET", "KORA_SIDECAR_SERVICE_TOKEN",
+    "KORA_SIDECAR_ADMIN_TOKEN", "KORA_SIDECAR_EVENTS", "KORA_SIDECAR_DELIVERY_FORMAT",
+    "KORA_SIDECAR_METRICS_PORT", "KORA_SIDECAR_CONFIG",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,20 +80,34 @@ def env_references(value, path="$"):
     return found
 
 
+def swift_sources():
+    """Every Swift file under Sources/, whatever the targets are called."""
+    files = sorted((ROOT / "Sources").rglob("*.swift"))
+    assert files, "no Swift sources under Sources/"
+    return files
+
+
 def sidecar_environment_variables():
-    """The variables the sidecar itself reads, taken from its source."""
-    source = (ROOT / "Sources/KoraSidecar/Configuration/EnvironmentConfiguration.swift").read_text()
-    names = set(re.findall(r'\("([A-Z][A-Z0-9_]+)",', source))
-    assert "KORAIDV_WEBHOOK_SECRET" in names, "could not read the variables from EnvironmentConfiguration.swift"
-    return names | {"KORA_SIDECAR_CONFIG"}
+    """The variables the sidecar reads: the string literals in its sources, and the contract's list."""
+    names = set()
+    for path in swift_sources():
+        names |= set(re.findall(r'"((?:KORAIDV|KORA_SIDECAR)_[A-Z0-9_]+)"', path.read_text()))
+    assert "KORAIDV_WEBHOOK_SECRET" in names, "could not read the variables from the Swift sources"
+    return names | CONTRACT_ENVIRONMENT
 
 
 def drain_seconds():
     """The default of delivery.drainTimeout, the sidecar's delivery drain time on shutdown."""
-    source = (ROOT / "Sources/KoraSidecar/Configuration/SidecarConfiguration.swift").read_text()
-    match = re.search(r"drainTimeout = Duration\.seconds\((\d+)\)", source)
-    assert match, "the delivery.drainTimeout default was not found in SidecarConfiguration.swift"
-    return int(match.group(1))
+    for path in swift_sources():
+        match = re.search(r"drainTimeout = Duration\.seconds\((\d+)\)", path.read_text())
+        if match:
+            return int(match.group(1))
+    raise AssertionError("the delivery.drainTimeout default was not found under Sources/")
+
+
+def shutdown_budget_seconds(config):
+    """What a clean stop may take: the delivery drain plus a proxied call waiting for Kora."""
+    return drain_seconds() + config.get("kora", {}).get("timeoutSeconds", KORA_TIMEOUT_DEFAULT)
 
 
 def seconds(text):
@@ -117,11 +149,14 @@ def is_whsec(secret):
 
 
 @pytest.fixture(scope="session")
-def sidecar_bin():
+def sidecar_bin(tmp_path_factory):
+    """A private copy of the binary: a build running meanwhile may replace or remove the original."""
     path = Path(os.environ.get("KORA_SIDECAR_BIN", ROOT / ".build/debug/kora-sidecar"))
     if not (path.is_file() and os.access(path, os.X_OK)):
         pytest.skip(f"the kora-sidecar binary is absent at {path} (build it, or set KORA_SIDECAR_BIN)")
-    return path
+    copy = tmp_path_factory.mktemp("bin") / "kora-sidecar"
+    shutil.copy2(path, copy)
+    return copy
 
 
 def check_config(binary, config_path, environment):
@@ -176,8 +211,13 @@ def kubernetes_config():
     return json.loads(kubernetes_one("ConfigMap")["data"]["config.json"])
 
 
+def kubernetes_workload():
+    """The single-pod example: a StatefulSet, so the store's volume claim outlives the pod."""
+    return kubernetes_one("StatefulSet")
+
+
 def pod_containers():
-    containers = kubernetes_one("Deployment")["spec"]["template"]["spec"]["containers"]
+    containers = kubernetes_workload()["spec"]["template"]["spec"]["containers"]
     return {container["name"]: container for container in containers}
 
 
@@ -271,7 +311,8 @@ def compose_service(name):
 def test_compose_has_the_three_services():
     assert set(load_yaml(COMPOSE)["services"]) == {"kora", "sidecar", "app"}
     assert compose_service("kora")["command"][0] == "simulate"
-    assert compose_service("sidecar")["command"] == ["serve", "--config", SERVE_CONFIG]
+    # The sidecar runs the image's own command (plain `serve`), which finds the mounted file.
+    assert compose_service("sidecar").get("command", ["serve"]) == ["serve"] == image_command()
 
 
 def test_compose_sidecar_environment_is_what_the_config_references():
@@ -328,7 +369,8 @@ def test_compose_ports_paths_and_urls_agree_with_the_config():
 def test_compose_users_share_the_sidecar_group_and_stop_after_the_drain():
     gid = re.search(r"groupadd .*--gid (\d+)", DOCKERFILE.read_text()).group(1)
     assert compose_service("app")["user"].split(":")[1] == gid
-    assert seconds(compose_service("sidecar")["stop_grace_period"]) > drain_seconds()
+    assert seconds(compose_service("sidecar")["stop_grace_period"]) >= shutdown_budget_seconds(
+        json.loads(COMPOSE_CONFIG.read_text()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,9 +385,23 @@ def test_kubernetes_service_exposes_only_the_webhook_port():
     container_ports = {p["name"]: p["containerPort"] for p in sidecar_container()["ports"]}
     target = container_ports.get(port["targetPort"], port["targetPort"])
     assert target == kubernetes_config()["webhooks"]["listen"]["port"] == 8080
-    assert list(container_ports.values()) == [8080], "declare only the webhook port"
-    pod_labels = kubernetes_one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    pod_labels = kubernetes_workload()["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert kubernetes_workload()["spec"]["serviceName"] == service["metadata"]["name"]
+
+
+def test_kubernetes_metrics_listener_is_scrapable_and_the_proxy_is_not_exposed():
+    config = kubernetes_config()
+    metrics = config["metrics"]["listen"]
+    assert metrics["host"] == "0.0.0.0", "Prometheus connects to the pod IP"
+    assert config["internal"]["listen"]["host"] == "127.0.0.1", "the API proxy must stay on loopback"
+    container_ports = {p["name"]: p["containerPort"] for p in sidecar_container()["ports"]}
+    assert container_ports == {"webhooks": config["webhooks"]["listen"]["port"], "metrics": metrics["port"]}
+    assert config["internal"]["listen"]["port"] not in container_ports.values()
+    annotations = kubernetes_workload()["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(metrics["port"])
+    assert annotations["prometheus.io/path"] == "/metrics"
 
 
 def test_kubernetes_probes_hit_readyz_and_healthz_on_the_right_ports():
@@ -377,18 +433,18 @@ def test_kubernetes_secrets_come_from_the_secret_and_match_the_config():
 
 def test_kubernetes_volumes_config_store_and_socket():
     config = kubernetes_config()
-    pod = kubernetes_one("Deployment")["spec"]["template"]["spec"]
+    pod = kubernetes_workload()["spec"]["template"]["spec"]
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
     sidecar, app = sidecar_container(), app_container()
     sidecar_mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
     app_mounts = {m["mountPath"]: m["name"] for m in app["volumeMounts"]}
 
-    config_path = option(sidecar["args"], "--config")
-    config_volume = volumes[sidecar_mounts[directory_of(config_path)]]
+    # The image's own command: plain `serve`, which reads the file mounted at SERVE_CONFIG.
+    assert "command" not in sidecar and sidecar.get("args", ["serve"]) == ["serve"] == image_command()
+    config_volume = volumes[sidecar_mounts[directory_of(SERVE_CONFIG)]]
     assert config_volume["configMap"]["name"] == kubernetes_one("ConfigMap")["metadata"]["name"]
-    assert PurePosixPath(config_path).name in kubernetes_one("ConfigMap")["data"]
+    assert PurePosixPath(SERVE_CONFIG).name in kubernetes_one("ConfigMap")["data"]
 
-    assert "emptyDir" in volumes[sidecar_mounts[directory_of(config["storage"]["sqlitePath"])]]
     socket = config["services"][0]["deliver"]["unixSocket"]
     assert sidecar_mounts[directory_of(socket)] == app_mounts[directory_of(socket)]
     assert "emptyDir" in volumes[app_mounts[directory_of(socket)]]
@@ -397,10 +453,29 @@ def test_kubernetes_volumes_config_store_and_socket():
     assert container_env(app)["SIDECAR_API_URL"]["value"] == f"http://127.0.0.1:{config['internal']['listen']['port']}"
 
 
+def test_kubernetes_store_outlives_the_pod():
+    """Queued mode answers Kora 200 once the event is stored: the store must be on a volume claim."""
+    config = kubernetes_config()
+    workload = kubernetes_workload()
+    assert config.get("delivery", {}).get("mode", "queued") == "queued"
+    assert workload["spec"]["replicas"] == 1, "one replica per SQLite store"
+    store_directory = directory_of(config["storage"]["sqlitePath"])
+    mounts = {m["mountPath"]: m["name"] for m in sidecar_container()["volumeMounts"]}
+    claims = {claim["metadata"]["name"]: claim for claim in workload["spec"]["volumeClaimTemplates"]}
+    pod_volumes = {volume["name"] for volume in workload["spec"]["template"]["spec"]["volumes"]}
+    name = mounts[store_directory]
+    assert name in claims and name not in pod_volumes, "the store must be on the volume claim, not a pod volume"
+    assert claims[name]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claims[name]["spec"]["resources"]["requests"]["storage"]
+    # The group that owns the claim's files is the sidecar's, so uid 10001 can write the store.
+    gid = int(re.search(r"groupadd .*--gid (\d+)", DOCKERFILE.read_text()).group(1))
+    assert workload["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == gid
+
+
 def test_kubernetes_pod_is_hardened_and_sized():
-    pod = kubernetes_one("Deployment")["spec"]["template"]["spec"]
+    pod = kubernetes_workload()["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["terminationGracePeriodSeconds"] > drain_seconds()
+    assert pod["terminationGracePeriodSeconds"] > shutdown_budget_seconds(kubernetes_config())
     for container in pod["containers"]:
         context = container["securityContext"]
         assert context["readOnlyRootFilesystem"] is True, container["name"]
@@ -427,7 +502,8 @@ def test_systemd_unit_is_hardened():
         ("ExecStart", f"/usr/local/bin/kora-sidecar serve --config {SERVE_CONFIG}"),
     ]:
         assert expected in directives, f"{expected[0]}={expected[1]} missing"
-    assert seconds(systemd_value(SYSTEMD_UNIT, "TimeoutStopSec")) > drain_seconds()
+    assert seconds(systemd_value(SYSTEMD_UNIT, "TimeoutStopSec")) > shutdown_budget_seconds(
+        json.loads(SYSTEMD_CONFIG.read_text()))
 
 
 def test_systemd_config_uses_the_unit_directories_and_env_file():
@@ -469,6 +545,28 @@ def dockerfile_instructions():
     return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
+def runtime_instructions():
+    instructions = dockerfile_instructions()
+    return instructions[instructions.index("FROM debian:bookworm-slim"):]
+
+
+def image_command():
+    """The runtime image's CMD, as a list."""
+    (cmd,) = [i for i in runtime_instructions() if i.startswith("CMD ")]
+    return json.loads(cmd[len("CMD "):])
+
+
+def image_environment():
+    """The runtime image's ENV NAME=value settings."""
+    found = {}
+    for instruction in runtime_instructions():
+        if instruction.startswith("ENV "):
+            for pair in instruction[len("ENV "):].split():
+                name, _, value = pair.partition("=")
+                found[name] = value
+    return found
+
+
 def test_dockerfile_builds_like_ci():
     text = DOCKERFILE.read_text()
     assert "swift build -c release --static-swift-stdlib" in text
@@ -503,11 +601,33 @@ def test_dockerfile_runtime_stage():
     assert 'VOLUME ["/data"]' in runtime
     assert [i for i in runtime if i.startswith("EXPOSE")] == ["EXPOSE 8080"]
     assert 'ENTRYPOINT ["kora-sidecar"]' in runtime
-    assert f'CMD ["serve", "--config", "{SERVE_CONFIG}"]' in runtime
+    # Plain `serve`: the configuration at SERVE_CONFIG when mounted, else the environment alone, so
+    # `docker exec <c> kora-sidecar deliveries list` (no flags) finds what serve uses.
+    assert image_command() == ["serve"]
+    # An environment-only start keeps its store on the /data volume, not in the working directory.
+    assert image_environment()["KORA_SIDECAR_SQLITE_PATH"] == "/data/kora-sidecar.sqlite"
+    assert directory_of(image_environment()["KORA_SIDECAR_SQLITE_PATH"]) in json.loads(
+        [i for i in runtime if i.startswith("VOLUME ")][0][len("VOLUME "):])
+    assert set(image_environment()) <= sidecar_environment_variables()
     (healthcheck,) = [i for i in runtime if i.startswith("HEALTHCHECK")]
     assert f'CMD ["{PROBE_IN_IMAGE}", "127.0.0.1:8081", "/readyz"]' in healthcheck
     copies = [i for i in runtime if i.startswith("COPY")]
     assert not [c for c in copies if "config" in c or ".env" in c], "configuration or secrets baked into the image"
+
+
+def test_dockerfile_ships_a_stripped_binary():
+    """The binary copied into the runtime image is stripped in the build stage."""
+    instructions = dockerfile_instructions()
+    build = instructions[:instructions.index("FROM debian:bookworm-slim")]
+    (copy,) = [i for i in runtime_instructions() if i.startswith("COPY --from=build")]
+    shipped = copy.split()[2]
+    (produce,) = [i for i in build if shipped in i]
+    stripped = (re.search(rf"install\b[^&]*(?:--strip|\s-s\b)[^&]*{re.escape(shipped)}", produce)
+                or re.search(rf"\bstrip\b[^&]*{re.escape(shipped)}", produce)
+                or "-Xlinker -s" in produce)
+    assert stripped, f"{shipped} is not stripped: {produce}"
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^#.*strip", text, re.M | re.I), "say why the binary is stripped"
 
 
 def test_dockerignore_lets_every_copied_file_through():
@@ -703,7 +823,14 @@ def test_replicas_internal_listener_is_token_protected_and_probed():
     (deployment,) = objects["Deployment"]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert ports == {"webhooks": config["webhooks"]["listen"]["port"], "internal": config["internal"]["listen"]["port"]}
+    assert ports == {"webhooks": config["webhooks"]["listen"]["port"], "internal": config["internal"]["listen"]["port"],
+                     "metrics": config["metrics"]["listen"]["port"]}
+    assert "command" not in container and container.get("args", ["serve"]) == ["serve"] == image_command()
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    (config_map,) = objects["ConfigMap"]
+    assert volumes[mounts[directory_of(SERVE_CONFIG)]]["configMap"]["name"] == config_map["metadata"]["name"]
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > shutdown_budget_seconds(config)
     # Reachable from the cluster, so every service must present its own token.
     assert config["internal"]["listen"]["host"] == "0.0.0.0"
     assert all("token" in service for service in config["services"])
@@ -716,3 +843,167 @@ def test_replicas_internal_listener_is_token_protected_and_probed():
     (budget,) = objects["PodDisruptionBudget"]
     assert budget["spec"]["minAvailable"] == 1
     assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_replicas_metrics_listener_is_scrapable_without_the_proxy():
+    objects, config = replicas_objects(), replicas_config()
+    (deployment,) = objects["Deployment"]
+    metrics = config["metrics"]["listen"]
+    assert metrics["host"] == "0.0.0.0" and metrics["port"] != config["internal"]["listen"]["port"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(metrics["port"])
+    assert annotations["prometheus.io/path"] == "/metrics"
+    # No Service publishes the metrics port: Prometheus scrapes the pods.
+    for service in objects["Service"]:
+        assert "metrics" not in {port["targetPort"] for port in service["spec"]["ports"]}
+
+
+def network_policy_rules():
+    """{port name: [from entries]} of the replicas' NetworkPolicy, and the policy."""
+    objects = replicas_objects()
+    (deployment,) = objects["Deployment"]
+    (policy,) = objects["NetworkPolicy"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert policy["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    rules = {}
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("ports"), "a rule without ports opens every port"
+        assert rule.get("from"), "a rule without from admits everyone"
+        for port in rule["ports"]:
+            rules.setdefault(port["port"], []).extend(rule["from"])
+    return rules
+
+
+def test_replicas_network_policy_keeps_the_proxy_in_the_namespace():
+    rules = network_policy_rules()
+    (container,) = replicas_objects()["Deployment"][0]["spec"]["template"]["spec"]["containers"]
+    assert set(rules) == {port["name"] for port in container["ports"]}, "name every container port, no other"
+    # The API proxy: pods of the policy's own namespace only (a podSelector without namespaceSelector).
+    assert rules["internal"] == [{"podSelector": {}}]
+    # Webhooks from the ingress controller's namespace; metrics from the monitoring namespace.
+    (webhooks,) = rules["webhooks"]
+    assert set(webhooks) == {"namespaceSelector"} and webhooks["namespaceSelector"]["matchLabels"]
+    (metrics,) = rules["metrics"]
+    assert metrics == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+
+
+def test_replicas_services_are_in_the_proxy_namespace():
+    """The services that call the proxy are the namespace's own: the NetworkPolicy admits only them."""
+    config, (deployment,) = replicas_config(), replicas_objects()["Deployment"]
+    namespace = deployment["metadata"]["namespace"]
+    for service in config["services"]:
+        host = re.match(r"https?://([^/:]+)", service["deliver"]["url"]).group(1)
+        assert "." not in host or host.split(".")[1] == namespace, f"{service['name']} is outside {namespace}"
+
+
+
+# ---------------------------------------------------------------------------------------------
+# the real binary with the deploy files' shape
+
+
+def http_get(port, path, timeout=10):
+    """(status, body) of GET http://127.0.0.1:port/path; status None when nothing answers."""
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    except (urllib.error.URLError, ConnectionError, socket.timeout):
+        return None, ""
+
+
+def wait_until(condition, process, what, seconds_left=30):
+    deadline = time.time() + seconds_left
+    while not condition():
+        assert process.poll() is None, f"the sidecar exited while waiting until {what}"
+        assert time.time() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.1)
+
+
+def stop(process):
+    process.terminate()
+    try:
+        output, _ = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+    return output
+
+
+def test_kubernetes_metrics_listener_serves_metrics_and_nothing_else(sidecar_bin, tmp_path):
+    """The ConfigMap's metrics listener answers /metrics and /healthz; the proxy and admin are not on it."""
+    config = kubernetes_config()
+    webhook_port, internal_port, metrics_port = free_port(), free_port(), free_port()
+    config["webhooks"]["listen"] = {"host": "127.0.0.1", "port": webhook_port}
+    config["internal"]["listen"] = {"host": "127.0.0.1", "port": internal_port}
+    config["metrics"]["listen"] = {"host": "127.0.0.1", "port": metrics_port}
+    config["services"][0]["deliver"]["unixSocket"] = str(tmp_path / "app.sock")
+    config["storage"]["sqlitePath"] = str(tmp_path / "data/kora-sidecar.sqlite")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    sidecar = subprocess.Popen(
+        [str(sidecar_bin), "serve", "--config", str(tmp_path / "config.json")],
+        env={"PATH": os.environ.get("PATH", ""), **dummy_environment(config)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: http_get(internal_port, "/readyz")[0] == 200, sidecar, "/readyz answers 200")
+        status, body = http_get(metrics_port, "/metrics")
+        assert status == 200, body
+        assert re.search(r"^kora_sidecar_ready(\{[^}]*\})? 1(\.0)?$", body, re.M), body
+        assert "kora_sidecar_outbox_depth" in body
+        assert http_get(metrics_port, "/healthz")[0] == 200
+        for path in ["/api/v1/idv/verifications", "/readyz", "/admin/deliveries", "/webhooks/koraidv"]:
+            assert http_get(metrics_port, path)[0] == 404, f"{path} answered on the metrics listener"
+    finally:
+        output = stop(sidecar)
+    assert sidecar.returncode == 0, output
+
+
+def test_image_environment_only_start_and_exec_read_the_same_store(sidecar_bin, tmp_path, http_server):
+    """The image with no config.json mounted: `serve` (its CMD) and a later `deliveries list`, both
+    without flags, in the image's working directory with the image's ENV, use one store."""
+    if Path(SERVE_CONFIG).exists():
+        pytest.skip(f"{SERVE_CONFIG} exists on this machine and would be read instead of the environment")
+    workdir = tmp_path / "workdir"  # stands for WORKDIR /data: no config.json in it
+    workdir.mkdir()
+    store = tmp_path / "volume/kora-sidecar.sqlite"  # stands for the image's /data volume
+    assert image_environment()["KORA_SIDECAR_SQLITE_PATH"] == "/data/kora-sidecar.sqlite"
+    webhook_port, internal_port = free_port(), free_port()
+    environment = {
+        "PATH": os.environ.get("PATH", ""),
+        "KORA_SIDECAR_SQLITE_PATH": str(store),
+        "KORAIDV_WEBHOOK_SECRET": "kora-webhook-secret",
+        "KORA_SIDECAR_WEBHOOK_PORT": str(webhook_port),
+        "KORA_SIDECAR_INTERNAL_PORT": str(internal_port),
+        # The fixture's server answers 503 to this path: the delivery stays in the store, pending.
+        "KORA_SIDECAR_FORWARD_URL": f"http://127.0.0.1:{http_server}/kora-events",
+    }
+
+    def command(*arguments):
+        return subprocess.run([str(sidecar_bin), *arguments], cwd=workdir, env=environment,
+                              capture_output=True, text=True, timeout=60)
+
+    # Before serve ran: a read-only command does not create an empty store, it names the path.
+    missing = command("deliveries", "list")
+    assert missing.returncode == 1 and str(store) in missing.stderr, missing.stderr
+    assert not store.exists()
+
+    sidecar = subprocess.Popen([str(sidecar_bin), *image_command()], cwd=workdir, env=environment,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: http_get(internal_port, "/readyz")[0] == 200, sidecar, "/readyz answers 200")
+        sent = command("send-test-event", "--to", f"http://127.0.0.1:{webhook_port}/webhooks/koraidv",
+                       "--secret", "kora-webhook-secret", "--external-id", "test-approve-exec")
+        assert sent.returncode == 0 and sent.stdout.startswith("200"), sent.stdout + sent.stderr
+        assert store.exists(), "serve did not put its store at KORA_SIDECAR_SQLITE_PATH"
+        listed = command("deliveries", "list")  # what `docker exec <c> kora-sidecar deliveries list` runs
+        assert listed.returncode == 0, listed.stderr
+        assert "app" in listed.stdout and re.search(r"pending|retry", listed.stdout), listed.stdout
+        assert not (workdir / "data").exists(), "a store was created in the working directory"
+    finally:
+        output = stop(sidecar)
+    assert sidecar.returncode == 0, output
