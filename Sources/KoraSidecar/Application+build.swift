@@ -13,6 +13,8 @@ public enum ListenerRole: String, Sendable {
     case webhooks
     /// The internal listener (API proxy, health, metrics, admin).
     case `internal`
+    /// The optional metrics listener (`metrics.listen`).
+    case metrics
 }
 
 /// What ``buildApplication(_:logger:options:)`` takes besides the configuration: the seams tests
@@ -53,8 +55,12 @@ public func buildApplication(
     if case .unixSocket(let path) = configuration.webhooks.listen {
         try UnixSocketFile.replaceIfStale(path, key: "webhooks.listen.unixSocket")
     }
+    if case .unixSocket(let path) = configuration.metrics.listen {
+        try UnixSocketFile.replaceIfStale(path, key: "metrics.listen.unixSocket")
+    }
     try ListenerPreflight.check(configuration.webhooks.listen, key: "webhooks.listen")
     try ListenerPreflight.check(configuration.internal.listen, key: "internal.listen")
+    if let listen = configuration.metrics.listen { try ListenerPreflight.check(listen, key: "metrics.listen") }
     let webhookServer = try HTTPServerBuilder.webhookServer(configuration.webhooks.limits, tls: configuration.webhooks.tls)
     let store: any SidecarStore
     var services: [any Service] = []
@@ -72,12 +78,24 @@ public func buildApplication(
     for service in deliveryServices where service.signingKey == nil {
         logger.warning("Deliveries to this service are not signed: set deliver.signingSecret", metadata: ["service": "\(service.name)"])
     }
+    if let warning = configuration.noRecipientWarning {
+        logger.warning("\(warning)")
+    }
     if !configuration.webhooks.enforce {
         logger.warning("webhooks.enforce is false: unverified webhooks are delivered (report-only mode)")
     }
     let sender = EventSender(client: client, reportOnly: !configuration.webhooks.enforce)
     let readiness = Readiness(store: store)
 
+    // Queued mode delivers everything through the dispatcher; direct mode only what an operator
+    // queued (re-routed unrouted events, retries).
+    let dispatcher = OutboxDispatcher(
+        store: store, sender: sender, services: deliveryServices,
+        policy: options.retryPolicy ?? RetryPolicy(schedule: configuration.delivery.retrySchedule),
+        concurrency: configuration.delivery.concurrency, drainTimeout: configuration.delivery.drainTimeout,
+        metrics: options.metrics,
+        logger: logger.with("component", "dispatcher"))
+    services.append(dispatcher)
     let delivery: IngressDelivery
     switch configuration.delivery.mode {
     case .direct:
@@ -86,13 +104,6 @@ public func buildApplication(
         services.append(delivered)
         delivery = .direct(sender, delivered)
     case .queued:
-        let dispatcher = OutboxDispatcher(
-            store: store, sender: sender, services: deliveryServices,
-            policy: options.retryPolicy ?? RetryPolicy(schedule: configuration.delivery.retrySchedule),
-            concurrency: configuration.delivery.concurrency, drainTimeout: configuration.delivery.drainTimeout,
-            metrics: options.metrics,
-            logger: logger.with("component", "dispatcher"))
-        services.append(dispatcher)
         delivery = .queued(dispatcher)
     }
     services.append(Housekeeping(store: store, retention: .seconds(configuration.webhooks.dedupWindowHours * 3600), logger: logger))
@@ -110,7 +121,8 @@ public func buildApplication(
         configuration: configuration, client: proxyClient, store: store, options: options.koraProxy, metrics: options.metrics, logger: logger.with("component", "proxy"))
     let internalListener = Application(
         router: buildInternalRouter(
-            configuration: configuration, store: store, readiness: readiness, metrics: options.metrics, proxy: proxy),
+            configuration: configuration, store: store, readiness: readiness, metrics: options.metrics, proxy: proxy,
+            dispatcher: dispatcher),
         server: .sidecarHTTP1(configuration.internal.limits),
         configuration: .sidecar(configuration.internal.listen, configuration.internal.limits, logger: logger),
         onServerRunning: { channel in
@@ -121,6 +133,18 @@ public func buildApplication(
         },
         logger: logger.with("listener", "internal"))
     services.append(internalListener)
+    if let listen = configuration.metrics.listen {
+        services.append(
+            Application(
+                router: buildMetricsRouter(configuration: configuration, store: store, readiness: readiness, metrics: options.metrics),
+                server: .sidecarHTTP1(configuration.metrics.limits),
+                configuration: .sidecar(listen, configuration.metrics.limits, logger: logger),
+                onServerRunning: { channel in
+                    logger.info("Listening", metadata: ["listener": "metrics", "address": "\(channel.localAddress.map(String.init(describing:)) ?? "-")"])
+                    await options.onListening(.metrics, channel.localAddress)
+                },
+                logger: logger.with("listener", "metrics")))
+    }
 
     return Application(
         responder: WebhookResponder(path: configuration.webhooks.path, ingress: ingress),
@@ -189,7 +213,10 @@ extension HTTPServerBuilder {
     static func sidecarHTTP1(_ limits: ListenerLimits) -> HTTPServerBuilder {
         .http1(
             configuration: .init(
-                additionalChannelHandlers: [RequestDeadline(deadline: .seconds(Int64(limits.readTimeoutSeconds)))],
+                additionalChannelHandlers: [
+                    RequestDeadline(deadline: .seconds(Int64(limits.readTimeoutSeconds))),
+                    ExpectContinue(maxBodyBytes: limits.maxBodyBytes),
+                ],
                 idleTimeout: .seconds(Int64(limits.idleTimeoutSeconds)),
                 httpDecoderConfiguration: .init(
                     maxHeaderFieldSize: limits.maxHeaderBytes, maxHeaderListSize: limits.maxHeaderBytes, maxHeaderFieldCount: 100)))

@@ -9,7 +9,9 @@ struct KoraSidecarCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "kora-sidecar",
         abstract: "Owns every contact between an application and the Kora IDV API.",
-        subcommands: [Serve.self, CheckConfig.self, Sign.self, SendTestEvent.self, Deliveries.self, Simulate.self, Demo.self]
+        subcommands: [
+            Serve.self, CheckConfig.self, CheckKora.self, Sign.self, SendTestEvent.self, Deliveries.self, Simulate.self, Demo.self,
+        ]
     )
 
     /// Runs the command and maps failures to the exit codes of SPEC §2: 1 for a problem the user
@@ -45,7 +47,9 @@ struct KoraSidecarCommand: AsyncParsableCommand {
 var processEnvironment: [String: String] { ProcessInfo.processInfo.environment }
 
 struct ConfigOption: ParsableArguments {
-    @Option(name: .long, help: "Configuration file (default: $KORA_SIDECAR_CONFIG, else ./config.json, else the environment).")
+    @Option(
+        name: .long,
+        help: "Configuration file (default: $KORA_SIDECAR_CONFIG, else ./config.json, else /etc/kora-sidecar/config.json, else the environment).")
     var config: String?
 
     func load(resolvingSecrets: Bool = true) throws -> SidecarConfiguration {
@@ -70,8 +74,10 @@ struct Serve: AsyncParsableCommand {
         do {
             try await app.runService()
         } catch {
-            throw StartupError("The sidecar stopped: \(error).")
+            logger.critical("Stopped on an error", metadata: ["error": "\(error)"])
+            throw StartupError.stopped(by: error)
         }
+        logger.info("Stopped")
     }
 }
 
@@ -84,6 +90,24 @@ struct CheckConfig: AsyncParsableCommand {
     func run() async throws {
         let configuration = try options.load()
         print(JSONWriter.prettyString(configuration.effectiveJSON))
+        if let warning = configuration.noRecipientWarning {
+            FileHandle.standardError.write(Data("warning: \(warning)\n".utf8))
+        }
+    }
+}
+
+struct CheckKora: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "check-kora",
+        abstract: "Go-live check: is Kora reachable, and does it accept the configured key and tenant? Exit 0 when all are.")
+
+    @OptionGroup var options: ConfigOption
+
+    func run() async throws {
+        let configuration = try options.load()
+        let report = await KoraCheck.run(configuration.kora)
+        for line in report.lines { print(line) }
+        if !report.passed { throw ExitCode.failure }
     }
 }
 
@@ -122,38 +146,46 @@ struct SendTestEvent: AsyncParsableCommand {
 
     func run() async throws {
         let body = TestEvent.body(type: type, decision: decision, externalID: externalID)
+        let answer: (status: Int, body: String)
         do {
-            let answer = try await TestEvent.send(body: body, to: to, secret: Secret(secret), scheme: scheme)
-            print("\(answer.status) \(answer.body)")
+            answer = try await TestEvent.send(body: body, to: to, secret: Secret(secret), scheme: scheme)
         } catch {
             throw StartupError("The event could not be sent to \(to): \(error).")
         }
+        print("\(answer.status) \(answer.body)")
+        // Any answer but a 2xx means the event was not taken, as Kora would see it.
+        if !(200..<300).contains(answer.status) { throw ExitCode.failure }
     }
 }
 
 struct Deliveries: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Inspect and re-queue stored deliveries (works while serve runs).",
+        abstract: "Inspect and re-queue stored deliveries (works while serve runs, on the store serve uses).",
         subcommands: [List.self, Show.self, Retry.self])
 
     static func run(_ action: DeliveriesCommand.Action, options: ConfigOption) async throws {
         // Only the store's path is needed: an operator need not hold Kora's secrets to list deliveries.
         let configuration = try options.load(resolvingSecrets: false)
         let output = try await configuration.storage.withStore(logger: Logger(label: "kora-sidecar", factory: { _ in SwiftLogNoOpLogHandler() })) { store in
-            try await DeliveriesCommand.run(action, store: store)
+            try await DeliveriesCommand.run(action, store: store, services: configuration.deliveryServices)
         }
         print(output)
     }
 
     struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "List deliveries (newest first) as JSON, or quarantined payloads, or events no service took (unrouted).")
+
         @OptionGroup var options: ConfigOption
-        @Option(help: "pending, delivered, dead or quarantined.") var status: String?
+        @Option(help: "pending, delivered, dead, quarantined or unrouted.") var status: String?
         @Option(help: "At most this many.") var limit: Int = 100
 
         func run() async throws { try await Deliveries.run(.list(status: status, limit: limit), options: options) }
     }
 
     struct Show: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show one delivery with every attempt (status, time, duration, error).")
+
         @OptionGroup var options: ConfigOption
         @Argument(help: "Delivery id.") var id: Int64
 
@@ -161,16 +193,24 @@ struct Deliveries: AsyncParsableCommand {
     }
 
     struct Retry: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Queue a dead or pending delivery again, every dead one, or route unrouted events with the current configuration.")
+
         @OptionGroup var options: ConfigOption
         @Argument(help: "Delivery id.") var id: Int64?
         @Flag(name: .customLong("all-dead"), help: "Re-queue every dead delivery.") var allDead = false
+        @Flag(help: "Route every unrouted event again (after adding a service or changing its events filter).") var unrouted = false
 
         func validate() throws {
-            if (id == nil) == !allDead { throw ValidationError("Give a delivery id or --all-dead.") }
+            if [id != nil, allDead, unrouted].filter({ $0 }).count != 1 {
+                throw ValidationError("Give one of: a delivery id, --all-dead or --unrouted.")
+            }
         }
 
         func run() async throws {
-            try await Deliveries.run(allDead ? .retryAllDead : .retry(id: id!), options: options)
+            let action: DeliveriesCommand.Action =
+                if let id { .retry(id: id) } else if allDead { .retryAll(.dead) } else { .retryAll(.unrouted) }
+            try await Deliveries.run(action, options: options)
         }
     }
 }

@@ -18,6 +18,7 @@ struct Simulate: AsyncParsableCommand {
     @Option(name: .customLong("rate-limit"), help: "Requests allowed per minute; the rest are answered 429.") var rateLimit: Int?
     @Option(name: .customLong("api-key"), help: "Accept only this API key (repeatable; default: any Bearer key).")
     var apiKeys: [String] = []
+    @Option(name: .customLong("tenant-id"), help: "Accept only this X-Tenant-ID (others get 403; default: any).") var tenantID: String?
     @Option(name: .customLong("slow-delay"), help: "Seconds a test-slow- verification takes to decide.") var slowDelay: Double = 10
 
     func validate() throws {
@@ -36,6 +37,7 @@ struct Simulate: AsyncParsableCommand {
         configuration.port = port
         configuration.webhookURL = webhookURL
         configuration.apiKeys = apiKeys
+        configuration.tenantID = tenantID
         configuration.autoComplete = autoComplete.map { .milliseconds(Int64($0 * 1000)) }
         configuration.rateLimitPerMinute = rateLimit
         configuration.slowDelay = .milliseconds(Int64(slowDelay * 1000))

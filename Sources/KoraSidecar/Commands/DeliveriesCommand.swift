@@ -5,24 +5,21 @@ public enum DeliveriesCommand {
         case list(status: String?, limit: Int)
         case show(id: Int64)
         case retry(id: Int64)
-        case retryAllDead
+        case retryAll(OperatorActions.BulkRetry)
     }
 
-    /// Runs `action` against `store` and returns the text to print.
+    /// Runs `action` against `store` (`services`: where unrouted events may now go) and returns the text to print.
     /// - Throws: ``StartupError`` for a status that does not exist or an unknown id.
-    public static func run(_ action: Action, store: any SidecarStore) async throws -> String {
+    public static func run(_ action: Action, store: any SidecarStore, services: [DeliveryService]) async throws -> String {
         switch action {
         case .list(let statusText, let limit):
-            if statusText == "quarantined" {
-                return try await render(.array(store.quarantined(limit: limit).map(\.listingJSON)))
-            }
-            let status = try statusText.map { text in
-                guard let status = DeliveryStatus(rawValue: text) else {
-                    throw StartupError("--status must be pending, delivered, dead or quarantined, not \(text).")
+            let listing = try statusText.map { text in
+                guard let listing = OperatorActions.Listing(rawValue: text) else {
+                    throw StartupError("--status must be \(OperatorActions.Listing.choices), not \(text).")
                 }
-                return status
+                return listing
             }
-            return try await render(.array(store.deliveries(status: status, limit: limit).map(\.listingJSON)))
+            return render(try await OperatorActions.list(listing, limit: limit, store: store))
         case .show(let id):
             guard let detail = try await store.delivery(id: id) else { throw StartupError("There is no delivery \(id).") }
             return render(detail.listingJSON)
@@ -31,9 +28,13 @@ public enum DeliveriesCommand {
                 throw StartupError("Delivery \(id) does not exist or was already delivered.")
             }
             return "Delivery \(id) is queued again."
-        case .retryAllDead:
+        case .retryAll(.dead):
             let count = try await store.requeueAllDead(at: .now())
             return "\(count) dead deliveries are queued again."
+        case .retryAll(.unrouted):
+            let result = try await EventRouter(services: services, store: store).routeUnrouted(at: .now())
+            return "\(result.routedEvents) unrouted events were routed (\(result.deliveries) deliveries queued); "
+                + "\(result.stillUnrouted) still match no service."
         }
     }
 

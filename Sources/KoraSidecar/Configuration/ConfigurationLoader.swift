@@ -50,12 +50,13 @@ extension SidecarConfiguration {
 
     private static func read(_ document: JSONValue, _ reader: ConfigurationReader) -> SidecarConfiguration? {
         let root = reader.object(
-            document, at: "$", keys: ["kora", "webhooks", "internal", "services", "delivery", "storage", "logging"])
+            document, at: "$", keys: ["kora", "webhooks", "internal", "metrics", "services", "delivery", "storage", "logging"])
         if case .object = document {} else { return nil }
         let webhooks = readWebhooks(root.object("webhooks", keys: WebhookKeys.all), reader)
         var configuration = SidecarConfiguration(webhooks: webhooks)
         configuration.kora = readKora(root.object("kora", keys: KoraKeys.all))
         configuration.internal = readInternal(root.object("internal", keys: InternalKeys.all))
+        configuration.metrics = readMetrics(root.object("metrics", keys: Set(["listen"]).union(ListenerLimitKeys.all)))
         configuration.services = root.array("services") { value, path in
             readService(reader.object(value, at: path, keys: ["name", "token", "allow", "deliver"]))
         } ?? []
@@ -172,6 +173,17 @@ extension SidecarConfiguration {
         return configuration
     }
 
+    private static func readMetrics(_ object: ObjectReader) -> MetricsConfiguration {
+        var configuration = MetricsConfiguration()
+        if object.has("listen") {
+            configuration.listen = readListen(object, default: .tcp(host: "0.0.0.0", port: 9464))
+        } else if !object.members.isEmpty {
+            object.reader.report(object.path("listen"), "is required when metrics is given")
+        }
+        configuration.limits = readLimits(object, default: configuration.limits)
+        return configuration
+    }
+
     private enum ListenerLimitKeys {
         static let all: Set<String> = [
             "maxBodyBytes", "maxHeaderBytes", "readTimeoutSeconds", "idleTimeoutSeconds", "maxConnections",
@@ -260,7 +272,7 @@ extension SidecarConfiguration {
         var deliver = DeliverConfiguration(target: target)
         deliver.format = object.enumeration("format", default: .normalized)
         deliver.signingSecret = object.optionalSecret("signingSecret")
-        if let secret = deliver.signingSecret, StandardWebhooks.key(from: secret) == nil {
+        if let secret = deliver.signingSecret, secret.isResolved, StandardWebhooks.key(from: secret) == nil {
             reader.report(
                 object.path("signingSecret"), "must be a Standard Webhooks secret: whsec_ followed by base64 (at least 16 bytes)")
         }
@@ -321,13 +333,14 @@ extension SidecarConfiguration {
                 "$.services[\(anonymous[1])].token",
                 "is required: at most one service may omit its token (services[\(anonymous[0])] already does)")
         }
-        switch (configuration.webhooks.listen, configuration.internal.listen) {
-        case (.tcp(_, let a), .tcp(_, let b)) where a == b && a != 0:
-            reader.report("$.internal.listen.port", "must differ from webhooks.listen.port")
-        case (.unixSocket(let a), .unixSocket(let b)) where a == b:
-            reader.report("$.internal.listen.unixSocket", "must differ from webhooks.listen.unixSocket")
-        default:
-            break
+        var listeners = [("webhooks", configuration.webhooks.listen), ("internal", configuration.internal.listen)]
+        if let metrics = configuration.metrics.listen { listeners.append(("metrics", metrics)) }
+        for (index, (name, address)) in listeners.enumerated() {
+            guard let (other, _) = listeners[..<index].first(where: { $0.1.collides(with: address) }) else { continue }
+            switch address {
+            case .tcp: reader.report("$.\(name).listen.port", "must differ from \(other).listen.port")
+            case .unixSocket: reader.report("$.\(name).listen.unixSocket", "must differ from \(other).listen.unixSocket")
+            }
         }
     }
 
@@ -357,6 +370,17 @@ extension ServiceConfiguration {
                 (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5A) || (byte >= 0x61 && byte <= 0x7A)
                     || byte == UInt8(ascii: "-") || byte == UInt8(ascii: "_") || byte == UInt8(ascii: ".")
             }
+    }
+}
+
+extension ListenAddress {
+    /// Whether two listeners would bind the same port or socket (port 0 picks a free one each).
+    fileprivate func collides(with other: ListenAddress) -> Bool {
+        switch (self, other) {
+        case (.tcp(_, let a), .tcp(_, let b)): a == b && a != 0
+        case (.unixSocket(let a), .unixSocket(let b)): a == b
+        default: false
+        }
     }
 }
 

@@ -1,16 +1,21 @@
 import Foundation
 
-/// Where `serve` and `check-config` take their configuration from (SPEC §2): `--config FILE`, else
-/// `$KORA_SIDECAR_CONFIG`, else `./config.json` when it exists, else the environment alone.
+/// Where every command takes its configuration from: `--config FILE`, else `$KORA_SIDECAR_CONFIG`,
+/// else `./config.json` when it exists, else `/etc/kora-sidecar/config.json` when it exists, else
+/// the environment alone. So `kora-sidecar deliveries list`, run with no flags beside `serve` (in
+/// the container, `docker exec` / `kubectl exec`), finds the same configuration and store.
 public enum ConfigurationSource: Sendable, Equatable {
     case file(String)
     case environment
 
+    /// Where the container image and packages put the configuration.
+    public static let systemPath = "/etc/kora-sidecar/config.json"
+
     /// Picks the source from the flag and the environment.
-    public static func resolve(flag: String?, environment: [String: String]) -> ConfigurationSource {
+    public static func resolve(flag: String?, environment: [String: String], systemPath: String = systemPath) -> ConfigurationSource {
         if let flag { return .file(flag) }
         if let path = environment["KORA_SIDECAR_CONFIG"], !path.isEmpty { return .file(path) }
-        if FileManager.default.fileExists(atPath: "config.json") { return .file("config.json") }
+        for path in ["config.json", systemPath] where FileManager.default.fileExists(atPath: path) { return .file(path) }
         return .environment
     }
 
@@ -24,9 +29,13 @@ public enum ConfigurationSource: Sendable, Equatable {
             }
             return try SidecarConfiguration.load(file: path, environment: environment, resolvingSecrets: resolvingSecrets)
         case .environment:
-            return try SidecarConfiguration.load(
-                document: EnvironmentConfiguration.document(environment), source: "the environment (no configuration file)",
-                environment: environment, resolvingSecrets: resolvingSecrets)
+            do {
+                return try SidecarConfiguration.load(
+                    document: EnvironmentConfiguration.document(environment), source: "the environment (no configuration file)",
+                    environment: environment, resolvingSecrets: resolvingSecrets)
+            } catch let error as ConfigurationError {
+                throw EnvironmentConfiguration.naming(variablesIn: error)
+            }
         }
     }
 }

@@ -1,25 +1,7 @@
-/// The environment-only start (SPEC §3.3): with no configuration file, one service is built from the
-/// variables Kora's own integration guide already uses.
+/// The environment-only start: with no configuration file, one service (`app`) is built from the
+/// variables Kora's own integration guide already uses, plus `KORA_SIDECAR_*` for the rest a
+/// one-app container needs. docs/configuration.md lists every variable.
 public enum EnvironmentConfiguration {
-    /// Every variable read, with its default and meaning, for the README and `--help`.
-    public static let variables: [(name: String, defaultValue: String, meaning: String)] = [
-        ("KORAIDV_WEBHOOK_SECRET", "(required)", "Kora webhook secret (whsec_...)"),
-        ("KORAIDV_API_KEY", "(unset: API proxy disabled)", "Kora API key injected by the proxy"),
-        ("KORAIDV_TENANT_ID", "(unset: API proxy disabled)", "Kora tenant id injected by the proxy"),
-        ("KORA_SIDECAR_FORWARD_URL", "(unset)", "where the service receives events over HTTP"),
-        ("KORA_SIDECAR_FORWARD_SOCKET", "(unset)", "or: the Unix socket where it receives them"),
-        ("KORA_SIDECAR_FORWARD_PATH", "/kora-events", "request path used with KORA_SIDECAR_FORWARD_SOCKET"),
-        ("KORA_SIDECAR_SIGNING_SECRET", "(unset: deliveries unsigned)", "Standard Webhooks secret (whsec_...)"),
-        ("KORA_SIDECAR_CALLBACK_URL", "(unset)", "callbackUrl injected into created verifications"),
-        ("KORA_SIDECAR_API_BASE_URL", "https://api.korastratum.com/api/v1/idv", "Kora API base URL"),
-        ("KORA_SIDECAR_WEBHOOK_PORT", "8080", "public webhook listener port (all interfaces)"),
-        ("KORA_SIDECAR_INTERNAL_PORT", "8081", "internal listener port (127.0.0.1)"),
-        ("KORA_SIDECAR_DELIVERY_MODE", "queued", "queued or direct"),
-        ("KORA_SIDECAR_SQLITE_PATH", "./data/kora-sidecar.sqlite", "SQLite store"),
-        ("KORA_SIDECAR_LOG_LEVEL", "info", "trace, debug, info, notice, warning, error, critical"),
-        ("KORA_SIDECAR_LOG_FORMAT", "json", "json or text"),
-    ]
-
     /// A configuration document equivalent to the environment: secrets stay `{"env": …}` references
     /// so that the file loader resolves, validates and masks them exactly as for a file.
     public static func document(_ environment: [String: String]) -> JSONValue {
@@ -35,19 +17,34 @@ public enum EnvironmentConfiguration {
 
         var webhooks: [JSONMember] = [.init("secrets", [reference("KORAIDV_WEBHOOK_SECRET")])]
         if let port = port("KORA_SIDECAR_WEBHOOK_PORT") { webhooks.append(.init("listen", ["port": port])) }
+
         var internalListener: [JSONMember] = []
-        if let port = port("KORA_SIDECAR_INTERNAL_PORT") { internalListener.append(.init("listen", ["port": port])) }
+        // A socket replaces host and port: it is how a pod's containers share the listener.
+        if let socket = env("KORA_SIDECAR_INTERNAL_SOCKET") {
+            internalListener.append(.init("listen", ["unixSocket": .string(socket)]))
+        } else {
+            var listen: [JSONMember] = []
+            if let host = env("KORA_SIDECAR_INTERNAL_HOST") { listen.append(.init("host", .string(host))) }
+            if let port = port("KORA_SIDECAR_INTERNAL_PORT") { listen.append(.init("port", port)) }
+            if !listen.isEmpty { internalListener.append(.init("listen", .object(listen))) }
+        }
+        if env("KORA_SIDECAR_ADMIN_TOKEN") != nil { internalListener.append(.init("adminToken", reference("KORA_SIDECAR_ADMIN_TOKEN"))) }
 
         var service: [JSONMember] = [.init("name", "app")]
+        if env("KORA_SIDECAR_SERVICE_TOKEN") != nil { service.append(.init("token", reference("KORA_SIDECAR_SERVICE_TOKEN"))) }
         var deliver: [JSONMember] = []
         if let url = env("KORA_SIDECAR_FORWARD_URL") { deliver.append(.init("url", .string(url))) }
         if let socket = env("KORA_SIDECAR_FORWARD_SOCKET") {
             deliver.append(.init("unixSocket", .string(socket)))
             deliver.append(.init("path", .string(env("KORA_SIDECAR_FORWARD_PATH") ?? "/kora-events")))
         }
-        if !deliver.isEmpty, env("KORA_SIDECAR_SIGNING_SECRET") != nil {
-            deliver.append(.init("signingSecret", reference("KORA_SIDECAR_SIGNING_SECRET")))
+        if env("KORA_SIDECAR_SIGNING_SECRET") != nil { deliver.append(.init("signingSecret", reference("KORA_SIDECAR_SIGNING_SECRET"))) }
+        if let format = env("KORA_SIDECAR_DELIVERY_FORMAT") { deliver.append(.init("format", .string(format))) }
+        if let events = env("KORA_SIDECAR_EVENTS") {
+            let patterns = events.split(separator: ",").map { JSONValue.string(String($0.trimmingSpaces)) }
+            deliver.append(.init("events", .array(patterns)))
         }
+        // Delivery settings without a destination are reported (by the loader), not ignored.
         if !deliver.isEmpty { service.append(.init("deliver", .object(deliver))) }
 
         var document: [JSONMember] = [
@@ -56,6 +53,7 @@ public enum EnvironmentConfiguration {
             .init("internal", .object(internalListener)),
             .init("services", [.object(service)]),
         ]
+        if let port = port("KORA_SIDECAR_METRICS_PORT") { document.append(.init("metrics", ["listen": ["port": port]])) }
         if let mode = env("KORA_SIDECAR_DELIVERY_MODE") { document.append(.init("delivery", ["mode": .string(mode)])) }
         if env("KORA_SIDECAR_DATABASE_URL") != nil {
             document.append(.init("storage", ["postgresURL": reference("KORA_SIDECAR_DATABASE_URL")]))
@@ -67,5 +65,45 @@ public enum EnvironmentConfiguration {
         if let format = env("KORA_SIDECAR_LOG_FORMAT") { logging.append(.init("format", .string(format))) }
         if !logging.isEmpty { document.append(.init("logging", .object(logging))) }
         return .object(document)
+    }
+
+    /// The variable behind each JSON path of ``document(_:)``: a problem is reported under the
+    /// name the user wrote, not a path in a file they never saw.
+    static let variables: [(path: String, variable: String)] = [
+        ("$.webhooks.secrets", "KORAIDV_WEBHOOK_SECRET"),
+        ("$.webhooks.listen", "KORA_SIDECAR_WEBHOOK_PORT"),
+        ("$.kora.apiKey", "KORAIDV_API_KEY"),
+        ("$.kora.tenantId", "KORAIDV_TENANT_ID"),
+        ("$.kora.callbackURL", "KORA_SIDECAR_CALLBACK_URL"),
+        ("$.kora.apiBaseURL", "KORA_SIDECAR_API_BASE_URL"),
+        ("$.internal.listen.unixSocket", "KORA_SIDECAR_INTERNAL_SOCKET"),
+        ("$.internal.listen.host", "KORA_SIDECAR_INTERNAL_HOST"),
+        ("$.internal.listen", "KORA_SIDECAR_INTERNAL_PORT"),
+        ("$.internal.adminToken", "KORA_SIDECAR_ADMIN_TOKEN"),
+        ("$.metrics.listen", "KORA_SIDECAR_METRICS_PORT"),
+        ("$.services[0].token", "KORA_SIDECAR_SERVICE_TOKEN"),
+        ("$.services[0].deliver.url", "KORA_SIDECAR_FORWARD_URL"),
+        ("$.services[0].deliver.unixSocket", "KORA_SIDECAR_FORWARD_SOCKET"),
+        ("$.services[0].deliver.path", "KORA_SIDECAR_FORWARD_PATH"),
+        ("$.services[0].deliver.signingSecret", "KORA_SIDECAR_SIGNING_SECRET"),
+        ("$.services[0].deliver.format", "KORA_SIDECAR_DELIVERY_FORMAT"),
+        ("$.services[0].deliver.events", "KORA_SIDECAR_EVENTS"),
+        ("$.services[0].deliver", "KORA_SIDECAR_FORWARD_URL or KORA_SIDECAR_FORWARD_SOCKET"),
+        ("$.delivery.mode", "KORA_SIDECAR_DELIVERY_MODE"),
+        ("$.storage.sqlitePath", "KORA_SIDECAR_SQLITE_PATH"),
+        ("$.storage.postgresURL", "KORA_SIDECAR_DATABASE_URL"),
+        ("$.logging.level", "KORA_SIDECAR_LOG_LEVEL"),
+        ("$.logging.format", "KORA_SIDECAR_LOG_FORMAT"),
+    ]
+
+    /// `error` with each problem's path replaced by the variable it came from (the first entry of
+    /// ``variables`` that is a prefix of the path).
+    static func naming(variablesIn error: ConfigurationError) -> ConfigurationError {
+        var error = error
+        error.problems = error.problems.map { problem in
+            guard let entry = variables.first(where: { problem.path.hasPrefix($0.path) }) else { return problem }
+            return ConfigurationProblem(path: entry.variable, reason: problem.reason)
+        }
+        return error
     }
 }

@@ -27,6 +27,10 @@ public struct Secret: Sendable, Equatable, CustomStringConvertible, CustomDebugS
     /// The UTF-8 bytes of the value.
     public var bytes: [UInt8] { Array(value.utf8) }
 
+    /// Whether the value was read: false for a reference loaded without resolving (commands that
+    /// need the store alone), whose value is empty and must not be checked.
+    public var isResolved: Bool { !value.isEmpty }
+
     public var description: String { "***" }
     public var debugDescription: String { "***" }
 }

@@ -35,6 +35,7 @@ extension SidecarConfiguration {
                     .init("listen", listenJSON(self.internal.listen)),
                     .init("adminToken", masked(self.internal.adminToken)),
                 ] + limitsJSON(self.internal.limits)),
+            "metrics": metrics.listen.map { listen in .object([.init("listen", listenJSON(listen))] + limitsJSON(metrics.limits)) } ?? .null,
             "services": .array(services.map(serviceJSON)),
             "delivery": [
                 "mode": .string(delivery.mode.rawValue),

@@ -3,6 +3,7 @@ public struct SidecarConfiguration: Sendable {
     public var kora: KoraConfiguration
     public var webhooks: WebhookConfiguration
     public var `internal`: InternalConfiguration
+    public var metrics = MetricsConfiguration()
     public var services: [ServiceConfiguration]
     public var delivery: DeliveryConfiguration
     public var storage: StorageConfiguration
@@ -102,6 +103,16 @@ public struct InternalConfiguration: Sendable {
     public var listen = ListenAddress.tcp(host: "127.0.0.1", port: 8081)
     public var adminToken: Secret?
     public var limits = ListenerLimits(maxBodyBytes: 26_214_400)
+
+    public init() {}
+}
+
+/// The optional metrics listener (`metrics`): `/metrics`, `/healthz` and `/readyz` only, so that
+/// Prometheus and the kubelet can reach them on the pod's address without reaching the proxy.
+public struct MetricsConfiguration: Sendable {
+    /// Where it binds; nil (the default) runs no metrics listener.
+    public var listen: ListenAddress?
+    public var limits = ListenerLimits(maxBodyBytes: 65_536)
 
     public init() {}
 }

@@ -54,3 +54,13 @@ extension SidecarConfiguration {
         services.compactMap { service in service.deliver.map { DeliveryService(name: service.name, deliver: $0) } }
     }
 }
+
+extension SidecarConfiguration {
+    /// Said at start-up (`serve` logs it, `check-config` prints it) when no service has `deliver`:
+    /// every accepted webhook is then kept as unrouted.
+    public var noRecipientWarning: String? {
+        guard services.allSatisfy({ $0.deliver == nil }) else { return nil }
+        return "No service receives events (no services[].deliver): accepted webhooks are kept as unrouted until one does; "
+            + "then run `kora-sidecar deliveries retry --unrouted`."
+    }
+}

@@ -11,18 +11,47 @@ public struct EventRouter: Sendable {
 
     /// The services that receive `event`.
     public func recipients(of event: KoraEvent) async throws -> [DeliveryService] {
+        try await recipients(type: event.type, verificationID: event.verificationID)
+    }
+
+    /// The services that receive an event of `type` about `verificationID`.
+    func recipients(type: String, verificationID: String?) async throws -> [DeliveryService] {
         var origin: String??
         var recipients: [DeliveryService] = []
-        for service in services where service.events.matches(event.type) {
+        for service in services where service.events.matches(type) {
             if service.onlyOwnVerifications {
                 if origin == nil {
-                    origin = .some(try await event.verificationID.asyncFlatMap { try await store.origin(ofVerification: $0) })
+                    origin = .some(try await verificationID.asyncFlatMap { try await store.origin(ofVerification: $0) })
                 }
                 guard origin! == service.name else { continue }
             }
             recipients.append(service)
         }
         return recipients
+    }
+}
+
+/// What routing the unrouted events again did.
+public struct RerouteResult: Sendable, Equatable {
+    /// Events that now have deliveries.
+    public var routedEvents: Int
+    /// Deliveries created for them.
+    public var deliveries: Int
+    /// Events that still match no service.
+    public var stillUnrouted: Int
+}
+
+extension EventRouter {
+    /// Routes every unrouted event of the store again with these services (once the configuration
+    /// changed): each event that now matches a service gets its deliveries, due at `now`.
+    public func routeUnrouted(at now: UnixTime) async throws -> RerouteResult {
+        var assignments: [(eventRow: Int64, services: [String])] = []
+        for event in try await store.unrouted(limit: nil) {
+            assignments.append((event.row, try await recipients(type: event.eventType, verificationID: event.verificationID).map(\.name)))
+        }
+        let routed = assignments.filter { !$0.services.isEmpty }
+        let deliveries = try await store.route(routed, at: now)
+        return RerouteResult(routedEvents: routed.count, deliveries: deliveries, stillUnrouted: assignments.count - routed.count)
     }
 }
 

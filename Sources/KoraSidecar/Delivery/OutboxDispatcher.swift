@@ -49,6 +49,11 @@ public final class OutboxDispatcher: Service, Sendable {
     }
 
     public func run() async throws {
+        // A proxy-only sidecar has no service to deliver to: stay up until shutdown, like every service.
+        guard !services.isEmpty else {
+            try? await gracefulShutdown()
+            return
+        }
         try await store.releaseLeases()
         await withGracefulShutdownHandler {
             await withTaskGroup(of: Bool.self) { group in
@@ -126,7 +131,7 @@ public final class OutboxDispatcher: Service, Sendable {
         if let error = result.error { metadata["error"] = "\(error)" }
         metrics.delivery(service: service.name, result: next.metricName, milliseconds: result.durationMilliseconds)
         switch next {
-        case .delivered: logger.debug("Delivered", metadata: metadata)
+        case .delivered: logger.info("Delivered", metadata: metadata)
         case .retry: logger.notice("Delivery failed; will retry", metadata: metadata)
         case .dead: logger.error("Delivery dead; waiting for an operator", metadata: metadata)
         }

@@ -64,4 +64,6 @@ extension NIOAsyncChannel {
     /// What the channel reads: for ``HTTP1Channel`` the decoded request parts, which Hummingbird
     /// does not export by name.
     typealias InboundElement = Inbound
+    /// What the channel writes: for ``HTTP1Channel`` the response parts.
+    typealias OutboundElement = Outbound
 }

@@ -72,7 +72,7 @@ public struct WebhookIngress: Sendable {
             algorithm: request.headers[Header.algorithm], legacySignature: request.headers[Header.legacySignature])
         var metadata: Logger.Metadata = ["webhook.bytes": "\(body.count)"]
 
-        var verified = true
+        var unverified: SignatureFailure?
         switch verifier.verify(body: body, headers: headers, now: now.seconds) {
         case .success(let scheme):
             metadata["webhook.scheme"] = "\(scheme.rawValue)"
@@ -83,8 +83,9 @@ public struct WebhookIngress: Sendable {
                 throw SidecarHTTPError(.unauthorized, code: failure.rawValue, message: failure.message)
             }
             logger.warning("Webhook signature not verified; delivering anyway (report-only mode)", metadata: metadata)
-            verified = false
+            unverified = failure
         }
+        let verified = unverified == nil
 
         let originalHeaders = Header.original.compactMap { name in request.headers[name].map { (name.rawName, $0) } }
         let event: KoraEvent
@@ -106,16 +107,16 @@ public struct WebhookIngress: Sendable {
             throw storeUnavailable(error, metadata)
         }
         let dedupSince = UnixTime(milliseconds: now.milliseconds - Int64(configuration.dedupWindowHours) * 3_600_000)
+        var result = "accepted"
         switch delivery {
+        case _ where recipients.isEmpty:
+            // In either mode an event no service takes is kept, so that an operator can route it later.
+            guard try await store(event, for: [], at: now, dedupSince: dedupSince, metadata) == .accepted else { return duplicate(metadata) }
+            result = "unrouted"
         case .queued(let dispatcher):
-            let result: EnqueueResult
-            do {
-                result = try await store.enqueue(event, services: recipients.map(\.name), at: now, dedupSince: dedupSince)
-            } catch {
-                logger.error("Webhook not stored", metadata: metadata.merging(["error": "\(error)"]) { $1 })
-                throw .unavailable("The sidecar could not store the event; retry later.")
+            guard try await store(event, for: recipients, at: now, dedupSince: dedupSince, metadata) == .accepted else {
+                return duplicate(metadata)
             }
-            if result == .duplicate { return duplicate(metadata) }
             dispatcher.notify(services: recipients.map(\.name))
         case .direct(let sender, let delivered):
             // Kora's two copies of an event (dashboard and callback URL) arrive together: the second
@@ -134,11 +135,31 @@ public struct WebhookIngress: Sendable {
             }
             delivered.record(event.dedupKeys, at: now)
         }
-        metadata["webhook.result"] = "accepted"
+        metadata["webhook.result"] = "\(result)"
         metadata["webhook.recipients"] = "\(recipients.count)"
-        logger.info("Webhook accepted", metadata: metadata)
-        metrics.webhook("accepted")
+        if result == "unrouted" {
+            logger.warning("Webhook matched no service; kept as unrouted", metadata: metadata)
+        } else {
+            logger.info("Webhook accepted", metadata: metadata)
+        }
+        if let unverified {
+            metrics.webhookUnverified(reason: unverified.rawValue)
+        } else {
+            metrics.webhook(result)
+        }
         return JSONResponse.make(.ok, Self.acceptedBody)
+    }
+
+    /// Commits `event` with a pending delivery for each of `recipients` (none: kept as unrouted).
+    private func store(
+        _ event: KoraEvent, for recipients: [DeliveryService], at now: UnixTime, dedupSince: UnixTime, _ metadata: Logger.Metadata
+    ) async throws(SidecarHTTPError) -> EnqueueResult {
+        do {
+            return try await store.enqueue(event, services: recipients.map(\.name), at: now, dedupSince: dedupSince)
+        } catch {
+            logger.error("Webhook not stored", metadata: metadata.merging(["error": "\(error)"]) { $1 })
+            throw .unavailable("The sidecar could not store the event; retry later.")
+        }
     }
 
     /// The two 200 bodies, encoded once.

@@ -249,6 +249,7 @@ public struct KoraProxy: Sendable {
             if code == 401 || code == 403 {
                 _ = try? await response.body.collect(upTo: 1 << 20)
                 logger.error("Kora rejected the sidecar's own API key: check kora.apiKey and kora.tenantId", metadata: metadata())
+                metrics.koraCredentialsRejected()
                 throw SidecarHTTPError(
                     .badGateway, code: "KORA_CREDENTIALS_REJECTED",
                     message: "Kora rejected the sidecar's credentials; an operator must check kora.apiKey and kora.tenantId.")
@@ -272,7 +273,7 @@ public struct KoraProxy: Sendable {
         var request = HTTPClientRequest(url: url)
         request.method = HTTPMethod(rawValue: call.method.rawValue)
         let connection = call.headers[values: .connection]
-        let listed = connection.isEmpty ? [] : Set(connection.flatMap { $0.split(separator: ",") }.map { $0.trimmingCharacters(in: " \t").lowercased() })
+        let listed = connection.isEmpty ? [] : Set(connection.flatMap { $0.split(separator: ",") }.map { $0.trimmingSpaces.lowercased() })
         for field in call.headers {
             let name = field.name.canonicalName
             if Self.droppedRequestHeaders.contains(name) || listed.contains(name) { continue }
@@ -407,14 +408,5 @@ extension Response {
         var response = self
         response.headers[.contentType] = value
         return response
-    }
-}
-
-extension Substring {
-    fileprivate func trimmingCharacters(in characters: String) -> Substring {
-        var text = self
-        while let first = text.first, characters.contains(first) { text = text.dropFirst() }
-        while let last = text.last, characters.contains(last) { text = text.dropLast() }
-        return text
     }
 }

@@ -61,7 +61,7 @@ public struct ProxyRetryPolicy: Sendable {
     /// Parses `Retry-After`: delay-seconds or an HTTP date (IMF-fixdate, as RFC 9110 requires
     /// senders to use); a date in the past is a wait of zero.
     public static func parseRetryAfter(_ value: String, now: UnixTime) -> Duration? {
-        let text = value.trimmingSpaces
+        let text = String(value.trimmingSpaces)
         if !text.isEmpty, text.utf8.count <= 10, text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }), let seconds = Int64(text) {
             return .seconds(seconds)
         }
@@ -90,14 +90,5 @@ public struct ProxyRetryPolicy: Sendable {
         let seconds = timegm(&fields)
         guard seconds >= 0 else { return nil }
         return UnixTime(milliseconds: Int64(seconds) * 1000)
-    }
-}
-
-extension String {
-    fileprivate var trimmingSpaces: String {
-        var text = Substring(self)
-        while text.first == " " || text.first == "\t" { text = text.dropFirst() }
-        while text.last == " " || text.last == "\t" { text = text.dropLast() }
-        return String(text)
     }
 }

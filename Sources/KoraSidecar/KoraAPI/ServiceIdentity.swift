@@ -34,20 +34,26 @@ public struct ServiceIdentity: Sendable {
         self.anonymous = anonymous
     }
 
-    /// The caller presenting `authorization` (the raw `Authorization` header): the service whose
-    /// token it carries, else the anonymous service, else nil (answer 401).
+    /// The caller presenting `authorization` (the raw `Authorization` header), or nil (answer 401).
+    ///
+    /// - No service has a token (one app beside the sidecar): every request is the anonymous
+    ///   service, whatever it carries; the official SDKs always send some key.
+    /// - Otherwise a request with credentials must carry a service's token: one that matches no
+    ///   service is a mistake, never the anonymous service. Only a request without credentials is
+    ///   the anonymous service, if there is one.
     ///
     /// Every token is compared, in constant time, whatever matches first, so the time taken does
     /// not reveal which service (or how much of a token) matched.
     public func caller(authorization: String?) -> Caller? {
+        guard !tokens.isEmpty else { return anonymous }
+        guard let authorization, !authorization.isEmpty else { return anonymous }
+        guard let token = Self.bearerToken(authorization) else { return nil }
+        let given = Array(token.utf8)
         var found: Caller?
-        if let authorization, let token = Self.bearerToken(authorization) {
-            let given = Array(token.utf8)
-            for entry in tokens where ConstantTime.equal(given, entry.token) && found == nil {
-                found = entry.caller
-            }
+        for entry in tokens where ConstantTime.equal(given, entry.token) && found == nil {
+            found = entry.caller
         }
-        return found ?? anonymous
+        return found
     }
 
     /// The credentials of `Bearer <token>` (the scheme is case-insensitive, RFC 9110 §11.1).

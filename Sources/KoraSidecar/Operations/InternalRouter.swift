@@ -5,42 +5,30 @@ import NIOCore
 /// given, the Kora API proxy (SPEC §5.1).
 func buildInternalRouter(
     configuration: SidecarConfiguration, store: any SidecarStore, readiness: Readiness, metrics: SidecarMetrics,
-    proxy: KoraProxy? = nil
+    proxy: KoraProxy? = nil, dispatcher: OutboxDispatcher? = nil
 ) -> Router<SidecarRequestContext> {
     let router = Router(context: SidecarRequestContext.self)
     router.add(middleware: ErrorShapeMiddleware())
-    router.get("/healthz") { _, _ in JSONResponse.make(.ok, ["status": "ok"]) }
-    router.get("/readyz") { _, _ in
-        if let problem = await readiness.problem() {
-            return JSONResponse.make(.serviceUnavailable, ["status": "not ready", "reason": .string(problem)])
-        }
-        return JSONResponse.make(.ok, ["status": "ready"])
-    }
-    let serviceNames = configuration.deliveryServices.map(\.name)
-    router.get("/metrics") { _, _ in
-        let text = await metrics.render(store: store, services: serviceNames, now: .now())
-        return Response(
-            status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
-            body: .init(byteBuffer: ByteBuffer(string: text)))
-    }
+    addHealthRoutes(to: router, configuration: configuration, store: store, readiness: readiness, metrics: metrics)
     let admin = router.group("admin").add(middleware: AdminTokenMiddleware(token: configuration.internal.adminToken))
     admin.get("deliveries") { request, _ in
-        let statusText = request.uri.queryParameters["status"].map(String.init)
         let limit = request.uri.queryParameters["limit"].flatMap { Int($0) }.map { min(max($0, 1), 1000) } ?? 100
-        let listing: JSONValue
-        if statusText == "quarantined" {
-            listing = .array(try await store.quarantined(limit: limit).map(\.listingJSON))
-        } else {
-            var status: DeliveryStatus?
-            if let statusText {
-                guard let parsed = DeliveryStatus(rawValue: statusText) else {
-                    throw SidecarHTTPError(.badRequest, code: "INVALID_STATUS", message: "status must be pending, delivered, dead or quarantined.")
-                }
-                status = parsed
+        let listing = try request.uri.queryParameters["status"].map { text in
+            guard let listing = OperatorActions.Listing(rawValue: String(text)) else {
+                throw SidecarHTTPError(.badRequest, code: "INVALID_STATUS", message: "status must be \(OperatorActions.Listing.choices).")
             }
-            listing = .array(try await store.deliveries(status: status, limit: limit).map(\.listingJSON))
+            return listing
         }
-        return JSONResponse.make(.ok, ["deliveries": listing])
+        return JSONResponse.make(.ok, ["deliveries": try await OperatorActions.list(listing, limit: limit, store: store)])
+    }
+    let eventRouter = EventRouter(services: configuration.deliveryServices, store: store)
+    admin.post("deliveries/retry") { request, _ in
+        guard let kind = request.uri.queryParameters["status"].flatMap({ OperatorActions.BulkRetry(rawValue: String($0)) }) else {
+            throw SidecarHTTPError(.badRequest, code: "INVALID_STATUS", message: "status must be \(OperatorActions.BulkRetry.choices).")
+        }
+        let answer = try await OperatorActions.retry(kind, store: store, router: eventRouter)
+        dispatcher?.notify(services: configuration.deliveryServices.map(\.name))
+        return JSONResponse.make(.ok, answer)
     }
     admin.get("deliveries/:id") { _, context in
         guard let id = context.parameters.get("id").flatMap({ Int64($0) }), let detail = try await store.delivery(id: id) else {
@@ -61,6 +49,38 @@ func buildInternalRouter(
         router.post("/api/verifications") { request, context in try await proxy.createShortcut(request, context: context) }
     }
     return router
+}
+
+/// The routes of the optional metrics listener: what Prometheus and the kubelet may reach from
+/// outside the pod, and nothing else (no proxy, no admin API).
+func buildMetricsRouter(
+    configuration: SidecarConfiguration, store: any SidecarStore, readiness: Readiness, metrics: SidecarMetrics
+) -> Router<SidecarRequestContext> {
+    let router = Router(context: SidecarRequestContext.self)
+    router.add(middleware: ErrorShapeMiddleware())
+    addHealthRoutes(to: router, configuration: configuration, store: store, readiness: readiness, metrics: metrics)
+    return router
+}
+
+/// `GET /healthz`, `/readyz` and `/metrics`, on the internal listener and the metrics listener.
+private func addHealthRoutes(
+    to router: Router<SidecarRequestContext>, configuration: SidecarConfiguration, store: any SidecarStore, readiness: Readiness,
+    metrics: SidecarMetrics
+) {
+    router.get("/healthz") { _, _ in JSONResponse.make(.ok, ["status": "ok"]) }
+    router.get("/readyz") { _, _ in
+        if let problem = await readiness.problem() {
+            return JSONResponse.make(.serviceUnavailable, ["status": "not ready", "reason": .string(problem)])
+        }
+        return JSONResponse.make(.ok, ["status": "ready"])
+    }
+    let serviceNames = configuration.deliveryServices.map(\.name)
+    router.get("/metrics") { _, _ in
+        let text = await metrics.render(store: store, services: serviceNames, readiness: readiness, now: .now())
+        return Response(
+            status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+            body: .init(byteBuffer: ByteBuffer(string: text)))
+    }
 }
 
 /// Turns Hummingbird's own errors (no route, wrong method) and unexpected failures into the

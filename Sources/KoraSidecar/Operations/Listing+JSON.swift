@@ -57,3 +57,18 @@ extension QuarantinedPayload {
         ]
     }
 }
+
+extension UnroutedEvent {
+    /// An unrouted event as operators list it (no body: it holds identity data).
+    public var listingJSON: JSONValue {
+        [
+            "id": .string("u\(row)"),
+            "status": "unrouted",
+            "eventId": .string(eventID),
+            "eventType": .string(eventType),
+            "verificationId": .optional(verificationID),
+            "receivedAt": .string(receivedAt.iso8601Milliseconds),
+            "signatureVerified": .bool(signatureVerified),
+        ]
+    }
+}

@@ -23,9 +23,20 @@ public struct SidecarMetrics: Sendable {
         self.factory = factory
     }
 
-    /// One webhook answered: `accepted`, `duplicate`, or the error code.
+    /// One webhook answered: `accepted`, `duplicate`, `unrouted`, or the error code.
     func webhook(_ result: String) {
         counter("kora_sidecar_webhooks_total", [("result", result)]).increment()
+    }
+
+    /// One webhook taken in report-only mode although its signature failed, with the failure's code,
+    /// so that a rollout shows when `enforce` can be switched on.
+    func webhookUnverified(reason: String) {
+        counter("kora_sidecar_webhooks_total", [("result", "unverified"), ("reason", reason)]).increment()
+    }
+
+    /// Kora refused the configured API key (401): every proxied call fails until it is fixed.
+    func koraCredentialsRejected() {
+        counter("kora_sidecar_kora_credentials_rejected_total", []).increment()
     }
 
     /// One delivery attempt to `service` and what followed: `delivered`, `retry`, `dead` or `refused`.
@@ -48,8 +59,12 @@ public struct SidecarMetrics: Sendable {
         timers.handle(label, dimensions) { CoreMetrics.Timer(label: label, dimensions: dimensions, factory: factory) }
     }
 
-    /// Refreshes the outbox gauges from the store, then renders every metric.
-    func render(store: any SidecarStore, services: [String], now: UnixTime) async -> String {
+    /// Refreshes the outbox and readiness gauges, then renders every metric.
+    func render(store: any SidecarStore, services: [String], readiness: Readiness, now: UnixTime) async -> String {
+        Gauge(label: "kora_sidecar_ready", dimensions: [], factory: factory).record(await readiness.problem() == nil ? 1 : 0)
+        if let unrouted = try? await store.unroutedCount() {
+            Gauge(label: "kora_sidecar_unrouted_events", dimensions: [], factory: factory).record(unrouted)
+        }
         if let depth = try? await store.depth() {
             for service in services {
                 for status in DeliveryStatus.allCases {

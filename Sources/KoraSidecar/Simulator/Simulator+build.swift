@@ -274,6 +274,9 @@ struct SimulatorGate: RouterMiddleware {
         guard let tenant = request.headers[Self.tenantHeader], !tenant.isEmpty else {
             return SidecarHTTPError(.badRequest, code: "MISSING_TENANT_ID", message: "X-Tenant-ID header is required")
         }
+        if let expected = simulator.configuration.tenantID, !ConstantTime.equal(tenant, expected) {
+            return SidecarHTTPError(.forbidden, code: "TENANT_MISMATCH", message: "The API key does not belong to this tenant")
+        }
         return nil
     }
 }
@@ -331,7 +334,7 @@ struct SimulatorWorker: Service {
             } catch {
                 record.response = EventSender.describe(error)
             }
-            logger.debug(
+            logger.info(
                 "Webhook sent",
                 metadata: [
                     "webhook.id": "\(event.id)", "webhook.type": "\(event.type)", "webhook.destination": "\(target.destination.rawValue)",

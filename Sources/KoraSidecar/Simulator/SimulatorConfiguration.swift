@@ -11,6 +11,9 @@ public struct SimulatorConfiguration: Sendable {
     public var webhookURL: String?
     /// The API keys accepted; empty accepts any non-empty Bearer key.
     public var apiKeys: [String] = []
+    /// The tenant accepted in `X-Tenant-ID`; nil accepts any non-empty tenant. Another is refused
+    /// with 403, as Kora refuses a key used with a tenant it does not belong to.
+    public var tenantID: String?
     /// Completes every verification this long after it was created, as if the user finished the flow.
     public var autoComplete: Duration?
     /// Requests allowed per minute; nil does not limit (and sends no `X-RateLimit-*` headers).

@@ -15,6 +15,20 @@ public final class InMemoryStore: SidecarStore {
         var nextID: Int64 = 1
         var quarantine: [QuarantinedPayload] = []
         var origins: [String: String] = [:]
+        var unrouted: [Int64: (listing: UnroutedEvent, event: KoraEvent)] = [:]
+
+        /// Adds one pending delivery of `event` per service.
+        mutating func addDeliveries(of event: KoraEvent, to services: [String], at: UnixTime) {
+            for service in services {
+                let id = nextID
+                nextID += 1
+                deliveries[id] = Delivery(
+                    summary: DeliverySummary(
+                        id: id, eventID: event.id, eventType: event.type, service: service, status: .pending, attempts: 0,
+                        nextAttemptAt: at, lastStatusCode: nil, lastError: nil, createdAt: at, updatedAt: at),
+                    event: event)
+            }
+        }
     }
 
     private let state = Mutex(State())
@@ -48,15 +62,17 @@ public final class InMemoryStore: SidecarStore {
         try write { state in
             for key in event.dedupKeys where (state.seen[key].map { $0 >= dedupSince } ?? false) { return .duplicate }
             for key in event.dedupKeys { state.seen[key] = at }
-            for service in services {
-                let id = state.nextID
+            if services.isEmpty {
+                let row = state.nextID
                 state.nextID += 1
-                state.deliveries[id] = Delivery(
-                    summary: DeliverySummary(
-                        id: id, eventID: event.id, eventType: event.type, service: service, status: .pending, attempts: 0,
-                        nextAttemptAt: at, lastStatusCode: nil, lastError: nil, createdAt: at, updatedAt: at),
-                    event: event)
+                state.unrouted[row] = (
+                    UnroutedEvent(
+                        row: row, eventID: event.id, eventType: event.type, verificationID: event.verificationID, receivedAt: at,
+                        signatureVerified: event.signatureVerified),
+                    event
+                )
             }
+            state.addDeliveries(of: event, to: services, at: at)
             return .accepted
         }
     }
@@ -151,6 +167,24 @@ public final class InMemoryStore: SidecarStore {
         state.withLock { Array($0.quarantine.reversed().prefix(limit)) }
     }
 
+    public func unrouted(limit: Int?) async throws -> [UnroutedEvent] {
+        state.withLock { Array($0.unrouted.values.map(\.listing).sorted { $0.row > $1.row }.prefix(limit ?? .max)) }
+    }
+
+    public func unroutedCount() async throws -> Int { state.withLock { $0.unrouted.count } }
+
+    public func route(_ assignments: [(eventRow: Int64, services: [String])], at: UnixTime) async throws -> Int {
+        try write { state in
+            var created = 0
+            for (row, services) in assignments where !services.isEmpty {
+                guard let (_, event) = state.unrouted.removeValue(forKey: row) else { continue }
+                state.addDeliveries(of: event, to: services, at: at)
+                created += services.count
+            }
+            return created
+        }
+    }
+
     public func requeue(id: Int64, at: UnixTime) async throws -> Bool {
         try write { state in
             guard var delivery = state.deliveries[id], delivery.summary.status != .delivered else { return false }
@@ -176,6 +210,7 @@ public final class InMemoryStore: SidecarStore {
             let seen = state.seen.filter { $0.value < seenBefore }
             for id in seen.keys { state.seen[id] = nil }
             state.quarantine.removeAll { $0.receivedAt < seenBefore }
+            state.unrouted = state.unrouted.filter { $0.value.listing.receivedAt >= seenBefore }
             return PruneResult(deliveries: delivered.count, seenIDs: seen.count)
         }
     }

@@ -40,7 +40,12 @@ enum PostgresSchema {
                 verification_id TEXT PRIMARY KEY, service TEXT NOT NULL, created_at BIGINT NOT NULL)
             """,
             "CREATE TABLE kora_health(id BIGINT PRIMARY KEY, checked_at BIGINT NOT NULL)",
-        ]
+        ],
+        // Events that matched no service are kept (flagged) instead of dropped.
+        [
+            "ALTER TABLE kora_events ADD COLUMN unrouted BOOLEAN NOT NULL DEFAULT FALSE",
+            "CREATE INDEX kora_events_unrouted ON kora_events(id) WHERE unrouted",
+        ],
     ]
 
     /// Any constant, the same in every replica: the advisory lock that serialises migrations.

@@ -170,22 +170,64 @@ public final class PostgresStore: SidecarStore, Service {
                 ).collect()
                 if claimed.isEmpty { throw Duplicate() }
             }
-            guard !services.isEmpty else { return }
             let eventRow = try await connection.query(
                 """
-                INSERT INTO kora_events(event_id, type, verification_id, normalized, original, original_headers, signature_verified, received_at)
+                INSERT INTO kora_events(event_id, type, verification_id, normalized, original, original_headers, signature_verified, received_at, unrouted)
                 VALUES(\(event.id), \(event.type), \(event.verificationID), \(ByteBuffer(bytes: event.normalizedBody)),
                        \(ByteBuffer(bytes: event.originalBody)), \(HeaderList.encode(event.originalHeaders)),
-                       \(event.signatureVerified), \(at.milliseconds))
+                       \(event.signatureVerified), \(at.milliseconds), \(services.isEmpty))
                 RETURNING id
                 """, logger: self.logger
             ).collect().first?.decode(Int64.self) ?? 0
-            try await connection.query(
-                """
-                INSERT INTO kora_deliveries(event_row, service, status, next_attempt_at, created_at, updated_at)
-                SELECT \(eventRow), service, 'pending', \(at.milliseconds), \(at.milliseconds), \(at.milliseconds)
-                FROM unnest(\(services)::text[]) AS service
-                """, logger: self.logger)
+            try await Self.insertDeliveries(connection, eventRow: eventRow, services: services, at: at, logger: self.logger)
+        }
+    }
+
+    private static func insertDeliveries(
+        _ connection: PostgresConnection, eventRow: Int64, services: [String], at: UnixTime, logger: Logger
+    ) async throws {
+        guard !services.isEmpty else { return }
+        try await connection.query(
+            """
+            INSERT INTO kora_deliveries(event_row, service, status, next_attempt_at, created_at, updated_at)
+            SELECT \(eventRow), service, 'pending', \(at.milliseconds), \(at.milliseconds), \(at.milliseconds)
+            FROM unnest(\(services)::text[]) AS service
+            """, logger: logger)
+    }
+
+    public func unrouted(limit: Int?) async throws -> [UnroutedEvent] {
+        let limitClause = limit.map { "LIMIT \($0)" } ?? ""
+        return try await rows(
+            """
+            SELECT id, event_id, type, verification_id, received_at, signature_verified FROM kora_events
+            WHERE unrouted ORDER BY id DESC \(unescaped: limitClause)
+            """
+        ).map { row in
+            let (id, eventID, type, verificationID, receivedAt, verified) = try row.decode((Int64, String, String, String?, Int64, Bool).self)
+            return UnroutedEvent(
+                row: id, eventID: eventID, eventType: type, verificationID: verificationID, receivedAt: UnixTime(milliseconds: receivedAt),
+                signatureVerified: verified)
+        }
+    }
+
+    public func unroutedCount() async throws -> Int {
+        try await Int(rows("SELECT COUNT(*) FROM kora_events WHERE unrouted").first?.decode(Int64.self) ?? 0)
+    }
+
+    public func route(_ assignments: [(eventRow: Int64, services: [String])], at: UnixTime) async throws -> Int {
+        let assignments = assignments.filter { !$0.services.isEmpty }
+        return try await inTransaction { connection in
+            var created = 0
+            for (row, services) in assignments {
+                // Only one replica or command routes an event: the flag is cleared once, under the row lock.
+                let claimed = try await connection.query(
+                    "UPDATE kora_events SET unrouted = FALSE WHERE id = \(row) AND unrouted RETURNING id", logger: self.logger
+                ).collect()
+                guard !claimed.isEmpty else { continue }
+                try await Self.insertDeliveries(connection, eventRow: row, services: services, at: at, logger: self.logger)
+                created += services.count
+            }
+            return created
         }
     }
 
@@ -360,7 +402,10 @@ public final class PostgresStore: SidecarStore, Service {
                 "DELETE FROM kora_deliveries WHERE status = 'delivered' AND updated_at < \(before) RETURNING id", logger: self.logger
             ).collect().count
             try await connection.query(
-                "DELETE FROM kora_events e WHERE NOT EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id)",
+                """
+                DELETE FROM kora_events e WHERE NOT EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id)
+                    AND (NOT e.unrouted OR e.received_at < \(seenBefore.milliseconds))
+                """,
                 logger: self.logger)
             let seen = try await connection.query(
                 "DELETE FROM kora_seen_events WHERE seen_at < \(seenBefore.milliseconds) RETURNING 1", logger: self.logger

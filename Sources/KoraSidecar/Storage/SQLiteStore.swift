@@ -29,7 +29,12 @@ public final class SQLiteStore: SidecarStore {
         CREATE TABLE verification_origins(
             verification_id TEXT PRIMARY KEY, service TEXT NOT NULL, created_at INTEGER NOT NULL) WITHOUT ROWID;
         CREATE TABLE health(id INTEGER PRIMARY KEY, checked_at INTEGER NOT NULL);
+        """,
+        // Events that matched no service are kept (flagged) instead of dropped.
         """
+        ALTER TABLE events ADD COLUMN unrouted INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX events_unrouted ON events(unrouted, id) WHERE unrouted = 1;
+        """,
     ]
 
     /// Opens (creating when needed) the store at `path`.
@@ -64,27 +69,61 @@ public final class SQLiteStore: SidecarStore {
         try await database.write { db in
             for key in event.dedupKeys where try Self.seen(db, key, since: dedupSince) { return .duplicate }
             for key in event.dedupKeys { try Self.remember(db, key, at) }
-            guard !services.isEmpty else { return .accepted }
             try db.query(
                 """
-                INSERT INTO events(event_id, type, verification_id, normalized, original, original_headers, signature_verified, received_at)
-                VALUES(?, ?, ?, ?, ?, ?, ?, ?)
+                INSERT INTO events(event_id, type, verification_id, normalized, original, original_headers, signature_verified, received_at, unrouted)
+                VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)
                 """,
                 [
                     .text(event.id), .text(event.type), .optional(event.verificationID), .blob(event.normalizedBody),
                     .blob(event.originalBody), .text(HeaderList.encode(event.originalHeaders)),
-                    .integer(event.signatureVerified ? 1 : 0), .integer(at.milliseconds),
+                    .integer(event.signatureVerified ? 1 : 0), .integer(at.milliseconds), .integer(services.isEmpty ? 1 : 0),
                 ])
-            let row = db.lastInsertRowID
-            for service in services {
-                try db.query(
-                    """
-                    INSERT INTO deliveries(event_row, service, status, next_attempt_at, created_at, updated_at)
-                    VALUES(?, ?, 'pending', ?, ?, ?)
-                    """,
-                    [.integer(row), .text(service), .integer(at.milliseconds), .integer(at.milliseconds), .integer(at.milliseconds)])
-            }
+            try Self.insertDeliveries(db, eventRow: db.lastInsertRowID, services: services, at: at)
             return .accepted
+        }
+    }
+
+    private static func insertDeliveries(_ db: SQLiteConnection, eventRow: Int64, services: [String], at: UnixTime) throws {
+        for service in services {
+            try db.query(
+                """
+                INSERT INTO deliveries(event_row, service, status, next_attempt_at, created_at, updated_at)
+                VALUES(?, ?, 'pending', ?, ?, ?)
+                """,
+                [.integer(eventRow), .text(service), .integer(at.milliseconds), .integer(at.milliseconds), .integer(at.milliseconds)])
+        }
+    }
+
+    public func unrouted(limit: Int?) async throws -> [UnroutedEvent] {
+        try await database.read { db in
+            try db.query(
+                """
+                SELECT id, event_id, type, verification_id, received_at, signature_verified FROM events
+                WHERE unrouted = 1 ORDER BY id DESC LIMIT ?
+                """, [.int(limit ?? -1)]
+            ).map { row in
+                UnroutedEvent(
+                    row: row.int(0), eventID: row.string(1), eventType: row.string(2), verificationID: row.optionalString(3),
+                    receivedAt: UnixTime(milliseconds: row.int(4)), signatureVerified: row.int(5) != 0)
+            }
+        }
+    }
+
+    public func unroutedCount() async throws -> Int {
+        try await database.read { db in try Int(db.query("SELECT COUNT(*) FROM events WHERE unrouted = 1").first?.int(0) ?? 0) }
+    }
+
+    public func route(_ assignments: [(eventRow: Int64, services: [String])], at: UnixTime) async throws -> Int {
+        try await database.write { db in
+            var created = 0
+            for (row, services) in assignments where !services.isEmpty {
+                try db.query("UPDATE events SET unrouted = 0 WHERE id = ? AND unrouted = 1", [.integer(row)])
+                guard db.changes > 0 else { continue }
+                try Self.insertDeliveries(db, eventRow: row, services: services, at: at)
+                created += services.count
+            }
+            return created
         }
     }
 
@@ -273,7 +312,12 @@ public final class SQLiteStore: SidecarStore {
                 [.integer(deliveredBefore.milliseconds)])
             try db.query("DELETE FROM deliveries WHERE status = 'delivered' AND updated_at < ?", [.integer(deliveredBefore.milliseconds)])
             let deliveries = db.changes
-            try db.query("DELETE FROM events WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_row = events.id)")
+            // An unrouted event has no delivery yet: it is kept like a quarantined payload.
+            try db.query(
+                """
+                DELETE FROM events WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_row = events.id)
+                    AND (unrouted = 0 OR received_at < ?)
+                """, [.integer(seenBefore.milliseconds)])
             try db.query("DELETE FROM seen_events WHERE seen_at < ?", [.integer(seenBefore.milliseconds)])
             let seen = db.changes
             try db.query("DELETE FROM quarantine WHERE received_at < ?", [.integer(seenBefore.milliseconds)])

@@ -10,7 +10,8 @@ public protocol SidecarStore: Sendable {
     /// took the event). An id given twice keeps its later time.
     func remember(_ seen: [(eventID: String, at: UnixTime)]) async throws
     /// In one transaction: unless `event.id` was seen at or after `dedupSince`, remembers it and
-    /// stores the event with one pending delivery per service.
+    /// stores the event with one pending delivery per service; with no service, the event is kept
+    /// as unrouted (until ``route(_:at:)`` gives it deliveries or the de-duplication window ends).
     func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws -> EnqueueResult
     /// Keeps a signed payload that could not be parsed.
     func quarantine(_ payload: QuarantinedPayload) async throws
@@ -40,6 +41,14 @@ public protocol SidecarStore: Sendable {
     func delivery(id: Int64) async throws -> DeliveryDetail?
     /// Quarantined payloads, newest first.
     func quarantined(limit: Int) async throws -> [QuarantinedPayload]
+    /// Events that matched no service, newest first (`limit` nil: all of them).
+    func unrouted(limit: Int?) async throws -> [UnroutedEvent]
+    /// How many unrouted events are kept.
+    func unroutedCount() async throws -> Int
+    /// Gives each listed unrouted event one pending delivery per service, due at `at`, and ends its
+    /// unrouted state, in one transaction; an event with no service, or no longer unrouted (another
+    /// process routed it), is left as it is. Returns the deliveries created.
+    func route(_ assignments: [(eventRow: Int64, services: [String])], at: UnixTime) async throws -> Int
     /// Makes a dead (or pending) delivery due at `at` again; false when there is no such delivery
     /// or it was delivered.
     func requeue(id: Int64, at: UnixTime) async throws -> Bool
@@ -152,6 +161,18 @@ public struct QuarantinedPayload: Sendable, Equatable {
         self.headers = headers
         self.signatureVerified = signatureVerified
     }
+}
+
+/// An accepted event that matched no service's `events` filter, kept so that an operator can route
+/// it once the configuration changed.
+public struct UnroutedEvent: Sendable, Equatable {
+    /// The store's row of the event (listed as `u<row>`).
+    public var row: Int64
+    public var eventID: String
+    public var eventType: String
+    public var verificationID: String?
+    public var receivedAt: UnixTime
+    public var signatureVerified: Bool
 }
 
 /// How much a prune removed.

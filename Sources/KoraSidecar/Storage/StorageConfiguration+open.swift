@@ -24,9 +24,15 @@ extension StorageConfiguration {
         return (sqlite, close)
     }
 
-    /// Runs `body` with the configured store open, then closes it (one-shot commands).
+    /// Runs `body` with the configured store open, then closes it (one-shot commands, which never
+    /// create a store: a SQLite file that does not exist is an error naming its path).
     public func withStore<T: Sendable>(logger: Logger, _ body: @Sendable (any SidecarStore) async throws -> T) async throws -> T {
         guard let url = postgresURL else {
+            guard FileManager.default.fileExists(atPath: sqlitePath) else {
+                throw StartupError(
+                    "The store \(sqlitePath) (storage.sqlitePath) does not exist: run the command where serve runs, "
+                        + "or give --config with serve's configuration.")
+            }
             let sqlite = try openSQLite()
             defer { sqlite.close() }
             return try await body(sqlite)
@@ -49,8 +55,13 @@ extension StorageConfiguration {
     private func openSQLite() throws -> SQLiteStore {
         do {
             return try SQLiteStore(path: sqlitePath)
+        } catch let error as SQLiteError {
+            throw StartupError("The store \(sqlitePath) (storage.sqlitePath) cannot be opened: \(error.message).")
         } catch {
-            throw StartupError("The store \(sqlitePath) (storage.sqlitePath) cannot be opened: \(error).")
+            // Foundation's error for a folder it could not create is a long dump: say it plainly.
+            throw StartupError(
+                "The store \(sqlitePath) (storage.sqlitePath) cannot be opened: its folder cannot be created; "
+                    + "check that the path exists and that this user may write there.")
         }
     }
 }
