@@ -936,7 +936,8 @@ def stop(process):
 
 
 def test_kubernetes_metrics_listener_serves_metrics_and_nothing_else(sidecar_bin, tmp_path):
-    """The ConfigMap's metrics listener answers /metrics and /healthz; the proxy and admin are not on it."""
+    """The ConfigMap's metrics listener answers /metrics and /healthz; the proxy, the admin API and the
+    webhook path are not on it."""
     config = kubernetes_config()
     webhook_port, internal_port, metrics_port = free_port(), free_port(), free_port()
     config["webhooks"]["listen"] = {"host": "127.0.0.1", "port": webhook_port}
@@ -956,7 +957,7 @@ def test_kubernetes_metrics_listener_serves_metrics_and_nothing_else(sidecar_bin
         assert re.search(r"^kora_sidecar_ready(\{[^}]*\})? 1(\.0)?$", body, re.M), body
         assert "kora_sidecar_outbox_depth" in body
         assert http_get(metrics_port, "/healthz")[0] == 200
-        for path in ["/api/v1/idv/verifications", "/readyz", "/admin/deliveries", "/webhooks/koraidv"]:
+        for path in ["/api/v1/idv/verifications", "/api/verifications", "/admin/deliveries", "/webhooks/koraidv"]:
             assert http_get(metrics_port, path)[0] == 404, f"{path} answered on the metrics listener"
     finally:
         output = stop(sidecar)
