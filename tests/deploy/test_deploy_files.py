@@ -1008,3 +1008,30 @@ def test_image_environment_only_start_and_exec_read_the_same_store(sidecar_bin, 
     finally:
         output = stop(sidecar)
     assert sidecar.returncode == 0, output
+
+
+# ---------------------------------------------------------------------------------------------
+# the documentation of deploy/
+
+
+def test_every_deploy_file_is_described_in_its_readme():
+    """Each file under deploy/ has a row in deploy/README.md, or in monitoring/README.md for those."""
+    for readme in [DEPLOY / "README.md", DEPLOY / "monitoring/README.md"]:
+        text = readme.read_text()
+        for path in sorted(p for p in readme.parent.rglob("*") if p.is_file() and p != readme):
+            relative = path.relative_to(readme.parent).as_posix()
+            if readme.parent == DEPLOY and relative.startswith("monitoring/"):
+                continue
+            if relative.startswith("compose/app/__pycache__"):
+                continue
+            assert f"`{relative}`" in text, f"{readme.relative_to(ROOT)} does not describe {relative}"
+
+
+def test_deploy_files_link_nothing_outside_the_repository():
+    for path in sorted(p for p in DEPLOY.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        text = path.read_text(errors="replace")
+        assert "../shared" not in text and "SPEC.md" not in text and "KORA.md" not in text, path
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+            if not re.match(r"[a-z]+:", target):
+                assert (path.parent / target).resolve().is_relative_to(ROOT), f"{path}: {target}"
+                assert (path.parent / target).exists(), f"{path}: broken link {target}"
