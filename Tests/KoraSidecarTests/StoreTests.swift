@@ -59,6 +59,38 @@ struct StoreTests {
     }
 
     @Test(arguments: Kind.allCases)
+    func anEventNoServiceTakesIsKeptUntilRoutedOrPruned(kind: Kind) async throws {
+        let (store, cleanup) = try await makeStore(kind)
+        defer { cleanup() }
+        let first = try event("u1")
+        #expect(try await store.enqueue(first, services: [], at: t0, dedupSince: at(-100)) == .accepted)
+        #expect(try await store.enqueue(event("u2"), services: [], at: at(1), dedupSince: at(-100)) == .accepted)
+        #expect(try await store.enqueue(event("u1"), services: [], at: at(2), dedupSince: at(-100)) == .duplicate)
+        let kept = try await store.unrouted(limit: nil)
+        #expect(kept.map(\.eventID) == ["u2", "u1"])
+        #expect(kept[0].eventType == "verification.completed")
+        #expect(try await store.unrouted(limit: 1).map(\.eventID) == ["u2"])
+        #expect(try await store.unroutedCount() == 2)
+        // Pruning delivered rows keeps unrouted events inside the de-duplication window.
+        _ = try await store.prune(deliveredBefore: at(100), seenBefore: at(-100))
+        #expect(try await store.unroutedCount() == 2)
+
+        // Routed: deliveries appear, the event is no longer unrouted, and routing it twice adds nothing.
+        let row = try #require(kept.first { $0.eventID == "u1" }?.row)
+        #expect(try await store.route([(row, ["a", "b"])], at: at(5)) == 2)
+        #expect(try await store.route([(row, ["a", "b"])], at: at(6)) == 0)
+        #expect(try await store.unrouted(limit: nil).map(\.eventID) == ["u2"])
+        let claimed = try await store.claimDue(service: "a", now: at(5), limit: 10, lease: .seconds(30))
+        #expect(claimed.map(\.event.id) == ["u1"])
+        #expect(claimed.first?.event == first)
+
+        // Past the window an unrouted event goes, like a quarantined payload.
+        _ = try await store.prune(deliveredBefore: at(100), seenBefore: at(100))
+        #expect(try await store.unroutedCount() == 0)
+        #expect(try await store.claimDue(service: "b", now: at(7), limit: 10, lease: .seconds(30)).map(\.event.id) == ["u1"])
+    }
+
+    @Test(arguments: Kind.allCases)
     func claimLeasesDueDeliveriesOldestFirst(kind: Kind) async throws {
         let (store, cleanup) = try await makeStore(kind)
         defer { cleanup() }

@@ -102,7 +102,8 @@ public enum EnvironmentConfiguration {
         var error = error
         error.problems = error.problems.map { problem in
             guard let entry = variables.first(where: { problem.path.hasPrefix($0.path) }) else { return problem }
-            return ConfigurationProblem(path: entry.variable, reason: problem.reason)
+            let unset = "environment variable \(entry.variable) is not set"
+            return ConfigurationProblem(path: entry.variable, reason: problem.reason == unset ? "is not set" : problem.reason)
         }
         return error
     }

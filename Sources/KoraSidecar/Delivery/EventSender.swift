@@ -57,6 +57,7 @@ public struct EventSender: Sendable {
         case let error as HTTPClientError where error == .remoteConnectionClosed: "connection closed by the service"
         case let error as HTTPClientError: "HTTP client error: \(error)"
         case is NIOConnectionError: "connection refused"
+        case let error as IOError where error.errnoCode == ECONNREFUSED: "connection refused"
         case let error as IOError: "I/O error: \(error.errnoCode)"
         default: "delivery failed: \(type(of: error))"
         }

@@ -1,3 +1,4 @@
+import Logging
 import HTTPTypes
 import Hummingbird
 import NIOCore
@@ -87,8 +88,22 @@ public enum BodyReader {
     /// is closed.
     /// - Throws: ``SidecarHTTPError`` 413, or 408 when the connection closed before the body ended;
     ///   the connection is then closed.
+    /// - Parameter logger: where a refused body is logged (one warning), so an operator sees why a client got 413.
     public static func collect(
-        _ request: Request, channel: any Channel, limit: Int, timeout: Duration? = nil
+        _ request: Request, channel: any Channel, limit: Int, timeout: Duration? = nil, logger: Logger? = nil
+    ) async throws(SidecarHTTPError) -> ByteBuffer {
+        do {
+            return try await collect(request, channel: channel, limit: limit, timeout: timeout)
+        } catch {
+            logger?.warning(
+                "Request body refused",
+                metadata: ["http.path": "\(request.uri.path)", "http.status": "\(error.status.code)", "error.code": "\(error.code)", "limit": "\(limit)"])
+            throw error
+        }
+    }
+
+    private static func collect(
+        _ request: Request, channel: any Channel, limit: Int, timeout: Duration?
     ) async throws(SidecarHTTPError) -> ByteBuffer {
         if let length = request.headers[.contentLength].flatMap({ Int($0) }), length > limit {
             throw .payloadTooLarge(limit: limit)

@@ -64,7 +64,7 @@ public struct WebhookIngress: Sendable {
 
     private func accept(_ request: Request, context: SidecarRequestContext) async throws(SidecarHTTPError) -> Response {
         let limits = configuration.limits
-        let buffer = try await BodyReader.collect(request, channel: context.channel, limit: limits.maxBodyBytes)
+        let buffer = try await BodyReader.collect(request, channel: context.channel, limit: limits.maxBodyBytes, logger: logger)
         let body = Array(buffer.readableBytesView)
         let now = clock()
         let headers = SignatureHeaders(

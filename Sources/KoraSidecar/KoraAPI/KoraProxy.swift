@@ -85,7 +85,7 @@ public struct KoraProxy: Sendable {
                 .badRequest, code: "INVALID_PATH", message: "The path may not hold empty, '.' or '..' segments or encoded dots and slashes.")
         }
         let caller = try authorize(request, method: request.method.rawValue, path: path)
-        let body = try await BodyReader.collect(request, channel: context.channel, limit: limits.maxBodyBytes)
+        let body = try await BodyReader.collect(request, channel: context.channel, limit: limits.maxBodyBytes, logger: logger)
         let call = KoraCall(method: request.method, path: path, query: request.uri.query, headers: request.headers, body: body)
         if Self.isCreate(method: request.method, path: path) {
             let answer = try await create(call, caller: caller)
@@ -99,7 +99,7 @@ public struct KoraProxy: Sendable {
     /// guide; answers `{"verificationId": "..."}`, or Kora's error unchanged.
     public func createShortcut(_ request: Request, context: SidecarRequestContext) async throws -> Response {
         let caller = try authorize(request, method: "POST", path: "/verifications")
-        let buffer = try await BodyReader.collect(request, channel: context.channel, limit: min(limits.maxBodyBytes, 65536))
+        let buffer = try await BodyReader.collect(request, channel: context.channel, limit: min(limits.maxBodyBytes, 65536), logger: logger)
         guard let object = try? JSONParser.parse(Array(buffer.readableBytesView)), case .string(let userID)? = object["userId"], !userID.isEmpty
         else {
             throw SidecarHTTPError(.badRequest, code: "INVALID_REQUEST", message: "The body must be a JSON object with a non-empty string userId.")

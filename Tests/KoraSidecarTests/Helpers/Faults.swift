@@ -12,10 +12,11 @@ func childEnvironment(_ given: [String: String], path: String) -> [String: Strin
 
 /// Runs an executable to completion and returns its exit status and output.
 func runTool(
-    _ executable: String, _ arguments: [String], environment: [String: String] = [:], input: [UInt8]? = nil
+    _ executable: String, _ arguments: [String], environment: [String: String] = [:], input: [UInt8]? = nil, directory: String? = nil
 ) async throws -> (status: Int32, stdout: String, stderr: String) {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: executable)
+    if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
     process.arguments = arguments
     process.environment = childEnvironment(environment, path: "/usr/sbin:/usr/bin:/sbin:/bin")
     let out = Pipe()

@@ -46,6 +46,17 @@ final class RawConnection: @unchecked Sendable {
     /// ``readResponse()`` off the cooperative pool.
     func response() async -> String { await offPool { self.readResponse() } }
 
+    /// The next response head (status line and headers, up to the blank line), off the cooperative
+    /// pool: an interim `100 Continue` has no body to wait for.
+    func head() async -> String {
+        await offPool {
+            var data: [UInt8] = []
+            var byte: UInt8 = 0
+            while !data.ends(with: Array("\r\n\r\n".utf8)), recv(self.fd, &byte, 1, 0) == 1 { data.append(byte) }
+            return String(decoding: data, as: UTF8.self)
+        }
+    }
+
     /// ``isClosedByPeer()`` off the cooperative pool.
     func closedByPeer() async -> Bool { await offPool { self.isClosedByPeer() } }
 
@@ -81,6 +92,11 @@ final class RawConnection: @unchecked Sendable {
             if count < 0 { return errno == ECONNRESET }
         }
     }
+}
+
+extension Array where Element: Equatable {
+    /// Whether the array's last elements are `suffix`.
+    fileprivate func ends(with suffix: [Element]) -> Bool { count >= suffix.count && Array(self[(count - suffix.count)...]) == suffix }
 }
 
 /// The status code of a raw HTTP response.

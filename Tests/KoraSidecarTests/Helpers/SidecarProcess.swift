@@ -11,8 +11,10 @@ enum Binary {
     static let path = ProcessInfo.processInfo.environment["KORA_SIDECAR_BINARY"] ?? root + "/.build/debug/kora-sidecar"
 
     /// Runs a command to completion and returns its exit status and output.
-    static func run(_ arguments: [String], environment: [String: String] = [:], input: [UInt8]? = nil) async throws -> (status: Int32, stdout: String, stderr: String) {
-        try await runTool(path, arguments, environment: environment, input: input)
+    static func run(
+        _ arguments: [String], environment: [String: String] = [:], input: [UInt8]? = nil, directory: String? = nil
+    ) async throws -> (status: Int32, stdout: String, stderr: String) {
+        try await runTool(path, arguments, environment: environment, input: input, directory: directory)
     }
 }
 
@@ -21,10 +23,13 @@ final class SidecarProcess: @unchecked Sendable {
     private let process = Process()
     private let lines = Mutex<[String]>([])
 
-    init(config: String, environment: [String: String] = [:]) throws {
+    /// Starts `serve --config config`, or with no flag at all when `config` is nil (the
+    /// configuration is then found as an operator's shell would find it, from `directory`).
+    init(config: String?, environment: [String: String] = [:], directory: String? = nil) throws {
         process.executableURL = URL(fileURLWithPath: Binary.path)
-        process.arguments = ["serve", "--config", config]
+        process.arguments = ["serve"] + (config.map { ["--config", $0] } ?? [])
         process.environment = childEnvironment(environment, path: "/usr/bin:/bin")
+        if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
         let err = Pipe()
         process.standardError = err
         process.standardOutput = FileHandle.nullDevice
@@ -50,6 +55,12 @@ final class SidecarProcess: @unchecked Sendable {
 
     /// The ports the listeners bound, read from their `Listening` log lines.
     func ports(timeout: Duration = .seconds(20)) async throws -> (webhooks: Int, internal: Int) {
+        let found = try await listenerPorts(["webhooks", "internal"], timeout: timeout)
+        return (found["webhooks"]!, found["internal"]!)
+    }
+
+    /// The port of each of `listeners` (`webhooks`, `internal`, `metrics`), once all are bound.
+    func listenerPorts(_ listeners: Set<String>, timeout: Duration = .seconds(20)) async throws -> [String: Int] {
         var found: [String: Int] = [:]
         try await waitUntil("the sidecar to listen", timeout: timeout) {
             for line in self.log {
@@ -59,12 +70,10 @@ final class SidecarProcess: @unchecked Sendable {
                 else { continue }
                 found[listener] = port
             }
-            return found.count == 2 || !self.process.isRunning
+            return listeners.isSubset(of: found.keys) || !self.process.isRunning
         }
-        guard let webhooks = found["webhooks"], let internalPort = found["internal"] else {
-            throw TimedOut(what: "listening ports; log: \(log.suffix(5))")
-        }
-        return (webhooks, internalPort)
+        guard listeners.isSubset(of: found.keys) else { throw TimedOut(what: "listening ports; log: \(log.suffix(5))") }
+        return found
     }
 
     /// The listeners' addresses once both are bound, for the webhook helpers.
