@@ -6,7 +6,8 @@ let package = Package(
     platforms: [.macOS(.v14)],
     products: [
         .executable(name: "kora-sidecar", targets: ["kora-sidecar"]),
-        .library(name: "KoraSidecar", targets: ["KoraSidecar"]),
+        // The fuzzers (Fuzz/, a package of their own) build against the core alone.
+        .library(name: "KoraSidecarCore", targets: ["KoraSidecarCore"]),
     ],
     dependencies: [
         .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
@@ -22,15 +23,23 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
         .package(url: "https://github.com/vapor/postgres-nio", from: "1.33.2"),
     ],
+    // The layers, each importing only those above it in this list: the manifest is the architecture.
     targets: [
         .systemLibrary(
             name: "CSQLite",
             pkgConfig: "sqlite3",
             providers: [.apt(["libsqlite3-dev"])]
         ),
+        // What needs no server: JSON, signatures, normalisation, the configuration and its parsing, time, hex.
+        .target(
+            name: "KoraSidecarCore",
+            dependencies: [.product(name: "Crypto", package: "swift-crypto")]
+        ),
+        // The server: ingress, delivery, storage, the Kora API proxy, operations.
         .target(
             name: "KoraSidecar",
             dependencies: [
+                "KoraSidecarCore",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdCore", package: "hummingbird"),
                 .product(name: "HummingbirdTLS", package: "hummingbird"),
@@ -41,6 +50,7 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -49,18 +59,42 @@ let package = Package(
                 "CSQLite",
             ]
         ),
+        // The Kora stand-in (`simulate`) and the one-command tour (`demo`), built on the server's HTTP parts.
+        .target(
+            name: "KoraSimulator",
+            dependencies: [
+                "KoraSidecarCore", "KoraSidecar",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The thin executable: parses the command line, builds, runs.
         .executableTarget(
             name: "kora-sidecar",
             dependencies: [
-                "KoraSidecar",
+                "KoraSidecarCore", "KoraSidecar", "KoraSimulator",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // What tests use in place of production parts (the in-memory store).
+        .target(
+            name: "KoraSidecarTesting",
+            dependencies: [
+                "KoraSidecarCore", "KoraSidecar",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ]
         ),
         .testTarget(
             name: "KoraSidecarTests",
             dependencies: [
-                "KoraSidecar",
+                "KoraSidecarCore", "KoraSidecar", "KoraSimulator", "KoraSidecarTesting",
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ]
         ),
     ],

@@ -3,7 +3,7 @@
 // an executable whose entry point is `LLVMFuzzerTestOneInput` (no `main`) only links with
 // `-sanitize=fuzzer`. Tools 5.4: a `main.swift` target is an executable whose entry point is not
 // renamed (5.5 renames it to `<module>_main`, which libFuzzer's `main` never calls). Build and run
-// them with `scripts/fuzz`.
+// them with `scripts/fuzz`. They depend on the core alone (swift-crypto, no server), so they build quickly.
 import Foundation
 import PackageDescription
 
@@ -15,5 +15,5 @@ let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingL
 let package = Package(
     name: "KoraSidecarFuzz",
     dependencies: [.package(path: "..")],
-    targets: fuzzTargets.map { .target(name: $0, dependencies: [.product(name: "KoraSidecar", package: root)]) }
+    targets: fuzzTargets.map { .target(name: $0, dependencies: [.product(name: "KoraSidecarCore", package: root)]) }
 )

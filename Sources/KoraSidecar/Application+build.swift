@@ -3,50 +3,34 @@ import Foundation
 import HTTPTypes
 import Hummingbird
 import HummingbirdCore
+import KoraSidecarCore
 import Logging
 import NIOCore
 import ServiceLifecycle
 
-/// Which listener a ``SidecarOptions/onListening`` call is about.
-public enum ListenerRole: String, Sendable {
-    /// The public webhook listener.
-    case webhooks
-    /// The internal listener (API proxy, health, metrics, admin).
-    case `internal`
-    /// The optional metrics listener (`metrics.listen`).
-    case metrics
-}
-
 /// What ``buildApplication(_:logger:options:)`` takes besides the configuration: the seams tests
 /// and the demo use. Production passes the defaults.
-public struct SidecarOptions: Sendable {
+package struct SidecarOptions: Sendable {
     /// The store to use instead of opening the configured one.
-    public var store: (any SidecarStore)?
+    package var store: (any SidecarStore)?
     /// The wall clock (tests move it to check the timestamp tolerance).
-    public var clock: @Sendable () -> UnixTime = UnixTime.now
+    package var clock: @Sendable () -> UnixTime = UnixTime.now
     /// Called once each listener is bound, with its address.
-    public var onListening: @Sendable (ListenerRole, SocketAddress?) async -> Void = { _, _ in }
+    package var onListening: @Sendable (ListenerRole, SocketAddress?) async -> Void = { _, _ in }
     /// The retry policy of queued delivery; nil uses `delivery.retrySchedule` with 20% jitter.
-    public var retryPolicy: RetryPolicy?
+    var retryPolicy: RetryPolicy?
     /// Where the metrics are kept and rendered from.
-    public var metrics = SidecarMetrics()
+    package var metrics = SidecarMetrics()
     /// The API proxy's seams: how it waits between retries, the callback URL it injects.
-    public var koraProxy = KoraProxyOptions()
+    package var koraProxy = KoraProxyOptions()
 
-    public init() {}
-}
-
-/// A start-up failure the operator can fix, as one sentence naming the file, key or address.
-public struct StartupError: Error, Sendable, CustomStringConvertible {
-    public var description: String
-
-    public init(_ description: String) { self.description = description }
+    package init() {}
 }
 
 /// Builds the sidecar: the public webhook listener as the application, with the internal listener,
 /// the outbox dispatcher, the store and the HTTP client as its services, in dependency order (on
 /// SIGTERM the listeners stop first, then the dispatcher drains, then the client and store close).
-public func buildApplication(
+package func buildApplication(
     _ configuration: SidecarConfiguration, logger: Logger, options: SidecarOptions = .init()
 ) throws -> some ApplicationProtocol {
     if case .unixSocket(let path) = configuration.internal.listen {
@@ -225,19 +209,9 @@ extension HTTPServerBuilder {
 
 extension Logger {
     /// A copy with one more metadata value.
-    func with(_ key: String, _ value: String) -> Logger {
+    package func with(_ key: String, _ value: String) -> Logger {
         var logger = self
         logger[metadataKey: key] = "\(value)"
         return logger
-    }
-}
-
-/// A service that waits for graceful shutdown, then runs `close` (the HTTP client, the store).
-struct CloseOnShutdown: Service {
-    let close: @Sendable () async -> Void
-
-    func run() async throws {
-        try? await gracefulShutdown()
-        await close()
     }
 }

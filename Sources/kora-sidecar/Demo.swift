@@ -1,6 +1,8 @@
 import ArgumentParser
 import Foundation
 import KoraSidecar
+import KoraSidecarCore
+import KoraSimulator
 import Logging
 
 /// `kora-sidecar demo`: the sidecar, the Kora simulator and a receiving app in one process.

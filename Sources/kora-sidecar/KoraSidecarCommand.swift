@@ -1,6 +1,8 @@
 import ArgumentParser
 import Foundation
 import KoraSidecar
+import KoraSidecarCore
+import KoraSimulator
 import Logging
 
 /// `kora-sidecar`: parses the command line, builds, runs. All behaviour lives in the library.

@@ -1,6 +1,8 @@
 import ArgumentParser
 import Foundation
 import KoraSidecar
+import KoraSidecarCore
+import KoraSimulator
 import Logging
 
 /// `kora-sidecar simulate`: a local stand-in for the Kora IDV API.

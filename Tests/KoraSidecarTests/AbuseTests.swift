@@ -1,8 +1,10 @@
 import Foundation
-import Synchronization
 import Testing
 
 @testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// Hostile clients against the real binary. Every scenario ends with the sidecar still serving a
 /// valid webhook, its memory back near where it started, and not one 500.
@@ -176,7 +178,7 @@ struct AbuseTests {
     @Test func replaysAreDuplicatesInsideTheWindowAndRefusedOutsideIt() async throws {
         try await abuse { sidecar, receiver in
             let now = UnixTime.now().seconds
-            let id = "evt_replayed_" + TestEvent.randomID()
+            let id = "evt_replayed_" + RandomID.make()
             let body = TestEvent.body(eventID: id)
             let first = try await sendSigned(body, to: sidecar, timestamp: now - 200)
             #expect(first.status == 200)

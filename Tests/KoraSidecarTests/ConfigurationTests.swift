@@ -2,6 +2,9 @@ import Foundation
 import Testing
 
 @testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 @Suite("Configuration")
 struct ConfigurationTests {

@@ -3,6 +3,9 @@ import Hummingbird
 import Testing
 
 @testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// What a service receives (SPEC §6), over TCP and Unix sockets, checked by an independent
 /// Standard Webhooks implementation.

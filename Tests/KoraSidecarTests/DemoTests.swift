@@ -1,17 +1,20 @@
-import Synchronization
+import NIOConcurrencyHelpers
 import Testing
 
 @testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// `kora-sidecar demo`: the first command of the README must work, and say so only when it did.
 @Suite struct DemoTests {
     @Test func demoWalksEverySandboxOutcomeThroughEveryHop() async throws {
-        let lines = Mutex<[String]>([])
+        let lines = NIOLockedValueBox<[String]>([])
         var options = DemoOptions()
         options.slowDelay = .milliseconds(200)
         options.expiryDelay = .milliseconds(100)
-        let passed = try await runDemo(options: options, logger: quietLogger) { line in lines.withLock { $0.append(line) } }
-        let output = lines.withLock { $0 }
+        let passed = try await runDemo(options: options, logger: quietLogger) { line in lines.withLockedValue { $0.append(line) } }
+        let output = lines.withLockedValue { $0 }
         #expect(passed)
         #expect(!output.contains { $0.contains("✗") })
         #expect(output.last == "✓ 6 of 6 sandbox outcomes went through every hop.")

@@ -1,8 +1,10 @@
 import Foundation
-import Synchronization
 import Testing
 
 @testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// Real faults under the real binary or real listeners: a full disk, a read-only store, a broken
 /// store file at start-up, a service and a Kora that hang or reset, a wall clock that jumps.

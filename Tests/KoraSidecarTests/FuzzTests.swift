@@ -1,6 +1,10 @@
+import Foundation
 import Testing
 
 @testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// A small seeded random generator, so that any failing input can be reproduced from its seed.
 struct SplitMix64: RandomNumberGenerator {
@@ -80,6 +84,28 @@ struct FuzzTests {
             _ = try? SidecarConfiguration.load(bytes: input, source: "fuzz", environment: [:])
             _ = DurationText.parse(String(decoding: Self.mutate(Array("250ms".utf8), &random), as: UTF8.self))
             _ = AllowPattern(String(decoding: Self.mutate(Array("GET /verifications/*".utf8), &random), as: UTF8.self))
+        }
+    }
+}
+
+/// Every input of `Fuzz/Corpus` (the seeds and every crash found so far) through the property its
+/// libFuzzer target checks, so a plain `swift test` guards against each regression.
+@Suite("Fuzz corpus replay")
+struct FuzzCorpusReplayTests {
+    static let properties: [(target: String, property: @Sendable ([UInt8]) -> String?)] = [
+        ("FuzzSignature", FuzzProperty.signature), ("FuzzNormalizer", FuzzProperty.normalizer),
+        ("FuzzConfiguration", FuzzProperty.configuration), ("FuzzDuration", FuzzProperty.duration),
+    ]
+
+    @Test(arguments: properties.map(\.target))
+    func everyCorpusInputKeepsItsProperty(target: String) throws {
+        let property = try #require(Self.properties.first { $0.target == target }?.property)
+        let folder = Binary.root + "/Fuzz/Corpus/" + target
+        let inputs = try FileManager.default.contentsOfDirectory(atPath: folder).sorted()
+        #expect(!inputs.isEmpty, "no corpus in \(folder)")
+        for name in inputs {
+            let bytes = try #require(FileManager.default.contents(atPath: folder + "/" + name))
+            #expect(property(Array(bytes)) == nil, "\(target)/\(name)")
         }
     }
 }

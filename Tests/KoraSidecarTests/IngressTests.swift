@@ -3,11 +3,14 @@ import Hummingbird
 import Testing
 
 @testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// The public listener against SPEC §4, on real loopback listeners.
 @Suite("Webhook ingress")
 struct IngressTests {
-    func event(_ id: String = "evt_" + TestEvent.randomID(), type: String = "verification.completed") -> [UInt8] {
+    func event(_ id: String = "evt_" + RandomID.make(), type: String = "verification.completed") -> [UInt8] {
         TestEvent.body(type: type, eventID: id)
     }
 

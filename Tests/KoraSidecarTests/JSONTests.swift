@@ -1,6 +1,9 @@
 import Testing
 
 @testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 @Suite("JSON")
 struct JSONTests {

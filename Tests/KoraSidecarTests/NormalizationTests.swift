@@ -2,6 +2,9 @@ import Crypto
 import Testing
 
 @testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 @Suite("Normalisation")
 struct NormalizationTests {

@@ -5,6 +5,9 @@ import NIOSSL
 import Testing
 
 @testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// Health, readiness, metrics and TLS (SPEC §5.3, `webhooks.tls`).
 @Suite("Operations")

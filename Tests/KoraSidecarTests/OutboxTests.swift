@@ -3,6 +3,9 @@ import Hummingbird
 import Testing
 
 @testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// Queued delivery (SPEC §4.5): retries, dead letters, 410, independent services, the admin API.
 @Suite("Queued delivery")

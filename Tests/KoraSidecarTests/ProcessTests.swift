@@ -1,9 +1,12 @@
+import NIOConcurrencyHelpers
 import Foundation
 import Hummingbird
-import Synchronization
 import Testing
 
 @testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// The real binary as operators run it: crash safety, graceful shutdown, the command line.
 @Suite("The kora-sidecar process", .serialized)
@@ -67,8 +70,8 @@ struct ProcessTests {
     @Test func operatorsManageDeliveriesWhileServeRuns() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        let healthy = Mutex(false)
-        let receiver = Receiver { _, _ in healthy.withLock { $0 } ? .ok : .internalServerError }
+        let healthy = NIOLockedValueBox(false)
+        let receiver = Receiver { _, _ in healthy.withLockedValue { $0 } ? .ok : .internalServerError }
         try await withReceiver(receiver) { (port: Int) async throws in
             let config = try writeProcessConfig(directory: directory, receiverPort: port, retrySchedule: ["50ms"])
             let child = try SidecarProcess(config: config)
@@ -84,7 +87,7 @@ struct ProcessTests {
             #expect(shown.status == 0)
             #expect(shown.stdout.contains("\"statusCode\": 500"))
             #expect(try await Binary.run(["deliveries", "show", "999", "--config", config]).status == 1)
-            healthy.withLock { $0 = true }
+            healthy.withLockedValue { $0 = true }
             let retried = try await Binary.run(["deliveries", "retry", "--all-dead", "--config", config])
             #expect(retried.stdout.contains("3 dead deliveries"))
             try await waitUntil("the re-queued deliveries to arrive") { receiver.deliveries.filter { $0.header("X-Kora-Delivery-Attempt") == "3" }.count == 3 }
@@ -226,10 +229,10 @@ struct ProcessTests {
 
 /// Event ids the sidecar acknowledged with 200.
 final class Acknowledged: Sendable {
-    private let storage = Mutex<Set<String>>([])
+    private let storage = NIOLockedValueBox<Set<String>>([])
     /// Whether `id` is new.
-    @discardableResult func insert(_ id: String) -> Bool { storage.withLock { $0.insert(id).inserted } }
-    var ids: Set<String> { storage.withLock { $0 } }
+    @discardableResult func insert(_ id: String) -> Bool { storage.withLockedValue { $0.insert(id).inserted } }
+    var ids: Set<String> { storage.withLockedValue { $0 } }
 }
 
 /// A service that refuses every event's first delivery attempt and takes the next, so that work is

@@ -2,6 +2,9 @@ import Foundation
 import Testing
 
 @testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// What a team deploying the sidecar relies on: no accepted event dropped silently, rollouts that
 /// can be watched, credentials that cannot be guessed into, commands that work where `serve` runs.

@@ -5,10 +5,13 @@ import NIOCore
 import NIOHTTP1
 import Testing
 
-@testable import KoraSidecar
-
 #if canImport(Glibc)
 import Glibc
+
+@testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 #endif
 
 /// The Kora API proxy of the internal listener (SPEC §5.1, §5.2), driven like an SDK would drive

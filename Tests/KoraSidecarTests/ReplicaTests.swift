@@ -1,7 +1,11 @@
+import NIOConcurrencyHelpers
 import Foundation
-import KoraSidecar
-import Synchronization
 import Testing
+
+@testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// Several real sidecar processes sharing one real PostgreSQL database.
 @Suite("PostgreSQL replicas", .serialized)
@@ -85,21 +89,21 @@ struct ReplicaTests {
             try await waitUntil("the sidecar to be ready") { try await get(readyz).status == 200 }
             let acknowledged = Acknowledged()
             // Traffic runs through the outage: every answer is 200 (stored) or 503 (Kora retries), never 500.
-            let statuses = Mutex<[Int]>([])
+            let statuses = NIOLockedValueBox<[Int]>([])
             let traffic = Task {
                 var index = 0
                 while !Task.isCancelled {
                     let id = "evt_restart_\(index)"
                     index += 1
                     let answer = try? await sendSigned(TestEvent.body(eventID: id), to: sidecar, timeout: .seconds(15))
-                    if let answer { statuses.withLock { $0.append(answer.status) } }
+                    if let answer { statuses.withLockedValue { $0.append(answer.status) } }
                     if answer?.status == 200 { acknowledged.insert(id) }
                 }
             }
             try await waitUntil("traffic to flow") { acknowledged.ids.count >= 20 }
 
             try await server.stop()
-            try await waitUntil("a webhook to be refused with 503", timeout: .seconds(30)) { statuses.withLock { $0.contains(503) } }
+            try await waitUntil("a webhook to be refused with 503", timeout: .seconds(30)) { statuses.withLockedValue { $0.contains(503) } }
             let down = try await get(readyz)
             #expect(down.status == 503)
             #expect(down.body.contains("PostgreSQL"), "\(down.body)")
@@ -115,7 +119,7 @@ struct ReplicaTests {
             try await waitUntil("every acknowledged event to be delivered", timeout: .seconds(30)) {
                 acked.isSubset(of: Set(receiver.deliveries.compactMap { $0.header("webhook-id") }))
             }
-            #expect(statuses.withLock { $0.allSatisfy { $0 == 200 || $0 == 503 } }, "\(statuses.withLock { Set($0) })")
+            #expect(statuses.withLockedValue { $0.allSatisfy { $0 == 200 || $0 == 503 } }, "\(statuses.withLockedValue { Set($0) })")
             child.signal(SIGTERM)
             let status = try? await child.exitStatus()
             #expect(status == 0, "\(child.log.suffix(8))")

@@ -1,8 +1,11 @@
+import NIOConcurrencyHelpers
 import Foundation
-import Synchronization
 import Testing
 
 @testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// Every command of the real binary and every error path, run with known, distinctive secret
 /// values: none may appear in any log line, error body, `/metrics` or `check-config` output.
@@ -23,10 +26,10 @@ struct SecretHygieneTests {
 
     /// What the sidecar said, gathered from every channel.
     final class Outputs: Sendable {
-        private let texts = Mutex<[(String, String)]>([])
-        func add(_ what: String, _ text: String) { texts.withLock { $0.append((what, text)) } }
+        private let texts = NIOLockedValueBox<[(String, String)]>([])
+        func add(_ what: String, _ text: String) { texts.withLockedValue { $0.append((what, text)) } }
         func add(_ what: String, _ run: (status: Int32, stdout: String, stderr: String)) { add(what, run.stdout + run.stderr) }
-        var all: [(String, String)] { texts.withLock { $0 } }
+        var all: [(String, String)] { texts.withLockedValue { $0 } }
     }
 
     func writeConfig(directory: String, receiverPort: Int, koraBase: String) throws -> String {

@@ -3,6 +3,9 @@ import Foundation
 import Testing
 
 @testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 @Suite("Kora signatures")
 struct SignatureTests {

@@ -3,6 +3,9 @@ import NIOHTTP1
 import Testing
 
 @testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// `kora-sidecar simulate`: the Kora stand-in our own tests and other teams use (KORA.md).
 @Suite struct SimulatorTests {

@@ -3,6 +3,9 @@ import Logging
 import Testing
 
 @testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// One behaviour suite for every store implementation.
 @Suite("Store behaviour")

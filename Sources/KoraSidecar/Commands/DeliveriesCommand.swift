@@ -1,7 +1,9 @@
+import KoraSidecarCore
+
 /// The `deliveries` command's work, over a store that `serve` may be using at the same time.
-public enum DeliveriesCommand {
+package enum DeliveriesCommand {
     /// What to do.
-    public enum Action: Sendable {
+    package enum Action: Sendable {
         case list(status: String?, limit: Int)
         case show(id: Int64)
         case retry(id: Int64)
@@ -10,7 +12,7 @@ public enum DeliveriesCommand {
 
     /// Runs `action` against `store` (`services`: where unrouted events may now go) and returns the text to print.
     /// - Throws: ``StartupError`` for a status that does not exist or an unknown id.
-    public static func run(_ action: Action, store: any SidecarStore, services: [DeliveryService]) async throws -> String {
+    package static func run(_ action: Action, store: any SidecarStore, services: [DeliveryService]) async throws -> String {
         switch action {
         case .list(let statusText, let limit):
             let listing = try statusText.map { text in

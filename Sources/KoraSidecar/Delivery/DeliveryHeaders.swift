@@ -1,16 +1,11 @@
 import Crypto
+import KoraSidecarCore
 import NIOHTTP1
 
 /// The headers of one delivery to a service (SPEC §6).
-public enum DeliveryHeaders {
-    /// Header names the sidecar sets itself; configuration may not override them.
-    static let reserved: Set<String> = [
-        "webhook-id", "webhook-timestamp", "webhook-signature", "content-type", "content-length", "host",
-        "x-kora-event-type", "x-kora-delivery-attempt", "x-kora-signature-verified", "transfer-encoding", "connection",
-    ]
-
+enum DeliveryHeaders {
     /// Builds the headers for `event` sent to `service` as attempt number `attempt` at `timestamp`.
-    public static func make(
+    package static func make(
         event: KoraEvent, body: [UInt8], service: DeliveryService, attempt: Int, timestamp: Int64, reportOnly: Bool
     ) -> HTTPHeaders {
         var headers = HTTPHeaders()

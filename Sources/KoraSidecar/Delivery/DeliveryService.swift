@@ -1,21 +1,22 @@
 import Crypto
+import KoraSidecarCore
 
 /// A service that receives events, resolved from its configuration once at start-up.
-public struct DeliveryService: Sendable {
-    public let name: String
+package struct DeliveryService: Sendable {
+    package let name: String
     /// The URL AsyncHTTPClient is given (`http+unix://…` for a Unix socket).
-    public let url: String
-    public let format: DeliveryFormat
-    public let signingKey: SymmetricKey?
-    public let headers: [(name: String, value: Secret)]
-    public let events: EventFilter
-    public let onlyOwnVerifications: Bool
-    public let timeout: Duration
+    package let url: String
+    package let format: DeliveryFormat
+    let signingKey: SymmetricKey?
+    package let headers: [(name: String, value: Secret)]
+    package let events: EventFilter
+    package let onlyOwnVerifications: Bool
+    package let timeout: Duration
     /// The `Host` header to send: AsyncHTTPClient sends none over a Unix socket, and HTTP/1.1
     /// servers (nginx, Go's net/http) refuse a request without one.
-    public let hostHeader: String?
+    let hostHeader: String?
 
-    public init(name: String, deliver: DeliverConfiguration) {
+    init(name: String, deliver: DeliverConfiguration) {
         self.name = name
         self.url = Self.url(for: deliver.target)
         self.format = deliver.format
@@ -50,7 +51,7 @@ public struct DeliveryService: Sendable {
 
 extension SidecarConfiguration {
     /// The services that receive events, resolved for delivery.
-    public var deliveryServices: [DeliveryService] {
+    package var deliveryServices: [DeliveryService] {
         services.compactMap { service in service.deliver.map { DeliveryService(name: service.name, deliver: $0) } }
     }
 }
@@ -58,7 +59,7 @@ extension SidecarConfiguration {
 extension SidecarConfiguration {
     /// Said at start-up (`serve` logs it, `check-config` prints it) when no service has `deliver`:
     /// every accepted webhook is then kept as unrouted.
-    public var noRecipientWarning: String? {
+    package var noRecipientWarning: String? {
         guard services.allSatisfy({ $0.deliver == nil }) else { return nil }
         return "No service receives events (no services[].deliver): accepted webhooks are kept as unrouted until one does; "
             + "then run `kora-sidecar deliveries retry --unrouted`."

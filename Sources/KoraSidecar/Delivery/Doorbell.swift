@@ -1,4 +1,5 @@
-import Synchronization
+import KoraSidecarCore
+import NIOConcurrencyHelpers
 
 /// Wakes a waiting worker when there is new work, so that a queued event is delivered at once
 /// instead of at the next poll, without waking every idle worker for one event.
@@ -9,12 +10,12 @@ final class Doorbell: Sendable {
         var nextWaiter = 0
     }
 
-    private let state = Mutex(State())
+    private let state = NIOLockedValueBox(State())
 
     /// Wakes one waiter (one new piece of work needs one worker); with none waiting, the next
     /// worker to wait finds the generation changed and does not sleep.
     func ring() {
-        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+        let waiter = state.withLockedValue { state -> CheckedContinuation<Void, Never>? in
             state.generation += 1
             guard let id = state.waiters.keys.first else { return nil }
             return state.waiters.removeValue(forKey: id)
@@ -24,7 +25,7 @@ final class Doorbell: Sendable {
 
     /// Wakes every waiter (shutdown).
     func ringAll() {
-        let waiters = state.withLock { state in
+        let waiters = state.withLockedValue { state in
             state.generation += 1
             defer { state.waiters = [:] }
             return Array(state.waiters.values)
@@ -34,7 +35,7 @@ final class Doorbell: Sendable {
 
     /// The current generation; pass it to ``wait(after:timeout:)`` so that a ring between reading
     /// it and waiting is not missed.
-    var generation: Int { state.withLock { $0.generation } }
+    var generation: Int { state.withLockedValue { $0.generation } }
 
     /// Returns when the bell rings after `generation`, when `timeout` passes, or on cancellation.
     func wait(after generation: Int, timeout: Duration) async {
@@ -47,13 +48,13 @@ final class Doorbell: Sendable {
     }
 
     private func waitForRing(after generation: Int) async {
-        let id = state.withLock { state in
+        let id = state.withLockedValue { state in
             state.nextWaiter += 1
             return state.nextWaiter
         }
         await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-                let resumeNow = state.withLock { state in
+                let resumeNow = state.withLockedValue { state in
                     if state.generation != generation || Task.isCancelled { return true }
                     state.waiters[id] = continuation
                     return false
@@ -61,7 +62,7 @@ final class Doorbell: Sendable {
                 if resumeNow { continuation.resume() }
             }
         } onCancel: {
-            let continuation = state.withLock { $0.waiters.removeValue(forKey: id) }
+            let continuation = state.withLockedValue { $0.waiters.removeValue(forKey: id) }
             continuation?.resume()
         }
     }

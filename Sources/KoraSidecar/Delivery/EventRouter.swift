@@ -1,16 +1,18 @@
+import KoraSidecarCore
+
 /// Decides which services receive an event: the `events` filter, and for `onlyOwnVerifications`
 /// the service that created the verification through the API proxy.
-public struct EventRouter: Sendable {
-    public let services: [DeliveryService]
+struct EventRouter: Sendable {
+    package let services: [DeliveryService]
     private let store: any SidecarStore
 
-    public init(services: [DeliveryService], store: any SidecarStore) {
+    init(services: [DeliveryService], store: any SidecarStore) {
         self.services = services
         self.store = store
     }
 
     /// The services that receive `event`.
-    public func recipients(of event: KoraEvent) async throws -> [DeliveryService] {
+    func recipients(of event: KoraEvent) async throws -> [DeliveryService] {
         try await recipients(type: event.type, verificationID: event.verificationID)
     }
 
@@ -32,19 +34,19 @@ public struct EventRouter: Sendable {
 }
 
 /// What routing the unrouted events again did.
-public struct RerouteResult: Sendable, Equatable {
+struct RerouteResult: Sendable, Equatable {
     /// Events that now have deliveries.
-    public var routedEvents: Int
+    var routedEvents: Int
     /// Deliveries created for them.
-    public var deliveries: Int
+    package var deliveries: Int
     /// Events that still match no service.
-    public var stillUnrouted: Int
+    var stillUnrouted: Int
 }
 
 extension EventRouter {
     /// Routes every unrouted event of the store again with these services (once the configuration
     /// changed): each event that now matches a service gets its deliveries, due at `now`.
-    public func routeUnrouted(at now: UnixTime) async throws -> RerouteResult {
+    func routeUnrouted(at now: UnixTime) async throws -> RerouteResult {
         var assignments: [(eventRow: Int64, services: [String])] = []
         for event in try await store.unrouted(limit: nil) {
             assignments.append((event.row, try await recipients(type: event.eventType, verificationID: event.verificationID).map(\.name)))

@@ -1,37 +1,38 @@
 import AsyncHTTPClient
+import KoraSidecarCore
 import Logging
 import NIOCore
 import NIOPosix
 
 /// What one attempt to deliver produced.
-public struct AttemptResult: Sendable, Equatable {
+package struct AttemptResult: Sendable, Equatable {
     /// The service's HTTP status, when it answered.
-    public var statusCode: Int?
+    package var statusCode: Int?
     /// Why the attempt failed without an answer, when it did.
-    public var error: String?
+    package var error: String?
     /// How long the attempt took.
-    public var durationMilliseconds: Int
+    var durationMilliseconds: Int
 
     /// Whether the service took the event (2xx).
-    public var succeeded: Bool { statusCode.map { (200..<300).contains($0) } ?? false }
+    var succeeded: Bool { statusCode.map { (200..<300).contains($0) } ?? false }
 }
 
 /// Sends one event to one service over the shared HTTP client: TCP or Unix socket, Standard
 /// Webhooks headers, the service's time-out; redirects are never followed (the client disallows them).
-public struct EventSender: Sendable {
+package struct EventSender: Sendable {
     private let client: HTTPClient
     private let reportOnly: Bool
 
     /// Most of a service's answer that is read (the rest is discarded).
     static let maximumResponseBytes = 64 * 1024
 
-    public init(client: HTTPClient, reportOnly: Bool) {
+    package init(client: HTTPClient, reportOnly: Bool) {
         self.client = client
         self.reportOnly = reportOnly
     }
 
     /// Delivers `event` to `service` as attempt number `attempt`.
-    public func send(_ event: KoraEvent, to service: DeliveryService, attempt: Int) async -> AttemptResult {
+    package func send(_ event: KoraEvent, to service: DeliveryService, attempt: Int) async -> AttemptResult {
         let started = ContinuousClock.now
         let body = event.body(for: service.format)
         var request = HTTPClientRequest(url: service.url)
@@ -50,7 +51,7 @@ public struct EventSender: Sendable {
     }
 
     /// A short, secret-free description of a transport failure.
-    static func describe(_ error: any Error) -> String {
+    package static func describe(_ error: any Error) -> String {
         switch error {
         case let error as HTTPClientError where error == .deadlineExceeded || error == .readTimeout: "timed out"
         case let error as HTTPClientError where error == .connectTimeout: "connect timed out"

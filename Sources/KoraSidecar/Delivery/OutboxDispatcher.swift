@@ -1,3 +1,4 @@
+import KoraSidecarCore
 import Logging
 import ServiceLifecycle
 import Synchronization
@@ -10,7 +11,7 @@ import Synchronization
 /// workers stop leasing and finish what they hold within the drain time-out; anything unfinished
 /// stays pending (its lease ends) and is delivered after the next start. A busy worker records an
 /// attempt and leases its next delivery in one store call.
-public final class OutboxDispatcher: Service, Sendable {
+final class OutboxDispatcher: Service, Sendable {
     private let store: any SidecarStore
     private let sender: EventSender
     private let services: [DeliveryService]
@@ -28,7 +29,7 @@ public final class OutboxDispatcher: Service, Sendable {
     /// Longest a worker sleeps before looking for due deliveries again.
     static let idlePoll = Duration.seconds(5)
 
-    public init(
+    init(
         store: any SidecarStore, sender: EventSender, services: [DeliveryService], policy: RetryPolicy, concurrency: Int,
         drainTimeout: Duration = .seconds(10), metrics: SidecarMetrics = SidecarMetrics(), logger: Logger
     ) {
@@ -44,11 +45,11 @@ public final class OutboxDispatcher: Service, Sendable {
     }
 
     /// Tells a worker of each of `services` that a new delivery is due now.
-    public func notify(services: [String]) {
+    func notify(services: [String]) {
         for name in services { doorbells[name]?.ring() }
     }
 
-    public func run() async throws {
+    package func run() async throws {
         // A proxy-only sidecar has no service to deliver to: stay up until shutdown, like every service.
         guard !services.isEmpty else {
             try? await gracefulShutdown()

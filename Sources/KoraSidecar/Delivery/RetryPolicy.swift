@@ -1,18 +1,20 @@
+import KoraSidecarCore
+
 /// When a failed delivery is tried again: `retrySchedule` with jitter, `dead` after the last entry,
 /// and at once for an answer that says never to retry (410 Gone).
-public struct RetryPolicy: Sendable {
+struct RetryPolicy: Sendable {
     /// Delay before attempt n+1 after attempt n failed; its length is the number of retries.
-    public let schedule: [Duration]
+    package let schedule: [Duration]
     /// Fraction of each delay added or removed at random (0.2 = ±20%).
-    public let jitter: Double
+    let jitter: Double
 
-    public init(schedule: [Duration], jitter: Double = 0.2) {
+    init(schedule: [Duration], jitter: Double = 0.2) {
         self.schedule = schedule
         self.jitter = jitter
     }
 
     /// What follows attempt `attempt` (from 1) that produced `result` at `now`.
-    public func next(after attempt: Int, result: AttemptResult, now: UnixTime) -> NextStep {
+    package func next(after attempt: Int, result: AttemptResult, now: UnixTime) -> NextStep {
         if result.succeeded { return .delivered }
         if result.statusCode == 410 { return .dead }
         guard attempt <= schedule.count else { return .dead }

@@ -1,19 +1,20 @@
-import Logging
 import HTTPTypes
 import Hummingbird
+import KoraSidecarCore
+import Logging
 import NIOCore
 
 /// An error answered with the `{"code": "UPPER_SNAKE", "error": "one sentence"}` shape that Kora's
 /// own API uses (SPEC §4.2), so that Kora's SDKs show the message.
-public struct SidecarHTTPError: HTTPResponseError, Sendable {
-    public var status: HTTPResponse.Status
-    public var code: String
-    public var message: String
+package struct SidecarHTTPError: HTTPResponseError, Sendable {
+    package var status: HTTPResponse.Status
+    package var code: String
+    package var message: String
     /// Whether to close the connection instead of reading the rest of the request.
-    public var closeConnection: Bool
-    public var headers: HTTPFields
+    var closeConnection: Bool
+    package var headers: HTTPFields
 
-    public init(_ status: HTTPResponse.Status, code: String, message: String, closeConnection: Bool = false, headers: HTTPFields = [:]) {
+    package init(_ status: HTTPResponse.Status, code: String, message: String, closeConnection: Bool = false, headers: HTTPFields = [:]) {
         self.status = status
         self.code = code
         self.message = message
@@ -21,13 +22,13 @@ public struct SidecarHTTPError: HTTPResponseError, Sendable {
         self.headers = headers
     }
 
-    public func response(from request: Request, context: some RequestContext) throws -> Response {
+    package func response(from request: Request, context: some RequestContext) throws -> Response {
         response(channel: (context as? SidecarRequestContext)?.channel)
     }
 
     /// The response; when `closeConnection` is set, the connection is closed once it is sent, so
     /// that the rest of an oversized body is never read.
-    public func response(channel: (any Channel)?) -> Response {
+    package func response(channel: (any Channel)?) -> Response {
         var headers = self.headers
         if closeConnection { headers[.connection] = "close" }
         return JSONResponse.make(status, JSONWriter.encode(["code": .string(code), "error": .string(message)]), headers: headers) {
@@ -55,9 +56,9 @@ public struct SidecarHTTPError: HTTPResponseError, Sendable {
 }
 
 /// JSON responses.
-public enum JSONResponse {
+package enum JSONResponse {
     /// A response carrying `body` as `application/json`; `afterWrite` runs once it is written.
-    public static func make(
+    package static func make(
         _ status: HTTPResponse.Status, _ body: [UInt8], headers: HTTPFields = [:], afterWrite: (@Sendable () -> Void)? = nil
     ) -> Response {
         var headers = headers
@@ -76,20 +77,20 @@ public enum JSONResponse {
     }
 
     /// A response with a JSON value.
-    public static func make(_ status: HTTPResponse.Status, _ value: JSONValue, headers: HTTPFields = [:]) -> Response {
+    package static func make(_ status: HTTPResponse.Status, _ value: JSONValue, headers: HTTPFields = [:]) -> Response {
         make(status, JSONWriter.encode(value), headers: headers)
     }
 }
 
 /// Reads a request body with a size limit and a time limit, failing before reading further.
-public enum BodyReader {
+package enum BodyReader {
     /// The whole body, at most `limit` bytes. On the sidecar's listeners ``RequestDeadline`` bounds
     /// how long a body may take; a server without it passes `timeout`, after which the connection
     /// is closed.
     /// - Throws: ``SidecarHTTPError`` 413, or 408 when the connection closed before the body ended;
     ///   the connection is then closed.
     /// - Parameter logger: where a refused body is logged (one warning), so an operator sees why a client got 413.
-    public static func collect(
+    package static func collect(
         _ request: Request, channel: any Channel, limit: Int, timeout: Duration? = nil, logger: Logger? = nil
     ) async throws(SidecarHTTPError) -> ByteBuffer {
         do {

@@ -1,5 +1,6 @@
 import HTTPTypes
 import HummingbirdCore
+import KoraSidecarCore
 import NIOCore
 
 /// Answers `Expect: 100-continue` with `100 Continue` as soon as the request head arrives, so that

@@ -1,4 +1,5 @@
 import HummingbirdCore
+import KoraSidecarCore
 import NIOCore
 
 /// Closes a connection whose request does not arrive in time: the first request head within the

@@ -1,5 +1,6 @@
 import HummingbirdCore
 import HummingbirdTLS
+import KoraSidecarCore
 import NIOSSL
 
 extension TLSFiles {

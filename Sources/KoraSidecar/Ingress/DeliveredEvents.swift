@@ -1,6 +1,7 @@
+import KoraSidecarCore
 import Logging
+import NIOConcurrencyHelpers
 import ServiceLifecycle
-import Synchronization
 
 /// Direct mode's de-duplication ids (SPEC §4.5): an id is remembered once every service took the
 /// event, and written to the store just after the 200, off the response path, many ids to one
@@ -11,7 +12,7 @@ import Synchronization
 /// (replicas sharing a database see each other's ids there): memory only ever says "seen", never
 /// "not seen". A crash between a 200 and its write forgets the ids of that moment; a later copy of
 /// one of them is then delivered again, as any retry would be (at least once).
-public final class DeliveredEvents: Service, Sendable {
+final class DeliveredEvents: Service, Sendable {
     private struct State {
         /// When each id in memory was delivered.
         var seen: [String: UnixTime] = [:]
@@ -25,7 +26,7 @@ public final class DeliveredEvents: Service, Sendable {
 
     private let store: any SidecarStore
     private let capacity: Int
-    private let state = Mutex(State())
+    private let state = NIOLockedValueBox(State())
     private let bell = Doorbell()
     private let logger: Logger
 
@@ -44,7 +45,7 @@ public final class DeliveredEvents: Service, Sendable {
 
     /// Whether any of `keys` was delivered at or after `since`: from memory, else from the store.
     func contains(any keys: [String], since: UnixTime) async throws -> Bool {
-        let inMemory = state.withLock { state in keys.contains { key in state.seen[key].map { $0 >= since } ?? false } }
+        let inMemory = state.withLockedValue { state in keys.contains { key in state.seen[key].map { $0 >= since } ?? false } }
         if inMemory { return true }
         for key in keys where try await store.isDuplicate(eventID: key, since: since) { return true }
         return false
@@ -52,7 +53,7 @@ public final class DeliveredEvents: Service, Sendable {
 
     /// Remembers `keys` as delivered at `at`, in memory now and in the store shortly.
     func record(_ keys: [String], at: UnixTime) {
-        state.withLock { state in
+        state.withLockedValue { state in
             for key in keys {
                 if state.ring.count < capacity {
                     state.ring.append(key)
@@ -69,11 +70,11 @@ public final class DeliveredEvents: Service, Sendable {
     }
 
     /// Writes recorded ids to the store until shutdown, then writes the rest.
-    public func run() async throws {
+    package func run() async throws {
         await withGracefulShutdownHandler {
             while true {
                 let generation = bell.generation
-                let (batch, stopping) = state.withLock { state in
+                let (batch, stopping) = state.withLockedValue { state in
                     let batch = Array(state.unwritten.prefix(Self.maximumBatch))
                     state.unwritten.removeFirst(batch.count)
                     return (batch, state.stopping)
@@ -87,7 +88,7 @@ public final class DeliveredEvents: Service, Sendable {
                 try? await Task.sleep(for: Self.gathering)
             }
         } onGracefulShutdown: {
-            self.state.withLock { $0.stopping = true }
+            self.state.withLockedValue { $0.stopping = true }
             self.bell.ringAll()
         }
     }

@@ -1,11 +1,12 @@
 import HTTPTypes
 import Hummingbird
+import KoraSidecarCore
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
-import Synchronization
 
 /// How an accepted webhook reaches the services (SPEC §4.5).
-public enum IngressDelivery: Sendable {
+enum IngressDelivery: Sendable {
     /// Deliver synchronously; 200 only when every service answered 2xx.
     case direct(EventSender, DeliveredEvents)
     /// Commit to the outbox, then wake the dispatcher.
@@ -14,7 +15,7 @@ public enum IngressDelivery: Sendable {
 
 /// The webhook route (SPEC §4): read the raw body within limits, verify it before parsing,
 /// quarantine what cannot be parsed, de-duplicate, then deliver or store.
-public struct WebhookIngress: Sendable {
+struct WebhookIngress: Sendable {
     private let configuration: WebhookConfiguration
     private let verifier: SignatureVerifier
     private let store: any SidecarStore
@@ -25,7 +26,7 @@ public struct WebhookIngress: Sendable {
     private let inFlight = InFlightEvents()
     private let logger: Logger
 
-    public init(
+    init(
         configuration: WebhookConfiguration, store: any SidecarStore, router: EventRouter, delivery: IngressDelivery,
         clock: @escaping @Sendable () -> UnixTime = UnixTime.now, metrics: SidecarMetrics = SidecarMetrics(), logger: Logger
     ) {
@@ -53,7 +54,7 @@ public struct WebhookIngress: Sendable {
     }
 
     /// Answers one `POST {webhooks.path}`.
-    public func handle(_ request: Request, context: SidecarRequestContext) async -> Response {
+    package func handle(_ request: Request, context: SidecarRequestContext) async -> Response {
         do {
             return try await accept(request, context: context)
         } catch {
@@ -248,10 +249,10 @@ extension SignatureFailure {
 
 /// Event ids being delivered in `direct` mode right now.
 final class InFlightEvents: Sendable {
-    private let ids = Mutex<Set<String>>([])
+    private let ids = NIOLockedValueBox<Set<String>>([])
 
     /// Marks `id` in flight; false when it already was.
-    func begin(_ id: String) -> Bool { ids.withLock { $0.insert(id).inserted } }
+    func begin(_ id: String) -> Bool { ids.withLockedValue { $0.insert(id).inserted } }
 
-    func end(_ id: String) { ids.withLock { _ = $0.remove(id) } }
+    func end(_ id: String) { ids.withLockedValue { _ = $0.remove(id) } }
 }

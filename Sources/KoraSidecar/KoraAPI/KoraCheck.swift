@@ -1,17 +1,18 @@
 import AsyncHTTPClient
+import KoraSidecarCore
 import NIOCore
 
 /// The go-live check (`check-kora`): can this sidecar reach Kora, and does Kora accept its key
 /// and tenant? One line per question, never the key.
-public enum KoraCheck {
+package enum KoraCheck {
     /// What the check found: the lines to print, and whether everything is fine.
-    public struct Report: Sendable {
-        public var lines: [String]
-        public var passed: Bool
+    package struct Report: Sendable {
+        package var lines: [String]
+        package var passed: Bool
     }
 
     /// Calls `GET /health` (no credentials), then a cheap authenticated read, `GET /document-types?country=US`.
-    public static func run(_ kora: KoraConfiguration) async -> Report {
+    package static func run(_ kora: KoraConfiguration) async -> Report {
         let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: KoraProxy.clientConfiguration(timeoutSeconds: kora.timeoutSeconds))
         let report = await run(kora, client: client)
         try? await client.shutdown()

@@ -1,3 +1,4 @@
+import KoraSidecarCore
 import AsyncHTTPClient
 import HTTPTypes
 import Hummingbird
@@ -15,20 +16,20 @@ import Darwin
 #endif
 
 /// The seams of the API proxy that tests and the demo set; production uses the defaults.
-public struct KoraProxyOptions: Sendable {
+package struct KoraProxyOptions: Sendable {
     /// How the proxy waits between retries; nil sleeps for real.
-    public var sleep: (@Sendable (Duration) async throws -> Void)?
+    package var sleep: (@Sendable (Duration) async throws -> Void)?
     /// The `callbackUrl` to inject instead of `kora.callbackURL` (the demo learns its webhook port
     /// only once the listener is bound).
-    public var callbackURL: (@Sendable () async -> String?)?
+    package var callbackURL: (@Sendable () async -> String?)?
 
-    public init() {}
+    init() {}
 }
 
 /// The Kora IDV API proxy of the internal listener (SPEC §5.1): forwards a service's call to
 /// `{kora.apiBaseURL}/{path}` with the sidecar's credentials, retries what may safely be retried,
 /// remembers which service created each verification, and maps transport failures to its own codes.
-public struct KoraProxy: Sendable {
+struct KoraProxy: Sendable {
     private let kora: KoraConfiguration
     /// `kora.apiBaseURL` without a trailing slash.
     private let baseURL: String
@@ -42,7 +43,7 @@ public struct KoraProxy: Sendable {
     private let logger: Logger
 
     /// Creates the proxy. `client` should be built with ``KoraProxy/clientConfiguration(timeoutSeconds:)``.
-    public init(
+    init(
         configuration: SidecarConfiguration, client: HTTPClient, store: any SidecarStore, options: KoraProxyOptions = .init(),
         metrics: SidecarMetrics = SidecarMetrics(), logger: Logger
     ) {
@@ -63,7 +64,7 @@ public struct KoraProxy: Sendable {
 
     /// The proxy's own HTTP client: no redirects, connect and read time-outs of `kora.timeoutSeconds`,
     /// no hidden connection retries (the proxy's retry rules decide, SPEC §5.1) and no tracing.
-    public static func clientConfiguration(timeoutSeconds: Int) -> HTTPClient.Configuration {
+    package static func clientConfiguration(timeoutSeconds: Int) -> HTTPClient.Configuration {
         let timeout = TimeAmount.seconds(Int64(max(1, timeoutSeconds)))
         var configuration = HTTPClient.Configuration(
             redirectConfiguration: .disallow,
@@ -78,7 +79,7 @@ public struct KoraProxy: Sendable {
     // MARK: Routes
 
     /// `ANY /api/v1/idv/{path}` and its alias `ANY /api/v1/{path}`: forwards to `{apiBaseURL}/{path}`.
-    public func forward(_ request: Request, context: SidecarRequestContext) async throws -> Response {
+    func forward(_ request: Request, context: SidecarRequestContext) async throws -> Response {
         let path = Self.koraPath(request.uri.path)
         guard Self.isPlain(path) else {
             throw SidecarHTTPError(
@@ -97,7 +98,7 @@ public struct KoraProxy: Sendable {
 
     /// `POST /api/verifications` with `{"userId", "tier"}`: the seed server of Kora's integration
     /// guide; answers `{"verificationId": "..."}`, or Kora's error unchanged.
-    public func createShortcut(_ request: Request, context: SidecarRequestContext) async throws -> Response {
+    func createShortcut(_ request: Request, context: SidecarRequestContext) async throws -> Response {
         let caller = try authorize(request, method: "POST", path: "/verifications")
         let buffer = try await BodyReader.collect(request, channel: context.channel, limit: min(limits.maxBodyBytes, 65536), logger: logger)
         guard let object = try? JSONParser.parse(Array(buffer.readableBytesView)), case .string(let userID)? = object["userId"], !userID.isEmpty

@@ -1,4 +1,5 @@
 #if canImport(Glibc)
+import KoraSidecarCore
 import Glibc
 #elseif canImport(Musl)
 import Musl
@@ -8,22 +9,22 @@ import Darwin
 
 /// When the API proxy calls Kora again (SPEC §5.1, KORA.md §4): how many attempts, how long to wait
 /// between them, and how to wait. Which answers may be retried is decided by ``KoraProxy``.
-public struct ProxyRetryPolicy: Sendable {
+struct ProxyRetryPolicy: Sendable {
     /// Attempts in all, the first included (`kora.retry.maxAttempts`).
-    public var maxAttempts: Int
+    package var maxAttempts: Int
     /// The backoff before the second attempt; it doubles for each further one.
-    public var initialDelay: Duration
+    var initialDelay: Duration
     /// The longest wait: a longer backoff is cut to it, a longer `Retry-After` ends the retries.
-    public var maxDelay: Duration
+    var maxDelay: Duration
     /// Picks the actual wait for a backoff delay (default: uniformly in `delay/2 ... delay`).
-    public var jitter: @Sendable (Duration) -> Duration
+    var jitter: @Sendable (Duration) -> Duration
     /// Waits between attempts (tests record the delays instead of waiting).
-    public var sleep: @Sendable (Duration) async throws -> Void
+    package var sleep: @Sendable (Duration) async throws -> Void
     /// The wall clock, to turn an HTTP-date `Retry-After` into a delay.
-    public var clock: @Sendable () -> UnixTime
+    package var clock: @Sendable () -> UnixTime
 
     /// The policy of `kora.retry`, with real sleeping and random jitter.
-    public init(
+    init(
         _ configuration: RetryConfiguration,
         sleep: (@Sendable (Duration) async throws -> Void)? = nil,
         clock: @escaping @Sendable () -> UnixTime = UnixTime.now
@@ -37,14 +38,14 @@ public struct ProxyRetryPolicy: Sendable {
     }
 
     /// A delay uniformly in `delay/2 ... delay`: spreads callers out, never waits longer than planned.
-    public static let equalJitter: @Sendable (Duration) -> Duration = { delay in
+    static let equalJitter: @Sendable (Duration) -> Duration = { delay in
         let milliseconds = delay.milliseconds
         guard milliseconds > 1 else { return delay }
         return .milliseconds(Int64.random(in: (milliseconds / 2)...milliseconds))
     }
 
     /// The exponential backoff after failed attempt `attempt` (from 1), capped and jittered.
-    public func backoff(after attempt: Int) -> Duration {
+    func backoff(after attempt: Int) -> Duration {
         let shift = min(max(attempt - 1, 0), 30)
         let planned = min(initialDelay.milliseconds.multipliedReportingOverflow(by: 1 << shift).partialValue, maxDelay.milliseconds)
         return jitter(.milliseconds(max(0, planned)))
@@ -53,14 +54,14 @@ public struct ProxyRetryPolicy: Sendable {
     /// How long to wait before the attempt after `attempt`: `retryAfter` when Kora gave one, else
     /// the backoff. Nil when Kora asks for a wait longer than `maxDelay` (the answer is then passed
     /// back at once: waiting less would only earn another 429).
-    public func delay(after attempt: Int, retryAfter: String?) -> Duration? {
+    package func delay(after attempt: Int, retryAfter: String?) -> Duration? {
         guard let retryAfter, let asked = Self.parseRetryAfter(retryAfter, now: clock()) else { return backoff(after: attempt) }
         return asked <= maxDelay ? asked : nil
     }
 
     /// Parses `Retry-After`: delay-seconds or an HTTP date (IMF-fixdate, as RFC 9110 requires
     /// senders to use); a date in the past is a wait of zero.
-    public static func parseRetryAfter(_ value: String, now: UnixTime) -> Duration? {
+    static func parseRetryAfter(_ value: String, now: UnixTime) -> Duration? {
         let text = String(value.trimmingSpaces)
         if !text.isEmpty, text.utf8.count <= 10, text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }), let seconds = Int64(text) {
             return .seconds(seconds)

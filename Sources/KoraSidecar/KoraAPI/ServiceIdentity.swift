@@ -1,14 +1,16 @@
+import KoraSidecarCore
+
 /// Which internal service is calling the API proxy (SPEC §5.2), and what it may call.
-public struct ServiceIdentity: Sendable {
+package struct ServiceIdentity: Sendable {
     /// One service as the proxy knows it.
-    public struct Caller: Sendable {
+    struct Caller: Sendable {
         /// The service's name (recorded as the origin of the verifications it creates).
-        public let name: String
+        package let name: String
         /// Its `allow` patterns; nil allows everything.
-        public let allow: [AllowPattern]?
+        package let allow: [AllowPattern]?
 
         /// Whether the service may call `method` on `path` (relative to the Kora base).
-        public func may(_ method: String, _ path: String) -> Bool {
+        package func may(_ method: String, _ path: String) -> Bool {
             guard let allow else { return true }
             return allow.contains { $0.matches(method: method, path: path) }
         }
@@ -19,7 +21,7 @@ public struct ServiceIdentity: Sendable {
 
     /// Builds the table from `services`; the first service without a token is the anonymous caller
     /// (configuration validation allows at most one).
-    public init(services: [ServiceConfiguration]) {
+    package init(services: [ServiceConfiguration]) {
         var tokens: [(token: [UInt8], caller: Caller)] = []
         var anonymous: Caller?
         for service in services {
@@ -44,7 +46,7 @@ public struct ServiceIdentity: Sendable {
     ///
     /// Every token is compared, in constant time, whatever matches first, so the time taken does
     /// not reveal which service (or how much of a token) matched.
-    public func caller(authorization: String?) -> Caller? {
+    func caller(authorization: String?) -> Caller? {
         guard !tokens.isEmpty else { return anonymous }
         guard let authorization, !authorization.isEmpty else { return anonymous }
         guard let token = Self.bearerToken(authorization) else { return nil }
@@ -57,7 +59,7 @@ public struct ServiceIdentity: Sendable {
     }
 
     /// The credentials of `Bearer <token>` (the scheme is case-insensitive, RFC 9110 §11.1).
-    static func bearerToken(_ header: String) -> Substring? {
+    package static func bearerToken(_ header: String) -> Substring? {
         let parts = header.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: true)
         guard parts.count == 2, parts[0].lowercased() == "bearer" else { return nil }
         return parts[1]

@@ -1,4 +1,5 @@
 #if canImport(Glibc)
+import KoraSidecarCore
 import Glibc
 #elseif canImport(Musl)
 import Musl
@@ -9,24 +10,24 @@ import Logging
 
 /// Writes one log line per event to standard error: a JSON object (the default) or `key=value` text.
 /// Messages are static; what varies is in the metadata.
-public struct SidecarLogHandler: LogHandler {
-    public var metadata: Logger.Metadata = [:]
-    public var logLevel: Logger.Level
+package struct SidecarLogHandler: LogHandler {
+    package var metadata: Logger.Metadata = [:]
+    package var logLevel: Logger.Level
     private let label: String
     private let format: LogFormat
 
-    public init(label: String, level: Logger.Level, format: LogFormat) {
+    package init(label: String, level: Logger.Level, format: LogFormat) {
         self.label = label
         self.logLevel = level
         self.format = format
     }
 
-    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+    package subscript(metadataKey key: String) -> Logger.Metadata.Value? {
         get { metadata[key] }
         set { metadata[key] = newValue }
     }
 
-    public func log(event: LogEvent) {
+    package func log(event: LogEvent) {
         var merged = metadata
         if let extra = event.metadata { merged.merge(extra) { $1 } }
         let time = UnixTime.now().iso8601Milliseconds

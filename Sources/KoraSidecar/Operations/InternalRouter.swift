@@ -1,4 +1,5 @@
 import Hummingbird
+import KoraSidecarCore
 import NIOCore
 
 /// The internal listener's routes: health, readiness, the admin API over the outbox and, when
@@ -85,8 +86,10 @@ private func addHealthRoutes(
 
 /// Turns Hummingbird's own errors (no route, wrong method) and unexpected failures into the
 /// `{"code", "error"}` shape; an unexpected error becomes a bare 500 that leaks nothing.
-struct ErrorShapeMiddleware: RouterMiddleware {
-    func handle(_ request: Request, context: SidecarRequestContext, next: (Request, SidecarRequestContext) async throws -> Response) async throws -> Response {
+package struct ErrorShapeMiddleware: RouterMiddleware {
+    package init() {}
+
+    package func handle(_ request: Request, context: SidecarRequestContext, next: (Request, SidecarRequestContext) async throws -> Response) async throws -> Response {
         do {
             return try await next(request, context)
         } catch let error as SidecarHTTPError {

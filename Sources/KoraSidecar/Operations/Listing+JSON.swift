@@ -1,6 +1,8 @@
+import KoraSidecarCore
+
 extension DeliverySummary {
     /// The JSON operators see (admin API and `deliveries` command).
-    public var listingJSON: JSONValue {
+    var listingJSON: JSONValue {
         [
             "id": .number(String(id)),
             "eventId": .string(eventID),
@@ -19,7 +21,7 @@ extension DeliverySummary {
 
 extension DeliveryDetail {
     /// A delivery with its attempt history.
-    public var listingJSON: JSONValue {
+    var listingJSON: JSONValue {
         guard case .object(var members) = summary.listingJSON else { return .null }
         members.append(
             .init(
@@ -40,7 +42,7 @@ extension DeliveryDetail {
 
 extension QuarantinedPayload {
     /// A quarantined payload as operators list it (the body as text, as received).
-    public var listingJSON: JSONValue {
+    var listingJSON: JSONValue {
         [
             "id": .string("q\(id)"),
             "status": "quarantined",
@@ -60,7 +62,7 @@ extension QuarantinedPayload {
 
 extension UnroutedEvent {
     /// An unrouted event as operators list it (no body: it holds identity data).
-    public var listingJSON: JSONValue {
+    var listingJSON: JSONValue {
         [
             "id": .string("u\(row)"),
             "status": "unrouted",

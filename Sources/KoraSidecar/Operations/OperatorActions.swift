@@ -1,8 +1,10 @@
+import KoraSidecarCore
+
 /// What the `deliveries` command and the admin API both do over the store, so that the two say
 /// the same thing in the same shape.
-public enum OperatorActions {
+package enum OperatorActions {
     /// What an operator may list.
-    public enum Listing: String, Sendable, CaseIterable {
+    enum Listing: String, Sendable, CaseIterable {
         case pending, delivered, dead, quarantined, unrouted
 
         /// The accepted values, for error messages.
@@ -22,7 +24,7 @@ public enum OperatorActions {
     }
 
     /// What can be retried in bulk.
-    public enum BulkRetry: String, Sendable {
+    package enum BulkRetry: String, Sendable {
         /// Every dead delivery, due now.
         case dead
         /// Every unrouted event, routed again with the configured services.

@@ -1,19 +1,20 @@
-import Synchronization
+import KoraSidecarCore
+import NIOConcurrencyHelpers
 
 /// What `/readyz` reports: ready when both listeners are bound and the store accepts a write.
-public final class Readiness: Sendable {
-    private let bound = Mutex<Set<String>>([])
+final class Readiness: Sendable {
+    private let bound = NIOLockedValueBox<Set<String>>([])
     private let store: any SidecarStore
 
     init(store: any SidecarStore) { self.store = store }
 
     func listenerBound(_ role: ListenerRole) async {
-        bound.withLock { _ = $0.insert(role.rawValue) }
+        bound.withLockedValue { _ = $0.insert(role.rawValue) }
     }
 
     /// Nil when ready, else why not, as a sentence.
-    public func problem() async -> String? {
-        let missing = [ListenerRole.webhooks, .internal].filter { role in !bound.withLock { $0.contains(role.rawValue) } }
+    package func problem() async -> String? {
+        let missing = [ListenerRole.webhooks, .internal].filter { role in !bound.withLockedValue { $0.contains(role.rawValue) } }
         if let role = missing.first { return "The \(role.rawValue) listener is not bound yet." }
         do {
             try await store.checkWritable(at: .now())

@@ -1,19 +1,20 @@
 import CoreMetrics
+import KoraSidecarCore
+import NIOConcurrencyHelpers
 import Prometheus
-import Synchronization
 
 /// The sidecar's metrics (SPEC §5.3), rendered in Prometheus text format on `/metrics`.
 ///
 /// Labels are low cardinality: a result code, a service name from the configuration, a status
 /// class; never an id, a URL or a value a caller chose.
-public struct SidecarMetrics: Sendable {
+package struct SidecarMetrics: Sendable {
     /// Where the metrics are kept; `/metrics` renders it.
-    public let registry: PrometheusCollectorRegistry
+    let registry: PrometheusCollectorRegistry
     private let factory: PrometheusMetricsFactory
     private let counters = Handles<CoreMetrics.Counter>()
     private let timers = Handles<CoreMetrics.Timer>()
 
-    public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
+    init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
         self.registry = registry
         var factory = PrometheusMetricsFactory(registry: registry)
         factory.defaultDurationHistogramBuckets = [
@@ -86,11 +87,11 @@ public struct SidecarMetrics: Sendable {
 /// The counters or timers of the request paths, each made once per label set: making one through
 /// the factory checks the names and looks it up under the registry's lock on every call.
 private final class Handles<Metric: Sendable>: Sendable {
-    private let made = Mutex<[[String]: Metric]>([:])
+    private let made = NIOLockedValueBox<[[String]: Metric]>([:])
 
     /// The handle for `label` and `dimensions`, made by `make` the first time.
     func handle(_ label: String, _ dimensions: [(String, String)], make: () -> Metric) -> Metric {
-        made.withLock { made in
+        made.withLockedValue { made in
             let key = dimensions.reduce(into: [label]) { $0 += [$1.0, $1.1] }
             if let metric = made[key] { return metric }
             let metric = make()

@@ -1,9 +1,10 @@
+import KoraSidecarCore
 import ServiceLifecycle
 
 extension StartupError {
     /// Why `serve` stopped on `error`, as one sentence that says what to do: never a raw
     /// `ServiceGroupError` dump.
-    public static func stopped(by error: any Error) -> StartupError {
+    package static func stopped(by error: any Error) -> StartupError {
         switch error {
         case let error as StartupError:
             error

@@ -1,13 +1,14 @@
-import Synchronization
+import KoraSidecarCore
+import NIOConcurrencyHelpers
 
 /// Runs work with a deadline that does not wait for the work to notice it: when time is up the
 /// caller gets the deadline's error at once and the work is cancelled in the background. A database
 /// lease that ignores cancellation can then not hold a webhook, a worker or shutdown hostage.
 final class Deadline<T: Sendable>: Sendable {
-    private let waiting: Mutex<CheckedContinuation<T, any Error>?>
-    private let work = Mutex<Task<Void, Never>?>(nil)
+    private let waiting: NIOLockedValueBox<CheckedContinuation<T, any Error>?>
+    private let work = NIOLockedValueBox<Task<Void, Never>?>(nil)
 
-    private init(_ continuation: CheckedContinuation<T, any Error>) { waiting = Mutex(continuation) }
+    private init(_ continuation: CheckedContinuation<T, any Error>) { waiting = NIOLockedValueBox(continuation) }
 
     static func run(
         after timeout: Duration, error: @escaping @Sendable () -> any Error, _ body: @escaping @Sendable () async throws -> T
@@ -17,7 +18,7 @@ final class Deadline<T: Sendable>: Sendable {
             let timer = Task {
                 guard (try? await Task.sleep(for: timeout)) != nil else { return }
                 deadline.finish(.failure(error()))
-                deadline.work.withLock { $0 }?.cancel()
+                deadline.work.withLockedValue { $0 }?.cancel()
             }
             let work = Task {
                 let result: Result<T, any Error>
@@ -25,12 +26,12 @@ final class Deadline<T: Sendable>: Sendable {
                 timer.cancel()
                 deadline.finish(result)
             }
-            deadline.work.withLock { $0 = work }
+            deadline.work.withLockedValue { $0 = work }
         }
     }
 
     /// Resumes the caller with the first result; later ones are dropped.
     private func finish(_ result: Result<T, any Error>) {
-        waiting.withLock { $0.take() }?.resume(with: result)
+        waiting.withLockedValue { $0.take() }?.resume(with: result)
     }
 }

@@ -1,3 +1,4 @@
+import KoraSidecarCore
 import Logging
 import PostgresNIO
 

@@ -1,4 +1,6 @@
+import KoraSidecarCore
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import PostgresNIO
 import ServiceLifecycle
@@ -10,17 +12,17 @@ import Synchronization
 /// deliveries are leased with `FOR UPDATE SKIP LOCKED`, and a replica that dies leaves leases that
 /// expire. The store is a `Service`: `run()` keeps the connection pool and migrates the schema,
 /// retrying until the database answers; until then every operation throws ``PostgresStoreError``.
-public final class PostgresStore: SidecarStore, Service {
+final class PostgresStore: SidecarStore, Service {
     private let client: PostgresClient
     private let location: String
     private let logger: Logger
     /// Longest an operation waits, including for a connection, before it fails (the caller answers 503).
     private let operationTimeout: Duration
     /// Nil once the schema is current; else why the store cannot be used yet.
-    private let notReady = Mutex<String?>("the schema is not migrated yet")
+    private let notReady = NIOLockedValueBox<String?>("the schema is not migrated yet")
 
     /// Creates the store for `url`; nothing connects until ``run()``.
-    public convenience init(url: Secret, logger: Logger, operationTimeout: Duration = .seconds(5)) throws(ConfigurationError) {
+    convenience init(url: Secret, logger: Logger, operationTimeout: Duration = .seconds(5)) throws(ConfigurationError) {
         let address: PostgresURL
         do {
             address = try PostgresURL(url)
@@ -39,7 +41,7 @@ public final class PostgresStore: SidecarStore, Service {
 
     /// Runs the connection pool and migrates the schema, until graceful shutdown or cancellation;
     /// then gives the pool a few seconds to close its connections, and no more.
-    public func run() async {
+    package func run() async {
         let pool = Task { await self.client.run() }
         await migrateUntilDone()
         try? await gracefulShutdown()
@@ -48,7 +50,7 @@ public final class PostgresStore: SidecarStore, Service {
     }
 
     /// Runs `body` with the store running, then stops it (one-shot commands and tests).
-    public func whileRunning<T: Sendable>(_ body: @Sendable (PostgresStore) async throws -> T) async throws -> T {
+    func whileRunning<T: Sendable>(_ body: @Sendable (PostgresStore) async throws -> T) async throws -> T {
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { await self.run() }
             defer { group.cancelAll() }
@@ -58,9 +60,9 @@ public final class PostgresStore: SidecarStore, Service {
     }
 
     /// Waits until the schema is current, or fails with why after `timeout` (the operation time-out).
-    public func waitUntilMigrated(timeout: Duration? = nil) async throws {
+    func waitUntilMigrated(timeout: Duration? = nil) async throws {
         let deadline = ContinuousClock.now + (timeout ?? operationTimeout)
-        while let reason = notReady.withLock({ $0 }) {
+        while let reason = notReady.withLockedValue({ $0 }) {
             guard ContinuousClock.now < deadline else { throw PostgresStoreError(location: location, reason: reason) }
             try await Task.sleep(for: .milliseconds(20))
         }
@@ -73,11 +75,11 @@ public final class PostgresStore: SidecarStore, Service {
                 try await client.withConnection { connection in
                     try await Self.transaction(connection, logger: self.logger) { try await PostgresSchema.migrate($0, logger: self.logger) }
                 }
-                notReady.withLock { $0 = nil }
+                notReady.withLockedValue { $0 = nil }
                 return
             } catch {
                 let reason = PostgresStoreError.describe(error)
-                notReady.withLock { $0 = "the schema cannot be migrated: \(reason)" }
+                notReady.withLockedValue { $0 = "the schema cannot be migrated: \(reason)" }
                 logger.error("PostgreSQL schema migration failed; retrying", metadata: ["store": "\(location)", "error": "\(reason)"])
                 try? await Task.sleep(for: delay)
                 delay = min(delay * 2, .seconds(5))
@@ -131,11 +133,11 @@ public final class PostgresStore: SidecarStore, Service {
 
     // MARK: De-duplication and events
 
-    public func isDuplicate(eventID: String, since: UnixTime) async throws -> Bool {
+    package func isDuplicate(eventID: String, since: UnixTime) async throws -> Bool {
         try await !rows("SELECT 1 FROM kora_seen_events WHERE event_id = \(eventID) AND seen_at >= \(since.milliseconds)").isEmpty
     }
 
-    public func remember(_ seen: [(eventID: String, at: UnixTime)]) async throws {
+    package func remember(_ seen: [(eventID: String, at: UnixTime)]) async throws {
         // One row per id: an upsert may not touch the same row twice.
         let latest = Dictionary(seen.map { ($0.eventID, $0.at.milliseconds) }, uniquingKeysWith: max)
         _ = try await rows(
@@ -146,7 +148,7 @@ public final class PostgresStore: SidecarStore, Service {
             """)
     }
 
-    public func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws -> EnqueueResult {
+    package func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws -> EnqueueResult {
         do {
             try await enqueueOrThrowDuplicate(event, services: services, at: at, dedupSince: dedupSince)
             return .accepted
@@ -195,7 +197,7 @@ public final class PostgresStore: SidecarStore, Service {
             """, logger: logger)
     }
 
-    public func unrouted(limit: Int?) async throws -> [UnroutedEvent] {
+    package func unrouted(limit: Int?) async throws -> [UnroutedEvent] {
         let limitClause = limit.map { "LIMIT \($0)" } ?? ""
         return try await rows(
             """
@@ -210,11 +212,11 @@ public final class PostgresStore: SidecarStore, Service {
         }
     }
 
-    public func unroutedCount() async throws -> Int {
+    package func unroutedCount() async throws -> Int {
         try await Int(rows("SELECT COUNT(*) FROM kora_events WHERE unrouted").first?.decode(Int64.self) ?? 0)
     }
 
-    public func route(_ assignments: [(eventRow: Int64, services: [String])], at: UnixTime) async throws -> Int {
+    package func route(_ assignments: [(eventRow: Int64, services: [String])], at: UnixTime) async throws -> Int {
         let assignments = assignments.filter { !$0.services.isEmpty }
         return try await inTransaction { connection in
             var created = 0
@@ -234,7 +236,7 @@ public final class PostgresStore: SidecarStore, Service {
     /// Rolls back an enqueue whose event was already seen.
     private struct Duplicate: Error {}
 
-    public func quarantine(_ payload: QuarantinedPayload) async throws {
+    package func quarantine(_ payload: QuarantinedPayload) async throws {
         let headers = HeaderList.encode(payload.headers.sorted { $0.key < $1.key }.map { ($0.key, $0.value) })
         _ = try await rows(
             """
@@ -243,7 +245,7 @@ public final class PostgresStore: SidecarStore, Service {
             """)
     }
 
-    public func recordOrigin(verificationID: String, service: String, at: UnixTime) async throws {
+    package func recordOrigin(verificationID: String, service: String, at: UnixTime) async throws {
         _ = try await rows(
             """
             INSERT INTO kora_verification_origins(verification_id, service, created_at) VALUES(\(verificationID), \(service), \(at.milliseconds))
@@ -251,14 +253,14 @@ public final class PostgresStore: SidecarStore, Service {
             """)
     }
 
-    public func origin(ofVerification verificationID: String) async throws -> String? {
+    package func origin(ofVerification verificationID: String) async throws -> String? {
         try await rows("SELECT service FROM kora_verification_origins WHERE verification_id = \(verificationID)")
             .first?.decode(String.self)
     }
 
     // MARK: The outbox
 
-    public func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration) async throws -> [DeliveryJob] {
+    package func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration) async throws -> [DeliveryJob] {
         let leaseUntil = now.adding(lease).milliseconds
         // SKIP LOCKED: two replicas claiming at once take different rows, never the same one.
         return try await rows(
@@ -286,7 +288,7 @@ public final class PostgresStore: SidecarStore, Service {
         }
     }
 
-    public func finish(deliveryID: Int64, attempt: AttemptRecord, next: NextStep) async throws {
+    package func finish(deliveryID: Int64, attempt: AttemptRecord, next: NextStep) async throws {
         let (status, nextAt) = next.statusAndTime(after: attempt)
         try await inTransaction { connection in
             try await connection.query(
@@ -307,7 +309,7 @@ public final class PostgresStore: SidecarStore, Service {
         }
     }
 
-    public func nextDueTime(service: String) async throws -> UnixTime? {
+    package func nextDueTime(service: String) async throws -> UnixTime? {
         try await rows(
             """
             SELECT MIN(GREATEST(next_attempt_at, COALESCE(lease_until, 0))) FROM kora_deliveries
@@ -317,7 +319,7 @@ public final class PostgresStore: SidecarStore, Service {
     }
 
     /// Does nothing: other replicas hold leases in this database, and a dead replica's leases expire.
-    public func releaseLeases() async throws {}
+    package func releaseLeases() async throws {}
 
     // MARK: Operators
 
@@ -336,7 +338,7 @@ public final class PostgresStore: SidecarStore, Service {
             lastError: lastError, createdAt: UnixTime(milliseconds: created), updatedAt: UnixTime(milliseconds: updated))
     }
 
-    public func deliveries(status: DeliveryStatus?, limit: Int) async throws -> [DeliverySummary] {
+    package func deliveries(status: DeliveryStatus?, limit: Int) async throws -> [DeliverySummary] {
         let rows =
             if let status {
                 try await rows("\(unescaped: Self.summarySelect) WHERE d.status = \(status.rawValue) ORDER BY d.id DESC LIMIT \(limit)")
@@ -346,7 +348,7 @@ public final class PostgresStore: SidecarStore, Service {
         return try rows.map(Self.summary)
     }
 
-    public func delivery(id: Int64) async throws -> DeliveryDetail? {
+    package func delivery(id: Int64) async throws -> DeliveryDetail? {
         guard let row = try await rows("\(unescaped: Self.summarySelect) WHERE d.id = \(id)").first else { return nil }
         let attempts = try await rows(
             "SELECT attempt, at, status_code, error, duration_ms FROM kora_attempts WHERE delivery_id = \(id) ORDER BY attempt"
@@ -359,7 +361,7 @@ public final class PostgresStore: SidecarStore, Service {
         return DeliveryDetail(summary: try Self.summary(row), attempts: attempts)
     }
 
-    public func quarantined(limit: Int) async throws -> [QuarantinedPayload] {
+    package func quarantined(limit: Int) async throws -> [QuarantinedPayload] {
         try await rows(
             "SELECT id, received_at, reason, body, headers, signature_verified FROM kora_quarantine ORDER BY id DESC LIMIT \(limit)"
         ).map { row in
@@ -370,7 +372,7 @@ public final class PostgresStore: SidecarStore, Service {
         }
     }
 
-    public func requeue(id: Int64, at: UnixTime) async throws -> Bool {
+    package func requeue(id: Int64, at: UnixTime) async throws -> Bool {
         try await !rows(
             """
             UPDATE kora_deliveries SET status = 'pending', next_attempt_at = \(at.milliseconds), lease_until = NULL,
@@ -380,7 +382,7 @@ public final class PostgresStore: SidecarStore, Service {
         ).isEmpty
     }
 
-    public func requeueAllDead(at: UnixTime) async throws -> Int {
+    package func requeueAllDead(at: UnixTime) async throws -> Int {
         try await rows(
             """
             UPDATE kora_deliveries SET status = 'pending', next_attempt_at = \(at.milliseconds), lease_until = NULL,
@@ -390,7 +392,7 @@ public final class PostgresStore: SidecarStore, Service {
         ).count
     }
 
-    public func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult {
+    package func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult {
         try await inTransaction { connection in
             let before = deliveredBefore.milliseconds
             try await connection.query(
@@ -415,7 +417,7 @@ public final class PostgresStore: SidecarStore, Service {
         }
     }
 
-    public func depth() async throws -> [OutboxDepth] {
+    package func depth() async throws -> [OutboxDepth] {
         try await rows("SELECT service, status, COUNT(*), MIN(created_at) FROM kora_deliveries GROUP BY service, status").compactMap { row in
             let (service, statusText, count, oldest) = try row.decode((String, String, Int64, Int64?).self)
             guard let status = DeliveryStatus(rawValue: statusText) else { return nil }
@@ -423,7 +425,7 @@ public final class PostgresStore: SidecarStore, Service {
         }
     }
 
-    public func checkWritable(at: UnixTime) async throws {
+    package func checkWritable(at: UnixTime) async throws {
         _ = try await rows(
             """
             INSERT INTO kora_health(id, checked_at) VALUES(1, \(at.milliseconds))
@@ -434,11 +436,11 @@ public final class PostgresStore: SidecarStore, Service {
 
 /// Why the PostgreSQL store failed, as a sentence fit for `/readyz` and logs: the server and the
 /// cause, never the URL's password.
-public struct PostgresStoreError: Error, Sendable, CustomStringConvertible {
+struct PostgresStoreError: Error, Sendable, CustomStringConvertible {
     var location: String
     var reason: String
 
-    public var description: String { "PostgreSQL at \(location): \(reason)" }
+    package var description: String { "PostgreSQL at \(location): \(reason)" }
 
     /// What went wrong, from postgres-nio's errors (whose own description is deliberately empty).
     static func describe(_ error: any Error) -> String {

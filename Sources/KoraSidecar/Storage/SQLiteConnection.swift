@@ -1,13 +1,14 @@
 import CSQLite
+import KoraSidecarCore
 
 /// A failure reported by SQLite, with its result code and message.
-public struct SQLiteError: Error, Sendable, CustomStringConvertible {
+struct SQLiteError: Error, Sendable, CustomStringConvertible {
     /// SQLite's primary result code.
-    public var code: Int32
+    package var code: Int32
     /// SQLite's message.
-    public var message: String
+    package var message: String
 
-    public var description: String { "SQLite error \(code): \(message)" }
+    package var description: String { "SQLite error \(code): \(message)" }
 }
 
 /// One SQLite connection, used from one thread at a time (its owner serialises access).

@@ -1,4 +1,5 @@
 import Foundation
+import KoraSidecarCore
 
 /// The store's SQLite file, used through two connections, each on a dedicated thread so that no
 /// SQLite call ever blocks the event loops or the cooperative pool: the writer runs every write,

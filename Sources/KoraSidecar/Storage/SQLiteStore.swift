@@ -1,6 +1,8 @@
+import KoraSidecarCore
+
 /// The SQLite implementation of ``SidecarStore``: one file, WAL mode, every write committed to
 /// disk before the caller continues; pure reads go to a reader connection and see the last commit.
-public final class SQLiteStore: SidecarStore {
+final class SQLiteStore: SidecarStore {
     private let database: SQLiteDatabase
 
     /// The schema, one entry per version; a new version is appended, never edited.
@@ -38,14 +40,14 @@ public final class SQLiteStore: SidecarStore {
     ]
 
     /// Opens (creating when needed) the store at `path`.
-    public init(path: String) throws {
+    init(path: String) throws {
         database = try SQLiteDatabase(path: path, migrations: Self.migrations)
     }
 
     /// Waits for queued writes and closes the file.
-    public func close() { database.close() }
+    func close() { database.close() }
 
-    public func isDuplicate(eventID: String, since: UnixTime) async throws -> Bool {
+    package func isDuplicate(eventID: String, since: UnixTime) async throws -> Bool {
         try await database.read { db in try Self.seen(db, eventID, since: since) }
     }
 
@@ -53,7 +55,7 @@ public final class SQLiteStore: SidecarStore {
         try !db.query("SELECT 1 FROM seen_events WHERE event_id = ? AND seen_at >= ?", [.text(key), .integer(since.milliseconds)]).isEmpty
     }
 
-    public func remember(_ seen: [(eventID: String, at: UnixTime)]) async throws {
+    package func remember(_ seen: [(eventID: String, at: UnixTime)]) async throws {
         try await database.write { db in
             for (eventID, at) in seen { try Self.remember(db, eventID, at) }
         }
@@ -65,7 +67,7 @@ public final class SQLiteStore: SidecarStore {
             [.text(eventID), .integer(at.milliseconds)])
     }
 
-    public func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws -> EnqueueResult {
+    package func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws -> EnqueueResult {
         try await database.write { db in
             for key in event.dedupKeys where try Self.seen(db, key, since: dedupSince) { return .duplicate }
             for key in event.dedupKeys { try Self.remember(db, key, at) }
@@ -95,7 +97,7 @@ public final class SQLiteStore: SidecarStore {
         }
     }
 
-    public func unrouted(limit: Int?) async throws -> [UnroutedEvent] {
+    package func unrouted(limit: Int?) async throws -> [UnroutedEvent] {
         try await database.read { db in
             try db.query(
                 """
@@ -110,11 +112,11 @@ public final class SQLiteStore: SidecarStore {
         }
     }
 
-    public func unroutedCount() async throws -> Int {
+    package func unroutedCount() async throws -> Int {
         try await database.read { db in try Int(db.query("SELECT COUNT(*) FROM events WHERE unrouted = 1").first?.int(0) ?? 0) }
     }
 
-    public func route(_ assignments: [(eventRow: Int64, services: [String])], at: UnixTime) async throws -> Int {
+    package func route(_ assignments: [(eventRow: Int64, services: [String])], at: UnixTime) async throws -> Int {
         try await database.write { db in
             var created = 0
             for (row, services) in assignments where !services.isEmpty {
@@ -127,7 +129,7 @@ public final class SQLiteStore: SidecarStore {
         }
     }
 
-    public func quarantine(_ payload: QuarantinedPayload) async throws {
+    package func quarantine(_ payload: QuarantinedPayload) async throws {
         try await database.write { db in
             try db.query(
                 "INSERT INTO quarantine(received_at, reason, body, headers, signature_verified) VALUES(?, ?, ?, ?, ?)",
@@ -139,7 +141,7 @@ public final class SQLiteStore: SidecarStore {
         }
     }
 
-    public func recordOrigin(verificationID: String, service: String, at: UnixTime) async throws {
+    package func recordOrigin(verificationID: String, service: String, at: UnixTime) async throws {
         try await database.write { db in
             try db.query(
                 "INSERT OR REPLACE INTO verification_origins(verification_id, service, created_at) VALUES(?, ?, ?)",
@@ -147,21 +149,21 @@ public final class SQLiteStore: SidecarStore {
         }
     }
 
-    public func origin(ofVerification verificationID: String) async throws -> String? {
+    package func origin(ofVerification verificationID: String) async throws -> String? {
         try await database.read { db in
             try db.query("SELECT service FROM verification_origins WHERE verification_id = ?", [.text(verificationID)]).first?.string(0)
         }
     }
 
-    public func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration) async throws -> [DeliveryJob] {
+    package func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration) async throws -> [DeliveryJob] {
         try await database.write { db in try Self.claimDue(db, service: service, now: now, limit: limit, lease: lease) }
     }
 
-    public func finish(deliveryID: Int64, attempt: AttemptRecord, next: NextStep) async throws {
+    package func finish(deliveryID: Int64, attempt: AttemptRecord, next: NextStep) async throws {
         try await database.write { db in try Self.finish(db, deliveryID: deliveryID, attempt: attempt, next: next) }
     }
 
-    public func finishAndClaimNext(
+    func finishAndClaimNext(
         deliveryID: Int64, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration
     ) async throws -> DeliveryJob? {
         try await database.write { db in
@@ -214,7 +216,7 @@ public final class SQLiteStore: SidecarStore {
             ])
     }
 
-    public func nextDueTime(service: String) async throws -> UnixTime? {
+    package func nextDueTime(service: String) async throws -> UnixTime? {
         try await database.read { db in
             try db.query(
                 """
@@ -226,7 +228,7 @@ public final class SQLiteStore: SidecarStore {
         }
     }
 
-    public func releaseLeases() async throws {
+    package func releaseLeases() async throws {
         try await database.write { db in try db.query("UPDATE deliveries SET lease_until = NULL WHERE lease_until IS NOT NULL") }
     }
 
@@ -244,7 +246,7 @@ public final class SQLiteStore: SidecarStore {
             createdAt: UnixTime(milliseconds: row.int(9)), updatedAt: UnixTime(milliseconds: row.int(10)))
     }
 
-    public func deliveries(status: DeliveryStatus?, limit: Int) async throws -> [DeliverySummary] {
+    package func deliveries(status: DeliveryStatus?, limit: Int) async throws -> [DeliverySummary] {
         try await database.read { db in
             let rows =
                 if let status {
@@ -256,7 +258,7 @@ public final class SQLiteStore: SidecarStore {
         }
     }
 
-    public func delivery(id: Int64) async throws -> DeliveryDetail? {
+    package func delivery(id: Int64) async throws -> DeliveryDetail? {
         try await database.read { db in
             guard let row = try db.query("SELECT \(Self.summaryColumns) WHERE d.id = ?", [.integer(id)]).first else { return nil }
             let attempts = try db.query(
@@ -271,7 +273,7 @@ public final class SQLiteStore: SidecarStore {
         }
     }
 
-    public func quarantined(limit: Int) async throws -> [QuarantinedPayload] {
+    package func quarantined(limit: Int) async throws -> [QuarantinedPayload] {
         try await database.read { db in
             try db.query(
                 "SELECT id, received_at, reason, body, headers, signature_verified FROM quarantine ORDER BY id DESC LIMIT ?", [.int(limit)]
@@ -284,7 +286,7 @@ public final class SQLiteStore: SidecarStore {
         }
     }
 
-    public func requeue(id: Int64, at: UnixTime) async throws -> Bool {
+    package func requeue(id: Int64, at: UnixTime) async throws -> Bool {
         try await database.write { db in
             try db.query(
                 "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, lease_until = NULL, updated_at = ? WHERE id = ? AND status != 'delivered'",
@@ -293,7 +295,7 @@ public final class SQLiteStore: SidecarStore {
         }
     }
 
-    public func requeueAllDead(at: UnixTime) async throws -> Int {
+    package func requeueAllDead(at: UnixTime) async throws -> Int {
         try await database.write { db in
             try db.query(
                 "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, lease_until = NULL, updated_at = ? WHERE status = 'dead'",
@@ -302,7 +304,7 @@ public final class SQLiteStore: SidecarStore {
         }
     }
 
-    public func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult {
+    package func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult {
         try await database.write { db in
             try db.query(
                 """
@@ -325,7 +327,7 @@ public final class SQLiteStore: SidecarStore {
         }
     }
 
-    public func depth() async throws -> [OutboxDepth] {
+    package func depth() async throws -> [OutboxDepth] {
         try await database.read { db in
             try db.query("SELECT service, status, COUNT(*), MIN(created_at) FROM deliveries GROUP BY service, status").compactMap { row in
                 guard let status = DeliveryStatus(rawValue: row.string(1)) else { return nil }
@@ -336,7 +338,7 @@ public final class SQLiteStore: SidecarStore {
         }
     }
 
-    public func checkWritable(at: UnixTime) async throws {
+    package func checkWritable(at: UnixTime) async throws {
         try await database.write { db in
             try db.query("INSERT OR REPLACE INTO health(id, checked_at) VALUES(1, ?)", [.integer(at.milliseconds)])
         }

@@ -1,9 +1,11 @@
+import KoraSidecarCore
+
 /// Everything the sidecar keeps: de-duplication ids, the outbox of queued deliveries, quarantined
 /// payloads and which service created each verification.
 ///
 /// The dispatcher and the routes see only this protocol; SQLite implements it for production and
 /// an in-memory store for unit tests, and a shared server database can implement it the same way.
-public protocol SidecarStore: Sendable {
+package protocol SidecarStore: Sendable {
     /// Whether `eventID` was remembered at or after `since`.
     func isDuplicate(eventID: String, since: UnixTime) async throws -> Bool
     /// Remembers each id as seen at its time, in one transaction (direct mode, once every service
@@ -64,38 +66,45 @@ public protocol SidecarStore: Sendable {
 }
 
 /// What ``SidecarStore/enqueue(_:services:at:dedupSince:)`` did.
-public enum EnqueueResult: Sendable, Equatable {
+package enum EnqueueResult: Sendable, Equatable {
     case accepted
     case duplicate
 }
 
 /// Where a delivery stands.
-public enum DeliveryStatus: String, Sendable, CaseIterable {
+package enum DeliveryStatus: String, Sendable, CaseIterable {
     case pending
     case delivered
     case dead
 }
 
 /// A leased delivery, with the event to send.
-public struct DeliveryJob: Sendable {
-    public var deliveryID: Int64
-    public var service: String
+package struct DeliveryJob: Sendable {
+    package var deliveryID: Int64
+    package var service: String
     /// The number of this attempt, from 1.
-    public var attempt: Int
-    public var event: KoraEvent
+    package var attempt: Int
+    package var event: KoraEvent
+
+    package init(deliveryID: Int64, service: String, attempt: Int, event: KoraEvent) {
+        self.deliveryID = deliveryID
+        self.service = service
+        self.attempt = attempt
+        self.event = event
+    }
 }
 
 /// One attempt to deliver.
-public struct AttemptRecord: Sendable, Equatable {
-    public var attempt: Int
-    public var at: UnixTime
+package struct AttemptRecord: Sendable, Equatable {
+    package var attempt: Int
+    package var at: UnixTime
     /// The service's HTTP status, when it answered.
-    public var statusCode: Int?
+    package var statusCode: Int?
     /// What went wrong, when it did (never a secret).
-    public var error: String?
-    public var durationMilliseconds: Int
+    package var error: String?
+    var durationMilliseconds: Int
 
-    public init(attempt: Int, at: UnixTime, statusCode: Int?, error: String?, durationMilliseconds: Int) {
+    package init(attempt: Int, at: UnixTime, statusCode: Int?, error: String?, durationMilliseconds: Int) {
         self.attempt = attempt
         self.at = at
         self.statusCode = statusCode
@@ -105,7 +114,7 @@ public struct AttemptRecord: Sendable, Equatable {
 }
 
 /// What happens to a delivery after an attempt.
-public enum NextStep: Sendable, Equatable {
+package enum NextStep: Sendable, Equatable {
     case delivered
     case retry(at: UnixTime)
     case dead
@@ -123,37 +132,56 @@ extension NextStep {
 }
 
 /// One delivery, as operators list it.
-public struct DeliverySummary: Sendable, Equatable {
-    public var id: Int64
-    public var eventID: String
-    public var eventType: String
-    public var service: String
-    public var status: DeliveryStatus
-    public var attempts: Int
-    public var nextAttemptAt: UnixTime?
-    public var lastStatusCode: Int?
-    public var lastError: String?
-    public var createdAt: UnixTime
-    public var updatedAt: UnixTime
+package struct DeliverySummary: Sendable, Equatable {
+    package var id: Int64
+    package var eventID: String
+    package var eventType: String
+    package var service: String
+    package var status: DeliveryStatus
+    package var attempts: Int
+    package var nextAttemptAt: UnixTime?
+    package var lastStatusCode: Int?
+    package var lastError: String?
+    package var createdAt: UnixTime
+    package var updatedAt: UnixTime
+
+    package init(id: Int64, eventID: String, eventType: String, service: String, status: DeliveryStatus, attempts: Int, nextAttemptAt: UnixTime?, lastStatusCode: Int?, lastError: String?, createdAt: UnixTime, updatedAt: UnixTime) {
+        self.id = id
+        self.eventID = eventID
+        self.eventType = eventType
+        self.service = service
+        self.status = status
+        self.attempts = attempts
+        self.nextAttemptAt = nextAttemptAt
+        self.lastStatusCode = lastStatusCode
+        self.lastError = lastError
+        self.createdAt = createdAt
+        self.updatedAt = updatedAt
+    }
 }
 
 /// One delivery with every attempt.
-public struct DeliveryDetail: Sendable, Equatable {
-    public var summary: DeliverySummary
-    public var attempts: [AttemptRecord]
+package struct DeliveryDetail: Sendable, Equatable {
+    package var summary: DeliverySummary
+    package var attempts: [AttemptRecord]
+
+    package init(summary: DeliverySummary, attempts: [AttemptRecord]) {
+        self.summary = summary
+        self.attempts = attempts
+    }
 }
 
 /// A signed payload that could not be normalised.
-public struct QuarantinedPayload: Sendable, Equatable {
-    public var id: Int64
-    public var receivedAt: UnixTime
-    public var reason: String
-    public var body: [UInt8]
+package struct QuarantinedPayload: Sendable, Equatable {
+    package var id: Int64
+    package var receivedAt: UnixTime
+    package var reason: String
+    package var body: [UInt8]
     /// Kora's signature and id headers as received.
-    public var headers: [String: String]
-    public var signatureVerified: Bool
+    package var headers: [String: String]
+    package var signatureVerified: Bool
 
-    public init(id: Int64 = 0, receivedAt: UnixTime, reason: String, body: [UInt8], headers: [String: String], signatureVerified: Bool) {
+    package init(id: Int64 = 0, receivedAt: UnixTime, reason: String, body: [UInt8], headers: [String: String], signatureVerified: Bool) {
         self.id = id
         self.receivedAt = receivedAt
         self.reason = reason
@@ -165,33 +193,54 @@ public struct QuarantinedPayload: Sendable, Equatable {
 
 /// An accepted event that matched no service's `events` filter, kept so that an operator can route
 /// it once the configuration changed.
-public struct UnroutedEvent: Sendable, Equatable {
+package struct UnroutedEvent: Sendable, Equatable {
     /// The store's row of the event (listed as `u<row>`).
-    public var row: Int64
-    public var eventID: String
-    public var eventType: String
-    public var verificationID: String?
-    public var receivedAt: UnixTime
-    public var signatureVerified: Bool
+    package var row: Int64
+    package var eventID: String
+    package var eventType: String
+    package var verificationID: String?
+    package var receivedAt: UnixTime
+    package var signatureVerified: Bool
+
+    package init(row: Int64, eventID: String, eventType: String, verificationID: String?, receivedAt: UnixTime, signatureVerified: Bool) {
+        self.row = row
+        self.eventID = eventID
+        self.eventType = eventType
+        self.verificationID = verificationID
+        self.receivedAt = receivedAt
+        self.signatureVerified = signatureVerified
+    }
 }
 
 /// How much a prune removed.
-public struct PruneResult: Sendable, Equatable {
-    public var deliveries: Int
-    public var seenIDs: Int
+package struct PruneResult: Sendable, Equatable {
+    package var deliveries: Int
+    package var seenIDs: Int
+
+    package init(deliveries: Int, seenIDs: Int) {
+        self.deliveries = deliveries
+        self.seenIDs = seenIDs
+    }
 }
 
 /// The outbox of one service in one status.
-public struct OutboxDepth: Sendable, Equatable {
-    public var service: String
-    public var status: DeliveryStatus
-    public var count: Int
+package struct OutboxDepth: Sendable, Equatable {
+    package var service: String
+    package var status: DeliveryStatus
+    package var count: Int
     /// When the oldest delivery in this state was created.
-    public var oldestCreatedAt: UnixTime?
+    package var oldestCreatedAt: UnixTime?
+
+    package init(service: String, status: DeliveryStatus, count: Int, oldestCreatedAt: UnixTime?) {
+        self.service = service
+        self.status = status
+        self.count = count
+        self.oldestCreatedAt = oldestCreatedAt
+    }
 }
 
 extension SidecarStore {
-    public func finishAndClaimNext(
+    package func finishAndClaimNext(
         deliveryID: Int64, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration
     ) async throws -> DeliveryJob? {
         try await finish(deliveryID: deliveryID, attempt: attempt, next: next)

@@ -1,4 +1,5 @@
 import Foundation
+import KoraSidecarCore
 import Logging
 import ServiceLifecycle
 
@@ -6,7 +7,7 @@ extension StorageConfiguration {
     /// Opens the configured store. `service` belongs first in the service group: it keeps the
     /// store running (PostgreSQL's connection pool) and closes it after everything else stopped.
     /// - Throws: ``StartupError`` naming the key when the store cannot be opened.
-    public func open(logger: Logger) throws -> (store: any SidecarStore, service: any Service) {
+    package func open(logger: Logger) throws -> (store: any SidecarStore, service: any Service) {
         if let url = postgresURL {
             let store = try openPostgres(url, logger: logger.with("component", "store"))
             return (store, store)
@@ -26,7 +27,7 @@ extension StorageConfiguration {
 
     /// Runs `body` with the configured store open, then closes it (one-shot commands, which never
     /// create a store: a SQLite file that does not exist is an error naming its path).
-    public func withStore<T: Sendable>(logger: Logger, _ body: @Sendable (any SidecarStore) async throws -> T) async throws -> T {
+    package func withStore<T: Sendable>(logger: Logger, _ body: @Sendable (any SidecarStore) async throws -> T) async throws -> T {
         guard let url = postgresURL else {
             guard FileManager.default.fileExists(atPath: sqlitePath) else {
                 throw StartupError(

@@ -1,6 +1,10 @@
 import Foundation
-import KoraSidecar
 import Testing
+
+@testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// Runs the real binary (configured by ``writeProcessConfig``, store in `directory`, `webhooks` added
 /// to the webhook listener's keys) delivering to a fresh receiver, for the duration of `body`; then
@@ -32,7 +36,7 @@ func withChildSidecar(
 func expectServesAValidWebhook(
     _ sidecar: RunningSidecar, _ receiver: Receiver, timeout: Duration = .seconds(10), _ sourceLocation: SourceLocation = #_sourceLocation
 ) async throws {
-    let id = "evt_probe_" + TestEvent.randomID()
+    let id = "evt_probe_" + RandomID.make()
     let answer = try await sendSigned(TestEvent.body(eventID: id), to: sidecar, timeout: timeout)
     #expect(answer.status == 200, "\(answer.body)", sourceLocation: sourceLocation)
     try await waitUntil("the probe \(id) to be delivered") { receiver.deliveries.contains { $0.header("webhook-id") == id } }

@@ -1,5 +1,5 @@
+import NIOConcurrencyHelpers
 import Foundation
-import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -94,10 +94,10 @@ final class SilentPeer: @unchecked Sendable {
     private let held = Connections()
 
     /// How many connections it accepted.
-    var accepted: Int { held.list.withLock { $0.count } }
+    var accepted: Int { held.list.withLockedValue { $0.count } }
 
     private final class Connections: Sendable {
-        let list = Mutex<[Int32]>([])
+        let list = NIOLockedValueBox<[Int32]>([])
     }
 
     init(_ behaviour: Behaviour) throws {
@@ -113,9 +113,9 @@ final class SilentPeer: @unchecked Sendable {
                     var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
                     setsockopt(connection, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
                     close(connection)
-                    held.list.withLock { $0.append(-1) }
+                    held.list.withLockedValue { $0.append(-1) }
                 } else {
-                    held.list.withLock { $0.append(connection) }
+                    held.list.withLockedValue { $0.append(connection) }
                 }
             }
         }.start()
@@ -123,6 +123,6 @@ final class SilentPeer: @unchecked Sendable {
 
     deinit {
         shutdown(listener.fd, Int32(SHUT_RDWR))
-        for fd in held.list.withLock({ $0 }) where fd >= 0 { close(fd) }
+        for fd in held.list.withLockedValue({ $0 }) where fd >= 0 { close(fd) }
     }
 }

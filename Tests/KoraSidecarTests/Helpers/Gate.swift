@@ -1,12 +1,12 @@
-import Synchronization
+import NIOConcurrencyHelpers
 
 /// Holds callers until it is opened: a service that hangs until the test lets it go.
 final class Gate: Sendable {
-    private let state = Mutex<(open: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
+    private let state = NIOLockedValueBox<(open: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
 
     func wait() async {
         await withCheckedContinuation { continuation in
-            let resume = state.withLock { state in
+            let resume = state.withLockedValue { state in
                 if state.open { return true }
                 state.waiters.append(continuation)
                 return false
@@ -16,7 +16,7 @@ final class Gate: Sendable {
     }
 
     func open() {
-        let waiters = state.withLock { state in
+        let waiters = state.withLockedValue { state in
             state.open = true
             defer { state.waiters = [] }
             return state.waiters

@@ -1,6 +1,10 @@
+import NIOConcurrencyHelpers
 import Foundation
-import KoraSidecar
-import Synchronization
+
+@testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// A real PostgreSQL server for the tests: Debian's binaries (`scripts/setup` installs them),
 /// initialised in a temporary directory, listening on 127.0.0.1 on a free port, stopped when the
@@ -14,7 +18,7 @@ final class PostgresServer: Sendable {
     static func shared() async throws -> PostgresServer { try await sharedServer.value }
 
     private static let sharedServer = Task { try await PostgresServer() }
-    private static let started = Mutex<[PostgresServer]>([])
+    private static let started = NIOLockedValueBox<[PostgresServer]>([])
 
     /// Initialises and starts a server of its own (a test that restarts its server needs one).
     init() async throws {
@@ -24,7 +28,7 @@ final class PostgresServer: Sendable {
         if getuid() == 0 { try await Self.spawn("/usr/bin/chown", ["postgres:postgres", directory]) }
         try await run("initdb", ["-D", directory + "/data", "-U", "kora", "-A", "trust", "--no-sync", "-E", "UTF8"])
         try await start()
-        let first = Self.started.withLock { started in
+        let first = Self.started.withLockedValue { started in
             started.append(self)
             return started.count == 1
         }
@@ -58,7 +62,7 @@ final class PostgresServer: Sendable {
     }
 
     private static func stopAll() {
-        for server in started.withLock({ $0 }) {
+        for server in started.withLockedValue({ $0 }) {
             _ = try? spawnAndWait(program: server.bin + "/pg_ctl", ["stop", "-m", "immediate", "-D", server.directory + "/data"])
             try? FileManager.default.removeItem(atPath: server.directory)
         }

@@ -1,3 +1,4 @@
+import NIOConcurrencyHelpers
 import AsyncHTTPClient
 import Foundation
 import HTTPTypes
@@ -6,9 +7,11 @@ import Logging
 import NIOCore
 import NIOHTTP1
 import ServiceLifecycle
-import Synchronization
 
 @testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// A client that never follows redirects (so a test sees what the proxy passed back) and opens a
 /// fresh connection per request (servers come and go between tests).
@@ -70,16 +73,16 @@ struct SDKStyleClient: Sendable {
 
 /// Records the proxy's waits instead of waiting; `onSleep` runs during each (e.g. to start Kora).
 final class SleepRecorder: Sendable {
-    private let recorded = Mutex<[Duration]>([])
+    private let recorded = NIOLockedValueBox<[Duration]>([])
     private let onSleep: @Sendable (Int, Duration) async throws -> Void
 
     init(onSleep: @escaping @Sendable (Int, Duration) async throws -> Void = { _, _ in }) { self.onSleep = onSleep }
 
-    var delays: [Duration] { recorded.withLock { $0 } }
+    var delays: [Duration] { recorded.withLockedValue { $0 } }
 
     var sleep: @Sendable (Duration) async throws -> Void {
         { duration in
-            let index = self.recorded.withLock { list in
+            let index = self.recorded.withLockedValue { list in
                 list.append(duration)
                 return list.count
             }
@@ -90,10 +93,10 @@ final class SleepRecorder: Sendable {
 
 /// A wall clock tests move by hand (the simulator's rate-limit window).
 final class ManualClock: Sendable {
-    private let now = Mutex(UnixTime(milliseconds: 1_800_000_000_000))
+    private let now = NIOLockedValueBox(UnixTime(milliseconds: 1_800_000_000_000))
 
-    func read() -> UnixTime { now.withLock { $0 } }
-    func advance(_ duration: Duration) { now.withLock { $0 = $0.adding(duration) } }
+    func read() -> UnixTime { now.withLockedValue { $0 } }
+    func advance(_ duration: Duration) { now.withLockedValue { $0 = $0.adding(duration) } }
 }
 
 /// A Kora that answers from a script: every request is recorded, then answered by the next reply
@@ -123,16 +126,16 @@ final class ScriptedKora: Sendable {
         func header(_ name: String) -> String? { headers[name.lowercased()]?.first }
     }
 
-    private let script: Mutex<[Reply]>
-    private let seen = Mutex<[Seen]>([])
+    private let script: NIOLockedValueBox<[Reply]>
+    private let seen = NIOLockedValueBox<[Seen]>([])
     private let released = Gate()
 
     /// Lets stalled requests end.
     func release() { released.open() }
 
-    init(_ script: [Reply] = []) { self.script = Mutex(script) }
+    init(_ script: [Reply] = []) { self.script = NIOLockedValueBox(script) }
 
-    var requests: [Seen] { seen.withLock { $0 } }
+    var requests: [Seen] { seen.withLockedValue { $0 } }
 
     private static func answer(_ status: Int, _ extra: [(String, String)], _ text: String) -> Response {
         var fields = HTTPFields()
@@ -148,8 +151,8 @@ final class ScriptedKora: Sendable {
         let entry = Seen(
             method: request.method.rawValue, path: request.uri.path, query: request.uri.query, headers: headers, bodyBytes: body.readableBytes,
             body: Array(body.readableBytesView))
-        seen.withLock { $0.append(entry) }
-        let reply = script.withLock { $0.isEmpty ? Reply.echo : $0.removeFirst() }
+        seen.withLockedValue { $0.append(entry) }
+        let reply = script.withLockedValue { $0.isEmpty ? Reply.echo : $0.removeFirst() }
         switch reply {
         case .answer(let status, let extra, let text):
             return Self.answer(status, extra, text)

@@ -1,10 +1,14 @@
+import NIOConcurrencyHelpers
 import Foundation
 import Hummingbird
-import KoraSidecar
 import Logging
 import NIOCore
 import ServiceLifecycle
-import Synchronization
+
+@testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// One request a receiver got.
 struct ReceivedDelivery: Sendable {
@@ -18,8 +22,8 @@ struct ReceivedDelivery: Sendable {
 
 /// A service that receives deliveries: a real Hummingbird listener on 127.0.0.1 port 0 or on a Unix socket.
 final class Receiver: Sendable {
-    private let received = Mutex<[ReceivedDelivery]>([])
-    private let counted = Mutex(0)
+    private let received = NIOLockedValueBox<[ReceivedDelivery]>([])
+    private let counted = NIOLockedValueBox(0)
     private let recording: Bool
     private let answer: @Sendable (ReceivedDelivery, Int) async -> HTTPResponse.Status
 
@@ -30,8 +34,8 @@ final class Receiver: Sendable {
         self.answer = answer
     }
 
-    var deliveries: [ReceivedDelivery] { received.withLock { $0 } }
-    var count: Int { counted.withLock { $0 } }
+    var deliveries: [ReceivedDelivery] { received.withLockedValue { $0 } }
+    var count: Int { counted.withLockedValue { $0 } }
 
     /// Waits until `count` deliveries arrived.
     func waitFor(_ count: Int, timeout: Duration = .seconds(10)) async throws -> [ReceivedDelivery] {
@@ -46,8 +50,8 @@ final class Receiver: Sendable {
         // HTTPTypes carries Host as the request's authority, not as a header field.
         if let authority = request.head.authority { headers["host"] = authority }
         let delivery = ReceivedDelivery(path: request.uri.path, headers: headers, body: Array(body.readableBytesView))
-        if recording { received.withLock { $0.append(delivery) } }
-        let index = counted.withLock { count in
+        if recording { received.withLockedValue { $0.append(delivery) } }
+        let index = counted.withLockedValue { count in
             count += 1
             return count - 1
         }

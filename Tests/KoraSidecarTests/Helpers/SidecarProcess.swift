@@ -1,7 +1,11 @@
+import NIOConcurrencyHelpers
 import Foundation
-import KoraSidecar
-import Synchronization
 import Testing
+
+@testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// The real `kora-sidecar` binary (built by `swift build --build-tests`).
 enum Binary {
@@ -21,7 +25,7 @@ enum Binary {
 /// `kora-sidecar serve` as a child process, with its log lines captured.
 final class SidecarProcess: @unchecked Sendable {
     private let process = Process()
-    private let lines = Mutex<[String]>([])
+    private let lines = NIOLockedValueBox<[String]>([])
 
     /// Starts `serve --config config`, or with no flag at all when `config` is nil (the
     /// configuration is then found as an operator's shell would find it, from `directory`).
@@ -44,14 +48,14 @@ final class SidecarProcess: @unchecked Sendable {
                 while let newline = buffer.firstIndex(of: 0x0A) {
                     let line = String(decoding: buffer[buffer.startIndex..<newline], as: UTF8.self)
                     buffer.removeSubrange(buffer.startIndex...newline)
-                    self.lines.withLock { $0.append(line) }
+                    self.lines.withLockedValue { $0.append(line) }
                 }
             }
         }.start()
     }
 
     var pid: Int32 { process.processIdentifier }
-    var log: [String] { lines.withLock { $0 } }
+    var log: [String] { lines.withLockedValue { $0 } }
 
     /// The ports the listeners bound, read from their `Listening` log lines.
     func ports(timeout: Duration = .seconds(20)) async throws -> (webhooks: Int, internal: Int) {

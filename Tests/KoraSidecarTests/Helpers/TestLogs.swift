@@ -1,20 +1,24 @@
-import KoraSidecar
+import NIOConcurrencyHelpers
 import Logging
-import Synchronization
+
+@testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// Captures log lines as the production handler renders them, so tests can read what operators see.
 final class TestLogs: Sendable {
-    private let lines = Mutex<[String]>([])
+    private let lines = NIOLockedValueBox<[String]>([])
 
     /// A logger writing JSON lines into this capture.
     func logger(level: Logger.Level = .debug) -> Logger {
         Logger(label: "test") { _ in CapturingHandler(logs: self, level: level) }
     }
 
-    func append(_ line: String) { lines.withLock { $0.append(line) } }
+    func append(_ line: String) { lines.withLockedValue { $0.append(line) } }
 
     /// Every line captured so far.
-    var all: [String] { lines.withLock { $0 } }
+    var all: [String] { lines.withLockedValue { $0 } }
 
     private struct CapturingHandler: LogHandler {
         let logs: TestLogs

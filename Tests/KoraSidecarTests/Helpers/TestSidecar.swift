@@ -1,10 +1,14 @@
 import AsyncHTTPClient
 import Foundation
 import Hummingbird
-import KoraSidecar
 import Logging
 import NIOCore
 import ServiceLifecycle
+
+@testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
 
 /// A sidecar running in this process on real loopback listeners bound to port 0.
 struct RunningSidecar: Sendable {

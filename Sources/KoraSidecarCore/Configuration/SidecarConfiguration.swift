@@ -1,0 +1,211 @@
+/// The whole configuration of one sidecar, validated, with every secret resolved (SPEC §3).
+public struct SidecarConfiguration: Sendable {
+    package var kora: KoraConfiguration
+    package var webhooks: WebhookConfiguration
+    package var `internal`: InternalConfiguration
+    package var metrics = MetricsConfiguration()
+    package var services: [ServiceConfiguration]
+    package var delivery: DeliveryConfiguration
+    package var storage: StorageConfiguration
+    package var logging: LoggingConfiguration
+
+    package init(
+        kora: KoraConfiguration = .init(),
+        webhooks: WebhookConfiguration,
+        internal: InternalConfiguration = .init(),
+        services: [ServiceConfiguration] = [],
+        delivery: DeliveryConfiguration = .init(),
+        storage: StorageConfiguration = .init(),
+        logging: LoggingConfiguration = .init()
+    ) {
+        self.kora = kora
+        self.webhooks = webhooks
+        self.internal = `internal`
+        self.services = services
+        self.delivery = delivery
+        self.storage = storage
+        self.logging = logging
+    }
+}
+
+/// Where a listener binds.
+package enum ListenAddress: Sendable, Equatable {
+    case tcp(host: String, port: Int)
+    case unixSocket(path: String)
+}
+
+/// Limits every listener enforces (size, time, connections).
+package struct ListenerLimits: Sendable, Equatable {
+    /// Largest request body accepted; larger answers 413.
+    package var maxBodyBytes: Int
+    /// Largest total size of the request headers.
+    package var maxHeaderBytes: Int = 16 * 1024
+    /// Time allowed to receive a whole request body.
+    package var readTimeoutSeconds: Int = 10
+    /// Time before an idle keep-alive connection is closed.
+    package var idleTimeoutSeconds: Int = 60
+    /// Most connections open at once; more wait in the kernel's backlog.
+    package var maxConnections: Int = 1024
+
+    package init(maxBodyBytes: Int) { self.maxBodyBytes = maxBodyBytes }
+}
+
+/// The Kora API the proxy talks to (`kora`).
+package struct KoraConfiguration: Sendable {
+    package var apiBaseURL = "https://api.korastratum.com/api/v1/idv"
+    package var apiKey: Secret?
+    package var tenantId: Secret?
+    package var callbackURL: String?
+    package var timeoutSeconds = 30
+    package var retry = RetryConfiguration()
+
+    package init() {}
+}
+
+/// Retries of calls to Kora (`kora.retry`).
+package struct RetryConfiguration: Sendable, Equatable {
+    package var maxAttempts = 3
+    package var initialDelayMilliseconds = 1000
+    package var maxDelayMilliseconds = 30000
+
+    package init() {}
+}
+
+/// Kora's two signature generations (KORA.md §3).
+public enum SignatureScheme: String, Sendable, CaseIterable {
+    case timestamped
+    case legacy
+}
+
+/// TLS on the public listener (`webhooks.tls`).
+package struct TLSFiles: Sendable, Equatable {
+    package var certificateFile: String
+    package var privateKeyFile: String
+}
+
+/// The public webhook listener (`webhooks`).
+package struct WebhookConfiguration: Sendable {
+    package var listen = ListenAddress.tcp(host: "0.0.0.0", port: 8080)
+    package var tls: TLSFiles?
+    package var path = "/webhooks/koraidv"
+    package var secrets: [Secret]
+    package var schemes: [SignatureScheme] = [.timestamped, .legacy]
+    package var toleranceSeconds = 300
+    package var enforce = true
+    package var dedupWindowHours = 168
+    package var limits = ListenerLimits(maxBodyBytes: 1_048_576)
+
+    package init(secrets: [Secret]) { self.secrets = secrets }
+}
+
+/// The internal listener: API proxy, health, metrics, admin (`internal`).
+package struct InternalConfiguration: Sendable {
+    package var listen = ListenAddress.tcp(host: "127.0.0.1", port: 8081)
+    package var adminToken: Secret?
+    package var limits = ListenerLimits(maxBodyBytes: 26_214_400)
+
+    init() {}
+}
+
+/// The optional metrics listener (`metrics`): `/metrics`, `/healthz` and `/readyz` only, so that
+/// Prometheus and the kubelet can reach them on the pod's address without reaching the proxy.
+package struct MetricsConfiguration: Sendable {
+    /// Where it binds; nil (the default) runs no metrics listener.
+    package var listen: ListenAddress?
+    package var limits = ListenerLimits(maxBodyBytes: 65_536)
+
+    init() {}
+}
+
+/// One internal service: who it is on the API proxy and where its events go (`services[]`).
+package struct ServiceConfiguration: Sendable {
+    package var name: String
+    package var token: Secret?
+    /// `METHOD /path` patterns this service may call; nil allows everything.
+    package var allow: [String]?
+    package var deliver: DeliverConfiguration?
+
+    package init(name: String, token: Secret? = nil, allow: [String]? = nil, deliver: DeliverConfiguration? = nil) {
+        self.name = name
+        self.token = token
+        self.allow = allow
+        self.deliver = deliver
+    }
+}
+
+/// Where a service receives its events.
+package enum DeliveryTarget: Sendable, Equatable {
+    /// An `http://` or `https://` URL.
+    case url(String)
+    /// A Unix domain socket and the request path on it.
+    case unixSocket(socketPath: String, path: String)
+}
+
+/// The body a service receives (SPEC §6).
+package enum DeliveryFormat: String, Sendable, CaseIterable {
+    case normalized
+    case original
+}
+
+/// How events reach one service (`services[].deliver`).
+package struct DeliverConfiguration: Sendable {
+    package var target: DeliveryTarget
+    package var format = DeliveryFormat.normalized
+    /// The Standard Webhooks key (`whsec_…`); nil sends no `webhook-signature`.
+    package var signingSecret: Secret?
+    package var headers: [(name: String, value: Secret)] = []
+    package var events: EventFilter = .all
+    package var onlyOwnVerifications = false
+    package var timeoutSeconds = 15
+
+    package init(target: DeliveryTarget) { self.target = target }
+
+    /// Header names the sidecar sets itself; configuration may not override them.
+    static let reservedHeaders: Set<String> = [
+        "webhook-id", "webhook-timestamp", "webhook-signature", "content-type", "content-length", "host",
+        "x-kora-event-type", "x-kora-delivery-attempt", "x-kora-signature-verified", "transfer-encoding", "connection",
+    ]
+}
+
+/// `direct` or `queued` delivery (SPEC §4.5).
+package enum DeliveryMode: String, Sendable, CaseIterable {
+    case queued
+    case direct
+}
+
+/// How the sidecar delivers (`delivery`).
+package struct DeliveryConfiguration: Sendable {
+    package var mode = DeliveryMode.queued
+    package var retrySchedule: [Duration] = ["5s", "30s", "2m", "10m", "30m", "1h", "2h", "4h", "8h", "12h"]
+        .compactMap(DurationText.parse)
+    package var concurrency = 16
+    /// How long in-flight deliveries may take to finish on SIGTERM before the process exits anyway.
+    package var drainTimeout = Duration.seconds(10)
+
+    init() {}
+}
+
+/// Where state is kept (`storage`).
+package struct StorageConfiguration: Sendable {
+    package var sqlitePath = "./data/kora-sidecar.sqlite"
+    /// `postgres://user:password@host:5432/database?sslmode=require`: when set, state is kept in
+    /// PostgreSQL, shared by every replica, and `sqlitePath` is not used.
+    package var postgresURL: Secret?
+
+    package init() {}
+}
+
+/// Log level and line format (`logging`).
+package struct LoggingConfiguration: Sendable {
+    /// One of swift-log's levels: trace, debug, info, notice, warning, error, critical.
+    package var level = "info"
+    package var format = LogFormat.json
+
+    init() {}
+}
+
+/// How log lines are written.
+package enum LogFormat: String, Sendable, CaseIterable {
+    case json
+    case text
+}

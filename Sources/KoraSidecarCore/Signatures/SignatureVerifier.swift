@@ -1,0 +1,103 @@
+import Crypto
+
+/// The signature headers of one request, as received.
+public struct SignatureHeaders: Sendable {
+    /// `X-Signature` (timestamped scheme).
+    public var signature: String?
+    /// `X-Timestamp`.
+    public var timestamp: String?
+    /// `X-Signature-Algorithm`.
+    package var algorithm: String?
+    /// `X-Kora-Signature` (legacy scheme).
+    public var legacySignature: String?
+
+    public init(signature: String? = nil, timestamp: String? = nil, algorithm: String? = nil, legacySignature: String? = nil) {
+        self.signature = signature
+        self.timestamp = timestamp
+        self.algorithm = algorithm
+        self.legacySignature = legacySignature
+    }
+}
+
+/// Why a request's signature was not accepted; each maps to one row of SPEC §4.2.
+public enum SignatureFailure: String, Error, Sendable, CaseIterable {
+    case missingSignature = "MISSING_SIGNATURE"
+    case invalidSignature = "INVALID_SIGNATURE"
+    case staleTimestamp = "STALE_TIMESTAMP"
+    case unsupportedAlgorithm = "UNSUPPORTED_ALGORITHM"
+}
+
+/// Verifies Kora webhook signatures over the exact raw body bytes, for every configured secret
+/// (rotation), in constant time, within the timestamp tolerance in both directions.
+public struct SignatureVerifier: Sendable {
+    private let keys: [SymmetricKey]
+    private let schemes: Set<SignatureScheme>
+    private let toleranceSeconds: Int64
+
+    public init(secrets: [Secret], schemes: [SignatureScheme], toleranceSeconds: Int) {
+        self.keys = secrets.map { SymmetricKey(data: $0.bytes) }
+        self.schemes = Set(schemes)
+        self.toleranceSeconds = Int64(toleranceSeconds)
+    }
+
+    /// Checks `body` against `headers` at time `now` (Unix seconds) and says which scheme matched.
+    ///
+    /// A request carrying `X-Signature` is judged by the timestamped scheme alone, so a valid legacy
+    /// signature cannot be used to bypass the replay window.
+    public func verify(body: [UInt8], headers: SignatureHeaders, now: Int64) -> Result<SignatureScheme, SignatureFailure> {
+        if let signature = headers.signature {
+            guard schemes.contains(.timestamped) else { return .failure(.invalidSignature) }
+            if let algorithm = headers.algorithm, algorithm.lowercased() != "sha256" {
+                return .failure(.unsupportedAlgorithm)
+            }
+            guard let text = headers.timestamp, let timestamp = Self.unixSeconds(text),
+                abs(now.subtractingReportingOverflow(timestamp).partialValue) <= toleranceSeconds
+            else { return .failure(.staleTimestamp) }
+            guard let code = Hex.decode(Substring(signature).utf8), code.count == SHA256.byteCount else {
+                return .failure(.invalidSignature)
+            }
+            for key in keys {
+                let expected = KoraSignature.timestampedCode(key: key, timestamp: text, body: body)
+                if ConstantTime.equal(expected, code) { return .success(.timestamped) }
+            }
+            return .failure(.invalidSignature)
+        }
+        if let signature = headers.legacySignature {
+            guard schemes.contains(.legacy) else { return .failure(.invalidSignature) }
+            guard let code = Hex.decode(Substring(signature).utf8), code.count == SHA256.byteCount else {
+                return .failure(.invalidSignature)
+            }
+            for key in keys where HMAC<SHA256>.isValidAuthenticationCode(code, authenticating: body, using: key) {
+                return .success(.legacy)
+            }
+            return .failure(.invalidSignature)
+        }
+        return .failure(.missingSignature)
+    }
+
+    /// Parses Unix seconds: ASCII digits only, at most 12 of them (no sign, no fraction, no spaces).
+    static func unixSeconds(_ text: String) -> Int64? {
+        guard (1...12).contains(text.utf8.count), text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else { return nil }
+        return Int64(text)
+    }
+}
+
+/// Comparison whose time does not depend on where two byte strings differ.
+package enum ConstantTime {
+    /// Whether `lhs` and `rhs` hold the same bytes; time depends only on their lengths.
+    package static func equal(_ lhs: some Sequence<UInt8>, _ rhs: some Collection<UInt8>) -> Bool {
+        var difference: UInt8 = 0
+        var count = 0
+        var other = rhs.makeIterator()
+        for byte in lhs {
+            difference |= byte ^ (other.next() ?? ~byte)
+            count += 1
+        }
+        return difference == 0 && count == rhs.count
+    }
+
+    /// Whether two strings are equal, compared as UTF-8 in constant time (tokens).
+    package static func equal(_ lhs: String, _ rhs: String) -> Bool {
+        equal(Array(lhs.utf8), Array(rhs.utf8))
+    }
+}

@@ -1,0 +1,234 @@
+import KoraSidecar
+import KoraSidecarCore
+import NIOConcurrencyHelpers
+
+/// A ``SidecarStore`` held in memory, for unit tests and for the demo: same behaviour, no durability.
+final class InMemoryStore: SidecarStore {
+    private struct Delivery {
+        var summary: DeliverySummary
+        var event: KoraEvent
+        var leaseUntil: UnixTime?
+        var attempts: [AttemptRecord] = []
+    }
+
+    private struct State {
+        var seen: [String: UnixTime] = [:]
+        var deliveries: [Int64: Delivery] = [:]
+        var nextID: Int64 = 1
+        var quarantine: [QuarantinedPayload] = []
+        var origins: [String: String] = [:]
+        var unrouted: [Int64: (listing: UnroutedEvent, event: KoraEvent)] = [:]
+
+        /// Adds one pending delivery of `event` per service.
+        mutating func addDeliveries(of event: KoraEvent, to services: [String], at: UnixTime) {
+            for service in services {
+                let id = nextID
+                nextID += 1
+                deliveries[id] = Delivery(
+                    summary: DeliverySummary(
+                        id: id, eventID: event.id, eventType: event.type, service: service, status: .pending, attempts: 0,
+                        nextAttemptAt: at, lastStatusCode: nil, lastError: nil, createdAt: at, updatedAt: at),
+                    event: event)
+            }
+        }
+    }
+
+    private let state = NIOLockedValueBox(State())
+
+    /// When set, every write fails with this error (fault injection in tests).
+    private let failure = NIOLockedValueBox<(any Error)?>(nil)
+
+    init() {}
+
+    /// Makes every following write fail with `error`, or succeed again with nil.
+    func failWrites(with error: (any Error)?) {
+        failure.withLockedValue { $0 = error }
+    }
+
+    private func write<T>(_ body: (inout State) throws -> T) throws -> T {
+        if let error = failure.withLockedValue({ $0 }) { throw error }
+        return try state.withLockedValue { try body(&$0) }
+    }
+
+    package func isDuplicate(eventID: String, since: UnixTime) async throws -> Bool {
+        state.withLockedValue { ($0.seen[eventID].map { $0 >= since }) ?? false }
+    }
+
+    package func remember(_ seen: [(eventID: String, at: UnixTime)]) async throws {
+        try write { state in
+            for (eventID, at) in seen { state.seen[eventID] = max(at, state.seen[eventID] ?? at) }
+        }
+    }
+
+    package func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws -> EnqueueResult {
+        try write { state in
+            for key in event.dedupKeys where (state.seen[key].map { $0 >= dedupSince } ?? false) { return .duplicate }
+            for key in event.dedupKeys { state.seen[key] = at }
+            if services.isEmpty {
+                let row = state.nextID
+                state.nextID += 1
+                state.unrouted[row] = (
+                    UnroutedEvent(
+                        row: row, eventID: event.id, eventType: event.type, verificationID: event.verificationID, receivedAt: at,
+                        signatureVerified: event.signatureVerified),
+                    event
+                )
+            }
+            state.addDeliveries(of: event, to: services, at: at)
+            return .accepted
+        }
+    }
+
+    package func quarantine(_ payload: QuarantinedPayload) async throws {
+        try write { state in
+            var payload = payload
+            payload.id = Int64(state.quarantine.count + 1)
+            state.quarantine.append(payload)
+        }
+    }
+
+    package func recordOrigin(verificationID: String, service: String, at: UnixTime) async throws {
+        try write { $0.origins[verificationID] = service }
+    }
+
+    package func origin(ofVerification verificationID: String) async throws -> String? {
+        state.withLockedValue { $0.origins[verificationID] }
+    }
+
+    package func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration) async throws -> [DeliveryJob] {
+        try write { state in
+            let due = state.deliveries.values
+                .filter {
+                    $0.summary.service == service && $0.summary.status == .pending && ($0.summary.nextAttemptAt ?? now) <= now
+                        && ($0.leaseUntil.map { $0 <= now } ?? true)
+                }
+                .sorted { ($0.summary.nextAttemptAt!, $0.summary.id) < ($1.summary.nextAttemptAt!, $1.summary.id) }
+                .prefix(limit)
+            return due.map { delivery in
+                state.deliveries[delivery.summary.id]?.leaseUntil = now.adding(lease)
+                return DeliveryJob(
+                    deliveryID: delivery.summary.id, service: service, attempt: delivery.summary.attempts + 1, event: delivery.event)
+            }
+        }
+    }
+
+    package func finish(deliveryID: Int64, attempt: AttemptRecord, next: NextStep) async throws {
+        try write { state in
+            guard var delivery = state.deliveries[deliveryID] else { return }
+            delivery.attempts.append(attempt)
+            delivery.leaseUntil = nil
+            delivery.summary.attempts = attempt.attempt
+            delivery.summary.lastStatusCode = attempt.statusCode
+            delivery.summary.lastError = attempt.error
+            delivery.summary.updatedAt = attempt.at
+            switch next {
+            case .delivered:
+                delivery.summary.status = .delivered
+                delivery.summary.nextAttemptAt = nil
+            case .retry(let at):
+                delivery.summary.status = .pending
+                delivery.summary.nextAttemptAt = at
+            case .dead:
+                delivery.summary.status = .dead
+                delivery.summary.nextAttemptAt = nil
+            }
+            state.deliveries[deliveryID] = delivery
+        }
+    }
+
+    package func nextDueTime(service: String) async throws -> UnixTime? {
+        state.withLockedValue { state in
+            state.deliveries.values
+                .filter { $0.summary.service == service && $0.summary.status == .pending }
+                .compactMap { delivery in delivery.summary.nextAttemptAt.map { max($0, delivery.leaseUntil ?? $0) } }
+                .min()
+        }
+    }
+
+    package func releaseLeases() async throws {
+        try write { state in
+            for id in state.deliveries.keys { state.deliveries[id]?.leaseUntil = nil }
+        }
+    }
+
+    package func deliveries(status: DeliveryStatus?, limit: Int) async throws -> [DeliverySummary] {
+        state.withLockedValue { state in
+            Array(
+                state.deliveries.values.map(\.summary).filter { status == nil || $0.status == status }
+                    .sorted { $0.id > $1.id }.prefix(limit))
+        }
+    }
+
+    package func delivery(id: Int64) async throws -> DeliveryDetail? {
+        state.withLockedValue { state in
+            state.deliveries[id].map { DeliveryDetail(summary: $0.summary, attempts: $0.attempts) }
+        }
+    }
+
+    package func quarantined(limit: Int) async throws -> [QuarantinedPayload] {
+        state.withLockedValue { Array($0.quarantine.reversed().prefix(limit)) }
+    }
+
+    package func unrouted(limit: Int?) async throws -> [UnroutedEvent] {
+        state.withLockedValue { Array($0.unrouted.values.map(\.listing).sorted { $0.row > $1.row }.prefix(limit ?? .max)) }
+    }
+
+    package func unroutedCount() async throws -> Int { state.withLockedValue { $0.unrouted.count } }
+
+    package func route(_ assignments: [(eventRow: Int64, services: [String])], at: UnixTime) async throws -> Int {
+        try write { state in
+            var created = 0
+            for (row, services) in assignments where !services.isEmpty {
+                guard let (_, event) = state.unrouted.removeValue(forKey: row) else { continue }
+                state.addDeliveries(of: event, to: services, at: at)
+                created += services.count
+            }
+            return created
+        }
+    }
+
+    package func requeue(id: Int64, at: UnixTime) async throws -> Bool {
+        try write { state in
+            guard var delivery = state.deliveries[id], delivery.summary.status != .delivered else { return false }
+            delivery.summary.status = .pending
+            delivery.summary.nextAttemptAt = at
+            delivery.summary.updatedAt = at
+            delivery.leaseUntil = nil
+            state.deliveries[id] = delivery
+            return true
+        }
+    }
+
+    package func requeueAllDead(at: UnixTime) async throws -> Int {
+        let dead = try await deliveries(status: .dead, limit: .max)
+        for delivery in dead { _ = try await requeue(id: delivery.id, at: at) }
+        return dead.count
+    }
+
+    package func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult {
+        try write { state in
+            let delivered = state.deliveries.filter { $0.value.summary.status == .delivered && $0.value.summary.updatedAt < deliveredBefore }
+            for id in delivered.keys { state.deliveries[id] = nil }
+            let seen = state.seen.filter { $0.value < seenBefore }
+            for id in seen.keys { state.seen[id] = nil }
+            state.quarantine.removeAll { $0.receivedAt < seenBefore }
+            state.unrouted = state.unrouted.filter { $0.value.listing.receivedAt >= seenBefore }
+            return PruneResult(deliveries: delivered.count, seenIDs: seen.count)
+        }
+    }
+
+    package func depth() async throws -> [OutboxDepth] {
+        state.withLockedValue { state in
+            Dictionary(grouping: state.deliveries.values.map(\.summary)) { "\($0.service)\u{0}\($0.status.rawValue)" }
+                .values.map { group in
+                    OutboxDepth(
+                        service: group[0].service, status: group[0].status, count: group.count,
+                        oldestCreatedAt: group.map(\.createdAt).min())
+                }
+        }
+    }
+
+    package func checkWritable(at: UnixTime) async throws {
+        try write { _ in }
+    }
+}
