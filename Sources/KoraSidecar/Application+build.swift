@@ -80,26 +80,27 @@ package func buildApplication(
         metrics: options.metrics,
         logger: logger.with("component", "dispatcher"))
     services.append(dispatcher)
-    let delivery: IngressDelivery
+    let handoff: any EventHandoff
     switch configuration.delivery.mode {
     case .direct:
         let delivered = DeliveredEvents(store: store, logger: logger.with("component", "ingress"))
         // Listed before the listeners, so it stops after them and writes the last ids before the store closes.
         services.append(delivered)
-        delivery = .direct(sender, delivered)
+        handoff = DirectHandoff(
+            store: store, sender: sender, delivered: delivered, metrics: options.metrics, logger: logger.with("component", "ingress"))
     case .queued:
-        delivery = .queued(dispatcher)
+        handoff = QueuedHandoff(store: store, dispatcher: dispatcher, logger: logger.with("component", "ingress"))
     }
     services.append(Housekeeping(store: store, retention: .seconds(configuration.webhooks.dedupWindowHours * 3600), logger: logger))
 
     let ingress = WebhookIngress(
         configuration: configuration.webhooks, store: store,
-        router: EventRouter(services: deliveryServices, store: store), delivery: delivery, clock: options.clock,
+        router: EventRouter(services: deliveryServices, store: store), handoff: handoff, clock: options.clock,
         metrics: options.metrics,
         logger: logger.with("component", "ingress"))
 
     let proxyClient = HTTPClient(
-        eventLoopGroupProvider: .singleton, configuration: KoraProxy.clientConfiguration(timeoutSeconds: configuration.kora.timeoutSeconds))
+        eventLoopGroupProvider: .singleton, configuration: KoraClient.clientConfiguration(timeoutSeconds: configuration.kora.timeoutSeconds))
     services.append(CloseOnShutdown { try? await proxyClient.shutdown() })
     let proxy = KoraProxy(
         configuration: configuration, client: proxyClient, store: store, options: options.koraProxy, metrics: options.metrics, logger: logger.with("component", "proxy"))

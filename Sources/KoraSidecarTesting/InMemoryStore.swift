@@ -2,7 +2,7 @@ import KoraSidecar
 import KoraSidecarCore
 import NIOConcurrencyHelpers
 
-/// A ``SidecarStore`` held in memory, for unit tests and for the demo: same behaviour, no durability.
+/// A ``SidecarStore`` held in memory, for tests that need no file: the same behaviour, no durability.
 final class InMemoryStore: SidecarStore {
     private struct Delivery {
         var summary: DeliverySummary

@@ -201,10 +201,5 @@ struct FaultInjectionTests {
 
 /// `chattr -i` without waiting on the cooperative pool (for `defer`).
 func clearImmutable(_ paths: [String]) {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/chattr")
-    process.arguments = ["-i"] + paths
-    process.standardError = FileHandle.nullDevice
-    try? process.run()
-    process.waitUntilExit()
+    _ = try? Child("/usr/bin/chattr", ["-i"] + paths, environment: [:]).waitForExit()
 }

@@ -62,15 +62,10 @@ struct OperationsTests {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let certificate = directory + "/cert.pem"
         let key = directory + "/key.pem"
-        let openssl = Process()
-        openssl.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
-        openssl.arguments = [
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", certificate, "-days", "1", "-subj", "/CN=localhost",
-        ]
-        openssl.standardError = FileHandle.nullDevice
-        try openssl.run()
-        openssl.waitUntilExit()
-        try #require(openssl.terminationStatus == 0)
+        let openssl = try await runTool(
+            "/usr/bin/openssl",
+            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", certificate, "-days", "1", "-subj", "/CN=localhost"])
+        try #require(openssl.status == 0, "\(openssl.stderr)")
 
         var configuration = testConfiguration(services: [])
         configuration.webhooks.tls = TLSFiles(certificateFile: certificate, privateKeyFile: key)

@@ -46,21 +46,7 @@ package struct EventSender: Sendable {
             _ = try? await response.body.collect(upTo: Self.maximumResponseBytes)
             return AttemptResult(statusCode: Int(response.status.code), error: nil, durationMilliseconds: elapsed())
         } catch {
-            return AttemptResult(statusCode: nil, error: Self.describe(error), durationMilliseconds: elapsed())
-        }
-    }
-
-    /// A short, secret-free description of a transport failure.
-    package static func describe(_ error: any Error) -> String {
-        switch error {
-        case let error as HTTPClientError where error == .deadlineExceeded || error == .readTimeout: "timed out"
-        case let error as HTTPClientError where error == .connectTimeout: "connect timed out"
-        case let error as HTTPClientError where error == .remoteConnectionClosed: "connection closed by the service"
-        case let error as HTTPClientError: "HTTP client error: \(error)"
-        case is NIOConnectionError: "connection refused"
-        case let error as IOError where error.errnoCode == ECONNREFUSED: "connection refused"
-        case let error as IOError: "I/O error: \(error.errnoCode)"
-        default: "delivery failed: \(type(of: error))"
+            return AttemptResult(statusCode: nil, error: HTTPClientFailure.describe(error), durationMilliseconds: elapsed())
         }
     }
 }

@@ -5,29 +5,21 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 
-/// How an accepted webhook reaches the services (SPEC §4.5).
-enum IngressDelivery: Sendable {
-    /// Deliver synchronously; 200 only when every service answered 2xx.
-    case direct(EventSender, DeliveredEvents)
-    /// Commit to the outbox, then wake the dispatcher.
-    case queued(OutboxDispatcher)
-}
-
-/// The webhook route (SPEC §4): read the raw body within limits, verify it before parsing,
-/// quarantine what cannot be parsed, de-duplicate, then deliver or store.
+/// The webhook route (SPEC §4), one pipeline that reads top to bottom: read the raw body within
+/// its limits → verify the signature over those bytes → normalise (quarantining what cannot be
+/// parsed) → hand to the delivery mode, which de-duplicates, routes and delivers or stores.
 struct WebhookIngress: Sendable {
     private let configuration: WebhookConfiguration
     private let verifier: SignatureVerifier
     private let store: any SidecarStore
     private let router: EventRouter
-    private let delivery: IngressDelivery
+    private let handoff: any EventHandoff
     private let clock: @Sendable () -> UnixTime
     private let metrics: SidecarMetrics
-    private let inFlight = InFlightEvents()
     private let logger: Logger
 
     init(
-        configuration: WebhookConfiguration, store: any SidecarStore, router: EventRouter, delivery: IngressDelivery,
+        configuration: WebhookConfiguration, store: any SidecarStore, router: EventRouter, handoff: any EventHandoff,
         clock: @escaping @Sendable () -> UnixTime = UnixTime.now, metrics: SidecarMetrics = SidecarMetrics(), logger: Logger
     ) {
         self.metrics = metrics
@@ -36,7 +28,7 @@ struct WebhookIngress: Sendable {
             secrets: configuration.secrets, schemes: configuration.schemes, toleranceSeconds: configuration.toleranceSeconds)
         self.store = store
         self.router = router
-        self.delivery = delivery
+        self.handoff = handoff
         self.clock = clock
         self.logger = logger
     }
@@ -64,122 +56,89 @@ struct WebhookIngress: Sendable {
     }
 
     private func accept(_ request: Request, context: SidecarRequestContext) async throws(SidecarHTTPError) -> Response {
-        let limits = configuration.limits
-        let buffer = try await BodyReader.collect(request, channel: context.channel, limit: limits.maxBodyBytes, logger: logger)
+        let buffer = try await BodyReader.collect(request, channel: context.channel, limit: configuration.limits.maxBodyBytes, logger: logger)
         let body = Array(buffer.readableBytesView)
         let now = clock()
-        let headers = SignatureHeaders(
-            signature: request.headers[Header.signature], timestamp: request.headers[Header.timestamp],
-            algorithm: request.headers[Header.algorithm], legacySignature: request.headers[Header.legacySignature])
-        var metadata: Logger.Metadata = ["webhook.bytes": "\(body.count)"]
+        var log: Logger.Metadata = ["webhook.bytes": "\(body.count)"]
+        let unverified = try verify(body, request.headers, at: now, &log)
+        let event = try await normalize(body, request.headers, verified: unverified == nil, at: now, &log)
+        let dedupSince = UnixTime(milliseconds: now.milliseconds - Int64(configuration.dedupWindowHours) * 3_600_000)
+        let result = try await handoff.take(event, at: now, dedupSince: dedupSince, route: { try await router.recipients(of: event) }, log: log)
+        return answer(result, unverified: unverified, log)
+    }
 
-        var unverified: SignatureFailure?
-        switch verifier.verify(body: body, headers: headers, now: now.seconds) {
+    /// Checks the signature over the raw bytes: nil when it holds, the failure when report-only
+    /// mode lets an unverified webhook through.
+    /// - Throws: 401 with the failure's code when enforcing.
+    private func verify(
+        _ body: [UInt8], _ headers: HTTPFields, at now: UnixTime, _ log: inout Logger.Metadata
+    ) throws(SidecarHTTPError) -> SignatureFailure? {
+        let signature = SignatureHeaders(
+            signature: headers[Header.signature], timestamp: headers[Header.timestamp], algorithm: headers[Header.algorithm],
+            legacySignature: headers[Header.legacySignature])
+        switch verifier.verify(body: body, headers: signature, now: now.seconds) {
         case .success(let scheme):
-            metadata["webhook.scheme"] = "\(scheme.rawValue)"
+            log["webhook.scheme"] = "\(scheme.rawValue)"
+            return nil
         case .failure(let failure):
-            metadata["webhook.result"] = "\(failure.rawValue)"
+            log["webhook.result"] = "\(failure.rawValue)"
             guard !configuration.enforce else {
-                logger.warning("Webhook rejected", metadata: metadata)
+                logger.warning("Webhook rejected", metadata: log)
                 throw SidecarHTTPError(.unauthorized, code: failure.rawValue, message: failure.message)
             }
-            logger.warning("Webhook signature not verified; delivering anyway (report-only mode)", metadata: metadata)
-            unverified = failure
+            logger.warning("Webhook signature not verified; delivering anyway (report-only mode)", metadata: log)
+            return failure
         }
-        let verified = unverified == nil
+    }
 
-        let originalHeaders = Header.original.compactMap { name in request.headers[name].map { (name.rawName, $0) } }
-        let event: KoraEvent
+    /// The event in the normalised schema.
+    /// - Throws: 400 `INVALID_PAYLOAD` once a signed payload that cannot be parsed is quarantined.
+    private func normalize(
+        _ body: [UInt8], _ headers: HTTPFields, verified: Bool, at now: UnixTime, _ log: inout Logger.Metadata
+    ) async throws(SidecarHTTPError) -> KoraEvent {
+        let originalHeaders = Header.original.compactMap { name in headers[name].map { (name.rawName, $0) } }
         do {
-            event = try EventNormalizer.normalize(
-                body: body, webhookID: request.headers[Header.webhookID], receivedAt: now, signatureVerified: verified,
+            let event = try EventNormalizer.normalize(
+                body: body, webhookID: headers[Header.webhookID], receivedAt: now, signatureVerified: verified,
                 originalHeaders: originalHeaders)
+            log["webhook.id"] = "\(event.id)"
+            log["webhook.type"] = "\(event.type)"
+            return event
         } catch {
-            try await quarantine(body, headers: originalHeaders, reason: error.reason, verified: verified, at: now, metadata)
+            try await quarantine(body, headers: originalHeaders, reason: error.reason, verified: verified, at: now, log)
             throw SidecarHTTPError(.badRequest, code: "INVALID_PAYLOAD", message: "The payload is not a JSON object with an event type: \(error.reason).")
         }
-        metadata["webhook.id"] = "\(event.id)"
-        metadata["webhook.type"] = "\(event.type)"
+    }
 
-        let recipients: [DeliveryService]
-        do {
-            recipients = try await router.recipients(of: event)
-        } catch {
-            throw storeUnavailable(error, metadata)
+    /// The 200 Kora gets, with its log line and metric.
+    private func answer(_ result: HandoffResult, unverified: SignatureFailure?, _ log: Logger.Metadata) -> Response {
+        var log = log
+        switch result {
+        case .duplicate:
+            log["webhook.result"] = "duplicate"
+            logger.info("Webhook already seen", metadata: log)
+            metrics.webhook("duplicate")
+            return JSONResponse.make(.ok, Self.duplicateBody)
+        case .unrouted:
+            log["webhook.result"] = "unrouted"
+            logger.warning("Webhook matched no service; kept as unrouted", metadata: log)
+        case .taken(let recipients):
+            log["webhook.result"] = "accepted"
+            log["webhook.recipients"] = "\(recipients)"
+            logger.info("Webhook accepted", metadata: log)
         }
-        let dedupSince = UnixTime(milliseconds: now.milliseconds - Int64(configuration.dedupWindowHours) * 3_600_000)
-        var result = "accepted"
-        switch delivery {
-        case _ where recipients.isEmpty:
-            // In either mode an event no service takes is kept, so that an operator can route it later.
-            guard try await store(event, for: [], at: now, dedupSince: dedupSince, metadata) == .accepted else { return duplicate(metadata) }
-            result = "unrouted"
-        case .queued(let dispatcher):
-            guard try await store(event, for: recipients, at: now, dedupSince: dedupSince, metadata) == .accepted else {
-                return duplicate(metadata)
-            }
-            dispatcher.notify(services: recipients.map(\.name))
-        case .direct(let sender, let delivered):
-            // Kora's two copies of an event (dashboard and callback URL) arrive together: the second
-            // waits for Kora's retry rather than being delivered twice.
-            guard inFlight.begin(event.id) else {
-                throw .unavailable("The same event is being delivered now; retry later.")
-            }
-            defer { inFlight.end(event.id) }
-            do {
-                if try await delivered.contains(any: event.dedupKeys, since: dedupSince) { return duplicate(metadata) }
-            } catch {
-                throw storeUnavailable(error, metadata)
-            }
-            guard await deliverDirectly(event, to: recipients, sender: sender, metadata) else {
-                throw .unavailable("A service did not accept the event; retry later.")
-            }
-            delivered.record(event.dedupKeys, at: now)
-        }
-        metadata["webhook.result"] = "\(result)"
-        metadata["webhook.recipients"] = "\(recipients.count)"
-        if result == "unrouted" {
-            logger.warning("Webhook matched no service; kept as unrouted", metadata: metadata)
-        } else {
-            logger.info("Webhook accepted", metadata: metadata)
-        }
+        // Report-only rollouts count what failed verification apart, whatever became of it.
         if let unverified {
             metrics.webhookUnverified(reason: unverified.rawValue)
         } else {
-            metrics.webhook(result)
+            metrics.webhook(result == .unrouted ? "unrouted" : "accepted")
         }
         return JSONResponse.make(.ok, Self.acceptedBody)
-    }
-
-    /// Commits `event` with a pending delivery for each of `recipients` (none: kept as unrouted).
-    private func store(
-        _ event: KoraEvent, for recipients: [DeliveryService], at now: UnixTime, dedupSince: UnixTime, _ metadata: Logger.Metadata
-    ) async throws(SidecarHTTPError) -> EnqueueResult {
-        do {
-            return try await store.enqueue(event, services: recipients.map(\.name), at: now, dedupSince: dedupSince)
-        } catch {
-            logger.error("Webhook not stored", metadata: metadata.merging(["error": "\(error)"]) { $1 })
-            throw .unavailable("The sidecar could not store the event; retry later.")
-        }
     }
 
     /// The two 200 bodies, encoded once.
     private static let acceptedBody = JSONWriter.encode(["received": true])
     private static let duplicateBody = JSONWriter.encode(["received": true, "duplicate": true])
-
-    /// Logs a failed store read and gives the 503 that makes Kora retry.
-    private func storeUnavailable(_ error: any Error, _ metadata: Logger.Metadata) -> SidecarHTTPError {
-        logger.error("Store unavailable", metadata: metadata.merging(["error": "\(error)"]) { $1 })
-        return .unavailable("The sidecar cannot reach its store; retry later.")
-    }
-
-    private func duplicate(_ metadata: Logger.Metadata) -> Response {
-        var metadata = metadata
-        metadata["webhook.result"] = "duplicate"
-        logger.info("Webhook already seen", metadata: metadata)
-        metrics.webhook("duplicate")
-        return JSONResponse.make(.ok, Self.duplicateBody)
-    }
 
     private func quarantine(
         _ body: [UInt8], headers: [(name: String, value: String)], reason: String, verified: Bool, at now: UnixTime,
@@ -203,36 +162,6 @@ struct WebhookIngress: Sendable {
         }
         logger.warning("Signed payload quarantined", metadata: metadata)
     }
-
-    /// Sends to every recipient at once; true when every one took it.
-    private func deliverDirectly(
-        _ event: KoraEvent, to recipients: [DeliveryService], sender: EventSender, _ metadata: Logger.Metadata
-    ) async -> Bool {
-        // One service, the usual case, is sent to from this task: a child task costs a thread hop.
-        let results: [(name: String, result: AttemptResult)] =
-            if recipients.count == 1 {
-                [(recipients[0].name, await sender.send(event, to: recipients[0], attempt: 1))]
-            } else {
-                await withTaskGroup(of: (name: String, result: AttemptResult).self) { group in
-                    for service in recipients {
-                        group.addTask { (service.name, await sender.send(event, to: service, attempt: 1)) }
-                    }
-                    return await group.reduce(into: []) { $0.append($1) }
-                }
-            }
-        var everyServiceTookIt = true
-        for (name, result) in results {
-            metrics.delivery(service: name, result: result.succeeded ? "delivered" : "refused", milliseconds: result.durationMilliseconds)
-            guard !result.succeeded else { continue }
-            var metadata = metadata
-            metadata["service"] = "\(name)"
-            metadata["delivery.status"] = "\(result.statusCode.map(String.init) ?? "-")"
-            if let error = result.error { metadata["error"] = "\(error)" }
-            logger.warning("Direct delivery refused", metadata: metadata)
-            everyServiceTookIt = false
-        }
-        return everyServiceTookIt
-    }
 }
 
 extension SignatureFailure {
@@ -245,14 +174,4 @@ extension SignatureFailure {
         case .unsupportedAlgorithm: "X-Signature-Algorithm must be sha256."
         }
     }
-}
-
-/// Event ids being delivered in `direct` mode right now.
-final class InFlightEvents: Sendable {
-    private let ids = NIOLockedValueBox<Set<String>>([])
-
-    /// Marks `id` in flight; false when it already was.
-    func begin(_ id: String) -> Bool { ids.withLockedValue { $0.insert(id).inserted } }
-
-    func end(_ id: String) { ids.withLockedValue { _ = $0.remove(id) } }
 }

@@ -13,7 +13,7 @@ package enum KoraCheck {
 
     /// Calls `GET /health` (no credentials), then a cheap authenticated read, `GET /document-types?country=US`.
     package static func run(_ kora: KoraConfiguration) async -> Report {
-        let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: KoraProxy.clientConfiguration(timeoutSeconds: kora.timeoutSeconds))
+        let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: KoraClient.clientConfiguration(timeoutSeconds: kora.timeoutSeconds))
         let report = await run(kora, client: client)
         try? await client.shutdown()
         return report
@@ -71,7 +71,7 @@ package enum KoraCheck {
             _ = try? await response.body.collect(upTo: 1 << 20)
             return .success(Answer(status: Int(response.status.code), milliseconds: Int((ContinuousClock.now - started).milliseconds)))
         } catch {
-            return .failure(EventSender.describe(error))
+            return .failure(HTTPClientFailure.describe(error))
         }
     }
 }

@@ -301,7 +301,7 @@ struct DemoWalk: Sendable {
             let text = String(buffer: bytes)
             return Answer(status: Int(response.status.code), body: text, json: try? JSONParser.parse(Array(text.utf8)))
         } catch {
-            return Answer(status: 0, body: "no answer: \(EventSender.describe(error))", json: nil)
+            return Answer(status: 0, body: "no answer: \(HTTPClientFailure.describe(error))", json: nil)
         }
     }
 

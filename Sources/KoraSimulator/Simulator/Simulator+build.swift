@@ -334,7 +334,7 @@ struct SimulatorWorker: Service {
                 record.statusCode = Int(response.status.code)
                 record.response = String(buffer: answer)
             } catch {
-                record.response = EventSender.describe(error)
+                record.response = HTTPClientFailure.describe(error)
             }
             logger.info(
                 "Webhook sent",

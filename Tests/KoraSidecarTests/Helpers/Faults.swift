@@ -14,26 +14,15 @@ func childEnvironment(_ given: [String: String], path: String) -> [String: Strin
 func runTool(
     _ executable: String, _ arguments: [String], environment: [String: String] = [:], input: [UInt8]? = nil, directory: String? = nil
 ) async throws -> (status: Int32, stdout: String, stderr: String) {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: executable)
-    if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
-    process.arguments = arguments
-    process.environment = childEnvironment(environment, path: "/usr/sbin:/usr/bin:/sbin:/bin")
-    let out = Pipe()
-    let err = Pipe()
-    let inPipe = Pipe()
-    process.standardOutput = out
-    process.standardError = err
-    process.standardInput = inPipe
-    try process.run()
-    if let input { inPipe.fileHandleForWriting.write(Data(input)) }
-    try inPipe.fileHandleForWriting.close()
-    return await offPool {
-        let stdout = out.fileHandleForReading.readDataToEndOfFile()
-        let stderr = err.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return (process.terminationStatus, String(decoding: stdout, as: UTF8.self), String(decoding: stderr, as: UTF8.self))
-    }
+    let scratch = try temporaryDirectory()
+    defer { try? FileManager.default.removeItem(atPath: scratch) }
+    try Data(input ?? []).write(to: URL(fileURLWithPath: scratch + "/in"))
+    let child = try Child(
+        executable, arguments, environment: childEnvironment(environment, path: "/usr/sbin:/usr/bin:/sbin:/bin"), directory: directory,
+        input: .file(scratch + "/in"), output: .file(scratch + "/out"), error: .file(scratch + "/err"))
+    let status = await offPool { child.waitForExit() }
+    func read(_ name: String) -> String { (try? String(contentsOfFile: scratch + "/" + name, encoding: .utf8)) ?? "" }
+    return (status, read("out"), read("err"))
 }
 
 /// A system tool that must succeed (mount, chattr): throws with its error output otherwise.

@@ -85,28 +85,16 @@ final class PostgresServer: Sendable {
         }
     }
 
-    /// Runs a command to completion with posix_spawn and waitpid (Foundation's `Process` was seen
-    /// spinning in `waitUntilExit` on `runuser`); its output goes to a file read back on failure.
+    /// Runs a command to completion (Foundation's `Process` was seen spinning in `waitUntilExit` on
+    /// `runuser`); its output goes to a file read back on failure.
     private static func spawnAndWait(_ executable: String, _ arguments: [String]) throws {
         let output = NSTemporaryDirectory() + "/pg-" + String(UInt32.random(in: 0...UInt32.max), radix: 36) + ".out"
         defer { unlink(output) }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        // Nothing else is inherited: the server would count the tests' open sockets against its own limit.
-        for name in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? [] {
-            if let fd = Int32(name), fd > 2 { posix_spawn_file_actions_addclose(&actions, fd) }
-        }
-        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        var pid = pid_t()
-        let spawned = posix_spawn(&pid, executable, &actions, nil, argv, environ)
-        guard spawned == 0 else { throw ToolFailed(description: "\(executable) cannot start: \(String(cString: strerror(spawned)))") }
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0, errno == EINTR {}
+        // Nothing else is inherited (Child closes every other descriptor): the server would count the
+        // tests' open sockets against its own limit.
+        let status = try Child(
+            executable, arguments, environment: ProcessInfo.processInfo.environment, output: .file(output), error: .sameAsOutput
+        ).waitForExit()
         guard status == 0 else {
             let text = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
             throw ToolFailed(description: "\(executable) \(arguments.first ?? "") failed (\(status)): \(text)")

@@ -24,37 +24,35 @@ enum Binary {
 
 /// `kora-sidecar serve` as a child process, with its log lines captured.
 final class SidecarProcess: @unchecked Sendable {
-    private let process = Process()
+    private let process: Child
     private let lines = NIOLockedValueBox<[String]>([])
 
     /// Starts `serve --config config`, or with no flag at all when `config` is nil (the
     /// configuration is then found as an operator's shell would find it, from `directory`).
     init(config: String?, environment: [String: String] = [:], directory: String? = nil) throws {
-        process.executableURL = URL(fileURLWithPath: Binary.path)
-        process.arguments = ["serve"] + (config.map { ["--config", $0] } ?? [])
-        process.environment = childEnvironment(environment, path: "/usr/bin:/bin")
-        if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
-        let err = Pipe()
-        process.standardError = err
-        process.standardOutput = FileHandle.nullDevice
-        try process.run()
-        let handle = err.fileHandleForReading
-        Thread { [self] in
-            var buffer = Data()
+        process = try Child(
+            Binary.path, ["serve"] + (config.map { ["--config", $0] } ?? []), environment: childEnvironment(environment, path: "/usr/bin:/bin"),
+            directory: directory, error: .pipe)
+        let fd = process.outputPipe!
+        let lines = self.lines
+        Thread {
+            var buffer: [UInt8] = []
+            var chunk = [UInt8](repeating: 0, count: 65536)
             while true {
-                let chunk = handle.availableData
-                if chunk.isEmpty { break }
-                buffer.append(chunk)
+                let count = read(fd, &chunk, chunk.count)
+                if count < 0, errno == EINTR { continue }
+                if count <= 0 { break }
+                buffer.append(contentsOf: chunk[0..<count])
                 while let newline = buffer.firstIndex(of: 0x0A) {
-                    let line = String(decoding: buffer[buffer.startIndex..<newline], as: UTF8.self)
-                    buffer.removeSubrange(buffer.startIndex...newline)
-                    self.lines.withLockedValue { $0.append(line) }
+                    let line = String(decoding: buffer[..<newline], as: UTF8.self)
+                    buffer.removeSubrange(...newline)
+                    lines.withLockedValue { $0.append(line) }
                 }
             }
         }.start()
     }
 
-    var pid: Int32 { process.processIdentifier }
+    var pid: Int32 { process.pid }
     var log: [String] { lines.withLockedValue { $0 } }
 
     /// The ports the listeners bound, read from their `Listening` log lines.
@@ -86,12 +84,12 @@ final class SidecarProcess: @unchecked Sendable {
         return RunningSidecar(webhookPort: ports.webhooks, internalPort: ports.internal, internalAddress: nil)
     }
 
-    func signal(_ number: Int32) { kill(process.processIdentifier, number) }
+    func signal(_ number: Int32) { process.signal(number) }
 
     /// Waits for the process to exit and returns its status.
     func exitStatus(timeout: Duration = .seconds(30)) async throws -> Int32 {
         try await waitUntil("the sidecar to exit", timeout: timeout) { !self.process.isRunning }
-        return process.terminationStatus
+        return process.exitStatus ?? -1
     }
 
     /// Expects the process to exit with status 0; on failure shows the end of its log (under a
@@ -109,7 +107,12 @@ final class SidecarProcess: @unchecked Sendable {
         return Int(line.split(separator: " ").dropFirst().first ?? "0") ?? 0
     }
 
-    deinit { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+    deinit {
+        if process.isRunning {
+            process.signal(SIGKILL)
+            _ = process.waitForExit()
+        }
+    }
 }
 
 /// Writes a sidecar configuration for a child process: both listeners on 127.0.0.1 port 0,

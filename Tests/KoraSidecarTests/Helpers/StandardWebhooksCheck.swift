@@ -18,17 +18,13 @@ func verifyWithReferenceLibrary(secret: String, delivery: ReceivedDelivery) thro
             print('rejected:', error)
             sys.exit(1)
         """
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    process.arguments = [
-        "python3", "-c", script, directory + "/body", delivery.header("webhook-id") ?? "", delivery.header("webhook-timestamp") ?? "",
-        delivery.header("webhook-signature") ?? "", secret,
-    ]
-    let pipe = Pipe()
-    process.standardOutput = pipe
-    process.standardError = pipe
-    try process.run()
-    process.waitUntilExit()
-    let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    return (process.terminationStatus == 0, output)
+    let child = try Child(
+        "/usr/bin/env",
+        [
+            "python3", "-c", script, directory + "/body", delivery.header("webhook-id") ?? "", delivery.header("webhook-timestamp") ?? "",
+            delivery.header("webhook-signature") ?? "", secret,
+        ],
+        environment: ProcessInfo.processInfo.environment, output: .file(directory + "/out"), error: .sameAsOutput)
+    let status = child.waitForExit()
+    return (status == 0, (try? String(contentsOfFile: directory + "/out", encoding: .utf8)) ?? "")
 }

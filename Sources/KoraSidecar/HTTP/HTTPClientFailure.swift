@@ -1,0 +1,54 @@
+import AsyncHTTPClient
+import NIOCore
+import NIOPosix
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// What an HTTP client error means, for every call the sidecar makes (deliveries, the Kora proxy,
+/// `check-kora`): whether the request can have reached the other side, and a short description
+/// for logs and attempt records that never holds a secret.
+package enum HTTPClientFailure: Equatable {
+    /// The connection was never established: nothing was sent, any method may be retried.
+    case notSent
+    /// No answer within the time-out.
+    case timedOut
+    /// The connection broke after the request may have been sent.
+    case lost
+
+    init(_ error: any Error) {
+        switch error {
+        case let error as HTTPClientError where error == .connectTimeout || error == .getConnectionFromPoolTimeout:
+            self = .notSent
+        case let error as HTTPClientError where error == .deadlineExceeded || error == .readTimeout:
+            self = .timedOut
+        case is NIOConnectionError:
+            self = .notSent
+        case let error as ChannelError:
+            if case .connectTimeout = error { self = .notSent } else { self = .lost }
+        case let error as IOError where [ECONNREFUSED, ENOENT, ENETUNREACH, EHOSTUNREACH, EADDRNOTAVAIL].contains(error.errnoCode):
+            self = .notSent
+        default:
+            self = .lost
+        }
+    }
+
+    /// What went wrong, in a few words.
+    package static func describe(_ error: any Error) -> String {
+        switch error {
+        case let error as HTTPClientError where error == .deadlineExceeded || error == .readTimeout: "timed out"
+        case let error as HTTPClientError where error == .connectTimeout: "connect timed out"
+        case let error as HTTPClientError where error == .remoteConnectionClosed: "connection closed by the other side"
+        case let error as HTTPClientError: "HTTP client error: \(error)"
+        case is NIOConnectionError: "connection refused"
+        case let error as IOError where error.errnoCode == ECONNREFUSED: "connection refused"
+        case let error as IOError: "I/O error: \(error.errnoCode)"
+        default: "request failed: \(type(of: error))"
+        }
+    }
+}

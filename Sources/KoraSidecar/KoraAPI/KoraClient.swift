@@ -1,0 +1,156 @@
+import AsyncHTTPClient
+import HTTPTypes
+import KoraSidecarCore
+import Logging
+import NIOCore
+import NIOHTTP1
+
+    /// One call to Kora as a service made it.
+struct KoraCall {
+    var method: HTTPRequest.Method
+    /// Relative to the Kora base, starting with `/`.
+    var path: String
+    var query: String?
+    var headers: HTTPFields
+    var body: ByteBuffer
+}
+
+/// Calls Kora for the proxy: adds the sidecar's credentials, drops the caller's, and retries what
+/// may safely be retried (a 429, a read that failed, a call that never left), waiting `Retry-After`
+/// or backing off; everything else comes back as Kora answered, or as the proxy's own error.
+struct KoraClient: Sendable {
+    private let kora: KoraConfiguration
+    /// `kora.apiBaseURL` without a trailing slash.
+    private let baseURL: String
+    private let client: HTTPClient
+    private let policy: ProxyRetryPolicy
+    private let metrics: SidecarMetrics
+    private let logger: Logger
+
+    init(kora: KoraConfiguration, client: HTTPClient, policy: ProxyRetryPolicy, metrics: SidecarMetrics, logger: Logger) {
+        self.kora = kora
+        var base = Substring(kora.apiBaseURL)
+        while base.hasSuffix("/") { base = base.dropLast() }
+        self.baseURL = String(base)
+        self.client = client
+        self.policy = policy
+        self.metrics = metrics
+        self.logger = logger
+    }
+
+    /// The proxy's own HTTP client: no redirects, connect and read time-outs of `kora.timeoutSeconds`,
+    /// no hidden connection retries (the proxy's retry rules decide, SPEC §5.1) and no tracing.
+    package static func clientConfiguration(timeoutSeconds: Int) -> HTTPClient.Configuration {
+        let timeout = TimeAmount.seconds(Int64(max(1, timeoutSeconds)))
+        var configuration = HTTPClient.Configuration(
+            redirectConfiguration: .disallow,
+            timeout: .init(connect: timeout, read: timeout),
+            connectionPool: .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 64))
+        configuration.connectionPool.retryConnectionEstablishment = false
+        configuration.decompression = .disabled
+        configuration.tracing.tracer = nil
+        return configuration
+    }
+
+    /// Sends `call` to Kora with the sidecar's credentials, retrying as SPEC §5.1 allows; answers
+    /// Kora's response (body not yet read) or throws the proxy's own error.
+    func send(_ call: KoraCall, service: String) async throws -> HTTPClientResponse {
+        let request = upstreamRequest(call)
+        let isRead = call.method == .get || call.method == .head
+        let timeout = TimeAmount.seconds(Int64(max(1, kora.timeoutSeconds)))
+        var attempt = 0
+        var status: Int?
+        var errorText: String?
+        // Built only for a line that is logged: a successful call logs at debug.
+        func metadata() -> Logger.Metadata {
+            var metadata: Logger.Metadata = [
+                "service": "\(service)", "kora.method": "\(call.method.rawValue)", "kora.path": "\(call.path)", "kora.attempt": "\(attempt)",
+            ]
+            if let status { metadata["kora.status"] = "\(status)" }
+            if let errorText { metadata["error"] = "\(errorText)" }
+            return metadata
+        }
+        while true {
+            attempt += 1
+            let response: HTTPClientResponse
+            let started = ContinuousClock.now
+            do {
+                response = try await client.execute(request, timeout: timeout)
+                metrics.koraCall(
+                    statusClass: "\(response.status.code / 100)xx", milliseconds: Int((ContinuousClock.now - started).milliseconds))
+            } catch {
+                metrics.koraCall(statusClass: "error", milliseconds: Int((ContinuousClock.now - started).milliseconds))
+                try Task.checkCancellation()
+                let failure = HTTPClientFailure(error)
+                errorText = HTTPClientFailure.describe(error)
+                if attempt < policy.maxAttempts, failure == .notSent || (isRead && failure == .lost) {
+                    logger.debug("Kora call failed; retrying", metadata: metadata())
+                    try await policy.sleep(policy.backoff(after: attempt))
+                    continue
+                }
+                logger.warning("Kora could not be reached", metadata: metadata())
+                throw failure.proxyError
+            }
+            let code = Int(response.status.code)
+            status = code
+            if attempt < policy.maxAttempts, code == 429 || (isRead && code >= 500),
+                let delay = policy.delay(after: attempt, retryAfter: response.headers.first(name: "retry-after"))
+            {
+                logger.debug("Kora asked to retry", metadata: metadata())
+                _ = try? await response.body.collect(upTo: 1 << 20)
+                try await policy.sleep(delay)
+                continue
+            }
+            if code == 401 || code == 403 {
+                _ = try? await response.body.collect(upTo: 1 << 20)
+                logger.error("Kora rejected the sidecar's own API key: check kora.apiKey and kora.tenantId", metadata: metadata())
+                metrics.koraCredentialsRejected()
+                throw SidecarHTTPError(
+                    .badGateway, code: "KORA_CREDENTIALS_REJECTED",
+                    message: "Kora rejected the sidecar's credentials; an operator must check kora.apiKey and kora.tenantId.")
+            }
+            logger.debug("Kora call answered", metadata: metadata())
+            return response
+        }
+    }
+
+    /// Request header names never forwarded: the caller's credentials and hop-by-hop headers
+    /// (RFC 9110 §7.6.1), plus what the client sets itself. `Accept-Encoding` is dropped so that
+    /// Kora answers uncompressed bytes the proxy can pass on unchanged.
+    static let droppedRequestHeaders: Set<String> = [
+        "authorization", "x-tenant-id", "cookie", "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+        "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect", "accept-encoding",
+    ]
+
+    private func upstreamRequest(_ call: KoraCall) -> HTTPClientRequest {
+        var url = baseURL + call.path
+        if let query = call.query, !query.isEmpty { url += "?" + query }
+        var request = HTTPClientRequest(url: url)
+        request.method = HTTPMethod(rawValue: call.method.rawValue)
+        let connection = call.headers[values: .connection]
+        let listed = connection.isEmpty ? [] : Set(connection.flatMap { $0.split(separator: ",") }.map { $0.trimmingSpaces.lowercased() })
+        for field in call.headers {
+            let name = field.name.canonicalName
+            if Self.droppedRequestHeaders.contains(name) || listed.contains(name) { continue }
+            request.headers.add(name: field.name.rawName, value: field.value)
+        }
+        request.headers.add(name: "Authorization", value: "Bearer " + (kora.apiKey?.value ?? ""))
+        request.headers.add(name: "X-Tenant-ID", value: kora.tenantId?.value ?? "")
+        if call.body.readableBytes > 0 || ![HTTPRequest.Method.get, .head, .delete, .options].contains(call.method) {
+            request.body = .bytes(call.body)
+        }
+        return request
+    }
+}
+
+extension HTTPClientFailure {
+    /// The proxy's answer when this failure ends a call to Kora.
+    var proxyError: SidecarHTTPError {
+        switch self {
+        case .timedOut:
+            SidecarHTTPError(.gatewayTimeout, code: "KORA_TIMEOUT", message: "Kora did not answer in time.")
+        case .notSent, .lost:
+            SidecarHTTPError(.badGateway, code: "KORA_UNREACHABLE", message: "Kora could not be reached.")
+        }
+    }
+}
