@@ -764,12 +764,7 @@ def test_the_example_app_receives_events_from_the_real_sidecar(sidecar_bin, tmp_
             time.sleep(0.1)
         assert received[0]["verification"]["externalId"] == "test-approve-deploy"
     finally:
-        sidecar.terminate()
-        try:
-            output, _ = sidecar.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            sidecar.kill()
-            output, _ = sidecar.communicate()
+        output = stop(sidecar)
         server.shutdown()
     assert sidecar.returncode == 0, output
 

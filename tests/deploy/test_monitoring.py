@@ -26,7 +26,7 @@ DASHBOARD = MONITORING / "grafana-dashboard.json"
 PROMETHEUS_CONFIG = MONITORING / "prometheus.yml"
 POD_MONITOR = MONITORING / "podmonitor.yaml"
 
-# The metrics kora-sidecar exports once issue 14 is done, with their label values. The rules and
+# The metrics kora-sidecar exports, with their label values. The rules and
 # the dashboard may name only these (and Prometheus' own `up`); test_metric_names_are_exported_by_
 # the_sources checks the same names against the Swift sources.
 CONTRACT_METRICS = {
