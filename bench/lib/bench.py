@@ -51,11 +51,13 @@ def event_id_for(prefix, i):
     return "evt_%s%08d" % (hashlib.sha1(prefix.encode()).hexdigest()[:6], i)
 
 
-def gen_requests(prefix_path, secret, count, prefix, threads):
+def gen_requests(prefix_path, secret, count, prefix, threads, scheme="kora"):
     """Writes `count` requests split over `threads` files prefix_path.0 … (one per wrk thread, so no
     two threads send the same event), one line each: `timestamp \t signature \t id \t body`, every
     body with its own event id, signed as Kora's timestamped scheme: lowercase hex
-    HMAC-SHA256(secret as UTF-8, "{timestamp}.{body}"). Prints the body size in bytes."""
+    HMAC-SHA256(secret as UTF-8, "{timestamp}.{body}"). With scheme "guide", the signature is the
+    integration guide's instead, HMAC-SHA256 of the body alone (for the Flask row, which webhook.lua
+    then sends as X-Kora-Signature). Prints the body size in bytes."""
     ts = str(int(time.time()))
     key = secret.encode()
     files = [open("%s.%d" % (prefix_path, t), "w") for t in range(threads)]
@@ -63,7 +65,8 @@ def gen_requests(prefix_path, secret, count, prefix, threads):
         for i in range(count):
             event_id = event_id_for(prefix, i)
             body = body_for(event_id)
-            sig = hmac.new(key, (ts + "." + body).encode(), hashlib.sha256).hexdigest()
+            signed = body if scheme == "guide" else ts + "." + body
+            sig = hmac.new(key, signed.encode(), hashlib.sha256).hexdigest()
             files[i % threads].write(ts + "\t" + sig + "\t" + event_id + "\t" + body + "\n")
     finally:
         for f in files:
@@ -310,7 +313,7 @@ def main(argv):
     if cmd == "free-ports":
         print(" ".join(map(str, free_ports(int(argv[2])))))
     elif cmd == "gen-requests":
-        print(gen_requests(argv[2], argv[3], int(argv[4]), argv[5], int(argv[6])))
+        print(gen_requests(argv[2], argv[3], int(argv[4]), argv[5], int(argv[6]), *argv[7:8]))
     elif cmd == "wait-ready":
         return wait_ready(argv[2], int(argv[3]), float(argv[4]))
     elif cmd == "wait-http":
