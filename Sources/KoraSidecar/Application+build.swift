@@ -76,7 +76,8 @@ package func buildApplication(
     let dispatcher = OutboxDispatcher(
         store: store, sender: sender, services: deliveryServices,
         policy: options.retryPolicy ?? RetryPolicy(schedule: configuration.delivery.retrySchedule),
-        concurrency: configuration.delivery.concurrency, drainTimeout: configuration.delivery.drainTimeout,
+        concurrency: configuration.delivery.concurrency, ordering: configuration.delivery.ordering,
+        drainTimeout: configuration.delivery.drainTimeout,
         metrics: options.metrics,
         logger: logger.with("component", "dispatcher"))
     services.append(dispatcher)

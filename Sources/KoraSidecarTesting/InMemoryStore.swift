@@ -19,6 +19,15 @@ final class InMemoryStore: SidecarStore {
         var origins: [String: String] = [:]
         var unrouted: [Int64: (listing: UnroutedEvent, event: KoraEvent)] = [:]
 
+        /// Whether an earlier delivery of the same verification is pending for the same service.
+        func waitsBehindEarlier(_ delivery: Delivery) -> Bool {
+            guard let verification = delivery.event.verificationID else { return false }
+            return deliveries.values.contains {
+                $0.event.verificationID == verification && $0.summary.service == delivery.summary.service && $0.summary.status == .pending
+                    && $0.summary.id < delivery.summary.id
+            }
+        }
+
         /// Adds one pending delivery of `event` per service.
         mutating func addDeliveries(of event: KoraEvent, to services: [String], at: UnixTime) {
             for service in services {
@@ -95,12 +104,12 @@ final class InMemoryStore: SidecarStore {
         state.withLockedValue { $0.origins[verificationID] }
     }
 
-    package func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration) async throws -> [DeliveryJob] {
+    package func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration, ordered: Bool) async throws -> [DeliveryJob] {
         try write { state in
             let due = state.deliveries.values
                 .filter {
                     $0.summary.service == service && $0.summary.status == .pending && ($0.summary.nextAttemptAt ?? now) <= now
-                        && ($0.leaseUntil.map { $0 <= now } ?? true)
+                        && ($0.leaseUntil.map { $0 <= now } ?? true) && !(ordered && state.waitsBehindEarlier($0))
                 }
                 .sorted { ($0.summary.nextAttemptAt!, $0.summary.id) < ($1.summary.nextAttemptAt!, $1.summary.id) }
                 .prefix(limit)
@@ -136,10 +145,10 @@ final class InMemoryStore: SidecarStore {
         }
     }
 
-    package func nextDueTime(service: String) async throws -> UnixTime? {
+    package func nextDueTime(service: String, ordered: Bool) async throws -> UnixTime? {
         state.withLockedValue { state in
             state.deliveries.values
-                .filter { $0.summary.service == service && $0.summary.status == .pending }
+                .filter { $0.summary.service == service && $0.summary.status == .pending && !(ordered && state.waitsBehindEarlier($0)) }
                 .compactMap { delivery in delivery.summary.nextAttemptAt.map { max($0, delivery.leaseUntil ?? $0) } }
                 .min()
         }

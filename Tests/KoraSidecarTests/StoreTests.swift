@@ -34,9 +34,10 @@ struct StoreTests {
         }
     }
 
-    func event(_ id: String) throws -> KoraEvent {
+    func event(_ id: String, verification: String = "ver_" + RandomID.make()) throws -> KoraEvent {
         try EventNormalizer.normalize(
-            body: TestEvent.body(eventID: id), webhookID: nil, receivedAt: .now(), originalHeaders: [("X-Signature", "abc")])
+            body: TestEvent.body(eventID: id, verificationID: verification), webhookID: nil, receivedAt: .now(),
+            originalHeaders: [("X-Signature", "abc")])
     }
 
     let t0 = UnixTime(milliseconds: 1_800_000_000_000)
@@ -94,6 +95,34 @@ struct StoreTests {
     }
 
     @Test(arguments: Kind.allCases)
+    func aVerificationsLaterEventWaitsWhileAnEarlierOneIsPending(kind: Kind) async throws {
+        let (store, cleanup) = try await makeStore(kind)
+        defer { cleanup() }
+        _ = try await store.enqueue(event("v1-first", verification: "ver_1"), services: ["a", "b"], at: t0, dedupSince: at(-100))
+        _ = try await store.enqueue(event("v1-second", verification: "ver_1"), services: ["a"], at: at(1), dedupSince: at(-100))
+        _ = try await store.enqueue(event("v2-only", verification: "ver_2"), services: ["a"], at: at(2), dedupSince: at(-100))
+        let first = try await store.claimDue(service: "a", now: at(5), limit: 10, lease: .seconds(30), ordered: true)
+        #expect(first.map(\.event.id) == ["v1-first", "v2-only"])
+        let done = AttemptRecord(attempt: 1, at: at(5), statusCode: 204, error: nil, durationMilliseconds: 1)
+        try await store.finish(deliveryID: first[1].deliveryID, attempt: done, next: .delivered)
+        // A retry keeps the later event waiting, and the wait is not "due now".
+        let failed = AttemptRecord(attempt: 1, at: at(5), statusCode: 500, error: nil, durationMilliseconds: 1)
+        try await store.finish(deliveryID: first[0].deliveryID, attempt: failed, next: .retry(at: at(60)))
+        #expect(try await store.claimDue(service: "a", now: at(10), limit: 10, lease: .seconds(30), ordered: true).isEmpty)
+        #expect(try await store.nextDueTime(service: "a", ordered: true) == at(60))
+        // Unordered, the later event would go now; another service is not held up either way.
+        #expect(try await store.nextDueTime(service: "a", ordered: false) == at(1))
+        #expect(try await store.claimDue(service: "b", now: at(10), limit: 10, lease: .seconds(30), ordered: true).count == 1)
+        // Once the earlier one is delivered (or dead), the later one goes.
+        let retried = try #require(try await store.claimDue(service: "a", now: at(60), limit: 10, lease: .seconds(30), ordered: true).first)
+        #expect(retried.event.id == "v1-first")
+        let delivered = AttemptRecord(attempt: 2, at: at(61), statusCode: 204, error: nil, durationMilliseconds: 1)
+        let next = try await store.finishAndClaimNext(
+            deliveryID: retried.deliveryID, attempt: delivered, next: .delivered, service: "a", now: at(61), lease: .seconds(30), ordered: true)
+        #expect(next?.event.id == "v1-second")
+    }
+
+    @Test(arguments: Kind.allCases)
     func claimLeasesDueDeliveriesOldestFirst(kind: Kind) async throws {
         let (store, cleanup) = try await makeStore(kind)
         defer { cleanup() }
@@ -124,7 +153,7 @@ struct StoreTests {
         let first = try #require(try await store.claimDue(service: "a", now: at(10), limit: 1, lease: .seconds(30)).first)
         let delivered = AttemptRecord(attempt: 1, at: at(10), statusCode: 204, error: nil, durationMilliseconds: 2)
         let second = try await store.finishAndClaimNext(
-            deliveryID: first.deliveryID, attempt: delivered, next: .delivered, service: "a", now: at(11), lease: .seconds(30))
+            deliveryID: first.deliveryID, attempt: delivered, next: .delivered, service: "a", now: at(11), lease: .seconds(30), ordered: false)
         #expect(second?.event.id == "e1")
         #expect(try await store.delivery(id: first.deliveryID)?.summary.status == .delivered)
         // The next one is leased: no other worker gets it until the lease ends.
@@ -133,9 +162,9 @@ struct StoreTests {
         // With nothing left to lease, the attempt is still recorded.
         let last = try await store.finishAndClaimNext(
             deliveryID: try #require(second).deliveryID, attempt: delivered, next: .retry(at: at(100)), service: "a", now: at(43),
-            lease: .seconds(30))
+            lease: .seconds(30), ordered: false)
         #expect(last == nil)
-        #expect(try await store.nextDueTime(service: "a") == at(100))
+        #expect(try await store.nextDueTime(service: "a", ordered: false) == at(100))
     }
 
     @Test(arguments: Kind.allCases)
@@ -148,7 +177,7 @@ struct StoreTests {
             deliveryID: job.deliveryID, attempt: .init(attempt: 1, at: t0, statusCode: 500, error: nil, durationMilliseconds: 3),
             next: .retry(at: at(60)))
         #expect(try await store.claimDue(service: "a", now: at(59), limit: 1, lease: .seconds(30)).isEmpty)
-        #expect(try await store.nextDueTime(service: "a") == at(60))
+        #expect(try await store.nextDueTime(service: "a", ordered: false) == at(60))
         let second = try #require(try await store.claimDue(service: "a", now: at(60), limit: 1, lease: .seconds(30)).first)
         #expect(second.attempt == 2)
         try await store.finish(
@@ -170,7 +199,7 @@ struct StoreTests {
         #expect(try await store.deliveries(status: .delivered, limit: 10).count == 1)
         #expect(try await !store.requeue(id: job.deliveryID, at: at(80)))
         #expect(try await !store.requeue(id: 9999, at: at(80)))
-        #expect(try await store.nextDueTime(service: "a") == nil)
+        #expect(try await store.nextDueTime(service: "a", ordered: false) == nil)
     }
 
     @Test(arguments: Kind.allCases)

@@ -17,6 +17,8 @@ final class OutboxDispatcher: Service, Sendable {
     private let services: [DeliveryService]
     private let policy: RetryPolicy
     private let concurrency: Int
+    /// Whether a verification's events go to a service in the order they were accepted.
+    private let ordered: Bool
     private let drainTimeout: Duration
     private let metrics: SidecarMetrics
     private let logger: Logger
@@ -31,8 +33,10 @@ final class OutboxDispatcher: Service, Sendable {
 
     init(
         store: any SidecarStore, sender: EventSender, services: [DeliveryService], policy: RetryPolicy, concurrency: Int,
-        drainTimeout: Duration = .seconds(10), metrics: SidecarMetrics = SidecarMetrics(), logger: Logger
+        ordering: DeliveryOrdering = .verification, drainTimeout: Duration = .seconds(10), metrics: SidecarMetrics = SidecarMetrics(),
+        logger: Logger
     ) {
+        self.ordered = ordering == .verification
         self.metrics = metrics
         self.store = store
         self.sender = sender
@@ -98,12 +102,12 @@ final class OutboxDispatcher: Service, Sendable {
             guard !stopping.load(ordering: .relaxed) else { return }
             let generation = doorbell.generation
             do {
-                if let job = try await store.claimDue(service: service.name, now: .now(), limit: 1, lease: lease).first {
+                if let job = try await store.claimDue(service: service.name, now: .now(), limit: 1, lease: lease, ordered: ordered).first {
                     held = job
                     continue
                 }
                 let wait: Duration =
-                    if let next = try await store.nextDueTime(service: service.name) {
+                    if let next = try await store.nextDueTime(service: service.name, ordered: ordered) {
                         .milliseconds(min(max(next.milliseconds - UnixTime.now().milliseconds, 1), Self.idlePoll.milliseconds))
                     } else {
                         Self.idlePoll
@@ -142,7 +146,7 @@ final class OutboxDispatcher: Service, Sendable {
                 return nil
             }
             return try await store.finishAndClaimNext(
-                deliveryID: job.deliveryID, attempt: record, next: next, service: service.name, now: .now(), lease: lease)
+                deliveryID: job.deliveryID, attempt: record, next: next, service: service.name, now: .now(), lease: lease, ordered: ordered)
         } catch {
             logger.error("Could not record a delivery attempt", metadata: metadata.merging(["error": "\(error)"]) { $1 })
             return nil

@@ -47,6 +47,8 @@ enum PostgresSchema {
             "ALTER TABLE kora_events ADD COLUMN unrouted BOOLEAN NOT NULL DEFAULT FALSE",
             "CREATE INDEX kora_events_unrouted ON kora_events(id) WHERE unrouted",
         ],
+        // Delivery in order per verification looks for an earlier pending delivery of the same verification.
+        ["CREATE INDEX kora_events_verification ON kora_events(verification_id) WHERE verification_id IS NOT NULL"],
     ]
 
     /// Any constant, the same in every replica: the advisory lock that serialises migrations.

@@ -260,17 +260,29 @@ final class PostgresStore: SidecarStore, Service {
 
     // MARK: The outbox
 
-    package func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration) async throws -> [DeliveryJob] {
+    /// With `ordered`, the condition that no earlier delivery of the same verification is pending
+    /// for the same service (`d` is the delivery, `e` its event): across replicas, since a leased
+    /// delivery stays pending until its attempt is recorded.
+    private static func inOrder(_ ordered: Bool) -> String {
+        guard ordered else { return "" }
+        return """
+             AND (e.verification_id IS NULL OR NOT EXISTS (
+                SELECT 1 FROM kora_deliveries p JOIN kora_events pe ON pe.id = p.event_row
+                WHERE pe.verification_id = e.verification_id AND p.service = d.service AND p.status = 'pending' AND p.id < d.id))
+            """
+    }
+
+    package func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration, ordered: Bool) async throws -> [DeliveryJob] {
         let leaseUntil = now.adding(lease).milliseconds
         // SKIP LOCKED: two replicas claiming at once take different rows, never the same one.
         return try await rows(
             """
             WITH due AS (
-                SELECT id FROM kora_deliveries
-                WHERE service = \(service) AND status = 'pending' AND next_attempt_at <= \(now.milliseconds)
-                  AND (lease_until IS NULL OR lease_until <= \(now.milliseconds))
-                ORDER BY next_attempt_at, id LIMIT \(limit)
-                FOR UPDATE SKIP LOCKED),
+                SELECT d.id FROM kora_deliveries d JOIN kora_events e ON e.id = d.event_row
+                WHERE d.service = \(service) AND d.status = 'pending' AND d.next_attempt_at <= \(now.milliseconds)
+                  AND (d.lease_until IS NULL OR d.lease_until <= \(now.milliseconds))\(unescaped: Self.inOrder(ordered))
+                ORDER BY d.next_attempt_at, d.id LIMIT \(limit)
+                FOR UPDATE OF d SKIP LOCKED),
             leased AS (
                 UPDATE kora_deliveries d SET lease_until = \(leaseUntil) FROM due WHERE d.id = due.id
                 RETURNING d.id, d.attempts, d.event_row)
@@ -309,11 +321,11 @@ final class PostgresStore: SidecarStore, Service {
         }
     }
 
-    package func nextDueTime(service: String) async throws -> UnixTime? {
+    package func nextDueTime(service: String, ordered: Bool) async throws -> UnixTime? {
         try await rows(
             """
-            SELECT MIN(GREATEST(next_attempt_at, COALESCE(lease_until, 0))) FROM kora_deliveries
-            WHERE service = \(service) AND status = 'pending'
+            SELECT MIN(GREATEST(d.next_attempt_at, COALESCE(d.lease_until, 0))) FROM kora_deliveries d JOIN kora_events e ON e.id = d.event_row
+            WHERE d.service = \(service) AND d.status = 'pending'\(unescaped: Self.inOrder(ordered))
             """
         ).first?.decode(Int64?.self).map(UnixTime.init(milliseconds:))
     }

@@ -37,6 +37,10 @@ final class SQLiteStore: SidecarStore {
         ALTER TABLE events ADD COLUMN unrouted INTEGER NOT NULL DEFAULT 0;
         CREATE INDEX events_unrouted ON events(unrouted, id) WHERE unrouted = 1;
         """,
+        // Delivery in order per verification looks for an earlier pending delivery of the same verification.
+        """
+        CREATE INDEX events_verification ON events(verification_id) WHERE verification_id IS NOT NULL;
+        """,
     ]
 
     /// Opens (creating when needed) the store at `path`.
@@ -155,8 +159,8 @@ final class SQLiteStore: SidecarStore {
         }
     }
 
-    package func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration) async throws -> [DeliveryJob] {
-        try await database.write { db in try Self.claimDue(db, service: service, now: now, limit: limit, lease: lease) }
+    package func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration, ordered: Bool) async throws -> [DeliveryJob] {
+        try await database.write { db in try Self.claimDue(db, service: service, now: now, limit: limit, lease: lease, ordered: ordered) }
     }
 
     package func finish(deliveryID: Int64, attempt: AttemptRecord, next: NextStep) async throws {
@@ -164,22 +168,35 @@ final class SQLiteStore: SidecarStore {
     }
 
     func finishAndClaimNext(
-        deliveryID: Int64, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration
+        deliveryID: Int64, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration, ordered: Bool
     ) async throws -> DeliveryJob? {
         try await database.write { db in
             try Self.finish(db, deliveryID: deliveryID, attempt: attempt, next: next)
-            return try Self.claimDue(db, service: service, now: now, limit: 1, lease: lease).first
+            return try Self.claimDue(db, service: service, now: now, limit: 1, lease: lease, ordered: ordered).first
         }
     }
 
-    private static func claimDue(_ db: SQLiteConnection, service: String, now: UnixTime, limit: Int, lease: Duration) throws -> [DeliveryJob] {
+    /// With `ordered`, the condition that no earlier delivery of the same verification is pending
+    /// for the same service (`d` is the delivery, `e` its event).
+    private static func inOrder(_ ordered: Bool) -> String {
+        guard ordered else { return "" }
+        return """
+             AND (e.verification_id IS NULL OR NOT EXISTS (
+                SELECT 1 FROM deliveries p JOIN events pe ON pe.id = p.event_row
+                WHERE pe.verification_id = e.verification_id AND p.service = d.service AND p.status = 'pending' AND p.id < d.id))
+            """
+    }
+
+    private static func claimDue(
+        _ db: SQLiteConnection, service: String, now: UnixTime, limit: Int, lease: Duration, ordered: Bool
+    ) throws -> [DeliveryJob] {
         let rows = try db.query(
             """
             SELECT d.id, d.attempts, e.event_id, e.type, e.verification_id, e.normalized, e.original,
                    e.original_headers, e.signature_verified
             FROM deliveries d JOIN events e ON e.id = d.event_row
             WHERE d.service = ? AND d.status = 'pending' AND d.next_attempt_at <= ?
-              AND (d.lease_until IS NULL OR d.lease_until <= ?)
+              AND (d.lease_until IS NULL OR d.lease_until <= ?)\(inOrder(ordered))
             ORDER BY d.next_attempt_at, d.id LIMIT ?
             """,
             [.text(service), .integer(now.milliseconds), .integer(now.milliseconds), .int(limit)])
@@ -216,12 +233,12 @@ final class SQLiteStore: SidecarStore {
             ])
     }
 
-    package func nextDueTime(service: String) async throws -> UnixTime? {
+    package func nextDueTime(service: String, ordered: Bool) async throws -> UnixTime? {
         try await database.read { db in
             try db.query(
                 """
-                SELECT MIN(MAX(next_attempt_at, COALESCE(lease_until, 0))) FROM deliveries
-                WHERE service = ? AND status = 'pending'
+                SELECT MIN(MAX(d.next_attempt_at, COALESCE(d.lease_until, 0))) FROM deliveries d JOIN events e ON e.id = d.event_row
+                WHERE d.service = ? AND d.status = 'pending'\(Self.inOrder(ordered))
                 """,
                 [.text(service)]
             ).first?.optionalInt(0).map(UnixTime.init(milliseconds:))

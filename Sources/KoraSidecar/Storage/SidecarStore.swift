@@ -23,17 +23,19 @@ package protocol SidecarStore: Sendable {
     func origin(ofVerification verificationID: String) async throws -> String?
 
     /// Leases up to `limit` pending deliveries of `service` that are due at `now`, oldest first;
-    /// a lease not finished within `lease` makes the delivery due again.
-    func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration) async throws -> [DeliveryJob]
+    /// a lease not finished within `lease` makes the delivery due again. `ordered`: a delivery
+    /// whose verification has an earlier delivery still pending for the service is not due yet.
+    func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration, ordered: Bool) async throws -> [DeliveryJob]
     /// Records one attempt of a leased delivery and what follows from it.
     func finish(deliveryID: Int64, attempt: AttemptRecord, next: NextStep) async throws
-    /// ``finish(deliveryID:attempt:next:)``, then ``claimDue(service:now:limit:lease:)`` of one
+    /// ``finish(deliveryID:attempt:next:)``, then ``claimDue(service:now:limit:lease:ordered:)`` of one
     /// delivery: a busy worker's two calls per delivery, as one transaction where the store can.
     func finishAndClaimNext(
-        deliveryID: Int64, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration
+        deliveryID: Int64, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration, ordered: Bool
     ) async throws -> DeliveryJob?
-    /// When the next pending delivery of `service` becomes due, if any.
-    func nextDueTime(service: String) async throws -> UnixTime?
+    /// When the next pending delivery of `service` becomes due (`ordered`: not counting those
+    /// waiting behind an earlier delivery of their verification), if any.
+    func nextDueTime(service: String, ordered: Bool) async throws -> UnixTime?
     /// Ends every lease: at start-up of a store that only this process uses.
     func releaseLeases() async throws
 
@@ -241,9 +243,14 @@ package struct OutboxDepth: Sendable, Equatable {
 
 extension SidecarStore {
     package func finishAndClaimNext(
-        deliveryID: Int64, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration
+        deliveryID: Int64, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration, ordered: Bool
     ) async throws -> DeliveryJob? {
         try await finish(deliveryID: deliveryID, attempt: attempt, next: next)
-        return try await claimDue(service: service, now: now, limit: 1, lease: lease).first
+        return try await claimDue(service: service, now: now, limit: 1, lease: lease, ordered: ordered).first
+    }
+
+    /// ``claimDue(service:now:limit:lease:ordered:)`` in due order alone.
+    package func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration) async throws -> [DeliveryJob] {
+        try await claimDue(service: service, now: now, limit: limit, lease: lease, ordered: false)
     }
 }

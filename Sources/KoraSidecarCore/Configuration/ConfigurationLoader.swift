@@ -60,7 +60,7 @@ extension SidecarConfiguration {
         configuration.services = root.array("services") { value, path in
             readService(reader.object(value, at: path, keys: ["name", "token", "allow", "deliver"]))
         } ?? []
-        configuration.delivery = readDelivery(root.object("delivery", keys: ["mode", "retrySchedule", "concurrency", "drainTimeout"]))
+        configuration.delivery = readDelivery(root.object("delivery", keys: ["mode", "ordering", "retrySchedule", "concurrency", "drainTimeout"]))
         configuration.storage = readStorage(root.object("storage", keys: ["sqlitePath", "postgresURL"]))
         let logging = root.object("logging", keys: ["level", "format"])
         configuration.logging.level = logging.string("level", default: "info")
@@ -299,6 +299,7 @@ extension SidecarConfiguration {
     private static func readDelivery(_ object: ObjectReader) -> DeliveryConfiguration {
         var delivery = DeliveryConfiguration()
         delivery.mode = object.enumeration("mode", default: .queued)
+        delivery.ordering = object.enumeration("ordering", default: .verification)
         if let schedule = object.array("retrySchedule", { value, path -> Duration? in
             // Bounded so that the time of the next attempt stays a date (and its arithmetic cannot trap).
             guard case .string(let text) = value, let duration = DurationText.parse(text), duration <= .seconds(30 * 86_400) else {

@@ -39,6 +39,7 @@ extension SidecarConfiguration {
             "services": .array(services.map(serviceJSON)),
             "delivery": [
                 "mode": .string(delivery.mode.rawValue),
+                "ordering": .string(delivery.ordering.rawValue),
                 "retrySchedule": .array(delivery.retrySchedule.map { .string(DurationText.format($0)) }),
                 "concurrency": .int(delivery.concurrency),
                 "drainTimeout": .string(DurationText.format(delivery.drainTimeout)),

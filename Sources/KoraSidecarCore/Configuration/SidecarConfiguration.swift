@@ -173,9 +173,18 @@ package enum DeliveryMode: String, Sendable, CaseIterable {
     case direct
 }
 
+/// Whether the events of one verification reach a service in the order they were accepted.
+package enum DeliveryOrdering: String, Sendable, CaseIterable {
+    /// A later event of a verification waits while an earlier one is pending for that service.
+    case verification
+    /// Each delivery goes when it is due (a retry may let a later event overtake an earlier one).
+    case none
+}
+
 /// How the sidecar delivers (`delivery`).
 package struct DeliveryConfiguration: Sendable {
     package var mode = DeliveryMode.queued
+    package var ordering = DeliveryOrdering.verification
     package var retrySchedule: [Duration] = ["5s", "30s", "2m", "10m", "30m", "1h", "2h", "4h", "8h", "12h"]
         .compactMap(DurationText.parse)
     package var concurrency = 16
