@@ -494,7 +494,7 @@ def report(results_path, out_json):
         print("Targets (%s):" % how)
         w = max(len(x["target"]) for x in t)
         for x in t:
-            print("  [%s] %s  %s" % ("met" if x["met"] else "NOT met", x["target"].ljust(w), x["value"]))
+            print("  %-9s %s  %s" % ("[met]" if x["met"] else "[NOT met]", x["target"].ljust(w), x["value"]))
     print()
     print("Absolute figures on a shared 2-core machine are noisy; compare ratios within one run (BENCH_RUNS=3 for medians).")
     with open(out_json, "w") as f:
