@@ -23,6 +23,8 @@ package struct SidecarOptions: Sendable {
     package var metrics = SidecarMetrics()
     /// The API proxy's seams: how it waits between retries, the callback URL it injects.
     package var koraProxy = KoraProxyOptions()
+    /// The first cool-down of a paused service (it doubles up to 20 times this, 10 minutes by default).
+    package var breakerCooldown = Duration.seconds(30)
 
     package init() {}
 }
@@ -73,10 +75,12 @@ package func buildApplication(
 
     // Queued mode delivers everything through the dispatcher; direct mode only what an operator
     // queued (re-routed unrouted events, retries).
+    let breakers = ServiceBreakers(deliveryServices, baseCooldown: options.breakerCooldown, logger: logger.with("component", "breaker"))
+    let rateLimits = ServiceRateLimits(deliveryServices)
     let dispatcher = OutboxDispatcher(
         store: store, sender: sender, services: deliveryServices,
         policy: options.retryPolicy ?? RetryPolicy(schedule: configuration.delivery.retrySchedule),
-        concurrency: configuration.delivery.concurrency, ordering: configuration.delivery.ordering,
+        concurrency: configuration.delivery.concurrency, ordering: configuration.delivery.ordering, breakers: breakers, rateLimits: rateLimits,
         drainTimeout: configuration.delivery.drainTimeout,
         metrics: options.metrics,
         logger: logger.with("component", "dispatcher"))
@@ -88,7 +92,8 @@ package func buildApplication(
         // Listed before the listeners, so it stops after them and writes the last ids before the store closes.
         services.append(delivered)
         handoff = DirectHandoff(
-            store: store, sender: sender, delivered: delivered, metrics: options.metrics, logger: logger.with("component", "ingress"))
+            store: store, sender: sender, delivered: delivered, breakers: breakers, rateLimits: rateLimits, metrics: options.metrics,
+            logger: logger.with("component", "ingress"))
     case .queued:
         handoff = QueuedHandoff(store: store, dispatcher: dispatcher, logger: logger.with("component", "ingress"))
     }
@@ -107,7 +112,7 @@ package func buildApplication(
         configuration: configuration, client: proxyClient, store: store, options: options.koraProxy, metrics: options.metrics, logger: logger.with("component", "proxy"))
     let internalListener = Application(
         router: buildInternalRouter(
-            configuration: configuration, store: store, readiness: readiness, metrics: options.metrics, proxy: proxy,
+            configuration: configuration, store: store, readiness: readiness, metrics: options.metrics, breakers: breakers, proxy: proxy,
             dispatcher: dispatcher),
         server: .sidecarHTTP1(configuration.internal.limits),
         configuration: .sidecar(configuration.internal.listen, configuration.internal.limits, logger: logger),
@@ -122,7 +127,8 @@ package func buildApplication(
     if let listen = configuration.metrics.listen {
         services.append(
             Application(
-                router: buildMetricsRouter(configuration: configuration, store: store, readiness: readiness, metrics: options.metrics),
+                router: buildMetricsRouter(
+                    configuration: configuration, store: store, readiness: readiness, metrics: options.metrics, breakers: breakers),
                 server: .sidecarHTTP1(configuration.metrics.limits),
                 configuration: .sidecar(listen, configuration.metrics.limits, logger: logger),
                 onServerRunning: { channel in

@@ -1,5 +1,7 @@
 import Foundation
+import Hummingbird
 import Logging
+import NIOConcurrencyHelpers
 import Testing
 
 @testable import KoraSidecar
@@ -75,5 +77,163 @@ struct DeliveryControlTests {
         try await withSidecar(configuration, options: second) { _ in
             try await withSidecar(configuration, options: first, body)
         }
+    }
+
+    @Test func checkConfigValidatesTheDeliveryControlKeys() throws {
+        let text = #"""
+            {"webhooks": {"secrets": ["whsec_x"]}, "delivery": {"ordering": "random"},
+             "services": [{"name": "app", "deliver": {"url": "http://127.0.0.1:1/e", "breaker": {"failures": 0, "after": 1}, "maxPerSecond": 0}}]}
+            """#
+        let error = try #require(throws: ConfigurationError.self) {
+            try SidecarConfiguration.load(bytes: Array(text.utf8), source: "test", environment: [:])
+        }
+        let paths = error.problems.map(\.path)
+        for path in ["$.delivery.ordering", "$.services[0].deliver.breaker.failures", "$.services[0].deliver.breaker.after", "$.services[0].deliver.maxPerSecond"] {
+            #expect(paths.contains(path), "\(path) in \(error)")
+        }
+        let good = try SidecarConfiguration.load(
+            bytes: Array(#"{"webhooks": {"secrets": ["whsec_x"]}, "delivery": {"ordering": "none"}, "services": [{"name": "a", "deliver": {"url": "http://h/e", "breaker": {"failures": 9}, "maxPerSecond": 20}}]}"#.utf8),
+            source: "test", environment: [:])
+        #expect(good.delivery.ordering == .none)
+        #expect(good.services[0].deliver?.breakerFailures == 9)
+        #expect(good.services[0].deliver?.maxPerSecond == 20)
+        #expect(good.effectiveJSON["delivery"]?["ordering"] == "none")
+    }
+
+    // MARK: Circuit breaker
+
+    @Test func aServiceThatRefusesEverythingIsPausedProbedAndResumed() async throws {
+        let healthy = NIOLockedValueBox(false)
+        let delivered = NIOLockedValueBox<Set<String>>([])
+        let receiver = Receiver { delivery, _ in
+            guard healthy.withLockedValue({ $0 }) else { return .internalServerError }
+            delivered.withLockedValue { _ = $0.insert(delivery.header("webhook-id") ?? "") }
+            return .ok
+        }
+        let logs = TestLogs()
+        try await withReceiver(receiver) { (port: Int) async throws in
+            var service = testService("app", target: .url("http://127.0.0.1:\(port)/e"))
+            service.deliver?.breakerFailures = 3
+            var configuration = testConfiguration(services: [service], mode: .queued)
+            configuration.delivery.concurrency = 1
+            var options = SidecarOptions()
+            options.store = InMemoryStore()
+            options.retryPolicy = RetryPolicy(schedule: Array(repeating: .milliseconds(20), count: 50), jitter: 0)
+            options.breakerCooldown = .milliseconds(300)
+            try await withSidecar(configuration, options: options, logs: logs) { sidecar in
+                for index in 0..<5 { #expect(try await sendSigned(TestEvent.body(eventID: "evt_b\(index)"), to: sidecar).status == 200) }
+                try await waitUntil("the service to be paused") { try await serviceState(sidecar) == "open" }
+                let paused = ContinuousClock.now
+                #expect(receiver.count == 3)
+                // Paused, it gets one probe per cool-down (300 ms, then 600, 1200 …), nothing more.
+                try await waitUntil("two probes") { receiver.count >= 5 }
+                let elapsed = Double((ContinuousClock.now - paused).milliseconds)
+                #expect(receiver.count <= 3 + 1 + Int(elapsed / 300), "\(receiver.count) requests in \(elapsed) ms")
+                let metrics = try await get(sidecar.internalURL("/metrics")).body
+                #expect(metrics.contains(#"kora_sidecar_service_state{service="app",state="closed"} 0"#))
+
+                healthy.withLockedValue { $0 = true }
+                try await waitUntil("every event delivered", timeout: .seconds(20)) { delivered.withLockedValue { $0.count } == 5 }
+                #expect(try await serviceState(sidecar) == "closed")
+                #expect(logs.all.contains { $0.contains("Service paused after failed deliveries") })
+                #expect(logs.all.contains { $0.contains("Service resumed") })
+            }
+        }
+    }
+
+    @Test func directModeAnswers503AtOnceWhileTheServiceIsPaused() async throws {
+        let receiver = Receiver { _, _ in .internalServerError }
+        try await withReceiver(receiver) { (port: Int) async throws in
+            var service = testService("app", target: .url("http://127.0.0.1:\(port)/e"))
+            service.deliver?.breakerFailures = 2
+            var options = SidecarOptions()
+            options.store = InMemoryStore()
+            options.breakerCooldown = .seconds(60)
+            try await withSidecar(testConfiguration(services: [service], mode: .direct), options: options) { sidecar in
+                for _ in 0..<2 { #expect(try await sendSigned(TestEvent.body(), to: sidecar).status == 503) }
+                let held = try await sendSigned(TestEvent.body(), to: sidecar)
+                #expect(held.status == 503)
+                #expect(held.body.contains("paused"))
+                #expect(receiver.count == 2)
+                let services = try await get(sidecar.internalURL("/admin/services")).json?["services"]
+                #expect(services?[0]?["state"] == "open")
+                #expect(services?[0]?["consecutiveFailures"]?.text == "2")
+            }
+        }
+    }
+
+    // MARK: Rate limit and Retry-After
+
+    @Test func maxPerSecondCapsDeliveriesAcrossWorkers() async throws {
+        let arrivals = NIOLockedValueBox<[ContinuousClock.Instant]>([])
+        let receiver = Receiver { _, _ in
+            arrivals.withLockedValue { $0.append(.now) }
+            return .ok
+        }
+        try await withReceiver(receiver) { (port: Int) async throws in
+            var service = testService("app", target: .url("http://127.0.0.1:\(port)/e"))
+            service.deliver?.maxPerSecond = 5
+            var options = SidecarOptions()
+            options.store = InMemoryStore()
+            try await withSidecar(testConfiguration(services: [service], mode: .queued), options: options) { sidecar in
+                for _ in 0..<15 { #expect(try await sendSigned(TestEvent.body(), to: sidecar).status == 200) }
+                _ = try await receiver.waitFor(15, timeout: .seconds(20))
+                // A second's worth may go at once; after that, five a second: never more than ten in any second.
+                let times = arrivals.withLockedValue { $0 }
+                for (index, start) in times.enumerated() {
+                    let inWindow = times[index...].prefix { $0 - start < .seconds(1) }.count
+                    #expect(inWindow <= 10, "\(inWindow) deliveries within one second")
+                }
+            }
+        }
+    }
+
+    @Test func aServiceAskingToWaitIsTriedAgainWhenItSaid() async throws {
+        let arrivals = NIOLockedValueBox<[ContinuousClock.Instant]>([])
+        try await withRetryAfterService(arrivals, retryAfter: "1") { port in
+            var options = SidecarOptions()
+            options.store = InMemoryStore()
+            options.retryPolicy = RetryPolicy(schedule: [.milliseconds(50), .seconds(5)], jitter: 0)
+            let configuration = testConfiguration(services: [testService("app", target: .url("http://127.0.0.1:\(port)/e"))], mode: .queued)
+            try await withSidecar(configuration, options: options) { sidecar in
+                #expect(try await sendSigned(TestEvent.body(), to: sidecar).status == 200)
+                try await waitUntil("a second attempt", timeout: .seconds(20)) { arrivals.withLockedValue { $0.count } >= 2 }
+                let times = arrivals.withLockedValue { $0 }
+                // Retry-After: 1 overrides the schedule's 50 ms.
+                #expect(times[1] - times[0] >= .milliseconds(900))
+            }
+        }
+    }
+
+    /// A service answering 429 with `Retry-After` the first time, then 200; records when requests came.
+    func withRetryAfterService(
+        _ arrivals: NIOLockedValueBox<[ContinuousClock.Instant]>, retryAfter: String, _ body: @Sendable (Int) async throws -> Void
+    ) async throws {
+        let router = Router()
+        router.post("**") { _, _ -> Response in
+            let count = arrivals.withLockedValue { list in
+                list.append(.now)
+                return list.count
+            }
+            return count == 1 ? Response(status: .tooManyRequests, headers: [.retryAfter: retryAfter]) : Response(status: .ok)
+        }
+        let bound = BoundPort()
+        let app = Application(
+            router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0)),
+            onServerRunning: { channel in await bound.hook(channel.localAddress) }, logger: quietLogger)
+        try await withServices([app]) { try await body(try await bound.wait()) }
+    }
+}
+
+/// The breaker state `/admin/services` shows for the first service.
+private func serviceState(_ sidecar: RunningSidecar) async throws -> String? {
+    try await get(sidecar.internalURL("/admin/services")).json?["services"]?[0]?["state"]?.text
+}
+
+extension JSONValue {
+    /// The element at `index` of an array, if there is one.
+    fileprivate subscript(index: Int) -> JSONValue? {
+        guard case .array(let elements) = self, elements.indices.contains(index) else { return nil }
+        return elements[index]
     }
 }

@@ -312,8 +312,8 @@ import Glibc
                 #expect(delay > .seconds(15) && delay <= .seconds(20))
             }
         }
-        #expect(ProxyRetryPolicy.parseRetryAfter("Sun, 06 Nov 1994 08:49:37 GMT", now: UnixTime(milliseconds: 784_111_777_000 - 5000)) == .seconds(5))
-        #expect(ProxyRetryPolicy.parseRetryAfter("soon", now: .now()) == nil)
+        #expect(RetryAfter.parse("Sun, 06 Nov 1994 08:49:37 GMT", now: UnixTime(milliseconds: 784_111_777_000 - 5000)) == .seconds(5))
+        #expect(RetryAfter.parse("soon", now: .now()) == nil)
     }
 
     @Test func retryAfterBeyondTheCapEndsTheRetriesAtOnce() async throws {

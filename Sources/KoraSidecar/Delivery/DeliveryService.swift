@@ -12,6 +12,10 @@ package struct DeliveryService: Sendable {
     package let events: EventFilter
     package let onlyOwnVerifications: Bool
     package let timeout: Duration
+    /// Consecutive failed attempts that pause the service.
+    let breakerFailures: Int
+    /// Most deliveries a second, per replica; nil: no limit.
+    let maxPerSecond: Int?
     /// The `Host` header to send: AsyncHTTPClient sends none over a Unix socket, and HTTP/1.1
     /// servers (nginx, Go's net/http) refuse a request without one.
     let hostHeader: String?
@@ -25,6 +29,8 @@ package struct DeliveryService: Sendable {
         self.events = deliver.events
         self.onlyOwnVerifications = deliver.onlyOwnVerifications
         self.timeout = .seconds(deliver.timeoutSeconds)
+        self.breakerFailures = deliver.breakerFailures
+        self.maxPerSecond = deliver.maxPerSecond
         if case .unixSocket = deliver.target { self.hostHeader = "localhost" } else { self.hostHeader = nil }
     }
 

@@ -76,14 +76,21 @@ struct DirectHandoff: EventHandoff {
     let store: any SidecarStore
     let sender: EventSender
     let delivered: DeliveredEvents
+    let breakers: ServiceBreakers
+    let rateLimits: ServiceRateLimits
     let metrics: SidecarMetrics
     let logger: Logger
     private let inFlight = InFlightEvents()
 
-    init(store: any SidecarStore, sender: EventSender, delivered: DeliveredEvents, metrics: SidecarMetrics, logger: Logger) {
+    init(
+        store: any SidecarStore, sender: EventSender, delivered: DeliveredEvents, breakers: ServiceBreakers, rateLimits: ServiceRateLimits,
+        metrics: SidecarMetrics, logger: Logger
+    ) {
         self.store = store
         self.sender = sender
         self.delivered = delivered
+        self.breakers = breakers
+        self.rateLimits = rateLimits
         self.metrics = metrics
         self.logger = logger
     }
@@ -105,9 +112,28 @@ struct DirectHandoff: EventHandoff {
         if recipients.isEmpty {
             return try await commit(event, for: [], at: now, dedupSince: dedupSince, store: store, logger: logger, log: log)
         }
+        try admit(recipients, log)
         guard await deliver(event, to: recipients, log) else { throw .unavailable("A service did not accept the event; retry later.") }
         delivered.record(event.dedupKeys, at: now)
         return .taken(recipients: recipients.count)
+    }
+
+    /// Refuses at once, rather than after a time-out, when a recipient is paused by its breaker or
+    /// over its rate limit: Kora retries later.
+    private func admit(_ recipients: [DeliveryService], _ log: Logger.Metadata) throws(SidecarHTTPError) {
+        let now = UnixTime.now()
+        for (index, service) in recipients.enumerated() {
+            var refusal: String?
+            if case .wait = breakers[service.name]?.permit(now: now) {
+                refusal = "Service \(service.name) is paused after failed deliveries; retry later."
+            } else if let wait = rateLimits[service.name]?.take(now: now), wait > .zero {
+                refusal = "Service \(service.name) is over its delivery rate; retry later."
+            }
+            guard let refusal else { continue }
+            for earlier in recipients[..<index] { breakers[earlier.name]?.withdrawProbe() }
+            logger.notice("Direct delivery held back", metadata: log.merging(["service": "\(service.name)"]) { $1 })
+            throw .unavailable(refusal)
+        }
     }
 
     /// Sends to every recipient at once; true when every one took it.
@@ -127,6 +153,7 @@ struct DirectHandoff: EventHandoff {
         var everyServiceTookIt = true
         for (name, result) in results {
             metrics.delivery(service: name, result: result.succeeded ? "delivered" : "refused", milliseconds: result.durationMilliseconds)
+            breakers[name]?.record(succeeded: result.succeeded, now: .now())
             guard !result.succeeded else { continue }
             var metadata = log
             metadata["service"] = "\(name)"

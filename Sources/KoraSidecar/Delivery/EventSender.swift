@@ -12,6 +12,8 @@ package struct AttemptResult: Sendable, Equatable {
     package var error: String?
     /// How long the attempt took.
     var durationMilliseconds: Int
+    /// How long the service asked to wait (`Retry-After` on a 429 or 503).
+    var retryAfter: Duration? = nil
 
     /// Whether the service took the event (2xx).
     var succeeded: Bool { statusCode.map { (200..<300).contains($0) } ?? false }
@@ -44,7 +46,10 @@ package struct EventSender: Sendable {
         do {
             let response = try await client.execute(request, timeout: .milliseconds(service.timeout.milliseconds))
             _ = try? await response.body.collect(upTo: Self.maximumResponseBytes)
-            return AttemptResult(statusCode: Int(response.status.code), error: nil, durationMilliseconds: elapsed())
+            let status = Int(response.status.code)
+            let retryAfter = status == 429 || status == 503
+                ? response.headers.first(name: "retry-after").flatMap { RetryAfter.parse($0, now: .now()) } : nil
+            return AttemptResult(statusCode: status, error: nil, durationMilliseconds: elapsed(), retryAfter: retryAfter)
         } catch {
             return AttemptResult(statusCode: nil, error: HTTPClientFailure.describe(error), durationMilliseconds: elapsed())
         }

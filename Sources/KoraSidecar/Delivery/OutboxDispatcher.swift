@@ -19,6 +19,9 @@ final class OutboxDispatcher: Service, Sendable {
     private let concurrency: Int
     /// Whether a verification's events go to a service in the order they were accepted.
     private let ordered: Bool
+    /// Each service's circuit breaker and rate limit (shared with `direct` mode and `/admin/services`).
+    private let breakers: ServiceBreakers
+    private let rateLimits: ServiceRateLimits
     private let drainTimeout: Duration
     private let metrics: SidecarMetrics
     private let logger: Logger
@@ -33,10 +36,12 @@ final class OutboxDispatcher: Service, Sendable {
 
     init(
         store: any SidecarStore, sender: EventSender, services: [DeliveryService], policy: RetryPolicy, concurrency: Int,
-        ordering: DeliveryOrdering = .verification, drainTimeout: Duration = .seconds(10), metrics: SidecarMetrics = SidecarMetrics(),
-        logger: Logger
+        ordering: DeliveryOrdering = .verification, breakers: ServiceBreakers? = nil, rateLimits: ServiceRateLimits? = nil,
+        drainTimeout: Duration = .seconds(10), metrics: SidecarMetrics = SidecarMetrics(), logger: Logger
     ) {
         self.ordered = ordering == .verification
+        self.breakers = breakers ?? ServiceBreakers(services, baseCooldown: .seconds(30), logger: logger)
+        self.rateLimits = rateLimits ?? ServiceRateLimits(services)
         self.metrics = metrics
         self.store = store
         self.sender = sender
@@ -101,11 +106,17 @@ final class OutboxDispatcher: Service, Sendable {
             }
             guard !stopping.load(ordering: .relaxed) else { return }
             let generation = doorbell.generation
+            // A paused service, or one over its rate, waits without anything leased: no attempt is used up.
+            if let wait = holdBack(service) {
+                await doorbell.wait(after: generation, timeout: min(wait, Self.idlePoll))
+                continue
+            }
             do {
                 if let job = try await store.claimDue(service: service.name, now: .now(), limit: 1, lease: lease, ordered: ordered).first {
                     held = job
                     continue
                 }
+                breakers[service.name]?.withdrawProbe()
                 let wait: Duration =
                     if let next = try await store.nextDueTime(service: service.name, ordered: ordered) {
                         .milliseconds(min(max(next.milliseconds - UnixTime.now().milliseconds, 1), Self.idlePoll.milliseconds))
@@ -114,14 +125,27 @@ final class OutboxDispatcher: Service, Sendable {
                     }
                 await doorbell.wait(after: generation, timeout: wait)
             } catch {
+                breakers[service.name]?.withdrawProbe()
                 logger.error("Outbox unavailable", metadata: ["service": "\(service.name)", "error": "\(error)"])
                 await doorbell.wait(after: generation, timeout: .seconds(1))
             }
         }
     }
 
+    /// How long `service` must wait before its next attempt (its breaker is open, or its rate
+    /// limit spent), or nil when it may go now.
+    private func holdBack(_ service: DeliveryService) -> Duration? {
+        let now = UnixTime.now()
+        if case .wait(let until)? = breakers[service.name]?.permit(now: now) {
+            return .milliseconds(max(until.milliseconds - now.milliseconds, 1))
+        }
+        if let wait = rateLimits[service.name]?.take(now: now), wait > .zero { return wait }
+        return nil
+    }
+
     /// Delivers `job`, records the attempt and, unless stopping, leases the next due delivery in the
-    /// same store call (the busy path: one transaction per delivery instead of two).
+    /// same store call (the busy path: one transaction per delivery instead of two) when the service
+    /// may take it now.
     private func deliver(_ job: DeliveryJob, to service: DeliveryService, lease: Duration) async -> DeliveryJob? {
         let started = UnixTime.now()
         let result = await sender.send(job.event, to: service, attempt: job.attempt)
@@ -135,13 +159,16 @@ final class OutboxDispatcher: Service, Sendable {
         ]
         if let error = result.error { metadata["error"] = "\(error)" }
         metrics.delivery(service: service.name, result: next.metricName, milliseconds: result.durationMilliseconds)
+        breakers[service.name]?.record(succeeded: result.succeeded, now: .now())
         switch next {
         case .delivered: logger.info("Delivered", metadata: metadata)
         case .retry: logger.notice("Delivery failed; will retry", metadata: metadata)
         case .dead: logger.error("Delivery dead; waiting for an operator", metadata: metadata)
         }
         do {
-            guard !stopping.load(ordering: .relaxed) else {
+            guard !stopping.load(ordering: .relaxed), breakers[service.name]?.isClosed ?? true,
+                (rateLimits[service.name]?.take(now: .now()) ?? .zero) == .zero
+            else {
                 try await store.finish(deliveryID: job.deliveryID, attempt: record, next: next)
                 return nil
             }

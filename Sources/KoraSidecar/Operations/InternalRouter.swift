@@ -6,11 +6,11 @@ import NIOCore
 /// given, the Kora API proxy (SPEC §5.1).
 func buildInternalRouter(
     configuration: SidecarConfiguration, store: any SidecarStore, readiness: Readiness, metrics: SidecarMetrics,
-    proxy: KoraProxy? = nil, dispatcher: OutboxDispatcher? = nil
+    breakers: ServiceBreakers, proxy: KoraProxy? = nil, dispatcher: OutboxDispatcher? = nil
 ) -> Router<SidecarRequestContext> {
     let router = Router(context: SidecarRequestContext.self)
     router.add(middleware: ErrorShapeMiddleware())
-    addHealthRoutes(to: router, configuration: configuration, store: store, readiness: readiness, metrics: metrics)
+    addHealthRoutes(to: router, configuration: configuration, store: store, readiness: readiness, metrics: metrics, breakers: breakers)
     let admin = router.group("admin").add(middleware: AdminTokenMiddleware(token: configuration.internal.adminToken))
     admin.get("deliveries") { request, _ in
         let limit = request.uri.queryParameters["limit"].flatMap { Int($0) }.map { min(max($0, 1), 1000) } ?? 100
@@ -30,6 +30,9 @@ func buildInternalRouter(
         let answer = try await OperatorActions.retry(kind, store: store, router: eventRouter)
         dispatcher?.notify(services: configuration.deliveryServices.map(\.name))
         return JSONResponse.make(.ok, answer)
+    }
+    admin.get("services") { _, _ in
+        JSONResponse.make(.ok, ["services": .array(breakers.all.map(\.listingJSON))])
     }
     admin.get("deliveries/:id") { _, context in
         guard let id = context.parameters.get("id").flatMap({ Int64($0) }), let detail = try await store.delivery(id: id) else {
@@ -55,18 +58,18 @@ func buildInternalRouter(
 /// The routes of the optional metrics listener: what Prometheus and the kubelet may reach from
 /// outside the pod, and nothing else (no proxy, no admin API).
 func buildMetricsRouter(
-    configuration: SidecarConfiguration, store: any SidecarStore, readiness: Readiness, metrics: SidecarMetrics
+    configuration: SidecarConfiguration, store: any SidecarStore, readiness: Readiness, metrics: SidecarMetrics, breakers: ServiceBreakers
 ) -> Router<SidecarRequestContext> {
     let router = Router(context: SidecarRequestContext.self)
     router.add(middleware: ErrorShapeMiddleware())
-    addHealthRoutes(to: router, configuration: configuration, store: store, readiness: readiness, metrics: metrics)
+    addHealthRoutes(to: router, configuration: configuration, store: store, readiness: readiness, metrics: metrics, breakers: breakers)
     return router
 }
 
 /// `GET /healthz`, `/readyz` and `/metrics`, on the internal listener and the metrics listener.
 private func addHealthRoutes(
     to router: Router<SidecarRequestContext>, configuration: SidecarConfiguration, store: any SidecarStore, readiness: Readiness,
-    metrics: SidecarMetrics
+    metrics: SidecarMetrics, breakers: ServiceBreakers
 ) {
     router.get("/healthz") { _, _ in JSONResponse.make(.ok, ["status": "ok"]) }
     router.get("/readyz") { _, _ in
@@ -77,7 +80,7 @@ private func addHealthRoutes(
     }
     let serviceNames = configuration.deliveryServices.map(\.name)
     router.get("/metrics") { _, _ in
-        let text = await metrics.render(store: store, services: serviceNames, readiness: readiness, now: .now())
+        let text = await metrics.render(store: store, services: serviceNames, readiness: readiness, breakers: breakers, now: .now())
         return Response(
             status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
             body: .init(byteBuffer: ByteBuffer(string: text)))

@@ -74,3 +74,17 @@ extension UnroutedEvent {
         ]
     }
 }
+
+extension ServiceBreaker {
+    /// A service's delivery state as `/admin/services` shows it.
+    var listingJSON: JSONValue {
+        let snapshot = snapshot
+        return [
+            "name": .string(service),
+            "state": .string(snapshot.state.rawValue),
+            "consecutiveFailures": .int(snapshot.consecutiveFailures),
+            "pausedUntil": .optional(snapshot.openUntil?.iso8601Milliseconds),
+            "cooldown": .string(DurationText.format(snapshot.cooldown)),
+        ]
+    }
+}

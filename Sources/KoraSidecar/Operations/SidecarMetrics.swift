@@ -61,8 +61,15 @@ package struct SidecarMetrics: Sendable {
     }
 
     /// Refreshes the outbox and readiness gauges, then renders every metric.
-    func render(store: any SidecarStore, services: [String], readiness: Readiness, now: UnixTime) async -> String {
+    func render(store: any SidecarStore, services: [String], readiness: Readiness, breakers: ServiceBreakers, now: UnixTime) async -> String {
         Gauge(label: "kora_sidecar_ready", dimensions: [], factory: factory).record(await readiness.problem() == nil ? 1 : 0)
+        for breaker in breakers.all {
+            let current = breaker.snapshot.state
+            for state in ServiceBreaker.State.allCases {
+                Gauge(label: "kora_sidecar_service_state", dimensions: [("service", breaker.service), ("state", state.rawValue)], factory: factory)
+                    .record(state == current ? 1 : 0)
+            }
+        }
         if let unrouted = try? await store.unroutedCount() {
             Gauge(label: "kora_sidecar_unrouted_events", dimensions: [], factory: factory).record(unrouted)
         }

@@ -243,7 +243,7 @@ extension SidecarConfiguration {
                     "deliver",
                     keys: [
                         "url", "unixSocket", "path", "format", "signingSecret", "headers", "events",
-                        "onlyOwnVerifications", "timeoutSeconds",
+                        "onlyOwnVerifications", "timeoutSeconds", "breaker", "maxPerSecond",
                     ]))
         }
         return service
@@ -293,6 +293,8 @@ extension SidecarConfiguration {
         }
         deliver.onlyOwnVerifications = object.bool("onlyOwnVerifications", default: false)
         deliver.timeoutSeconds = object.int("timeoutSeconds", default: deliver.timeoutSeconds, in: 1...600)
+        deliver.breakerFailures = object.object("breaker", keys: ["failures"]).int("failures", default: deliver.breakerFailures, in: 1...1000)
+        if object.has("maxPerSecond") { deliver.maxPerSecond = object.int("maxPerSecond", default: 1, in: 1...100_000) }
         return deliver
     }
 

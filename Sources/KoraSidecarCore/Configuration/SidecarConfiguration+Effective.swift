@@ -87,6 +87,8 @@ extension SidecarConfiguration {
                 .init("events", .array(deliver.events.patterns.map(JSONValue.string))),
                 .init("onlyOwnVerifications", .bool(deliver.onlyOwnVerifications)),
                 .init("timeoutSeconds", .int(deliver.timeoutSeconds)),
+                .init("breaker", ["failures": .int(deliver.breakerFailures)]),
+                .init("maxPerSecond", deliver.maxPerSecond.map(JSONValue.int) ?? .null),
             ]
             members.append(.init("deliver", .object(target)))
         } else {

@@ -157,6 +157,10 @@ package struct DeliverConfiguration: Sendable {
     package var events: EventFilter = .all
     package var onlyOwnVerifications = false
     package var timeoutSeconds = 15
+    /// Consecutive failed attempts that pause the service (`breaker.failures`).
+    package var breakerFailures = 5
+    /// Most deliveries a second to this service, per replica (`maxPerSecond`); nil: no limit.
+    package var maxPerSecond: Int?
 
     package init(target: DeliveryTarget) { self.target = target }
 

@@ -1,0 +1,138 @@
+import KoraSidecarCore
+import Logging
+import NIOConcurrencyHelpers
+
+/// One service's circuit breaker, in this replica: closed while the service takes deliveries; open
+/// (paused) for a cool-down after `failures` consecutive failed attempts; then half-open, letting one
+/// probe through. A success closes it; a failed probe opens it again for twice as long, from the
+/// base cool-down (30 s) up to the longest (10 min). While it is open nothing is sent: queued
+/// deliveries wait without using up their attempts, and `direct` mode answers 503 at once.
+final class ServiceBreaker: Sendable {
+    enum State: String, Sendable, CaseIterable {
+        case closed
+        case open
+        case halfOpen = "half_open"
+    }
+
+    /// What an attempt may do now.
+    enum Permit: Equatable {
+        case go
+        /// Wait until then (the end of the cool-down, or the probe's outcome).
+        case wait(until: UnixTime)
+    }
+
+    /// The breaker as `/admin/services` shows it.
+    struct Snapshot: Sendable {
+        var state: State
+        var consecutiveFailures: Int
+        var openUntil: UnixTime?
+        var cooldown: Duration
+    }
+
+    private struct Status {
+        var state = State.closed
+        var consecutiveFailures = 0
+        var openUntil: UnixTime?
+        var cooldown: Duration
+        var probing = false
+    }
+
+    let service: String
+    private let failures: Int
+    private let baseCooldown: Duration
+    private let longestCooldown: Duration
+    private let status: NIOLockedValueBox<Status>
+    private let logger: Logger
+
+    init(service: String, failures: Int, baseCooldown: Duration = .seconds(30), longestCooldown: Duration = .seconds(600), logger: Logger) {
+        self.service = service
+        self.failures = failures
+        self.baseCooldown = baseCooldown
+        self.longestCooldown = max(longestCooldown, baseCooldown)
+        self.status = NIOLockedValueBox(Status(cooldown: baseCooldown))
+        self.logger = logger
+    }
+
+    var snapshot: Snapshot {
+        status.withLockedValue { Snapshot(state: $0.state, consecutiveFailures: $0.consecutiveFailures, openUntil: $0.openUntil, cooldown: $0.cooldown) }
+    }
+
+    /// Whether an attempt may go at `now`. Past the cool-down the first caller becomes the probe;
+    /// a caller that got `.go` as the probe but has nothing to send calls ``withdrawProbe()``.
+    func permit(now: UnixTime) -> Permit {
+        let (permit, changed) = status.withLockedValue { status -> (Permit, Bool) in
+            switch status.state {
+            case .closed:
+                return (.go, false)
+            case .open:
+                if let until = status.openUntil, now < until { return (.wait(until: until), false) }
+                status.state = .halfOpen
+                status.probing = true
+                return (.go, true)
+            case .halfOpen:
+                guard !status.probing else { return (.wait(until: now.adding(.seconds(1))), false) }
+                status.probing = true
+                return (.go, false)
+            }
+        }
+        if changed { logger.notice("Service probing after its pause", metadata: ["service": "\(service)"]) }
+        return permit
+    }
+
+    /// Whether attempts go freely now (closed): a worker leases its next delivery only then.
+    var isClosed: Bool { status.withLockedValue { $0.state == .closed } }
+
+    /// The probe found nothing to send: the next caller may probe.
+    func withdrawProbe() { status.withLockedValue { $0.probing = false } }
+
+    /// Records an attempt's outcome at `now`.
+    func record(succeeded: Bool, now: UnixTime) {
+        let change = status.withLockedValue { status -> (State, Duration)? in
+            status.probing = false
+            if succeeded {
+                status.consecutiveFailures = 0
+                guard status.state != .closed else { return nil }
+                status.state = .closed
+                status.openUntil = nil
+                status.cooldown = baseCooldown
+                return (.closed, .zero)
+            }
+            status.consecutiveFailures += 1
+            switch status.state {
+            case .halfOpen:
+                status.cooldown = min(status.cooldown * 2, longestCooldown)
+            case .closed where status.consecutiveFailures >= failures:
+                status.cooldown = baseCooldown
+            default:
+                return nil
+            }
+            status.state = .open
+            status.openUntil = now.adding(status.cooldown)
+            return (.open, status.cooldown)
+        }
+        switch change {
+        case (.closed, _)?:
+            logger.notice("Service resumed", metadata: ["service": "\(service)"])
+        case (.open, let cooldown)?:
+            logger.warning(
+                "Service paused after failed deliveries", metadata: ["service": "\(service)", "breaker.cooldown": "\(DurationText.format(cooldown))"])
+        default:
+            break
+        }
+    }
+}
+
+/// The breakers of every service that receives events, by name.
+struct ServiceBreakers: Sendable {
+    private let byName: [String: ServiceBreaker]
+    let all: [ServiceBreaker]
+
+    init(_ services: [DeliveryService], baseCooldown: Duration, logger: Logger) {
+        all = services.map {
+            ServiceBreaker(service: $0.name, failures: $0.breakerFailures, baseCooldown: baseCooldown, longestCooldown: baseCooldown * 20, logger: logger)
+        }
+        byName = Dictionary(all.map { ($0.service, $0) }, uniquingKeysWith: { first, _ in first })
+    }
+
+    subscript(service: String) -> ServiceBreaker? { byName[service] }
+}
