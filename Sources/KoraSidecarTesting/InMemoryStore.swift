@@ -208,10 +208,25 @@ final class InMemoryStore: SidecarStore {
         }
     }
 
-    package func requeueAllDead(at: UnixTime) async throws -> Int {
-        let dead = try await deliveries(status: .dead, limit: .max)
-        for delivery in dead { _ = try await requeue(id: delivery.id, at: at) }
-        return dead.count
+    package func requeue(_ filter: DeliveryFilter, at: UnixTime, dryRun: Bool) async throws -> Int {
+        let selected = state.withLockedValue { state in
+            state.deliveries.values.filter { delivery in
+                filter.statuses.contains(delivery.summary.status) && (filter.service.map { $0 == delivery.summary.service } ?? true)
+                    && filter.selectsEvent(
+                        type: delivery.event.type, verificationID: delivery.event.verificationID, eventID: delivery.event.id,
+                        at: delivery.summary.createdAt)
+            }.map(\.summary.id)
+        }
+        guard !dryRun else { return selected.count }
+        try write { state in
+            for id in selected {
+                state.deliveries[id]?.summary.status = .pending
+                state.deliveries[id]?.summary.nextAttemptAt = at
+                state.deliveries[id]?.summary.updatedAt = at
+                state.deliveries[id]?.leaseUntil = nil
+            }
+        }
+        return selected.count
     }
 
     package func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult {

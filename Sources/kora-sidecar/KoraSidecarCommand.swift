@@ -163,7 +163,7 @@ struct SendTestEvent: AsyncParsableCommand {
 struct Deliveries: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Inspect and re-queue stored deliveries (works while serve runs, on the store serve uses).",
-        subcommands: [List.self, Show.self, Retry.self])
+        subcommands: [List.self, Show.self, Retry.self, Replay.self])
 
     static func run(_ action: DeliveriesCommand.Action, options: ConfigOption) async throws {
         // Only the store's path is needed: an operator need not hold Kora's secrets to list deliveries.
@@ -196,24 +196,60 @@ struct Deliveries: AsyncParsableCommand {
 
     struct Retry: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Queue a dead or pending delivery again, every dead one, or route unrouted events with the current configuration.")
+            abstract: "Queue one delivery again, or every delivery (or unrouted event) a filter selects; --dry-run counts them.")
 
         @OptionGroup var options: ConfigOption
         @Argument(help: "Delivery id.") var id: Int64?
-        @Flag(name: .customLong("all-dead"), help: "Re-queue every dead delivery.") var allDead = false
-        @Flag(help: "Route every unrouted event again (after adding a service or changing its events filter).") var unrouted = false
+        @Flag(name: .customLong("all-dead"), help: "Re-queue every dead delivery (the same as --status dead).") var allDead = false
+        @Flag(help: "Route every unrouted event again (the same as --status unrouted).") var unrouted = false
+        @Option(help: "dead, delivered or unrouted: what to retry.") var status: String?
+        @Option(help: "Only deliveries to this service.") var service: String?
+        @Option(help: "Only events of this type.") var type: String?
+        @Option(help: "Only events of this verification id.") var verification: String?
+        @Option(help: "Accepted at or after: an ISO 8601 time (2026-11-30T09:00:00Z) or a duration ago (24h).") var since: String?
+        @Option(help: "Accepted before: an ISO 8601 time or a duration ago.") var until: String?
+        @Flag(name: .customLong("dry-run"), help: "Print how many would be re-queued; change nothing.") var dryRun = false
 
         func validate() throws {
-            if [id != nil, allDead, unrouted].filter({ $0 }).count != 1 {
-                throw ValidationError("Give one of: a delivery id, --all-dead or --unrouted.")
+            let bulk = allDead || unrouted || status != nil
+            if (id != nil) == bulk || [allDead, unrouted, status != nil].filter({ $0 }).count > 1 {
+                throw ValidationError("Give one of: a delivery id, --status, --all-dead or --unrouted.")
+            }
+            if id != nil, service != nil || type != nil || verification != nil || since != nil || until != nil || dryRun {
+                throw ValidationError("Filters and --dry-run go with --status, --all-dead or --unrouted, not with a delivery id.")
             }
         }
 
         func run() async throws {
-            let action: DeliveriesCommand.Action =
-                if let id { .retry(id: id) } else if allDead { .retryAll(.dead) } else { .retryAll(.unrouted) }
-            try await Deliveries.run(action, options: options)
+            if let id { return try await Deliveries.run(.retry(id: id), options: options) }
+            let status = status ?? (allDead ? "dead" : "unrouted")
+            let filter = DeliveryFilter(
+                statuses: [], service: service, eventType: type, verificationID: verification, since: try time("--since", since),
+                until: try time("--until", until))
+            guard let selection = OperatorActions.RetrySelection(status: status, filter: filter, dryRun: dryRun) else {
+                throw ValidationError("--status must be dead, delivered or unrouted, not \(status).")
+            }
+            try await Deliveries.run(.retryAll(selection), options: options)
         }
+
+        private func time(_ flag: String, _ text: String?) throws -> UnixTime? {
+            guard let text else { return nil }
+            guard let time = UnixTime.parse(text, now: .now()) else {
+                throw ValidationError("\(flag) must be an ISO 8601 time such as 2026-11-30T09:00:00Z, or a duration ago such as 24h.")
+            }
+            return time
+        }
+    }
+
+    struct Replay: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Send an already delivered (or dead) event again, with the same webhook-id, to a service that lost its data.")
+
+        @OptionGroup var options: ConfigOption
+        @Argument(help: "The event id (webhook-id).") var eventID: String
+        @Option(help: "Only to this service (default: every service that had it).") var service: String?
+
+        func run() async throws { try await Deliveries.run(.replay(eventID: eventID, service: service), options: options) }
     }
 }
 

@@ -100,6 +100,48 @@ struct DeliveryControlTests {
         #expect(good.effectiveJSON["delivery"]?["ordering"] == "none")
     }
 
+    // MARK: Replay by filter
+
+    @Test func operatorsReplayByFilterAndResendOneEventWhileServeRuns() async throws {
+        let receiver = Receiver()
+        try await withReceiver(receiver) { (port: Int) async throws in
+            let directory = try temporaryDirectory()
+            let config = try writeProcessConfig(directory: directory, receiverPort: port)
+            let serve = try SidecarProcess(config: config)
+            let sidecar = try await serve.running()
+            for (id, type) in [("evt_r1", "verification.completed"), ("evt_r2", "fraud_alert.created"), ("evt_r3", "verification.completed")] {
+                #expect(try await sendSigned(TestEvent.body(type: type, eventID: id), to: sidecar).status == 200)
+            }
+            _ = try await receiver.waitFor(3)
+            try await waitUntil("three delivered") {
+                try await Binary.run(["deliveries", "list", "--status", "delivered", "--config", config]).stdout.components(separatedBy: "evt_r").count == 4
+            }
+            let dry = try await Binary.run(["deliveries", "retry", "--status", "delivered", "--type", "verification.completed", "--dry-run", "--config", config])
+            #expect(dry.stdout.contains("2 deliveries would be queued again."), "\(dry.stdout)\(dry.stderr)")
+            let none = try await Binary.run(["deliveries", "retry", "--status", "delivered", "--since", "1h", "--until", "2000-01-01", "--dry-run", "--config", config])
+            #expect(none.stdout.contains("0 deliveries would be queued again."), "\(none.stdout)\(none.stderr)")
+            let admin = try await post(
+                sidecar.internalURL("/admin/deliveries/retry?status=delivered&service=app&since=1h&dryRun=true"), body: [], headers: [])
+            #expect(admin.json?["wouldRequeue"]?.text == "3")
+            #expect(receiver.count == 3)
+
+            let replay = try await Binary.run(["deliveries", "replay", "evt_r2", "--service", "app", "--config", config])
+            #expect(replay.status == 0, "\(replay.stderr)")
+            #expect(replay.stdout.contains("Event evt_r2 is queued again for 1 delivery."))
+            let again = try await receiver.waitFor(4, timeout: .seconds(20))
+            #expect(again[3].header("webhook-id") == "evt_r2")
+            #expect(again[3].header("X-Kora-Delivery-Attempt") == "2")
+            let missing = try await Binary.run(["deliveries", "replay", "evt_nowhere", "--config", config])
+            #expect(missing.status == 1)
+            #expect(missing.stderr.contains("Event evt_nowhere has no delivered or dead delivery"))
+            let refused = try await post(sidecar.internalURL("/admin/deliveries/retry?status=delivered&since=yesterday"), body: [], headers: [])
+            #expect(refused.status == 400)
+            #expect(refused.code == "INVALID_TIME")
+            serve.signal(SIGTERM)
+            try await serve.expectCleanExit()
+        }
+    }
+
     // MARK: Circuit breaker
 
     @Test func aServiceThatRefusesEverythingIsPausedProbedAndResumed() async throws {

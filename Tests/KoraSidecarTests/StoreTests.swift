@@ -123,6 +123,41 @@ struct StoreTests {
     }
 
     @Test(arguments: Kind.allCases)
+    func aFilterSelectsWhatIsQueuedAgain(kind: Kind) async throws {
+        let (store, cleanup) = try await makeStore(kind)
+        defer { cleanup() }
+        // Three events accepted at 0 s, 10 s and 20 s, each for services a and b; all delivered but
+        // the last one's delivery to b, which is dead.
+        for (index, id) in ["f0", "f1", "f2"].enumerated() {
+            let event = try EventNormalizer.normalize(
+                body: TestEvent.body(type: index == 1 ? "fraud_alert.created" : "verification.completed", eventID: id, verificationID: "ver_\(index)"),
+                webhookID: nil, receivedAt: at(Int64(index * 10)))
+            _ = try await store.enqueue(event, services: ["a", "b"], at: at(Int64(index * 10)), dedupSince: at(-100))
+        }
+        for job in try await store.claimDue(service: "a", now: at(30), limit: 10, lease: .seconds(30))
+            + store.claimDue(service: "b", now: at(30), limit: 10, lease: .seconds(30))
+        {
+            let dead = job.event.id == "f2" && job.service == "b"
+            let record = AttemptRecord(attempt: 1, at: at(31), statusCode: dead ? 500 : 204, error: nil, durationMilliseconds: 1)
+            try await store.finish(deliveryID: job.deliveryID, attempt: record, next: dead ? .dead : .delivered)
+        }
+        func count(_ filter: DeliveryFilter) async throws -> Int { try await store.requeue(filter, at: at(40), dryRun: true) }
+        #expect(try await count(DeliveryFilter(statuses: [.delivered])) == 5)
+        #expect(try await count(DeliveryFilter(statuses: [.delivered], service: "a")) == 3)
+        #expect(try await count(DeliveryFilter(statuses: [.delivered], eventType: "fraud_alert.created")) == 2)
+        #expect(try await count(DeliveryFilter(statuses: [.delivered], verificationID: "ver_0")) == 2)
+        #expect(try await count(DeliveryFilter(statuses: [.delivered], since: at(10), until: at(20))) == 2)
+        #expect(try await count(DeliveryFilter(statuses: [.delivered, .dead], eventID: "f2")) == 2)
+        // A dry run changed nothing; a real one makes exactly the selection due again.
+        #expect(try await store.deliveries(status: .pending, limit: 10).isEmpty)
+        #expect(try await store.requeue(DeliveryFilter(statuses: [.delivered, .dead], service: "b", eventID: "f2"), at: at(40), dryRun: false) == 1)
+        let pending = try await store.deliveries(status: .pending, limit: 10)
+        #expect(pending.map(\.eventID) == ["f2"])
+        let again = try await store.claimDue(service: "b", now: at(40), limit: 10, lease: .seconds(30))
+        #expect(again.map(\.attempt) == [2])
+    }
+
+    @Test(arguments: Kind.allCases)
     func claimLeasesDueDeliveriesOldestFirst(kind: Kind) async throws {
         let (store, cleanup) = try await makeStore(kind)
         defer { cleanup() }
@@ -217,7 +252,8 @@ struct StoreTests {
         #expect(depth.first { $0.status == .dead }?.count == 3)
         #expect(depth.first { $0.status == .pending }?.count == 1)
         #expect(depth.first { $0.status == .pending }?.oldestCreatedAt == t0)
-        #expect(try await store.requeueAllDead(at: at(5)) == 3)
+        #expect(try await store.requeue(DeliveryFilter(statuses: [.dead]), at: at(5), dryRun: true) == 3)
+        #expect(try await store.requeue(DeliveryFilter(statuses: [.dead]), at: at(5), dryRun: false) == 3)
         #expect(try await store.deliveries(status: .pending, limit: 10).count == 4)
     }
 

@@ -7,7 +7,8 @@ package enum DeliveriesCommand {
         case list(status: String?, limit: Int)
         case show(id: Int64)
         case retry(id: Int64)
-        case retryAll(OperatorActions.BulkRetry)
+        case retryAll(OperatorActions.RetrySelection)
+        case replay(eventID: String, service: String?)
     }
 
     /// Runs `action` against `store` (`services`: where unrouted events may now go) and returns the text to print.
@@ -30,13 +31,15 @@ package enum DeliveriesCommand {
                 throw StartupError("Delivery \(id) does not exist or was already delivered.")
             }
             return "Delivery \(id) is queued again."
-        case .retryAll(.dead):
-            let count = try await store.requeueAllDead(at: .now())
-            return "\(count) dead deliveries are queued again."
-        case .retryAll(.unrouted):
-            let result = try await EventRouter(services: services, store: store).routeUnrouted(at: .now())
-            return "\(result.routedEvents) unrouted events were routed (\(result.deliveries) deliveries queued); "
-                + "\(result.stillUnrouted) still match no service."
+        case .retryAll(let selection):
+            return try await OperatorActions.retry(selection, store: store, router: EventRouter(services: services, store: store)).sentence
+        case .replay(let eventID, let service):
+            let outcome = try await OperatorActions.retry(
+                .replay(eventID: eventID, service: service), store: store, router: EventRouter(services: services, store: store))
+            guard outcome.selected > 0 else {
+                throw StartupError("Event \(eventID) has no delivered or dead delivery\(service.map { " to \($0)" } ?? "") to send again.")
+            }
+            return "Event \(eventID) is queued again for \(outcome.selected) \(outcome.selected == 1 ? "delivery" : "deliveries")."
         }
     }
 

@@ -44,15 +44,19 @@ struct RerouteResult: Sendable, Equatable {
 }
 
 extension EventRouter {
-    /// Routes every unrouted event of the store again with these services (once the configuration
-    /// changed): each event that now matches a service gets its deliveries, due at `now`.
-    func routeUnrouted(at now: UnixTime) async throws -> RerouteResult {
+    /// Routes the store's unrouted events again with these services (once the configuration
+    /// changed): each event `filter` selects (its event conditions; its service limits the
+    /// recipients) that now matches a service gets its deliveries, due at `now`. With `dryRun`,
+    /// only counts what would be routed.
+    func routeUnrouted(at now: UnixTime, filter: DeliveryFilter? = nil, dryRun: Bool = false) async throws -> RerouteResult {
         var assignments: [(eventRow: Int64, services: [String])] = []
-        for event in try await store.unrouted(limit: nil) {
-            assignments.append((event.row, try await recipients(type: event.eventType, verificationID: event.verificationID).map(\.name)))
+        for event in try await store.unrouted(limit: nil)
+        where filter?.selectsEvent(type: event.eventType, verificationID: event.verificationID, eventID: event.eventID, at: event.receivedAt) ?? true {
+            let names = try await recipients(type: event.eventType, verificationID: event.verificationID).map(\.name)
+            assignments.append((event.row, names.filter { name in filter?.service.map { $0 == name } ?? true }))
         }
         let routed = assignments.filter { !$0.services.isEmpty }
-        let deliveries = try await store.route(routed, at: now)
+        let deliveries = dryRun ? routed.reduce(0) { $0 + $1.services.count } : try await store.route(routed, at: now)
         return RerouteResult(routedEvents: routed.count, deliveries: deliveries, stillUnrouted: assignments.count - routed.count)
     }
 }

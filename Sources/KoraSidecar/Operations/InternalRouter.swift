@@ -24,12 +24,21 @@ func buildInternalRouter(
     }
     let eventRouter = EventRouter(services: configuration.deliveryServices, store: store)
     admin.post("deliveries/retry") { request, _ in
-        guard let kind = request.uri.queryParameters["status"].flatMap({ OperatorActions.BulkRetry(rawValue: String($0)) }) else {
-            throw SidecarHTTPError(.badRequest, code: "INVALID_STATUS", message: "status must be \(OperatorActions.BulkRetry.choices).")
+        let query = request.uri.queryParameters
+        let selection = try OperatorActions.RetrySelection(query: query)
+        let outcome = try await OperatorActions.retry(selection, store: store, router: eventRouter)
+        if !selection.dryRun { dispatcher?.notify(services: configuration.deliveryServices.map(\.name)) }
+        return JSONResponse.make(.ok, outcome.json)
+    }
+    admin.post("events/:id/replay") { request, context in
+        let eventID = context.parameters.get("id") ?? ""
+        let service = request.uri.queryParameters["service"].map(String.init)
+        let outcome = try await OperatorActions.retry(.replay(eventID: eventID, service: service), store: store, router: eventRouter)
+        guard outcome.selected > 0 else {
+            throw SidecarHTTPError(.notFound, code: "NOT_FOUND", message: "The event has no delivered or dead delivery to send again.")
         }
-        let answer = try await OperatorActions.retry(kind, store: store, router: eventRouter)
         dispatcher?.notify(services: configuration.deliveryServices.map(\.name))
-        return JSONResponse.make(.ok, answer)
+        return JSONResponse.make(.ok, ["eventId": .string(eventID), "requeued": .int(outcome.selected)])
     }
     admin.get("services") { _, _ in
         JSONResponse.make(.ok, ["services": .array(breakers.all.map(\.listingJSON))])
@@ -119,5 +128,27 @@ struct AdminTokenMiddleware: RouterMiddleware {
             }
         }
         return try await next(request, context)
+    }
+}
+
+extension OperatorActions.RetrySelection {
+    /// The selection of `POST /admin/deliveries/retry`: `status` (required), `service`, `type`,
+    /// `verification`, `since`, `until` (ISO 8601 or a duration ago) and `dryRun`.
+    init(query: Parameters) throws(SidecarHTTPError) {
+        func time(_ name: Substring) throws(SidecarHTTPError) -> UnixTime? {
+            guard let text = query[name] else { return nil }
+            guard let time = UnixTime.parse(String(text), now: .now()) else {
+                throw SidecarHTTPError(.badRequest, code: "INVALID_TIME", message: "\(name) must be an ISO 8601 time or a duration such as 24h.")
+            }
+            return time
+        }
+        let filter = DeliveryFilter(
+            statuses: [], service: query["service"].map(String.init), eventType: query["type"].map(String.init),
+            verificationID: query["verification"].map(String.init), since: try time("since"), until: try time("until"))
+        guard let status = query["status"], let selection = Self(status: String(status), filter: filter, dryRun: query["dryRun"] == "true")
+        else {
+            throw SidecarHTTPError(.badRequest, code: "INVALID_STATUS", message: "status must be \(Self.statusChoices).")
+        }
+        self = selection
     }
 }

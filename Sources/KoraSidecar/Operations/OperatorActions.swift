@@ -23,27 +23,88 @@ package enum OperatorActions {
         }
     }
 
-    /// What can be retried in bulk.
-    package enum BulkRetry: String, Sendable {
-        /// Every dead delivery, due now.
-        case dead
-        /// Every unrouted event, routed again with the configured services.
-        case unrouted
+    /// What a bulk retry selects: from the `deliveries retry` flags or the admin API's parameters.
+    package struct RetrySelection: Sendable {
+        /// What is retried: deliveries of these statuses, or unrouted events.
+        package enum Scope: Sendable, Equatable {
+            case deliveries([DeliveryStatus])
+            case unrouted
+        }
 
-        static let choices = "dead or unrouted"
+        package var scope: Scope
+        /// The conditions (its statuses are the scope's).
+        package var filter: DeliveryFilter
+        package var dryRun: Bool
+
+        /// `status` as an operator writes it: `dead`, `delivered` or `unrouted`.
+        package init?(status: String, filter: DeliveryFilter = DeliveryFilter(statuses: []), dryRun: Bool = false) {
+            switch status {
+            case "dead": scope = .deliveries([.dead])
+            case "delivered": scope = .deliveries([.delivered])
+            case "unrouted": scope = .unrouted
+            default: return nil
+            }
+            self.filter = filter
+            self.dryRun = dryRun
+        }
+
+        /// Sends an event again to the services that had it (delivered or dead): same id, next attempt number.
+        package static func replay(eventID: String, service: String?) -> RetrySelection {
+            var selection = RetrySelection(status: "delivered", filter: DeliveryFilter(statuses: [], service: service, eventID: eventID))!
+            selection.scope = .deliveries([.delivered, .dead])
+            return selection
+        }
+
+        static let statusChoices = "dead, delivered or unrouted"
     }
 
-    /// Retries everything of `kind`; the answer in JSON.
-    static func retry(_ kind: BulkRetry, store: any SidecarStore, router: EventRouter) async throws -> JSONValue {
-        switch kind {
-        case .dead:
-            return ["status": "dead", "requeued": .int(try await store.requeueAllDead(at: .now()))]
+    /// What a bulk retry did, or would do.
+    package struct RetryOutcome: Sendable {
+        package var selection: RetrySelection
+        /// Deliveries queued again, or unrouted events routed.
+        package var selected: Int
+        /// For unrouted events: the deliveries created and the events that still match no service.
+        package var deliveries = 0
+        package var stillUnrouted = 0
+
+        /// The admin API's answer.
+        var json: JSONValue {
+            var members: [JSONMember] = [.init("dryRun", .bool(selection.dryRun))]
+            switch selection.scope {
+            case .deliveries:
+                members.append(.init(selection.dryRun ? "wouldRequeue" : "requeued", .int(selected)))
+            case .unrouted:
+                members += [
+                    .init("routedEvents", .int(selected)), .init("deliveries", .int(deliveries)), .init("stillUnrouted", .int(stillUnrouted)),
+                ]
+            }
+            return .object(members)
+        }
+
+        /// The command's sentence.
+        var sentence: String {
+            switch (selection.scope, selection.dryRun) {
+            case (.deliveries, true): "\(selected) deliveries would be queued again."
+            case (.deliveries, false): "\(selected) deliveries are queued again."
+            case (.unrouted, true):
+                "\(selected) unrouted events would be routed (\(deliveries) deliveries); \(stillUnrouted) would still match no service."
+            case (.unrouted, false):
+                "\(selected) unrouted events were routed (\(deliveries) deliveries queued); \(stillUnrouted) still match no service."
+            }
+        }
+    }
+
+    /// Retries what `selection` selects, now.
+    static func retry(_ selection: RetrySelection, store: any SidecarStore, router: EventRouter) async throws -> RetryOutcome {
+        switch selection.scope {
+        case .deliveries(let statuses):
+            var filter = selection.filter
+            filter.statuses = statuses
+            return RetryOutcome(selection: selection, selected: try await store.requeue(filter, at: .now(), dryRun: selection.dryRun))
         case .unrouted:
-            let result = try await router.routeUnrouted(at: .now())
-            return [
-                "status": "unrouted", "routedEvents": .int(result.routedEvents), "deliveries": .int(result.deliveries),
-                "stillUnrouted": .int(result.stillUnrouted),
-            ]
+            let result = try await router.routeUnrouted(at: .now(), filter: selection.filter, dryRun: selection.dryRun)
+            return RetryOutcome(
+                selection: selection, selected: result.routedEvents, deliveries: result.deliveries, stillUnrouted: result.stillUnrouted)
         }
     }
 }

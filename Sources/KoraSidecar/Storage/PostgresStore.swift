@@ -394,14 +394,35 @@ final class PostgresStore: SidecarStore, Service {
         ).isEmpty
     }
 
-    package func requeueAllDead(at: UnixTime) async throws -> Int {
-        try await rows(
-            """
-            UPDATE kora_deliveries SET status = 'pending', next_attempt_at = \(at.milliseconds), lease_until = NULL,
-                updated_at = \(at.milliseconds)
-            WHERE status = 'dead' RETURNING id
-            """
-        ).count
+    package func requeue(_ filter: DeliveryFilter, at: UnixTime, dryRun: Bool) async throws -> Int {
+        let select = "SELECT d.id FROM kora_deliveries d JOIN kora_events e ON e.id = d.event_row"
+        let time = at.milliseconds
+        let query =
+            dryRun
+            ? Self.selecting(filter, prefix: select, suffix: "")
+            : Self.selecting(
+                filter,
+                prefix: """
+                    UPDATE kora_deliveries SET status = 'pending', next_attempt_at = \(time), lease_until = NULL, updated_at = \(time)
+                    WHERE id IN (\(select)
+                    """,
+                suffix: ") RETURNING id")
+        return try await rows(query).count
+    }
+
+    /// `prefix WHERE <filter> suffix`: each condition holds or its parameter is NULL, every value bound.
+    private static func selecting(_ filter: DeliveryFilter, prefix: String, suffix: String) -> PostgresQuery {
+        """
+        \(unescaped: prefix)
+        WHERE d.status = ANY(\(filter.statuses.map(\.rawValue))::text[])
+          AND (\(filter.service)::text IS NULL OR d.service = \(filter.service))
+          AND (\(filter.eventType)::text IS NULL OR e.type = \(filter.eventType))
+          AND (\(filter.verificationID)::text IS NULL OR e.verification_id = \(filter.verificationID))
+          AND (\(filter.eventID)::text IS NULL OR e.event_id = \(filter.eventID))
+          AND (\(filter.since?.milliseconds)::bigint IS NULL OR d.created_at >= \(filter.since?.milliseconds))
+          AND (\(filter.until?.milliseconds)::bigint IS NULL OR d.created_at < \(filter.until?.milliseconds))
+        \(unescaped: suffix)
+        """
     }
 
     package func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult {

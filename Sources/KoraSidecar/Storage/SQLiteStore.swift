@@ -312,11 +312,28 @@ final class SQLiteStore: SidecarStore {
         }
     }
 
-    package func requeueAllDead(at: UnixTime) async throws -> Int {
-        try await database.write { db in
+    package func requeue(_ filter: DeliveryFilter, at: UnixTime, dryRun: Bool) async throws -> Int {
+        var conditions = ["d.status IN (\(filter.statuses.map { _ in "?" }.joined(separator: ", ")))"]
+        var values: [SQLiteValue] = filter.statuses.map { .text($0.rawValue) }
+        for (condition, value) in [
+            ("d.service = ?", filter.service.map(SQLiteValue.text)), ("e.type = ?", filter.eventType.map(SQLiteValue.text)),
+            ("e.verification_id = ?", filter.verificationID.map(SQLiteValue.text)), ("e.event_id = ?", filter.eventID.map(SQLiteValue.text)),
+            ("d.created_at >= ?", filter.since.map { SQLiteValue.integer($0.milliseconds) }),
+            ("d.created_at < ?", filter.until.map { SQLiteValue.integer($0.milliseconds) }),
+        ] {
+            guard let value else { continue }
+            conditions.append(condition)
+            values.append(value)
+        }
+        let selection = "SELECT d.id FROM deliveries d JOIN events e ON e.id = d.event_row WHERE " + conditions.joined(separator: " AND ")
+        let bound = values
+        if dryRun {
+            return try await database.read { db in try db.query(selection, bound).count }
+        }
+        return try await database.write { db in
             try db.query(
-                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, lease_until = NULL, updated_at = ? WHERE status = 'dead'",
-                [.integer(at.milliseconds), .integer(at.milliseconds)])
+                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, lease_until = NULL, updated_at = ? WHERE id IN (\(selection))",
+                [.integer(at.milliseconds), .integer(at.milliseconds)] + bound)
             return db.changes
         }
     }

@@ -56,8 +56,9 @@ package protocol SidecarStore: Sendable {
     /// Makes a dead (or pending) delivery due at `at` again; false when there is no such delivery
     /// or it was delivered.
     func requeue(id: Int64, at: UnixTime) async throws -> Bool
-    /// Makes every dead delivery due at `at`; returns how many.
-    func requeueAllDead(at: UnixTime) async throws -> Int
+    /// Makes every delivery `filter` selects due at `at` again (its next attempt keeps the event's
+    /// id and counts on); with `dryRun`, changes nothing. Returns how many it selects.
+    func requeue(_ filter: DeliveryFilter, at: UnixTime, dryRun: Bool) async throws -> Int
     /// Deletes delivered deliveries (and their events once no delivery needs them) finished before
     /// `deliveredBefore`, and de-duplication ids seen before `seenBefore`.
     func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult
@@ -190,6 +191,40 @@ package struct QuarantinedPayload: Sendable, Equatable {
         self.body = body
         self.headers = headers
         self.signatureVerified = signatureVerified
+    }
+}
+
+/// Which deliveries an operator re-queues: every given condition holds.
+package struct DeliveryFilter: Sendable, Equatable {
+    /// The statuses selected (never empty).
+    package var statuses: [DeliveryStatus]
+    package var service: String?
+    package var eventType: String?
+    package var verificationID: String?
+    package var eventID: String?
+    /// Accepted at or after.
+    package var since: UnixTime?
+    /// Accepted before.
+    package var until: UnixTime?
+
+    package init(
+        statuses: [DeliveryStatus], service: String? = nil, eventType: String? = nil, verificationID: String? = nil, eventID: String? = nil,
+        since: UnixTime? = nil, until: UnixTime? = nil
+    ) {
+        self.statuses = statuses
+        self.service = service
+        self.eventType = eventType
+        self.verificationID = verificationID
+        self.eventID = eventID
+        self.since = since
+        self.until = until
+    }
+
+    /// Whether an event of `type` about `verificationID`, accepted at `at`, passes the conditions
+    /// on events (unrouted events have no service or status).
+    package func selectsEvent(type: String, verificationID: String?, eventID: String, at: UnixTime) -> Bool {
+        (eventType.map { $0 == type } ?? true) && (self.verificationID.map { $0 == verificationID } ?? true)
+            && (self.eventID.map { $0 == eventID } ?? true) && (since.map { at >= $0 } ?? true) && (until.map { at < $0 } ?? true)
     }
 }
 
