@@ -75,16 +75,19 @@ package func buildApplication(
 
     // Queued mode delivers everything through the dispatcher; direct mode only what an operator
     // queued (re-routed unrouted events, retries).
-    let breakers = ServiceBreakers(deliveryServices, baseCooldown: options.breakerCooldown, logger: logger.with("component", "breaker"))
+    let operational = OperationalEvents(store: store, services: deliveryServices, logger: logger.with("component", "dispatcher"))
+    let breakers = ServiceBreakers(
+        deliveryServices, baseCooldown: options.breakerCooldown, logger: logger.with("component", "breaker"), operational: operational)
     let rateLimits = ServiceRateLimits(deliveryServices)
     let dispatcher = OutboxDispatcher(
         store: store, sender: sender, services: deliveryServices,
         policy: options.retryPolicy ?? RetryPolicy(schedule: configuration.delivery.retrySchedule),
         concurrency: configuration.delivery.concurrency, ordering: configuration.delivery.ordering, breakers: breakers, rateLimits: rateLimits,
-        drainTimeout: configuration.delivery.drainTimeout,
+        operational: operational, drainTimeout: configuration.delivery.drainTimeout,
         metrics: options.metrics,
         logger: logger.with("component", "dispatcher"))
     services.append(dispatcher)
+    operational.wakeUp { [dispatcher] services in dispatcher.notify(services: services) }
     let handoff: any EventHandoff
     switch configuration.delivery.mode {
     case .direct:

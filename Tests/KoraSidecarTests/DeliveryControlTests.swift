@@ -204,6 +204,41 @@ struct DeliveryControlTests {
         }
     }
 
+    // MARK: Operational events
+
+    @Test func subscribersHearOfPausedServicesAndDeadDeliveries() async throws {
+        let failing = Receiver { _, _ in .internalServerError }
+        let operations = Receiver()
+        try await withReceiver(failing) { (failingPort: Int) async throws in
+            try await withReceiver(operations) { (operationsPort: Int) async throws in
+                var app = testService("app", target: .url("http://127.0.0.1:\(failingPort)/e"))
+                app.deliver?.breakerFailures = 2
+                let ops = testService("ops", target: .url("http://127.0.0.1:\(operationsPort)/ops"), events: ["sidecar.*"])
+                var options = SidecarOptions()
+                options.store = InMemoryStore()
+                options.retryPolicy = RetryPolicy(schedule: [.milliseconds(20), .milliseconds(20)], jitter: 0)
+                options.breakerCooldown = .milliseconds(100)
+                try await withSidecar(testConfiguration(services: [app, ops], mode: .queued), options: options) { sidecar in
+                    #expect(try await sendSigned(TestEvent.body(eventID: "evt_doomed"), to: sidecar).status == 200)
+                    try await waitUntil("the paused and dead notices", timeout: .seconds(20)) {
+                        let types = Set(operations.deliveries.compactMap { $0.header("X-Kora-Event-Type") })
+                        return types.isSuperset(of: ["sidecar.service.paused", "sidecar.delivery.dead"])
+                    }
+                    let notices = operations.deliveries
+                    let dead = try #require(notices.first { $0.header("X-Kora-Event-Type") == "sidecar.delivery.dead" }?.json)
+                    #expect(dead["data"]?["service"] == "app")
+                    #expect(dead["data"]?["attempts"]?.text == "3")
+                    #expect(dead["data"]?["event"]?["id"] == "evt_doomed")
+                    let paused = try #require(notices.first { $0.header("X-Kora-Event-Type") == "sidecar.service.paused" }?.json)
+                    #expect(paused["data"]?["service"] == "app")
+                    #expect(notices.allSatisfy { $0.header("webhook-signature")?.hasPrefix("v1,") == true })
+                    // `*` never matches the sidecar's own events: app only ever got Kora's.
+                    #expect(failing.deliveries.allSatisfy { $0.header("X-Kora-Event-Type") == "verification.completed" })
+                }
+            }
+        }
+    }
+
     // MARK: Rate limit and Retry-After
 
     @Test func maxPerSecondCapsDeliveriesAcrossWorkers() async throws {

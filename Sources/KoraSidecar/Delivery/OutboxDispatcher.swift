@@ -22,6 +22,8 @@ final class OutboxDispatcher: Service, Sendable {
     /// Each service's circuit breaker and rate limit (shared with `direct` mode and `/admin/services`).
     private let breakers: ServiceBreakers
     private let rateLimits: ServiceRateLimits
+    /// Announces dead deliveries to the services that subscribe to `sidecar.delivery.dead`.
+    private let operational: OperationalEvents?
     private let drainTimeout: Duration
     private let metrics: SidecarMetrics
     private let logger: Logger
@@ -37,8 +39,9 @@ final class OutboxDispatcher: Service, Sendable {
     init(
         store: any SidecarStore, sender: EventSender, services: [DeliveryService], policy: RetryPolicy, concurrency: Int,
         ordering: DeliveryOrdering = .verification, breakers: ServiceBreakers? = nil, rateLimits: ServiceRateLimits? = nil,
-        drainTimeout: Duration = .seconds(10), metrics: SidecarMetrics = SidecarMetrics(), logger: Logger
+        operational: OperationalEvents? = nil, drainTimeout: Duration = .seconds(10), metrics: SidecarMetrics = SidecarMetrics(), logger: Logger
     ) {
+        self.operational = operational
         self.ordered = ordering == .verification
         self.breakers = breakers ?? ServiceBreakers(services, baseCooldown: .seconds(30), logger: logger)
         self.rateLimits = rateLimits ?? ServiceRateLimits(services)
@@ -163,7 +166,11 @@ final class OutboxDispatcher: Service, Sendable {
         switch next {
         case .delivered: logger.info("Delivered", metadata: metadata)
         case .retry: logger.notice("Delivery failed; will retry", metadata: metadata)
-        case .dead: logger.error("Delivery dead; waiting for an operator", metadata: metadata)
+        case .dead:
+            logger.error("Delivery dead; waiting for an operator", metadata: metadata)
+            operational?.deliveryDied(
+                job.event, service: service.name, deliveryID: job.deliveryID, attempts: job.attempt, lastStatusCode: result.statusCode,
+                lastError: result.error)
         }
         do {
             guard !stopping.load(ordering: .relaxed), breakers[service.name]?.isClosed ?? true,

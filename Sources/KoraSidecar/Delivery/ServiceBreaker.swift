@@ -43,8 +43,14 @@ final class ServiceBreaker: Sendable {
     private let longestCooldown: Duration
     private let status: NIOLockedValueBox<Status>
     private let logger: Logger
+    /// Told when the breaker opens (true) or closes (false), with its state then.
+    private let onChange: (@Sendable (_ paused: Bool, Snapshot) -> Void)?
 
-    init(service: String, failures: Int, baseCooldown: Duration = .seconds(30), longestCooldown: Duration = .seconds(600), logger: Logger) {
+    init(
+        service: String, failures: Int, baseCooldown: Duration = .seconds(30), longestCooldown: Duration = .seconds(600), logger: Logger,
+        onChange: (@Sendable (_ paused: Bool, Snapshot) -> Void)? = nil
+    ) {
+        self.onChange = onChange
         self.service = service
         self.failures = failures
         self.baseCooldown = baseCooldown
@@ -113,9 +119,11 @@ final class ServiceBreaker: Sendable {
         switch change {
         case (.closed, _)?:
             logger.notice("Service resumed", metadata: ["service": "\(service)"])
+            onChange?(false, snapshot)
         case (.open, let cooldown)?:
             logger.warning(
                 "Service paused after failed deliveries", metadata: ["service": "\(service)", "breaker.cooldown": "\(DurationText.format(cooldown))"])
+            onChange?(true, snapshot)
         default:
             break
         }
@@ -127,12 +135,22 @@ struct ServiceBreakers: Sendable {
     private let byName: [String: ServiceBreaker]
     let all: [ServiceBreaker]
 
-    init(_ services: [DeliveryService], baseCooldown: Duration, logger: Logger) {
-        all = services.map {
-            ServiceBreaker(service: $0.name, failures: $0.breakerFailures, baseCooldown: baseCooldown, longestCooldown: baseCooldown * 20, logger: logger)
+    init(_ services: [DeliveryService], baseCooldown: Duration, logger: Logger, operational: OperationalEvents? = nil) {
+        all = services.map { service in
+            ServiceBreaker(
+                service: service.name, failures: service.breakerFailures, baseCooldown: baseCooldown, longestCooldown: baseCooldown * 20,
+                logger: logger, onChange: Self.announcing(service.name, to: operational))
         }
         byName = Dictionary(all.map { ($0.service, $0) }, uniquingKeysWith: { first, _ in first })
     }
 
     subscript(service: String) -> ServiceBreaker? { byName[service] }
+
+    /// Tells `operational` when `service` is paused or resumed.
+    private static func announcing(_ service: String, to operational: OperationalEvents?) -> (@Sendable (Bool, ServiceBreaker.Snapshot) -> Void)? {
+        guard let operational else { return nil }
+        return { paused, snapshot in
+            operational.serviceChanged(service, paused: paused, consecutiveFailures: snapshot.consecutiveFailures, pausedUntil: snapshot.openUntil)
+        }
+    }
 }

@@ -1,0 +1,68 @@
+import KoraSidecarCore
+import Logging
+import NIOConcurrencyHelpers
+
+/// The sidecar's own events, delivered like Kora's (stored, signed, retried) to the services that
+/// subscribe to them by naming them in `deliver.events` (`sidecar.*` or one type):
+///
+/// - `sidecar.delivery.dead`: a delivery gave up on a service;
+/// - `sidecar.service.paused` / `sidecar.service.resumed`: a service's circuit breaker opened or closed.
+///
+/// Each body is `{"id", "type", "occurredAt", "data": {…}}` (docs/delivery.md shows each `data`).
+final class OperationalEvents: Sendable {
+    private let store: any SidecarStore
+    private let services: [DeliveryService]
+    private let logger: Logger
+    /// Wakes the dispatcher's workers of the given services (set once the dispatcher exists).
+    private let wake = NIOLockedValueBox<(@Sendable ([String]) -> Void)?>(nil)
+
+    init(store: any SidecarStore, services: [DeliveryService], logger: Logger) {
+        self.store = store
+        self.services = services.filter { service in service.events.patterns.contains { $0.hasPrefix(EventFilter.sidecarPrefix) } }
+        self.logger = logger
+    }
+
+    /// Where new deliveries are announced.
+    func wakeUp(with notify: @escaping @Sendable ([String]) -> Void) { wake.withLockedValue { $0 = notify } }
+
+    /// A delivery of `event` to `service` is dead after `attempts` attempts.
+    func deliveryDied(_ event: KoraEvent, service: String, deliveryID: Int64, attempts: Int, lastStatusCode: Int?, lastError: String?) {
+        // A dead operational event announces nothing: no event about an event about an event.
+        guard !event.type.hasPrefix(EventFilter.sidecarPrefix) else { return }
+        emit(
+            "sidecar.delivery.dead",
+            [
+                "service": .string(service), "deliveryId": .number(String(deliveryID)), "attempts": .int(attempts),
+                "lastStatusCode": lastStatusCode.map(JSONValue.int) ?? .null, "lastError": .optional(lastError),
+                "event": ["id": .string(event.id), "type": .string(event.type), "verificationId": .optional(event.verificationID)],
+            ])
+    }
+
+    /// `service`'s breaker opened (`pausedUntil` set) or closed.
+    func serviceChanged(_ service: String, paused: Bool, consecutiveFailures: Int, pausedUntil: UnixTime?) {
+        var data: [JSONMember] = [.init("service", .string(service))]
+        if paused {
+            data += [.init("consecutiveFailures", .int(consecutiveFailures)), .init("pausedUntil", .optional(pausedUntil?.iso8601Milliseconds))]
+        }
+        emit(paused ? "sidecar.service.paused" : "sidecar.service.resumed", .object(data))
+    }
+
+    private func emit(_ type: String, _ data: JSONValue) {
+        let recipients = services.filter { $0.events.matches(type) }.map(\.name)
+        guard !recipients.isEmpty else { return }
+        let now = UnixTime.now()
+        let id = "sdc_" + RandomID.make() + RandomID.make()
+        let body = JSONWriter.encode(["id": .string(id), "type": .string(type), "occurredAt": .string(now.iso8601Milliseconds), "data": data])
+        let event = KoraEvent(
+            id: id, type: type, verificationID: nil, normalizedBody: body, originalBody: body, originalHeaders: [], signatureVerified: true)
+        let wake = wake.withLockedValue { $0 }
+        Task {
+            do {
+                _ = try await store.enqueue(event, services: recipients, at: now, dedupSince: now)
+                wake?(recipients)
+            } catch {
+                logger.error("Operational event not stored", metadata: ["event.type": "\(type)", "error": "\(error)"])
+            }
+        }
+    }
+}
