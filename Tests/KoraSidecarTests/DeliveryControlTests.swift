@@ -66,7 +66,8 @@ struct DeliveryControlTests {
     ) async throws {
         var options = SidecarOptions()
         options.store = stores[0]
-        options.retryPolicy = RetryPolicy(schedule: [.milliseconds(200), .milliseconds(200), .milliseconds(200)], jitter: 0)
+        // Slow enough that the other verification's event, sent just after, clearly goes first.
+        options.retryPolicy = RetryPolicy(schedule: [.milliseconds(600), .milliseconds(600), .milliseconds(600)], jitter: 0)
         guard stores.count > 1 else {
             try await withSidecar(configuration, options: options, body)
             return
@@ -117,9 +118,9 @@ struct DeliveryControlTests {
                 try await Binary.run(["deliveries", "list", "--status", "delivered", "--config", config]).stdout.components(separatedBy: "evt_r").count == 4
             }
             let dry = try await Binary.run(["deliveries", "retry", "--status", "delivered", "--type", "verification.completed", "--dry-run", "--config", config])
-            #expect(dry.stdout.contains("2 deliveries would be queued again."), "\(dry.stdout)\(dry.stderr)")
+            #expect(dry.stdout.contains("2 delivered deliveries would be queued again."), "\(dry.stdout)\(dry.stderr)")
             let none = try await Binary.run(["deliveries", "retry", "--status", "delivered", "--since", "1h", "--until", "2000-01-01", "--dry-run", "--config", config])
-            #expect(none.stdout.contains("0 deliveries would be queued again."), "\(none.stdout)\(none.stderr)")
+            #expect(none.stdout.contains("0 delivered deliveries would be queued again."), "\(none.stdout)\(none.stderr)")
             let admin = try await post(
                 sidecar.internalURL("/admin/deliveries/retry?status=delivered&service=app&since=1h&dryRun=true"), body: [], headers: [])
             #expect(admin.json?["wouldRequeue"]?.text == "3")
@@ -163,14 +164,13 @@ struct DeliveryControlTests {
             options.retryPolicy = RetryPolicy(schedule: Array(repeating: .milliseconds(20), count: 50), jitter: 0)
             options.breakerCooldown = .milliseconds(300)
             try await withSidecar(configuration, options: options, logs: logs) { sidecar in
+                let started = ContinuousClock.now
                 for index in 0..<5 { #expect(try await sendSigned(TestEvent.body(eventID: "evt_b\(index)"), to: sidecar).status == 200) }
                 try await waitUntil("the service to be paused") { try await serviceState(sidecar) == "open" }
-                let paused = ContinuousClock.now
-                #expect(receiver.count == 3)
-                // Paused, it gets one probe per cool-down (300 ms, then 600, 1200 …), nothing more.
+                // Paused after 3 failures, it gets one probe per cool-down (300 ms, then 600, 1200 …), nothing more.
                 try await waitUntil("two probes") { receiver.count >= 5 }
-                let elapsed = Double((ContinuousClock.now - paused).milliseconds)
-                #expect(receiver.count <= 3 + 1 + Int(elapsed / 300), "\(receiver.count) requests in \(elapsed) ms")
+                let elapsed = Double((ContinuousClock.now - started).milliseconds)
+                #expect(receiver.count <= 3 + Int(elapsed / 300), "\(receiver.count) requests in \(elapsed) ms")
                 let metrics = try await get(sidecar.internalURL("/metrics")).body
                 #expect(metrics.contains(#"kora_sidecar_service_state{service="app",state="closed"} 0"#))
 
@@ -181,6 +181,12 @@ struct DeliveryControlTests {
                 #expect(logs.all.contains { $0.contains("Service resumed") })
             }
         }
+    }
+
+    @Test(arguments: [(nil, true), (500, true), (503, true), (408, true), (429, true), (400, false), (404, false), (410, false), (204, false)])
+    func onlyAnswersThatSayTheServiceIsUnwellCountTowardsAPause(status: Int?, unwell: Bool) {
+        // A refusal of one event (400, 410) shows the service up: it must not pause it for everyone.
+        #expect(AttemptResult(statusCode: status, error: nil, durationMilliseconds: 1).serviceFailed == unwell)
     }
 
     @Test func directModeAnswers503AtOnceWhileTheServiceIsPaused() async throws {

@@ -105,7 +105,7 @@ struct FaultInjectionTests {
         let healthy = Receiver()
         try await withReceiver(healthy) { (port: Int) async throws in
             func service(_ name: String, _ port: Int) -> String {
-                #"{"name": "\#(name)", "deliver": {"url": "http://127.0.0.1:\#(port)/events", "signingSecret": "\#(TestSecrets.signing)", "timeoutSeconds": 1}, "token": "token-\#(name)"}"#
+                #"{"name": "\#(name)", "deliver": {"url": "http://127.0.0.1:\#(port)/events", "signingSecret": "\#(TestSecrets.signing)", "timeoutSeconds": 1, "breaker": {"failures": 1000}}, "token": "token-\#(name)"}"#
             }
             let config = try writeProcessConfig(
                 directory: directory, receiverPort: port, retrySchedule: ["50ms", "50ms"],

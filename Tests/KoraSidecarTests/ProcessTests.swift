@@ -111,6 +111,8 @@ struct ProcessTests {
                     var event = template
                     event.id = "evt_backlog_\(index)"
                     event.dedupKeys = [event.id]
+                    // A backlog of many verifications, as a day's traffic is (one verification's events go in order).
+                    event.verificationID = "ver_backlog_\(index)"
                     group.addTask { _ = try await store.enqueue(event, services: ["app"], at: now, dedupSince: now) }
                 }
                 try await group.waitForAll()

@@ -11,8 +11,9 @@ import Testing
 @Suite("PostgreSQL replicas", .serialized)
 struct ReplicaTests {
     /// One service with a one-second time-out, so that a dead replica's lease ends 31 s after its claim.
+    /// One service whose breaker stays out of the way (these tests are about replicas, not pauses).
     static func services(port: Int) -> String {
-        #"[{"name": "app", "deliver": {"url": "http://127.0.0.1:\#(port)/events", "signingSecret": "\#(TestSecrets.signing)", "timeoutSeconds": 1}}]"#
+        #"[{"name": "app", "deliver": {"url": "http://127.0.0.1:\#(port)/events", "signingSecret": "\#(TestSecrets.signing)", "timeoutSeconds": 1, "breaker": {"failures": 1000}}}]"#
     }
 
     @Test func twoReplicasReceivingTheSameEventsDeliverEachOnce() async throws {

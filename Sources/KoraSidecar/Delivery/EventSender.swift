@@ -17,6 +17,13 @@ package struct AttemptResult: Sendable, Equatable {
 
     /// Whether the service took the event (2xx).
     var succeeded: Bool { statusCode.map { (200..<300).contains($0) } ?? false }
+
+    /// Whether the attempt says the service is unwell (no answer, 5xx, 408, 429), for its circuit
+    /// breaker; any other answer, even a refusal of this one event, shows it up.
+    var serviceFailed: Bool {
+        guard let statusCode else { return true }
+        return statusCode >= 500 || statusCode == 408 || statusCode == 429
+    }
 }
 
 /// Sends one event to one service over the shared HTTP client: TCP or Unix socket, Standard

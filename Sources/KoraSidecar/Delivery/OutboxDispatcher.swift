@@ -162,7 +162,7 @@ final class OutboxDispatcher: Service, Sendable {
         ]
         if let error = result.error { metadata["error"] = "\(error)" }
         metrics.delivery(service: service.name, result: next.metricName, milliseconds: result.durationMilliseconds)
-        breakers[service.name]?.record(succeeded: result.succeeded, now: .now())
+        breakers[service.name]?.record(healthy: !result.serviceFailed, now: .now())
         switch next {
         case .delivered: logger.info("Delivered", metadata: metadata)
         case .retry: logger.notice("Delivery failed; will retry", metadata: metadata)

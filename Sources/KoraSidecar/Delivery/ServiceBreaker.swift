@@ -91,11 +91,11 @@ final class ServiceBreaker: Sendable {
     /// The probe found nothing to send: the next caller may probe.
     func withdrawProbe() { status.withLockedValue { $0.probing = false } }
 
-    /// Records an attempt's outcome at `now`.
-    func record(succeeded: Bool, now: UnixTime) {
+    /// Records whether an attempt found the service healthy (see ``AttemptResult/serviceFailed``) at `now`.
+    func record(healthy: Bool, now: UnixTime) {
         let change = status.withLockedValue { status -> (State, Duration)? in
             status.probing = false
-            if succeeded {
+            if healthy {
                 status.consecutiveFailures = 0
                 guard status.state != .closed else { return nil }
                 status.state = .closed

@@ -24,10 +24,18 @@ struct KoraClient: Sendable {
     private let baseURL: String
     private let client: HTTPClient
     private let policy: ProxyRetryPolicy
+    private let budget: KoraBudget
+    /// Each service's `share` of the budget when calls wait.
+    private let shares: [String: Int]
     private let metrics: SidecarMetrics
     private let logger: Logger
 
-    init(kora: KoraConfiguration, client: HTTPClient, policy: ProxyRetryPolicy, metrics: SidecarMetrics, logger: Logger) {
+    init(
+        kora: KoraConfiguration, client: HTTPClient, policy: ProxyRetryPolicy, budget: KoraBudget, shares: [String: Int],
+        metrics: SidecarMetrics, logger: Logger
+    ) {
+        self.budget = budget
+        self.shares = shares
         self.kora = kora
         var base = Substring(kora.apiBaseURL)
         while base.hasSuffix("/") { base = base.dropLast() }
@@ -73,9 +81,13 @@ struct KoraClient: Sendable {
         while true {
             attempt += 1
             let response: HTTPClientResponse
+            try await takeTurn(service: service)
             let started = ContinuousClock.now
             do {
                 response = try await client.execute(request, timeout: timeout)
+                await budget.observe(
+                    limit: response.headers.first(name: "x-ratelimit-limit"),
+                    remaining: response.headers.first(name: "x-ratelimit-remaining"), reset: response.headers.first(name: "x-ratelimit-reset"))
                 metrics.koraCall(
                     statusClass: "\(response.status.code / 100)xx", milliseconds: Int((ContinuousClock.now - started).milliseconds))
             } catch {
@@ -111,6 +123,20 @@ struct KoraClient: Sendable {
             }
             logger.debug("Kora call answered", metadata: metadata())
             return response
+        }
+    }
+
+    /// Waits for `service`'s turn in the key's budget.
+    /// - Throws: 429 `RATE_LIMITED` with `Retry-After` when no turn came within `kora.rateLimit.maxWait`.
+    private func takeTurn(service: String) async throws {
+        do {
+            try await budget.acquire(service: service, share: shares[service] ?? 1)
+        } catch let refusal as KoraBudget.Refusal {
+            let seconds = max(1, (refusal.retryAfter.milliseconds + 999) / 1000)
+            logger.notice("Kora call refused: the key's budget is spent", metadata: ["service": "\(service)", "retry.after": "\(seconds)"])
+            throw SidecarHTTPError(
+                .tooManyRequests, code: "RATE_LIMITED", message: "The Kora API key's rate budget is spent; retry after \(seconds) s.",
+                headers: [.retryAfter: String(seconds)])
         }
     }
 

@@ -13,6 +13,8 @@ package struct KoraProxyOptions: Sendable {
     /// The `callbackUrl` to inject instead of `kora.callbackURL` (the demo learns its webhook port
     /// only once the listener is bound).
     package var callbackURL: (@Sendable () async -> String?)?
+    /// The window of the Kora budget: a minute, shorter in tests.
+    package var budgetWindow = Duration.seconds(60)
 
     init() {}
 }
@@ -39,6 +41,10 @@ struct KoraProxy: Sendable {
         self.identity = ServiceIdentity(services: configuration.services)
         self.client = KoraClient(
             kora: configuration.kora, client: client, policy: ProxyRetryPolicy(configuration.kora.retry, sleep: options.sleep),
+            budget: KoraBudget(
+                perMinute: configuration.kora.rateLimit.perMinute, maxWait: configuration.kora.rateLimit.maxWait, window: options.budgetWindow,
+                metrics: metrics),
+            shares: Dictionary(configuration.services.map { ($0.name, $0.share) }, uniquingKeysWith: { first, _ in first }),
             metrics: metrics, logger: logger)
         self.store = store
         let configured = configuration.kora.callbackURL

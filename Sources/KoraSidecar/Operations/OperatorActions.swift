@@ -81,11 +81,17 @@ package enum OperatorActions {
             return .object(members)
         }
 
+        /// `dead ` or `delivered ` when one status was selected.
+        private var statusWord: String {
+            guard case .deliveries(let statuses) = selection.scope, statuses.count == 1 else { return "" }
+            return statuses[0].rawValue + " "
+        }
+
         /// The command's sentence.
         var sentence: String {
             switch (selection.scope, selection.dryRun) {
-            case (.deliveries, true): "\(selected) deliveries would be queued again."
-            case (.deliveries, false): "\(selected) deliveries are queued again."
+            case (.deliveries, true): "\(selected) \(statusWord)deliveries would be queued again."
+            case (.deliveries, false): "\(selected) \(statusWord)deliveries are queued again."
             case (.unrouted, true):
                 "\(selected) unrouted events would be routed (\(deliveries) deliveries); \(stillUnrouted) would still match no service."
             case (.unrouted, false):

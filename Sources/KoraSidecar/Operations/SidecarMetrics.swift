@@ -35,6 +35,26 @@ package struct SidecarMetrics: Sendable {
         counter("kora_sidecar_webhooks_total", [("result", "unverified"), ("reason", reason)]).increment()
     }
 
+    /// Calls to Kora left in the budget now (-1 while no limit is known).
+    func koraBudgetRemaining(_ remaining: Int) {
+        Gauge(label: "kora_sidecar_kora_budget_remaining", dimensions: [], factory: factory).record(remaining)
+    }
+
+    /// Calls waiting for a turn in the Kora budget.
+    func koraCallsWaiting(_ count: Int) {
+        Gauge(label: "kora_sidecar_kora_calls_waiting", dimensions: [], factory: factory).record(count)
+    }
+
+    /// How long a call waited for its turn.
+    func koraWaited(milliseconds: Int) {
+        timer("kora_sidecar_kora_budget_wait_seconds", []).recordMilliseconds(milliseconds)
+    }
+
+    /// A call refused with 429 `RATE_LIMITED` because no turn came within `kora.rateLimit.maxWait`.
+    func koraCallRefused() {
+        counter("kora_sidecar_kora_calls_refused_total", []).increment()
+    }
+
     /// Kora refused the configured API key (401): every proxied call fails until it is fixed.
     func koraCredentialsRejected() {
         counter("kora_sidecar_kora_credentials_rejected_total", []).increment()

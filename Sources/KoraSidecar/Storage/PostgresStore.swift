@@ -267,7 +267,7 @@ final class PostgresStore: SidecarStore, Service {
         guard ordered else { return "" }
         return """
              AND (e.verification_id IS NULL OR NOT EXISTS (
-                SELECT 1 FROM kora_deliveries p JOIN kora_events pe ON pe.id = p.event_row
+                SELECT 1 FROM kora_events pe JOIN kora_deliveries p ON p.event_row = pe.id
                 WHERE pe.verification_id = e.verification_id AND p.service = d.service AND p.status = 'pending' AND p.id < d.id))
             """
     }

@@ -58,7 +58,7 @@ extension SidecarConfiguration {
         configuration.internal = readInternal(root.object("internal", keys: InternalKeys.all))
         configuration.metrics = readMetrics(root.object("metrics", keys: Set(["listen"]).union(ListenerLimitKeys.all)))
         configuration.services = root.array("services") { value, path in
-            readService(reader.object(value, at: path, keys: ["name", "token", "allow", "deliver"]))
+            readService(reader.object(value, at: path, keys: ["name", "token", "allow", "deliver", "share"]))
         } ?? []
         configuration.delivery = readDelivery(root.object("delivery", keys: ["mode", "ordering", "retrySchedule", "concurrency", "drainTimeout"]))
         configuration.storage = readStorage(root.object("storage", keys: ["sqlitePath", "postgresURL"]))
@@ -89,7 +89,7 @@ extension SidecarConfiguration {
     }
 
     private enum KoraKeys {
-        static let all: Set<String> = ["apiBaseURL", "apiKey", "tenantId", "callbackURL", "timeoutSeconds", "retry"]
+        static let all: Set<String> = ["apiBaseURL", "apiKey", "tenantId", "callbackURL", "timeoutSeconds", "retry", "rateLimit"]
     }
 
     private static func readKora(_ object: ObjectReader) -> KoraConfiguration {
@@ -110,6 +110,15 @@ extension SidecarConfiguration {
             "initialDelayMilliseconds", default: kora.retry.initialDelayMilliseconds, in: 0...3_600_000)
         kora.retry.maxDelayMilliseconds = retry.int(
             "maxDelayMilliseconds", default: kora.retry.maxDelayMilliseconds, in: 0...3_600_000)
+        let rateLimit = object.object("rateLimit", keys: ["perMinute", "maxWait"])
+        if rateLimit.has("perMinute") { kora.rateLimit.perMinute = rateLimit.int("perMinute", default: 1, in: 1...100_000) }
+        if let text = rateLimit.optionalString("maxWait") {
+            if let duration = DurationText.parse(text), duration <= .seconds(300) {
+                kora.rateLimit.maxWait = duration
+            } else {
+                rateLimit.reader.report(rateLimit.path("maxWait"), "must be a duration up to 5m, such as \"10s\"")
+            }
+        }
         if kora.retry.maxDelayMilliseconds < kora.retry.initialDelayMilliseconds {
             retry.reader.report(retry.path("maxDelayMilliseconds"), "must not be less than initialDelayMilliseconds")
         }
@@ -230,6 +239,7 @@ extension SidecarConfiguration {
             object.reader.report(object.path("name"), "must be 1 to 64 letters, digits, '-', '_' or '.'")
         }
         var service = ServiceConfiguration(name: name, token: object.optionalSecret("token"))
+        service.share = object.int("share", default: 1, in: 1...1000)
         service.allow = object.array("allow") { value, path in
             guard case .string(let pattern) = value, AllowPattern(pattern) != nil else {
                 object.reader.report(path, "must be \"METHOD /path\", with * matching one path segment or ending the path")

@@ -9,6 +9,10 @@ extension SidecarConfiguration {
                 "tenantId": masked(kora.tenantId),
                 "callbackURL": .optional(kora.callbackURL),
                 "timeoutSeconds": .int(kora.timeoutSeconds),
+                "rateLimit": [
+                    "perMinute": kora.rateLimit.perMinute.map(JSONValue.int) ?? .null,
+                    "maxWait": .string(DurationText.format(kora.rateLimit.maxWait)),
+                ],
                 "retry": [
                     "maxAttempts": .int(kora.retry.maxAttempts),
                     "initialDelayMilliseconds": .int(kora.retry.initialDelayMilliseconds),
@@ -73,6 +77,7 @@ extension SidecarConfiguration {
             .init("name", .string(service.name)),
             .init("token", masked(service.token)),
             .init("allow", service.allow.map { .array($0.map(JSONValue.string)) } ?? .null),
+            .init("share", .int(service.share)),
         ]
         if let deliver = service.deliver {
             var target: [JSONMember]

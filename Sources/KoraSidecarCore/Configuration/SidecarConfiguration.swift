@@ -58,6 +58,7 @@ package struct KoraConfiguration: Sendable {
     package var callbackURL: String?
     package var timeoutSeconds = 30
     package var retry = RetryConfiguration()
+    package var rateLimit = KoraRateLimit()
 
     package init() {}
 }
@@ -67,6 +68,16 @@ package struct RetryConfiguration: Sendable, Equatable {
     package var maxAttempts = 3
     package var initialDelayMilliseconds = 1000
     package var maxDelayMilliseconds = 30000
+
+    package init() {}
+}
+
+/// The Kora key's budget (`kora.rateLimit`): calls a minute, shared by every service.
+package struct KoraRateLimit: Sendable, Equatable {
+    /// The plan's limit; nil learns it from Kora's `X-RateLimit-Limit`.
+    package var perMinute: Int?
+    /// How long a call waits for its turn before it is answered 429 `RATE_LIMITED`.
+    package var maxWait = Duration.seconds(10)
 
     package init() {}
 }
@@ -124,6 +135,8 @@ package struct ServiceConfiguration: Sendable {
     /// `METHOD /path` patterns this service may call; nil allows everything.
     package var allow: [String]?
     package var deliver: DeliverConfiguration?
+    /// Its weight in the Kora budget when calls wait: turns in proportion to it.
+    package var share = 1
 
     package init(name: String, token: Secret? = nil, allow: [String]? = nil, deliver: DeliverConfiguration? = nil) {
         self.name = name

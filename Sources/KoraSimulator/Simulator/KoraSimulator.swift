@@ -212,8 +212,9 @@ package final class KoraSimulator: Sendable {
     func countRequest() -> (limit: Int, remaining: Int, reset: Int64, retryAfter: Int64?)? {
         guard let limit = configuration.rateLimitPerMinute else { return nil }
         let now = configuration.clock()
-        let minute = now.seconds / 60
-        let reset = (minute + 1) * 60
+        let window = configuration.rateLimitWindowSeconds
+        let minute = now.seconds / window
+        let reset = (minute + 1) * window
         return state.withLockedValue { state in
             if state.window.minute != minute { state.window = (minute, 0) }
             state.window.count += 1

@@ -21,6 +21,8 @@ package struct SimulatorConfiguration: Sendable {
     package var autoComplete: Duration?
     /// Requests allowed per minute; nil does not limit (and sends no `X-RateLimit-*` headers).
     package var rateLimitPerMinute: Int?
+    /// The length of the rate-limit window: a minute, as Kora's, shorter in tests.
+    package var rateLimitWindowSeconds: Int64 = 60
     /// How long `test-slow-` verifications take to decide (Kora's sandbox: 10 s).
     package var slowDelay: Duration = .seconds(10)
     /// How long a `test-expired-` verification stays approved before it expires.

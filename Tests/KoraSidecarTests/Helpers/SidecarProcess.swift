@@ -117,7 +117,8 @@ final class SidecarProcess: @unchecked Sendable {
 
 /// Writes a sidecar configuration for a child process: both listeners on 127.0.0.1 port 0,
 /// queued delivery to `receiverPort` (or to the `services` given as JSON), the store in `directory`
-/// (or the PostgreSQL database at `postgresURL`).
+/// (or the PostgreSQL database at `postgresURL`). The default service's breaker is out of the way
+/// (these tests are about durability and retries; the breaker has tests of its own).
 func writeProcessConfig(
     directory: String, receiverPort: Int, retrySchedule: [String] = ["100ms", "100ms", "200ms"], extra: String = "", services: String? = nil,
     postgresURL: String? = nil
@@ -129,7 +130,7 @@ func writeProcessConfig(
         {
           "webhooks": {"listen": {"host": "127.0.0.1", "port": 0}, "secrets": ["\(TestSecrets.webhook)"]},
           "internal": {"listen": {"host": "127.0.0.1", "port": 0}\(extra)},
-          "services": \(services ?? #"[{"name": "app", "deliver": {"url": "http://127.0.0.1:\#(receiverPort)/events", "signingSecret": "\#(TestSecrets.signing)", "timeoutSeconds": 5}}]"#),
+          "services": \(services ?? #"[{"name": "app", "deliver": {"url": "http://127.0.0.1:\#(receiverPort)/events", "signingSecret": "\#(TestSecrets.signing)", "timeoutSeconds": 5, "breaker": {"failures": 1000}}}]"#),
           "delivery": {"mode": "queued", "retrySchedule": [\(schedule)], "concurrency": 8, "drainTimeout": "20s"},
           "storage": \(storage),
           "logging": {"level": "info", "format": "json"}

@@ -1,0 +1,98 @@
+import AsyncHTTPClient
+import Foundation
+import NIOConcurrencyHelpers
+import Testing
+
+@testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
+
+/// One Kora key, many services: the budget in front of Kora, fair between services, with the
+/// simulator's rate limit as the Kora that would refuse (windows of 3 s instead of a minute).
+@Suite("Kora budget")
+struct KoraBudgetTests {
+    /// A sidecar whose proxy shares a budget of `perWindow` calls each `window` seconds, in front
+    /// of a Kora allowing 6 calls each `window` seconds.
+    func withBudget(
+        perWindow: Int?, window: Int64 = 3, maxWait: Duration, services: [ServiceConfiguration],
+        _ body: @Sendable @escaping (ProxySidecar) async throws -> Void
+    ) async throws {
+        try await withSimulator({
+            $0.rateLimitPerMinute = 6
+            $0.rateLimitWindowSeconds = window
+        }) { _, base in
+            var configuration = proxyConfiguration(koraBaseURL: base, services: services)
+            configuration.kora.rateLimit.perMinute = perWindow
+            configuration.kora.rateLimit.maxWait = maxWait
+            var options = SidecarOptions()
+            options.koraProxy.budgetWindow = .seconds(window)
+            try await withProxySidecar(configuration, options: options, body)
+        }
+    }
+
+    @Test func aServiceThatFloodsCannotStarveOneThatCallsRarely() async throws {
+        let flood = appService(name: "flood", token: "token-flood")
+        let rare = appService(name: "rare", token: "token-rare")
+        try await withBudget(perWindow: 6, maxWait: .seconds(8), services: [flood, rare]) { sidecar in
+            let url = sidecar.internalURL("/api/v1/idv/document-types?country=US")
+            // A client of its own per service, each free to have every call in flight at once.
+            let clients = ["token-flood": Self.client(), "token-rare": Self.client()]
+            func call(_ token: String) async throws -> HTTPAnswer {
+                var request = HTTPClientRequest(url: url)
+                request.headers.add(name: "Authorization", value: "Bearer \(token)")
+                let response = try await clients[token]!.execute(request, timeout: .seconds(30))
+                let body = try await response.body.collect(upTo: 1 << 20)
+                return HTTPAnswer(status: Int(response.status.code), headers: response.headers, bytes: Array(body.readableBytesView))
+            }
+            let answers = try await withThrowingTaskGroup(of: (String, HTTPAnswer).self) { group in
+                for _ in 0..<30 { group.addTask { ("flood", try await call("token-flood")) } }
+                try await waitUntil("the flood to wait") {
+                    try await metric("kora_sidecar_kora_calls_waiting", in: sidecar).map { $0 >= 20 } ?? false
+                }
+                for _ in 0..<5 { group.addTask { ("rare", try await call("token-rare")) } }
+                return try await group.reduce(into: []) { $0.append($1) }
+            }
+            for client in clients.values { try await client.shutdown() }
+            // The rare service's calls all went, taking turns with the flood's.
+            #expect(answers.filter { $0.0 == "rare" }.allSatisfy { $0.1.status == 200 })
+            let refused = answers.filter { $0.1.status == 429 }
+            #expect(!refused.isEmpty)
+            #expect(refused.allSatisfy { $0.0 == "flood" && $0.1.code == "RATE_LIMITED" && $0.1.header("Retry-After") != nil })
+            // Kora itself never had to refuse: every call that reached it was answered 2xx.
+            let metrics = try await get(sidecar.internalURL("/metrics")).body
+            #expect(!metrics.contains(#"kora_sidecar_kora_requests_total{status_class="4xx"}"#))
+            #expect(metrics.contains("kora_sidecar_kora_calls_refused_total \(refused.count)"))
+        }
+    }
+
+    static func client() -> HTTPClient {
+        var configuration = HTTPClient.Configuration(redirectConfiguration: .disallow, timeout: .init(connect: .seconds(5), read: .seconds(60)))
+        configuration.connectionPool = .init(idleTimeout: .seconds(5), concurrentHTTP1ConnectionsPerHostSoftLimit: 64)
+        return HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+    }
+
+    @Test func withoutAConfiguredLimitTheBudgetIsLearnedFromKora() async throws {
+        // One window of a minute: no window boundary falls between the calls.
+        try await withBudget(perWindow: nil, window: 60, maxWait: .milliseconds(200), services: [appService()]) { sidecar in
+            let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+            // Kora says how many are left; once it says none, the sidecar holds calls back itself.
+            var statuses: [Int] = []
+            var codes: [String?] = []
+            for _ in 0..<8 {
+                let answer = try await sdk.call(.GET, "/document-types?country=US")
+                statuses.append(answer.status)
+                codes.append(answer.code)
+            }
+            #expect(statuses.prefix(6).allSatisfy { $0 == 200 }, "\(statuses)")
+            #expect(statuses.suffix(2).allSatisfy { $0 == 429 }, "\(statuses)")
+            #expect(codes.suffix(2).allSatisfy { $0 == "RATE_LIMITED" }, "\(codes)")
+        }
+    }
+}
+
+/// The value of an unlabelled metric on the internal listener.
+private func metric(_ name: String, in sidecar: ProxySidecar) async throws -> Double? {
+    let text = try await get(sidecar.internalURL("/metrics")).body
+    return text.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Double($0.split(separator: " ")[1]) }
+}
