@@ -16,6 +16,8 @@ package struct DeliveryService: Sendable {
     let breakerFailures: Int
     /// Most deliveries a second, per replica; nil: no limit.
     let maxPerSecond: Int?
+    /// Paths removed from the normalised body before it is sent.
+    let redact: [RedactionPath]
     /// The `Host` header to send: AsyncHTTPClient sends none over a Unix socket, and HTTP/1.1
     /// servers (nginx, Go's net/http) refuse a request without one.
     let hostHeader: String?
@@ -31,6 +33,7 @@ package struct DeliveryService: Sendable {
         self.timeout = .seconds(deliver.timeoutSeconds)
         self.breakerFailures = deliver.breakerFailures
         self.maxPerSecond = deliver.maxPerSecond
+        self.redact = deliver.redact
         if case .unixSocket = deliver.target { self.hostHeader = "localhost" } else { self.hostHeader = nil }
     }
 

@@ -40,10 +40,21 @@ package struct EventSender: Sendable {
         self.reportOnly = reportOnly
     }
 
+    /// The body `service` receives: in its format, without what it must not see (`redact`); nil
+    /// when the normalised body cannot be read back (it always can: it is the sidecar's own JSON).
+    static func body(of event: KoraEvent, for service: DeliveryService) -> [UInt8]? {
+        let body = event.body(for: service.format)
+        guard !service.redact.isEmpty else { return body }
+        return (try? JSONParser.parse(body)).map { JSONWriter.encode($0.removing(service.redact)) }
+    }
+
     /// Delivers `event` to `service` as attempt number `attempt`.
     package func send(_ event: KoraEvent, to service: DeliveryService, attempt: Int) async -> AttemptResult {
         let started = ContinuousClock.now
-        let body = event.body(for: service.format)
+        guard let body = Self.body(of: event, for: service) else {
+            // Fail closed: what a service must not receive is never sent unredacted.
+            return AttemptResult(statusCode: nil, error: "the body could not be redacted", durationMilliseconds: 0)
+        }
         var request = HTTPClientRequest(url: service.url)
         request.method = .POST
         request.headers = DeliveryHeaders.make(

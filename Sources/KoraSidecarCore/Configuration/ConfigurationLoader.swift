@@ -253,7 +253,7 @@ extension SidecarConfiguration {
                     "deliver",
                     keys: [
                         "url", "unixSocket", "path", "format", "signingSecret", "headers", "events",
-                        "onlyOwnVerifications", "timeoutSeconds", "breaker", "maxPerSecond",
+                        "onlyOwnVerifications", "timeoutSeconds", "breaker", "maxPerSecond", "redact",
                     ]))
         }
         return service
@@ -305,6 +305,18 @@ extension SidecarConfiguration {
         deliver.timeoutSeconds = object.int("timeoutSeconds", default: deliver.timeoutSeconds, in: 1...600)
         deliver.breakerFailures = object.object("breaker", keys: ["failures"]).int("failures", default: deliver.breakerFailures, in: 1...1000)
         if object.has("maxPerSecond") { deliver.maxPerSecond = object.int("maxPerSecond", default: 1, in: 1...100_000) }
+        if let paths = object.array("redact", { value, path -> RedactionPath? in
+            guard case .string(let text) = value, let redaction = RedactionPath(text) else {
+                reader.report(path, "must be a path in the normalised body, such as \"data.metadata\" or \"data.scores.*\"")
+                return nil
+            }
+            return redaction
+        }) {
+            deliver.redact = paths
+            if deliver.format == .original, !paths.isEmpty {
+                reader.report(object.path("redact"), "cannot be used with format original: that body is Kora's exact bytes, signed by Kora")
+            }
+        }
         return deliver
     }
 

@@ -94,6 +94,7 @@ extension SidecarConfiguration {
                 .init("timeoutSeconds", .int(deliver.timeoutSeconds)),
                 .init("breaker", ["failures": .int(deliver.breakerFailures)]),
                 .init("maxPerSecond", deliver.maxPerSecond.map(JSONValue.int) ?? .null),
+                .init("redact", .array(deliver.redact.map { .string($0.description) })),
             ]
             members.append(.init("deliver", .object(target)))
         } else {

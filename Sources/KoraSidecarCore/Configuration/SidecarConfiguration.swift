@@ -174,6 +174,8 @@ package struct DeliverConfiguration: Sendable {
     package var breakerFailures = 5
     /// Most deliveries a second to this service, per replica (`maxPerSecond`); nil: no limit.
     package var maxPerSecond: Int?
+    /// What this service never receives: paths removed from the normalised body (`redact`).
+    package var redact: [RedactionPath] = []
 
     package init(target: DeliveryTarget) { self.target = target }
 
