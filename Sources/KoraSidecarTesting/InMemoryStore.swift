@@ -18,6 +18,7 @@ final class InMemoryStore: SidecarStore {
         var quarantine: [QuarantinedPayload] = []
         var origins: [String: String] = [:]
         var unrouted: [Int64: (listing: UnroutedEvent, event: KoraEvent)] = [:]
+        var idempotency: [String: IdempotencyRecord] = [:]
 
         /// Whether an earlier delivery of the same verification is pending for the same service.
         func waitsBehindEarlier(_ delivery: Delivery) -> Bool {
@@ -249,6 +250,33 @@ final class InMemoryStore: SidecarStore {
                         service: group[0].service, status: group[0].status, count: group.count,
                         oldestCreatedAt: group.map(\.createdAt).min())
                 }
+        }
+    }
+
+    package func idempotencyRecord(service: String, key: String) async throws -> IdempotencyRecord? {
+        state.withLockedValue { $0.idempotency[service + "\u{0}" + key] }
+    }
+
+    package func claimIdempotencyKey(service: String, key: String, digest: String, at: UnixTime) async throws -> IdempotencyRecord? {
+        try write { state in
+            if let existing = state.idempotency[service + "\u{0}" + key] { return existing }
+            state.idempotency[service + "\u{0}" + key] = IdempotencyRecord(digest: digest, state: .inFlight, createdAt: at, updatedAt: at)
+            return nil
+        }
+    }
+
+    package func settleIdempotencyKey(service: String, key: String, state newState: IdempotencyRecord.State, at: UnixTime) async throws {
+        try write { state in
+            state.idempotency[service + "\u{0}" + key]?.state = newState
+            state.idempotency[service + "\u{0}" + key]?.updatedAt = at
+        }
+    }
+
+    package func pruneIdempotencyKeys(before: UnixTime) async throws -> Int {
+        try write { state in
+            let old = state.idempotency.filter { $0.value.createdAt < before }
+            for key in old.keys { state.idempotency[key] = nil }
+            return old.count
         }
     }
 

@@ -26,10 +26,12 @@ struct KoraProxy: Sendable {
     private let kora: KoraConfiguration
     private let limits: ListenerLimits
     private let identity: ServiceIdentity
-    private let client: KoraClient
-    private let store: any SidecarStore
+    let client: KoraClient
+    let store: any SidecarStore
     private let callbackURL: @Sendable () async -> String?
-    private let logger: Logger
+    let logger: Logger
+    /// How long a create waits for the same key's create in flight elsewhere before asking Kora.
+    let idempotencyWait: Duration
 
     /// Creates the proxy. `client` should be built with ``KoraClient/clientConfiguration(timeoutSeconds:)``.
     init(
@@ -50,6 +52,10 @@ struct KoraProxy: Sendable {
         let configured = configuration.kora.callbackURL
         self.callbackURL = options.callbackURL ?? { configured }
         self.logger = logger
+        // A create in flight ends within its attempts' time-outs and waits.
+        self.idempotencyWait =
+            .seconds(configuration.kora.timeoutSeconds * configuration.kora.retry.maxAttempts)
+            + .milliseconds(configuration.kora.retry.maxDelayMilliseconds * configuration.kora.retry.maxAttempts)
     }
 
     // MARK: Routes
@@ -65,7 +71,7 @@ struct KoraProxy: Sendable {
         let body = try await BodyReader.collect(request, channel: context.channel, limit: limits.maxBodyBytes, logger: logger)
         let call = KoraCall(method: request.method, path: path, query: request.uri.query, headers: request.headers, body: body)
         if Self.isCreate(method: request.method, path: path) {
-            let answer = try await create(call, caller: caller)
+            let answer = try await createOnce(call, caller: caller, key: request.headers[Self.idempotencyKey])
             return JSONResponse.make(answer.status, answer.body, headers: answer.headers).withContentType(answer.contentType)
         }
         let response = try await client.send(call, service: caller.name)
@@ -86,7 +92,7 @@ struct KoraProxy: Sendable {
         headers[.contentType] = "application/json"
         let body = ByteBuffer(bytes: JSONWriter.encode(["externalId": .string(userID), "tier": .string(tier)]))
         let call = KoraCall(method: .post, path: "/verifications", query: nil, headers: headers, body: body)
-        let answer = try await create(call, caller: caller)
+        let answer = try await createOnce(call, caller: caller, key: request.headers[Self.idempotencyKey])
         guard (200..<300).contains(answer.status.code), let id = answer.verificationID else {
             return JSONResponse.make(answer.status, answer.body, headers: answer.headers).withContentType(answer.contentType)
         }
@@ -126,7 +132,7 @@ struct KoraProxy: Sendable {
 
     /// Sends a create, adding `callbackUrl`, and records the creating service as the origin of the
     /// returned verification id.
-    private func create(_ call: KoraCall, caller: ServiceIdentity.Caller) async throws -> CreateAnswer {
+    func create(_ call: KoraCall, caller: ServiceIdentity.Caller) async throws -> CreateAnswer {
         var call = call
         if let callback = await callbackURL(), case .object(var members)? = try? JSONParser.parse(Array(call.body.readableBytesView)),
             !members.contains(where: { $0.key == "callbackUrl" || $0.key == "callback_url" })

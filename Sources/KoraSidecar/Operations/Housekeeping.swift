@@ -3,7 +3,8 @@ import Logging
 import ServiceLifecycle
 
 /// Prunes the store in the background: delivered deliveries and de-duplication ids older than the
-/// de-duplication window, so the database never grows without bound.
+/// de-duplication window, and `Idempotency-Key` records older than a day, so the database never
+/// grows without bound.
 struct Housekeeping: Service {
     let store: any SidecarStore
     let retention: Duration
@@ -15,6 +16,7 @@ struct Housekeeping: Service {
             let cutoff = UnixTime.now().adding(.zero - retention)
             do {
                 let pruned = try await store.prune(deliveredBefore: cutoff, seenBefore: cutoff)
+                _ = try await store.pruneIdempotencyKeys(before: UnixTime.now().adding(.zero - KoraProxy.idempotencyRetention))
                 if pruned.deliveries + pruned.seenIDs > 0 {
                     logger.info(
                         "Pruned the store",

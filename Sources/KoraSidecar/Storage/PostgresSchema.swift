@@ -49,6 +49,16 @@ enum PostgresSchema {
         ],
         // Delivery in order per verification looks for an earlier pending delivery of the same verification.
         ["CREATE INDEX kora_events_verification ON kora_events(verification_id) WHERE verification_id IS NOT NULL"],
+        // Verification creates sent with Idempotency-Key, kept 24 h.
+        [
+            """
+            CREATE TABLE kora_idempotency_keys(
+                service TEXT NOT NULL, key TEXT NOT NULL, digest TEXT NOT NULL, state TEXT NOT NULL, status BIGINT,
+                content_type TEXT, body BYTEA, created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL,
+                PRIMARY KEY(service, key))
+            """,
+            "CREATE INDEX kora_idempotency_keys_created ON kora_idempotency_keys(created_at)",
+        ],
     ]
 
     /// Any constant, the same in every replica: the advisory lock that serialises migrations.

@@ -458,6 +458,54 @@ final class PostgresStore: SidecarStore, Service {
         }
     }
 
+    package func idempotencyRecord(service: String, key: String) async throws -> IdempotencyRecord? {
+        try await rows(
+            """
+            SELECT digest, state, status, content_type, body, created_at, updated_at FROM kora_idempotency_keys
+            WHERE service = \(service) AND key = \(key)
+            """
+        ).first.map { row in
+            let (digest, state, status, contentType, body, created, updated) = try row.decode(
+                (String, String, Int64?, String?, ByteBuffer?, Int64, Int64).self)
+            return IdempotencyRecord.decode(
+                digest: digest, state: state, status: status.map(Int.init), contentType: contentType, body: body.map { Array(buffer: $0) },
+                createdAt: created, updatedAt: updated)
+        }
+    }
+
+    package func claimIdempotencyKey(service: String, key: String, digest: String, at: UnixTime) async throws -> IdempotencyRecord? {
+        // The primary key makes one claim win across replicas; the others read what it left.
+        let claimed = try await rows(
+            """
+            INSERT INTO kora_idempotency_keys(service, key, digest, state, created_at, updated_at)
+            VALUES(\(service), \(key), \(digest), 'in_flight', \(at.milliseconds), \(at.milliseconds))
+            ON CONFLICT(service, key) DO NOTHING RETURNING 1
+            """)
+        guard claimed.isEmpty else { return nil }
+        return try await idempotencyRecord(service: service, key: key)
+    }
+
+    package func settleIdempotencyKey(service: String, key: String, state: IdempotencyRecord.State, at: UnixTime) async throws {
+        var status: Int64?
+        var contentType: String?
+        var body: ByteBuffer?
+        if case .answered(let code, let type, let bytes) = state {
+            status = Int64(code)
+            contentType = type
+            body = ByteBuffer(bytes: bytes)
+        }
+        _ = try await rows(
+            """
+            UPDATE kora_idempotency_keys SET state = \(state.name), status = \(status), content_type = \(contentType), body = \(body),
+                updated_at = \(at.milliseconds)
+            WHERE service = \(service) AND key = \(key)
+            """)
+    }
+
+    package func pruneIdempotencyKeys(before: UnixTime) async throws -> Int {
+        try await rows("DELETE FROM kora_idempotency_keys WHERE created_at < \(before.milliseconds) RETURNING 1").count
+    }
+
     package func checkWritable(at: UnixTime) async throws {
         _ = try await rows(
             """

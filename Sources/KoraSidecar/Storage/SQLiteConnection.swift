@@ -156,10 +156,14 @@ struct SQLiteRow: Sendable {
     }
 
     func bytes(_ column: Int) -> [UInt8] {
+        optionalBytes(column) ?? []
+    }
+
+    func optionalBytes(_ column: Int) -> [UInt8]? {
         switch values[column] {
         case .blob(let bytes): bytes
         case .text(let text): Array(text.utf8)
-        default: []
+        default: nil
         }
     }
 }

@@ -41,6 +41,14 @@ final class SQLiteStore: SidecarStore {
         """
         CREATE INDEX events_verification ON events(verification_id) WHERE verification_id IS NOT NULL;
         """,
+        // Verification creates sent with Idempotency-Key, kept 24 h.
+        """
+        CREATE TABLE idempotency_keys(
+            service TEXT NOT NULL, key TEXT NOT NULL, digest TEXT NOT NULL, state TEXT NOT NULL, status INTEGER,
+            content_type TEXT, body BLOB, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
+            PRIMARY KEY(service, key)) WITHOUT ROWID;
+        CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at);
+        """,
     ]
 
     /// Opens (creating when needed) the store at `path`.
@@ -371,6 +379,55 @@ final class SQLiteStore: SidecarStore {
                     service: row.string(0), status: status, count: Int(row.int(2)),
                     oldestCreatedAt: row.optionalInt(3).map(UnixTime.init(milliseconds:)))
             }
+        }
+    }
+
+    private static func idempotencyRecord(_ db: SQLiteConnection, service: String, key: String) throws -> IdempotencyRecord? {
+        try db.query(
+            "SELECT digest, state, status, content_type, body, created_at, updated_at FROM idempotency_keys WHERE service = ? AND key = ?",
+            [.text(service), .text(key)]
+        ).first.map { row in
+            IdempotencyRecord.decode(
+                digest: row.string(0), state: row.string(1), status: row.optionalInt(2).map(Int.init), contentType: row.optionalString(3),
+                body: row.optionalBytes(4), createdAt: row.int(5), updatedAt: row.int(6))
+        }
+    }
+
+    package func idempotencyRecord(service: String, key: String) async throws -> IdempotencyRecord? {
+        try await database.read { db in try Self.idempotencyRecord(db, service: service, key: key) }
+    }
+
+    package func claimIdempotencyKey(service: String, key: String, digest: String, at: UnixTime) async throws -> IdempotencyRecord? {
+        try await database.write { db in
+            if let existing = try Self.idempotencyRecord(db, service: service, key: key) { return existing }
+            try db.query(
+                "INSERT INTO idempotency_keys(service, key, digest, state, created_at, updated_at) VALUES(?, ?, ?, 'in_flight', ?, ?)",
+                [.text(service), .text(key), .text(digest), .integer(at.milliseconds), .integer(at.milliseconds)])
+            return nil
+        }
+    }
+
+    package func settleIdempotencyKey(service: String, key: String, state: IdempotencyRecord.State, at: UnixTime) async throws {
+        var status: SQLiteValue = .null
+        var contentType: SQLiteValue = .null
+        var body: SQLiteValue = .null
+        if case .answered(let code, let type, let bytes) = state {
+            status = .int(code)
+            contentType = .optional(type)
+            body = .blob(bytes)
+        }
+        let values: [SQLiteValue] = [.text(state.name), status, contentType, body, .integer(at.milliseconds), .text(service), .text(key)]
+        try await database.write { db in
+            try db.query(
+                "UPDATE idempotency_keys SET state = ?, status = ?, content_type = ?, body = ?, updated_at = ? WHERE service = ? AND key = ?",
+                values)
+        }
+    }
+
+    package func pruneIdempotencyKeys(before: UnixTime) async throws -> Int {
+        try await database.write { db in
+            try db.query("DELETE FROM idempotency_keys WHERE created_at < ?", [.integer(before.milliseconds)])
+            return db.changes
         }
     }
 

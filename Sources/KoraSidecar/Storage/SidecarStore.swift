@@ -64,6 +64,16 @@ package protocol SidecarStore: Sendable {
     func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult
     /// Outbox depth by service and status, with the age of the oldest pending delivery.
     func depth() async throws -> [OutboxDepth]
+    /// The `Idempotency-Key` record of `service`'s `key`, if any.
+    func idempotencyRecord(service: String, key: String) async throws -> IdempotencyRecord?
+    /// Claims `service`'s `key` for a create whose body has `digest`: nil when this caller claimed it
+    /// (the record is now in flight), else the record another call left (atomic across replicas).
+    func claimIdempotencyKey(service: String, key: String, digest: String, at: UnixTime) async throws -> IdempotencyRecord?
+    /// Sets the state of `service`'s `key` at `at`.
+    func settleIdempotencyKey(service: String, key: String, state: IdempotencyRecord.State, at: UnixTime) async throws
+    /// Deletes idempotency records created before `before`; returns how many.
+    func pruneIdempotencyKeys(before: UnixTime) async throws -> Int
+
     /// Performs a small write, to prove the store accepts writes (readiness).
     func checkWritable(at: UnixTime) async throws
 }
@@ -191,6 +201,57 @@ package struct QuarantinedPayload: Sendable, Equatable {
         self.body = body
         self.headers = headers
         self.signatureVerified = signatureVerified
+    }
+}
+
+/// What the store keeps of a verification create sent with `Idempotency-Key`.
+package struct IdempotencyRecord: Sendable, Equatable {
+    /// Where the create stands.
+    package enum State: Sendable, Equatable {
+        /// Being sent now (by this or another replica).
+        case inFlight
+        /// Sent, with no answer known (a time-out, a lost connection, a 5xx): Kora may have created it.
+        case unknown
+        /// Kora's answer, returned to every repeat.
+        case answered(status: Int, contentType: String?, body: [UInt8])
+
+        /// The name stored in the database.
+        var name: String {
+            switch self {
+            case .inFlight: "in_flight"
+            case .unknown: "unknown"
+            case .answered: "answered"
+            }
+        }
+    }
+
+    /// The digest of the first call's body: a repeat with another body reuses the key by mistake.
+    package var digest: String
+    package var state: State
+    /// When the first call was made.
+    package var createdAt: UnixTime
+    /// When the state last changed.
+    package var updatedAt: UnixTime
+
+    package init(digest: String, state: State, createdAt: UnixTime, updatedAt: UnixTime) {
+        self.digest = digest
+        self.state = state
+        self.createdAt = createdAt
+        self.updatedAt = updatedAt
+    }
+
+    /// The record from its stored columns.
+    static func decode(
+        digest: String, state: String, status: Int?, contentType: String?, body: [UInt8]?, createdAt: Int64, updatedAt: Int64
+    ) -> IdempotencyRecord {
+        let decoded: State =
+            switch state {
+            case "answered": .answered(status: status ?? 502, contentType: contentType, body: body ?? [])
+            case "in_flight": .inFlight
+            default: .unknown
+            }
+        return IdempotencyRecord(
+            digest: digest, state: decoded, createdAt: UnixTime(milliseconds: createdAt), updatedAt: UnixTime(milliseconds: updatedAt))
     }
 }
 

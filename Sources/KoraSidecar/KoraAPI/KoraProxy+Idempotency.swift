@@ -1,0 +1,109 @@
+import Crypto
+import HTTPTypes
+import KoraSidecarCore
+import NIOCore
+
+/// Verification creation that is safe to repeat: `Idempotency-Key` on `POST …/verifications` and
+/// `POST /api/verifications`. Per service, the store keeps the key, a digest of the body and Kora's
+/// answer for a day, so a repeat (after a time-out, on another replica, after a restart) gets the
+/// first answer instead of a second verification.
+extension KoraProxy {
+    static let idempotencyKey = HTTPField.Name("Idempotency-Key")!
+    /// How long a key is remembered.
+    static let idempotencyRetention = Duration.seconds(24 * 3600)
+
+    /// Sends a create once per `key` (every time without one).
+    func createOnce(_ call: KoraCall, caller: ServiceIdentity.Caller, key: String?) async throws -> CreateAnswer {
+        guard let key, !key.isEmpty else { return try await create(call, caller: caller) }
+        guard key.utf8.count <= 255 else {
+            throw SidecarHTTPError(.badRequest, code: "INVALID_REQUEST", message: "Idempotency-Key must be at most 255 bytes.")
+        }
+        let body = Array(call.body.readableBytesView)
+        let digest = Hex.encode(SHA256.hash(data: body))
+        let now = UnixTime.now()
+        guard var record = try await store.claimIdempotencyKey(service: caller.name, key: key, digest: digest, at: now) else {
+            return try await send(call, caller: caller, key: key)
+        }
+        guard record.digest == digest else {
+            throw SidecarHTTPError(
+                .unprocessableContent, code: "IDEMPOTENCY_KEY_REUSED",
+                message: "This Idempotency-Key was used with another body; use a new key for a new verification.")
+        }
+        // The same create in flight (here or on another replica): wait for its answer.
+        let deadline = ContinuousClock.now + idempotencyWait
+        while record.state == .inFlight, ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(100))
+            record = try await store.idempotencyRecord(service: caller.name, key: key) ?? record
+        }
+        switch record.state {
+        case .answered(let status, let contentType, let stored):
+            logger.info("Repeated create answered from the store", metadata: ["service": "\(caller.name)"])
+            return CreateAnswer(
+                status: .init(code: status), headers: [:], contentType: contentType, body: stored,
+                verificationID: (200..<300).contains(status) ? Self.verificationID(in: stored) : nil)
+        case .inFlight, .unknown:
+            // The first call may have created it: look before creating a second one.
+            if let found = try await createdSince(record.createdAt, externalID: Self.externalID(in: body), caller: caller) {
+                try await store.settleIdempotencyKey(service: caller.name, key: key, state: Self.state(of: found), at: .now())
+                return found
+            }
+            try await store.settleIdempotencyKey(service: caller.name, key: key, state: .inFlight, at: .now())
+            return try await send(call, caller: caller, key: key)
+        }
+    }
+
+    /// Sends the create and records what became of it under `key`.
+    private func send(_ call: KoraCall, caller: ServiceIdentity.Caller, key: String) async throws -> CreateAnswer {
+        let answer: CreateAnswer
+        do {
+            answer = try await create(call, caller: caller)
+        } catch {
+            // Kora may or may not have created it: a repeat looks before creating.
+            try? await store.settleIdempotencyKey(service: caller.name, key: key, state: .unknown, at: .now())
+            throw error
+        }
+        let state: IdempotencyRecord.State = answer.status.code >= 500 ? .unknown : Self.state(of: answer)
+        try? await store.settleIdempotencyKey(service: caller.name, key: key, state: state, at: .now())
+        return answer
+    }
+
+    /// The verification of `externalID` Kora created at or after `since` (less a minute for clock
+    /// skew), as a create's answer, if there is one.
+    private func createdSince(_ since: UnixTime, externalID: String?, caller: ServiceIdentity.Caller) async throws -> CreateAnswer? {
+        guard let externalID else { return nil }
+        let path = "/subjects/" + (externalID.addingPathPercentEncoding) + "/verifications"
+        let call = KoraCall(method: .get, path: path, query: nil, headers: [:], body: ByteBuffer())
+        let response = try await client.send(call, service: caller.name)
+        guard response.status.code == 200, let list = try? JSONParser.parse(Array((try await response.body.collect(upTo: 1 << 20)).readableBytesView))
+        else { return nil }
+        guard case .array(let verifications)? = list["verifications"] ?? list["data"] else { return nil }
+        let earliest = since.milliseconds - 60_000
+        let created = verifications.filter { verification in
+            guard let text = verification["createdAt"]?.text, let at = UnixTime.parse(text, now: .now()) else { return false }
+            return at.milliseconds >= earliest
+        }
+        guard let found = created.last, let id = found["id"]?.text else { return nil }
+        logger.notice(
+            "Repeated create found the verification the first call created", metadata: ["service": "\(caller.name)", "verification.id": "\(id)"])
+        try? await store.recordOrigin(verificationID: id, service: caller.name, at: .now())
+        return CreateAnswer(status: .created, headers: [:], contentType: "application/json", body: JSONWriter.encode(found), verificationID: id)
+    }
+
+    private static func state(of answer: CreateAnswer) -> IdempotencyRecord.State {
+        .answered(status: answer.status.code, contentType: answer.contentType, body: answer.body)
+    }
+
+    /// `externalId` (or `external_id`) of a create's body.
+    static func externalID(in body: [UInt8]) -> String? {
+        guard let value = try? JSONParser.parse(body) else { return nil }
+        return (value["externalId"] ?? value["external_id"])?.text
+    }
+}
+
+extension String {
+    /// This text as one path segment: everything but unreserved characters percent-encoded.
+    fileprivate var addingPathPercentEncoding: String {
+        let unreserved = Set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~".utf8)
+        return utf8.map { unreserved.contains($0) ? String(UnicodeScalar($0)) : "%" + Hex.encode([$0]).uppercased() }.joined()
+    }
+}

@@ -1,0 +1,87 @@
+import Foundation
+import NIOConcurrencyHelpers
+import Testing
+
+@testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+@testable import KoraSimulator
+
+/// Verification creation that is safe to repeat (`Idempotency-Key`), through real listeners with
+/// the simulator or a scripted Kora behind them.
+@Suite("Idempotent creation")
+struct IdempotencyTests {
+    @Test func aRepeatGetsTheFirstAnswerFromAnyReplicaAndAnotherBodyIsRefused() async throws {
+        let store = InMemoryStore()
+        try await withSimulator { simulator, base in
+            var options = SidecarOptions()
+            options.store = store
+            let configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
+            let key = [("Idempotency-Key", "signup-\(TestSecrets.unique)")]
+            let first = try await withProxy(configuration, options) { sdk in
+                try await sdk.call(.POST, "/verifications", json: ["externalId": "user-42", "tier": "basic"], headers: key)
+            }
+            #expect(first.status == 201)
+            // Another replica sharing the store answers the repeat without calling Kora.
+            let (repeated, other) = try await withProxy(configuration, options) { sdk in
+                (
+                    try await sdk.call(.POST, "/verifications", json: ["externalId": "user-42", "tier": "basic"], headers: key),
+                    try await sdk.call(.POST, "/verifications", json: ["externalId": "user-43", "tier": "basic"], headers: key)
+                )
+            }
+            #expect(repeated.status == 201)
+            #expect(repeated.json?["id"] == first.json?["id"])
+            #expect(other.status == 422)
+            #expect(other.code == "IDEMPOTENCY_KEY_REUSED")
+            let id = try #require(first.json?["id"]?.text)
+            #expect(simulator.verification(id) != nil)
+            #expect(try await simulatorCount(base) == 1)
+        }
+    }
+
+    @Test func aRepeatAfterATimeOutFindsTheVerificationTheFirstCallCreated() async throws {
+        let now = UnixTime.now().iso8601Seconds
+        let kora = ScriptedKora([
+            .stall,
+            .answer(200, [], #"{"verifications":[{"id":"ver_made_by_the_first_call","externalId":"user-7","createdAt":"\#(now)"}]}"#),
+        ])
+        try await withScriptedKora(kora) { base in
+            var configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
+            configuration.kora.timeoutSeconds = 1
+            configuration.kora.retry.maxAttempts = 1
+            let (first, repeated) = try await withProxy(configuration, SidecarOptions()) { sdk in
+                let key = [("Idempotency-Key", "k-1")]
+                return (
+                    try await sdk.call(.POST, "/verifications", json: ["externalId": "user-7"], headers: key),
+                    try await sdk.call(.POST, "/verifications", json: ["externalId": "user-7"], headers: key)
+                )
+            }
+            kora.release()
+            #expect(first.status == 504)
+            #expect(repeated.status == 201)
+            #expect(repeated.json?["id"] == "ver_made_by_the_first_call")
+            // The repeat asked which verifications exist; it did not create a second one.
+            #expect(kora.requests.map { "\($0.method) \($0.path)" } == ["POST /api/v1/idv/verifications", "GET /api/v1/idv/subjects/user-7/verifications"])
+        }
+    }
+
+    /// Runs a sidecar for `body`, which gets an SDK-style client with the app's token.
+    func withProxy<T: Sendable>(
+        _ configuration: SidecarConfiguration, _ options: SidecarOptions, _ body: @Sendable @escaping (SDKStyleClient) async throws -> T
+    ) async throws -> T {
+        let result = NIOLockedValueBox<T?>(nil)
+        try await withProxySidecar(configuration, options: options) { sidecar in
+            let value = try await body(SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken))
+            result.withLockedValue { $0 = value }
+        }
+        return try #require(result.withLockedValue { $0 })
+    }
+
+    /// How many verifications the simulator holds, through its own API.
+    func simulatorCount(_ base: String) async throws -> Int {
+        let answer = try await request(
+            .GET, base + "/subjects/user-42/verifications", headers: [("Authorization", "Bearer k"), ("X-Tenant-ID", "t")])
+        guard case .array(let list)? = answer.json?["verifications"] else { return -1 }
+        return list.count
+    }
+}
