@@ -158,6 +158,29 @@ struct StoreTests {
     }
 
     @Test(arguments: Kind.allCases)
+    func anIdempotencyKeyIsClaimedOnceAndKeepsItsAnswer(kind: Kind) async throws {
+        let (store, cleanup) = try await makeStore(kind)
+        defer { cleanup() }
+        #expect(try await store.claimIdempotencyKey(service: "app", key: "k", digest: "d1", at: t0) == nil)
+        let second = try #require(try await store.claimIdempotencyKey(service: "app", key: "k", digest: "d2", at: at(1)))
+        #expect(second.digest == "d1")
+        #expect(second.state == .inFlight)
+        #expect(second.createdAt == t0)
+        // Keys are per service.
+        #expect(try await store.claimIdempotencyKey(service: "other", key: "k", digest: "d1", at: at(1)) == nil)
+        let answer = IdempotencyRecord.State.answered(status: 201, contentType: "application/json", body: Array(#"{"id":"ver_1"}"#.utf8))
+        try await store.settleIdempotencyKey(service: "app", key: "k", state: answer, at: at(2))
+        let settled = try #require(try await store.idempotencyRecord(service: "app", key: "k"))
+        #expect(settled.state == answer)
+        #expect(settled.updatedAt == at(2))
+        try await store.settleIdempotencyKey(service: "other", key: "k", state: .unknown, at: at(3))
+        #expect(try await store.idempotencyRecord(service: "other", key: "k")?.state == .unknown)
+        #expect(try await store.pruneIdempotencyKeys(before: at(1)) == 1)
+        #expect(try await store.idempotencyRecord(service: "app", key: "k") == nil)
+        #expect(try await store.idempotencyRecord(service: "other", key: "k") != nil)
+    }
+
+    @Test(arguments: Kind.allCases)
     func claimLeasesDueDeliveriesOldestFirst(kind: Kind) async throws {
         let (store, cleanup) = try await makeStore(kind)
         defer { cleanup() }
