@@ -66,6 +66,54 @@ struct KoraBudgetTests {
         }
     }
 
+    @Test func postgresReplicasShareOneBudget() async throws {
+        let url = Secret(try await PostgresServer.shared().createDatabase())
+        var stores: [PostgresStore] = []
+        for _ in 0..<2 {
+            let store = try PostgresStore(url: url, logger: quietLogger, operationTimeout: .seconds(5) * Sanitizer.slowdown)
+            Task { await store.run() }
+            try await store.waitUntilMigrated(timeout: .seconds(60))
+            stores.append(store)
+        }
+        let replicas = stores
+        try await withSimulator({
+            $0.rateLimitPerMinute = 6
+            $0.rateLimitWindowSeconds = 3
+        }) { _, base in
+            var shared = proxyConfiguration(koraBaseURL: base, services: [appService()])
+            shared.kora.rateLimit.perMinute = 6
+            shared.kora.rateLimit.maxWait = .milliseconds(500)
+            let configuration = shared
+            let options = replicas.map { store in
+                var options = SidecarOptions()
+                options.store = store
+                options.koraProxy.budgetWindow = .seconds(3)
+                return options
+            }
+            try await withProxySidecar(configuration, options: options[0]) { first in
+                try await withProxySidecar(configuration, options: options[1]) { second in
+                    // Six calls on each replica at once: one budget of six between them, not six each.
+                    let statuses = try await withThrowingTaskGroup(of: Int.self) { group in
+                        for index in 0..<12 {
+                            let sidecar = index % 2 == 0 ? first : second
+                            group.addTask {
+                                try await SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                                    .call(.GET, "/document-types?country=US").status
+                            }
+                        }
+                        return try await group.reduce(into: []) { $0.append($1) }
+                    }
+                    #expect(statuses.filter { $0 == 200 }.count == 6, "\(statuses)")
+                    #expect(statuses.filter { $0 == 429 }.count == 6, "\(statuses)")
+                    for sidecar in [first, second] {
+                        let metrics = try await get(sidecar.internalURL("/metrics")).body
+                        #expect(!metrics.contains(#"kora_sidecar_kora_requests_total{status_class="4xx"}"#))
+                    }
+                }
+            }
+        }
+    }
+
     static func client() -> HTTPClient {
         var configuration = HTTPClient.Configuration(redirectConfiguration: .disallow, timeout: .init(connect: .seconds(5), read: .seconds(60)))
         configuration.connectionPool = .init(idleTimeout: .seconds(5), concurrentHTTP1ConnectionsPerHostSoftLimit: 64)

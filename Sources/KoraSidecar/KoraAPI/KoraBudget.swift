@@ -1,14 +1,16 @@
 import KoraSidecarCore
 
-/// The Kora key's rate budget, shared by every service calling through the proxy (in this replica):
-/// the sidecar never sends a call it knows Kora would refuse.
+/// The Kora key's rate budget, shared by every service calling through the proxy: the sidecar
+/// never sends a call it knows Kora would refuse.
 ///
 /// The budget is `perMinute` calls in any window of a minute (a sliding log of the calls sent, so
 /// no window, however Kora aligns its own, holds more). Without `kora.rateLimit.perMinute` it is
-/// learned from Kora's `X-RateLimit-Limit`, and Kora's `X-RateLimit-Remaining` and `-Reset` correct
-/// it as answers come in (other clients of the same key spend it too). When the budget is spent a
-/// call waits for its turn, up to `maxWait`; waiting calls take turns by their service's `share`
-/// (weighted fair queuing), so a service that floods the proxy cannot starve one that calls rarely.
+/// learned from Kora's `X-RateLimit-Limit`, and Kora's `X-RateLimit-Remaining: 0` with `-Reset`
+/// holds every call until the reset (other clients of the same key spend it too). The turns are
+/// counted by a ``BudgetLedger``: in this process, or in the PostgreSQL database that replicas share,
+/// so that two replicas do not each spend the whole budget. When the budget is spent a call waits for
+/// its turn, up to `maxWait`; waiting calls take turns by their service's `share` (weighted fair
+/// queuing), so a service that floods the proxy cannot starve one that calls rarely.
 actor KoraBudget {
     /// Why a call was not let through.
     struct Refusal: Error {
@@ -21,15 +23,13 @@ actor KoraBudget {
     private let configured: Bool
     private let window: Duration
     private let maxWait: Duration
-    /// When each call of the current window was sent, oldest first.
-    private var sent: [ContinuousClock.Instant] = []
-    /// Kora said nothing is left until then.
-    private var blockedUntil: ContinuousClock.Instant?
+    private let ledger: any BudgetLedger
     private var waiting: [Waiter] = []
-    /// Each service's virtual finish time: turns already had, divided by its share.
+    /// Each service's virtual finish time while calls wait: turns had, divided by its share.
     private var served: [String: Double] = [:]
     private var nextWaiter = 0
     private var pump: Task<Void, Never>?
+    private var granting = false
     private let metrics: SidecarMetrics
 
     private struct Waiter {
@@ -42,34 +42,35 @@ actor KoraBudget {
     /// - Parameters:
     ///   - perMinute: the configured budget; nil learns it from Kora.
     ///   - window: a minute, except in tests.
-    init(perMinute: Int?, maxWait: Duration, window: Duration = .seconds(60), metrics: SidecarMetrics) {
+    ///   - ledger: where turns are counted (the shared database with PostgreSQL replicas).
+    init(perMinute: Int?, maxWait: Duration, window: Duration = .seconds(60), ledger: any BudgetLedger = LocalBudgetLedger(), metrics: SidecarMetrics) {
         self.perWindow = perMinute
         self.configured = perMinute != nil
         self.maxWait = maxWait
         // A call sent near a window's end may reach Kora in the next one: the window the sidecar
         // counts is a little longer than Kora's (5 %, at least 250 ms).
         self.window = window + max(.milliseconds(250), window / 20)
+        self.ledger = ledger
         self.metrics = metrics
     }
 
     /// Waits for a turn to call Kora for `service`.
     /// - Throws: ``Refusal`` when no turn came within `maxWait`.
     func acquire(service: String, share: Int) async throws {
-        let now = ContinuousClock.now
-        forget(before: now)
-        let next = nextTurn(at: now)
-        if waiting.isEmpty, next == nil {
-            take(service: service, share: Double(share), at: now)
-            return
-        }
-        // No turn can come in time: say so now rather than after waiting for nothing.
-        if let next, next - now > maxWait {
-            metrics.koraCallRefused()
-            throw Refusal(retryAfter: next - now)
+        if waiting.isEmpty {
+            let turn = try await ledger.take(perWindow: perWindow, window: window, at: .now())
+            metrics.koraBudgetRemaining(turn.remaining)
+            guard let next = turn.nextTurn else { return }
+            // No turn can come in time: say so now rather than after waiting for nothing.
+            let wait = Duration.milliseconds(next.milliseconds - UnixTime.now().milliseconds)
+            if wait > maxWait {
+                metrics.koraCallRefused()
+                throw Refusal(retryAfter: wait)
+            }
         }
         let id = nextWaiter
         nextWaiter += 1
-        let started = now
+        let started = ContinuousClock.now
         // Turns count only while calls wait: a new wait starts everyone level, and a service that
         // joins one starts level with those waiting, with no credit for the time it sent nothing.
         if waiting.isEmpty { served.removeAll() }
@@ -83,75 +84,58 @@ actor KoraBudget {
         try await withCheckedThrowingContinuation { continuation in
             waiting.append(Waiter(id: id, service: service, share: Double(share), continuation: continuation))
             metrics.koraCallsWaiting(waiting.count)
-            schedulePump()
+            schedulePump(at: .now())
         }
         metrics.koraWaited(milliseconds: Int((ContinuousClock.now - started).milliseconds))
     }
 
     /// Corrects the budget from one of Kora's answers.
-    func observe(limit: String?, remaining: String?, reset: String?) {
-        let now = ContinuousClock.now
+    func observe(limit: String?, remaining: String?, reset: String?) async {
         if !configured, let limit = limit.flatMap({ Int($0) }), limit > 0 { perWindow = limit }
-        // Kora has no call left for this key until its reset, whatever this replica counted (other
-        // clients of the key spend it too). A 429 alone is the retry policy's to wait out.
+        // Kora has no call left for this key until its reset, whatever was counted (other clients
+        // of the key spend it too). A 429 alone is the retry policy's to wait out.
         if remaining.flatMap({ Int($0) }) == 0, let reset = reset.flatMap({ Int64($0) }) {
-            blockedUntil = now + .seconds(max(0, reset - UnixTime.now().seconds))
+            try? await ledger.hold(until: UnixTime(milliseconds: reset * 1000))
         }
-        metrics.koraBudgetRemaining(remainingTurns(at: now))
     }
 
     // MARK: Turns
 
-    /// Nil when a call may go at `now`, else when the next one may.
-    private func nextTurn(at now: ContinuousClock.Instant) -> ContinuousClock.Instant? {
-        if let blockedUntil, now < blockedUntil { return blockedUntil }
-        guard let perWindow else { return nil }
-        guard sent.count >= perWindow else { return nil }
-        return sent[sent.count - perWindow] + window
-    }
-
-    private func remainingTurns(at now: ContinuousClock.Instant) -> Int {
-        if let blockedUntil, now < blockedUntil { return 0 }
-        return perWindow.map { max(0, $0 - sent.count) } ?? -1
-    }
-
-    private func take(service: String, share: Double, at now: ContinuousClock.Instant) {
-        sent.append(now)
-        if !waiting.isEmpty || served[service] != nil { served[service, default: 0] += 1 / share }
-        metrics.koraBudgetRemaining(remainingTurns(at: now))
-    }
-
-    private func forget(before now: ContinuousClock.Instant) {
-        while let first = sent.first, first + window <= now { sent.removeFirst() }
-        if let blockedUntil, blockedUntil <= now { self.blockedUntil = nil }
-    }
-
-    /// Grants turns to waiting calls as the budget allows, the service furthest behind its share first.
-    private func grant() {
+    /// Grants turns to waiting calls as the ledger allows, the service furthest behind its share first.
+    private func grant() async {
+        guard !granting else { return }
+        granting = true
+        defer { granting = false }
         while !waiting.isEmpty {
-            let now = ContinuousClock.now
-            forget(before: now)
-            guard nextTurn(at: now) == nil else { return schedulePump() }
-            let index = waiting.indices.min { served[waiting[$0].service] ?? 0 < served[waiting[$1].service] ?? 0 }!
+            let turn: BudgetTurn
+            do {
+                turn = try await ledger.take(perWindow: perWindow, window: window, at: .now())
+            } catch {
+                return schedulePump(at: UnixTime.now().adding(.seconds(1)))
+            }
+            metrics.koraBudgetRemaining(turn.remaining)
+            if let next = turn.nextTurn { return schedulePump(at: next) }
+            // The turn goes to whoever is furthest behind now (a waiter may have expired meanwhile).
+            guard let index = waiting.indices.min(by: { served[waiting[$0].service] ?? 0 < served[waiting[$1].service] ?? 0 }) else { return }
             let waiter = waiting.remove(at: index)
-            take(service: waiter.service, share: waiter.share, at: now)
+            served[waiter.service, default: 0] += 1 / waiter.share
             metrics.koraCallsWaiting(waiting.count)
             waiter.continuation.resume()
         }
     }
 
-    private func schedulePump() {
+    private func schedulePump(at wake: UnixTime) {
         guard pump == nil else { return }
-        let wake = nextTurn(at: .now) ?? .now
+        let delay = Duration.milliseconds(max(0, wake.milliseconds - UnixTime.now().milliseconds))
         pump = Task {
-            try? await Task.sleep(until: wake, clock: .continuous)
+            try? await Task.sleep(for: delay)
             await self.pumped()
         }
     }
 
-    private func pumped() {
+    private func pumped() async {
         pump = nil
-        grant()
+        await grant()
     }
 
     private func expire(_ id: Int) {
@@ -159,8 +143,44 @@ actor KoraBudget {
         let waiter = waiting.remove(at: index)
         metrics.koraCallsWaiting(waiting.count)
         metrics.koraCallRefused()
-        let now = ContinuousClock.now
-        let retryAfter = (nextTurn(at: now) ?? now) - now
-        waiter.continuation.resume(throwing: Refusal(retryAfter: retryAfter))
+        waiter.continuation.resume(throwing: Refusal(retryAfter: .seconds(1)))
+    }
+}
+
+/// What taking a turn found.
+struct BudgetTurn: Sendable {
+    /// Nil when the turn was taken; else when the next may come.
+    var nextTurn: UnixTime?
+    /// Turns left in the window after this one (-1 while no limit is known).
+    var remaining: Int
+}
+
+/// Where the Kora budget's turns are counted.
+protocol BudgetLedger: Sendable {
+    /// Takes a turn at `now` when Kora's hold has passed and fewer than `perWindow` turns were
+    /// taken in the last `window` (any number when `perWindow` is unknown).
+    func take(perWindow: Int?, window: Duration, at now: UnixTime) async throws -> BudgetTurn
+    /// Kora said none remain until `until`.
+    func hold(until: UnixTime) async throws
+}
+
+/// The turns of this process (one sidecar, or a SQLite store that no other process shares).
+actor LocalBudgetLedger: BudgetLedger {
+    private var sent: [UnixTime] = []
+    private var heldUntil: UnixTime?
+
+    init() {}
+
+    func take(perWindow: Int?, window: Duration, at now: UnixTime) -> BudgetTurn {
+        while let first = sent.first, first.adding(window) <= now { sent.removeFirst() }
+        if let heldUntil, now < heldUntil { return BudgetTurn(nextTurn: heldUntil, remaining: 0) }
+        guard let perWindow else { return BudgetTurn(nextTurn: nil, remaining: -1) }
+        guard sent.count < perWindow else { return BudgetTurn(nextTurn: sent[sent.count - perWindow].adding(window), remaining: 0) }
+        sent.append(now)
+        return BudgetTurn(nextTurn: nil, remaining: perWindow - sent.count)
+    }
+
+    func hold(until: UnixTime) {
+        heldUntil = max(heldUntil ?? until, until)
     }
 }

@@ -45,7 +45,8 @@ struct KoraProxy: Sendable {
             kora: configuration.kora, client: client, policy: ProxyRetryPolicy(configuration.kora.retry, sleep: options.sleep),
             budget: KoraBudget(
                 perMinute: configuration.kora.rateLimit.perMinute, maxWait: configuration.kora.rateLimit.maxWait, window: options.budgetWindow,
-                metrics: metrics),
+                // Replicas sharing PostgreSQL share the budget through it; otherwise this process counts alone.
+                ledger: (store as? any BudgetLedger) ?? LocalBudgetLedger(), metrics: metrics),
             shares: Dictionary(configuration.services.map { ($0.name, $0.share) }, uniquingKeysWith: { first, _ in first }),
             metrics: metrics, logger: logger)
         self.store = store

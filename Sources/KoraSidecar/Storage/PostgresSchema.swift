@@ -59,6 +59,12 @@ enum PostgresSchema {
             """,
             "CREATE INDEX kora_idempotency_keys_created ON kora_idempotency_keys(created_at)",
         ],
+        // The Kora key's budget, shared by the replicas.
+        [
+            "CREATE TABLE kora_budget_calls(sent_at BIGINT NOT NULL)",
+            "CREATE INDEX kora_budget_calls_sent ON kora_budget_calls(sent_at)",
+            "CREATE TABLE kora_budget_hold(id BIGINT PRIMARY KEY, held_until BIGINT NOT NULL)",
+        ],
     ]
 
     /// Any constant, the same in every replica: the advisory lock that serialises migrations.

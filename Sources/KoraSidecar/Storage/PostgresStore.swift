@@ -544,3 +544,41 @@ struct PostgresStoreError: Error, Sendable, CustomStringConvertible {
         }
     }
 }
+
+extension PostgresStore: BudgetLedger {
+    /// Any constant, the same in every replica: the advisory lock that makes taking a turn atomic.
+    private static let budgetLock: Int64 = 0x4B6F_7261_4275_6467  // "KoraBudg"
+
+    /// Takes a turn in the budget every replica shares: the calls of the last window are rows, so
+    /// two replicas never spend the same turn.
+    func take(perWindow: Int?, window: Duration, at now: UnixTime) async throws -> BudgetTurn {
+        try await inTransaction { connection in
+            try await connection.query("SELECT pg_advisory_xact_lock(\(Self.budgetLock))", logger: self.logger)
+            let held = try await connection.query("SELECT held_until FROM kora_budget_hold WHERE id = 1", logger: self.logger)
+                .collect().first?.decode(Int64.self)
+            if let held, now.milliseconds < held { return BudgetTurn(nextTurn: UnixTime(milliseconds: held), remaining: 0) }
+            guard let perWindow else { return BudgetTurn(nextTurn: nil, remaining: -1) }
+            let since = now.milliseconds - window.milliseconds
+            try await connection.query("DELETE FROM kora_budget_calls WHERE sent_at <= \(since)", logger: self.logger)
+            // The turn that frees first: the perWindow-th newest call's time plus the window.
+            if let blocking = try await connection.query(
+                "SELECT sent_at FROM kora_budget_calls ORDER BY sent_at DESC OFFSET \(perWindow - 1) LIMIT 1", logger: self.logger
+            ).collect().first?.decode(Int64.self) {
+                return BudgetTurn(nextTurn: UnixTime(milliseconds: blocking + window.milliseconds), remaining: 0)
+            }
+            try await connection.query("INSERT INTO kora_budget_calls(sent_at) VALUES(\(now.milliseconds))", logger: self.logger)
+            let count = try await connection.query("SELECT COUNT(*) FROM kora_budget_calls", logger: self.logger)
+                .collect().first?.decode(Int64.self) ?? 0
+            return BudgetTurn(nextTurn: nil, remaining: perWindow - Int(count))
+        }
+    }
+
+    func hold(until: UnixTime) async throws {
+        _ = try await rows(
+            """
+            INSERT INTO kora_budget_hold(id, held_until) VALUES(1, \(until.milliseconds))
+            ON CONFLICT(id) DO UPDATE SET held_until = GREATEST(kora_budget_hold.held_until, excluded.held_until)
+            """)
+    }
+}
+
