@@ -44,15 +44,7 @@ package struct DeliveryService: Sendable {
         case .url(let url):
             return url
         case .unixSocket(let socketPath, let path):
-            let allowed = Set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~".utf8)
-            var host = ""
-            for byte in socketPath.utf8 {
-                if allowed.contains(byte) {
-                    host.append(Character(Unicode.Scalar(byte)))
-                } else {
-                    host += "%" + Hex.encode([byte]).uppercased()
-                }
-            }
+            let host = socketPath.percentEncodingAllButUnreserved
             return "http+unix://\(host)\(path)"
         }
     }

@@ -47,9 +47,14 @@ extension EventHandoff {
         do {
             return try await route()
         } catch {
-            logger.error("Store unavailable", metadata: log.merging(["error": "\(error)"]) { $1 })
-            throw .unavailable("The sidecar cannot reach its store; retry later.")
+            throw storeUnavailable(error, logger: logger, log: log)
         }
+    }
+
+    /// Logs a failed store read and gives the 503 that makes Kora retry.
+    func storeUnavailable(_ error: any Error, logger: Logger, log: Logger.Metadata) -> SidecarHTTPError {
+        logger.error("Store unavailable", metadata: log.merging(["error": "\(error)"]) { $1 })
+        return .unavailable("The sidecar cannot reach its store; retry later.")
     }
 }
 
@@ -105,8 +110,7 @@ struct DirectHandoff: EventHandoff {
         do {
             if try await delivered.contains(any: event.dedupKeys, since: dedupSince) { return .duplicate }
         } catch {
-            logger.error("Store unavailable", metadata: log.merging(["error": "\(error)"]) { $1 })
-            throw .unavailable("The sidecar cannot reach its store; retry later.")
+            throw storeUnavailable(error, logger: logger, log: log)
         }
         let recipients = try await recipients(route, logger: logger, log: log)
         if recipients.isEmpty {

@@ -71,7 +71,7 @@ extension KoraProxy {
     /// skew), as a create's answer, if there is one.
     private func createdSince(_ since: UnixTime, externalID: String?, caller: ServiceIdentity.Caller) async throws -> CreateAnswer? {
         guard let externalID else { return nil }
-        let path = "/subjects/" + (externalID.addingPathPercentEncoding) + "/verifications"
+        let path = "/subjects/" + externalID.percentEncodingAllButUnreserved + "/verifications"
         let call = KoraCall(method: .get, path: path, query: nil, headers: [:], body: ByteBuffer())
         let response = try await client.send(call, service: caller.name)
         guard response.status.code == 200, let list = try? JSONParser.parse(Array((try await response.body.collect(upTo: 1 << 20)).readableBytesView))
@@ -97,13 +97,5 @@ extension KoraProxy {
     static func externalID(in body: [UInt8]) -> String? {
         guard let value = try? JSONParser.parse(body) else { return nil }
         return (value["externalId"] ?? value["external_id"])?.text
-    }
-}
-
-extension String {
-    /// This text as one path segment: everything but unreserved characters percent-encoded.
-    fileprivate var addingPathPercentEncoding: String {
-        let unreserved = Set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~".utf8)
-        return utf8.map { unreserved.contains($0) ? String(UnicodeScalar($0)) : "%" + Hex.encode([$0]).uppercased() }.joined()
     }
 }

@@ -38,21 +38,25 @@ package enum OperatorActions {
 
         /// `status` as an operator writes it: `dead`, `delivered` or `unrouted`.
         package init?(status: String, filter: DeliveryFilter = DeliveryFilter(statuses: []), dryRun: Bool = false) {
+            let scope: Scope
             switch status {
             case "dead": scope = .deliveries([.dead])
             case "delivered": scope = .deliveries([.delivered])
             case "unrouted": scope = .unrouted
             default: return nil
             }
-            self.filter = filter
-            self.dryRun = dryRun
+            self.init(scope: scope, filter: filter, dryRun: dryRun)
         }
 
         /// Sends an event again to the services that had it (delivered or dead): same id, next attempt number.
         package static func replay(eventID: String, service: String?) -> RetrySelection {
-            var selection = RetrySelection(status: "delivered", filter: DeliveryFilter(statuses: [], service: service, eventID: eventID))!
-            selection.scope = .deliveries([.delivered, .dead])
-            return selection
+            RetrySelection(scope: .deliveries([.delivered, .dead]), filter: DeliveryFilter(statuses: [], service: service, eventID: eventID))
+        }
+
+        private init(scope: Scope, filter: DeliveryFilter, dryRun: Bool = false) {
+            self.scope = scope
+            self.filter = filter
+            self.dryRun = dryRun
         }
 
         static let statusChoices = "dead, delivered or unrouted"

@@ -112,13 +112,7 @@ extension SidecarConfiguration {
             "maxDelayMilliseconds", default: kora.retry.maxDelayMilliseconds, in: 0...3_600_000)
         let rateLimit = object.object("rateLimit", keys: ["perMinute", "maxWait"])
         if rateLimit.has("perMinute") { kora.rateLimit.perMinute = rateLimit.int("perMinute", default: 1, in: 1...100_000) }
-        if let text = rateLimit.optionalString("maxWait") {
-            if let duration = DurationText.parse(text), duration <= .seconds(300) {
-                kora.rateLimit.maxWait = duration
-            } else {
-                rateLimit.reader.report(rateLimit.path("maxWait"), "must be a duration up to 5m, such as \"10s\"")
-            }
-        }
+        kora.rateLimit.maxWait = rateLimit.duration("maxWait", default: kora.rateLimit.maxWait, upTo: .seconds(300), describedAs: "5m")
         if kora.retry.maxDelayMilliseconds < kora.retry.initialDelayMilliseconds {
             retry.reader.report(retry.path("maxDelayMilliseconds"), "must not be less than initialDelayMilliseconds")
         }
@@ -335,13 +329,7 @@ extension SidecarConfiguration {
             delivery.retrySchedule = schedule
         }
         delivery.concurrency = object.int("concurrency", default: delivery.concurrency, in: 1...1024)
-        if let text = object.optionalString("drainTimeout") {
-            if let duration = DurationText.parse(text), duration <= .seconds(3600) {
-                delivery.drainTimeout = duration
-            } else {
-                object.reader.report(object.path("drainTimeout"), "must be a duration up to 1h, such as \"10s\"")
-            }
-        }
+        delivery.drainTimeout = object.duration("drainTimeout", default: delivery.drainTimeout, upTo: .seconds(3600), describedAs: "1h")
         return delivery
     }
 

@@ -105,6 +105,17 @@ struct ObjectReader {
         reader.object(value(key), at: path(key), keys: keys)
     }
 
+    /// The duration at `key` (`"250ms"`, `"10s"`, `"2m"` …) up to `longest`, else `defaultValue`;
+    /// reports anything else.
+    func duration(_ key: String, default defaultValue: Duration, upTo longest: Duration, describedAs longestText: String) -> Duration {
+        guard let text = optionalString(key) else { return defaultValue }
+        guard let duration = DurationText.parse(text), duration <= longest else {
+            reader.report(path(key), "must be a duration up to \(longestText), such as \"10s\"")
+            return defaultValue
+        }
+        return duration
+    }
+
     func optionalString(_ key: String) -> String? {
         switch value(key) {
         case nil, .null?: return nil
