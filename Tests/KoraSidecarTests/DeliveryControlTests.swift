@@ -66,8 +66,9 @@ struct DeliveryControlTests {
     ) async throws {
         var options = SidecarOptions()
         options.store = stores[0]
-        // Slow enough that the other verification's event, sent just after, clearly goes first.
-        options.retryPolicy = RetryPolicy(schedule: [.milliseconds(600), .milliseconds(600), .milliseconds(600)], jitter: 0)
+        // Slow enough that the other verification's event, sent just after, clearly goes first, even on
+        // a loaded two-core machine with two replicas polling one PostgreSQL (600 ms was seen to be too little).
+        options.retryPolicy = RetryPolicy(schedule: [.milliseconds(1500), .milliseconds(1500), .milliseconds(1500)], jitter: 0)
         guard stores.count > 1 else {
             try await withSidecar(configuration, options: options, body)
             return
