@@ -17,7 +17,7 @@ import Testing
         let output = lines.withLockedValue { $0 }
         #expect(passed)
         #expect(!output.contains { $0.contains("✗") })
-        #expect(output.last == "✓ 6 of 6 sandbox outcomes went through every hop.")
+        #expect(output.last == "✓ 6 of 6 sandbox outcomes went through every hop; two services shared Kora's budget.")
         #expect(output.contains { $0.contains("test-slow- takes 10 s") && $0.contains("200 ms") })
         for outcome in SandboxOutcome.allCases {
             let start = try #require(output.firstIndex { $0.hasPrefix("▶ \(outcome.prefix)") })
@@ -32,6 +32,13 @@ import Testing
         }
         #expect(output.contains { $0.contains("verification.expired → outcome expired") })
         #expect(output.contains { $0.contains("fraud_alert.created → fraud alert") })
+        // Two services share the key: the app's calls all go while the batch job floods, and Kora refuses none.
+        let budget = try #require(output.firstIndex { $0.hasPrefix("▶ one Kora key, two services") })
+        let block = output[budget...].prefix { !$0.isEmpty }
+        #expect(block.contains { $0.contains("✓ batch-job sent \(DemoBudget.batchCalls) calls at once") })
+        #expect(block.contains { $0.contains("✓ demo-app sent \(DemoBudget.appCalls) calls meanwhile → all 200") })
+        #expect(block.contains { $0.contains("✓ Kora refused none") })
+        #expect(block.last == "  ✓ the budget worked")
     }
 
     @Test func theReceivingAppRefusesABadSignature() async throws {

@@ -18,6 +18,8 @@ package struct DemoOptions: Sendable {
     var stepTimeout: Duration = .seconds(30)
     /// The sandbox outcomes to walk through, in order.
     package var outcomes: [SandboxOutcome] = SandboxOutcome.allCases
+    /// End with two services sharing one Kora key's rate budget (``DemoBudget``).
+    package var sharesBudget = true
 
     /// The defaults of `kora-sidecar demo`.
     package init() {}
@@ -42,6 +44,9 @@ package func runDemo(options: DemoOptions = .init(), logger: Logger, output: @es
     simulatorConfiguration.slowDelay = options.slowDelay
     simulatorConfiguration.expiryDelay = options.expiryDelay
     simulatorConfiguration.webhookRetryDelays = [.milliseconds(200), .milliseconds(500)]
+    // Kora's rate limit, per 2 s instead of a minute so that the budget step takes seconds.
+    simulatorConfiguration.rateLimitPerMinute = DemoBudget.limit
+    simulatorConfiguration.rateLimitWindowSeconds = DemoBudget.window
     let simulator = KoraSimulator(configuration: simulatorConfiguration)
     let receiver = DemoReceiver(signingSecret: signingSecret)
     let ports = ObservedLog<DemoPort>()
@@ -68,9 +73,13 @@ package func runDemo(options: DemoOptions = .init(), logger: Logger, output: @es
             configuration.kora.tenantId = Secret("demo-tenant")
             var deliver = DeliverConfiguration(target: .url("http://127.0.0.1:\(receiverPort)/kora-events"))
             deliver.signingSecret = signingSecret
-            configuration.services = [ServiceConfiguration(name: "demo-app", token: Secret(serviceToken), deliver: deliver)]
+            configuration.services = [
+                ServiceConfiguration(name: "demo-app", token: Secret(serviceToken), deliver: deliver),
+                ServiceConfiguration(name: "batch-job", token: Secret(DemoBudget.batchToken)),
+            ]
             configuration.storage.sqlitePath = directory.path + "/kora-sidecar.sqlite"
             var sidecarOptions = SidecarOptions()
+            sidecarOptions.koraProxy.budgetWindow = .seconds(DemoBudget.window)
             sidecarOptions.onListening = { role, address in
                 await ports.append(DemoPort(role: role == .webhooks ? .webhooks : .internal, address: address))
             }
@@ -93,18 +102,19 @@ package func runDemo(options: DemoOptions = .init(), logger: Logger, output: @es
             var passed = 0
             for (index, outcome) in options.outcomes.enumerated() where await walk.run(outcome, explain: index == 0) { passed += 1 }
             let everyHop = await walk.checkNothingDeliveredTwice() && passed == options.outcomes.count
+            let budget = options.sharesBudget
+                ? await DemoBudget(internalURL: walk.internalURL, appToken: serviceToken, output: output).run() : true
             output("")
-            output(
-                everyHop
-                    ? "✓ \(passed) of \(options.outcomes.count) sandbox outcomes went through every hop."
-                    : "✗ \(passed) of \(options.outcomes.count) sandbox outcomes went through every hop; see the ✗ lines above.")
+            let outcomes = "\(passed) of \(options.outcomes.count) sandbox outcomes went through every hop"
+            let shared = options.sharesBudget ? (budget ? "; two services shared Kora's budget" : "; the shared budget failed") : ""
+            output(everyHop && budget ? "✓ \(outcomes)\(shared)." : "✗ \(outcomes)\(shared); see the ✗ lines above.")
             if options.keepRunning {
                 walk.printTryIt()
                 _ = await group.next()  // the simulator's group ends on SIGINT or SIGTERM
             }
             await started.triggerGracefulShutdown()
             await backends.triggerGracefulShutdown()
-            return .success(everyHop)
+            return .success(everyHop && budget)
         } catch {
             await sidecar?.triggerGracefulShutdown()
             await backends.triggerGracefulShutdown()
