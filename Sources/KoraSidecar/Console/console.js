@@ -242,7 +242,7 @@ async function route({ focus = false, signedIn = false } = {}) {
   const name = parts[0] || 'overview';
   const views = { overview: overviewView, deliveries: parts[1] ? deliveryView : deliveriesView,
     quarantine: quarantineView, unrouted: unroutedView, erase: eraseView };
-  const render = views[name] || notFoundView;
+  const render = Object.prototype.hasOwnProperty.call(views, name) ? views[name] : notFoundView;
   for (const link of document.querySelectorAll('#nav a')) {
     if (link.dataset.view === name) link.setAttribute('aria-current', 'page');
     else link.removeAttribute('aria-current');
@@ -252,6 +252,7 @@ async function route({ focus = false, signedIn = false } = {}) {
     if (seq !== routeSeq) return;
     showApp();
     view.replaceChildren(content);
+    document.title = `${view.querySelector('h1')?.textContent || 'Console'} · kora-sidecar`;
     if (signedIn) say('Signed in.', 'ok');
     if (focus) (view.querySelector('h1') || view).focus();
   } catch (error) {
@@ -452,10 +453,11 @@ const BODY_STATES = {
   unreadable: 'The body is encrypted with a key this sidecar does not have configured.',
 };
 
-function bodyBlock(body, state) {
+// `indent` re-indents JSON for reading; a quarantined payload is evidence and is shown as received.
+function bodyBlock(body, state, indent) {
   if (body == null) return h('p', { class: 'meta' }, BODY_STATES[state] || `No body (${state || 'not kept'}).`);
   let text = body;
-  try { text = JSON.stringify(JSON.parse(body), null, 2); } catch { /* not JSON: shown as it is */ }
+  if (indent) try { text = JSON.stringify(JSON.parse(body), null, 2); } catch { /* not JSON: shown as it is */ }
   return h('pre', { class: 'body', tabindex: 0 }, text);
 }
 
@@ -499,7 +501,8 @@ async function deliveryView(params, parts, seq) {
         h('td', { class: 'error-text' }, a.error ?? '—'))),
       'No attempt yet.'),
     h('h2', {}, 'Body as the service received it'),
-    bodyBlock(d.body, d.bodyState));
+    d.body == null ? null : h('p', { class: 'meta' }, 'Re-indented here for reading: the same JSON, not the same bytes.'),
+    bodyBlock(d.body, d.bodyState, true));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -522,7 +525,7 @@ async function quarantineView(params) {
       definitions([['Reason', q.reason], ['Signature verified', q.signatureVerified ? 'yes' : 'no']]),
       h('details', {}, h('summary', {}, 'Headers'),
         definitions(Object.entries(q.headers || {}).map(([k, v]) => [k, String(v)]))),
-      bodyBlock(q.body, q.bodyState ?? (q.body == null ? null : 'kept'))))
+      bodyBlock(q.body, q.bodyState, false)))
       : h('p', {}, 'Nothing is quarantined.'),
     olderLink('/quarantine', data));
 }
