@@ -57,7 +57,9 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "PostgresNIO", package: "postgres-nio"),
                 "CSQLite",
-            ]
+            ],
+            // The delivery console, compiled into the binary as bytes: nothing to install or find at run time.
+            resources: [.embedInCode("Console/index.html"), .embedInCode("Console/console.css"), .embedInCode("Console/console.js")]
         ),
         // The Kora stand-in (`simulate`) and the one-command tour (`demo`), built on the server's HTTP parts.
         .target(

@@ -100,7 +100,10 @@ package func buildApplication(
     case .queued:
         handoff = QueuedHandoff(store: store, dispatcher: dispatcher, logger: logger.with("component", "ingress"))
     }
-    services.append(Housekeeping(store: store, retention: .seconds(configuration.webhooks.dedupWindowHours * 3600), logger: logger))
+    services.append(
+        Housekeeping(
+            store: store, retention: .seconds(configuration.webhooks.dedupWindowHours * 3600),
+            payloadRetention: configuration.storage.payloadRetention, deadRetention: configuration.storage.deadRetention, logger: logger))
 
     let ingress = WebhookIngress(
         configuration: configuration.webhooks, store: store,

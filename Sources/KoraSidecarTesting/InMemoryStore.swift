@@ -19,6 +19,8 @@ final class InMemoryStore: SidecarStore {
         var origins: [String: String] = [:]
         var unrouted: [Int64: (listing: UnroutedEvent, event: KoraEvent)] = [:]
         var idempotency: [String: IdempotencyRecord] = [:]
+        /// Events whose body is gone, by event id.
+        var bodyGone: [String: BodyProblem] = [:]
 
         /// Whether an earlier delivery of the same verification is pending for the same service.
         func waitsBehindEarlier(_ delivery: Delivery) -> Bool {
@@ -37,7 +39,8 @@ final class InMemoryStore: SidecarStore {
                 deliveries[id] = Delivery(
                     summary: DeliverySummary(
                         id: id, eventID: event.id, eventType: event.type, service: service, status: .pending, attempts: 0,
-                        nextAttemptAt: at, lastStatusCode: nil, lastError: nil, createdAt: at, updatedAt: at),
+                        nextAttemptAt: at, lastStatusCode: nil, lastError: nil, createdAt: at, updatedAt: at,
+                        verificationID: event.verificationID),
                     event: event)
             }
         }
@@ -117,7 +120,8 @@ final class InMemoryStore: SidecarStore {
             return due.map { delivery in
                 state.deliveries[delivery.summary.id]?.leaseUntil = now.adding(lease)
                 return DeliveryJob(
-                    deliveryID: delivery.summary.id, service: service, attempt: delivery.summary.attempts + 1, event: delivery.event)
+                    deliveryID: delivery.summary.id, service: service, attempt: delivery.summary.attempts + 1, event: delivery.event,
+                    bodyProblem: state.bodyGone[delivery.event.id])
             }
         }
     }
@@ -161,17 +165,31 @@ final class InMemoryStore: SidecarStore {
         }
     }
 
-    package func deliveries(status: DeliveryStatus?, limit: Int) async throws -> [DeliverySummary] {
+    /// Whether `filter` selects `delivery` (no status in the filter: any status).
+    private static func selects(_ filter: DeliveryFilter, _ delivery: Delivery) -> Bool {
+        (filter.statuses.isEmpty || filter.statuses.contains(delivery.summary.status))
+            && (filter.service.map { $0 == delivery.summary.service } ?? true)
+            && filter.selectsEvent(
+                type: delivery.event.type, verificationID: delivery.event.verificationID, eventID: delivery.event.id,
+                at: delivery.summary.createdAt)
+    }
+
+    package func deliveries(_ query: DeliveryQuery) async throws -> [DeliverySummary] {
         state.withLockedValue { state in
             Array(
-                state.deliveries.values.map(\.summary).filter { status == nil || $0.status == status }
-                    .sorted { $0.id > $1.id }.prefix(limit))
+                state.deliveries.values.filter { delivery in
+                    Self.selects(query.filter, delivery) && (query.before.map { delivery.summary.id < $0 } ?? true)
+                }
+                    .map(\.summary).sorted { $0.id > $1.id }.prefix(query.limit))
         }
     }
 
     package func delivery(id: Int64) async throws -> DeliveryDetail? {
         state.withLockedValue { state in
-            state.deliveries[id].map { DeliveryDetail(summary: $0.summary, attempts: $0.attempts) }
+            state.deliveries[id].map { delivery in
+                let event: Result<KoraEvent, BodyProblem> = state.bodyGone[delivery.event.id].map { .failure($0) } ?? .success(delivery.event)
+                return DeliveryDetail(summary: delivery.summary, attempts: delivery.attempts, event: event)
+            }
         }
     }
 
@@ -199,7 +217,8 @@ final class InMemoryStore: SidecarStore {
 
     package func requeue(id: Int64, at: UnixTime) async throws -> Bool {
         try write { state in
-            guard var delivery = state.deliveries[id], delivery.summary.status != .delivered else { return false }
+            guard var delivery = state.deliveries[id], delivery.summary.status != .delivered, state.bodyGone[delivery.event.id] == nil
+            else { return false }
             delivery.summary.status = .pending
             delivery.summary.nextAttemptAt = at
             delivery.summary.updatedAt = at
@@ -209,16 +228,13 @@ final class InMemoryStore: SidecarStore {
         }
     }
 
-    package func requeue(_ filter: DeliveryFilter, at: UnixTime, dryRun: Bool) async throws -> Int {
-        let selected = state.withLockedValue { state in
-            state.deliveries.values.filter { delivery in
-                filter.statuses.contains(delivery.summary.status) && (filter.service.map { $0 == delivery.summary.service } ?? true)
-                    && filter.selectsEvent(
-                        type: delivery.event.type, verificationID: delivery.event.verificationID, eventID: delivery.event.id,
-                        at: delivery.summary.createdAt)
-            }.map(\.summary.id)
+    package func requeue(_ filter: DeliveryFilter, at: UnixTime, dryRun: Bool) async throws -> RequeueCount {
+        let (selected, gone) = state.withLockedValue { state in
+            let matching = state.deliveries.values.filter { Self.selects(filter, $0) }
+            return (matching.filter { state.bodyGone[$0.event.id] == nil }.map(\.summary.id), matching.count)
         }
-        guard !dryRun else { return selected.count }
+        let count = RequeueCount(selected: selected.count, bodyGone: gone - selected.count)
+        guard !dryRun else { return count }
         try write { state in
             for id in selected {
                 state.deliveries[id]?.summary.status = .pending
@@ -227,8 +243,68 @@ final class InMemoryStore: SidecarStore {
                 state.deliveries[id]?.leaseUntil = nil
             }
         }
-        return selected.count
+        return count
     }
+
+    package func expireBodies(deliveredBefore: UnixTime, deadBefore: UnixTime) async throws -> Int {
+        try write { state in
+            let byEvent = Dictionary(grouping: state.deliveries.values, by: \.event.id)
+            var expired = 0
+            for (eventID, deliveries) in byEvent where state.bodyGone[eventID] == nil {
+                let keeps = deliveries.contains { delivery in
+                    switch delivery.summary.status {
+                    case .pending: true
+                    case .delivered: delivery.summary.updatedAt >= deliveredBefore
+                    case .dead: delivery.summary.updatedAt >= deadBefore
+                    }
+                }
+                if !keeps {
+                    state.bodyGone[eventID] = .expired
+                    expired += 1
+                }
+            }
+            return expired
+        }
+    }
+
+    package func keptBodies() async throws -> [KeptBody] {
+        state.withLockedValue { state in
+            var seen = Set<String>()
+            let events = (state.deliveries.values.map(\.event) + state.unrouted.values.map(\.event)).filter {
+                state.bodyGone[$0.id] == nil && seen.insert($0.id).inserted
+            }
+            return events.map { KeptBody(owner: .event(verificationID: $0.verificationID), body: $0.normalizedBody) }
+                + state.quarantine.map { KeptBody(owner: .quarantine($0.id), body: $0.body) }
+        }
+    }
+
+    package func erase(verificationIDs: [String], quarantineIDs: [Int64]) async throws -> ErasureReport {
+        try write { state in
+            var report = ErasureReport(verificationIDs: verificationIDs)
+            let ids = Set(verificationIDs)
+            let deliveries = state.deliveries.filter { $0.value.event.verificationID.map(ids.contains) ?? false }
+            for id in deliveries.keys { state.deliveries[id] = nil }
+            let unrouted = state.unrouted.filter { $0.value.event.verificationID.map(ids.contains) ?? false }
+            for row in unrouted.keys { state.unrouted[row] = nil }
+            report.deliveries = deliveries.count
+            report.events = Set(deliveries.values.map(\.event.id)).count + unrouted.count
+            report.origins = state.origins.keys.filter(ids.contains).count
+            for id in ids { state.origins[id] = nil }
+            let named = state.idempotency.filter { record in
+                guard case .answered(_, _, let body) = record.value.state else { return false }
+                return ids.contains { body.firstRange(of: Array("\"\($0)\"".utf8)) != nil }
+            }
+            for key in named.keys { state.idempotency[key] = nil }
+            report.idempotencyKeys = named.count
+            let before = state.quarantine.count
+            state.quarantine.removeAll { quarantineIDs.contains($0.id) }
+            report.quarantined = before - state.quarantine.count
+            return report
+        }
+    }
+
+    /// Nothing is sealed in memory.
+    package func reseal() async throws -> ResealReport { ResealReport() }
 
     package func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult {
         try write { state in

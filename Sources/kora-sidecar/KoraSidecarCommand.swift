@@ -12,7 +12,8 @@ struct KoraSidecarCommand: AsyncParsableCommand {
         commandName: "kora-sidecar",
         abstract: "Owns every contact between an application and the Kora IDV API.",
         subcommands: [
-            Serve.self, CheckConfig.self, CheckKora.self, Sign.self, SendTestEvent.self, Deliveries.self, Simulate.self, Demo.self,
+            Serve.self, CheckConfig.self, CheckKora.self, Sign.self, SendTestEvent.self, Deliveries.self, Erase.self, Reseal.self,
+            Simulate.self, Demo.self,
         ]
     )
 
@@ -168,8 +169,18 @@ struct Deliveries: AsyncParsableCommand {
     static func run(_ action: DeliveriesCommand.Action, options: ConfigOption) async throws {
         // Only the store's path is needed: an operator need not hold Kora's secrets to list deliveries.
         let configuration = try options.load(resolvingSecrets: false)
-        let output = try await configuration.storage.withStore(logger: Logger(label: "kora-sidecar", factory: { _ in SwiftLogNoOpLogHandler() })) { store in
-            try await DeliveriesCommand.run(action, store: store, services: configuration.deliveryServices)
+        let quiet = Logger(label: "kora-sidecar", factory: { _ in SwiftLogNoOpLogHandler() })
+        // What an operator changes is logged as serve logs (erasure's audit line); listings log nothing.
+        let logger: Logger
+        switch action {
+        case .erase, .reseal:
+            let level = Logger.Level(rawValue: configuration.logging.level) ?? .info
+            logger = Logger(label: "kora-sidecar") { SidecarLogHandler(label: $0, level: level, format: configuration.logging.format) }
+        default:
+            logger = quiet
+        }
+        let output = try await configuration.storage.withStore(logger: quiet) { store in
+            try await DeliveriesCommand.run(action, store: store, services: configuration.deliveryServices, logger: logger)
         }
         print(output)
     }
@@ -251,6 +262,42 @@ struct Deliveries: AsyncParsableCommand {
 
         func run() async throws { try await Deliveries.run(.replay(eventID: eventID, service: service), options: options) }
     }
+}
+
+struct Erase: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Delete everything stored about a verification, or about every verification of an external id (works while serve runs).",
+        discussion: """
+            Deletes, in one transaction, the events (bodies and metadata), their pending and finished deliveries, the \
+            quarantined payloads that name it, the origin record and the idempotency records of its create. Prints what \
+            it removed as JSON and logs one audit line with the verification ids. Event ids stay remembered, so that \
+            Kora's retry of an erased event is not stored again.
+            """)
+
+    @OptionGroup var options: ConfigOption
+    @Option(help: "The verification id.") var verification: String?
+    @Option(name: .customLong("external-id"), help: "Your app's id for the person (externalId): every verification whose stored event names it.")
+    var externalID: String?
+
+    func validate() throws {
+        guard (verification == nil) != (externalID == nil), !(verification ?? externalID ?? "").isEmpty else {
+            throw ValidationError("Give one of --verification ID and --external-id X.")
+        }
+    }
+
+    func run() async throws {
+        let subject: OperatorActions.ErasureSubject = verification.map { .verification($0) } ?? .externalID(externalID ?? "")
+        try await Deliveries.run(.erase(subject), options: options)
+    }
+}
+
+struct Reseal: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Seal every stored body again with the first key of storage.encryption.keys (after a rotation; works while serve runs).")
+
+    @OptionGroup var options: ConfigOption
+
+    func run() async throws { try await Deliveries.run(.reseal, options: options) }
 }
 
 extension SignatureScheme: ExpressibleByArgument {}

@@ -25,6 +25,17 @@ struct ConfigurationTests {
         }
     }
 
+    func problemsFromEnvironment(_ environment: [String: String]) -> [ConfigurationProblem] {
+        do {
+            _ = try ConfigurationSource.environment.load(environment: environment)
+            return []
+        } catch let error as ConfigurationError {
+            return error.problems
+        } catch {
+            return [.init(path: "?", reason: "\(error)")]
+        }
+    }
+
     @Test func theMinimalFileGetsEveryDefault() throws {
         let configuration = try load(#"{"webhooks": {"secrets": [{"env": "KORAIDV_WEBHOOK_SECRET"}]}}"#)
         #expect(configuration.webhooks.secrets.map(\.value) == ["whsec_from_env"])
@@ -157,32 +168,68 @@ struct ConfigurationTests {
 
     @Test func postgresStorageIsASecretURLCheckedWithoutQuotingIt() throws {
         let secrets = #"{"webhooks": {"secrets": ["w"]}, "storage": "#
+        let keys = #", "encryption": {"keys": [{"id": "k1", "key": "\#(TestSecrets.encryptionKey)"}]}"#
         let url = "postgres://kora:pg-password-value@db.internal:6432/kora?sslmode=require"
-        let configuration = try load(secrets + #"{"postgresURL": {"env": "DATABASE_URL"}}}"#, environment: ["DATABASE_URL": url])
+        let configuration = try load(secrets + #"{"postgresURL": {"env": "DATABASE_URL"}\#(keys)}}"#, environment: ["DATABASE_URL": url])
         #expect(configuration.storage.postgresURL?.value == url)
         let text = JSONWriter.prettyString(configuration.effectiveJSON)
         #expect(!text.contains("pg-password-value"))
         #expect(text.contains(#""postgresURL": "***""#))
         // The URL is read even by store-only commands, which need nothing else secret.
         let storeOnly = try SidecarConfiguration.load(
-            bytes: Array((secrets + #"{"postgresURL": {"env": "DATABASE_URL"}}}"#).utf8), source: "t", environment: ["DATABASE_URL": url],
+            bytes: Array((secrets + #"{"postgresURL": {"env": "DATABASE_URL"}\#(keys)}}"#).utf8), source: "t", environment: ["DATABASE_URL": url],
             resolvingSecrets: false)
         #expect(storeOnly.storage.postgresURL?.value == url)
 
-        let both = problems(secrets + #"{"sqlitePath": "/tmp/s", "postgresURL": "postgres://u@h/d"}}"#)
+        let both = problems(secrets + #"{"sqlitePath": "/tmp/s", "postgresURL": "postgres://u@h/d"\#(keys)}}"#)
         #expect(both.map(\.path) == ["$.storage.postgresURL"])
         for bad in [
             "mysql://u:secret-in-url@h/d", "postgres://u:secret-in-url@/d", "postgres://:secret-in-url@h/d", "postgres://u:secret-in-url@h",
             "postgres://u:secret-in-url@h/d?sslmode=sometimes", "postgres://u:secret-in-url@h/d?connect_timeout=3",
         ] {
-            let found = problems(secrets + #"{"postgresURL": "\#(bad)"}}"#)
+            let found = problems(secrets + #"{"postgresURL": "\#(bad)"\#(keys)}}"#)
             #expect(found.map(\.path) == ["$.storage.postgresURL"], "\(bad)")
             #expect(!found.map(\.reason).joined().contains("secret-in-url"))
         }
         let fromEnvironment = try ConfigurationSource.environment.load(environment: [
             "KORAIDV_WEBHOOK_SECRET": "w", "KORA_SIDECAR_DATABASE_URL": "postgres://kora@127.0.0.1/kora",
+            "KORA_SIDECAR_ENCRYPTION_KEY": TestSecrets.encryptionKey,
         ])
         #expect(fromEnvironment.storage.postgresURL?.value == "postgres://kora@127.0.0.1/kora")
+        #expect(fromEnvironment.storage.encryptionKeys.map(\.id) == ["env"])
+    }
+
+    @Test func storedBodiesNeedAKeyReplicasShareAndKeysAreCheckedWithoutQuotingThem() throws {
+        let secrets = #"{"webhooks": {"secrets": ["w"]}, "storage": "#
+        // PostgreSQL replicas must seal with one key: without one, the configuration is refused.
+        let missing = problems(secrets + #"{"postgresURL": "postgres://u@h/d"}}"#)
+        #expect(missing.map(\.path) == ["$.storage.encryption.keys"])
+        #expect(missing[0].reason.contains("every replica must seal with the same key"))
+        let environment = problemsFromEnvironment([
+            "KORAIDV_WEBHOOK_SECRET": "w", "KORA_SIDECAR_DATABASE_URL": "postgres://kora@127.0.0.1/kora",
+        ])
+        #expect(environment.map(\.path) == ["KORA_SIDECAR_ENCRYPTION_KEY"])
+        // Each key: an id, 32 bytes in base64; ids unique. The key itself never appears in a problem.
+        let short = "c2hvcnQta2V5LXNlY3JldC12YWx1ZQ=="
+        let found = problems(
+            secrets + #"{"encryption": {"keys": [{"id": "a", "key": "\#(short)"}, {"id": "a", "key": "\#(TestSecrets.encryptionKey)"}, {"id": "b c", "key": "\#(TestSecrets.encryptionKey)"}, {"id": "d"}]}}}"#)
+        #expect(
+            found.map(\.path) == [
+                "$.storage.encryption.keys[0].key", "$.storage.encryption.keys[1].id", "$.storage.encryption.keys[2].id",
+                "$.storage.encryption.keys[3].key",
+            ])
+        #expect(!found.map(\.reason).joined().contains(short))
+        #expect(problems(secrets + #"{"encryption": {"keys": []}}}"#).map(\.path) == ["$.storage.encryption.keys"])
+        // Retentions are durations; check-config shows the key ids, never the keys.
+        let configuration = try load(
+            secrets + #"{"payloadRetention": "0s", "deadRetention": "30d", "encryption": {"keys": [{"id": "2026-11", "key": "\#(TestSecrets.encryptionKey)"}]}}}"#)
+        #expect(configuration.storage.payloadRetention == .zero)
+        #expect(configuration.storage.deadRetention == .seconds(30 * 86_400))
+        let text = JSONWriter.prettyString(configuration.effectiveJSON)
+        #expect(text.contains(#""id": "2026-11""#) && !text.contains(TestSecrets.encryptionKey))
+        #expect(problems(secrets + #"{"payloadRetention": "1y"}}"#).map(\.path) == ["$.storage.payloadRetention"])
+        // Without keys, SQLite uses the key file beside the store.
+        #expect(try load(secrets + #"{"sqlitePath": "/var/lib/k/s.sqlite"}}"#).storage.keyFilePath == "/var/lib/k/s.sqlite.key")
     }
 
     @Test func theExampleFileIsValid() throws {

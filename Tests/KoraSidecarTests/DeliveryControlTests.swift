@@ -21,12 +21,12 @@ struct DeliveryControlTests {
     func stores(_ kind: Store) async throws -> [any SidecarStore] {
         switch kind {
         case .sqlite:
-            return [try SQLiteStore(path: try temporaryDirectory() + "/store.sqlite")]
+            return [try SQLiteStore(path: try temporaryDirectory() + "/store.sqlite", protection: .sealedForTests)]
         case .postgresReplicas:
             let url = Secret(try await PostgresServer.shared().createDatabase())
             var stores: [any SidecarStore] = []
             for _ in 0..<2 {
-                let store = try PostgresStore(url: url, logger: Logger(label: "test"), operationTimeout: .seconds(5) * Sanitizer.slowdown)
+                let store = try PostgresStore(url: url, logger: Logger(label: "test"), operationTimeout: .seconds(5) * Sanitizer.slowdown, protection: .sealedForTests)
                 Task { await store.run() }
                 try await store.waitUntilMigrated(timeout: .seconds(60))
                 stores.append(store)

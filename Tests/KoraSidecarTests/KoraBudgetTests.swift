@@ -70,7 +70,7 @@ struct KoraBudgetTests {
         let url = Secret(try await PostgresServer.shared().createDatabase())
         var stores: [PostgresStore] = []
         for _ in 0..<2 {
-            let store = try PostgresStore(url: url, logger: quietLogger, operationTimeout: .seconds(5) * Sanitizer.slowdown)
+            let store = try PostgresStore(url: url, logger: quietLogger, operationTimeout: .seconds(5) * Sanitizer.slowdown, protection: .sealedForTests)
             Task { await store.run() }
             try await store.waitUntilMigrated(timeout: .seconds(60))
             stores.append(store)

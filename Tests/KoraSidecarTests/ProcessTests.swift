@@ -102,7 +102,10 @@ struct ProcessTests {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let total = 100_000
         // The backlog a service leaves after a day down, written straight into the store.
-        let store = try SQLiteStore(path: directory + "/store.sqlite")
+        // With the key file the child will find beside the store, as a first start would have made it.
+        var storage = StorageConfiguration()
+        storage.sqlitePath = directory + "/store.sqlite"
+        let store = try SQLiteStore(path: storage.sqlitePath, protection: try storage.protection(creatingKeyFile: quietLogger))
         let template = try EventNormalizer.normalize(body: TestEvent.body(eventID: "evt_template"), webhookID: nil, receivedAt: .now())
         let now = UnixTime.now()
         for chunk in stride(from: 0, to: total, by: 500) {

@@ -193,7 +193,7 @@ struct ProductionTrustTests {
         let directory = try temporaryDirectory()
         let services = #"[{"name": "app", "deliver": {"url": "http://127.0.0.1:1/events", "signingSecret": {"env": "APP_SIGNING_SECRET"}}}]"#
         let config = try writeProcessConfig(directory: directory, receiverPort: 0, services: services)
-        try SQLiteStore(path: directory + "/store.sqlite").close()
+        try SQLiteStore(path: directory + "/store.sqlite", protection: .sealedForTests).close()
         // serve would read APP_SIGNING_SECRET; listing deliveries must not need it.
         let listed = try await Binary.run(["deliveries", "list", "--config", config])
         #expect(listed.status == 0, "\(listed.stderr)")

@@ -548,7 +548,7 @@ import Glibc
                         #expect(alphaGot.map { $0.json?["verification"]?["id"]?.text } == [ids["alpha"]])
                         #expect(betaGot.map { $0.json?["verification"]?["id"]?.text } == [ids["beta"]])
                     }
-                    let reopened = try SQLiteStore(path: configuration.storage.sqlitePath)
+                    let reopened = try SQLiteStore(path: configuration.storage.sqlitePath, protection: .sealedForTests)
                     defer { reopened.close() }
                     let origins = try await simulator.sent.all.map(\.verificationID).asyncMap { try await reopened.origin(ofVerification: $0) }
                     #expect(Set(origins.compactMap { $0 }) == ["alpha", "beta"])

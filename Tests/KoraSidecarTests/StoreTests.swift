@@ -16,12 +16,12 @@ struct StoreTests {
     }
 
     /// A fresh store of `kind`, and what removes it.
-    func makeStore(_ kind: Kind) async throws -> (store: any SidecarStore, cleanup: @Sendable () -> Void) {
+    func makeStore(_ kind: Kind, protection: DataProtection = .sealedForTests) async throws -> (store: any SidecarStore, cleanup: @Sendable () -> Void) {
         switch kind {
         case .postgres:
             let store = try PostgresStore(
                 url: Secret(try await PostgresServer.shared().createDatabase()), logger: Logger(label: "test"),
-                operationTimeout: .seconds(5) * Sanitizer.slowdown)
+                operationTimeout: .seconds(5) * Sanitizer.slowdown, protection: protection)
             let running = Task { await store.run() }
             try await store.waitUntilMigrated(timeout: .seconds(60))
             return (store, { running.cancel() })
@@ -29,7 +29,7 @@ struct StoreTests {
             return (InMemoryStore(), {})
         case .sqlite:
             let directory = try temporaryDirectory()
-            let store = try SQLiteStore(path: directory + "/store.sqlite")
+            let store = try SQLiteStore(path: directory + "/store.sqlite", protection: protection)
             return (store, { store.close(); try? FileManager.default.removeItem(atPath: directory) })
         }
     }
@@ -141,7 +141,7 @@ struct StoreTests {
             let record = AttemptRecord(attempt: 1, at: at(31), statusCode: dead ? 500 : 204, error: nil, durationMilliseconds: 1)
             try await store.finish(deliveryID: job.deliveryID, attempt: record, next: dead ? .dead : .delivered)
         }
-        func count(_ filter: DeliveryFilter) async throws -> Int { try await store.requeue(filter, at: at(40), dryRun: true) }
+        func count(_ filter: DeliveryFilter) async throws -> Int { try await store.requeue(filter, at: at(40), dryRun: true).selected }
         #expect(try await count(DeliveryFilter(statuses: [.delivered])) == 5)
         #expect(try await count(DeliveryFilter(statuses: [.delivered], service: "a")) == 3)
         #expect(try await count(DeliveryFilter(statuses: [.delivered], eventType: "fraud_alert.created")) == 2)
@@ -150,7 +150,7 @@ struct StoreTests {
         #expect(try await count(DeliveryFilter(statuses: [.delivered, .dead], eventID: "f2")) == 2)
         // A dry run changed nothing; a real one makes exactly the selection due again.
         #expect(try await store.deliveries(status: .pending, limit: 10).isEmpty)
-        #expect(try await store.requeue(DeliveryFilter(statuses: [.delivered, .dead], service: "b", eventID: "f2"), at: at(40), dryRun: false) == 1)
+        #expect(try await store.requeue(DeliveryFilter(statuses: [.delivered, .dead], service: "b", eventID: "f2"), at: at(40), dryRun: false).selected == 1)
         let pending = try await store.deliveries(status: .pending, limit: 10)
         #expect(pending.map(\.eventID) == ["f2"])
         let again = try await store.claimDue(service: "b", now: at(40), limit: 10, lease: .seconds(30))
@@ -275,8 +275,8 @@ struct StoreTests {
         #expect(depth.first { $0.status == .dead }?.count == 3)
         #expect(depth.first { $0.status == .pending }?.count == 1)
         #expect(depth.first { $0.status == .pending }?.oldestCreatedAt == t0)
-        #expect(try await store.requeue(DeliveryFilter(statuses: [.dead]), at: at(5), dryRun: true) == 3)
-        #expect(try await store.requeue(DeliveryFilter(statuses: [.dead]), at: at(5), dryRun: false) == 3)
+        #expect(try await store.requeue(DeliveryFilter(statuses: [.dead]), at: at(5), dryRun: true).selected == 3)
+        #expect(try await store.requeue(DeliveryFilter(statuses: [.dead]), at: at(5), dryRun: false).selected == 3)
         #expect(try await store.deliveries(status: .pending, limit: 10).count == 4)
     }
 
@@ -317,11 +317,11 @@ struct StoreTests {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let path = directory + "/store.sqlite"
-        let first = try SQLiteStore(path: path)
+        let first = try SQLiteStore(path: path, protection: .sealedForTests)
         let stored = try event("e1")
         _ = try await first.enqueue(stored, services: ["a"], at: t0, dedupSince: at(-1))
         first.close()
-        let second = try SQLiteStore(path: path)
+        let second = try SQLiteStore(path: path, protection: .sealedForTests)
         defer { second.close() }
         let job = try #require(try await second.claimDue(service: "a", now: t0, limit: 1, lease: .seconds(1)).first)
         #expect(job.event == stored)
@@ -330,7 +330,7 @@ struct StoreTests {
     @Test func sqliteGroupCommitsConcurrentWrites() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        let store = try SQLiteStore(path: directory + "/store.sqlite")
+        let store = try SQLiteStore(path: directory + "/store.sqlite", protection: .sealedForTests)
         defer { store.close() }
         let events = try (0..<500).map { try event("bulk\($0)") }
         try await withThrowingTaskGroup(of: EnqueueResult.self) { group in
@@ -374,7 +374,7 @@ struct StoreTests {
 
     /// A running PostgreSQL store on `url` (a replica), with what stops it.
     func postgresReplica(_ url: String) async throws -> (store: PostgresStore, stop: @Sendable () -> Void) {
-        let store = try PostgresStore(url: Secret(url), logger: Logger(label: "test"), operationTimeout: .seconds(5) * Sanitizer.slowdown)
+        let store = try PostgresStore(url: Secret(url), logger: Logger(label: "test"), operationTimeout: .seconds(5) * Sanitizer.slowdown, protection: .sealedForTests)
         let running = Task { await store.run() }
         try await store.waitUntilMigrated(timeout: .seconds(60))
         return (store, { running.cancel() })
@@ -426,12 +426,12 @@ struct StoreTests {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let path = directory + "/store.sqlite"
-        try SQLiteStore(path: path).close()
+        try SQLiteStore(path: path, protection: .sealedForTests).close()
         let newer = SQLiteStore.migrations.count + 1
         let result = try await runTool("/usr/bin/sqlite3", [path, "PRAGMA user_version=\(newer)"])
         #expect(result.status == 0, "\(result.stderr)")
         #expect {
-            try SQLiteStore(path: path)
+            try SQLiteStore(path: path, protection: .sealedForTests)
         } throws: { error in
             "\(error)".contains("schema version \(newer) was written by a newer kora-sidecar")
         }
@@ -442,6 +442,6 @@ struct StoreTests {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let path = directory + "/store.sqlite"
         try Data(repeating: 0x42, count: 4096).write(to: URL(fileURLWithPath: path))
-        #expect(throws: SQLiteError.self) { try SQLiteStore(path: path) }
+        #expect(throws: SQLiteError.self) { try SQLiteStore(path: path, protection: .sealedForTests) }
     }
 }

@@ -1,4 +1,5 @@
 import KoraSidecarCore
+import Logging
 
 /// The `deliveries` command's work, over a store that `serve` may be using at the same time.
 package enum DeliveriesCommand {
@@ -9,11 +10,13 @@ package enum DeliveriesCommand {
         case retry(id: Int64)
         case retryAll(OperatorActions.RetrySelection)
         case replay(eventID: String, service: String?)
+        case erase(OperatorActions.ErasureSubject)
+        case reseal
     }
 
     /// Runs `action` against `store` (`services`: where unrouted events may now go) and returns the text to print.
     /// - Throws: ``StartupError`` for a status that does not exist or an unknown id.
-    package static func run(_ action: Action, store: any SidecarStore, services: [DeliveryService]) async throws -> String {
+    package static func run(_ action: Action, store: any SidecarStore, services: [DeliveryService], logger: Logger) async throws -> String {
         switch action {
         case .list(let statusText, let limit):
             let listing = try statusText.map { text in
@@ -25,8 +28,11 @@ package enum DeliveriesCommand {
             return render(try await OperatorActions.list(listing, limit: limit, store: store))
         case .show(let id):
             guard let detail = try await store.delivery(id: id) else { throw StartupError("There is no delivery \(id).") }
-            return render(detail.listingJSON)
+            return render(OperatorActions.show(detail, services: services))
         case .retry(let id):
+            if case .failure(let problem)? = try await store.delivery(id: id)?.event, problem == .expired || problem == .erased {
+                throw StartupError("Delivery \(id) cannot be sent again: its body is gone (\(problem.state)).")
+            }
             guard try await store.requeue(id: id, at: .now()) else {
                 throw StartupError("Delivery \(id) does not exist or was already delivered.")
             }
@@ -37,9 +43,16 @@ package enum DeliveriesCommand {
             let outcome = try await OperatorActions.retry(
                 .replay(eventID: eventID, service: service), store: store, router: EventRouter(services: services, store: store))
             guard outcome.selected > 0 else {
+                if outcome.bodyGone > 0 { throw StartupError("Event \(eventID) cannot be sent again: its body is gone (retention or erasure).") }
                 throw StartupError("Event \(eventID) has no delivered or dead delivery\(service.map { " to \($0)" } ?? "") to send again.")
             }
             return "Event \(eventID) is queued again for \(outcome.selected) \(outcome.selected == 1 ? "delivery" : "deliveries")."
+        case .erase(let subject):
+            return render(try await OperatorActions.erase(subject, store: store, logger: logger).json)
+        case .reseal:
+            let report = try await store.reseal()
+            let unreadable = report.unreadable == 0 ? "" : " \(report.unreadable) no configured key opens were left as they are."
+            return "\(report.resealed) stored bodies were sealed again with the current key.\(unreadable)"
         }
     }
 

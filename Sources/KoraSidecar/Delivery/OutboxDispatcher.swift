@@ -151,8 +151,18 @@ final class OutboxDispatcher: Service, Sendable {
     /// may take it now.
     private func deliver(_ job: DeliveryJob, to service: DeliveryService, lease: Duration) async -> DeliveryJob? {
         let started = UnixTime.now()
-        let result = await sender.send(job.event, to: service, attempt: job.attempt)
-        let next = policy.next(after: job.attempt, result: result, now: .now())
+        let result: AttemptResult
+        let next: NextStep
+        if let problem = job.bodyProblem {
+            // Nothing to send (a key left out of the configuration, an erasure racing the lease):
+            // dead at once, with why, so that an operator sees it and can retry once the key is back.
+            result = AttemptResult(statusCode: nil, error: problem.description, durationMilliseconds: 0)
+            next = .dead
+            metrics.bodyUnreadable()
+        } else {
+            result = await sender.send(job.event, to: service, attempt: job.attempt)
+            next = policy.next(after: job.attempt, result: result, now: .now())
+        }
         let record = AttemptRecord(
             attempt: job.attempt, at: started, statusCode: result.statusCode, error: result.error,
             durationMilliseconds: result.durationMilliseconds)
@@ -162,7 +172,7 @@ final class OutboxDispatcher: Service, Sendable {
         ]
         if let error = result.error { metadata["error"] = "\(error)" }
         metrics.delivery(service: service.name, result: next.metricName, milliseconds: result.durationMilliseconds)
-        breakers[service.name]?.record(healthy: !result.serviceFailed, now: .now())
+        if job.bodyProblem == nil { breakers[service.name]?.record(healthy: !result.serviceFailed, now: .now()) }
         switch next {
         case .delivered: logger.info("Delivered", metadata: metadata)
         case .retry: logger.notice("Delivery failed; will retry", metadata: metadata)

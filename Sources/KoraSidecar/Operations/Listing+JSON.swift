@@ -15,6 +15,7 @@ extension DeliverySummary {
             "lastError": .optional(lastError),
             "createdAt": .string(createdAt.iso8601Milliseconds),
             "updatedAt": .string(updatedAt.iso8601Milliseconds),
+            "verificationId": .optional(verificationID),
         ]
     }
 }
@@ -55,7 +56,8 @@ extension QuarantinedPayload {
                     let hidden = header.key.lowercased().hasSuffix("signature")
                     return JSONMember(header.key, .string(hidden ? "***" : header.value))
                 }),
-            "body": .string(String(decoding: body, as: UTF8.self)),
+            "bodyState": .string(bodyProblem?.state ?? "kept"),
+            "body": bodyProblem == nil ? .string(String(decoding: body, as: UTF8.self)) : .null,
         ]
     }
 }

@@ -1,4 +1,5 @@
 import KoraSidecarCore
+import Logging
 
 /// What the `deliveries` command and the admin API both do over the store, so that the two say
 /// the same thing in the same shape.
@@ -13,14 +14,82 @@ package enum OperatorActions {
 
     /// The newest `limit` entries of `listing` (every delivery when nil), as operators see them.
     static func list(_ listing: Listing?, limit: Int, store: any SidecarStore) async throws -> JSONValue {
+        try await page(listing, filter: DeliveryFilter(statuses: []), before: nil, limit: limit, store: store).entries
+    }
+
+    /// One page of `listing`: deliveries that `filter` selects, older than `before`, and the
+    /// `before` of the next page when there may be one (quarantined and unrouted are one page).
+    static func page(
+        _ listing: Listing?, filter: DeliveryFilter, before: Int64?, limit: Int, store: any SidecarStore
+    ) async throws -> (entries: JSONValue, next: Int64?) {
+        var filter = filter
         switch listing {
-        case .quarantined: .array(try await store.quarantined(limit: limit).map(\.listingJSON))
-        case .unrouted: .array(try await store.unrouted(limit: limit).map(\.listingJSON))
-        case .pending: .array(try await store.deliveries(status: .pending, limit: limit).map(\.listingJSON))
-        case .delivered: .array(try await store.deliveries(status: .delivered, limit: limit).map(\.listingJSON))
-        case .dead: .array(try await store.deliveries(status: .dead, limit: limit).map(\.listingJSON))
-        case nil: .array(try await store.deliveries(status: nil, limit: limit).map(\.listingJSON))
+        case .quarantined: return (.array(try await store.quarantined(limit: limit).map(\.listingJSON)), nil)
+        case .unrouted: return (.array(try await store.unrouted(limit: limit).map(\.listingJSON)), nil)
+        case .pending: filter.statuses = [.pending]
+        case .delivered: filter.statuses = [.delivered]
+        case .dead: filter.statuses = [.dead]
+        case nil: filter.statuses = []
         }
+        let deliveries = try await store.deliveries(DeliveryQuery(filter: filter, before: before, limit: limit))
+        return (.array(deliveries.map(\.listingJSON)), deliveries.count == limit ? deliveries.last?.id : nil)
+    }
+
+    /// One delivery with its attempts and its body as `services` received it (format and redaction),
+    /// or why the body is gone.
+    static func show(_ detail: DeliveryDetail, services: [DeliveryService]) -> JSONValue {
+        guard case .object(var members) = detail.listingJSON else { return .null }
+        switch detail.event {
+        case .success(let event):
+            let body = services.first { $0.name == detail.summary.service }.map { EventSender.body(of: event, for: $0) } ?? event.normalizedBody
+            members += [.init("bodyState", "kept"), .init("body", .optional(body.map { String(decoding: $0, as: UTF8.self) }))]
+        case .failure(let problem):
+            members += [.init("bodyState", .string(problem.state)), .init("body", .null), .init("bodyProblem", .string(problem.description))]
+        }
+        return .object(members)
+    }
+
+    /// Whose data an operator erases.
+    package enum ErasureSubject: Sendable {
+        case verification(String)
+        /// The app's own id for a person: every verification whose stored event names it.
+        case externalID(String)
+    }
+
+    /// Erases everything stored about `subject`, in one transaction, and logs one audit line that
+    /// names the verifications, never the data (an external id is data: it is not logged).
+    static func erase(_ subject: ErasureSubject, store: any SidecarStore, logger: Logger) async throws -> ErasureReport {
+        let bodies = try await store.keptBodies()
+        let verificationIDs: [String]
+        let mention: [UInt8]
+        switch subject {
+        case .verification(let id):
+            verificationIDs = [id]
+            mention = Array(JSONWriter.encode(.string(id)))
+        case .externalID(let externalID):
+            verificationIDs = Set(bodies.compactMap { body -> String? in
+                guard case .event(let verificationID?) = body.owner, let json = try? JSONParser.parse(body.body) else { return nil }
+                let named = [json["verification"]?["externalId"], json["fraudAlert"]?["externalId"]].contains { $0?.text == externalID }
+                return named ? verificationID : nil
+            }).sorted()
+            mention = Array(JSONWriter.encode(.string(externalID)))
+        }
+        // A quarantined payload could not be parsed: it goes when its bytes name the subject or one of its verifications.
+        let names = [mention] + verificationIDs.map { Array(JSONWriter.encode(.string($0))) }
+        let quarantineIDs = bodies.compactMap { body -> Int64? in
+            guard case .quarantine(let id) = body.owner, names.contains(where: { body.body.firstRange(of: $0) != nil }) else { return nil }
+            return id
+        }
+        let report = try await store.erase(verificationIDs: verificationIDs, quarantineIDs: quarantineIDs)
+        logger.notice(
+            "Erased stored data",
+            metadata: [
+                "verification.ids": "\(report.verificationIDs.joined(separator: ","))", "by": "\(subject.kind)",
+                "erased.events": "\(report.events)", "erased.deliveries": "\(report.deliveries)",
+                "erased.quarantined": "\(report.quarantined)", "erased.origins": "\(report.origins)",
+                "erased.idempotency_keys": "\(report.idempotencyKeys)",
+            ])
+        return report
     }
 
     /// What a bulk retry selects: from the `deliveries retry` flags or the admin API's parameters.
@@ -70,6 +139,8 @@ package enum OperatorActions {
         /// For unrouted events: the deliveries created and the events that still match no service.
         package var deliveries = 0
         package var stillUnrouted = 0
+        /// Deliveries selected but left, because their event's body is gone (retention or erasure).
+        package var bodyGone = 0
 
         /// The admin API's answer.
         var json: JSONValue {
@@ -77,6 +148,7 @@ package enum OperatorActions {
             switch selection.scope {
             case .deliveries:
                 members.append(.init(selection.dryRun ? "wouldRequeue" : "requeued", .int(selected)))
+                if bodyGone > 0 { members.append(.init("bodyGone", .int(bodyGone))) }
             case .unrouted:
                 members += [
                     .init("routedEvents", .int(selected)), .init("deliveries", .int(deliveries)), .init("stillUnrouted", .int(stillUnrouted)),
@@ -93,6 +165,11 @@ package enum OperatorActions {
 
         /// The command's sentence.
         var sentence: String {
+            let gone = bodyGone == 0 ? "" : " \(bodyGone) cannot be sent again: their body is gone (retention or erasure)."
+            return action + gone
+        }
+
+        private var action: String {
             switch (selection.scope, selection.dryRun) {
             case (.deliveries, true): "\(selected) \(statusWord)deliveries would be queued again."
             case (.deliveries, false): "\(selected) \(statusWord)deliveries are queued again."
@@ -110,11 +187,32 @@ package enum OperatorActions {
         case .deliveries(let statuses):
             var filter = selection.filter
             filter.statuses = statuses
-            return RetryOutcome(selection: selection, selected: try await store.requeue(filter, at: .now(), dryRun: selection.dryRun))
+            let count = try await store.requeue(filter, at: .now(), dryRun: selection.dryRun)
+            return RetryOutcome(selection: selection, selected: count.selected, bodyGone: count.bodyGone)
         case .unrouted:
             let result = try await router.routeUnrouted(at: .now(), filter: selection.filter, dryRun: selection.dryRun)
             return RetryOutcome(
                 selection: selection, selected: result.routedEvents, deliveries: result.deliveries, stillUnrouted: result.stillUnrouted)
         }
+    }
+}
+
+extension OperatorActions.ErasureSubject {
+    /// How the subject was named, for the audit line.
+    var kind: String {
+        switch self {
+        case .verification: "verificationId"
+        case .externalID: "externalId"
+        }
+    }
+}
+
+extension ErasureReport {
+    /// The admin API's answer and the command's output.
+    var json: JSONValue {
+        [
+            "verificationIds": .array(verificationIDs.map(JSONValue.string)), "events": .int(events), "deliveries": .int(deliveries),
+            "quarantined": .int(quarantined), "origins": .int(origins), "idempotencyKeys": .int(idempotencyKeys),
+        ]
     }
 }

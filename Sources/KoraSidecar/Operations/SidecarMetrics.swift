@@ -13,6 +13,8 @@ package struct SidecarMetrics: Sendable {
     private let factory: PrometheusMetricsFactory
     private let counters = Handles<CoreMetrics.Counter>()
     private let timers = Handles<CoreMetrics.Timer>()
+    /// Webhooks per minute by result, for the console's overview (the counters only add up).
+    let webhookMinutes = MinuteCounts()
 
     init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
         self.registry = registry
@@ -27,12 +29,14 @@ package struct SidecarMetrics: Sendable {
     /// One webhook answered: `accepted`, `duplicate`, `unrouted`, or the error code.
     func webhook(_ result: String) {
         counter("kora_sidecar_webhooks_total", [("result", result)]).increment()
+        webhookMinutes.add(result, at: .now())
     }
 
     /// One webhook taken in report-only mode although its signature failed, with the failure's code,
     /// so that a rollout shows when `enforce` can be switched on.
     func webhookUnverified(reason: String) {
         counter("kora_sidecar_webhooks_total", [("result", "unverified"), ("reason", reason)]).increment()
+        webhookMinutes.add("unverified", at: .now())
     }
 
     /// Calls to Kora left in the budget now (-1 while no limit is known).
@@ -53,6 +57,11 @@ package struct SidecarMetrics: Sendable {
     /// A call refused with 429 `RATE_LIMITED` because no turn came within `kora.rateLimit.maxWait`.
     func koraCallRefused() {
         counter("kora_sidecar_kora_calls_refused_total", []).increment()
+    }
+
+    /// A delivery whose stored body could not be opened (its key is not configured, or it was altered).
+    func bodyUnreadable() {
+        counter("kora_sidecar_stored_bodies_unreadable_total", []).increment()
     }
 
     /// Kora refused the configured API key (401): every proxied call fails until it is fixed.
@@ -125,5 +134,32 @@ private final class Handles<Metric: Sendable>: Sendable {
             made[key] = metric
             return metric
         }
+    }
+}
+
+/// Counts by name for each of the last hour's minutes.
+final class MinuteCounts: Sendable {
+    /// One minute's counts.
+    struct Minute: Sendable, Equatable {
+        var start: UnixTime
+        var counts: [String: Int]
+    }
+
+    private static let kept: Int64 = 60
+    private let minutes = NIOLockedValueBox<[Int64: [String: Int]]>([:])
+
+    func add(_ name: String, at time: UnixTime) {
+        let minute = time.seconds / 60
+        minutes.withLockedValue { minutes in
+            minutes[minute, default: [:]][name, default: 0] += 1
+            if minutes.count > Self.kept { minutes = minutes.filter { $0.key > minute - Self.kept } }
+        }
+    }
+
+    /// The last `count` minutes up to `now`, oldest first, each present even when nothing happened.
+    func last(_ count: Int, now: UnixTime) -> [Minute] {
+        let current = now.seconds / 60
+        let counts = minutes.withLockedValue { $0 }
+        return (current - Int64(count) + 1...current).map { Minute(start: UnixTime(milliseconds: $0 * 60_000), counts: counts[$0] ?? [:]) }
     }
 }

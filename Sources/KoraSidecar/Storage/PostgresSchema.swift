@@ -65,6 +65,12 @@ enum PostgresSchema {
             "CREATE INDEX kora_budget_calls_sent ON kora_budget_calls(sent_at)",
             "CREATE TABLE kora_budget_hold(id BIGINT PRIMARY KEY, held_until BIGINT NOT NULL)",
         ],
+        // Bodies sealed (AES-256-GCM, `key_id` names the key), deleted after their retention or on erasure.
+        [
+            "ALTER TABLE kora_events ADD COLUMN sealed BYTEA, ADD COLUMN key_id TEXT, ADD COLUMN body_state TEXT NOT NULL DEFAULT 'kept'",
+            "ALTER TABLE kora_quarantine ADD COLUMN sealed BYTEA, ADD COLUMN key_id TEXT, ADD COLUMN body_state TEXT NOT NULL DEFAULT 'kept'",
+            "CREATE INDEX kora_events_kept ON kora_events(id) WHERE body_state = 'kept'",
+        ],
     ]
 
     /// Any constant, the same in every replica: the advisory lock that serialises migrations.

@@ -20,23 +20,27 @@ final class PostgresStore: SidecarStore, Service {
     private let operationTimeout: Duration
     /// Nil once the schema is current; else why the store cannot be used yet.
     private let notReady = NIOLockedValueBox<String?>("the schema is not migrated yet")
+    private let protection: DataProtection
 
     /// Creates the store for `url`; nothing connects until ``run()``.
-    convenience init(url: Secret, logger: Logger, operationTimeout: Duration = .seconds(5)) throws(ConfigurationError) {
+    convenience init(
+        url: Secret, logger: Logger, operationTimeout: Duration = .seconds(5), protection: DataProtection = .plain
+    ) throws(ConfigurationError) {
         let address: PostgresURL
         do {
             address = try PostgresURL(url)
         } catch {
             throw ConfigurationError(source: "storage.postgresURL", problems: [.init(path: "storage.postgresURL", reason: error.reason)])
         }
-        self.init(address: address, logger: logger, operationTimeout: operationTimeout)
+        self.init(address: address, logger: logger, operationTimeout: operationTimeout, protection: protection)
     }
 
-    init(address: PostgresURL, logger: Logger, operationTimeout: Duration) {
+    init(address: PostgresURL, logger: Logger, operationTimeout: Duration, protection: DataProtection) {
         client = PostgresClient(configuration: address.clientConfiguration, backgroundLogger: logger)
         location = address.location
         self.logger = logger
         self.operationTimeout = operationTimeout
+        self.protection = protection
     }
 
     /// Runs the connection pool and migrates the schema, until graceful shutdown or cancellation;
@@ -172,11 +176,13 @@ final class PostgresStore: SidecarStore, Service {
                 ).collect()
                 if claimed.isEmpty { throw Duplicate() }
             }
+            let body = self.protection.columns(for: event)
             let eventRow = try await connection.query(
                 """
-                INSERT INTO kora_events(event_id, type, verification_id, normalized, original, original_headers, signature_verified, received_at, unrouted)
-                VALUES(\(event.id), \(event.type), \(event.verificationID), \(ByteBuffer(bytes: event.normalizedBody)),
-                       \(ByteBuffer(bytes: event.originalBody)), \(HeaderList.encode(event.originalHeaders)),
+                INSERT INTO kora_events(event_id, type, verification_id, normalized, original, original_headers, sealed, key_id,
+                                        signature_verified, received_at, unrouted)
+                VALUES(\(event.id), \(event.type), \(event.verificationID), \(ByteBuffer(bytes: body.normalized)),
+                       \(ByteBuffer(bytes: body.original)), \(body.headers), \(body.sealed.map { ByteBuffer(bytes: $0) }), \(body.keyID),
                        \(event.signatureVerified), \(at.milliseconds), \(services.isEmpty))
                 RETURNING id
                 """, logger: self.logger
@@ -237,11 +243,12 @@ final class PostgresStore: SidecarStore, Service {
     private struct Duplicate: Error {}
 
     package func quarantine(_ payload: QuarantinedPayload) async throws {
-        let headers = HeaderList.encode(payload.headers.sorted { $0.key < $1.key }.map { ($0.key, $0.value) })
+        let body = protection.columns(for: payload)
         _ = try await rows(
             """
-            INSERT INTO kora_quarantine(received_at, reason, body, headers, signature_verified)
-            VALUES(\(payload.receivedAt.milliseconds), \(payload.reason), \(ByteBuffer(bytes: payload.body)), \(headers), \(payload.signatureVerified))
+            INSERT INTO kora_quarantine(received_at, reason, body, headers, sealed, key_id, signature_verified)
+            VALUES(\(payload.receivedAt.milliseconds), \(payload.reason), \(ByteBuffer(bytes: body.normalized)), \(body.headers),
+                   \(body.sealed.map { ByteBuffer(bytes: $0) }), \(body.keyID), \(payload.signatureVerified))
             """)
     }
 
@@ -286,18 +293,34 @@ final class PostgresStore: SidecarStore, Service {
             leased AS (
                 UPDATE kora_deliveries d SET lease_until = \(leaseUntil) FROM due WHERE d.id = due.id
                 RETURNING d.id, d.attempts, d.event_row)
-            SELECT l.id, l.attempts, e.event_id, e.type, e.verification_id, e.normalized, e.original,
-                   e.original_headers, e.signature_verified
+            SELECT l.id, l.attempts, \(unescaped: Self.eventColumns)
             FROM leased l JOIN kora_events e ON e.id = l.event_row ORDER BY l.id
             """
         ).map { row in
-            let (id, attempts, eventID, type, verificationID, normalized, original, headers, verified) = try row.decode(
-                (Int64, Int64, String, String, String?, ByteBuffer, ByteBuffer, String, Bool).self)
-            let event = KoraEvent(
-                id: eventID, type: type, verificationID: verificationID, normalizedBody: Array(buffer: normalized),
-                originalBody: Array(buffer: original), originalHeaders: HeaderList.decode(headers), signatureVerified: verified)
-            return DeliveryJob(deliveryID: id, service: service, attempt: Int(attempts) + 1, event: event)
+            let (id, attempts) = try row.decode((Int64, Int64).self)
+            let (event, problem) = try self.event(row, from: 2)
+            return DeliveryJob(deliveryID: id, service: service, attempt: Int(attempts) + 1, event: event, bodyProblem: problem)
         }
+    }
+
+    /// The event columns ``event(_:from:)`` reads, from `e`.
+    private static let eventColumns = """
+        e.event_id, e.type, e.verification_id, e.normalized, e.original, e.original_headers, e.sealed, e.key_id,
+        e.body_state, e.signature_verified
+        """
+
+    /// The event in `row` from column `first` on (``eventColumns``), its body opened.
+    private func event(_ row: PostgresRow, from first: Int) throws -> (KoraEvent, BodyProblem?) {
+        let cells = row.makeRandomAccess()
+        func cell<T: PostgresDecodable>(_ offset: Int, as type: T.Type = T.self) throws -> T { try cells[first + offset].decode(T.self) }
+        var event = KoraEvent(
+            id: try cell(0), type: try cell(1), verificationID: try cell(2), normalizedBody: [], originalBody: [], originalHeaders: [],
+            signatureVerified: try cell(9))
+        let columns = BodyColumns(
+            normalized: Array(buffer: try cell(3, as: ByteBuffer.self)), original: Array(buffer: try cell(4, as: ByteBuffer.self)),
+            headers: try cell(5), sealed: try cell(6, as: ByteBuffer?.self).map { Array(buffer: $0) }, keyID: try cell(7))
+        let problem = protection.open(columns, state: BodyState(rawValue: try cell(8)) ?? .kept, into: &event)
+        return (event, problem)
     }
 
     package func finish(deliveryID: Int64, attempt: AttemptRecord, next: NextStep) async throws {
@@ -318,6 +341,12 @@ final class PostgresStore: SidecarStore, Service {
                     updated_at = \(attempt.at.milliseconds)
                 WHERE id = \(deliveryID)
                 """, logger: self.logger)
+            // `payloadRetention` 0: the body goes as soon as its event's last delivery was delivered.
+            if next == .delivered, self.protection.payloadRetention == .zero {
+                _ = try await Self.expireBodies(
+                    connection, deliveredBefore: attempt.at.adding(.milliseconds(1)),
+                    deadBefore: attempt.at.adding(.zero - self.protection.deadRetention), ofDelivery: deliveryID, logger: self.logger)
+            }
         }
     }
 
@@ -337,27 +366,23 @@ final class PostgresStore: SidecarStore, Service {
 
     private static let summarySelect = """
         SELECT d.id, e.event_id, e.type, d.service, d.status, d.attempts, d.next_attempt_at, d.last_status, d.last_error,
-        d.created_at, d.updated_at FROM kora_deliveries d JOIN kora_events e ON e.id = d.event_row
+        d.created_at, d.updated_at, e.verification_id FROM kora_deliveries d JOIN kora_events e ON e.id = d.event_row
         """
 
     private static func summary(_ row: PostgresRow) throws -> DeliverySummary {
-        let (id, eventID, type, service, statusText, attempts, nextAt, lastStatus, lastError, created, updated) = try row.decode(
-            (Int64, String, String, String, String, Int64, Int64, Int64?, String?, Int64, Int64).self)
+        let (id, eventID, type, service, statusText, attempts, nextAt, lastStatus, lastError, created, updated, verificationID) = try row.decode(
+            (Int64, String, String, String, String, Int64, Int64, Int64?, String?, Int64, Int64, String?).self)
         let status = DeliveryStatus(rawValue: statusText) ?? .pending
         return DeliverySummary(
             id: id, eventID: eventID, eventType: type, service: service, status: status, attempts: Int(attempts),
             nextAttemptAt: status == .pending ? UnixTime(milliseconds: nextAt) : nil, lastStatusCode: lastStatus.map(Int.init),
-            lastError: lastError, createdAt: UnixTime(milliseconds: created), updatedAt: UnixTime(milliseconds: updated))
+            lastError: lastError, createdAt: UnixTime(milliseconds: created), updatedAt: UnixTime(milliseconds: updated),
+            verificationID: verificationID)
     }
 
-    package func deliveries(status: DeliveryStatus?, limit: Int) async throws -> [DeliverySummary] {
-        let rows =
-            if let status {
-                try await rows("\(unescaped: Self.summarySelect) WHERE d.status = \(status.rawValue) ORDER BY d.id DESC LIMIT \(limit)")
-            } else {
-                try await rows("\(unescaped: Self.summarySelect) ORDER BY d.id DESC LIMIT \(limit)")
-            }
-        return try rows.map(Self.summary)
+    package func deliveries(_ query: DeliveryQuery) async throws -> [DeliverySummary] {
+        try await rows(Self.selecting(query.filter, prefix: Self.summarySelect, suffix: "ORDER BY d.id DESC LIMIT \(query.limit)", before: query.before))
+            .map(Self.summary)
     }
 
     package func delivery(id: Int64) async throws -> DeliveryDetail? {
@@ -370,51 +395,189 @@ final class PostgresStore: SidecarStore, Service {
                 attempt: Int(attempt), at: UnixTime(milliseconds: at), statusCode: statusCode.map(Int.init), error: error,
                 durationMilliseconds: Int(duration))
         }
-        return DeliveryDetail(summary: try Self.summary(row), attempts: attempts)
+        let event = try await rows(
+            "SELECT NULL, NULL, \(unescaped: Self.eventColumns) FROM kora_deliveries d JOIN kora_events e ON e.id = d.event_row WHERE d.id = \(id)"
+        ).first.map { try self.event($0, from: 2) }
+        let opened: Result<KoraEvent, BodyProblem> =
+            switch event {
+            case (let event, nil)?: .success(event)
+            case (_, let problem?)?: .failure(problem)
+            case nil: .failure(.erased)
+            }
+        return DeliveryDetail(summary: try Self.summary(row), attempts: attempts, event: opened)
+    }
+
+    private static let quarantineSelect = """
+        SELECT id, received_at, reason, body, headers, sealed, key_id, body_state, signature_verified FROM kora_quarantine
+        """
+
+    private func quarantined(_ row: PostgresRow) throws -> QuarantinedPayload {
+        let (id, receivedAt, reason, body, headers, sealed, keyID, state, verified) = try row.decode(
+            (Int64, Int64, String, ByteBuffer, String, ByteBuffer?, String?, String, Bool).self)
+        var payload = QuarantinedPayload(
+            id: id, receivedAt: UnixTime(milliseconds: receivedAt), reason: reason, body: [], headers: [:], signatureVerified: verified)
+        let columns = BodyColumns(
+            normalized: Array(buffer: body), original: [], headers: headers, sealed: sealed.map { Array(buffer: $0) }, keyID: keyID)
+        payload.bodyProblem = protection.open(columns, state: BodyState(rawValue: state) ?? .kept, into: &payload)
+        return payload
     }
 
     package func quarantined(limit: Int) async throws -> [QuarantinedPayload] {
-        try await rows(
-            "SELECT id, received_at, reason, body, headers, signature_verified FROM kora_quarantine ORDER BY id DESC LIMIT \(limit)"
-        ).map { row in
-            let (id, receivedAt, reason, body, headers, verified) = try row.decode((Int64, Int64, String, ByteBuffer, String, Bool).self)
-            return QuarantinedPayload(
-                id: id, receivedAt: UnixTime(milliseconds: receivedAt), reason: reason, body: Array(buffer: body),
-                headers: Dictionary(HeaderList.decode(headers), uniquingKeysWith: { $1 }), signatureVerified: verified)
-        }
+        try await rows("\(unescaped: Self.quarantineSelect) ORDER BY id DESC LIMIT \(limit)").map(quarantined)
     }
 
     package func requeue(id: Int64, at: UnixTime) async throws -> Bool {
         try await !rows(
             """
-            UPDATE kora_deliveries SET status = 'pending', next_attempt_at = \(at.milliseconds), lease_until = NULL,
+            UPDATE kora_deliveries d SET status = 'pending', next_attempt_at = \(at.milliseconds), lease_until = NULL,
                 updated_at = \(at.milliseconds)
-            WHERE id = \(id) AND status != 'delivered' RETURNING id
+            FROM kora_events e
+            WHERE d.id = \(id) AND d.status != 'delivered' AND e.id = d.event_row AND e.body_state = 'kept' RETURNING d.id
             """
         ).isEmpty
     }
 
-    package func requeue(_ filter: DeliveryFilter, at: UnixTime, dryRun: Bool) async throws -> Int {
+    package func requeue(_ filter: DeliveryFilter, at: UnixTime, dryRun: Bool) async throws -> RequeueCount {
         let select = "SELECT d.id FROM kora_deliveries d JOIN kora_events e ON e.id = d.event_row"
         let time = at.milliseconds
+        let gone = try await rows(
+            Self.selecting(filter, prefix: "SELECT COUNT(*) FROM kora_deliveries d JOIN kora_events e ON e.id = d.event_row", suffix: "AND e.body_state != 'kept'")
+        ).first?.decode(Int64.self) ?? 0
         let query =
             dryRun
-            ? Self.selecting(filter, prefix: select, suffix: "")
+            ? Self.selecting(filter, prefix: select, suffix: "AND e.body_state = 'kept'")
             : Self.selecting(
                 filter,
                 prefix: """
                     UPDATE kora_deliveries SET status = 'pending', next_attempt_at = \(time), lease_until = NULL, updated_at = \(time)
                     WHERE id IN (\(select)
                     """,
-                suffix: ") RETURNING id")
-        return try await rows(query).count
+                suffix: "AND e.body_state = 'kept') RETURNING id")
+        return RequeueCount(selected: try await rows(query).count, bodyGone: Int(gone))
+    }
+
+    package func expireBodies(deliveredBefore: UnixTime, deadBefore: UnixTime) async throws -> Int {
+        try await withConnection { connection in
+            try await Self.expireBodies(connection, deliveredBefore: deliveredBefore, deadBefore: deadBefore, ofDelivery: nil, logger: self.logger)
+        }
+    }
+
+    /// Deletes the bodies ``expireBodies(deliveredBefore:deadBefore:)`` selects, only of the event of `ofDelivery` if given.
+    private static func expireBodies(
+        _ connection: PostgresConnection, deliveredBefore: UnixTime, deadBefore: UnixTime, ofDelivery: Int64?, logger: Logger
+    ) async throws -> Int {
+        try await connection.query(
+            """
+            UPDATE kora_events e SET normalized = '', original = '', original_headers = '[]', sealed = NULL, key_id = NULL, body_state = 'expired'
+            WHERE e.body_state = 'kept' AND NOT e.unrouted
+              AND (\(ofDelivery)::bigint IS NULL OR e.id = (SELECT event_row FROM kora_deliveries WHERE id = \(ofDelivery)))
+              AND EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id)
+              AND NOT EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id AND (d.status = 'pending'
+                  OR (d.status = 'delivered' AND d.updated_at >= \(deliveredBefore.milliseconds))
+                  OR (d.status = 'dead' AND d.updated_at >= \(deadBefore.milliseconds))))
+            RETURNING e.id
+            """, logger: logger
+        ).collect().count
+    }
+
+    package func keptBodies() async throws -> [KeptBody] {
+        let events = try await rows("SELECT NULL, NULL, \(unescaped: Self.eventColumns) FROM kora_events e WHERE e.body_state = 'kept'")
+            .compactMap { row -> KeptBody? in
+                let (event, problem) = try self.event(row, from: 2)
+                return problem == nil ? KeptBody(owner: .event(verificationID: event.verificationID), body: event.normalizedBody) : nil
+            }
+        let quarantined = try await rows("\(unescaped: Self.quarantineSelect) WHERE body_state = 'kept'").map(quarantined)
+            .filter { $0.bodyProblem == nil }.map { KeptBody(owner: .quarantine($0.id), body: $0.body) }
+        return events + quarantined
+    }
+
+    package func erase(verificationIDs: [String], quarantineIDs: [Int64]) async throws -> ErasureReport {
+        try await inTransaction { connection in
+            var report = ErasureReport(verificationIDs: verificationIDs)
+            func count(_ query: PostgresQuery) async throws -> Int { try await connection.query(query, logger: self.logger).collect().count }
+            _ = try await count(
+                "DELETE FROM kora_attempts WHERE delivery_id IN (SELECT id FROM kora_deliveries WHERE event_row IN (SELECT id FROM kora_events WHERE verification_id = ANY(\(verificationIDs)::text[]))) RETURNING 1")
+            report.deliveries = try await count(
+                "DELETE FROM kora_deliveries WHERE event_row IN (SELECT id FROM kora_events WHERE verification_id = ANY(\(verificationIDs)::text[])) RETURNING 1")
+            report.events = try await count("DELETE FROM kora_events WHERE verification_id = ANY(\(verificationIDs)::text[]) RETURNING 1")
+            report.origins = try await count(
+                "DELETE FROM kora_verification_origins WHERE verification_id = ANY(\(verificationIDs)::text[]) RETURNING 1")
+            for id in verificationIDs {
+                // Kora's answer to a create names the verification it created.
+                report.idempotencyKeys += try await count(
+                    "DELETE FROM kora_idempotency_keys WHERE position(\(ByteBuffer(string: "\"\(id)\"")) in body) > 0 RETURNING 1")
+            }
+            report.quarantined = try await count("DELETE FROM kora_quarantine WHERE id = ANY(\(quarantineIDs)::bigint[]) RETURNING 1")
+            return report
+        }
+    }
+
+    package func reseal() async throws -> ResealReport {
+        guard let sealer = protection.sealer else { return ResealReport() }
+        let current = sealer.sealingKeyID
+        var report = ResealReport()
+        var after: Int64 = 0
+        // In batches, each its own transaction; FOR UPDATE keeps a replica's erasure or expiry from interleaving.
+        while true {
+            let from = after
+            let batch = try await inTransaction { connection in
+                let rows = try await connection.query(
+                    """
+                    SELECT e.id, NULL, \(unescaped: Self.eventColumns) FROM kora_events e
+                    WHERE e.id > \(from) AND e.body_state = 'kept' AND e.key_id IS DISTINCT FROM \(current) ORDER BY e.id LIMIT 200 FOR UPDATE
+                    """, logger: self.logger
+                ).collect()
+                var report = ResealReport()
+                var last: Int64?
+                for row in rows {
+                    let id = try row.makeRandomAccess()[0].decode(Int64.self)
+                    last = id
+                    let (event, problem) = try self.event(row, from: 2)
+                    guard problem == nil else {
+                        report.unreadable += 1
+                        continue
+                    }
+                    let body = self.protection.columns(for: event)
+                    try await connection.query(
+                        """
+                        UPDATE kora_events SET normalized = \(ByteBuffer(bytes: body.normalized)), original = \(ByteBuffer(bytes: body.original)),
+                            original_headers = \(body.headers), sealed = \(body.sealed.map { ByteBuffer(bytes: $0) }), key_id = \(body.keyID)
+                        WHERE id = \(id)
+                        """, logger: self.logger)
+                    report.resealed += 1
+                }
+                return (report, last)
+            }
+            report.resealed += batch.0.resealed
+            report.unreadable += batch.0.unreadable
+            guard let last = batch.1 else { break }
+            after = last
+        }
+        let quarantined = try await rows("\(unescaped: Self.quarantineSelect) WHERE body_state = 'kept' AND key_id IS DISTINCT FROM \(current)")
+            .map(quarantined)
+        for payload in quarantined {
+            guard payload.bodyProblem == nil else {
+                report.unreadable += 1
+                continue
+            }
+            let body = protection.columns(for: payload)
+            _ = try await rows(
+                """
+                UPDATE kora_quarantine SET body = \(ByteBuffer(bytes: body.normalized)), headers = \(body.headers),
+                    sealed = \(body.sealed.map { ByteBuffer(bytes: $0) }), key_id = \(body.keyID)
+                WHERE id = \(payload.id)
+                """)
+            report.resealed += 1
+        }
+        return report
     }
 
     /// `prefix WHERE <filter> suffix`: each condition holds or its parameter is NULL, every value bound.
-    private static func selecting(_ filter: DeliveryFilter, prefix: String, suffix: String) -> PostgresQuery {
+    private static func selecting(_ filter: DeliveryFilter, prefix: String, suffix: String, before: Int64? = nil) -> PostgresQuery {
         """
         \(unescaped: prefix)
-        WHERE d.status = ANY(\(filter.statuses.map(\.rawValue))::text[])
+        WHERE (cardinality(\(filter.statuses.map(\.rawValue))::text[]) = 0 OR d.status = ANY(\(filter.statuses.map(\.rawValue))::text[]))
+          AND (\(before)::bigint IS NULL OR d.id < \(before))
           AND (\(filter.service)::text IS NULL OR d.service = \(filter.service))
           AND (\(filter.eventType)::text IS NULL OR e.type = \(filter.eventType))
           AND (\(filter.verificationID)::text IS NULL OR e.verification_id = \(filter.verificationID))

@@ -4,6 +4,7 @@ import KoraSidecarCore
 /// disk before the caller continues; pure reads go to a reader connection and see the last commit.
 final class SQLiteStore: SidecarStore {
     private let database: SQLiteDatabase
+    private let protection: DataProtection
 
     /// The schema, one entry per version; a new version is appended, never edited.
     static let migrations = [
@@ -49,11 +50,22 @@ final class SQLiteStore: SidecarStore {
             PRIMARY KEY(service, key)) WITHOUT ROWID;
         CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at);
         """,
+        // Bodies sealed (AES-256-GCM, `key_id` names the key), deleted after their retention or on erasure.
+        """
+        ALTER TABLE events ADD COLUMN sealed BLOB;
+        ALTER TABLE events ADD COLUMN key_id TEXT;
+        ALTER TABLE events ADD COLUMN body_state TEXT NOT NULL DEFAULT 'kept';
+        ALTER TABLE quarantine ADD COLUMN sealed BLOB;
+        ALTER TABLE quarantine ADD COLUMN key_id TEXT;
+        ALTER TABLE quarantine ADD COLUMN body_state TEXT NOT NULL DEFAULT 'kept';
+        CREATE INDEX events_kept ON events(id) WHERE body_state = 'kept';
+        """,
     ]
 
-    /// Opens (creating when needed) the store at `path`.
-    init(path: String) throws {
+    /// Opens (creating when needed) the store at `path`, sealing and keeping bodies as `protection` says.
+    init(path: String, protection: DataProtection) throws {
         database = try SQLiteDatabase(path: path, migrations: Self.migrations)
+        self.protection = protection
     }
 
     /// Waits for queued writes and closes the file.
@@ -83,14 +95,16 @@ final class SQLiteStore: SidecarStore {
         try await database.write { db in
             for key in event.dedupKeys where try Self.seen(db, key, since: dedupSince) { return .duplicate }
             for key in event.dedupKeys { try Self.remember(db, key, at) }
+            let body = self.protection.columns(for: event)
             try db.query(
                 """
-                INSERT INTO events(event_id, type, verification_id, normalized, original, original_headers, signature_verified, received_at, unrouted)
-                VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)
+                INSERT INTO events(event_id, type, verification_id, normalized, original, original_headers, sealed, key_id,
+                                   signature_verified, received_at, unrouted)
+                VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 """,
                 [
-                    .text(event.id), .text(event.type), .optional(event.verificationID), .blob(event.normalizedBody),
-                    .blob(event.originalBody), .text(HeaderList.encode(event.originalHeaders)),
+                    .text(event.id), .text(event.type), .optional(event.verificationID), .blob(body.normalized),
+                    .blob(body.original), .text(body.headers), body.sealed.map(SQLiteValue.blob) ?? .null, .optional(body.keyID),
                     .integer(event.signatureVerified ? 1 : 0), .integer(at.milliseconds), .integer(services.isEmpty ? 1 : 0),
                 ])
             try Self.insertDeliveries(db, eventRow: db.lastInsertRowID, services: services, at: at)
@@ -142,13 +156,13 @@ final class SQLiteStore: SidecarStore {
     }
 
     package func quarantine(_ payload: QuarantinedPayload) async throws {
+        let body = protection.columns(for: payload)
         try await database.write { db in
             try db.query(
-                "INSERT INTO quarantine(received_at, reason, body, headers, signature_verified) VALUES(?, ?, ?, ?, ?)",
+                "INSERT INTO quarantine(received_at, reason, body, headers, sealed, key_id, signature_verified) VALUES(?, ?, ?, ?, ?, ?, ?)",
                 [
-                    .integer(payload.receivedAt.milliseconds), .text(payload.reason), .blob(payload.body),
-                    .text(HeaderList.encode(payload.headers.sorted { $0.key < $1.key }.map { ($0.key, $0.value) })),
-                    .integer(payload.signatureVerified ? 1 : 0),
+                    .integer(payload.receivedAt.milliseconds), .text(payload.reason), .blob(body.normalized), .text(body.headers),
+                    body.sealed.map(SQLiteValue.blob) ?? .null, .optional(body.keyID), .integer(payload.signatureVerified ? 1 : 0),
                 ])
         }
     }
@@ -168,19 +182,19 @@ final class SQLiteStore: SidecarStore {
     }
 
     package func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration, ordered: Bool) async throws -> [DeliveryJob] {
-        try await database.write { db in try Self.claimDue(db, service: service, now: now, limit: limit, lease: lease, ordered: ordered) }
+        try await database.write { db in try self.claimDue(db, service: service, now: now, limit: limit, lease: lease, ordered: ordered) }
     }
 
     package func finish(deliveryID: Int64, attempt: AttemptRecord, next: NextStep) async throws {
-        try await database.write { db in try Self.finish(db, deliveryID: deliveryID, attempt: attempt, next: next) }
+        try await database.write { db in try self.finish(db, deliveryID: deliveryID, attempt: attempt, next: next) }
     }
 
     func finishAndClaimNext(
         deliveryID: Int64, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration, ordered: Bool
     ) async throws -> DeliveryJob? {
         try await database.write { db in
-            try Self.finish(db, deliveryID: deliveryID, attempt: attempt, next: next)
-            return try Self.claimDue(db, service: service, now: now, limit: 1, lease: lease, ordered: ordered).first
+            try self.finish(db, deliveryID: deliveryID, attempt: attempt, next: next)
+            return try self.claimDue(db, service: service, now: now, limit: 1, lease: lease, ordered: ordered).first
         }
     }
 
@@ -197,31 +211,45 @@ final class SQLiteStore: SidecarStore {
             """
     }
 
-    private static func claimDue(
+    /// The event columns ``event(_:from:)`` reads, from `e`.
+    private static let eventColumns = """
+        e.event_id, e.type, e.verification_id, e.normalized, e.original, e.original_headers, e.sealed, e.key_id,
+        e.body_state, e.signature_verified
+        """
+
+    /// The event in `row` from column `first` on (``eventColumns``), its body opened.
+    private func event(_ row: SQLiteRow, from first: Int) -> (KoraEvent, BodyProblem?) {
+        var event = KoraEvent(
+            id: row.string(first), type: row.string(first + 1), verificationID: row.optionalString(first + 2), normalizedBody: [],
+            originalBody: [], originalHeaders: [], signatureVerified: row.int(first + 9) != 0)
+        let columns = BodyColumns(
+            normalized: row.bytes(first + 3), original: row.bytes(first + 4), headers: row.string(first + 5),
+            sealed: row.optionalBytes(first + 6), keyID: row.optionalString(first + 7))
+        let problem = protection.open(columns, state: BodyState(rawValue: row.string(first + 8)) ?? .kept, into: &event)
+        return (event, problem)
+    }
+
+    private func claimDue(
         _ db: SQLiteConnection, service: String, now: UnixTime, limit: Int, lease: Duration, ordered: Bool
     ) throws -> [DeliveryJob] {
         let rows = try db.query(
             """
-            SELECT d.id, d.attempts, e.event_id, e.type, e.verification_id, e.normalized, e.original,
-                   e.original_headers, e.signature_verified
+            SELECT d.id, d.attempts, \(Self.eventColumns)
             FROM deliveries d JOIN events e ON e.id = d.event_row
             WHERE d.service = ? AND d.status = 'pending' AND d.next_attempt_at <= ?
-              AND (d.lease_until IS NULL OR d.lease_until <= ?)\(inOrder(ordered))
+              AND (d.lease_until IS NULL OR d.lease_until <= ?)\(Self.inOrder(ordered))
             ORDER BY d.next_attempt_at, d.id LIMIT ?
             """,
             [.text(service), .integer(now.milliseconds), .integer(now.milliseconds), .int(limit)])
         let leaseUntil = now.adding(lease).milliseconds
         return try rows.map { row in
             try db.query("UPDATE deliveries SET lease_until = ? WHERE id = ?", [.integer(leaseUntil), .integer(row.int(0))])
-            let event = KoraEvent(
-                id: row.string(2), type: row.string(3), verificationID: row.optionalString(4),
-                normalizedBody: row.bytes(5), originalBody: row.bytes(6),
-                originalHeaders: HeaderList.decode(row.string(7)), signatureVerified: row.int(8) != 0)
-            return DeliveryJob(deliveryID: row.int(0), service: service, attempt: Int(row.int(1)) + 1, event: event)
+            let (event, problem) = event(row, from: 2)
+            return DeliveryJob(deliveryID: row.int(0), service: service, attempt: Int(row.int(1)) + 1, event: event, bodyProblem: problem)
         }
     }
 
-    private static func finish(_ db: SQLiteConnection, deliveryID: Int64, attempt: AttemptRecord, next: NextStep) throws {
+    private func finish(_ db: SQLiteConnection, deliveryID: Int64, attempt: AttemptRecord, next: NextStep) throws {
         try db.query(
             "INSERT OR REPLACE INTO attempts(delivery_id, attempt, at, status_code, error, duration_ms) VALUES(?, ?, ?, ?, ?, ?)",
             [
@@ -241,6 +269,11 @@ final class SQLiteStore: SidecarStore {
                 attempt.statusCode.map(SQLiteValue.int) ?? .null, .optional(attempt.error),
                 .integer(attempt.at.milliseconds), .integer(deliveryID),
             ])
+        // `payloadRetention` 0: the body goes as soon as its event's last delivery was delivered.
+        if next == .delivered, protection.payloadRetention == .zero {
+            try Self.expireBodies(db, deliveredBefore: attempt.at.adding(.milliseconds(1)), deadBefore: attempt.at.adding(.zero - protection.deadRetention),
+                only: "(SELECT event_row FROM deliveries WHERE id = \(deliveryID))")
+        }
     }
 
     package func nextDueTime(service: String, ordered: Bool) async throws -> UnixTime? {
@@ -261,7 +294,7 @@ final class SQLiteStore: SidecarStore {
 
     private static let summaryColumns = """
         d.id, e.event_id, e.type, d.service, d.status, d.attempts, d.next_attempt_at, d.last_status, d.last_error,
-        d.created_at, d.updated_at FROM deliveries d JOIN events e ON e.id = d.event_row
+        d.created_at, d.updated_at, e.verification_id FROM deliveries d JOIN events e ON e.id = d.event_row
         """
 
     private static func summary(_ row: SQLiteRow) -> DeliverySummary {
@@ -270,19 +303,34 @@ final class SQLiteStore: SidecarStore {
             id: row.int(0), eventID: row.string(1), eventType: row.string(2), service: row.string(3), status: status,
             attempts: Int(row.int(5)), nextAttemptAt: status == .pending ? UnixTime(milliseconds: row.int(6)) : nil,
             lastStatusCode: row.optionalInt(7).map(Int.init), lastError: row.optionalString(8),
-            createdAt: UnixTime(milliseconds: row.int(9)), updatedAt: UnixTime(milliseconds: row.int(10)))
+            createdAt: UnixTime(milliseconds: row.int(9)), updatedAt: UnixTime(milliseconds: row.int(10)),
+            verificationID: row.optionalString(11))
     }
 
-    package func deliveries(status: DeliveryStatus?, limit: Int) async throws -> [DeliverySummary] {
-        try await database.read { db in
-            let rows =
-                if let status {
-                    try db.query("SELECT \(Self.summaryColumns) WHERE d.status = ? ORDER BY d.id DESC LIMIT ?", [.text(status.rawValue), .int(limit)])
-                } else {
-                    try db.query("SELECT \(Self.summaryColumns) ORDER BY d.id DESC LIMIT ?", [.int(limit)])
-                }
-            return rows.map(Self.summary)
+    package func deliveries(_ query: DeliveryQuery) async throws -> [DeliverySummary] {
+        let (conditions, values) = Self.conditions(query.filter, before: query.before)
+        return try await database.read { db in
+            try db.query("SELECT \(Self.summaryColumns) WHERE \(conditions) ORDER BY d.id DESC LIMIT ?", values + [.int(query.limit)])
+                .map(Self.summary)
         }
+    }
+
+    /// The SQL conditions of `filter` on `d` and `e`, and their values.
+    private static func conditions(_ filter: DeliveryFilter, before: Int64? = nil) -> (String, [SQLiteValue]) {
+        var conditions = filter.statuses.isEmpty ? ["1"] : ["d.status IN (\(filter.statuses.map { _ in "?" }.joined(separator: ", ")))"]
+        var values: [SQLiteValue] = filter.statuses.map { .text($0.rawValue) }
+        for (condition, value) in [
+            ("d.service = ?", filter.service.map(SQLiteValue.text)), ("e.type = ?", filter.eventType.map(SQLiteValue.text)),
+            ("e.verification_id = ?", filter.verificationID.map(SQLiteValue.text)), ("e.event_id = ?", filter.eventID.map(SQLiteValue.text)),
+            ("d.created_at >= ?", filter.since.map { SQLiteValue.integer($0.milliseconds) }),
+            ("d.created_at < ?", filter.until.map { SQLiteValue.integer($0.milliseconds) }),
+            ("d.id < ?", before.map(SQLiteValue.integer)),
+        ] {
+            guard let value else { continue }
+            conditions.append(condition)
+            values.append(value)
+        }
+        return (conditions.joined(separator: " AND "), values)
     }
 
     package func delivery(id: Int64) async throws -> DeliveryDetail? {
@@ -296,56 +344,178 @@ final class SQLiteStore: SidecarStore {
                     attempt: Int(row.int(0)), at: UnixTime(milliseconds: row.int(1)), statusCode: row.optionalInt(2).map(Int.init),
                     error: row.optionalString(3), durationMilliseconds: Int(row.int(4)))
             }
-            return DeliveryDetail(summary: Self.summary(row), attempts: attempts)
+            let eventRow = try db.query(
+                "SELECT \(Self.eventColumns) FROM deliveries d JOIN events e ON e.id = d.event_row WHERE d.id = ?", [.integer(id)])
+            let (event, problem) = self.event(eventRow[0], from: 0)
+            return DeliveryDetail(summary: Self.summary(row), attempts: attempts, event: problem.map { .failure($0) } ?? .success(event))
         }
     }
 
     package func quarantined(limit: Int) async throws -> [QuarantinedPayload] {
         try await database.read { db in
             try db.query(
-                "SELECT id, received_at, reason, body, headers, signature_verified FROM quarantine ORDER BY id DESC LIMIT ?", [.int(limit)]
-            ).map { row in
-                QuarantinedPayload(
-                    id: row.int(0), receivedAt: UnixTime(milliseconds: row.int(1)), reason: row.string(2), body: row.bytes(3),
-                    headers: Dictionary(HeaderList.decode(row.string(4)), uniquingKeysWith: { $1 }),
-                    signatureVerified: row.int(5) != 0)
-            }
+                """
+                SELECT id, received_at, reason, body, headers, sealed, key_id, body_state, signature_verified FROM quarantine
+                ORDER BY id DESC LIMIT ?
+                """, [.int(limit)]
+            ).map(self.quarantined)
         }
+    }
+
+    private func quarantined(_ row: SQLiteRow) -> QuarantinedPayload {
+        var payload = QuarantinedPayload(
+            id: row.int(0), receivedAt: UnixTime(milliseconds: row.int(1)), reason: row.string(2), body: [], headers: [:],
+            signatureVerified: row.int(8) != 0)
+        let columns = BodyColumns(
+            normalized: row.bytes(3), original: [], headers: row.string(4), sealed: row.optionalBytes(5), keyID: row.optionalString(6))
+        payload.bodyProblem = protection.open(columns, state: BodyState(rawValue: row.string(7)) ?? .kept, into: &payload)
+        return payload
     }
 
     package func requeue(id: Int64, at: UnixTime) async throws -> Bool {
         try await database.write { db in
             try db.query(
-                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, lease_until = NULL, updated_at = ? WHERE id = ? AND status != 'delivered'",
+                """
+                UPDATE deliveries SET status = 'pending', next_attempt_at = ?, lease_until = NULL, updated_at = ?
+                WHERE id = ? AND status != 'delivered' AND (SELECT body_state FROM events WHERE id = deliveries.event_row) = 'kept'
+                """,
                 [.integer(at.milliseconds), .integer(at.milliseconds), .integer(id)])
             return db.changes > 0
         }
     }
 
-    package func requeue(_ filter: DeliveryFilter, at: UnixTime, dryRun: Bool) async throws -> Int {
-        var conditions = ["d.status IN (\(filter.statuses.map { _ in "?" }.joined(separator: ", ")))"]
-        var values: [SQLiteValue] = filter.statuses.map { .text($0.rawValue) }
-        for (condition, value) in [
-            ("d.service = ?", filter.service.map(SQLiteValue.text)), ("e.type = ?", filter.eventType.map(SQLiteValue.text)),
-            ("e.verification_id = ?", filter.verificationID.map(SQLiteValue.text)), ("e.event_id = ?", filter.eventID.map(SQLiteValue.text)),
-            ("d.created_at >= ?", filter.since.map { SQLiteValue.integer($0.milliseconds) }),
-            ("d.created_at < ?", filter.until.map { SQLiteValue.integer($0.milliseconds) }),
-        ] {
-            guard let value else { continue }
-            conditions.append(condition)
-            values.append(value)
-        }
-        let selection = "SELECT d.id FROM deliveries d JOIN events e ON e.id = d.event_row WHERE " + conditions.joined(separator: " AND ")
-        let bound = values
+    package func requeue(_ filter: DeliveryFilter, at: UnixTime, dryRun: Bool) async throws -> RequeueCount {
+        let (conditions, values) = Self.conditions(filter)
+        let selection = "SELECT d.id FROM deliveries d JOIN events e ON e.id = d.event_row WHERE \(conditions) AND e.body_state = 'kept'"
+        let gone = "SELECT COUNT(*) FROM deliveries d JOIN events e ON e.id = d.event_row WHERE \(conditions) AND e.body_state != 'kept'"
         if dryRun {
-            return try await database.read { db in try db.query(selection, bound).count }
+            return try await database.read { db in
+                RequeueCount(selected: try db.query(selection, values).count, bodyGone: Int(try db.query(gone, values).first?.int(0) ?? 0))
+            }
         }
         return try await database.write { db in
+            let bodyGone = Int(try db.query(gone, values).first?.int(0) ?? 0)
             try db.query(
                 "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, lease_until = NULL, updated_at = ? WHERE id IN (\(selection))",
-                [.integer(at.milliseconds), .integer(at.milliseconds)] + bound)
-            return db.changes
+                [.integer(at.milliseconds), .integer(at.milliseconds)] + values)
+            return RequeueCount(selected: db.changes, bodyGone: bodyGone)
         }
+    }
+
+    package func expireBodies(deliveredBefore: UnixTime, deadBefore: UnixTime) async throws -> Int {
+        try await database.write { db in try Self.expireBodies(db, deliveredBefore: deliveredBefore, deadBefore: deadBefore, only: nil) }
+    }
+
+    /// Deletes the bodies ``expireBodies(deliveredBefore:deadBefore:)`` selects, of the event row `only` selects if given.
+    private static func expireBodies(_ db: SQLiteConnection, deliveredBefore: UnixTime, deadBefore: UnixTime, only: String?) throws -> Int {
+        try db.query(
+            """
+            UPDATE events SET normalized = x'', original = x'', original_headers = '[]', sealed = NULL, key_id = NULL, body_state = 'expired'
+            WHERE body_state = 'kept' AND unrouted = 0\(only.map { " AND id = \($0)" } ?? "")
+              AND EXISTS (SELECT 1 FROM deliveries d WHERE d.event_row = events.id)
+              AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_row = events.id AND (d.status = 'pending'
+                  OR (d.status = 'delivered' AND d.updated_at >= ?) OR (d.status = 'dead' AND d.updated_at >= ?)))
+            """, [.integer(deliveredBefore.milliseconds), .integer(deadBefore.milliseconds)])
+        return db.changes
+    }
+
+    package func keptBodies() async throws -> [KeptBody] {
+        try await database.read { db in
+            let events = try db.query("SELECT NULL, NULL, \(Self.eventColumns) FROM events e WHERE e.body_state = 'kept'").compactMap { row in
+                let (event, problem) = self.event(row, from: 2)
+                return problem == nil ? KeptBody(owner: .event(verificationID: event.verificationID), body: event.normalizedBody) : nil
+            }
+            let quarantined = try db.query(
+                """
+                SELECT id, received_at, reason, body, headers, sealed, key_id, body_state, signature_verified FROM quarantine
+                WHERE body_state = 'kept'
+                """
+            ).map(self.quarantined).filter { $0.bodyProblem == nil }.map { KeptBody(owner: .quarantine($0.id), body: $0.body) }
+            return events + quarantined
+        }
+    }
+
+    package func erase(verificationIDs: [String], quarantineIDs: [Int64]) async throws -> ErasureReport {
+        try await database.write { db in
+            var report = ErasureReport(verificationIDs: verificationIDs)
+            for id in verificationIDs {
+                let rows = "SELECT id FROM events WHERE verification_id = ?"
+                try db.query("DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_row IN (\(rows)))", [.text(id)])
+                try db.query("DELETE FROM deliveries WHERE event_row IN (\(rows))", [.text(id)])
+                report.deliveries += db.changes
+                try db.query("DELETE FROM events WHERE verification_id = ?", [.text(id)])
+                report.events += db.changes
+                try db.query("DELETE FROM verification_origins WHERE verification_id = ?", [.text(id)])
+                report.origins += db.changes
+                // Kora's answer to a create names the verification it created.
+                try db.query("DELETE FROM idempotency_keys WHERE instr(body, ?) > 0", [.blob(Array("\"\(id)\"".utf8))])
+                report.idempotencyKeys += db.changes
+            }
+            for id in quarantineIDs {
+                try db.query("DELETE FROM quarantine WHERE id = ?", [.integer(id)])
+                report.quarantined += db.changes
+            }
+            return report
+        }
+    }
+
+    package func reseal() async throws -> ResealReport {
+        guard let sealer = protection.sealer else { return ResealReport() }
+        let current = sealer.sealingKeyID
+        var report = ResealReport()
+        var after: Int64 = 0
+        // In batches, each its own transaction, so that serve's writes interleave.
+        while true {
+            let from = after
+            let batch = try await database.write { db in
+                let rows = try db.query(
+                    "SELECT e.id, \(Self.eventColumns) FROM events e WHERE e.id > ? AND e.body_state = 'kept' AND e.key_id IS NOT ? ORDER BY e.id LIMIT 200",
+                    [.integer(from), .text(current)])
+                var report = ResealReport()
+                for row in rows {
+                    let (event, problem) = self.event(row, from: 1)
+                    guard problem == nil else {
+                        report.unreadable += 1
+                        continue
+                    }
+                    let body = self.protection.columns(for: event)
+                    try db.query(
+                        "UPDATE events SET normalized = ?, original = ?, original_headers = ?, sealed = ?, key_id = ? WHERE id = ?",
+                        [.blob(body.normalized), .blob(body.original), .text(body.headers), body.sealed.map(SQLiteValue.blob) ?? .null,
+                         .optional(body.keyID), .integer(row.int(0))])
+                    report.resealed += 1
+                }
+                return (report, rows.last?.int(0))
+            }
+            report.resealed += batch.0.resealed
+            report.unreadable += batch.0.unreadable
+            guard let last = batch.1 else { break }
+            after = last
+        }
+        let quarantined = try await database.write { db in
+            var report = ResealReport()
+            let rows = try db.query(
+                """
+                SELECT id, received_at, reason, body, headers, sealed, key_id, body_state, signature_verified FROM quarantine
+                WHERE body_state = 'kept' AND key_id IS NOT ?
+                """, [.text(current)])
+            for payload in rows.map(self.quarantined) {
+                guard payload.bodyProblem == nil else {
+                    report.unreadable += 1
+                    continue
+                }
+                let body = self.protection.columns(for: payload)
+                try db.query(
+                    "UPDATE quarantine SET body = ?, headers = ?, sealed = ?, key_id = ? WHERE id = ?",
+                    [.blob(body.normalized), .text(body.headers), body.sealed.map(SQLiteValue.blob) ?? .null, .optional(body.keyID),
+                     .integer(payload.id)])
+                report.resealed += 1
+            }
+            return report
+        }
+        report.resealed += quarantined.resealed
+        report.unreadable += quarantined.unreadable
+        return report
     }
 
     package func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult {

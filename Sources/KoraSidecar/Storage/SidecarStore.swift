@@ -39,9 +39,9 @@ package protocol SidecarStore: Sendable {
     /// Ends every lease: at start-up of a store that only this process uses.
     func releaseLeases() async throws
 
-    /// Deliveries, newest first, optionally of one status.
-    func deliveries(status: DeliveryStatus?, limit: Int) async throws -> [DeliverySummary]
-    /// One delivery with its attempt history.
+    /// Deliveries that `query` selects, newest first.
+    func deliveries(_ query: DeliveryQuery) async throws -> [DeliverySummary]
+    /// One delivery with its attempt history and its event's body, opened.
     func delivery(id: Int64) async throws -> DeliveryDetail?
     /// Quarantined payloads, newest first.
     func quarantined(limit: Int) async throws -> [QuarantinedPayload]
@@ -53,15 +53,29 @@ package protocol SidecarStore: Sendable {
     /// unrouted state, in one transaction; an event with no service, or no longer unrouted (another
     /// process routed it), is left as it is. Returns the deliveries created.
     func route(_ assignments: [(eventRow: Int64, services: [String])], at: UnixTime) async throws -> Int
-    /// Makes a dead (or pending) delivery due at `at` again; false when there is no such delivery
-    /// or it was delivered.
+    /// Makes a dead (or pending) delivery due at `at` again; false when there is no such delivery,
+    /// it was delivered, or its event's body is gone.
     func requeue(id: Int64, at: UnixTime) async throws -> Bool
-    /// Makes every delivery `filter` selects due at `at` again (its next attempt keeps the event's
-    /// id and counts on); with `dryRun`, changes nothing. Returns how many it selects.
-    func requeue(_ filter: DeliveryFilter, at: UnixTime, dryRun: Bool) async throws -> Int
+    /// Makes every delivery `filter` selects whose event still has its body due at `at` again (its
+    /// next attempt keeps the event's id and counts on); with `dryRun`, changes nothing. Returns
+    /// how many it selects, and how many it left because their body is gone.
+    func requeue(_ filter: DeliveryFilter, at: UnixTime, dryRun: Bool) async throws -> RequeueCount
     /// Deletes delivered deliveries (and their events once no delivery needs them) finished before
     /// `deliveredBefore`, and de-duplication ids seen before `seenBefore`.
     func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult
+    /// Deletes the bodies of events none of whose deliveries is pending, once their last delivery
+    /// ended before `deliveredBefore` (all delivered) or `deadBefore` (some dead); their metadata
+    /// stays. Returns how many bodies it deleted.
+    func expireBodies(deliveredBefore: UnixTime, deadBefore: UnixTime) async throws -> Int
+    /// Every body still kept, opened (an operator's search for what to erase).
+    func keptBodies() async throws -> [KeptBody]
+    /// In one transaction, deletes everything stored about `verificationIDs` (events and their
+    /// deliveries and attempts, origin records, idempotency records whose answer names one) and
+    /// the quarantined payloads `quarantineIDs`. De-duplication ids stay, so that Kora's retry of
+    /// an erased event is not stored again.
+    func erase(verificationIDs: [String], quarantineIDs: [Int64]) async throws -> ErasureReport
+    /// Seals again, with the first key, every kept body sealed under another key (or none).
+    func reseal() async throws -> ResealReport
     /// Outbox depth by service and status, with the age of the oldest pending delivery.
     func depth() async throws -> [OutboxDepth]
     /// The `Idempotency-Key` record of `service`'s `key`, if any.
@@ -98,12 +112,15 @@ package struct DeliveryJob: Sendable {
     /// The number of this attempt, from 1.
     package var attempt: Int
     package var event: KoraEvent
+    /// Why the event's body could not be read; such a job is not sent.
+    package var bodyProblem: BodyProblem?
 
-    package init(deliveryID: Int64, service: String, attempt: Int, event: KoraEvent) {
+    package init(deliveryID: Int64, service: String, attempt: Int, event: KoraEvent, bodyProblem: BodyProblem? = nil) {
         self.deliveryID = deliveryID
         self.service = service
         self.attempt = attempt
         self.event = event
+        self.bodyProblem = bodyProblem
     }
 }
 
@@ -157,8 +174,12 @@ package struct DeliverySummary: Sendable, Equatable {
     package var lastError: String?
     package var createdAt: UnixTime
     package var updatedAt: UnixTime
+    package var verificationID: String?
 
-    package init(id: Int64, eventID: String, eventType: String, service: String, status: DeliveryStatus, attempts: Int, nextAttemptAt: UnixTime?, lastStatusCode: Int?, lastError: String?, createdAt: UnixTime, updatedAt: UnixTime) {
+    package init(
+        id: Int64, eventID: String, eventType: String, service: String, status: DeliveryStatus, attempts: Int, nextAttemptAt: UnixTime?,
+        lastStatusCode: Int?, lastError: String?, createdAt: UnixTime, updatedAt: UnixTime, verificationID: String? = nil
+    ) {
         self.id = id
         self.eventID = eventID
         self.eventType = eventType
@@ -170,18 +191,86 @@ package struct DeliverySummary: Sendable, Equatable {
         self.lastError = lastError
         self.createdAt = createdAt
         self.updatedAt = updatedAt
+        self.verificationID = verificationID
     }
 }
 
-/// One delivery with every attempt.
+/// One delivery with every attempt, and its event's body when the store still has it.
 package struct DeliveryDetail: Sendable, Equatable {
     package var summary: DeliverySummary
     package var attempts: [AttemptRecord]
+    /// The event, or why its body is gone.
+    package var event: Result<KoraEvent, BodyProblem>
 
-    package init(summary: DeliverySummary, attempts: [AttemptRecord]) {
+    package init(summary: DeliverySummary, attempts: [AttemptRecord], event: Result<KoraEvent, BodyProblem>) {
         self.summary = summary
         self.attempts = attempts
+        self.event = event
     }
+}
+
+/// Which deliveries an operator lists: `filter` (no status: every status), older than the
+/// delivery `before` (paging), at most `limit`.
+package struct DeliveryQuery: Sendable, Equatable {
+    package var filter: DeliveryFilter
+    package var before: Int64?
+    package var limit: Int
+
+    package init(filter: DeliveryFilter = DeliveryFilter(statuses: []), before: Int64? = nil, limit: Int) {
+        self.filter = filter
+        self.before = before
+        self.limit = limit
+    }
+}
+
+/// What a bulk requeue selected, and what it left because the body is gone.
+package struct RequeueCount: Sendable, Equatable {
+    package var selected: Int
+    package var bodyGone: Int
+
+    package init(selected: Int, bodyGone: Int) {
+        self.selected = selected
+        self.bodyGone = bodyGone
+    }
+}
+
+/// A body the store still keeps, opened, and what it belongs to.
+package struct KeptBody: Sendable {
+    package enum Owner: Sendable, Equatable {
+        /// An event (its normalised body), about a verification or none.
+        case event(verificationID: String?)
+        /// A quarantined payload, by its row.
+        case quarantine(Int64)
+    }
+
+    package var owner: Owner
+    package var body: [UInt8]
+
+    package init(owner: Owner, body: [UInt8]) {
+        self.owner = owner
+        self.body = body
+    }
+}
+
+/// What an erasure removed.
+package struct ErasureReport: Sendable, Equatable {
+    package var verificationIDs: [String]
+    package var events = 0
+    package var deliveries = 0
+    package var quarantined = 0
+    package var origins = 0
+    package var idempotencyKeys = 0
+
+    package init(verificationIDs: [String]) { self.verificationIDs = verificationIDs }
+}
+
+/// What re-sealing did.
+package struct ResealReport: Sendable, Equatable {
+    package var resealed = 0
+    /// Bodies that no configured key opens: left as they are.
+    package var unreadable = 0
+
+    package init() {}
 }
 
 /// A signed payload that could not be normalised.
@@ -193,6 +282,8 @@ package struct QuarantinedPayload: Sendable, Equatable {
     /// Kora's signature and id headers as received.
     package var headers: [String: String]
     package var signatureVerified: Bool
+    /// Why the body and headers are not there (erased, or sealed under a key that is not configured).
+    package var bodyProblem: BodyProblem?
 
     package init(id: Int64 = 0, receivedAt: UnixTime, reason: String, body: [UInt8], headers: [String: String], signatureVerified: Bool) {
         self.id = id
@@ -255,9 +346,9 @@ package struct IdempotencyRecord: Sendable, Equatable {
     }
 }
 
-/// Which deliveries an operator re-queues: every given condition holds.
+/// Which deliveries an operator lists or re-queues: every given condition holds.
 package struct DeliveryFilter: Sendable, Equatable {
-    /// The statuses selected (never empty).
+    /// The statuses selected (a listing selects every status when empty; a requeue names them).
     package var statuses: [DeliveryStatus]
     package var service: String?
     package var eventType: String?
@@ -343,6 +434,11 @@ extension SidecarStore {
     ) async throws -> DeliveryJob? {
         try await finish(deliveryID: deliveryID, attempt: attempt, next: next)
         return try await claimDue(service: service, now: now, limit: 1, lease: lease, ordered: ordered).first
+    }
+
+    /// The newest `limit` deliveries, optionally of one status.
+    package func deliveries(status: DeliveryStatus?, limit: Int) async throws -> [DeliverySummary] {
+        try await deliveries(DeliveryQuery(filter: DeliveryFilter(statuses: status.map { [$0] } ?? []), limit: limit))
     }
 
     /// ``claimDue(service:now:limit:lease:ordered:)`` in due order alone.

@@ -9,10 +9,10 @@ extension StorageConfiguration {
     /// - Throws: ``StartupError`` naming the key when the store cannot be opened.
     package func open(logger: Logger) throws -> (store: any SidecarStore, service: any Service) {
         if let url = postgresURL {
-            let store = try openPostgres(url, logger: logger.with("component", "store"))
+            let store = try openPostgres(url, logger: logger.with("component", "store"), protection: try protection(creatingKeyFile: nil))
             return (store, store)
         }
-        let sqlite = try openSQLite()
+        let sqlite = try openSQLite(protection: try protection(creatingKeyFile: logger))
         // Closing waits for queued writes: it runs on a thread of its own, not the cooperative pool.
         let close = CloseOnShutdown {
             await withCheckedContinuation { done in
@@ -34,35 +34,94 @@ extension StorageConfiguration {
                     "The store \(sqlitePath) (storage.sqlitePath) does not exist: run the command where serve runs, "
                         + "or give --config with serve's configuration.")
             }
-            let sqlite = try openSQLite()
+            let sqlite = try openSQLite(protection: try protection(creatingKeyFile: nil))
             defer { sqlite.close() }
             return try await body(sqlite)
         }
         do {
-            return try await openPostgres(url, logger: logger).whileRunning(body)
+            return try await openPostgres(url, logger: logger, protection: try protection(creatingKeyFile: nil)).whileRunning(body)
         } catch let error as PostgresStoreError {
             throw StartupError("The store (storage.postgresURL) cannot be reached: \(error).")
         }
     }
 
-    private func openPostgres(_ url: Secret, logger: Logger) throws -> PostgresStore {
+    /// How the store seals and keeps bodies: the configured keys, then the key file's (so that rows
+    /// sealed before keys were configured still open). With SQLite and no key, the key file is
+    /// created when `creatingKeyFile` gives a logger to say so (serve); one-shot commands only read it.
+    func protection(creatingKeyFile logger: Logger?) throws -> DataProtection {
+        var keys: [SealingKey] = encryptionKeys.compactMap { SealingKey(id: $0.id, base64: $0.key.value) }
+        if postgresURL == nil {
+            if let fileKey = try KeyFile.read(keyFilePath) {
+                if !keys.contains(where: { $0.id == fileKey.id }) { keys.append(fileKey) }
+            } else if keys.isEmpty, let logger {
+                let folder = (sqlitePath as NSString).deletingLastPathComponent
+                do {
+                    try FileManager.default.createDirectory(atPath: folder.isEmpty ? "." : folder, withIntermediateDirectories: true)
+                } catch {
+                    throw folderError
+                }
+                keys = [try KeyFile.create(keyFilePath)]
+                logger.notice(
+                    "Created an encryption key for stored bodies; keep it with the store, or set storage.encryption.keys",
+                    metadata: ["file": "\(keyFilePath)"])
+            }
+        }
+        return DataProtection(
+            sealer: keys.isEmpty ? nil : PayloadSealer(keys: keys), payloadRetention: payloadRetention, deadRetention: deadRetention)
+    }
+
+    private func openPostgres(_ url: Secret, logger: Logger, protection: DataProtection) throws -> PostgresStore {
         do {
-            return try PostgresStore(url: url, logger: logger)
+            return try PostgresStore(url: url, logger: logger, protection: protection)
         } catch {
             throw StartupError("The store (storage.postgresURL) cannot be used: \(error.problems.map(\.reason).joined(separator: "; ")).")
         }
     }
 
-    private func openSQLite() throws -> SQLiteStore {
+    private func openSQLite(protection: DataProtection) throws -> SQLiteStore {
         do {
-            return try SQLiteStore(path: sqlitePath)
+            return try SQLiteStore(path: sqlitePath, protection: protection)
         } catch let error as SQLiteError {
             throw StartupError("The store \(sqlitePath) (storage.sqlitePath) cannot be opened: \(error.message).")
         } catch {
-            // Foundation's error for a folder it could not create is a long dump: say it plainly.
-            throw StartupError(
-                "The store \(sqlitePath) (storage.sqlitePath) cannot be opened: its folder cannot be created; "
-                    + "check that the path exists and that this user may write there.")
+            throw folderError
         }
+    }
+
+    /// Foundation's error for a folder it could not create is a long dump: say it plainly.
+    private var folderError: StartupError {
+        StartupError(
+            "The store \(sqlitePath) (storage.sqlitePath) cannot be opened: its folder cannot be created; "
+                + "check that the path exists and that this user may write there.")
+    }
+}
+
+/// The key file of a SQLite store without configured keys: `{"id": …, "key": base64}`, mode 0600.
+enum KeyFile {
+    /// The key in the file at `path`; nil when there is no file.
+    /// - Throws: ``StartupError`` naming the file when it cannot be read or holds no key.
+    static func read(_ path: String) throws -> SealingKey? {
+        guard FileManager.default.fileExists(atPath: path) else { return nil }
+        guard let data = FileManager.default.contents(atPath: path), let json = try? JSONParser.parse(Array(data)),
+            let id = json["id"]?.text, let base64 = json["key"]?.text, let key = SealingKey(id: id, base64: base64)
+        else {
+            throw StartupError("The encryption key file \(path) cannot be read or holds no key: restore it from a backup, or move it away together with the store.")
+        }
+        return key
+    }
+
+    /// Creates the file at `path` with a new key, readable by this user alone.
+    static func create(_ path: String) throws -> SealingKey {
+        let key = SealingKey.generate(id: "local-" + RandomID.make().prefix(8))
+        let text = JSONWriter.encode(["id": .string(key.id), "key": .string(key.base64)]) + [UInt8(ascii: "\n")]
+        let descriptor = Foundation.open(path, O_WRONLY | O_CREAT | O_EXCL, 0o600)
+        guard descriptor >= 0 else {
+            throw StartupError("The encryption key file \(path) cannot be created: check that this user may write in its folder, or set storage.encryption.keys.")
+        }
+        defer { close(descriptor) }
+        guard text.withUnsafeBytes({ write(descriptor, $0.baseAddress, $0.count) }) == text.count, fsync(descriptor) == 0 else {
+            throw StartupError("The encryption key file \(path) cannot be written: check the disk, or set storage.encryption.keys.")
+        }
+        return key
     }
 }

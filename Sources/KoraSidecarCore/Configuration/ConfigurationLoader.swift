@@ -61,7 +61,8 @@ extension SidecarConfiguration {
             readService(reader.object(value, at: path, keys: ["name", "token", "allow", "deliver", "share"]))
         } ?? []
         configuration.delivery = readDelivery(root.object("delivery", keys: ["mode", "ordering", "retrySchedule", "concurrency", "drainTimeout"]))
-        configuration.storage = readStorage(root.object("storage", keys: ["sqlitePath", "postgresURL"]))
+        configuration.storage = readStorage(
+            root.object("storage", keys: ["sqlitePath", "postgresURL", "encryption", "payloadRetention", "deadRetention"]))
         let logging = root.object("logging", keys: ["level", "format"])
         configuration.logging.level = logging.string("level", default: "info")
         if !LoggingConfiguration.levels.contains(configuration.logging.level) {
@@ -76,6 +77,10 @@ extension SidecarConfiguration {
         var storage = StorageConfiguration()
         storage.sqlitePath = object.string("sqlitePath", default: storage.sqlitePath)
         if storage.sqlitePath.isEmpty { object.reader.report(object.path("sqlitePath"), "must not be empty") }
+        let year = Duration.seconds(365 * 86_400)
+        storage.payloadRetention = object.duration("payloadRetention", default: storage.payloadRetention, upTo: year, describedAs: "365d")
+        storage.deadRetention = object.duration("deadRetention", default: storage.deadRetention, upTo: year, describedAs: "365d")
+        storage.encryptionKeys = readEncryptionKeys(object.object("encryption", keys: ["keys"]))
         guard object.has("postgresURL") else { return storage }
         if object.has("sqlitePath") {
             object.reader.report(object.path("postgresURL"), "give either sqlitePath or postgresURL, not both")
@@ -85,7 +90,42 @@ extension SidecarConfiguration {
             // The reason never quotes the URL: it holds the database password.
             do { _ = try PostgresURL(url) } catch { object.reader.report(object.path("postgresURL"), error.reason) }
         }
+        if storage.encryptionKeys.isEmpty, !object.reader.problems.contains(where: { $0.path.hasPrefix(object.path("encryption")) }) {
+            object.reader.report(
+                object.path("encryption.keys"),
+                "is required with postgresURL: every replica must seal with the same key (32 random bytes in base64, e.g. from "
+                    + "`head -c 32 /dev/urandom | base64`)")
+        }
         return storage
+    }
+
+    /// `storage.encryption.keys`: `[{"id": …, "key": secret}]`, ids unique, each key 32 bytes in base64.
+    /// Keys are always resolved: read-only commands open stored bodies too.
+    private static func readEncryptionKeys(_ object: ObjectReader) -> [EncryptionKeyEntry] {
+        guard object.has("keys") else { return [] }
+        var ids = Set<String>()
+        let keys: [EncryptionKeyEntry] =
+            object.array("keys") { value, path in
+                let entry = object.reader.object(value, at: path, keys: ["id", "key"])
+                let id = entry.string("id", default: "")
+                if !ServiceConfiguration.isValidName(id) {
+                    object.reader.report(entry.path("id"), "must be 1 to 64 letters, digits, '-', '_' or '.'")
+                } else if !ids.insert(id).inserted {
+                    object.reader.report(entry.path("id"), "\"\(id)\" is used by another key")
+                }
+                guard let key = entry.optionalSecret("key", always: true) else {
+                    if !entry.has("key") { object.reader.report(entry.path("key"), "is required") }
+                    return nil
+                }
+                if SealingKey(id: id, base64: key.value) == nil {
+                    object.reader.report(entry.path("key"), "must be 32 bytes in base64 (e.g. from `head -c 32 /dev/urandom | base64`)")
+                }
+                return EncryptionKeyEntry(id: id, key: key)
+            } ?? []
+        if object.has("keys"), keys.isEmpty, !object.reader.problems.contains(where: { $0.path.hasPrefix(object.path("keys")) }) {
+            object.reader.report(object.path("keys"), "must list at least one key")
+        }
+        return keys
     }
 
     private enum KoraKeys {

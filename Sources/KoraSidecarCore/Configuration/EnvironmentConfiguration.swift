@@ -60,6 +60,14 @@ enum EnvironmentConfiguration {
         } else if let path = env("KORA_SIDECAR_SQLITE_PATH") {
             document.append(.init("storage", ["sqlitePath": .string(path)]))
         }
+        if env("KORA_SIDECAR_ENCRYPTION_KEY") != nil {
+            var storage = document.last?.key == "storage" ? document.removeLast().value : [:]
+            if case .object(var members) = storage {
+                members.append(.init("encryption", ["keys": [["id": "env", "key": reference("KORA_SIDECAR_ENCRYPTION_KEY")]]]))
+                storage = .object(members)
+            }
+            document.append(.init("storage", storage))
+        }
         var logging: [JSONMember] = []
         if let level = env("KORA_SIDECAR_LOG_LEVEL") { logging.append(.init("level", .string(level))) }
         if let format = env("KORA_SIDECAR_LOG_FORMAT") { logging.append(.init("format", .string(format))) }
@@ -92,6 +100,7 @@ enum EnvironmentConfiguration {
         ("$.delivery.mode", "KORA_SIDECAR_DELIVERY_MODE"),
         ("$.storage.sqlitePath", "KORA_SIDECAR_SQLITE_PATH"),
         ("$.storage.postgresURL", "KORA_SIDECAR_DATABASE_URL"),
+        ("$.storage.encryption", "KORA_SIDECAR_ENCRYPTION_KEY"),
         ("$.logging.level", "KORA_SIDECAR_LOG_LEVEL"),
         ("$.logging.format", "KORA_SIDECAR_LOG_FORMAT"),
     ]

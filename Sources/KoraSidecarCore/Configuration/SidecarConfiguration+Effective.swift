@@ -48,7 +48,16 @@ extension SidecarConfiguration {
                 "concurrency": .int(delivery.concurrency),
                 "drainTimeout": .string(DurationText.format(delivery.drainTimeout)),
             ],
-            "storage": storage.postgresURL == nil ? ["sqlitePath": .string(storage.sqlitePath)] : ["postgresURL": "***"],
+            "storage": .object(
+                [storage.postgresURL == nil ? .init("sqlitePath", .string(storage.sqlitePath)) : .init("postgresURL", "***")] + [
+                    .init(
+                        "encryption",
+                        storage.encryptionKeys.isEmpty
+                            ? ["keyFile": .string(storage.keyFilePath)]
+                            : ["keys": .array(storage.encryptionKeys.map { ["id": .string($0.id), "key": "***"] })]),
+                    .init("payloadRetention", .string(DurationText.format(storage.payloadRetention))),
+                    .init("deadRetention", .string(DurationText.format(storage.deadRetention))),
+                ]),
             "logging": ["level": .string(logging.level), "format": .string(logging.format.rawValue)],
         ]
     }

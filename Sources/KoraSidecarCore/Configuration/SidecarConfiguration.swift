@@ -219,8 +219,30 @@ package struct StorageConfiguration: Sendable {
     /// `postgres://user:password@host:5432/database?sslmode=require`: when set, state is kept in
     /// PostgreSQL, shared by every replica, and `sqlitePath` is not used.
     package var postgresURL: Secret?
+    /// `storage.encryption.keys`: the first seals, all open. Empty with SQLite: a key file beside
+    /// the store is created on first start (``StorageConfiguration/keyFilePath``).
+    package var encryptionKeys: [EncryptionKeyEntry] = []
+    /// How long an event's body is kept once every delivery of it was delivered (`0s`: not at all).
+    package var payloadRetention = Duration.seconds(86_400)
+    /// How long a dead delivery's event keeps its body, so that it can be retried.
+    package var deadRetention = Duration.seconds(7 * 86_400)
 
     package init() {}
+
+    /// The key file a SQLite store uses when no key is configured: beside the store, mode 0600.
+    package var keyFilePath: String { sqlitePath + ".key" }
+}
+
+/// One entry of `storage.encryption.keys`.
+package struct EncryptionKeyEntry: Sendable {
+    package var id: String
+    /// The base64 text of 32 bytes.
+    package var key: Secret
+
+    package init(id: String, key: Secret) {
+        self.id = id
+        self.key = key
+    }
 }
 
 /// Log level and line format (`logging`).

@@ -123,7 +123,10 @@ func writeProcessConfig(
     directory: String, receiverPort: Int, retrySchedule: [String] = ["100ms", "100ms", "200ms"], extra: String = "", services: String? = nil,
     postgresURL: String? = nil
 ) throws -> String {
-    let storage = postgresURL.map { #"{"postgresURL": "\#($0)"}"# } ?? #"{"sqlitePath": "\#(directory)/store.sqlite"}"#
+    // Replicas share one key; with SQLite the key file beside the store is created on first start.
+    let storage =
+        postgresURL.map { #"{"postgresURL": "\#($0)", "encryption": {"keys": [{"id": "test", "key": "\#(TestSecrets.encryptionKey)"}]}}"# }
+        ?? #"{"sqlitePath": "\#(directory)/store.sqlite"}"#
     let path = directory + "/config.json"
     let schedule = retrySchedule.map { "\"\($0)\"" }.joined(separator: ", ")
     let text = """

@@ -52,6 +52,13 @@ enum TestSecrets {
     /// A Standard Webhooks secret (base64 of 24 bytes).
     static let signing = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
     static let unique = String(UInt32.random(in: 0...UInt32.max), radix: 36)
+    /// A `storage.encryption.keys` key: 32 bytes in base64.
+    static let encryptionKey = "S29yYVNpZGVjYXJUZXN0S2V5MzJCeXRlc0xvbmchISE="
+}
+
+extension DataProtection {
+    /// Sealed with ``TestSecrets/encryptionKey`` under id `test`, as a process configured with it seals.
+    static let sealedForTests = DataProtection(sealer: PayloadSealer(keys: [SealingKey(id: "test", base64: TestSecrets.encryptionKey)!]))
 }
 
 /// Runs a sidecar built from `configuration` for the duration of `body`, then shuts it down gracefully.

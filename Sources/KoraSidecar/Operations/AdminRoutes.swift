@@ -1,0 +1,158 @@
+import Hummingbird
+import KoraSidecarCore
+import NIOCore
+
+/// `/admin/*` on the internal listener: what the `deliveries` and `erase` commands do, for scripts
+/// and the console, through ``OperatorActions`` so that both say the same thing in the same shape.
+struct AdminRoutes {
+    let configuration: SidecarConfiguration
+    let store: any SidecarStore
+    let readiness: Readiness
+    let metrics: SidecarMetrics
+    let breakers: ServiceBreakers
+    let dispatcher: OutboxDispatcher?
+
+    func add(to admin: RouterGroup<SidecarRequestContext>) {
+        let store = store
+        let services = configuration.deliveryServices
+        let eventRouter = EventRouter(services: services, store: store)
+        admin.get("deliveries") { request, _ in
+            let query = request.uri.queryParameters
+            let limit = query["limit"].flatMap { Int($0) }.map { min(max($0, 1), 1000) } ?? 100
+            let listing = try query["status"].map { text in
+                guard let listing = OperatorActions.Listing(rawValue: String(text)) else {
+                    throw SidecarHTTPError(.badRequest, code: "INVALID_STATUS", message: "status must be \(OperatorActions.Listing.choices).")
+                }
+                return listing
+            }
+            let before = try query["before"].map { text in
+                guard let id = Int64(text) else { throw SidecarHTTPError(.badRequest, code: "INVALID_CURSOR", message: "before must be a delivery id.") }
+                return id
+            }
+            let page = try await OperatorActions.page(listing, filter: try DeliveryFilter(query: query), before: before, limit: limit, store: store)
+            return JSONResponse.make(.ok, ["deliveries": page.entries, "next": .optional(page.next.map(String.init))])
+        }
+        admin.post("deliveries/retry") { request, _ in
+            let selection = try OperatorActions.RetrySelection(query: request.uri.queryParameters)
+            let outcome = try await OperatorActions.retry(selection, store: store, router: eventRouter)
+            if !selection.dryRun { dispatcher?.notify(services: services.map(\.name)) }
+            return JSONResponse.make(.ok, outcome.json)
+        }
+        admin.post("events/:id/replay") { request, context in
+            let eventID = context.parameters.get("id") ?? ""
+            let service = request.uri.queryParameters["service"].map(String.init)
+            let outcome = try await OperatorActions.retry(.replay(eventID: eventID, service: service), store: store, router: eventRouter)
+            guard outcome.selected > 0 else {
+                if outcome.bodyGone > 0 { throw Self.bodyGone("The event's body is gone (retention or erasure): it cannot be sent again.") }
+                throw SidecarHTTPError(.notFound, code: "NOT_FOUND", message: "The event has no delivered or dead delivery to send again.")
+            }
+            dispatcher?.notify(services: services.map(\.name))
+            return JSONResponse.make(.ok, ["eventId": .string(eventID), "requeued": .int(outcome.selected)])
+        }
+        admin.get("services") { _, _ in
+            JSONResponse.make(.ok, ["services": .array(breakers.all.map(\.listingJSON))])
+        }
+        admin.get("overview") { _, _ in try await overview() }
+        admin.get("deliveries/:id") { _, context in
+            guard let id = context.parameters.get("id").flatMap({ Int64($0) }), let detail = try await store.delivery(id: id) else {
+                throw SidecarHTTPError(.notFound, code: "NOT_FOUND", message: "There is no such delivery.")
+            }
+            return JSONResponse.make(.ok, OperatorActions.show(detail, services: services))
+        }
+        admin.post("deliveries/:id/retry") { _, context in
+            guard let id = context.parameters.get("id").flatMap({ Int64($0) }), let detail = try await store.delivery(id: id) else {
+                throw SidecarHTTPError(.notFound, code: "NOT_FOUND", message: "There is no such delivery.")
+            }
+            // An unreadable body may open once its key is configured again: only a deleted one stops a retry.
+            if case .failure(let problem) = detail.event, problem == .expired || problem == .erased {
+                throw Self.bodyGone("The delivery's body is gone (\(problem.state)): it cannot be sent again.")
+            }
+            guard try await store.requeue(id: id, at: .now()) else {
+                throw SidecarHTTPError(.notFound, code: "NOT_FOUND", message: "There is no such delivery waiting to be retried.")
+            }
+            dispatcher?.notify(services: [detail.summary.service])
+            return JSONResponse.make(.ok, ["requeued": .int(Int(id))])
+        }
+        admin.post("erase") { request, context in
+            let body = try await BodyReader.collect(request, channel: context.channel, limit: 65536, logger: context.logger)
+            let subject = try Self.erasureSubject(Array(buffer: body))
+            let report = try await OperatorActions.erase(subject, store: store, logger: context.logger)
+            return JSONResponse.make(.ok, report.json)
+        }
+    }
+
+    private static func bodyGone(_ message: String) -> SidecarHTTPError {
+        SidecarHTTPError(.conflict, code: "BODY_GONE", message: message)
+    }
+
+    /// `{"verificationId": …}` or `{"externalId": …}`.
+    static func erasureSubject(_ bytes: [UInt8]) throws(SidecarHTTPError) -> OperatorActions.ErasureSubject {
+        let json = try? JSONParser.parse(bytes)
+        switch (json?["verificationId"]?.text, json?["externalId"]?.text) {
+        case (let id?, nil) where !id.isEmpty: return .verification(id)
+        case (nil, let id?) where !id.isEmpty: return .externalID(id)
+        default:
+            throw SidecarHTTPError(
+                .badRequest, code: "INVALID_REQUEST", message: "Send a JSON object with exactly one of verificationId and externalId, a non-empty string.")
+        }
+    }
+
+    /// What the console's overview shows: readiness, webhooks per minute by result, and each
+    /// service's outbox and breaker state.
+    private func overview() async throws -> Response {
+        let depth = try await store.depth()
+        let problem = await readiness.problem()
+        let services: [JSONValue] = configuration.deliveryServices.map { service in
+            let breaker = breakers[service.name]?.snapshot
+            func count(_ status: DeliveryStatus) -> Int { depth.first { $0.service == service.name && $0.status == status }?.count ?? 0 }
+            return [
+                "name": .string(service.name), "state": .string(breaker?.state.rawValue ?? "delivering"),
+                "consecutiveFailures": .int(breaker?.consecutiveFailures ?? 0), "pausedUntil": .optional(breaker?.openUntil?.iso8601Milliseconds),
+                "pending": .int(count(.pending)), "delivered": .int(count(.delivered)), "dead": .int(count(.dead)),
+                "oldestPendingAt": .optional(depth.first { $0.service == service.name && $0.status == .pending }?.oldestCreatedAt?.iso8601Milliseconds),
+            ]
+        }
+        return JSONResponse.make(
+            .ok,
+            [
+                "ready": .bool(problem == nil), "readinessProblem": .optional(problem), "deliveryMode": .string(configuration.delivery.mode.rawValue),
+                "webhooksPerMinute": .array(
+                    metrics.webhookMinutes.last(60, now: .now()).map { minute in
+                        ["minute": .string(minute.start.iso8601Seconds), "counts": .object(minute.counts.sorted { $0.key < $1.key }.map { .init($0.key, .int($0.value)) })]
+                    }),
+                "services": .array(services), "unrouted": .int(try await store.unroutedCount()),
+                "quarantined": .int(try await store.quarantined(limit: 1000).count),
+            ])
+    }
+}
+
+extension DeliveryFilter {
+    /// The conditions of the admin API's query: `service`, `type`, `verification`, `since`, `until`
+    /// (ISO 8601 or a duration ago); no status.
+    init(query: Parameters) throws(SidecarHTTPError) {
+        func time(_ name: Substring) throws(SidecarHTTPError) -> UnixTime? {
+            guard let text = query[name], !text.isEmpty else { return nil }
+            guard let time = UnixTime.parse(String(text), now: .now()) else {
+                throw SidecarHTTPError(.badRequest, code: "INVALID_TIME", message: "\(name) must be an ISO 8601 time or a duration such as 24h.")
+            }
+            return time
+        }
+        func text(_ name: Substring) -> String? { query[name].flatMap { $0.isEmpty ? nil : String($0) } }
+        self.init(
+            statuses: [], service: text("service"), eventType: text("type"), verificationID: text("verification"), since: try time("since"),
+            until: try time("until"))
+    }
+}
+
+extension OperatorActions.RetrySelection {
+    /// The selection of `POST /admin/deliveries/retry`: `status` (required), the conditions of
+    /// ``DeliveryFilter/init(query:)`` and `dryRun`.
+    init(query: Parameters) throws(SidecarHTTPError) {
+        let filter = try DeliveryFilter(query: query)
+        guard let status = query["status"], let selection = Self(status: String(status), filter: filter, dryRun: query["dryRun"] == "true")
+        else {
+            throw SidecarHTTPError(.badRequest, code: "INVALID_STATUS", message: "status must be \(Self.statusChoices).")
+        }
+        self = selection
+    }
+}
