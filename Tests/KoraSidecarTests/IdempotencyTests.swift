@@ -47,7 +47,8 @@ struct IdempotencyTests {
         ])
         try await withScriptedKora(kora) { base in
             var configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
-            configuration.kora.timeoutSeconds = 1
+            // Long enough that the repeat's lookup is answered in time on a loaded machine; the first call stalls through it.
+            configuration.kora.timeoutSeconds = 3
             configuration.kora.retry.maxAttempts = 1
             let (first, repeated) = try await withProxy(configuration, SidecarOptions()) { sdk in
                 let key = [("Idempotency-Key", "k-1")]

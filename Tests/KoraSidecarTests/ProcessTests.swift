@@ -105,7 +105,9 @@ struct ProcessTests {
         // With the key file the child will find beside the store, as a first start would have made it.
         var storage = StorageConfiguration()
         storage.sqlitePath = directory + "/store.sqlite"
-        let store = try SQLiteStore(path: storage.sqlitePath, protection: try storage.protection(creatingKeyFile: quietLogger))
+        let key = SealingKey.generate(id: "backlog")
+        try KeyFile.create(storage.keyFilePath, key: key)
+        let store = try SQLiteStore(path: storage.sqlitePath, protection: try storage.protection())
         let template = try EventNormalizer.normalize(body: TestEvent.body(eventID: "evt_template"), webhookID: nil, receivedAt: .now())
         let now = UnixTime.now()
         for chunk in stride(from: 0, to: total, by: 500) {

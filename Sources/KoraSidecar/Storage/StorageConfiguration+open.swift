@@ -9,10 +9,10 @@ extension StorageConfiguration {
     /// - Throws: ``StartupError`` naming the key when the store cannot be opened.
     package func open(logger: Logger) throws -> (store: any SidecarStore, service: any Service) {
         if let url = postgresURL {
-            let store = try openPostgres(url, logger: logger.with("component", "store"), protection: try protection(creatingKeyFile: nil))
+            let store = try openPostgres(url, logger: logger.with("component", "store"), protection: try protection())
             return (store, store)
         }
-        let sqlite = try openSQLite(protection: try protection(creatingKeyFile: logger))
+        let sqlite = try openSQLiteCreatingKey(logger: logger)
         // Closing waits for queued writes: it runs on a thread of its own, not the cooperative pool.
         let close = CloseOnShutdown {
             await withCheckedContinuation { done in
@@ -34,40 +34,46 @@ extension StorageConfiguration {
                     "The store \(sqlitePath) (storage.sqlitePath) does not exist: run the command where serve runs, "
                         + "or give --config with serve's configuration.")
             }
-            let sqlite = try openSQLite(protection: try protection(creatingKeyFile: nil))
+            let sqlite = try openSQLite(protection: try protection())
             defer { sqlite.close() }
             return try await body(sqlite)
         }
         do {
-            return try await openPostgres(url, logger: logger, protection: try protection(creatingKeyFile: nil)).whileRunning(body)
+            return try await openPostgres(url, logger: logger, protection: try protection()).whileRunning(body)
         } catch let error as PostgresStoreError {
             throw StartupError("The store (storage.postgresURL) cannot be reached: \(error).")
         }
     }
 
     /// How the store seals and keeps bodies: the configured keys, then the key file's (so that rows
-    /// sealed before keys were configured still open). With SQLite and no key, the key file is
-    /// created when `creatingKeyFile` gives a logger to say so (serve); one-shot commands only read it.
-    func protection(creatingKeyFile logger: Logger?) throws -> DataProtection {
+    /// sealed before keys were configured still open), else `newKey` (serve's first start with SQLite).
+    func protection(newKey: SealingKey? = nil) throws -> DataProtection {
         var keys: [SealingKey] = encryptionKeys.compactMap { SealingKey(id: $0.id, base64: $0.key.value) }
-        if postgresURL == nil {
-            if let fileKey = try KeyFile.read(keyFilePath) {
-                if !keys.contains(where: { $0.id == fileKey.id }) { keys.append(fileKey) }
-            } else if keys.isEmpty, let logger {
-                let folder = (sqlitePath as NSString).deletingLastPathComponent
-                do {
-                    try FileManager.default.createDirectory(atPath: folder.isEmpty ? "." : folder, withIntermediateDirectories: true)
-                } catch {
-                    throw folderError
-                }
-                keys = [try KeyFile.create(keyFilePath)]
-                logger.notice(
-                    "Created an encryption key for stored bodies; keep it with the store, or set storage.encryption.keys",
-                    metadata: ["file": "\(keyFilePath)"])
-            }
+        if postgresURL == nil, let fileKey = try KeyFile.read(keyFilePath), !keys.contains(where: { $0.id == fileKey.id }) {
+            keys.append(fileKey)
         }
+        if keys.isEmpty, let newKey { keys = [newKey] }
         return DataProtection(
             sealer: keys.isEmpty ? nil : PayloadSealer(keys: keys), payloadRetention: payloadRetention, deadRetention: deadRetention)
+    }
+
+    /// Opens the SQLite store for serve; with no key anywhere, seals with a new one written to the
+    /// key file once the store opened (so a store that cannot be opened leaves no key file behind).
+    private func openSQLiteCreatingKey(logger: Logger) throws -> SQLiteStore {
+        let newKey = SealingKey.generate(id: "local-" + RandomID.make().prefix(8))
+        let protection = try protection(newKey: newKey)
+        let sqlite = try openSQLite(protection: protection)
+        guard protection.sealer?.sealingKeyID == newKey.id else { return sqlite }
+        do {
+            try KeyFile.create(keyFilePath, key: newKey)
+        } catch {
+            sqlite.close()
+            throw error
+        }
+        logger.notice(
+            "Created an encryption key for stored bodies; keep it with the store, or set storage.encryption.keys",
+            metadata: ["file": "\(keyFilePath)"])
+        return sqlite
     }
 
     private func openPostgres(_ url: Secret, logger: Logger, protection: DataProtection) throws -> PostgresStore {
@@ -110,9 +116,8 @@ enum KeyFile {
         return key
     }
 
-    /// Creates the file at `path` with a new key, readable by this user alone.
-    static func create(_ path: String) throws -> SealingKey {
-        let key = SealingKey.generate(id: "local-" + RandomID.make().prefix(8))
+    /// Creates the file at `path` holding `key`, readable by this user alone.
+    static func create(_ path: String, key: SealingKey) throws {
         let text = JSONWriter.encode(["id": .string(key.id), "key": .string(key.base64)]) + [UInt8(ascii: "\n")]
         let descriptor = Foundation.open(path, O_WRONLY | O_CREAT | O_EXCL, 0o600)
         guard descriptor >= 0 else {
@@ -122,6 +127,5 @@ enum KeyFile {
         guard text.withUnsafeBytes({ write(descriptor, $0.baseAddress, $0.count) }) == text.count, fsync(descriptor) == 0 else {
             throw StartupError("The encryption key file \(path) cannot be written: check the disk, or set storage.encryption.keys.")
         }
-        return key
     }
 }
