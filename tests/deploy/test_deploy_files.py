@@ -32,6 +32,8 @@ DEPLOY = ROOT / "deploy"
 PROBE = DEPLOY / "kora-sidecar-probe"
 PROBE_IN_IMAGE = "kora-sidecar-probe"
 DUMMY_WHSEC = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+# storage.encryption.keys must be 32 bytes in base64, which DUMMY_WHSEC (with its whsec_ prefix) is not.
+DUMMY_ENCRYPTION_KEY = base64.b64encode(b"fedcba9876543210fedcba9876543210").decode()
 # Where `serve` (and every other command) finds the configuration in the image when no --config is
 # given: the image's CMD is plain `serve`, and the examples mount their config.json here.
 SERVE_CONFIG = "/etc/kora-sidecar/config.json"
@@ -793,9 +795,16 @@ def test_replicas_config_passes_check_config_with_a_postgres_url(sidecar_bin, tm
     path.write_text(json.dumps(config))
     environment = dummy_environment(config)
     environment["KORA_SIDECAR_DATABASE_URL"] = "postgres://kora:pg-secret-value@db:5432/kora?sslmode=require"
+    environment["KORA_SIDECAR_ENCRYPTION_KEY"] = DUMMY_ENCRYPTION_KEY
     effective = check_config(sidecar_bin, path, environment)
-    assert effective["storage"] == {"postgresURL": "***"}
+    assert effective["storage"] == {
+        "postgresURL": "***",
+        "encryption": {"keys": [{"id": "2026-11", "key": "***"}]},
+        "payloadRetention": "1d",
+        "deadRetention": "7d",
+    }
     assert "pg-secret-value" not in json.dumps(effective)
+    assert DUMMY_ENCRYPTION_KEY not in json.dumps(effective)
 
 
 def test_replicas_share_postgres_and_every_variable_comes_from_the_secret():
@@ -803,8 +812,13 @@ def test_replicas_share_postgres_and_every_variable_comes_from_the_secret():
     (deployment,) = objects["Deployment"]
     (secret,) = objects["Secret"]
     assert deployment["spec"]["replicas"] >= 2
-    assert config["storage"] == {"postgresURL": {"env": "KORA_SIDECAR_DATABASE_URL"}}
+    # PostgreSQL requires encryption keys: every replica seals stored bodies with the same key, from the Secret.
+    assert config["storage"] == {
+        "postgresURL": {"env": "KORA_SIDECAR_DATABASE_URL"},
+        "encryption": {"keys": [{"id": "2026-11", "key": {"env": "KORA_SIDECAR_ENCRYPTION_KEY"}}]},
+    }
     assert secret["stringData"]["KORA_SIDECAR_DATABASE_URL"].startswith("postgres://")
+    assert "KORA_SIDECAR_ENCRYPTION_KEY" in secret["stringData"]
     assert set(env_references(config)) <= set(secret["stringData"])
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["envFrom"] == [{"secretRef": {"name": secret["metadata"]["name"]}}]
