@@ -203,6 +203,8 @@ final class InMemoryStore: SidecarStore {
 
     package func unroutedCount() async throws -> Int { state.withLockedValue { $0.unrouted.count } }
 
+    package func quarantinedCount() async throws -> Int { state.withLockedValue { $0.quarantine.count } }
+
     package func route(_ assignments: [(eventRow: Int64, services: [String])], at: UnixTime) async throws -> Int {
         try write { state in
             var created = 0

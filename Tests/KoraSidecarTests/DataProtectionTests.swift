@@ -212,6 +212,29 @@ struct DataProtectionTests {
     }
 }
 
+extension DataProtectionTests {
+    @Test func aLostKeyFileStopsTheStartInsteadOfSealingWithANewKey() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        var storage = StorageConfiguration()
+        storage.sqlitePath = directory + "/store.sqlite"
+        let opened = try storage.open(logger: quietLogger)
+        _ = try await opened.store.enqueue(try event("e1", verification: "ver_1", marker: "m"), services: ["a"], at: t0, dedupSince: at(-1))
+        (opened.store as? SQLiteStore)?.close()
+        // The same key opens it again.
+        let again = try storage.open(logger: quietLogger)
+        #expect(try await again.store.delivery(id: 1)?.event.map(\.id) == .success("e1"))
+        (again.store as? SQLiteStore)?.close()
+        try FileManager.default.removeItem(atPath: storage.keyFilePath)
+        #expect {
+            try storage.open(logger: quietLogger)
+        } throws: { error in
+            "\(error)".contains("key file \(storage.keyFilePath) is missing") && "\(error)".contains("restore the key file")
+        }
+        #expect(!FileManager.default.fileExists(atPath: storage.keyFilePath))
+    }
+}
+
 /// The real binary: marker values in a verification's data pass through every path (accepted,
 /// duplicate, quarantined, dead, erased) and appear in no log line, no metric, and nowhere in the
 /// store's file; the key file is created once, readable by its owner alone.

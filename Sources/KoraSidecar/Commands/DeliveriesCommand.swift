@@ -51,7 +51,7 @@ package enum DeliveriesCommand {
             return render(try await OperatorActions.erase(subject, store: store, logger: logger).json)
         case .reseal:
             let report = try await store.reseal()
-            let unreadable = report.unreadable == 0 ? "" : " \(report.unreadable) no configured key opens were left as they are."
+            let unreadable = report.unreadable == 0 ? "" : " \(report.unreadable) were left as they are: no configured key opens them."
             return "\(report.resealed) stored bodies were sealed again with the current key.\(unreadable)"
         }
     }

@@ -35,7 +35,7 @@ final class OperationalEvents: Sendable {
                 "service": .string(service), "deliveryId": .number(String(deliveryID)), "attempts": .int(attempts),
                 "lastStatusCode": lastStatusCode.map(JSONValue.int) ?? .null, "lastError": .optional(lastError),
                 "event": ["id": .string(event.id), "type": .string(event.type), "verificationId": .optional(event.verificationID)],
-            ])
+            ], about: event.verificationID)
     }
 
     /// `service`'s breaker opened (`pausedUntil` set) or closed.
@@ -47,14 +47,16 @@ final class OperationalEvents: Sendable {
         emit(paused ? "sidecar.service.paused" : "sidecar.service.resumed", .object(data))
     }
 
-    private func emit(_ type: String, _ data: JSONValue) {
+    /// Stores and announces an event of `type`; `about` is the verification it names, so that erasing
+    /// that verification erases it too.
+    private func emit(_ type: String, _ data: JSONValue, about verificationID: String? = nil) {
         let recipients = services.filter { $0.events.matches(type) }.map(\.name)
         guard !recipients.isEmpty else { return }
         let now = UnixTime.now()
         let id = "sdc_" + RandomID.make() + RandomID.make()
         let body = JSONWriter.encode(["id": .string(id), "type": .string(type), "occurredAt": .string(now.iso8601Milliseconds), "data": data])
         let event = KoraEvent(
-            id: id, type: type, verificationID: nil, normalizedBody: body, originalBody: body, originalHeaders: [], signatureVerified: true)
+            id: id, type: type, verificationID: verificationID, normalizedBody: body, originalBody: body, originalHeaders: [], signatureVerified: true)
         let wake = wake.withLockedValue { $0 }
         Task {
             do {

@@ -121,7 +121,7 @@ struct AdminRoutes {
                         ["minute": .string(minute.start.iso8601Seconds), "counts": .object(minute.counts.sorted { $0.key < $1.key }.map { .init($0.key, .int($0.value)) })]
                     }),
                 "services": .array(services), "unrouted": .int(try await store.unroutedCount()),
-                "quarantined": .int(try await store.quarantined(limit: 1000).count),
+                "quarantined": .int(try await store.quarantinedCount()),
             ])
     }
 }

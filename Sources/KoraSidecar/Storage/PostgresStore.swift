@@ -218,6 +218,10 @@ final class PostgresStore: SidecarStore, Service {
         }
     }
 
+    package func quarantinedCount() async throws -> Int {
+        try await Int(rows("SELECT COUNT(*) FROM kora_quarantine").first?.decode(Int64.self) ?? 0)
+    }
+
     package func unroutedCount() async throws -> Int {
         try await Int(rows("SELECT COUNT(*) FROM kora_events WHERE unrouted").first?.decode(Int64.self) ?? 0)
     }
@@ -329,8 +333,9 @@ final class PostgresStore: SidecarStore, Service {
             try await connection.query(
                 """
                 INSERT INTO kora_attempts(delivery_id, attempt, at, status_code, error, duration_ms)
-                VALUES(\(deliveryID), \(attempt.attempt), \(attempt.at.milliseconds), \(attempt.statusCode), \(attempt.error),
-                       \(attempt.durationMilliseconds))
+                SELECT \(deliveryID), \(attempt.attempt), \(attempt.at.milliseconds), \(attempt.statusCode), \(attempt.error),
+                       \(attempt.durationMilliseconds)
+                WHERE EXISTS (SELECT 1 FROM kora_deliveries WHERE id = \(deliveryID))
                 ON CONFLICT(delivery_id, attempt) DO UPDATE SET at = excluded.at, status_code = excluded.status_code,
                     error = excluded.error, duration_ms = excluded.duration_ms
                 """, logger: self.logger)

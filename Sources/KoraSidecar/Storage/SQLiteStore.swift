@@ -138,6 +138,10 @@ final class SQLiteStore: SidecarStore {
         }
     }
 
+    package func quarantinedCount() async throws -> Int {
+        try await database.read { db in try Int(db.query("SELECT COUNT(*) FROM quarantine").first?.int(0) ?? 0) }
+    }
+
     package func unroutedCount() async throws -> Int {
         try await database.read { db in try Int(db.query("SELECT COUNT(*) FROM events WHERE unrouted = 1").first?.int(0) ?? 0) }
     }
@@ -250,6 +254,8 @@ final class SQLiteStore: SidecarStore {
     }
 
     private func finish(_ db: SQLiteConnection, deliveryID: Int64, attempt: AttemptRecord, next: NextStep) throws {
+        // An erasure may have removed the delivery while it was being sent: nothing is recorded then.
+        guard try !db.query("SELECT 1 FROM deliveries WHERE id = ?", [.integer(deliveryID)]).isEmpty else { return }
         try db.query(
             "INSERT OR REPLACE INTO attempts(delivery_id, attempt, at, status_code, error, duration_ms) VALUES(?, ?, ?, ?, ?, ?)",
             [

@@ -45,6 +45,8 @@ package protocol SidecarStore: Sendable {
     func delivery(id: Int64) async throws -> DeliveryDetail?
     /// Quarantined payloads, newest first.
     func quarantined(limit: Int) async throws -> [QuarantinedPayload]
+    /// How many quarantined payloads are kept.
+    func quarantinedCount() async throws -> Int
     /// Events that matched no service, newest first (`limit` nil: all of them).
     func unrouted(limit: Int?) async throws -> [UnroutedEvent]
     /// How many unrouted events are kept.

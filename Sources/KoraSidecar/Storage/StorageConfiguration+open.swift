@@ -65,6 +65,14 @@ extension StorageConfiguration {
         let sqlite = try openSQLite(protection: protection)
         guard protection.sealer?.sealingKeyID == newKey.id else { return sqlite }
         do {
+            // Bodies already sealed mean the key file was lost: a new key would not open them.
+            if let lost = try SQLiteConnection(path: sqlitePath, readOnly: true).query(
+                "SELECT key_id FROM events WHERE key_id IS NOT NULL UNION SELECT key_id FROM quarantine WHERE key_id IS NOT NULL LIMIT 1"
+            ).first?.string(0) {
+                throw StartupError(
+                    "The store \(sqlitePath) holds bodies sealed with key \"\(lost)\", but the key file \(keyFilePath) is missing and "
+                        + "storage.encryption.keys does not list it: restore the key file from the backup taken with the store.")
+            }
             try KeyFile.create(keyFilePath, key: newKey)
         } catch {
             sqlite.close()
