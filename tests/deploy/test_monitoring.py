@@ -43,6 +43,7 @@ CONTRACT_METRICS = {
     "kora_sidecar_kora_requests_total": {"status_class": {"2xx", "3xx", "4xx", "5xx", "error"}},
     "kora_sidecar_kora_request_duration_seconds": {},
     "kora_sidecar_kora_credentials_rejected_total": {},
+    "kora_sidecar_stored_bodies_unreadable_total": {},
     "kora_sidecar_ready": {},
     "kora_sidecar_unrouted_events": {},
 }
@@ -214,6 +215,7 @@ def test_the_alerts_the_issue_asks_for_exist():
         assert alerts_naming("kora_sidecar_webhooks_total", result=code), f"signature failures: {code}"
     assert alerts_naming("kora_sidecar_webhooks_total", result="unverified"), "report-only failures"
     assert alerts_naming("kora_sidecar_kora_credentials_rejected_total"), "Kora refusing the key"
+    assert alerts_naming("kora_sidecar_stored_bodies_unreadable_total"), "stored bodies no configured key opens"
     assert alerts_naming("kora_sidecar_kora_requests_total", status_class="5xx")
     assert alerts_naming("kora_sidecar_kora_requests_total", status_class="error")
     (not_ready,) = [rule for rule in alert_rules() if re.fullmatch(r"kora_sidecar_ready\s*==\s*0", rule["expr"].strip())]
