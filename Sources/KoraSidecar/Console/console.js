@@ -294,7 +294,7 @@ function notFoundView() {
 // Overview
 
 const STATE_LABELS = { closed: 'delivering', open: 'paused', half_open: 'probing' };
-const KNOWN_RESULTS = ['accepted', 'duplicate', 'unrouted', 'unverified', 'QUARANTINED'];
+const KNOWN_RESULTS = ['accepted', 'duplicate', 'unrouted', 'unverified', 'INVALID_PAYLOAD'];
 
 // A stable colour class per result key: known keys have their own, others are hashed into six.
 function resultClass(key) {
