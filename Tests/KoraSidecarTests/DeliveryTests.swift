@@ -1,3 +1,4 @@
+import AsyncHTTPClient
 import Foundation
 import Hummingbird
 import Testing
@@ -118,6 +119,37 @@ struct DeliveryTests {
             }
             gate.open()
             #expect(receiver.deliveries.filter { $0.path == "/redirect" }.count == 1)
+        }
+    }
+
+    @Test func aServiceAnswerIsReadOnlyUpToItsLimitAndItsStatusCounts() async throws {
+        let router = Router()
+        // A long body, and one that never ends: neither is kept, and neither holds the attempt until its time-out.
+        router.post("long") { _, _ in
+            Response(status: .accepted, body: .init(byteBuffer: ByteBuffer(repeating: 0x61, count: 4 << 20)))
+        }
+        router.post("endless") { _, _ in
+            Response(
+                status: .serviceUnavailable, headers: [.retryAfter: "7"],
+                body: .init { writer in
+                    while true { try await writer.write(ByteBuffer(repeating: 0x62, count: 16 << 10)) }
+                })
+        }
+        try await withRouter(router) { port in
+            let sender = EventSender(client: HTTPClient.shared, reportOnly: false)
+            let event = try EventNormalizer.normalize(body: TestEvent.body(), webhookID: nil, receivedAt: .now())
+            for (path, status) in [("long", 202), ("endless", 503)] {
+                var service = testService(path, target: .url("http://127.0.0.1:\(port)/\(path)"))
+                service.deliver?.timeoutSeconds = 60
+                let result = await sender.send(event, to: DeliveryService(name: path, deliver: service.deliver!), attempt: 1)
+                #expect(result.statusCode == status, "\(path): \(result.error ?? "")")
+                #expect(result.error == nil)
+                #expect(result.durationMilliseconds < 30_000, "\(path) was read to its time-out")
+            }
+            let endless = await sender.send(
+                event, to: DeliveryService(name: "endless", deliver: testService("endless", target: .url("http://127.0.0.1:\(port)/endless")).deliver!),
+                attempt: 1)
+            #expect(endless.retryAfter == .seconds(7))
         }
     }
 

@@ -65,6 +65,13 @@ func withReceiver(
 ) async throws {
     let router = Router()
     router.post("**") { request, _ in try await receiver.record(request) }
+    try await withRouter(router, unixSocket: unixSocket, body)
+}
+
+/// Serves `router` on 127.0.0.1 port 0 (or a Unix socket) for the duration of `body`; passes the bound port.
+func withRouter(
+    _ router: Router<BasicRequestContext>, unixSocket: String? = nil, _ body: @Sendable (Int) async throws -> Void
+) async throws {
     let (stream, continuation) = AsyncStream.makeStream(of: Int.self)
     let app = Application(
         router: router,
