@@ -306,7 +306,9 @@ final class InMemoryStore: SidecarStore {
     }
 
     /// Nothing is sealed in memory.
-    package func reseal() async throws -> ResealReport { ResealReport() }
+    package func resealEvents(after: Int64) async throws -> (report: ResealReport, last: Int64?) { (ResealReport(), nil) }
+
+    package func resealQuarantined() async throws -> ResealReport { ResealReport() }
 
     package func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult {
         try write { state in

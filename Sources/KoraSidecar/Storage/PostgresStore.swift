@@ -517,47 +517,42 @@ final class PostgresStore: SidecarStore, Service {
         }
     }
 
-    package func reseal() async throws -> ResealReport {
-        guard let sealer = protection.sealer else { return ResealReport() }
-        let current = sealer.sealingKeyID
-        var report = ResealReport()
-        var after: Int64 = 0
-        // In batches, each its own transaction; FOR UPDATE keeps a replica's erasure or expiry from interleaving.
-        while true {
-            let from = after
-            let batch = try await inTransaction { connection in
-                let rows = try await connection.query(
-                    """
-                    SELECT e.id, NULL, \(unescaped: Self.eventColumns) FROM kora_events e
-                    WHERE e.id > \(from) AND e.body_state = 'kept' AND e.key_id IS DISTINCT FROM \(current) ORDER BY e.id LIMIT 200 FOR UPDATE
-                    """, logger: self.logger
-                ).collect()
-                var report = ResealReport()
-                var last: Int64?
-                for row in rows {
-                    let id = try row.makeRandomAccess()[0].decode(Int64.self)
-                    last = id
-                    let (event, problem) = try self.event(row, from: 2)
-                    guard problem == nil else {
-                        report.unreadable += 1
-                        continue
-                    }
-                    let body = self.protection.columns(for: event)
-                    try await connection.query(
-                        """
-                        UPDATE kora_events SET normalized = \(ByteBuffer(bytes: body.normalized)), original = \(ByteBuffer(bytes: body.original)),
-                            original_headers = \(body.headers), sealed = \(body.sealed.map { ByteBuffer(bytes: $0) }), key_id = \(body.keyID)
-                        WHERE id = \(id)
-                        """, logger: self.logger)
-                    report.resealed += 1
+    package func resealEvents(after: Int64) async throws -> (report: ResealReport, last: Int64?) {
+        guard let current = protection.sealer?.sealingKeyID else { return (ResealReport(), nil) }
+        // FOR UPDATE keeps a replica's erasure or expiry of these rows from interleaving.
+        return try await inTransaction { connection in
+            let rows = try await connection.query(
+                """
+                SELECT e.id, NULL, \(unescaped: Self.eventColumns) FROM kora_events e
+                WHERE e.id > \(after) AND e.body_state = 'kept' AND e.key_id IS DISTINCT FROM \(current) ORDER BY e.id LIMIT 200 FOR UPDATE
+                """, logger: self.logger
+            ).collect()
+            var report = ResealReport()
+            var last: Int64?
+            for row in rows {
+                let id = try row.makeRandomAccess()[0].decode(Int64.self)
+                last = id
+                let (event, problem) = try self.event(row, from: 2)
+                guard problem == nil else {
+                    report.unreadable += 1
+                    continue
                 }
-                return (report, last)
+                let body = self.protection.columns(for: event)
+                try await connection.query(
+                    """
+                    UPDATE kora_events SET normalized = \(ByteBuffer(bytes: body.normalized)), original = \(ByteBuffer(bytes: body.original)),
+                        original_headers = \(body.headers), sealed = \(body.sealed.map { ByteBuffer(bytes: $0) }), key_id = \(body.keyID)
+                    WHERE id = \(id)
+                    """, logger: self.logger)
+                report.resealed += 1
             }
-            report.resealed += batch.0.resealed
-            report.unreadable += batch.0.unreadable
-            guard let last = batch.1 else { break }
-            after = last
+            return (report, last)
         }
+    }
+
+    package func resealQuarantined() async throws -> ResealReport {
+        guard let current = protection.sealer?.sealingKeyID else { return ResealReport() }
+        var report = ResealReport()
         let quarantined = try await rows("\(unescaped: Self.quarantineSelect) WHERE body_state = 'kept' AND key_id IS DISTINCT FROM \(current)")
             .map(quarantined)
         for payload in quarantined {

@@ -465,40 +465,33 @@ final class SQLiteStore: SidecarStore {
         }
     }
 
-    package func reseal() async throws -> ResealReport {
-        guard let sealer = protection.sealer else { return ResealReport() }
-        let current = sealer.sealingKeyID
-        var report = ResealReport()
-        var after: Int64 = 0
-        // In batches, each its own transaction, so that serve's writes interleave.
-        while true {
-            let from = after
-            let batch = try await database.write { db in
-                let rows = try db.query(
-                    "SELECT e.id, \(Self.eventColumns) FROM events e WHERE e.id > ? AND e.body_state = 'kept' AND e.key_id IS NOT ? ORDER BY e.id LIMIT 200",
-                    [.integer(from), .text(current)])
-                var report = ResealReport()
-                for row in rows {
-                    let (event, problem) = self.event(row, from: 1)
-                    guard problem == nil else {
-                        report.unreadable += 1
-                        continue
-                    }
-                    let body = self.protection.columns(for: event)
-                    try db.query(
-                        "UPDATE events SET normalized = ?, original = ?, original_headers = ?, sealed = ?, key_id = ? WHERE id = ?",
-                        [.blob(body.normalized), .blob(body.original), .text(body.headers), body.sealed.map(SQLiteValue.blob) ?? .null,
-                         .optional(body.keyID), .integer(row.int(0))])
-                    report.resealed += 1
+    package func resealEvents(after: Int64) async throws -> (report: ResealReport, last: Int64?) {
+        guard let current = protection.sealer?.sealingKeyID else { return (ResealReport(), nil) }
+        return try await database.write { db in
+            let rows = try db.query(
+                "SELECT e.id, \(Self.eventColumns) FROM events e WHERE e.id > ? AND e.body_state = 'kept' AND e.key_id IS NOT ? ORDER BY e.id LIMIT 200",
+                [.integer(after), .text(current)])
+            var report = ResealReport()
+            for row in rows {
+                let (event, problem) = self.event(row, from: 1)
+                guard problem == nil else {
+                    report.unreadable += 1
+                    continue
                 }
-                return (report, rows.last?.int(0))
+                let body = self.protection.columns(for: event)
+                try db.query(
+                    "UPDATE events SET normalized = ?, original = ?, original_headers = ?, sealed = ?, key_id = ? WHERE id = ?",
+                    [.blob(body.normalized), .blob(body.original), .text(body.headers), body.sealed.map(SQLiteValue.blob) ?? .null,
+                     .optional(body.keyID), .integer(row.int(0))])
+                report.resealed += 1
             }
-            report.resealed += batch.0.resealed
-            report.unreadable += batch.0.unreadable
-            guard let last = batch.1 else { break }
-            after = last
+            return (report, rows.last?.int(0))
         }
-        let quarantined = try await database.write { db in
+    }
+
+    package func resealQuarantined() async throws -> ResealReport {
+        guard let current = protection.sealer?.sealingKeyID else { return ResealReport() }
+        return try await database.write { db in
             var report = ResealReport()
             let rows = try db.query(
                 """
@@ -519,9 +512,6 @@ final class SQLiteStore: SidecarStore {
             }
             return report
         }
-        report.resealed += quarantined.resealed
-        report.unreadable += quarantined.unreadable
-        return report
     }
 
     package func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult {

@@ -76,8 +76,12 @@ package protocol SidecarStore: Sendable {
     /// the quarantined payloads `quarantineIDs`. De-duplication ids stay, so that Kora's retry of
     /// an erased event is not stored again.
     func erase(verificationIDs: [String], quarantineIDs: [Int64]) async throws -> ErasureReport
-    /// Seals again, with the first key, every kept body sealed under another key (or none).
-    func reseal() async throws -> ResealReport
+    /// Seals again, with the first key, up to 200 kept event bodies sealed under another key (or
+    /// none) after event row `after`, in one transaction; returns what it did and the last row it
+    /// looked at (nil: none left).
+    func resealEvents(after: Int64) async throws -> (report: ResealReport, last: Int64?)
+    /// Seals again, with the first key, every kept quarantined payload sealed under another key.
+    func resealQuarantined() async throws -> ResealReport
     /// Outbox depth by service and status, with the age of the oldest pending delivery.
     func depth() async throws -> [OutboxDepth]
     /// The `Idempotency-Key` record of `service`'s `key`, if any.
@@ -272,7 +276,14 @@ package struct ResealReport: Sendable, Equatable {
     /// Bodies that no configured key opens: left as they are.
     package var unreadable = 0
 
-    package init() {}
+    package init(resealed: Int = 0, unreadable: Int = 0) {
+        self.resealed = resealed
+        self.unreadable = unreadable
+    }
+
+    static func + (lhs: ResealReport, rhs: ResealReport) -> ResealReport {
+        ResealReport(resealed: lhs.resealed + rhs.resealed, unreadable: lhs.unreadable + rhs.unreadable)
+    }
 }
 
 /// A signed payload that could not be normalised.
@@ -436,6 +447,19 @@ extension SidecarStore {
     ) async throws -> DeliveryJob? {
         try await finish(deliveryID: deliveryID, attempt: attempt, next: next)
         return try await claimDue(service: service, now: now, limit: 1, lease: lease, ordered: ordered).first
+    }
+
+    /// Seals every kept body again with the first key, in batches so that serve's writes interleave.
+    package func reseal() async throws -> ResealReport {
+        var report = ResealReport()
+        var after: Int64 = 0
+        while true {
+            let batch = try await resealEvents(after: after)
+            report = report + batch.report
+            guard let last = batch.last else { break }
+            after = last
+        }
+        return report + (try await resealQuarantined())
     }
 
     /// The newest `limit` deliveries, optionally of one status.
