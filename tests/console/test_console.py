@@ -19,9 +19,7 @@ import json
 import os
 import re
 import secrets
-import subprocess
 import threading
-import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,12 +27,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from kora_process import (DEADLINE_SECONDS, ROOT, SidecarProcess, run_send_test_event, sidecar_binary, stop,
+                          unavailable, wait_for)
+
 CONSOLE = ROOT / "Sources/KoraSidecar/Console"
-IN_CI = os.environ.get("CI", "").lower() == "true"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 KORA_SECRET = "kora-webhook-secret-for-the-console"
-DEADLINE_SECONDS = 30
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
        "form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
 # Shown by the console as text; were it parsed as HTML, an <img> and a <script> would appear in the page.
@@ -42,49 +40,12 @@ HOSTILE = "<img src=x onerror=window.__xss=1><script>window.__xss=2</script>"
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers
-
-
-def unavailable(reason):
-    if IN_CI:
-        pytest.fail(f"{reason} (CI=true: a missing prerequisite fails the run)")
-    pytest.skip(reason)
+# helpers (the ones shared with tests/examples are in tests/support/kora_process.py)
 
 
 @pytest.fixture(scope="module")
 def binary():
-    path = Path(os.environ.get("KORA_SIDECAR_BINARY", ROOT / ".build/debug/kora-sidecar"))
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        unavailable(f"the kora-sidecar binary is absent at {path} (build it, or set KORA_SIDECAR_BINARY)")
-    return path
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(process):
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def wait_for(condition, what, timeout=DEADLINE_SECONDS, every=0.1):
-    """Polls `condition` until it returns something true; fails naming `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    event = threading.Event()
-    while True:
-        if result := condition():
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        event.wait(every)
+    return sidecar_binary()
 
 
 class Receiver:
@@ -116,50 +77,18 @@ class Receiver:
         self.server.server_close()
 
 
-class Sidecar:
+class Sidecar(SidecarProcess):
     """`kora-sidecar serve` delivering to `receiver`, ready (GET /readyz answered 200) on return."""
 
     def __init__(self, binary, folder, receiver, admin_token):
-        folder.mkdir(parents=True, exist_ok=True)
-        self.binary, self.admin_token = binary, admin_token
-        self.webhook_port, self.internal_port = free_port(), free_port()
-        self.base = f"http://127.0.0.1:{self.internal_port}"
-        internal = {"listen": {"host": "127.0.0.1", "port": self.internal_port}}
-        if admin_token:
-            internal["adminToken"] = admin_token
-        config = {
-            "webhooks": {"listen": {"host": "127.0.0.1", "port": self.webhook_port}, "secrets": [KORA_SECRET]},
-            "internal": internal,
-            "services": [{"name": "app", "deliver": {
+        self.admin_token = admin_token
+        super().__init__(
+            binary, folder,
+            webhooks={"secrets": [KORA_SECRET]},
+            internal={"adminToken": admin_token} if admin_token else {},
+            services=[{"name": "app", "deliver": {
                 "url": f"http://127.0.0.1:{receiver.port}/kora-events", "breaker": {"failures": 1000}}}],
-            "delivery": {"retrySchedule": ["200ms"]},
-            "storage": {"sqlitePath": str(folder / "kora-sidecar.sqlite")},
-            "logging": {"level": "info", "format": "text"},
-        }
-        (folder / "config.json").write_text(json.dumps(config))
-        self.log_path = folder / "sidecar.log"
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(
-                [str(binary), "serve", "--config", str(folder / "config.json")],
-                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, cwd=folder,
-                stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_for(self._ready, f"GET /readyz to answer 200; the sidecar's log:\n{self.log()}")
-        except BaseException:
-            stop(self.process)
-            raise
-
-    def log(self):
-        return self.log_path.read_text(errors="replace")
-
-    def _ready(self):
-        if self.process.poll() is not None:
-            pytest.fail(f"kora-sidecar serve exited with {self.process.returncode} before it was ready:\n{self.log()}")
-        try:
-            with urllib.request.urlopen(f"{self.base}/readyz", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
+            delivery={"retrySchedule": ["200ms"]})
 
     def admin(self, path):
         """GET on the admin API with the token, as a script would."""
@@ -170,10 +99,7 @@ class Sidecar:
             return json.load(response)
 
     def send_event(self, external_id):
-        sent = subprocess.run(
-            [str(self.binary), "send-test-event", "--to", f"http://127.0.0.1:{self.webhook_port}/webhooks/koraidv",
-             "--secret", KORA_SECRET, "--external-id", external_id],
-            capture_output=True, text=True, timeout=60)
+        sent = run_send_test_event(self.binary, self.webhook_port, KORA_SECRET, "--external-id", external_id)
         assert sent.returncode == 0 and sent.stdout.startswith("200"), sent.stdout + sent.stderr
 
     def deliveries(self, status):

@@ -24,35 +24,22 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from kora_process import DEADLINE_SECONDS, ROOT, SidecarProcess, run_send_test_event, sidecar_binary, stop, unavailable
+
 EXAMPLES = ROOT / "examples"
-IN_CI = os.environ.get("CI", "").lower() == "true"
 KORA_SECRET = "kora-webhook-secret-for-the-examples"  # Kora's secret, used as UTF-8 bytes
-DEADLINE_SECONDS = 30
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers
-
-
-def unavailable(reason):
-    if IN_CI:
-        pytest.fail(f"{reason} (CI=true: a missing prerequisite fails the run)")
-    pytest.skip(reason)
+# helpers (the ones shared with tests/console are in tests/support/kora_process.py)
 
 
 @pytest.fixture(scope="session")
 def binary():
-    path = Path(os.environ.get("KORA_SIDECAR_BINARY", ROOT / ".build/debug/kora-sidecar"))
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        unavailable(f"the kora-sidecar binary is absent at {path} (build it, or set KORA_SIDECAR_BINARY)")
-    return path
+    return sidecar_binary()
 
 
 def receiver_command(language):
@@ -70,23 +57,6 @@ def receiver_command(language):
 
 def new_signing_secret():
     return "whsec_" + base64.b64encode(os.urandom(32)).decode()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(process):
-    """Terminates a child, waits for it with a time-out, then kills it."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 class Receiver:
@@ -180,64 +150,24 @@ def normalized_event(msg_id, outcome="approved"):
         "fraudAlert": None, "data": {}}).encode()
 
 
-class Sidecar:
+class Sidecar(SidecarProcess):
     """`kora-sidecar serve` delivering to `receiver`, ready (GET /readyz answered 200) on return."""
 
     def __init__(self, binary, tmp_path, receiver, signing_secret):
-        self.webhook_port, self.internal_port = free_port(), free_port()
         if receiver.socket:
             deliver = {"unixSocket": receiver.socket, "path": "/kora-events"}
         else:
             deliver = {"url": f"http://127.0.0.1:{receiver.port}/kora-events"}
         deliver["signingSecret"] = {"env": "APP_WEBHOOK_SECRET"}
-        config = {
-            "webhooks": {"listen": {"host": "127.0.0.1", "port": self.webhook_port},
-                         "secrets": [{"env": "KORAIDV_WEBHOOK_SECRET"}]},
-            "internal": {"listen": {"host": "127.0.0.1", "port": self.internal_port}},
-            "services": [{"name": "app", "deliver": deliver}],
-            "storage": {"sqlitePath": str(tmp_path / "kora-sidecar.sqlite")},
-            "logging": {"level": "info", "format": "text"},
-        }
-        (tmp_path / "config.json").write_text(json.dumps(config))
-        environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                       "KORAIDV_WEBHOOK_SECRET": KORA_SECRET, "APP_WEBHOOK_SECRET": signing_secret}
-        self.log_path = tmp_path / "sidecar.log"
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(
-                [str(binary), "serve", "--config", str(tmp_path / "config.json")],
-                env=environment, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            self._wait_until_ready()
-        except BaseException:
-            stop(self.process)
-            raise
-
-    def log(self):
-        return self.log_path.read_text(errors="replace")
-
-    def _wait_until_ready(self):
-        deadline = time.monotonic() + DEADLINE_SECONDS
-        url = f"http://127.0.0.1:{self.internal_port}/readyz"
-        while True:
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            assert time.monotonic() < deadline, f"GET /readyz never answered 200; the sidecar's log:\n{self.log()}"
-            try:  # the pause between two polls also notices a sidecar that exited
-                code = self.process.wait(timeout=0.1)
-            except subprocess.TimeoutExpired:
-                continue
-            pytest.fail(f"kora-sidecar serve exited with {code} before it was ready:\n{self.log()}")
+        super().__init__(
+            binary, tmp_path,
+            environment={"KORAIDV_WEBHOOK_SECRET": KORA_SECRET, "APP_WEBHOOK_SECRET": signing_secret},
+            webhooks={"secrets": [{"env": "KORAIDV_WEBHOOK_SECRET"}]},
+            services=[{"name": "app", "deliver": deliver}])
 
     def send_test_event(self, binary):
         """`kora-sidecar send-test-event`, exactly as the README tells users to run it."""
-        return subprocess.run(
-            [str(binary), "send-test-event", "--to", f"http://127.0.0.1:{self.webhook_port}/webhooks/koraidv",
-             "--secret", KORA_SECRET],
-            capture_output=True, text=True, timeout=60)
+        return run_send_test_event(binary, self.webhook_port, KORA_SECRET)
 
 
 @pytest.fixture
