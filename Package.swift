@@ -81,13 +81,7 @@ let package = Package(
                 "KoraSidecarCore", "KoraSidecar", "KoraSimulator",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
-                .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "NIOPosix", package: "swift-nio"),
-            ],
-            // With the standard library linked statically, Swift Concurrency's global-executor hook
-            // is exported only when asked: NIO finds it by name to run the cooperative pool's jobs
-            // on its event loops (no thread hop between a handler and its I/O).
-            linkerSettings: [.unsafeFlags(["-Xlinker", "--export-dynamic-symbol=swift_task_enqueueGlobal_hook"], .when(platforms: [.linux]))]
+            ]
         ),
         // What tests use in place of production parts (the in-memory store).
         .target(

@@ -4,8 +4,6 @@ import KoraSidecar
 import KoraSidecarCore
 import KoraSimulator
 import Logging
-import NIOCore
-import NIOPosix
 
 /// `kora-sidecar`: parses the command line, builds, runs. All behaviour lives in the library.
 @main
@@ -22,9 +20,6 @@ struct KoraSidecarCommand: AsyncParsableCommand {
     /// Runs the command and maps failures to the exit codes of SPEC §2: 1 for a problem the user
     /// can fix (one clear message), 2 for a usage error.
     static func main() async {
-        // Before any other task: Swift Concurrency's jobs then run on NIO's event loops, where the
-        // listeners' and clients' I/O already runs, instead of hopping to a pool of their own.
-        concurrencyOnEventLoops = NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
         do {
             var command = try parseAsRoot()
             if var command = command as? any AsyncParsableCommand {
@@ -50,9 +45,6 @@ struct KoraSidecarCommand: AsyncParsableCommand {
         Foundation.exit(code)
     }
 }
-
-/// Whether Swift Concurrency's jobs run on NIO's event loops (logged by `serve`).
-nonisolated(unsafe) var concurrencyOnEventLoops = false
 
 /// The process environment, read once here and passed down.
 var processEnvironment: [String: String] { ProcessInfo.processInfo.environment }
@@ -81,7 +73,6 @@ struct Serve: AsyncParsableCommand {
             SidecarLogHandler(label: label, level: level, format: configuration.logging.format)
         }
         let logger = Logger(label: "kora-sidecar")
-        logger.debug("Concurrency executor", metadata: ["executor": "\(concurrencyOnEventLoops ? "NIO event loops" : "Swift's cooperative pool")"])
         let app = try buildApplication(configuration, logger: logger)
         do {
             try await app.runService()
