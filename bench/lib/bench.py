@@ -60,10 +60,13 @@ def free_ports(n):
 
 
 def body_for(event_id):
-    """A ~300-byte Kora event (KORA.md §3), compact JSON, distinct by id."""
+    """A ~300-byte Kora event, compact JSON, distinct by id; each about a verification of its own, as
+    Kora sends them (one to three events a verification), so that delivery in order per verification
+    does not serialise the whole load behind one verification."""
+    verification = "ver_" + event_id[6:]  # as long as ver_b3nch0000001: every body keeps its size
     return json.dumps({
-        "id": event_id, "eventType": "verification.completed", "resourceId": "ver_b3nch0000001", "tenantId": "tenant-bench-0001", "timestamp": "2025-01-15T10:35:00Z",
-        "data": {"verificationId": "ver_b3nch0000001", "externalId": "user-123", "status": "verified",
+        "id": event_id, "eventType": "verification.completed", "resourceId": verification, "tenantId": "tenant-bench-0001", "timestamp": "2025-01-15T10:35:00Z",
+        "data": {"verificationId": verification, "externalId": "user-123", "status": "verified",
                  "decision": "auto_approve", "decisionReason": "All checks passed", "overallScore": 96.3},
     }, separators=(",", ":"))
 

@@ -71,6 +71,15 @@ enum PostgresSchema {
             "ALTER TABLE kora_quarantine ADD COLUMN sealed BYTEA, ADD COLUMN key_id TEXT, ADD COLUMN body_state TEXT NOT NULL DEFAULT 'kept'",
             "CREATE INDEX kora_events_kept ON kora_events(id) WHERE body_state = 'kept'",
         ],
+        // Delivery in order looks up a verification's pending deliveries by index, not by walking its events.
+        [
+            "ALTER TABLE kora_deliveries ADD COLUMN verification_id TEXT",
+            "UPDATE kora_deliveries d SET verification_id = e.verification_id FROM kora_events e WHERE e.id = d.event_row",
+            """
+            CREATE INDEX kora_deliveries_pending_verification ON kora_deliveries(service, verification_id, id)
+                WHERE status = 'pending' AND verification_id IS NOT NULL
+            """,
+        ],
     ]
 
     /// Any constant, the same in every replica: the advisory lock that serialises migrations.

@@ -197,8 +197,9 @@ final class PostgresStore: SidecarStore, Service {
         guard !services.isEmpty else { return }
         try await connection.query(
             """
-            INSERT INTO kora_deliveries(event_row, service, status, next_attempt_at, created_at, updated_at)
-            SELECT \(eventRow), service, 'pending', \(at.milliseconds), \(at.milliseconds), \(at.milliseconds)
+            INSERT INTO kora_deliveries(event_row, service, status, next_attempt_at, created_at, updated_at, verification_id)
+            SELECT \(eventRow), service, 'pending', \(at.milliseconds), \(at.milliseconds), \(at.milliseconds),
+                   (SELECT verification_id FROM kora_events WHERE id = \(eventRow))
             FROM unnest(\(services)::text[]) AS service
             """, logger: logger)
     }
@@ -272,14 +273,14 @@ final class PostgresStore: SidecarStore, Service {
     // MARK: The outbox
 
     /// With `ordered`, the condition that no earlier delivery of the same verification is pending
-    /// for the same service (`d` is the delivery, `e` its event): across replicas, since a leased
-    /// delivery stays pending until its attempt is recorded.
+    /// for the same service (`d` is the delivery): across replicas, since a leased delivery stays
+    /// pending until its attempt is recorded; one seek in the partial index of pending deliveries.
     private static func inOrder(_ ordered: Bool) -> String {
         guard ordered else { return "" }
         return """
-             AND (e.verification_id IS NULL OR NOT EXISTS (
-                SELECT 1 FROM kora_events pe JOIN kora_deliveries p ON p.event_row = pe.id
-                WHERE pe.verification_id = e.verification_id AND p.service = d.service AND p.status = 'pending' AND p.id < d.id))
+             AND (d.verification_id IS NULL OR NOT EXISTS (
+                SELECT 1 FROM kora_deliveries p
+                WHERE p.service = d.service AND p.verification_id = d.verification_id AND p.status = 'pending' AND p.id < d.id))
             """
     }
 
