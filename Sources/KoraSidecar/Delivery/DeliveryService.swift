@@ -1,5 +1,4 @@
 import Crypto
-import Foundation
 import KoraSidecarCore
 
 /// A service that receives events, resolved from its configuration once at start-up.
@@ -7,8 +6,6 @@ package struct DeliveryService: Sendable {
     package let name: String
     /// The URL AsyncHTTPClient is given (`http+unix://…` for a Unix socket).
     package let url: String
-    /// `url`, parsed once rather than for every delivery.
-    let requestURL: URL
     package let format: DeliveryFormat
     let signingKey: SymmetricKey?
     package let headers: [(name: String, value: Secret)]
@@ -28,8 +25,6 @@ package struct DeliveryService: Sendable {
     init(name: String, deliver: DeliverConfiguration) {
         self.name = name
         self.url = Self.url(for: deliver.target)
-        // The loader accepted only http(s) URLs and socket paths, which always parse.
-        self.requestURL = URL(string: url)!
         self.format = deliver.format
         self.signingKey = deliver.signingSecret.flatMap(StandardWebhooks.key(from:))
         self.headers = deliver.headers
