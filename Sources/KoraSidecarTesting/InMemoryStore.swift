@@ -21,6 +21,7 @@ final class InMemoryStore: SidecarStore {
         var idempotency: [String: IdempotencyRecord] = [:]
         /// Events whose body is gone, by event id.
         var bodyGone: [String: BodyProblem] = [:]
+        var nextQuarantineID: Int64 = 1
 
         /// Whether an earlier delivery of the same verification is pending for the same service.
         func waitsBehindEarlier(_ delivery: Delivery) -> Bool {
@@ -95,7 +96,8 @@ final class InMemoryStore: SidecarStore {
     package func quarantine(_ payload: QuarantinedPayload) async throws {
         try write { state in
             var payload = payload
-            payload.id = Int64(state.quarantine.count + 1)
+            payload.id = state.nextQuarantineID
+            state.nextQuarantineID += 1
             state.quarantine.append(payload)
         }
     }
@@ -248,11 +250,11 @@ final class InMemoryStore: SidecarStore {
         return count
     }
 
-    package func expireBodies(deliveredBefore: UnixTime, deadBefore: UnixTime) async throws -> Int {
+    package func expireBodies(deliveredBefore: UnixTime, deadBefore: UnixTime, limit: Int) async throws -> Int {
         try write { state in
             let byEvent = Dictionary(grouping: state.deliveries.values, by: \.event.id)
             var expired = 0
-            for (eventID, deliveries) in byEvent where state.bodyGone[eventID] == nil {
+            for (eventID, deliveries) in byEvent where state.bodyGone[eventID] == nil && expired < limit {
                 let keeps = deliveries.contains { delivery in
                     switch delivery.summary.status {
                     case .pending: true
@@ -269,18 +271,24 @@ final class InMemoryStore: SidecarStore {
         }
     }
 
-    package func keptBodies() async throws -> [KeptBody] {
-        state.withLockedValue { state in
+    /// One page holding every kept event (the whole store is in memory anyway).
+    package func keptEvents(after: Int64, limit: Int) async throws -> (bodies: [KeptBody], last: Int64?) {
+        guard after == 0 else { return ([], nil) }
+        let bodies = state.withLockedValue { state in
             var seen = Set<String>()
             let events = (state.deliveries.values.map(\.event) + state.unrouted.values.map(\.event)).filter {
                 state.bodyGone[$0.id] == nil && seen.insert($0.id).inserted
             }
             return events.map { KeptBody(owner: .event(verificationID: $0.verificationID), body: $0.normalizedBody) }
-                + state.quarantine.map { KeptBody(owner: .quarantine($0.id), body: $0.body) }
         }
+        return (bodies, 1)
     }
 
-    package func erase(verificationIDs: [String], quarantineIDs: [Int64]) async throws -> ErasureReport {
+    package func keptQuarantined() async throws -> [KeptBody] {
+        state.withLockedValue { $0.quarantine.map { KeptBody(owner: .quarantine($0.id), body: $0.body) } }
+    }
+
+    package func erase(verificationIDs: [String], quarantineIDs: [Int64], mentions: [[UInt8]]) async throws -> ErasureReport {
         try write { state in
             var report = ErasureReport(verificationIDs: verificationIDs)
             let ids = Set(verificationIDs)
@@ -294,7 +302,7 @@ final class InMemoryStore: SidecarStore {
             for id in ids { state.origins[id] = nil }
             let named = state.idempotency.filter { record in
                 guard case .answered(_, _, let body) = record.value.state else { return false }
-                return ids.contains { body.firstRange(of: Array("\"\($0)\"".utf8)) != nil }
+                return mentions.contains { body.firstRange(of: $0) != nil }
             }
             for key in named.keys { state.idempotency[key] = nil }
             report.idempotencyKeys = named.count

@@ -196,7 +196,7 @@ struct ConfigurationTests {
             "KORA_SIDECAR_ENCRYPTION_KEY": TestSecrets.encryptionKey,
         ])
         #expect(fromEnvironment.storage.postgresURL?.value == "postgres://kora@127.0.0.1/kora")
-        #expect(fromEnvironment.storage.encryptionKeys.map(\.id) == ["env"])
+        #expect(fromEnvironment.storage.encryptionKeys.map(\.id).allSatisfy { $0.hasPrefix("env-") && $0.count == 12 })
     }
 
     @Test func storedBodiesNeedAKeyReplicasShareAndKeysAreCheckedWithoutQuotingThem() throws {

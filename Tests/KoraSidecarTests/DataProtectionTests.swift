@@ -1,5 +1,7 @@
+import AsyncHTTPClient
 import Foundation
 import Logging
+import NIOCore
 import NIOConcurrencyHelpers
 import PostgresNIO
 import Testing
@@ -124,7 +126,7 @@ struct DataProtectionTests {
         try await store.with([Self.otherKey]) { store in
             let detail = try #require(try await store.delivery(id: 1))
             #expect(try detail.event.get() == stored)
-            #expect(try await store.keptBodies().contains { String(decoding: $0.body, as: UTF8.self).contains(marker + "-q") })
+            #expect(try await store.keptQuarantined().contains { String(decoding: $0.body, as: UTF8.self).contains(marker + "-q") })
         }
     }
 
@@ -141,9 +143,9 @@ struct DataProtectionTests {
                     try await store.finish(deliveryID: job.deliveryID, attempt: record, next: dead ? .dead : .delivered)
                 }
             }
-            #expect(try await store.expireBodies(deliveredBefore: at(5), deadBefore: at(5)) == 0)
+            #expect(try await store.expireBodies(deliveredBefore: at(5), deadBefore: at(5), limit: 100) == 0)
             // e2 was delivered everywhere; e1 has a dead delivery, kept for the longer deadRetention.
-            #expect(try await store.expireBodies(deliveredBefore: at(20), deadBefore: at(5)) == 1)
+            #expect(try await store.expireBodies(deliveredBefore: at(20), deadBefore: at(5), limit: 100) == 1)
             let listed = try await store.deliveries(status: nil, limit: 10)
             #expect(listed.count == 3)
             let e2 = try #require(listed.first { $0.eventID == "e2" })
@@ -151,10 +153,10 @@ struct DataProtectionTests {
             #expect(try await store.delivery(id: e2.id)?.event == .failure(.expired))
             #expect(try await store.requeue(DeliveryFilter(statuses: [.delivered]), at: at(30), dryRun: true) == RequeueCount(selected: 1, bodyGone: 1))
             #expect(try await !store.requeue(id: e2.id, at: at(30)))
-            #expect(try await store.expireBodies(deliveredBefore: at(20), deadBefore: at(20)) == 1)
+            #expect(try await store.expireBodies(deliveredBefore: at(20), deadBefore: at(20), limit: 100) == 1)
             let dead = try #require(listed.first { $0.status == .dead })
             #expect(try await !store.requeue(id: dead.id, at: at(30)))
-            #expect(try await store.keptBodies().isEmpty)
+            #expect(try await store.keptEvents(after: 0, limit: 10).bodies.isEmpty)
         }
     }
 
@@ -189,15 +191,21 @@ struct DataProtectionTests {
             #expect(try await store.claimIdempotencyKey(service: "a", key: "k1", digest: "d", at: t0) == nil)
             try await store.settleIdempotencyKey(
                 service: "a", key: "k1", state: .answered(status: 201, contentType: "application/json", body: Array(#"{"id":"ver_A"}"#.utf8)), at: t0)
+            // A create whose events are gone still names the person in Kora's answer.
+            #expect(try await store.claimIdempotencyKey(service: "a", key: "k2", digest: "d", at: t0) == nil)
+            try await store.settleIdempotencyKey(
+                service: "a", key: "k2", state: .answered(status: 201, contentType: nil, body: Array(#"{"id":"ver_old","externalId":"person-x"}"#.utf8)),
+                at: t0)
 
             let report = try await OperatorActions.erase(.externalID("person-x"), store: store, logger: logs.logger())
             #expect(report.verificationIDs == ["ver_A"])
-            #expect([report.events, report.deliveries, report.quarantined, report.origins, report.idempotencyKeys] == [2, 1, 1, 1, 1] as [Int])
+            #expect([report.events, report.deliveries, report.quarantined, report.origins, report.idempotencyKeys] == [2, 1, 1, 1, 2] as [Int])
             #expect(try await store.deliveries(status: nil, limit: 10).map(\.eventID) == ["e3"])
             #expect(try await store.unroutedCount() == 0)
             #expect(try await store.quarantined(limit: 10).count == 1)
             #expect(try await store.origin(ofVerification: "ver_A") == nil)
             #expect(try await store.idempotencyRecord(service: "a", key: "k1") == nil)
+            #expect(try await store.idempotencyRecord(service: "a", key: "k2") == nil)
             // Kora's retry of an erased event is a duplicate, not a new copy of the data.
             #expect(try await store.enqueue(try event("e1", verification: "ver_A", marker: "person-x"), services: ["a"], at: at(1), dedupSince: at(-1)) == .duplicate)
             // By verification id; a second erasure finds nothing.
@@ -278,6 +286,12 @@ struct DataProtectionProcessTests {
 
             // Erased while serve runs: by the admin API, then by the command.
             let erased = try await post(sidecar.internalURL("/admin/erase"), body: Array(#"{"externalId": "\#(marker)"}"#.utf8), headers: [])
+            // post() sends JSON; anything else is refused, so that no page elsewhere can erase through a browser.
+            var plain = HTTPClientRequest(url: sidecar.internalURL("/admin/erase"))
+            plain.method = .POST
+            plain.headers.add(name: "Content-Type", value: "text/plain")
+            plain.body = .bytes(ByteBuffer(string: #"{"externalId": "x"}"#))
+            #expect(try await HTTPClient.shared.execute(plain, timeout: .seconds(30)).status.code == 415)
             #expect(erased.status == 200, "\(erased.body)")
             #expect(erased.json?["verificationIds"] == ["ver_marked"])
             #expect(erased.json?["quarantined"] == .int(1))

@@ -74,6 +74,11 @@ struct AdminRoutes {
             return JSONResponse.make(.ok, ["requeued": .int(Int(id))])
         }
         admin.post("erase") { request, context in
+            // A JSON body only: a browser cannot send one cross-site without asking first (CORS),
+            // so a page elsewhere cannot erase through a sidecar that runs without adminToken.
+            guard request.headers[.contentType]?.lowercased().hasPrefix("application/json") == true else {
+                throw SidecarHTTPError(.unsupportedMediaType, code: "UNSUPPORTED_MEDIA_TYPE", message: "Send the erasure as Content-Type: application/json.")
+            }
             let body = try await BodyReader.collect(request, channel: context.channel, limit: 65536, logger: context.logger)
             let subject = try Self.erasureSubject(Array(buffer: body))
             let report = try await OperatorActions.erase(subject, store: store, logger: context.logger)

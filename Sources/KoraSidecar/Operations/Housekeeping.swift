@@ -13,10 +13,11 @@ struct Housekeeping: Service {
     let deadRetention: Duration
     let logger: Logger
 
-    /// Every ten minutes, or more often when a retention is shorter (so a body outlives it by at most half of it).
+    /// Every ten minutes, or more often when a retention is shorter (so a body outlives it by at
+    /// most half of it, and by 10 s at most with `0s`, which delivery itself mostly applies at once).
     var interval: Duration {
-        let shortest = [payloadRetention, deadRetention].filter { $0 > .zero }.min() ?? .seconds(600)
-        return max(.seconds(1), min(.seconds(600), shortest / 2))
+        let shortest = min(payloadRetention, deadRetention)
+        return max(.seconds(10), min(.seconds(600), shortest / 2))
     }
 
     func run() async throws {
@@ -24,8 +25,14 @@ struct Housekeeping: Service {
             let now = UnixTime.now()
             let cutoff = now.adding(.zero - retention)
             do {
-                let expired = try await store.expireBodies(
-                    deliveredBefore: now.adding(.zero - payloadRetention), deadBefore: now.adding(.zero - deadRetention))
+                // A thousand at a time, so that a large first run never holds the store for long.
+                var expired = 0
+                while !Task.isCancelled {
+                    let batch = try await store.expireBodies(
+                        deliveredBefore: now.adding(.zero - payloadRetention), deadBefore: now.adding(.zero - deadRetention), limit: 1000)
+                    expired += batch
+                    if batch < 1000 { break }
+                }
                 if expired > 0 { logger.info("Deleted bodies past their retention", metadata: ["expired.bodies": "\(expired)"]) }
                 let pruned = try await store.prune(deliveredBefore: cutoff, seenBefore: cutoff)
                 _ = try await store.pruneIdempotencyKeys(before: UnixTime.now().adding(.zero - KoraProxy.idempotencyRetention))

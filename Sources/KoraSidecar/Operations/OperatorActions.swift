@@ -49,6 +49,23 @@ package enum OperatorActions {
         return .object(members)
     }
 
+    /// The verifications whose kept events name `externalID`, read a page at a time.
+    private static func verifications(of externalID: String, in store: any SidecarStore) async throws -> [String] {
+        var found = Set<String>()
+        var after: Int64 = 0
+        while true {
+            let page = try await store.keptEvents(after: after, limit: 500)
+            for body in page.bodies {
+                guard case .event(let verificationID?) = body.owner, let json = try? JSONParser.parse(body.body) else { continue }
+                if [json["verification"]?["externalId"], json["fraudAlert"]?["externalId"]].contains(where: { $0?.text == externalID }) {
+                    found.insert(verificationID)
+                }
+            }
+            guard let last = page.last else { return found.sorted() }
+            after = last
+        }
+    }
+
     /// Whose data an operator erases.
     package enum ErasureSubject: Sendable {
         case verification(String)
@@ -59,28 +76,24 @@ package enum OperatorActions {
     /// Erases everything stored about `subject`, in one transaction, and logs one audit line that
     /// names the verifications, never the data (an external id is data: it is not logged).
     static func erase(_ subject: ErasureSubject, store: any SidecarStore, logger: Logger) async throws -> ErasureReport {
-        let bodies = try await store.keptBodies()
         let verificationIDs: [String]
         let mention: [UInt8]
         switch subject {
         case .verification(let id):
             verificationIDs = [id]
-            mention = Array(JSONWriter.encode(.string(id)))
+            mention = JSONWriter.encode(.string(id))
         case .externalID(let externalID):
-            verificationIDs = Set(bodies.compactMap { body -> String? in
-                guard case .event(let verificationID?) = body.owner, let json = try? JSONParser.parse(body.body) else { return nil }
-                let named = [json["verification"]?["externalId"], json["fraudAlert"]?["externalId"]].contains { $0?.text == externalID }
-                return named ? verificationID : nil
-            }).sorted()
-            mention = Array(JSONWriter.encode(.string(externalID)))
+            verificationIDs = try await verifications(of: externalID, in: store)
+            mention = JSONWriter.encode(.string(externalID))
         }
-        // A quarantined payload could not be parsed: it goes when its bytes name the subject or one of its verifications.
-        let names = [mention] + verificationIDs.map { Array(JSONWriter.encode(.string($0))) }
-        let quarantineIDs = bodies.compactMap { body -> Int64? in
-            guard case .quarantine(let id) = body.owner, names.contains(where: { body.body.firstRange(of: $0) != nil }) else { return nil }
+        // Quarantined payloads could not be parsed, and idempotency records hold Kora's answer:
+        // they go when their bytes name the subject or one of its verifications.
+        let mentions = [mention] + verificationIDs.map { JSONWriter.encode(.string($0)) }
+        let quarantineIDs = try await store.keptQuarantined().compactMap { body -> Int64? in
+            guard case .quarantine(let id) = body.owner, mentions.contains(where: { body.body.firstRange(of: $0) != nil }) else { return nil }
             return id
         }
-        let report = try await store.erase(verificationIDs: verificationIDs, quarantineIDs: quarantineIDs)
+        let report = try await store.erase(verificationIDs: verificationIDs, quarantineIDs: quarantineIDs, mentions: mentions)
         logger.notice(
             "Erased stored data",
             metadata: [

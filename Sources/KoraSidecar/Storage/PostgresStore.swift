@@ -350,8 +350,8 @@ final class PostgresStore: SidecarStore, Service {
             // `payloadRetention` 0: the body goes as soon as its event's last delivery was delivered.
             if next == .delivered, self.protection.payloadRetention == .zero {
                 _ = try await Self.expireBodies(
-                    connection, deliveredBefore: attempt.at.adding(.milliseconds(1)),
-                    deadBefore: attempt.at.adding(.zero - self.protection.deadRetention), ofDelivery: deliveryID, logger: self.logger)
+                    connection, deliveredBefore: UnixTime(milliseconds: .max),
+                    deadBefore: attempt.at.adding(.zero - self.protection.deadRetention), ofDelivery: deliveryID, limit: 1, logger: self.logger)
             }
         }
     }
@@ -462,42 +462,50 @@ final class PostgresStore: SidecarStore, Service {
         return RequeueCount(selected: try await rows(query).count, bodyGone: Int(gone))
     }
 
-    package func expireBodies(deliveredBefore: UnixTime, deadBefore: UnixTime) async throws -> Int {
+    package func expireBodies(deliveredBefore: UnixTime, deadBefore: UnixTime, limit: Int) async throws -> Int {
         try await withConnection { connection in
-            try await Self.expireBodies(connection, deliveredBefore: deliveredBefore, deadBefore: deadBefore, ofDelivery: nil, logger: self.logger)
+            try await Self.expireBodies(
+                connection, deliveredBefore: deliveredBefore, deadBefore: deadBefore, ofDelivery: nil, limit: limit, logger: self.logger)
         }
     }
 
-    /// Deletes the bodies ``expireBodies(deliveredBefore:deadBefore:)`` selects, only of the event of `ofDelivery` if given.
+    /// Deletes the bodies ``expireBodies(deliveredBefore:deadBefore:limit:)`` selects; only of the
+    /// event of delivery `ofDelivery` when given.
     private static func expireBodies(
-        _ connection: PostgresConnection, deliveredBefore: UnixTime, deadBefore: UnixTime, ofDelivery: Int64?, logger: Logger
+        _ connection: PostgresConnection, deliveredBefore: UnixTime, deadBefore: UnixTime, ofDelivery: Int64?, limit: Int, logger: Logger
     ) async throws -> Int {
         try await connection.query(
             """
-            UPDATE kora_events e SET normalized = '', original = '', original_headers = '[]', sealed = NULL, key_id = NULL, body_state = 'expired'
-            WHERE e.body_state = 'kept' AND NOT e.unrouted
-              AND (\(ofDelivery)::bigint IS NULL OR e.id = (SELECT event_row FROM kora_deliveries WHERE id = \(ofDelivery)))
-              AND EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id)
-              AND NOT EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id AND (d.status = 'pending'
-                  OR (d.status = 'delivered' AND d.updated_at >= \(deliveredBefore.milliseconds))
-                  OR (d.status = 'dead' AND d.updated_at >= \(deadBefore.milliseconds))))
-            RETURNING e.id
+            UPDATE kora_events SET normalized = '', original = '', original_headers = '[]', sealed = NULL, key_id = NULL, body_state = 'expired'
+            WHERE id IN (
+                SELECT e.id FROM kora_events e WHERE e.body_state = 'kept' AND NOT e.unrouted
+                  AND (\(ofDelivery)::bigint IS NULL OR e.id = (SELECT event_row FROM kora_deliveries WHERE id = \(ofDelivery)))
+                  AND EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id)
+                  AND NOT EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id AND (d.status = 'pending'
+                      OR (d.status = 'delivered' AND d.updated_at >= \(deliveredBefore.milliseconds))
+                      OR (d.status = 'dead' AND d.updated_at >= \(deadBefore.milliseconds))))
+                LIMIT \(limit) FOR UPDATE SKIP LOCKED)
+            RETURNING id
             """, logger: logger
         ).collect().count
     }
 
-    package func keptBodies() async throws -> [KeptBody] {
-        let events = try await rows("SELECT NULL, NULL, \(unescaped: Self.eventColumns) FROM kora_events e WHERE e.body_state = 'kept'")
-            .compactMap { row -> KeptBody? in
-                let (event, problem) = try self.event(row, from: 2)
-                return problem == nil ? KeptBody(owner: .event(verificationID: event.verificationID), body: event.normalizedBody) : nil
-            }
-        let quarantined = try await rows("\(unescaped: Self.quarantineSelect) WHERE body_state = 'kept'").map(quarantined)
-            .filter { $0.bodyProblem == nil }.map { KeptBody(owner: .quarantine($0.id), body: $0.body) }
-        return events + quarantined
+    package func keptEvents(after: Int64, limit: Int) async throws -> (bodies: [KeptBody], last: Int64?) {
+        let rows = try await rows(
+            "SELECT e.id, NULL, \(unescaped: Self.eventColumns) FROM kora_events e WHERE e.id > \(after) AND e.body_state = 'kept' ORDER BY e.id LIMIT \(limit)")
+        let bodies = try rows.compactMap { row -> KeptBody? in
+            let (event, problem) = try self.event(row, from: 2)
+            return problem == nil ? KeptBody(owner: .event(verificationID: event.verificationID), body: event.normalizedBody) : nil
+        }
+        return (bodies, try rows.last.map { try $0.makeRandomAccess()[0].decode(Int64.self) })
     }
 
-    package func erase(verificationIDs: [String], quarantineIDs: [Int64]) async throws -> ErasureReport {
+    package func keptQuarantined() async throws -> [KeptBody] {
+        try await rows("\(unescaped: Self.quarantineSelect) WHERE body_state = 'kept'").map(quarantined)
+            .filter { $0.bodyProblem == nil }.map { KeptBody(owner: .quarantine($0.id), body: $0.body) }
+    }
+
+    package func erase(verificationIDs: [String], quarantineIDs: [Int64], mentions: [[UInt8]]) async throws -> ErasureReport {
         try await inTransaction { connection in
             var report = ErasureReport(verificationIDs: verificationIDs)
             func count(_ query: PostgresQuery) async throws -> Int { try await connection.query(query, logger: self.logger).collect().count }
@@ -508,10 +516,10 @@ final class PostgresStore: SidecarStore, Service {
             report.events = try await count("DELETE FROM kora_events WHERE verification_id = ANY(\(verificationIDs)::text[]) RETURNING 1")
             report.origins = try await count(
                 "DELETE FROM kora_verification_origins WHERE verification_id = ANY(\(verificationIDs)::text[]) RETURNING 1")
-            for id in verificationIDs {
-                // Kora's answer to a create names the verification it created.
+            // Kora's answer to a create names the verification and the person.
+            for mention in mentions {
                 report.idempotencyKeys += try await count(
-                    "DELETE FROM kora_idempotency_keys WHERE position(\(ByteBuffer(string: "\"\(id)\"")) in body) > 0 RETURNING 1")
+                    "DELETE FROM kora_idempotency_keys WHERE position(\(ByteBuffer(bytes: mention)) in body) > 0 RETURNING 1")
             }
             report.quarantined = try await count("DELETE FROM kora_quarantine WHERE id = ANY(\(quarantineIDs)::bigint[]) RETURNING 1")
             return report

@@ -23,7 +23,8 @@ final class SQLiteDatabase: Sendable {
         let connection = try SQLiteConnection(path: path)
         let mode = try connection.query("PRAGMA journal_mode=WAL").first?.string(0)
         guard mode == "wal" else { throw SQLiteError(code: 1, message: "cannot switch to WAL mode") }
-        try connection.execute("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+        // secure_delete: a deleted body (erased, expired, re-sealed) is overwritten, not left in free pages.
+        try connection.execute("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA secure_delete=ON;")
         try Self.migrate(connection, migrations)
         // Opened once the writer has created and migrated the file.
         let readConnection = try SQLiteConnection(path: path, readOnly: true)

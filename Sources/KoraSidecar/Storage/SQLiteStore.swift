@@ -287,8 +287,9 @@ final class SQLiteStore: SidecarStore {
             ])
         // `payloadRetention` 0: the body goes as soon as its event's last delivery was delivered.
         if next == .delivered, protection.payloadRetention == .zero {
-            try Self.expireBodies(db, deliveredBefore: attempt.at.adding(.milliseconds(1)), deadBefore: attempt.at.adding(.zero - protection.deadRetention),
-                only: "(SELECT event_row FROM deliveries WHERE id = \(deliveryID))")
+            _ = try Self.expireBodies(
+                db, deliveredBefore: UnixTime(milliseconds: .max), deadBefore: attempt.at.adding(.zero - protection.deadRetention),
+                ofDelivery: deliveryID, limit: 1)
         }
     }
 
@@ -418,40 +419,56 @@ final class SQLiteStore: SidecarStore {
         }
     }
 
-    package func expireBodies(deliveredBefore: UnixTime, deadBefore: UnixTime) async throws -> Int {
-        try await database.write { db in try Self.expireBodies(db, deliveredBefore: deliveredBefore, deadBefore: deadBefore, only: nil) }
+    package func expireBodies(deliveredBefore: UnixTime, deadBefore: UnixTime, limit: Int) async throws -> Int {
+        try await database.write { db in
+            try Self.expireBodies(db, deliveredBefore: deliveredBefore, deadBefore: deadBefore, ofDelivery: nil, limit: limit)
+        }
     }
 
-    /// Deletes the bodies ``expireBodies(deliveredBefore:deadBefore:)`` selects, of the event row `only` selects if given.
-    private static func expireBodies(_ db: SQLiteConnection, deliveredBefore: UnixTime, deadBefore: UnixTime, only: String?) throws -> Int {
+    /// Deletes the bodies ``expireBodies(deliveredBefore:deadBefore:limit:)`` selects; only of the
+    /// event of delivery `ofDelivery` when given.
+    private static func expireBodies(
+        _ db: SQLiteConnection, deliveredBefore: UnixTime, deadBefore: UnixTime, ofDelivery: Int64?, limit: Int
+    ) throws -> Int {
         try db.query(
             """
             UPDATE events SET normalized = x'', original = x'', original_headers = '[]', sealed = NULL, key_id = NULL, body_state = 'expired'
-            WHERE body_state = 'kept' AND unrouted = 0\(only.map { " AND id = \($0)" } ?? "")
-              AND EXISTS (SELECT 1 FROM deliveries d WHERE d.event_row = events.id)
-              AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_row = events.id AND (d.status = 'pending'
-                  OR (d.status = 'delivered' AND d.updated_at >= ?) OR (d.status = 'dead' AND d.updated_at >= ?)))
-            """, [.integer(deliveredBefore.milliseconds), .integer(deadBefore.milliseconds)])
+            WHERE id IN (
+                SELECT id FROM events WHERE body_state = 'kept' AND unrouted = 0
+                  AND (?1 IS NULL OR id = (SELECT event_row FROM deliveries WHERE id = ?1))
+                  AND EXISTS (SELECT 1 FROM deliveries d WHERE d.event_row = events.id)
+                  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_row = events.id AND (d.status = 'pending'
+                      OR (d.status = 'delivered' AND d.updated_at >= ?2) OR (d.status = 'dead' AND d.updated_at >= ?3)))
+                LIMIT ?4)
+            """, [ofDelivery.map(SQLiteValue.integer) ?? .null, .integer(deliveredBefore.milliseconds), .integer(deadBefore.milliseconds), .int(limit)])
         return db.changes
     }
 
-    package func keptBodies() async throws -> [KeptBody] {
+    package func keptEvents(after: Int64, limit: Int) async throws -> (bodies: [KeptBody], last: Int64?) {
         try await database.read { db in
-            let events = try db.query("SELECT NULL, NULL, \(Self.eventColumns) FROM events e WHERE e.body_state = 'kept'").compactMap { row in
-                let (event, problem) = self.event(row, from: 2)
+            let rows = try db.query(
+                "SELECT e.id, \(Self.eventColumns) FROM events e WHERE e.id > ? AND e.body_state = 'kept' ORDER BY e.id LIMIT ?",
+                [.integer(after), .int(limit)])
+            let bodies = rows.compactMap { row -> KeptBody? in
+                let (event, problem) = self.event(row, from: 1)
                 return problem == nil ? KeptBody(owner: .event(verificationID: event.verificationID), body: event.normalizedBody) : nil
             }
-            let quarantined = try db.query(
+            return (bodies, rows.last?.int(0))
+        }
+    }
+
+    package func keptQuarantined() async throws -> [KeptBody] {
+        try await database.read { db in
+            try db.query(
                 """
                 SELECT id, received_at, reason, body, headers, sealed, key_id, body_state, signature_verified FROM quarantine
                 WHERE body_state = 'kept'
                 """
             ).map(self.quarantined).filter { $0.bodyProblem == nil }.map { KeptBody(owner: .quarantine($0.id), body: $0.body) }
-            return events + quarantined
         }
     }
 
-    package func erase(verificationIDs: [String], quarantineIDs: [Int64]) async throws -> ErasureReport {
+    package func erase(verificationIDs: [String], quarantineIDs: [Int64], mentions: [[UInt8]]) async throws -> ErasureReport {
         try await database.write { db in
             var report = ErasureReport(verificationIDs: verificationIDs)
             for id in verificationIDs {
@@ -463,8 +480,10 @@ final class SQLiteStore: SidecarStore {
                 report.events += db.changes
                 try db.query("DELETE FROM verification_origins WHERE verification_id = ?", [.text(id)])
                 report.origins += db.changes
-                // Kora's answer to a create names the verification it created.
-                try db.query("DELETE FROM idempotency_keys WHERE instr(body, ?) > 0", [.blob(Array("\"\(id)\"".utf8))])
+            }
+            // Kora's answer to a create names the verification and the person.
+            for mention in mentions {
+                try db.query("DELETE FROM idempotency_keys WHERE instr(body, ?) > 0", [.blob(mention)])
                 report.idempotencyKeys += db.changes
             }
             for id in quarantineIDs {

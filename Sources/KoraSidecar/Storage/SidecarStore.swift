@@ -65,17 +65,20 @@ package protocol SidecarStore: Sendable {
     /// Deletes delivered deliveries (and their events once no delivery needs them) finished before
     /// `deliveredBefore`, and de-duplication ids seen before `seenBefore`.
     func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult
-    /// Deletes the bodies of events none of whose deliveries is pending, once their last delivery
-    /// ended before `deliveredBefore` (all delivered) or `deadBefore` (some dead); their metadata
-    /// stays. Returns how many bodies it deleted.
-    func expireBodies(deliveredBefore: UnixTime, deadBefore: UnixTime) async throws -> Int
-    /// Every body still kept, opened (an operator's search for what to erase).
-    func keptBodies() async throws -> [KeptBody]
+    /// Deletes the bodies of up to `limit` events none of whose deliveries is pending, once their
+    /// last delivery ended before `deliveredBefore` (all delivered) or `deadBefore` (some dead);
+    /// their metadata stays. Returns how many bodies it deleted (`limit`: call again).
+    func expireBodies(deliveredBefore: UnixTime, deadBefore: UnixTime, limit: Int) async throws -> Int
+    /// Up to `limit` kept event bodies after event row `after`, opened, and the last row read (nil:
+    /// none left): an operator's search for what to erase, a page at a time.
+    func keptEvents(after: Int64, limit: Int) async throws -> (bodies: [KeptBody], last: Int64?)
+    /// Every kept quarantined payload, opened.
+    func keptQuarantined() async throws -> [KeptBody]
     /// In one transaction, deletes everything stored about `verificationIDs` (events and their
-    /// deliveries and attempts, origin records, idempotency records whose answer names one) and
-    /// the quarantined payloads `quarantineIDs`. De-duplication ids stay, so that Kora's retry of
-    /// an erased event is not stored again.
-    func erase(verificationIDs: [String], quarantineIDs: [Int64]) async throws -> ErasureReport
+    /// deliveries and attempts, origin records), the quarantined payloads `quarantineIDs`, and the
+    /// idempotency records whose stored answer contains one of `mentions`. De-duplication ids
+    /// stay, so that Kora's retry of an erased event is not stored again.
+    func erase(verificationIDs: [String], quarantineIDs: [Int64], mentions: [[UInt8]]) async throws -> ErasureReport
     /// Seals again, with the first key, up to 200 kept event bodies sealed under another key (or
     /// none) after event row `after`, in one transaction; returns what it did and the last row it
     /// looked at (nil: none left).

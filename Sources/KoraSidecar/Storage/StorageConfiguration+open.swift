@@ -135,5 +135,12 @@ enum KeyFile {
         guard text.withUnsafeBytes({ write(descriptor, $0.baseAddress, $0.count) }) == text.count, fsync(descriptor) == 0 else {
             throw StartupError("The encryption key file \(path) cannot be written: check the disk, or set storage.encryption.keys.")
         }
+        // The file's name is on disk too before any row is sealed with the key.
+        let folder = (path as NSString).deletingLastPathComponent
+        let directory = Foundation.open(folder.isEmpty ? "." : folder, O_RDONLY)
+        if directory >= 0 {
+            _ = fsync(directory)
+            close(directory)
+        }
     }
 }

@@ -1,3 +1,4 @@
+import Crypto
 /// The environment-only start: with no configuration file, one service (`app`) is built from the
 /// variables Kora's own integration guide already uses, plus `KORA_SIDECAR_*` for the rest a
 /// one-app container needs. docs/configuration.md lists every variable.
@@ -60,10 +61,12 @@ enum EnvironmentConfiguration {
         } else if let path = env("KORA_SIDECAR_SQLITE_PATH") {
             document.append(.init("storage", ["sqlitePath": .string(path)]))
         }
-        if env("KORA_SIDECAR_ENCRYPTION_KEY") != nil {
+        if let key = env("KORA_SIDECAR_ENCRYPTION_KEY") {
             var storage = document.last?.key == "storage" ? document.removeLast().value : [:]
             if case .object(var members) = storage {
-                members.append(.init("encryption", ["keys": [["id": "env", "key": reference("KORA_SIDECAR_ENCRYPTION_KEY")]]]))
+                // Named after the key itself, so that rows sealed under an earlier value report that key as missing.
+                let id = "env-" + Hex.encode(SHA256.hash(data: Array(key.utf8))).prefix(8)
+                members.append(.init("encryption", ["keys": [["id": .string(id), "key": reference("KORA_SIDECAR_ENCRYPTION_KEY")]]]))
                 storage = .object(members)
             }
             document.append(.init("storage", storage))

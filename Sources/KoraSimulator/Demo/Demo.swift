@@ -79,7 +79,7 @@ package func runDemo(options: DemoOptions = .init(), logger: Logger, output: @es
             ]
             configuration.storage.sqlitePath = directory.path + "/kora-sidecar.sqlite"
             var sidecarOptions = SidecarOptions()
-            sidecarOptions.koraProxy.budgetWindow = .seconds(DemoBudget.window)
+            sidecarOptions.koraProxy.budgetWindow = DemoBudget.sidecarWindow
             sidecarOptions.onListening = { role, address in
                 await ports.append(DemoPort(role: role == .webhooks ? .webhooks : .internal, address: address))
             }

@@ -10,6 +10,9 @@ struct DemoBudget: Sendable {
     /// Kora's limit in the demo: calls per `window` seconds (Kora's own window is a minute).
     static let limit = 10
     static let window: Int64 = 2
+    /// The sidecar's window: a quarter longer than Kora's, so that a call sent at the end of one of
+    /// Kora's fixed windows and arriving in the next cannot go over (the sidecar keeps 5 % for a minute).
+    static let sidecarWindow = Duration.milliseconds(2500)
     static let batchCalls = 20
     static let appCalls = 4
     static let batchToken = "demo-batch-token"
@@ -25,13 +28,16 @@ struct DemoBudget: Sendable {
         // A client per service, each free to have every call in flight at once, as two pods would.
         let batchClient = Self.client()
         let appClient = Self.client()
+        let refusedBefore = await koraRefusals()
         let started = ContinuousClock.now
         let answers = await withTaskGroup(of: (service: String, status: Int, after: Duration).self) { group in
             for _ in 0..<Self.batchCalls {
                 group.addTask { ("batch-job", await call(batchClient, token: Self.batchToken), .now - started) }
             }
             // The app calls once the batch job is already waiting for turns.
-            _ = await waitForMetric("kora_sidecar_kora_calls_waiting", timeout: .seconds(10)) { $0 >= 5 }
+            if await !waitForMetric("kora_sidecar_kora_calls_waiting", timeout: .seconds(10), { $0 >= 5 }) {
+                output("  (the batch job's calls were not seen waiting; the app calls anyway)")
+            }
             for _ in 0..<Self.appCalls {
                 group.addTask { ("demo-app", await call(appClient, token: appToken), .now - started) }
             }
@@ -57,8 +63,7 @@ struct DemoBudget: Sendable {
         } else {
             ok = fail("demo-app's calls: \(Self.statuses(app))")
         }
-        let koraRefused = await metricsText().contains(#"kora_sidecar_kora_requests_total{status_class="4xx"}"#)
-        if koraRefused {
+        if await koraRefusals() > refusedBefore {
             ok = fail("Kora answered 4xx to the sidecar (see kora_sidecar_kora_requests_total)")
         } else {
             step("Kora refused none: the sidecar learned its limit from X-RateLimit-Limit and sent no call Kora would answer 429")
@@ -80,6 +85,13 @@ struct DemoBudget: Sendable {
         guard let response = try? await client.execute(request, timeout: .seconds(60)) else { return 0 }
         _ = try? await response.body.collect(upTo: 1 << 20)
         return Int(response.status.code)
+    }
+
+    /// How many of Kora's answers so far were 4xx.
+    private func koraRefusals() async -> Double {
+        let name = #"kora_sidecar_kora_requests_total{status_class="4xx"}"#
+        let line = await metricsText().split(separator: "\n").first { $0.hasPrefix(name + " ") }
+        return line.flatMap { Double($0.dropFirst(name.count + 1)) } ?? 0
     }
 
     private func metricsText() async -> String {
