@@ -272,6 +272,24 @@ struct DataProtectionProcessTests {
             let shown = try await get(sidecar.internalURL("/admin/deliveries/\(id)"))
             #expect(shown.json?["bodyState"] == "kept")
             #expect(shown.json?["body"]?.text?.contains(marker) == true)
+            // The console's listing pages back through the deliveries; its overview adds them up.
+            let first = try await get(sidecar.internalURL("/admin/deliveries?limit=1"))
+            let cursor = try #require(first.json?["next"]?.text)
+            let second = try await get(sidecar.internalURL("/admin/deliveries?limit=1&before=\(cursor)"))
+            #expect(second.json?["deliveries"]?.items?.first?["id"] != first.json?["deliveries"]?.items?.first?["id"])
+            let third = try await get(sidecar.internalURL("/admin/deliveries?limit=1&before=\(second.json?["next"]?.text ?? "0")"))
+            #expect(third.json?["deliveries"] == .array([]))
+            #expect(third.json?["next"] == .null)
+            #expect(try await get(sidecar.internalURL("/admin/deliveries?before=soon")).code == "INVALID_CURSOR")
+            let overview = try await get(sidecar.internalURL("/admin/overview")).json
+            #expect(overview?["ready"] == .bool(true))
+            #expect(overview?["quarantined"] == .int(1))
+            #expect(overview?["services"]?.items?.first?["dead"] == .int(2))
+            #expect(overview?["services"]?.items?.first?["state"] == "closed")
+            let minutes = try #require(overview?["webhooksPerMinute"]?.items)
+            #expect(minutes.count == 60)
+            let accepted: [Int] = minutes.compactMap { minute in minute["counts"]?["accepted"]?.text.flatMap { Int($0) } }
+            #expect(accepted.reduce(0, +) == 2)
             let metrics = try await get(sidecar.internalURL("/metrics")).body
             #expect(metrics.contains(#"kora_sidecar_webhooks_total{result="accepted"} 2"#))
 

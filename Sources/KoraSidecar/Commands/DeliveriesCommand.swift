@@ -30,13 +30,11 @@ package enum DeliveriesCommand {
             guard let detail = try await store.delivery(id: id) else { throw StartupError("There is no delivery \(id).") }
             return render(OperatorActions.show(detail, services: services))
         case .retry(let id):
-            if case .failure(let problem)? = try await store.delivery(id: id)?.event, problem == .expired || problem == .erased {
-                throw StartupError("Delivery \(id) cannot be sent again: its body is gone (\(problem.state)).")
+            switch try await OperatorActions.retry(deliveryID: id, store: store) {
+            case .requeued: return "Delivery \(id) is queued again."
+            case .bodyGone(let problem): throw StartupError("Delivery \(id) cannot be sent again: its body is gone (\(problem.state)).")
+            case .notFound: throw StartupError("Delivery \(id) does not exist or was already delivered.")
             }
-            guard try await store.requeue(id: id, at: .now()) else {
-                throw StartupError("Delivery \(id) does not exist or was already delivered.")
-            }
-            return "Delivery \(id) is queued again."
         case .retryAll(let selection):
             return try await OperatorActions.retry(selection, store: store, router: EventRouter(services: services, store: store)).sentence
         case .replay(let eventID, let service):

@@ -60,18 +60,16 @@ struct AdminRoutes {
             return JSONResponse.make(.ok, OperatorActions.show(detail, services: services))
         }
         admin.post("deliveries/:id/retry") { _, context in
-            guard let id = context.parameters.get("id").flatMap({ Int64($0) }), let detail = try await store.delivery(id: id) else {
-                throw SidecarHTTPError(.notFound, code: "NOT_FOUND", message: "There is no such delivery.")
-            }
-            // An unreadable body may open once its key is configured again: only a deleted one stops a retry.
-            if case .failure(let problem) = detail.event, problem == .expired || problem == .erased {
+            let id = context.parameters.get("id").flatMap { Int64($0) } ?? 0
+            switch try await OperatorActions.retry(deliveryID: id, store: store) {
+            case .requeued:
+                dispatcher?.notify(services: services.map(\.name))
+                return JSONResponse.make(.ok, ["requeued": .int(Int(id))])
+            case .bodyGone(let problem):
                 throw Self.bodyGone("The delivery's body is gone (\(problem.state)): it cannot be sent again.")
-            }
-            guard try await store.requeue(id: id, at: .now()) else {
+            case .notFound:
                 throw SidecarHTTPError(.notFound, code: "NOT_FOUND", message: "There is no such delivery waiting to be retried.")
             }
-            dispatcher?.notify(services: [detail.summary.service])
-            return JSONResponse.make(.ok, ["requeued": .int(Int(id))])
         }
         admin.post("erase") { request, context in
             // A JSON body only: a browser cannot send one cross-site without asking first (CORS),
@@ -107,15 +105,15 @@ struct AdminRoutes {
     private func overview() async throws -> Response {
         let depth = try await store.depth()
         let problem = await readiness.problem()
-        let services: [JSONValue] = configuration.deliveryServices.map { service in
-            let breaker = breakers[service.name]?.snapshot
-            func count(_ status: DeliveryStatus) -> Int { depth.first { $0.service == service.name && $0.status == status }?.count ?? 0 }
-            return [
-                "name": .string(service.name), "state": .string(breaker?.state.rawValue ?? "delivering"),
-                "consecutiveFailures": .int(breaker?.consecutiveFailures ?? 0), "pausedUntil": .optional(breaker?.openUntil?.iso8601Milliseconds),
-                "pending": .int(count(.pending)), "delivered": .int(count(.delivered)), "dead": .int(count(.dead)),
-                "oldestPendingAt": .optional(depth.first { $0.service == service.name && $0.status == .pending }?.oldestCreatedAt?.iso8601Milliseconds),
-            ]
+        // Each service as /admin/services shows it, with its outbox.
+        let services: [JSONValue] = breakers.all.map { breaker in
+            guard case .object(var members) = breaker.listingJSON else { return .null }
+            let outbox = depth.filter { $0.service == breaker.service }
+            for status in DeliveryStatus.allCases {
+                members.append(.init(status.rawValue, .int(outbox.first { $0.status == status }?.count ?? 0)))
+            }
+            members.append(.init("oldestPendingAt", .optional(outbox.first { $0.status == .pending }?.oldestCreatedAt?.iso8601Milliseconds)))
+            return .object(members)
         }
         return JSONResponse.make(
             .ok,

@@ -144,6 +144,25 @@ package enum OperatorActions {
         static let statusChoices = "dead, delivered or unrouted"
     }
 
+    /// What retrying one delivery did.
+    enum SingleRetry: Equatable {
+        case requeued
+        /// No such delivery, or it was delivered.
+        case notFound
+        /// Its event's body was deleted (retention or erasure): there is nothing to send.
+        case bodyGone(BodyProblem)
+    }
+
+    /// Queues delivery `id` again now; when it cannot, says why (only a refusal reads the delivery).
+    /// A body no configured key opens is retried: it opens once its key is back.
+    static func retry(deliveryID id: Int64, store: any SidecarStore) async throws -> SingleRetry {
+        if try await store.requeue(id: id, at: .now()) { return .requeued }
+        if case .failure(let problem)? = try await store.delivery(id: id)?.event, problem == .expired || problem == .erased {
+            return .bodyGone(problem)
+        }
+        return .notFound
+    }
+
     /// What a bulk retry did, or would do.
     package struct RetryOutcome: Sendable {
         package var selection: RetrySelection
