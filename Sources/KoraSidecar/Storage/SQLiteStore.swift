@@ -265,9 +265,11 @@ final class SQLiteStore: SidecarStore {
 
     private func finish(_ db: SQLiteConnection, deliveryID: Int64, attempt: AttemptRecord, next: NextStep) throws {
         // An erasure may have removed the delivery while it was being sent: nothing is recorded then.
-        guard try !db.query("SELECT 1 FROM deliveries WHERE id = ?", [.integer(deliveryID)]).isEmpty else { return }
         try db.query(
-            "INSERT OR REPLACE INTO attempts(delivery_id, attempt, at, status_code, error, duration_ms) VALUES(?, ?, ?, ?, ?, ?)",
+            """
+            INSERT OR REPLACE INTO attempts(delivery_id, attempt, at, status_code, error, duration_ms)
+            SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE EXISTS (SELECT 1 FROM deliveries WHERE id = ?1)
+            """,
             [
                 .integer(deliveryID), .int(attempt.attempt), .integer(attempt.at.milliseconds),
                 attempt.statusCode.map(SQLiteValue.int) ?? .null, .optional(attempt.error),
@@ -370,14 +372,13 @@ final class SQLiteStore: SidecarStore {
 
     package func quarantined(limit: Int) async throws -> [QuarantinedPayload] {
         try await database.read { db in
-            try db.query(
-                """
-                SELECT id, received_at, reason, body, headers, sealed, key_id, body_state, signature_verified FROM quarantine
-                ORDER BY id DESC LIMIT ?
-                """, [.int(limit)]
-            ).map(self.quarantined)
+            try db.query("\(Self.quarantineSelect) ORDER BY id DESC LIMIT ?", [.int(limit)]).map(self.quarantined)
         }
     }
+
+    /// The columns ``quarantined(_:)`` reads.
+    private static let quarantineSelect =
+        "SELECT id, received_at, reason, body, headers, sealed, key_id, body_state, signature_verified FROM quarantine"
 
     private func quarantined(_ row: SQLiteRow) -> QuarantinedPayload {
         var payload = QuarantinedPayload(
@@ -459,12 +460,7 @@ final class SQLiteStore: SidecarStore {
 
     package func keptQuarantined() async throws -> [KeptBody] {
         try await database.read { db in
-            try db.query(
-                """
-                SELECT id, received_at, reason, body, headers, sealed, key_id, body_state, signature_verified FROM quarantine
-                WHERE body_state = 'kept'
-                """
-            ).map(self.quarantined).filter { $0.bodyProblem == nil }.map { KeptBody(owner: .quarantine($0.id), body: $0.body) }
+            try db.query("\(Self.quarantineSelect) WHERE body_state = 'kept'").map(self.quarantined).filter { $0.bodyProblem == nil }.map { KeptBody(owner: .quarantine($0.id), body: $0.body) }
         }
     }
 
@@ -522,11 +518,7 @@ final class SQLiteStore: SidecarStore {
         guard let current = protection.sealer?.sealingKeyID else { return ResealReport() }
         return try await database.write { db in
             var report = ResealReport()
-            let rows = try db.query(
-                """
-                SELECT id, received_at, reason, body, headers, sealed, key_id, body_state, signature_verified FROM quarantine
-                WHERE body_state = 'kept' AND key_id IS NOT ?
-                """, [.text(current)])
+            let rows = try db.query("\(Self.quarantineSelect) WHERE body_state = 'kept' AND key_id IS NOT ?", [.text(current)])
             for payload in rows.map(self.quarantined) {
                 guard payload.bodyProblem == nil else {
                     report.unreadable += 1
