@@ -89,26 +89,23 @@ struct DemoBudget: Sendable {
 
     /// How many of Kora's answers so far were 4xx.
     private func koraRefusals() async -> Double {
-        let name = #"kora_sidecar_kora_requests_total{status_class="4xx"}"#
-        let line = await metricsText().split(separator: "\n").first { $0.hasPrefix(name + " ") }
-        return line.flatMap { Double($0.dropFirst(name.count + 1)) } ?? 0
+        await metric(#"kora_sidecar_kora_requests_total{status_class="4xx"}"#) ?? 0
     }
 
-    private func metricsText() async -> String {
-        let client = HTTPClient(eventLoopGroupProvider: .singleton)
-        defer { _ = client.shutdown() }
-        guard let response = try? await client.execute(HTTPClientRequest(url: internalURL + "/metrics"), timeout: .seconds(10)),
+    /// The value of the sidecar's metric `name` (with its labels, as `/metrics` writes it), if present.
+    private func metric(_ name: String) async -> Double? {
+        guard let response = try? await HTTPClient.shared.execute(HTTPClientRequest(url: internalURL + "/metrics"), timeout: .seconds(10)),
             let body = try? await response.body.collect(upTo: 4 << 20)
-        else { return "" }
-        return String(buffer: body)
+        else { return nil }
+        let line = String(buffer: body).split(separator: "\n").first { $0.hasPrefix(name + " ") }
+        return line.flatMap { Double($0.dropFirst(name.count + 1)) }
     }
 
     /// Polls the sidecar's `name` metric until `condition` holds or `timeout` passes.
     private func waitForMetric(_ name: String, timeout: Duration, _ condition: (Double) -> Bool) async -> Bool {
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
-            let line = await metricsText().split(separator: "\n").first { $0.hasPrefix(name + " ") }
-            if let value = line.flatMap({ Double($0.dropFirst(name.count + 1)) }), condition(value) { return true }
+            if let value = await metric(name), condition(value) { return true }
             try? await Task.sleep(for: .milliseconds(20))
         }
         return false
