@@ -98,15 +98,11 @@ extension StorageConfiguration {
         } catch let error as SQLiteError {
             throw StartupError("The store \(sqlitePath) (storage.sqlitePath) cannot be opened: \(error.message).")
         } catch {
-            throw folderError
+            // Foundation's error for a folder it could not create is a long dump: say it plainly.
+            throw StartupError(
+                "The store \(sqlitePath) (storage.sqlitePath) cannot be opened: its folder cannot be created; "
+                    + "check that the path exists and that this user may write there.")
         }
-    }
-
-    /// Foundation's error for a folder it could not create is a long dump: say it plainly.
-    private var folderError: StartupError {
-        StartupError(
-            "The store \(sqlitePath) (storage.sqlitePath) cannot be opened: its folder cannot be created; "
-                + "check that the path exists and that this user may write there.")
     }
 }
 
