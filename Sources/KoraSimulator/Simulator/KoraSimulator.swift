@@ -165,8 +165,9 @@ package final class KoraSimulator: Sendable {
             events.append(PreparedEvent(type: "verification.rejected", verification: verification, data: verification.eventData, at: now))
         }
         state.verifications[id] = verification
-        jobs.insert(delivery(events, for: verification, state: state), at: 0)
-        return (verification, jobs)
+        // What follows the decision (an expiry) starts once its events were sent: at Kora an approval
+        // expires long after its webhook, so a slow first send must not let the expiry overtake it.
+        return (verification, [.sequence([delivery(events, for: verification, state: state)] + jobs)])
     }
 
     /// Manual review of a verification in `manual_review`.
@@ -239,6 +240,8 @@ enum SimulatorJob: Sendable {
 
     case deliver([PreparedEvent], targets: [WebhookTarget])
     case later(Duration, id: String, Later)
+    /// Jobs done one after the other.
+    indirect case sequence([SimulatorJob])
 }
 
 /// Where one webhook goes.

@@ -308,6 +308,8 @@ struct SimulatorWorker: Service {
         case .later(let delay, let id, let action):
             do { try await Task.sleep(for: delay) } catch { return }
             for next in simulator.perform(action, id: id) { await perform(next) }
+        case .sequence(let jobs):
+            for next in jobs { await perform(next) }
         }
     }
 
