@@ -166,6 +166,14 @@ struct ConfigurationTests {
         #expect(try JSONParser.parse(Array(text.utf8))["delivery"]?["mode"] == "queued")
     }
 
+    @Test func postgresURLPartsArePercentDecodedOnce() throws {
+        let url = try PostgresURL(Secret("postgres://k%40ra:p%40ss%2541%3A@db.internal/kora%2Dmain"))
+        #expect(url.username == "k@ra")
+        #expect(url.password == "p@ss%41:")
+        #expect(url.database == "kora-main")
+        #expect(url.location == "db.internal:5432/kora-main")
+    }
+
     @Test func postgresStorageIsASecretURLCheckedWithoutQuotingIt() throws {
         let secrets = #"{"webhooks": {"secrets": ["w"]}, "storage": "#
         let keys = #", "encryption": {"keys": [{"id": "k1", "key": "\#(TestSecrets.encryptionKey)"}]}"#

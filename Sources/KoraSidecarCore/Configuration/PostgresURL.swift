@@ -1,4 +1,8 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 
 /// A PostgreSQL address as operators write it, libpq style:
 /// `postgres://user:password@host:5432/database?sslmode=require`.
@@ -48,9 +52,10 @@ package struct PostgresURL: Sendable {
         }
         self.host = host
         self.port = url.port ?? 5432
-        self.username = user.removingPercentEncoding ?? user
-        self.password = url.password.map { $0.removingPercentEncoding ?? $0 }
-        self.database = database.removingPercentEncoding ?? database
+        // URLComponents has already decoded them once: `%2541` in a password means `%41`, not `A`.
+        self.username = user
+        self.password = url.password
+        self.database = database
         self.tlsMode = tlsMode
     }
 
