@@ -1,5 +1,9 @@
 import ArgumentParser
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 import KoraSidecar
 import KoraSidecarCore
 import KoraSimulator
@@ -22,7 +26,7 @@ struct Demo: AsyncParsableCommand {
         logger.logLevel = .error
         // Written unbuffered: with --keep-running the output is read while the process still runs.
         let passed = try await runDemo(options: options, logger: logger) { line in
-            FileHandle.standardOutput.write(Data((line + "\n").utf8))
+            StandardStreams.writeLine(line, to: StandardStreams.output)
         }
         if !passed { throw ExitCode.failure }
     }

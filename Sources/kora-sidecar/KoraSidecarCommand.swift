@@ -1,5 +1,10 @@
 import ArgumentParser
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+import Glibc
 import KoraSidecar
 import KoraSidecarCore
 import KoraSimulator
@@ -41,8 +46,8 @@ struct KoraSidecarCommand: AsyncParsableCommand {
     }
 
     static func fail(_ message: String, code: Int32) -> Never {
-        FileHandle.standardError.write(Data((message + "\n").utf8))
-        Foundation.exit(code)
+        StandardStreams.writeLine(message, to: StandardStreams.error)
+        Glibc.exit(code)
     }
 }
 
@@ -94,7 +99,7 @@ struct CheckConfig: AsyncParsableCommand {
         let configuration = try options.load()
         print(JSONWriter.prettyString(configuration.effectiveJSON))
         if let warning = configuration.noRecipientWarning {
-            FileHandle.standardError.write(Data("warning: \(warning)\n".utf8))
+            StandardStreams.writeLine("warning: \(warning)", to: StandardStreams.error)
         }
     }
 }
@@ -123,15 +128,15 @@ struct Sign: AsyncParsableCommand {
     @Argument(help: "File holding the body (default: standard input).") var file: String?
 
     func run() async throws {
-        let body: Data
+        let body: [UInt8]
         if let file {
             guard let data = FileManager.default.contents(atPath: file) else { throw StartupError("The file \(file) cannot be read.") }
-            body = data
+            body = Array(data)
         } else {
-            body = FileHandle.standardInput.readDataToEndOfFile()
+            body = StandardStreams.readInput()
         }
         let headers = KoraSignature.headers(
-            scheme: scheme, secret: Secret(secret), body: Array(body), timestamp: timestamp ?? UnixTime.now().seconds)
+            scheme: scheme, secret: Secret(secret), body: body, timestamp: timestamp ?? UnixTime.now().seconds)
         for header in headers { print("\(header.name): \(header.value)") }
     }
 }

@@ -1,5 +1,9 @@
 import ArgumentParser
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 import KoraSidecar
 import KoraSidecarCore
 import KoraSimulator
@@ -47,7 +51,7 @@ struct Simulate: AsyncParsableCommand {
         logger.logLevel = .info
         let app = buildSimulator(configuration: configuration, logger: logger) { address in
             let url = "http://\(address?.ipAddress ?? host):\(address?.port ?? port)/api/v1/idv"
-            FileHandle.standardOutput.write(Data("Kora simulator listening on \(url)\n".utf8))
+            StandardStreams.writeLine("Kora simulator listening on \(url)", to: StandardStreams.output)
         }
         do {
             try await app.runService()

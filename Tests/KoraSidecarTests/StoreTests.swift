@@ -327,6 +327,19 @@ struct StoreTests {
         #expect(job.event == stored)
     }
 
+    @Test func sqliteCreatesTheStoresFolderFromItsPath() throws {
+        #expect(folder(of: "/var/lib/kora/store.sqlite") == "/var/lib/kora")
+        #expect(folder(of: "data//store.sqlite") == "data")
+        #expect(folder(of: "/store.sqlite") == "/")
+        #expect(folder(of: "store.sqlite") == "")
+        #expect(folder(of: "data/") == "")
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let store = try SQLiteStore(path: directory + "/a/b/store.sqlite", protection: .sealedForTests)
+        store.close()
+        #expect(FileManager.default.fileExists(atPath: directory + "/a/b/store.sqlite"))
+    }
+
     @Test func sqliteGroupCommitsConcurrentWrites() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }

@@ -1,3 +1,4 @@
+#if PostgreSQL
 import KoraSidecarCore
 import Logging
 import PostgresNIO
@@ -110,3 +111,4 @@ enum PostgresSchema {
         logger.info("PostgreSQL schema migrated", metadata: ["from": "\(version)", "to": "\(newest)"])
     }
 }
+#endif

@@ -1,3 +1,4 @@
+#if PostgreSQL
 import KoraSidecarCore
 import Logging
 import NIOConcurrencyHelpers
@@ -754,3 +755,4 @@ extension PostgresStore: BudgetLedger {
     }
 }
 
+#endif

@@ -1,3 +1,4 @@
+#if PostgreSQL
 import KoraSidecarCore
 import NIOSSL
 import PostgresNIO
@@ -23,3 +24,4 @@ extension PostgresURL {
         }
     }
 }
+#endif

@@ -1,5 +1,14 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#endif
 import KoraSidecarCore
+import NIOConcurrencyHelpers
 
 /// The store's SQLite file, used through two connections, each on a dedicated thread so that no
 /// SQLite call ever blocks the event loops or the cooperative pool: the writer runs every write,
@@ -16,7 +25,7 @@ final class SQLiteDatabase: Sendable {
     /// so that a commit is on disk before it returns, and applies `migrations` in order.
     init(path: String, migrations: [String]) throws {
         self.path = path
-        let directory = (path as NSString).deletingLastPathComponent
+        let directory = folder(of: path)
         if !directory.isEmpty, !FileManager.default.fileExists(atPath: directory) {
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         }
@@ -28,8 +37,8 @@ final class SQLiteDatabase: Sendable {
         try Self.migrate(connection, migrations)
         // Opened once the writer has created and migrated the file.
         let readConnection = try SQLiteConnection(path: path, readOnly: true)
-        writer = SQLiteThread(connection, name: "kora-sidecar-sqlite", writes: true)
-        reader = SQLiteThread(readConnection, name: "kora-sidecar-sqlite-read", writes: false)
+        writer = SQLiteThread(connection, name: "kora-sqlite", writes: true)
+        reader = SQLiteThread(readConnection, name: "kora-sqlite-rd", writes: false)
     }
 
     /// Runs `body` in a transaction on the writer's thread and returns once it is committed.
@@ -86,18 +95,17 @@ private final class SQLiteThread: @unchecked Sendable {
     /// Whether the operations write: they then run in `BEGIN IMMEDIATE`, each in a savepoint so that
     /// one failing undoes only itself; reads share a plain read transaction, one snapshot.
     private let writes: Bool
-    private let condition = NSCondition()
+    /// Guards `pending` and `closed`; its value is 1 while the thread has something to do.
+    private let condition = ConditionLock(value: 0)
     private var pending: [Operation] = []
     private var closed = false
-    private let stopped = NSCondition()
-    private var running = true
+    /// 1 while the loop runs: `close()` waits for 0.
+    private let running = ConditionLock(value: 1)
 
     init(_ connection: SQLiteConnection, name: String, writes: Bool) {
         self.writes = writes
         let owned = OwnedConnection(connection: connection)
-        let thread = Thread { [self] in self.loop(owned.connection) }
-        thread.name = name
-        thread.start()
+        DedicatedThread.start(name: name) { [self] in self.loop(owned.connection) }
     }
 
     /// Hands the connection to the thread, its only user from then on.
@@ -122,8 +130,7 @@ private final class SQLiteThread: @unchecked Sendable {
                 return
             }
             pending.append(operation)
-            condition.signal()
-            condition.unlock()
+            condition.unlock(withValue: 1)
         }
     }
 
@@ -131,11 +138,9 @@ private final class SQLiteThread: @unchecked Sendable {
     func close() {
         condition.lock()
         closed = true
-        condition.signal()
-        condition.unlock()
-        stopped.lock()
-        while running { stopped.wait() }
-        stopped.unlock()
+        condition.unlock(withValue: 1)
+        running.lock(whenValue: 0)
+        running.unlock()
     }
 
     private func loop(_ connection: SQLiteConnection) {
@@ -144,16 +149,13 @@ private final class SQLiteThread: @unchecked Sendable {
         }
         // Closed before `close()` returns, so the file is whole and unlocked when the process exits.
         connection.close()
-        stopped.lock()
-        running = false
-        stopped.broadcast()
-        stopped.unlock()
+        running.lock()
+        running.unlock(withValue: 0)
     }
 
     private func nextBatch() -> [Operation]? {
-        condition.lock()
-        defer { condition.unlock() }
-        while pending.isEmpty, !closed { condition.wait() }
+        condition.lock(whenValue: 1)
+        defer { condition.unlock(withValue: pending.isEmpty && !closed ? 0 : 1) }
         if pending.isEmpty { return nil }
         let batch = Array(pending.prefix(Self.maximumBatch))
         pending.removeFirst(batch.count)

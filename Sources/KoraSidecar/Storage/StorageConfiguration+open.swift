@@ -1,6 +1,16 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#endif
 import KoraSidecarCore
 import Logging
+import Glibc
+import NIOPosix
 import ServiceLifecycle
 
 extension StorageConfiguration {
@@ -9,19 +19,17 @@ extension StorageConfiguration {
     /// - Throws: ``StartupError`` naming the key when the store cannot be opened.
     package func open(logger: Logger) throws -> (store: any SidecarStore, service: any Service) {
         if let url = postgresURL {
+            #if PostgreSQL
             let store = try openPostgres(url, logger: logger.with("component", "store"), protection: try protection())
             return (store, store)
+            #else
+            _ = url
+            throw StartupError.withoutPostgreSQL
+            #endif
         }
         let sqlite = try openSQLiteCreatingKey(logger: logger)
-        // Closing waits for queued writes: it runs on a thread of its own, not the cooperative pool.
-        let close = CloseOnShutdown {
-            await withCheckedContinuation { done in
-                Thread {
-                    sqlite.close()
-                    done.resume()
-                }.start()
-            }
-        }
+        // Closing waits for queued writes: it runs on a blocking-work thread, not the cooperative pool.
+        let close = CloseOnShutdown { try? await NIOThreadPool.singleton.runIfActive { sqlite.close() } }
         return (sqlite, close)
     }
 
@@ -38,11 +46,16 @@ extension StorageConfiguration {
             defer { sqlite.close() }
             return try await body(sqlite)
         }
+        #if PostgreSQL
         do {
             return try await openPostgres(url, logger: logger, protection: try protection()).whileRunning(body)
         } catch let error as PostgresStoreError {
             throw StartupError("The store (storage.postgresURL) cannot be reached: \(error).")
         }
+        #else
+        _ = url
+        throw StartupError.withoutPostgreSQL
+        #endif
     }
 
     /// How the store seals and keeps bodies: the configured keys, then the key file's (so that rows
@@ -84,6 +97,7 @@ extension StorageConfiguration {
         return sqlite
     }
 
+    #if PostgreSQL
     private func openPostgres(_ url: Secret, logger: Logger, protection: DataProtection) throws -> PostgresStore {
         do {
             return try PostgresStore(url: url, logger: logger, protection: protection)
@@ -91,6 +105,7 @@ extension StorageConfiguration {
             throw StartupError("The store (storage.postgresURL) cannot be used: \(error.problems.map(\.reason).joined(separator: "; ")).")
         }
     }
+    #endif
 
     private func openSQLite(protection: DataProtection) throws -> SQLiteStore {
         do {
@@ -123,7 +138,7 @@ enum KeyFile {
     /// Creates the file at `path` holding `key`, readable by this user alone.
     static func create(_ path: String, key: SealingKey) throws {
         let text = JSONWriter.encode(["id": .string(key.id), "key": .string(key.base64)]) + [UInt8(ascii: "\n")]
-        let descriptor = Foundation.open(path, O_WRONLY | O_CREAT | O_EXCL, 0o600)
+        let descriptor = Glibc.open(path, O_WRONLY | O_CREAT | O_EXCL, 0o600)
         guard descriptor >= 0 else {
             throw StartupError("The encryption key file \(path) cannot be created: check that this user may write in its folder, or set storage.encryption.keys.")
         }
@@ -132,8 +147,8 @@ enum KeyFile {
             throw StartupError("The encryption key file \(path) cannot be written: check the disk, or set storage.encryption.keys.")
         }
         // The file's name is on disk too before any row is sealed with the key.
-        let folder = (path as NSString).deletingLastPathComponent
-        let directory = Foundation.open(folder.isEmpty ? "." : folder, O_RDONLY)
+        let folder = folder(of: path)
+        let directory = Glibc.open(folder.isEmpty ? "." : folder, O_RDONLY)
         if directory >= 0 {
             _ = fsync(directory)
             close(directory)

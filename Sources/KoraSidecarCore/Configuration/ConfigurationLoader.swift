@@ -1,4 +1,8 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 
 extension SidecarConfiguration {
     /// Loads and validates a configuration file, resolving its secrets from `environment`.
@@ -82,6 +86,9 @@ extension SidecarConfiguration {
         storage.deadRetention = object.duration("deadRetention", default: storage.deadRetention, upTo: year, describedAs: "365d")
         storage.encryptionKeys = readEncryptionKeys(object.object("encryption", keys: ["keys"]))
         guard object.has("postgresURL") else { return storage }
+        #if !PostgreSQL
+        object.reader.report(object.path("postgresURL"), StartupError.postgreSQLLeftOut)
+        #endif
         if object.has("sqlitePath") {
             object.reader.report(object.path("postgresURL"), "give either sqlitePath or postgresURL, not both")
         }

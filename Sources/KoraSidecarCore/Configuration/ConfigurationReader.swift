@@ -1,4 +1,8 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 
 /// Walks a parsed configuration document, reading typed values with defaults and collecting every
 /// problem with its JSON path instead of stopping at the first.

@@ -1,4 +1,8 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 
 /// Where every command takes its configuration from: `--config FILE`, else `$KORA_SIDECAR_CONFIG`,
 /// else `./config.json` when it exists, else `/etc/kora-sidecar/config.json` when it exists, else

@@ -1,4 +1,8 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 
 /// Where a secret comes from, as written in the configuration file.
 public enum SecretSource: Sendable, Equatable {

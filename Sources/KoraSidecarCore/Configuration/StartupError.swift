@@ -4,3 +4,11 @@ package struct StartupError: Error, Sendable, CustomStringConvertible {
 
     package init(_ description: String) { self.description = description }
 }
+
+extension StartupError {
+    /// Why a build without the `PostgreSQL` package trait refuses `storage.postgresURL`.
+    package static let postgreSQLLeftOut = "this kora-sidecar was built without PostgreSQL (the SQLite-only build): use storage.sqlitePath, or the standard build"
+
+    /// A store in PostgreSQL asked of a build without the `PostgreSQL` package trait.
+    package static let withoutPostgreSQL = StartupError("storage.postgresURL: \(postgreSQLLeftOut).")
+}

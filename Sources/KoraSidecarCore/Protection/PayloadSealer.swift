@@ -1,5 +1,9 @@
 import Crypto
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 
 /// One key of `storage.encryption.keys`: 32 bytes for AES-256-GCM, named by an id that is stored
 /// beside each sealed row so that any configured key can open it.

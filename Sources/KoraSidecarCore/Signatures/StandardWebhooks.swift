@@ -1,5 +1,9 @@
 import Crypto
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 
 /// Standard Webhooks 1.0 signing of what the sidecar delivers (SPEC §6).
 package enum StandardWebhooks {

@@ -1,5 +1,10 @@
 import AsyncHTTPClient
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+import Glibc
 import KoraSidecar
 import KoraSidecarCore
 import Logging
@@ -153,7 +158,7 @@ struct DemoDirectory {
     let path: String
 
     init() throws {
-        var template = Array((NSTemporaryDirectory() + "kora-sidecar-demo-XXXXXX").utf8CString)
+        var template = Array((FileManager.default.temporaryDirectory.path + "/kora-sidecar-demo-XXXXXX").utf8CString)
         guard let made = mkdtemp(&template) else { throw StartupError("The demo cannot create a temporary directory.") }
         path = String(cString: made)
     }
