@@ -38,6 +38,9 @@ OPEN_LOOP = ("rate-nginx", "rate-direct", "rate-queued", "rate-nginx-get", "rate
 # the open-loop rows and the nginx row each is read against
 RATE_REFERENCE = {"rate-direct": "rate-nginx", "rate-queued": "rate-nginx", "rate-proxy": "rate-nginx-get"}
 SIDECAR_ROWS = ("direct", "queued", "proxy", "floor", "rate-direct", "rate-queued", "rate-proxy", "startup")
+# The SQLite-only build (--disable-default-traits) has one row of its own, with no load: its idle RSS
+# and start-ups; the standard build's footprint is taken from SIDECAR_ROWS.
+SQLITE_ROW = "footprint-sqlite"
 
 # Targets: CPU per request as a multiple of the HTTP floor measured in the same run, added latency
 # over nginx at a fixed rate, and the footprint of one sidecar.
@@ -293,9 +296,9 @@ def derive(sc, meta):
         f["direct_rps_x_flask"] = round(d["rps"] / f["rps"], 2)
     if d.get("cpu_us_per_request") and f.get("cpu_us_per_request"):
         f["direct_cpu_x_flask"] = round(d["cpu_us_per_request"] / f["cpu_us_per_request"], 2)
-    st = sc.get("startup", {})
-    if st.get("startup_samples_s"):
-        st["startup_median_s"] = round(statistics.median(st["startup_samples_s"]), 4)
+    for r in sc.values():  # startup, and footprint-sqlite's start-ups
+        if r.get("startup_samples_s"):
+            r["startup_median_s"] = round(statistics.median(r["startup_samples_s"]), 4)
 
 
 def aggregate(runs):
@@ -324,7 +327,7 @@ def aggregate(runs):
                 agg[k] = round(m, 4) if isinstance(m, float) else m
             else:
                 agg[k] = vals[-1]
-        if name == "startup" and agg.get("startup_samples_s"):
+        if agg.get("startup_samples_s"):
             agg["startup_median_s"] = round(statistics.median(agg["startup_samples_s"]), 4)
         agg["runs"] = len(recs)
         out[name] = agg
@@ -449,23 +452,52 @@ def report(results_path, out_json):
     if starts:
         fp["startup_median_s"] = round(statistics.median(starts), 4)
         fp["startup_samples"] = len(starts)
+    sq = sc.get(SQLITE_ROW) or {}
+    sq_starts = sq.get("startup_samples_s") or []
+    if sq.get("idle_rss_kb"):
+        fp["sqlite_idle_rss_kb"] = sq["idle_rss_kb"]
+    if sq_starts:
+        fp["sqlite_startup_median_s"] = round(statistics.median(sq_starts), 4)
+        fp["sqlite_startup_samples"] = len(sq_starts)
     data["footprint"] = fp
+    lines = []
     if fp:
+        # One column per build: the standard build, and the SQLite-only build when it was measured.
+        builds = [("", "standard build")]
+        both = any(k.startswith("sqlite_") for k in fp)
+        if both:
+            builds.append(("sqlite_", "SQLite-only build"))
+        icu = {True: "linked", False: "not linked", None: "unknown"}
+        samples = {"": starts, "sqlite_": sq_starts}
+        lines = [  # label, {prefix: cell or None}, note
+            ("binary, as built", {p: fp.get(p + "binary_bytes") and "%.1f MB" % (fp[p + "binary_bytes"] / 1e6) for p, _ in builds}, ""),
+            ("binary, stripped", {p: fp.get(p + "stripped_bytes") and "%.1f MB" % (fp[p + "stripped_bytes"] / 1e6) for p, _ in builds},
+             "target ≤ %.0f MB (the Dockerfile's install --strip)" % TARGET_STRIPPED_MB),
+            ("ICU data", {p: icu[fp[p + "icu_data_linked"]] if p + "icu_data_linked" in fp else None for p, _ in builds},
+             "nm | grep icudt on the binary as built (full Foundation brings it)"),
+            ("idle RSS", {"": idles and "%.1f MB" % (max(idles) / 1024),
+                          "sqlite_": fp.get("sqlite_idle_rss_kb") and "%.1f MB" % (fp["sqlite_idle_rss_kb"] / 1024)},
+             "target ≤ %.0f MB (1 s after /readyz; %s)" % (TARGET_IDLE_RSS_MB, "standard: largest of the sidecar rows, "
+                                                          "SQLite-only: the direct row's config" if both else "largest of the sidecar rows")),
+            ("RSS after load", {"": afters and "%.1f MB" % (max(afters) / 1024)},
+             "(1 s after the load, or the drain; largest%s)" % ("; the SQLite-only build gets no load" if both else "")),
+            ("peak RSS", {"": peaks and "%.1f MB" % (max(peaks) / 1024)}, "(VmHWM at the end of the load; largest)"),
+            ("start-up", {p: samples[p] and "%.3f s" % statistics.median(samples[p]) for p, _ in builds},
+             "target ≤ %.1f s (to a 200 on /readyz, median of %s starts, fresh store each)"
+             % (TARGET_STARTUP_S, " / ".join(str(len(samples[p])) for p, _ in builds if samples[p]))),
+            ("start-up, range", {p: samples[p] and "%.3f–%.3f s" % (min(samples[p]), max(samples[p])) for p, _ in builds}, ""),
+        ]
+        lines = [(label, [cells.get(p) or "-" for p, _ in builds], note) for label, cells, note in lines
+                 if any(cells.get(p) for p, _ in builds)]
+    if lines:
+        w0 = max(len(x[0]) for x in lines)
+        widths = [max([len(title)] + [len(x[1][i]) for x in lines]) for i, (_, title) in enumerate(builds)]
         print()
         print("Footprint of one sidecar:")
-        if fp.get("binary_bytes"):
-            print("  binary            %6.1f MB as built (%s)" % (fp["binary_bytes"] / 1e6, fp.get("binary", "")))
-        if fp.get("stripped_bytes"):
-            print("  binary, stripped  %6.1f MB   target ≤ %.0f MB (the Dockerfile's install --strip)" % (fp["stripped_bytes"] / 1e6, TARGET_STRIPPED_MB))
-        if idles:
-            print("  idle RSS          %6.1f MB   target ≤ %.0f MB (1 s after /readyz; largest of the sidecar rows)" % (max(idles) / 1024, TARGET_IDLE_RSS_MB))
-        if afters:
-            print("  RSS after load    %6.1f MB   (1 s after the load, or the drain; largest)" % (max(afters) / 1024))
-        if peaks:
-            print("  peak RSS          %6.1f MB   (VmHWM at the end of the load; largest)" % (max(peaks) / 1024))
-        if starts:
-            print("  start-up          %6.3f s    target ≤ %.1f s (to a 200 on /readyz, median of %d starts, fresh store each; range %.3f–%.3f s)"
-                  % (fp["startup_median_s"], TARGET_STARTUP_S, len(starts), min(starts), max(starts)))
+        print("  " + "".ljust(w0) + "".join("  " + t.rjust(w) for (_, t), w in zip(builds, widths)))
+        for label, cells, note in lines:
+            print(("  " + label.ljust(w0) + "".join("  " + c.rjust(w) for c, w in zip(cells, widths)) + "  " + note).rstrip())
+        print("  " + "; ".join("%s: %s" % (title, fp[p + "binary"]) for p, title in builds if fp.get(p + "binary")))
 
     t = []
     def chk(label, value, ok):
@@ -483,11 +515,16 @@ def report(results_path, out_json):
                 "%+.2f / %+.2f ms" % (r["added_p50_ms"], r["added_p99_ms"]),
                 r["added_p50_ms"] <= TARGET_ADDED_P50_MS and r["added_p99_ms"] <= TARGET_ADDED_P99_MS and not r.get("errors"))
     if idles:
-        chk("idle RSS ≤ %g MB" % TARGET_IDLE_RSS_MB, "%.1f MB" % (max(idles) / 1024), max(idles) <= TARGET_IDLE_RSS_MB * 1024)
-    if fp.get("stripped_bytes"):
-        chk("stripped binary ≤ %g MB" % TARGET_STRIPPED_MB, "%.1f MB" % (fp["stripped_bytes"] / 1e6), fp["stripped_bytes"] <= TARGET_STRIPPED_MB * 1e6)
+        chk("idle RSS ≤ %g MB (standard build)" % TARGET_IDLE_RSS_MB, "%.1f MB" % (max(idles) / 1024), max(idles) <= TARGET_IDLE_RSS_MB * 1024)
+    if fp.get("sqlite_idle_rss_kb"):
+        chk("idle RSS ≤ %g MB (SQLite-only build)" % TARGET_IDLE_RSS_MB, "%.1f MB" % (fp["sqlite_idle_rss_kb"] / 1024),
+            fp["sqlite_idle_rss_kb"] <= TARGET_IDLE_RSS_MB * 1024)
+    for p, title in (("", "standard build"), ("sqlite_", "SQLite-only build")):
+        if fp.get(p + "stripped_bytes"):
+            chk("stripped binary ≤ %g MB (%s)" % (TARGET_STRIPPED_MB, title), "%.1f MB" % (fp[p + "stripped_bytes"] / 1e6),
+                fp[p + "stripped_bytes"] <= TARGET_STRIPPED_MB * 1e6)
     if starts:
-        chk("start-up to /readyz ≤ %g s" % TARGET_STARTUP_S, "%.3f s" % fp["startup_median_s"], fp["startup_median_s"] <= TARGET_STARTUP_S)
+        chk("start-up to /readyz ≤ %g s (standard build)" % TARGET_STARTUP_S, "%.3f s" % fp["startup_median_s"], fp["startup_median_s"] <= TARGET_STARTUP_S)
     q = sc.get("queued") or {}
     if "all_acknowledged_durable" in q:
         chk("queued: every acknowledged event durable", str(q["all_acknowledged_durable"]).lower(), bool(q["all_acknowledged_durable"]))
