@@ -4,7 +4,6 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
-import Glibc
 import KoraSidecar
 import KoraSidecarCore
 import KoraSimulator
@@ -47,7 +46,7 @@ struct KoraSidecarCommand: AsyncParsableCommand {
 
     static func fail(_ message: String, code: Int32) -> Never {
         StandardStreams.writeLine(message, to: StandardStreams.error)
-        Glibc.exit(code)
+        exitProcess(code)
     }
 }
 
@@ -133,7 +132,7 @@ struct Sign: AsyncParsableCommand {
             guard let data = FileManager.default.contents(atPath: file) else { throw StartupError("The file \(file) cannot be read.") }
             body = Array(data)
         } else {
-            body = StandardStreams.readInput()
+            body = try StandardStreams.readInput()
         }
         let headers = KoraSignature.headers(
             scheme: scheme, secret: Secret(secret), body: body, timestamp: timestamp ?? UnixTime.now().seconds)

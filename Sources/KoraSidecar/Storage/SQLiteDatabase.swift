@@ -1,12 +1,9 @@
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
 import Foundation
 #endif
-#endif
+import Dispatch
 import KoraSidecarCore
 import NIOConcurrencyHelpers
 
@@ -105,7 +102,9 @@ private final class SQLiteThread: @unchecked Sendable {
     init(_ connection: SQLiteConnection, name: String, writes: Bool) {
         self.writes = writes
         let owned = OwnedConnection(connection: connection)
-        DedicatedThread.start(name: name) { [self] in self.loop(owned.connection) }
+        // A serial queue of its own always gets a thread of its own (it overcommits): the loop blocks it for
+        // the connection's whole life, never the cooperative pool's few threads.
+        DispatchQueue(label: name).async { [self] in self.loop(owned.connection) }
     }
 
     /// Hands the connection to the thread, its only user from then on.

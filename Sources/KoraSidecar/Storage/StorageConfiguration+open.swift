@@ -1,16 +1,18 @@
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
 import Foundation
 #endif
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
 #endif
+import Dispatch
 import KoraSidecarCore
 import Logging
-import Glibc
-import NIOPosix
 import ServiceLifecycle
 
 extension StorageConfiguration {
@@ -28,8 +30,16 @@ extension StorageConfiguration {
             #endif
         }
         let sqlite = try openSQLiteCreatingKey(logger: logger)
-        // Closing waits for queued writes: it runs on a blocking-work thread, not the cooperative pool.
-        let close = CloseOnShutdown { try? await NIOThreadPool.singleton.runIfActive { sqlite.close() } }
+        // Closing waits for queued writes, so it blocks a thread of Dispatch's, not the cooperative pool's; and
+        // it runs even when the service group was cancelled (a cancellation-aware call would skip it).
+        let close = CloseOnShutdown {
+            await withCheckedContinuation { closed in
+                DispatchQueue.global().async {
+                    sqlite.close()
+                    closed.resume()
+                }
+            }
+        }
         return (sqlite, close)
     }
 
@@ -138,7 +148,7 @@ enum KeyFile {
     /// Creates the file at `path` holding `key`, readable by this user alone.
     static func create(_ path: String, key: SealingKey) throws {
         let text = JSONWriter.encode(["id": .string(key.id), "key": .string(key.base64)]) + [UInt8(ascii: "\n")]
-        let descriptor = Glibc.open(path, O_WRONLY | O_CREAT | O_EXCL, 0o600)
+        let descriptor = open(path, O_WRONLY | O_CREAT | O_EXCL, 0o600)
         guard descriptor >= 0 else {
             throw StartupError("The encryption key file \(path) cannot be created: check that this user may write in its folder, or set storage.encryption.keys.")
         }
@@ -148,7 +158,7 @@ enum KeyFile {
         }
         // The file's name is on disk too before any row is sealed with the key.
         let folder = folder(of: path)
-        let directory = Glibc.open(folder.isEmpty ? "." : folder, O_RDONLY)
+        let directory = open(folder.isEmpty ? "." : folder, O_RDONLY)
         if directory >= 0 {
             _ = fsync(directory)
             close(directory)

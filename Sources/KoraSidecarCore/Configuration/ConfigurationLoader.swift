@@ -87,7 +87,9 @@ extension SidecarConfiguration {
         storage.encryptionKeys = readEncryptionKeys(object.object("encryption", keys: ["keys"]))
         guard object.has("postgresURL") else { return storage }
         #if !PostgreSQL
+        // Nothing else to check about a store this build cannot use.
         object.reader.report(object.path("postgresURL"), StartupError.postgreSQLLeftOut)
+        return storage
         #endif
         if object.has("sqlitePath") {
             object.reader.report(object.path("postgresURL"), "give either sqlitePath or postgresURL, not both")

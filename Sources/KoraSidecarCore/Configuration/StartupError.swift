@@ -7,7 +7,7 @@ package struct StartupError: Error, Sendable, CustomStringConvertible {
 
 extension StartupError {
     /// Why a build without the `PostgreSQL` package trait refuses `storage.postgresURL`.
-    package static let postgreSQLLeftOut = "this kora-sidecar was built without PostgreSQL (the SQLite-only build): use storage.sqlitePath, or the standard build"
+    package static let postgreSQLLeftOut = "this kora-sidecar was built without PostgreSQL (the SQLite-only build): keep state in SQLite, or run the standard build"
 
     /// A store in PostgreSQL asked of a build without the `PostgreSQL` package trait.
     package static let withoutPostgreSQL = StartupError("storage.postgresURL: \(postgreSQLLeftOut).")
