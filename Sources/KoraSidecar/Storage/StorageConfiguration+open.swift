@@ -30,11 +30,12 @@ extension StorageConfiguration {
             #endif
         }
         let sqlite = try openSQLiteCreatingKey(logger: logger)
-        // Closing waits for queued writes, so it blocks a thread of Dispatch's, not the cooperative pool's; and
-        // it runs even when the service group was cancelled (a cancellation-aware call would skip it).
+        // Closing waits for queued writes, so it blocks a thread of its own (a serial queue's), not the
+        // cooperative pool's; and it runs even when the service group was cancelled (a cancellation-aware
+        // call would skip it).
         let close = CloseOnShutdown {
             await withCheckedContinuation { closed in
-                DispatchQueue.global().async {
+                DispatchQueue(label: "kora-sqlite-close").async {
                     sqlite.close()
                     closed.resume()
                 }
