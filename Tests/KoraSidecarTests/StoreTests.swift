@@ -340,6 +340,22 @@ struct StoreTests {
         #expect(FileManager.default.fileExists(atPath: directory + "/a/b/store.sqlite"))
     }
 
+    @Test func sqliteIsClosedEvenWhenItsServiceIsCancelled() async throws {
+        // A service group cancels its services when one fails: the store must still finish and close.
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        var storage = StorageConfiguration()
+        storage.sqlitePath = directory + "/store.sqlite"
+        let opened = try storage.open(logger: quietLogger)
+        _ = try await opened.store.enqueue(try event("e1"), services: ["a"], at: t0, dedupSince: at(-1))
+        let running = Task { try await opened.service.run() }
+        running.cancel()
+        try await running.value
+        await #expect(throws: SQLiteError.self) { try await opened.store.delivery(id: 1) }
+        // Closed whole: the last connection's close checkpointed the WAL and removed it.
+        #expect(!FileManager.default.fileExists(atPath: storage.sqlitePath + "-wal"))
+    }
+
     @Test func sqliteGroupCommitsConcurrentWrites() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
