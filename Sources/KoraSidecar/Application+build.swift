@@ -62,8 +62,8 @@ package func buildApplication(
         services.append(opened.service)
     }
 
-    let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: .sidecarDelivery)
-    services.append(CloseOnShutdown { try? await client.shutdown() })
+    let client = DeliveryClient()
+    services.append(CloseOnShutdown { client.shutdown() })
     let deliveryServices = configuration.deliveryServices
     for service in deliveryServices where service.signingKey == nil {
         logger.warning("Deliveries to this service are not signed: set deliver.signingSecret", metadata: ["service": "\(service.name)"])
@@ -178,22 +178,6 @@ struct WebhookResponder: HTTPResponder {
         default:
             return SidecarHTTPError.notFound().response(channel: nil)
         }
-    }
-}
-
-extension HTTPClient.Configuration {
-    /// The delivery client: no redirects, explicit connect time-out, pooled keep-alive connections,
-    /// no tracing (the sidecar bootstraps no tracer, and a span per request costs a URL parse).
-    static var sidecarDelivery: HTTPClient.Configuration {
-        var configuration = HTTPClient.Configuration(
-            redirectConfiguration: .disallow,
-            timeout: .init(connect: .seconds(5), read: .seconds(60)),
-            connectionPool: .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 64)
-        )
-        configuration.httpVersion = .http1Only
-        configuration.decompression = .disabled
-        configuration.tracing.tracer = nil
-        return configuration
     }
 }
 

@@ -136,7 +136,7 @@ struct DeliveryTests {
                 })
         }
         try await withRouter(router) { port in
-            let sender = EventSender(client: HTTPClient.shared, reportOnly: false)
+            let sender = EventSender(client: DeliveryClient(), reportOnly: false)
             let event = try EventNormalizer.normalize(body: TestEvent.body(), webhookID: nil, receivedAt: .now())
             for (path, status) in [("long", 202), ("endless", 503)] {
                 var service = testService(path, target: .url("http://127.0.0.1:\(port)/\(path)"))

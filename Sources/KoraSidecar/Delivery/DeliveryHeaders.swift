@@ -10,7 +10,6 @@ enum DeliveryHeaders {
     ) -> HTTPHeaders {
         var headers = HTTPHeaders()
         headers.reserveCapacity(10 + service.headers.count)
-        if let host = service.hostHeader { headers.add(name: "Host", value: host) }
         headers.add(name: "Content-Type", value: "application/json")
         headers.add(name: "webhook-id", value: event.id)
         headers.add(name: "webhook-timestamp", value: String(timestamp))

@@ -4,8 +4,8 @@ import KoraSidecarCore
 /// A service that receives events, resolved from its configuration once at start-up.
 package struct DeliveryService: Sendable {
     package let name: String
-    /// The URL AsyncHTTPClient is given (`http+unix://…` for a Unix socket).
-    package let url: String
+    /// Where it listens; nil for a URL the configuration would have refused.
+    let endpoint: DeliveryEndpoint?
     package let format: DeliveryFormat
     let signingKey: SymmetricKey?
     package let headers: [(name: String, value: Secret)]
@@ -18,13 +18,10 @@ package struct DeliveryService: Sendable {
     let maxPerSecond: Int?
     /// Paths removed from the normalised body before it is sent.
     let redact: [RedactionPath]
-    /// The `Host` header to send: AsyncHTTPClient sends none over a Unix socket, and HTTP/1.1
-    /// servers (nginx, Go's net/http) refuse a request without one.
-    let hostHeader: String?
 
     init(name: String, deliver: DeliverConfiguration) {
         self.name = name
-        self.url = Self.url(for: deliver.target)
+        self.endpoint = DeliveryEndpoint(deliver.target)
         self.format = deliver.format
         self.signingKey = deliver.signingSecret.flatMap(StandardWebhooks.key(from:))
         self.headers = deliver.headers
@@ -34,19 +31,6 @@ package struct DeliveryService: Sendable {
         self.breakerFailures = deliver.breakerFailures
         self.maxPerSecond = deliver.maxPerSecond
         self.redact = deliver.redact
-        if case .unixSocket = deliver.target { self.hostHeader = "localhost" } else { self.hostHeader = nil }
-    }
-
-    /// The request URL for `target`; a socket path is percent-encoded into the host, as
-    /// AsyncHTTPClient's `http+unix` scheme expects.
-    static func url(for target: DeliveryTarget) -> String {
-        switch target {
-        case .url(let url):
-            return url
-        case .unixSocket(let socketPath, let path):
-            let host = socketPath.percentEncodingAllButUnreserved
-            return "http+unix://\(host)\(path)"
-        }
     }
 }
 

@@ -1,8 +1,4 @@
-import AsyncHTTPClient
 import KoraSidecarCore
-import Logging
-import NIOCore
-import NIOPosix
 
 /// What one attempt to deliver produced.
 package struct AttemptResult: Sendable, Equatable {
@@ -26,16 +22,13 @@ package struct AttemptResult: Sendable, Equatable {
     }
 }
 
-/// Sends one event to one service over the shared HTTP client: TCP or Unix socket, Standard
-/// Webhooks headers, the service's time-out; redirects are never followed (the client disallows them).
+/// Sends one event to one service over delivery's client: its body and Standard Webhooks headers,
+/// within the service's time-out.
 package struct EventSender: Sendable {
-    private let client: HTTPClient
+    private let client: DeliveryClient
     private let reportOnly: Bool
 
-    /// Most of a service's answer that is read (the rest is discarded).
-    static let maximumResponseBytes = 64 * 1024
-
-    package init(client: HTTPClient, reportOnly: Bool) {
+    package init(client: DeliveryClient, reportOnly: Bool) {
         self.client = client
         self.reportOnly = reportOnly
     }
@@ -55,19 +48,16 @@ package struct EventSender: Sendable {
             // Fail closed: what a service must not receive is never sent unredacted.
             return AttemptResult(statusCode: nil, error: "the body could not be redacted", durationMilliseconds: 0)
         }
-        var request = HTTPClientRequest(url: service.url)
-        request.method = .POST
-        request.headers = DeliveryHeaders.make(
+        guard let endpoint = service.endpoint else {
+            return AttemptResult(statusCode: nil, error: "the service's URL is not usable", durationMilliseconds: 0)
+        }
+        let headers = DeliveryHeaders.make(
             event: event, body: body, service: service, attempt: attempt, timestamp: UnixTime.now().seconds, reportOnly: reportOnly)
-        request.body = .bytes(ByteBuffer(bytes: body))
         func elapsed() -> Int { Int((ContinuousClock.now - started).milliseconds) }
         do {
-            let response = try await client.execute(request, timeout: .milliseconds(service.timeout.milliseconds))
-            _ = try? await response.body.collect(upTo: Self.maximumResponseBytes)
-            let status = Int(response.status.code)
-            let retryAfter = status == 429 || status == 503
-                ? response.headers.first(name: "retry-after").flatMap { RetryAfter.parse($0, now: .now()) } : nil
-            return AttemptResult(statusCode: status, error: nil, durationMilliseconds: elapsed(), retryAfter: retryAfter)
+            let answer = try await client.post(headers, body: body, to: endpoint, timeout: service.timeout)
+            let retryAfter = answer.status == 429 || answer.status == 503 ? answer.retryAfter.flatMap { RetryAfter.parse($0, now: .now()) } : nil
+            return AttemptResult(statusCode: answer.status, error: nil, durationMilliseconds: elapsed(), retryAfter: retryAfter)
         } catch {
             return AttemptResult(statusCode: nil, error: HTTPClientFailure.describe(error), durationMilliseconds: elapsed())
         }

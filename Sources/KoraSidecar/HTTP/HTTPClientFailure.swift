@@ -1,6 +1,7 @@
 import AsyncHTTPClient
 import NIOCore
 import NIOPosix
+import NIOSSL
 
 #if canImport(Glibc)
 import Glibc
@@ -45,6 +46,9 @@ package enum HTTPClientFailure: Equatable {
         case let error as HTTPClientError where error == .connectTimeout: "connect timed out"
         case let error as HTTPClientError where error == .remoteConnectionClosed: "connection closed by the other side"
         case let error as HTTPClientError: "HTTP client error: \(error)"
+        case let error as DeliveryClientError: error.description
+        case ChannelError.connectTimeout(_): "connect timed out"
+        case is NIOSSLError, is NIOSSLExtraError, is BoringSSLError: "TLS handshake failed"
         case is NIOConnectionError: "connection refused"
         case let error as IOError where error.errnoCode == ECONNREFUSED: "connection refused"
         case let error as IOError: "I/O error: \(error.errnoCode)"

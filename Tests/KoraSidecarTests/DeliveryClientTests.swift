@@ -1,0 +1,154 @@
+import Foundation
+import NIOCore
+import NIOSSL
+import Testing
+
+@testable import KoraSidecar
+@testable import KoraSidecarCore
+
+/// Delivery's own HTTP/1.1 client, against services that misbehave at the connection level. The
+/// redirects, time-outs and the answer cap are also covered end to end in "Delivery to services".
+@Suite("Delivery client")
+struct DeliveryClientTests {
+    @Test func keptAliveConnectionsCarryTheNextDeliveriesAndAClosingAnswerEndsOne() async throws {
+        let kept = try await ScriptedService { _, _ in .answer() }
+        let closing = try await ScriptedService { _, _ in .answer(headers: [("Connection", "close")]) }
+        let client = DeliveryClient()
+        for _ in 0..<5 {
+            #expect(try await deliver(with: client, to: "http://127.0.0.1:\(kept.port)/e").statusCode == 200)
+            #expect(try await deliver(with: client, to: "http://127.0.0.1:\(closing.port)/e").statusCode == 200)
+        }
+        #expect(kept.connections == 1)
+        #expect(kept.requests.count == 5)
+        #expect(closing.connections == 5)
+        // Concurrent deliveries each take a connection, then leave it to the next: never more
+        // connections than deliveries at once.
+        let pooled = try await ScriptedService { _, _ in .answer() }
+        for _ in 0..<3 {
+            await withTaskGroup(of: Void.self) { group in
+                for _ in 0..<8 { group.addTask { _ = try? await deliver(with: client, to: "http://127.0.0.1:\(pooled.port)/e") } }
+            }
+        }
+        #expect(pooled.requests.count == 24)
+        #expect(pooled.connections <= 8)
+        client.shutdown()
+        #expect(try await deliver(with: client, to: "http://127.0.0.1:\(kept.port)/e").error == "the sidecar is stopping")
+        for service in [kept, closing, pooled] { await service.close() }
+    }
+
+    @Test func aKeptAliveConnectionTheServiceClosedIsRetriedOnceOnANewOne() async throws {
+        // The first connection's second request meets a connection the service is closing.
+        let service = try await ScriptedService { connection, request in
+            connection == 0 && request == 1 ? .closeWithoutAnswer : .answer()
+        }
+        let client = DeliveryClient()
+        #expect(try await deliver(with: client, to: "http://127.0.0.1:\(service.port)/e").statusCode == 200)
+        let retried = try await deliver(with: client, to: "http://127.0.0.1:\(service.port)/e")
+        #expect(retried.statusCode == 200, "\(retried.error ?? "")")
+        #expect(service.connections == 2)
+        #expect(service.requests.map(\.connection) == [0, 0, 1])
+        client.shutdown()
+        await service.close()
+    }
+
+    @Test func aNewConnectionClosedBeforeTheAnswerOrAnyConnectionClosedDuringItIsNotRetried() async throws {
+        let closing = try await ScriptedService { _, _ in .closeWithoutAnswer }
+        let cut = try await ScriptedService { _, request in request == 0 ? .answer() : .headThenClose }
+        let client = DeliveryClient()
+        let unanswered = try await deliver(with: client, to: "http://127.0.0.1:\(closing.port)/e")
+        #expect(unanswered.statusCode == nil)
+        #expect(unanswered.error == "connection closed by the other side")
+        #expect(closing.connections == 1)
+        #expect(closing.requests.count == 1)
+
+        #expect(try await deliver(with: client, to: "http://127.0.0.1:\(cut.port)/e").statusCode == 200)
+        let halfAnswered = try await deliver(with: client, to: "http://127.0.0.1:\(cut.port)/e")
+        #expect(halfAnswered.statusCode == nil)
+        #expect(halfAnswered.error == "connection closed during the answer")
+        #expect(cut.connections == 1)
+        #expect(cut.requests.count == 2)
+        client.shutdown()
+        for service in [closing, cut] { await service.close() }
+    }
+
+    @Test func httpsServicesAreVerifiedAgainstTheTrustRoots() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let (certificatePath, keyPath) = (directory + "/cert.pem", directory + "/key.pem")
+        let openssl = try await runTool(
+            "/usr/bin/openssl",
+            [
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", keyPath, "-out", certificatePath, "-days", "1",
+                "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+            ])
+        try #require(openssl.status == 0, "\(openssl.stderr)")
+        let certificate = try NIOSSLCertificate.fromPEMFile(certificatePath)
+        let server = TLSConfiguration.makeServerConfiguration(
+            certificateChain: certificate.map { .certificate($0) }, privateKey: .privateKey(try NIOSSLPrivateKey(file: keyPath, format: .pem)))
+        let service = try await ScriptedService(tls: server) { _, _ in .answer() }
+        var trusting = TLSConfiguration.makeClientConfiguration()
+        trusting.trustRoots = .certificates(certificate)
+        let trustingClient = DeliveryClient(tls: trusting)
+        let systemClient = DeliveryClient()
+
+        let delivered = try await deliver(with: trustingClient, to: "https://localhost:\(service.port)/e")
+        #expect(delivered.statusCode == 200, "\(delivered.error ?? "")")
+        #expect(try await deliver(with: trustingClient, to: "https://localhost:\(service.port)/e").statusCode == 200)
+        #expect(service.connections == 1)
+        // A certificate the system does not trust, or one for another name: nothing is sent.
+        let untrusted = try await deliver(with: systemClient, to: "https://localhost:\(service.port)/e")
+        #expect(untrusted.statusCode == nil)
+        #expect(untrusted.error == "TLS handshake failed")
+        let otherName = try await deliver(with: trustingClient, to: "https://127.0.0.1:\(service.port)/e")
+        #expect(otherName.error == "TLS handshake failed")
+        #expect(service.requests.count == 2)
+        trustingClient.shutdown()
+        systemClient.shutdown()
+        await service.close()
+    }
+
+    @Test func aServiceThatNeverAcceptsTheConnectionTimesOutConnecting() async throws {
+        // A listener whose accept queue is full: the kernel drops further connection requests.
+        let listener = try RawListener()
+        listen(listener.fd, 0)
+        var fillers: [Int32] = []
+        defer { for fd in fillers { close(fd) } }
+        for _ in 0..<3 {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_port = UInt16(listener.port).bigEndian
+            address.sin_addr.s_addr = inet_addr("127.0.0.1")
+            _ = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            }
+            fillers.append(fd)
+        }
+        let client = DeliveryClient()
+        let result = try await deliver(with: client, to: "http://127.0.0.1:\(listener.port)/e", timeoutSeconds: 1)
+        #expect(result.statusCode == nil)
+        #expect(result.error == "connect timed out")
+        client.shutdown()
+    }
+
+    @Test(arguments: [
+        ("http://127.0.0.1:8080/events?x=1", "127.0.0.1:8080", "/events?x=1", nil),
+        ("https://hooks.example.com", "hooks.example.com", "/", "hooks.example.com"),
+        ("http://[::1]:81/a%20b", "[::1]:81", "/a%20b", nil),
+    ] as [(String, String, String, String?)])
+    func urlsAreResolvedOnceIntoAnAddressATargetAndAHostHeader(url: String, host: String, target: String, tlsName: String?) throws {
+        let endpoint = try #require(DeliveryEndpoint(.url(url)))
+        #expect(endpoint.hostHeader == host)
+        #expect(endpoint.target == target)
+        #expect(endpoint.tlsServerName == tlsName)
+        #expect(DeliveryEndpoint(.url("ftp://example.com/")) == nil)
+        #expect(DeliveryEndpoint(.unixSocket(socketPath: "/run/app.sock", path: "/e"))?.hostHeader == "localhost")
+    }
+
+    private func deliver(with client: DeliveryClient, to url: String, timeoutSeconds: Int = 10) async throws -> AttemptResult {
+        var service = testService("app", target: .url(url))
+        service.deliver?.timeoutSeconds = timeoutSeconds
+        let event = try EventNormalizer.normalize(body: TestEvent.body(), webhookID: nil, receivedAt: .now())
+        return await EventSender(client: client, reportOnly: false).send(event, to: DeliveryService(name: "app", deliver: service.deliver!), attempt: 1)
+    }
+}

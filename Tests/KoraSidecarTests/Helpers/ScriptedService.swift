@@ -1,0 +1,101 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOSSL
+
+/// A service at the connection level, for what delivery's client must get right: a real NIO
+/// listener on 127.0.0.1 port 0 (TLS when given a configuration) that counts the connections it
+/// accepts and answers each request as `script` says, from the connection's number and the
+/// request's number on that connection (both from 0).
+final class ScriptedService: Sendable {
+    enum Reply: Sendable {
+        /// An HTTP/1.1 answer, kept alive unless `headers` say `Connection: close`.
+        case answer(status: Int = 200, headers: [(String, String)] = [])
+        /// The connection closes without a byte of an answer.
+        case closeWithoutAnswer
+        /// The answer's head announces a body, then the connection closes.
+        case headThenClose
+    }
+
+    /// One request received: on which connection, its number there, its body.
+    struct Received: Sendable {
+        let connection: Int
+        let body: [UInt8]
+    }
+
+    let port: Int
+    private let channel: any Channel
+    private let log = NIOLockedValueBox((connections: 0, requests: [Received]()))
+
+    var connections: Int { log.withLockedValue { $0.connections } }
+    var requests: [Received] { log.withLockedValue { $0.requests } }
+
+    init(tls: TLSConfiguration? = nil, script: @escaping @Sendable (_ connection: Int, _ request: Int) -> Reply) async throws {
+        let context = try tls.map { try NIOSSLContext(configuration: $0) }
+        let log = log
+        channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let number = log.withLockedValue { log in
+                        log.connections += 1
+                        return log.connections - 1
+                    }
+                    if let context { try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context)) }
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: false)
+                    try channel.pipeline.syncOperations.addHandler(
+                        ScriptedConnection(number: number, script: script) { received in log.withLockedValue { $0.requests.append(received) } })
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        port = channel.localAddress?.port ?? 0
+    }
+
+    func close() async { try? await channel.close() }
+}
+
+/// One connection of a ``ScriptedService``.
+private final class ScriptedConnection: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let number: Int
+    private let script: @Sendable (Int, Int) -> ScriptedService.Reply
+    private let record: @Sendable (ScriptedService.Received) -> Void
+    private var served = 0
+    private var body: [UInt8] = []
+
+    init(number: Int, script: @escaping @Sendable (Int, Int) -> ScriptedService.Reply, record: @escaping @Sendable (ScriptedService.Received) -> Void) {
+        self.number = number
+        self.script = script
+        self.record = record
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head:
+            body = []
+        case .body(let part):
+            body += part.readableBytesView
+        case .end:
+            record(.init(connection: number, body: body))
+            let reply = script(number, served)
+            served += 1
+            switch reply {
+            case .answer(let status, let headers):
+                var head = HTTPResponseHead(version: .http1_1, status: .init(statusCode: status), headers: HTTPHeaders(headers))
+                head.headers.replaceOrAdd(name: "Content-Length", value: "2")
+                context.write(wrapOutboundOut(.head(head)), promise: nil)
+                context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: "ok")))), promise: nil)
+                context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+            case .closeWithoutAnswer:
+                context.close(promise: nil)
+            case .headThenClose:
+                let head = HTTPResponseHead(version: .http1_1, status: .ok, headers: ["Content-Length": "100"])
+                let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+                context.writeAndFlush(wrapOutboundOut(.head(head))).whenComplete { _ in bound.value.close(promise: nil) }
+            }
+        }
+    }
+}
