@@ -1,5 +1,6 @@
 import NIOCore
 import NIOHTTP1
+import NIOSSL
 
 /// What a service answered to one delivery: all an attempt records of it.
 struct DeliveryAnswer: Sendable, Equatable {
@@ -114,8 +115,9 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         let failure: any Error =
             switch error {
-            // A reset or an end of stream mid-answer is the service closing the connection.
-            case is IOError, HTTPParserError.invalidEOFState:
+            // A reset, an end of stream mid-answer, or TLS closed without its notice: the service
+            // closed the connection.
+            case is IOError, HTTPParserError.invalidEOFState, NIOSSLError.uncleanShutdown:
                 head == nil ? DeliveryClientError.closedBeforeAnswer : DeliveryClientError.closedDuringAnswer
             case is HTTPParserError: DeliveryClientError.malformedAnswer
             default: error
