@@ -33,34 +33,42 @@ struct DeliveryClientTests {
         #expect(pooled.connections <= 8)
         client.shutdown()
         #expect(try await deliver(with: client, to: "http://127.0.0.1:\(kept.port)/e").error == "the sidecar is stopping")
+        // Shutting down closed the idle connections.
+        try await waitUntil("the idle connections to close") { kept.closedConnections == 1 && pooled.closedConnections == pooled.connections }
         for service in [kept, closing, pooled] { await service.close() }
     }
 
-    @Test func aKeptAliveConnectionTheServiceClosedIsRetriedOnceOnANewOne() async throws {
-        // The first connection's second request meets a connection the service is closing.
+    @Test func aKeptAliveConnectionTheServiceClosedBeforeTheRequestWentOutIsLeftForANewOne() async throws {
+        // The first connection's second request is cut off after its head: its body, larger than
+        // what the kernels buffer, cannot all have been written.
         let service = try await ScriptedService { connection, request in
-            connection == 0 && request == 1 ? .closeWithoutAnswer : .answer()
+            connection == 0 && request == 1 ? .resetOnHead : .answer()
         }
         let client = DeliveryClient()
-        #expect(try await deliver(with: client, to: "http://127.0.0.1:\(service.port)/e").statusCode == 200)
-        let retried = try await deliver(with: client, to: "http://127.0.0.1:\(service.port)/e")
-        #expect(retried.statusCode == 200, "\(retried.error ?? "")")
+        let endpoint = try #require(DeliveryEndpoint(.url("http://127.0.0.1:\(service.port)/e")))
+        #expect(try await client.post([:], body: Array("{}".utf8), to: endpoint, timeout: .seconds(10)).status == 200)
+        let large = [UInt8](repeating: 0x61, count: 32 << 20)
+        #expect(try await client.post([:], body: large, to: endpoint, timeout: .seconds(30)).status == 200)
         #expect(service.connections == 2)
-        #expect(service.requests.map(\.connection) == [0, 0, 1])
+        #expect(service.requests.map(\.connection) == [0, 1])
+        #expect(service.requests.last?.body.count == large.count)
         client.shutdown()
         await service.close()
     }
 
-    @Test func aNewConnectionClosedBeforeTheAnswerOrAnyConnectionClosedDuringItIsNotRetried() async throws {
+    @Test func aConnectionClosedAfterTheRequestWentOutIsAFailedAttemptNotRetriedAtOnce() async throws {
         let closing = try await ScriptedService { _, _ in .closeWithoutAnswer }
+        let closingKept = try await ScriptedService { _, request in request == 0 ? .answer() : .closeWithoutAnswer }
         let cut = try await ScriptedService { _, request in request == 0 ? .answer() : .headThenClose }
         let client = DeliveryClient()
-        let unanswered = try await deliver(with: client, to: "http://127.0.0.1:\(closing.port)/e")
-        #expect(unanswered.statusCode == nil)
-        #expect(unanswered.error == "connection closed by the other side")
-        #expect(closing.connections == 1)
-        #expect(closing.requests.count == 1)
-
+        // A new connection, and a kept-alive one: the service may have acted on what it read.
+        #expect(try await deliver(with: client, to: "http://127.0.0.1:\(closingKept.port)/e").statusCode == 200)
+        for service in [closing, closingKept] {
+            let unanswered = try await deliver(with: client, to: "http://127.0.0.1:\(service.port)/e")
+            #expect(unanswered.statusCode == nil)
+            #expect(unanswered.error == "connection closed by the other side")
+            #expect(service.connections == 1)
+        }
         #expect(try await deliver(with: client, to: "http://127.0.0.1:\(cut.port)/e").statusCode == 200)
         let halfAnswered = try await deliver(with: client, to: "http://127.0.0.1:\(cut.port)/e")
         #expect(halfAnswered.statusCode == nil)
@@ -68,7 +76,53 @@ struct DeliveryClientTests {
         #expect(cut.connections == 1)
         #expect(cut.requests.count == 2)
         client.shutdown()
-        for service in [closing, cut] { await service.close() }
+        for service in [closing, closingKept, cut] { await service.close() }
+    }
+
+    @Test func aSwitchingProtocolsAnswerIsRefusedAndItsConnectionNotReused() async throws {
+        let switching = try await ScriptedService { connection, _ in connection == 0 ? .answer(status: 101, headers: [("Upgrade", "x")]) : .answer() }
+        let client = DeliveryClient()
+        let refused = try await deliver(with: client, to: "http://127.0.0.1:\(switching.port)/e")
+        #expect(refused.statusCode == nil)
+        #expect(refused.error == "the answer was not HTTP/1.1")
+        #expect(try await deliver(with: client, to: "http://127.0.0.1:\(switching.port)/e").statusCode == 200)
+        #expect(switching.connections == 2)
+        client.shutdown()
+        await switching.close()
+    }
+
+    @Test func aCancelledDeliveryEndsAtOnceAndClosesItsConnection() async throws {
+        let silent = try await ScriptedService { _, _ in .stall }
+        let client = DeliveryClient()
+        let delivery = Task { try await deliver(with: client, to: "http://127.0.0.1:\(silent.port)/e", timeoutSeconds: 600) }
+        try await waitUntil("the request to arrive") { silent.requests.count == 1 }
+        delivery.cancel()
+        let result = try await delivery.value
+        #expect(result.statusCode == nil)
+        #expect(result.error == "cancelled before the answer")
+        try await waitUntil("the connection to close") { silent.closedConnections == 1 }
+        // Cancelled before it started: nothing is sent, and no connection is left open.
+        let early = Task {
+            withUnsafeCurrentTask { $0?.cancel() }
+            return try await deliver(with: client, to: "http://127.0.0.1:\(silent.port)/e", timeoutSeconds: 600)
+        }
+        #expect(try await early.value.error == "cancelled before the answer")
+        try await waitUntil("every connection to close") { silent.closedConnections == silent.connections }
+        #expect(silent.requests.count == 1)
+        client.shutdown()
+        await silent.close()
+    }
+
+    @Test func anAnswerWhoseBodyStallsCountsByItsStatusOnceTheTimeOutPasses() async throws {
+        let stalling = try await ScriptedService { _, _ in .headThenStall }
+        let client = DeliveryClient()
+        let result = try await deliver(with: client, to: "http://127.0.0.1:\(stalling.port)/e", timeoutSeconds: 1)
+        #expect(result.statusCode == 200, "\(result.error ?? "")")
+        // Its connection is not reused: the next delivery opens another.
+        _ = try await deliver(with: client, to: "http://127.0.0.1:\(stalling.port)/e", timeoutSeconds: 1)
+        #expect(stalling.connections == 2)
+        client.shutdown()
+        await stalling.close()
     }
 
     @Test func httpsServicesAreVerifiedAgainstTheTrustRoots() async throws {

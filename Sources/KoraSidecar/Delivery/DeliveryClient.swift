@@ -7,15 +7,19 @@ import NIOSSL
 /// Delivery's HTTP/1.1 client, on NIO's codec: a pool of kept-alive connections per service over
 /// TCP (TLS for `https`) or a Unix socket, a connect time-out and the service's time-out for the
 /// whole exchange, at most 64 KiB of an answer read, and no redirect ever followed (a 3xx is an
-/// answer like any other). AsyncHTTPClient did the same for about twice the CPU per delivery, most
-/// of it in machinery delivery does not use (per-request URL parsing, a state machine per request
-/// for streaming, redirects, HTTP/2); the Kora API proxy still uses it.
+/// answer like any other). AsyncHTTPClient did the same for about a third more CPU per delivery,
+/// spent on what delivery does not use (per-request URL parsing, streaming state machines,
+/// redirects, HTTP/2); the Kora API proxy still uses it.
+///
+/// Connections to a service are as many as the deliveries to it under way, which
+/// `delivery.concurrency` bounds (and, in `direct` mode, the webhook listener's connections).
 package final class DeliveryClient: Sendable {
     /// Most of an answer that is read; the rest ends the connection.
     static let maximumAnswerBytes = 64 * 1024
     static let connectTimeout = TimeAmount.seconds(5)
-    /// How long a kept-alive connection waits for its next delivery: under the 60 to 75 s after
-    /// which common servers (nginx, Node) close an idle connection themselves.
+    /// How long a kept-alive connection waits for its next delivery: under nginx's 75 s and Go's
+    /// and Hummingbird's unlimited keep-alive; a service that closes sooner (Node, 5 s) closes it
+    /// itself, and a connection found closed is never written to.
     static let idleTimeout = TimeAmount.seconds(55)
     /// Most idle connections kept per service; more close once their delivery is done.
     static let maximumIdlePerEndpoint = 64
@@ -41,11 +45,10 @@ package final class DeliveryClient: Sendable {
     /// POSTs `body` with `headers` to `endpoint` and returns the answer, or throws why there is none
     /// within `timeout`.
     ///
-    /// A kept-alive connection the service closed before a byte of the answer came back is retried
-    /// once on a new connection: the service closes idle connections when it likes, and this is how
-    /// that race shows. Sending again is safe: at worst the service gets the event twice, with the
-    /// same `webhook-id` for it to drop the second, which Standard Webhooks asks receivers to do and
-    /// which any retry of at-least-once delivery already implies.
+    /// A kept-alive connection the service closed before the whole request was written to it is
+    /// left for a new one, once: the service cannot have taken the request. A connection that
+    /// closes after the request went out is an attempt that failed (the service may have acted on
+    /// it), which the retry schedule sends again.
     func post(_ headers: HTTPHeaders, body: [UInt8], to endpoint: DeliveryEndpoint, timeout: Duration) async throws -> DeliveryAnswer {
         let deadline = NIODeadline.now() + TimeAmount(timeout)
         var request = HTTPRequestHead(version: .http1_1, method: .POST, uri: endpoint.target, headers: headers)
@@ -55,7 +58,7 @@ package final class DeliveryClient: Sendable {
         if let kept = try takeIdle(endpoint) {
             do {
                 return try await exchange(request, buffer, on: kept, endpoint: endpoint, deadline: deadline)
-            } catch DeliveryClientError.closedBeforeAnswer {
+            } catch DeliveryClientError.closedBeforeSending where !Task.isCancelled {
                 // The service closed it first: once more on a new connection.
             }
         }
@@ -93,7 +96,10 @@ package final class DeliveryClient: Sendable {
 
     private func keep(_ connection: DeliveryConnection, for endpoint: DeliveryEndpoint) {
         let kept = pool.withLockedValue { pool in
-            guard !pool.shutDown, pool.idle[endpoint, default: []].count < Self.maximumIdlePerEndpoint else { return false }
+            guard !pool.shutDown else { return false }
+            // Those the service closed meanwhile go, so that they neither count nor linger.
+            pool.idle[endpoint, default: []].removeAll { !$0.channel.isActive }
+            guard pool.idle[endpoint, default: []].count < Self.maximumIdlePerEndpoint else { return false }
             pool.idle[endpoint, default: []].append(connection)
             return true
         }
@@ -137,15 +143,15 @@ struct DeliveryConnection: Sendable {
     let channel: any Channel
     let handler: NIOLoopBound<DeliveryExchangeHandler>
 
-    /// Runs one exchange; a cancelled task closes the connection and ends it at once.
+    /// Runs one exchange; a cancelled task ends it, and the connection, at once.
     func exchange(_ request: HTTPRequestHead, _ body: ByteBuffer, deadline: NIODeadline) async throws -> DeliveryExchangeHandler.Outcome {
-        let promise = channel.eventLoop.makePromise(of: DeliveryExchangeHandler.Outcome.self)
-        try Task.checkCancellation()
         let handler = handler
+        let promise = channel.eventLoop.makePromise(of: DeliveryExchangeHandler.Outcome.self)
         return try await withTaskCancellationHandler {
             channel.eventLoop.execute { handler.value.start(request, body: body, deadline: deadline, promise: promise) }
             return try await promise.futureResult.get()
         } onCancel: {
+            // Runs before `start` when the task was already cancelled: `start` then refuses.
             channel.eventLoop.execute { handler.value.abandon() }
         }
     }

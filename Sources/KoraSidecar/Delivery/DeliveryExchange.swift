@@ -11,13 +11,16 @@ struct DeliveryAnswer: Sendable, Equatable {
 
 /// Why a delivery got no answer, in the words an attempt records.
 enum DeliveryClientError: Error, Equatable, CustomStringConvertible {
-    /// The service's time-out passed before its answer ended.
+    /// The service's time-out passed before the head of its answer arrived.
     case timedOut
-    /// The connection closed (or was reset) before a byte of the answer arrived.
+    /// The connection was closed before the whole request was written: the service cannot have
+    /// taken it, so it may be sent again at once.
+    case closedBeforeSending
+    /// The connection closed (or was reset) after the request was sent, before the answer's head.
     case closedBeforeAnswer
-    /// The connection closed in the middle of the answer.
+    /// The connection closed in the middle of the answer's head or body.
     case closedDuringAnswer
-    /// The answer was not HTTP/1.1.
+    /// The answer was not HTTP/1.1, or the request could not be written as HTTP/1.1.
     case malformedAnswer
     /// The sidecar is stopping.
     case shutDown
@@ -25,6 +28,7 @@ enum DeliveryClientError: Error, Equatable, CustomStringConvertible {
     var description: String {
         switch self {
         case .timedOut: "timed out"
+        case .closedBeforeSending: "connection closed by the other side before the request was sent"
         case .closedBeforeAnswer: "connection closed by the other side"
         case .closedDuringAnswer: "connection closed during the answer"
         case .malformedAnswer: "the answer was not HTTP/1.1"
@@ -51,12 +55,18 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
     private let idleTimeout: TimeAmount
     private var context: ChannelHandlerContext?
     private var pending: (promise: EventLoopPromise<Outcome>, timeout: Scheduled<Void>)?
+    /// Whether the exchange under way has handed its whole request to the kernel.
+    private var sent = false
+    /// Whether any byte of the exchange's answer arrived (the decoder has seen its start).
     private var head: HTTPResponseHead?
     private var answerBytes = 0
     private var idleClose: Scheduled<Void>?
-    /// What went wrong while no exchange was under way (a TLS handshake refused before the first
-    /// request was handed over): the reason the next one fails.
-    private var idleFailure: (any Error)?
+    /// Exchanges this connection completed; a connection that completed none is a new one.
+    private var completed = 0
+    /// Its task was cancelled, perhaps before its exchange started: none will.
+    private var abandoned = false
+    /// Why a new connection failed before its first exchange started (a TLS handshake refused).
+    private var earlyFailure: (any Error)?
 
     init(maximumAnswerBytes: Int, idleTimeout: TimeAmount) {
         self.maximumAnswerBytes = maximumAnswerBytes
@@ -68,25 +78,36 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
 
     /// Sends `request` with `body`; `promise` gets the answer, or fails at `deadline`.
     func start(_ request: HTTPRequestHead, body: ByteBuffer, deadline: NIODeadline, promise: EventLoopPromise<Outcome>) {
+        guard !abandoned else {
+            promise.fail(CancellationError())
+            return
+        }
         guard let context, context.channel.isActive, pending == nil else {
-            promise.fail(idleFailure ?? DeliveryClientError.closedBeforeAnswer)
+            // Nothing was written. A kept-alive connection found closed is the service's idle close.
+            promise.fail(completed == 0 ? earlyFailure ?? DeliveryClientError.closedBeforeSending : DeliveryClientError.closedBeforeSending)
             return
         }
         idleClose?.cancel()
         idleClose = nil
+        sent = false
         head = nil
         answerBytes = 0
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
-        let timeout = context.eventLoop.scheduleTask(deadline: deadline) { handler.value.end(.failure(DeliveryClientError.timedOut)) }
+        let timeout = context.eventLoop.scheduleTask(deadline: deadline) { handler.value.timedOut() }
         pending = (promise, timeout)
+        let written = context.eventLoop.makePromise(of: Void.self)
+        written.futureResult.whenSuccess { handler.value.sent = true }
         context.write(wrapOutboundOut(.head(request)), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
-        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: written)
     }
 
-    /// Ends the exchange under way, if one is (a task was cancelled): the connection closes.
+    /// Its task was cancelled: the exchange under way, or the one about to start, ends, and so
+    /// does the connection.
     func abandon() {
+        abandoned = true
         end(.failure(CancellationError()))
+        context?.close(promise: nil)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -96,6 +117,10 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
             return
         }
         switch unwrapInboundIn(data) {
+        case .head(let head) where head.status.code < 200:
+            // Only 101 gets here (NIO drops the other 1xx): the connection would stop being HTTP.
+            self.head = head
+            end(.failure(DeliveryClientError.malformedAnswer))
         case .head(let head):
             self.head = head
         case .body(let part):
@@ -108,7 +133,7 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         idleClose?.cancel()
-        end(.failure(head == nil ? DeliveryClientError.closedBeforeAnswer : DeliveryClientError.closedDuringAnswer))
+        end(.failure(closed))
         context.fireChannelInactive()
     }
 
@@ -117,14 +142,24 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
             switch error {
             // A reset, an end of stream mid-answer, or TLS closed without its notice: the service
             // closed the connection.
-            case is IOError, HTTPParserError.invalidEOFState, NIOSSLError.uncleanShutdown:
-                head == nil ? DeliveryClientError.closedBeforeAnswer : DeliveryClientError.closedDuringAnswer
+            case is IOError, HTTPParserError.invalidEOFState, NIOSSLError.uncleanShutdown: closed
             case is HTTPParserError: DeliveryClientError.malformedAnswer
             default: error
             }
-        if pending == nil { idleFailure = idleFailure ?? failure }
+        if pending == nil, completed == 0 { earlyFailure = earlyFailure ?? failure }
         end(.failure(failure))
         context.close(promise: nil)
+    }
+
+    /// How the exchange under way ends when the connection closes, by how far it got.
+    private var closed: DeliveryClientError {
+        !sent ? .closedBeforeSending : head == nil ? .closedBeforeAnswer : .closedDuringAnswer
+    }
+
+    /// The time-out passed: an answer whose head arrived counts (its status is known, however slowly
+    /// the rest comes), and ends its connection; without one, the attempt timed out.
+    private func timedOut() {
+        end(head == nil ? .failure(DeliveryClientError.timedOut) : .success(false))
     }
 
     /// Completes the exchange under way: with the answer (and whether the connection stays), or
@@ -134,8 +169,13 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
         pending = nil
         timeout.cancel()
         switch result {
-        case .success(let keepAlive) where head != nil:
-            let head = head!
+        case .success(let keepAlive):
+            guard let head else {
+                context.close(promise: nil)
+                promise.fail(DeliveryClientError.malformedAnswer)
+                return
+            }
+            completed += 1
             let answer = DeliveryAnswer(status: Int(head.status.code), retryAfter: head.headers.first(name: "retry-after"))
             if keepAlive {
                 let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
@@ -144,9 +184,6 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
                 context.close(promise: nil)
             }
             promise.succeed(Outcome(answer: answer, reusable: keepAlive))
-        case .success:
-            context.close(promise: nil)
-            promise.fail(DeliveryClientError.malformedAnswer)
         case .failure(let error):
             context.close(promise: nil)
             promise.fail(error)

@@ -47,6 +47,7 @@ package enum HTTPClientFailure: Equatable {
         case let error as HTTPClientError where error == .remoteConnectionClosed: "connection closed by the other side"
         case let error as HTTPClientError: "HTTP client error: \(error)"
         case let error as DeliveryClientError: error.description
+        case is CancellationError: "cancelled before the answer"
         case ChannelError.connectTimeout(_): "connect timed out"
         case is NIOSSLError, is NIOSSLExtraError, is BoringSSLError: "TLS handshake failed"
         case is NIOConnectionError: "connection refused"

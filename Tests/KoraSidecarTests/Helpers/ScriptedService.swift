@@ -6,19 +6,25 @@ import NIOSSL
 
 /// A service at the connection level, for what delivery's client must get right: a real NIO
 /// listener on 127.0.0.1 port 0 (TLS when given a configuration) that counts the connections it
-/// accepts and answers each request as `script` says, from the connection's number and the
-/// request's number on that connection (both from 0).
+/// accepts and closes, and answers each request as `script` says, from the connection's number and
+/// the request's number on that connection (both from 0).
 final class ScriptedService: Sendable {
     enum Reply: Sendable {
         /// An HTTP/1.1 answer, kept alive unless `headers` say `Connection: close`.
         case answer(status: Int = 200, headers: [(String, String)] = [])
-        /// The connection closes without a byte of an answer.
+        /// The connection closes without a byte of an answer, once the request was read.
         case closeWithoutAnswer
+        /// The connection closes as soon as the request's head arrived, its body unread.
+        case resetOnHead
         /// The answer's head announces a body, then the connection closes.
         case headThenClose
+        /// The answer's head announces a body that never comes.
+        case headThenStall
+        /// No answer at all, the connection held open.
+        case stall
     }
 
-    /// One request received: on which connection, its number there, its body.
+    /// One request read whole: on which connection, its body.
     struct Received: Sendable {
         let connection: Int
         let body: [UInt8]
@@ -26,9 +32,10 @@ final class ScriptedService: Sendable {
 
     let port: Int
     private let channel: any Channel
-    private let log = NIOLockedValueBox((connections: 0, requests: [Received]()))
+    private let log = NIOLockedValueBox((connections: 0, closed: 0, requests: [Received]()))
 
     var connections: Int { log.withLockedValue { $0.connections } }
+    var closedConnections: Int { log.withLockedValue { $0.closed } }
     var requests: [Received] { log.withLockedValue { $0.requests } }
 
     init(tls: TLSConfiguration? = nil, script: @escaping @Sendable (_ connection: Int, _ request: Int) -> Reply) async throws {
@@ -37,11 +44,12 @@ final class ScriptedService: Sendable {
         channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    let number = log.withLockedValue { log in
-                        log.connections += 1
-                        return log.connections - 1
-                    }
+                let number = log.withLockedValue { log in
+                    log.connections += 1
+                    return log.connections - 1
+                }
+                channel.closeFuture.whenComplete { _ in log.withLockedValue { $0.closed += 1 } }
+                return channel.eventLoop.makeCompletedFuture {
                     if let context { try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context)) }
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: false)
                     try channel.pipeline.syncOperations.addHandler(
@@ -64,6 +72,7 @@ private final class ScriptedConnection: ChannelInboundHandler {
     private let script: @Sendable (Int, Int) -> ScriptedService.Reply
     private let record: @Sendable (ScriptedService.Received) -> Void
     private var served = 0
+    private var reply = ScriptedService.Reply.answer()
     private var body: [UInt8] = []
 
     init(number: Int, script: @escaping @Sendable (Int, Int) -> ScriptedService.Reply, record: @escaping @Sendable (ScriptedService.Received) -> Void) {
@@ -76,12 +85,14 @@ private final class ScriptedConnection: ChannelInboundHandler {
         switch unwrapInboundIn(data) {
         case .head:
             body = []
+            reply = script(number, served)
+            served += 1
+            // Closing with the body unread makes the kernel reset the connection.
+            if case .resetOnHead = reply { context.close(promise: nil) }
         case .body(let part):
             body += part.readableBytesView
         case .end:
             record(.init(connection: number, body: body))
-            let reply = script(number, served)
-            served += 1
             switch reply {
             case .answer(let status, let headers):
                 var head = HTTPResponseHead(version: .http1_1, status: .init(statusCode: status), headers: HTTPHeaders(headers))
@@ -91,10 +102,13 @@ private final class ScriptedConnection: ChannelInboundHandler {
                 context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
             case .closeWithoutAnswer:
                 context.close(promise: nil)
-            case .headThenClose:
+            case .headThenClose, .headThenStall:
                 let head = HTTPResponseHead(version: .http1_1, status: .ok, headers: ["Content-Length": "100"])
                 let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
-                context.writeAndFlush(wrapOutboundOut(.head(head))).whenComplete { _ in bound.value.close(promise: nil) }
+                let close = if case .headThenClose = reply { true } else { false }
+                context.writeAndFlush(wrapOutboundOut(.head(head))).whenComplete { _ in if close { bound.value.close(promise: nil) } }
+            case .stall, .resetOnHead:
+                break
             }
         }
     }
