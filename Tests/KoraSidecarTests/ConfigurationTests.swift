@@ -125,7 +125,7 @@ struct ConfigurationTests {
             {"webhooks": {"secrets": ["s"]}, "services": [
               {"name": "app", "deliver": {"unixSocket": "/tmp/\(String(repeating: "x", count: 120))"}},
               {"name": "app", "token": "t", "deliver": {"url": "http://a", "unixSocket": "/tmp/s"}},
-              {"name": "other", "token": "t2", "allow": ["GET"], "deliver": {"url": "http://a", "signingSecret": "whsec_!!", "headers": {"webhook-id": "x", "Bad Header": "y"}}}
+              {"name": "other", "token": "t2", "allow": ["GET"], "deliver": {"url": "http://a", "signingSecret": "whsec_!!", "headers": {"webhook-id": "x", "Bad Header": "y", "X-Split": "a\\r\\nX-Injected: 1"}}}
             ]}
             """)
         let paths = found.map(\.path)
@@ -136,6 +136,7 @@ struct ConfigurationTests {
         #expect(paths.contains("$.services[2].deliver.signingSecret"))
         #expect(paths.contains("$.services[2].deliver.headers.webhook-id"))
         #expect(paths.contains("$.services[2].deliver.headers.Bad Header"))
+        #expect(paths.contains("$.services[2].deliver.headers.X-Split"))
     }
 
     @Test func listenersMustNotCollide() {

@@ -113,6 +113,19 @@ struct DeliveryClientTests {
         await silent.close()
     }
 
+    @Test func aHeaderValueThatWouldSplitTheRequestIsNeverSent() async throws {
+        let service = try await ScriptedService { _, _ in .answer() }
+        var configuration = testService("app", target: .url("http://127.0.0.1:\(service.port)/e"))
+        configuration.deliver?.headers = [("X-Api-Key", Secret("key\r\nX-Injected: 1"))]
+        let event = try EventNormalizer.normalize(body: TestEvent.body(), webhookID: nil, receivedAt: .now())
+        let result = await EventSender(client: DeliveryClient(), reportOnly: false)
+            .send(event, to: DeliveryService(name: "app", deliver: configuration.deliver!), attempt: 1)
+        #expect(result.statusCode == nil)
+        #expect(result.error == "the request is not valid HTTP: check the service's headers and path")
+        #expect(service.requests.isEmpty)
+        await service.close()
+    }
+
     @Test func anAnswerWhoseBodyStallsCountsByItsStatusOnceTheTimeOutPasses() async throws {
         let stalling = try await ScriptedService { _, _ in .headThenStall }
         let client = DeliveryClient()

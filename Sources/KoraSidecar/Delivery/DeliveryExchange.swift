@@ -20,8 +20,11 @@ enum DeliveryClientError: Error, Equatable, CustomStringConvertible {
     case closedBeforeAnswer
     /// The connection closed in the middle of the answer's head or body.
     case closedDuringAnswer
-    /// The answer was not HTTP/1.1, or the request could not be written as HTTP/1.1.
+    /// The answer was not HTTP/1.1.
     case malformedAnswer
+    /// The request cannot be written as HTTP/1.1: a configured header value holds a line break or
+    /// another character HTTP forbids, so it is never sent (it could smuggle a second request).
+    case invalidRequest
     /// The sidecar is stopping.
     case shutDown
 
@@ -32,6 +35,7 @@ enum DeliveryClientError: Error, Equatable, CustomStringConvertible {
         case .closedBeforeAnswer: "connection closed by the other side"
         case .closedDuringAnswer: "connection closed during the answer"
         case .malformedAnswer: "the answer was not HTTP/1.1"
+        case .invalidRequest: "the request is not valid HTTP: check the service's headers and path"
         case .shutDown: "the sidecar is stopping"
         }
     }
@@ -143,6 +147,8 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
             // A reset, an end of stream mid-answer, or TLS closed without its notice: the service
             // closed the connection.
             case is IOError, HTTPParserError.invalidEOFState, NIOSSLError.uncleanShutdown: closed
+            // NIO's check of the request on its way out, before a byte of it is written.
+            case is HTTPParserError where !sent: DeliveryClientError.invalidRequest
             case is HTTPParserError: DeliveryClientError.malformedAnswer
             default: error
             }

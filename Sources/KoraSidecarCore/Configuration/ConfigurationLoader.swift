@@ -337,6 +337,10 @@ extension SidecarConfiguration {
             } else if DeliverConfiguration.reservedHeaders.contains(member.key.lowercased()) {
                 reader.report(path, "is set by the sidecar and cannot be configured")
             } else if let value = reader.secret(member.value, at: path) {
+                // A line break would end the header and start another, or a second request.
+                if value.value.utf8.contains(where: { ($0 < 0x20 && $0 != 0x09) || $0 == 0x7F }) {
+                    reader.report(path, "must not hold a line break or another control character")
+                }
                 deliver.headers.append((member.key, value))
             }
         }
