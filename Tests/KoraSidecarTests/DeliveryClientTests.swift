@@ -1,5 +1,7 @@
 import Foundation
 import NIOCore
+import NIOEmbedded
+import NIOHTTP1
 import NIOSSL
 import Testing
 
@@ -107,7 +109,8 @@ struct DeliveryClientTests {
             return try await deliver(with: client, to: "http://127.0.0.1:\(silent.port)/e", timeoutSeconds: 600)
         }
         #expect(try await early.value.error == "cancelled before the answer")
-        try await waitUntil("every connection to close") { silent.closedConnections == silent.connections }
+        // Its connection was opened (connecting does not stop for a cancellation), then closed unused.
+        try await waitUntil("the second connection to be closed") { silent.connections == 2 && silent.closedConnections == 2 }
         #expect(silent.requests.count == 1)
         client.shutdown()
         await silent.close()
@@ -124,6 +127,35 @@ struct DeliveryClientTests {
         #expect(result.error == "the request is not valid HTTP: check the service's headers and path")
         #expect(service.requests.isEmpty)
         await service.close()
+    }
+
+    @Test func aCancellationThatComesAfterItsExchangeLeavesTheConnectionToTheNext() throws {
+        let channel = EmbeddedChannel()
+        try channel.pipeline.syncOperations.addHTTPClientHandlers()
+        let handler = DeliveryExchangeHandler(maximumAnswerBytes: 1024, idleTimeout: .seconds(55))
+        try channel.pipeline.syncOperations.addHandler(handler)
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        let request = HTTPRequestHead(version: .http1_1, method: .POST, uri: "/e", headers: ["Host": "app", "Content-Length": "0"])
+        func exchange(answer: String) throws -> EventLoopFuture<DeliveryExchangeHandler.Outcome> {
+            let promise = channel.eventLoop.makePromise(of: DeliveryExchangeHandler.Outcome.self)
+            handler.start(request, body: ByteBuffer(), deadline: .now() + .seconds(10), promise: promise)
+            try channel.writeInbound(ByteBuffer(string: answer))
+            return promise.futureResult
+        }
+        let first = channel.eventLoop.makePromise(of: DeliveryExchangeHandler.Outcome.self)
+        handler.start(request, body: ByteBuffer(), deadline: .now() + .seconds(10), promise: first)
+        try channel.writeInbound(ByteBuffer(string: "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+        #expect(try first.futureResult.wait().reusable)
+        // The first task's cancellation arrives once its exchange is over: the next one is not its.
+        handler.abandon(first)
+        #expect(channel.isActive)
+        #expect(try exchange(answer: "HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n").wait().answer.status == 202)
+        // A cancellation that comes before its exchange starts: it never does, and the connection closes.
+        let early = channel.eventLoop.makePromise(of: DeliveryExchangeHandler.Outcome.self)
+        handler.abandon(early)
+        handler.start(request, body: ByteBuffer(), deadline: .now() + .seconds(10), promise: early)
+        #expect(throws: CancellationError.self) { try early.futureResult.wait() }
+        #expect(!channel.isActive)
     }
 
     @Test func anAnswerWhoseBodyStallsCountsByItsStatusOnceTheTimeOutPasses() async throws {

@@ -19,7 +19,7 @@ package final class DeliveryClient: Sendable {
     static let connectTimeout = TimeAmount.seconds(5)
     /// How long a kept-alive connection waits for its next delivery: under nginx's 75 s and Go's
     /// and Hummingbird's unlimited keep-alive; a service that closes sooner (Node, 5 s) closes it
-    /// itself, and a connection found closed is never written to.
+    /// itself, and a connection seen closed is not written to.
     static let idleTimeout = TimeAmount.seconds(55)
     /// Most idle connections kept per service; more close once their delivery is done.
     static let maximumIdlePerEndpoint = 64
@@ -107,8 +107,10 @@ package final class DeliveryClient: Sendable {
     }
 
     private func connect(_ endpoint: DeliveryEndpoint, deadline: NIODeadline) async throws -> DeliveryConnection {
+        let remaining = deadline - .now()
+        guard remaining > .zero else { throw DeliveryClientError.timedOut }
         let context = try endpoint.tlsServerName.map { _ in try sslContext() }
-        let bootstrap = ClientBootstrap(group: group).connectTimeout(min(Self.connectTimeout, deadline - .now()))
+        let bootstrap = ClientBootstrap(group: group).connectTimeout(min(Self.connectTimeout, remaining))
         let initializer: @Sendable (any Channel) -> EventLoopFuture<DeliveryConnection> = { channel in
             channel.eventLoop.makeCompletedFuture {
                 if let context, let name = endpoint.tlsServerName {
@@ -152,7 +154,7 @@ struct DeliveryConnection: Sendable {
             return try await promise.futureResult.get()
         } onCancel: {
             // Runs before `start` when the task was already cancelled: `start` then refuses.
-            channel.eventLoop.execute { handler.value.abandon() }
+            channel.eventLoop.execute { handler.value.abandon(promise) }
         }
     }
 }

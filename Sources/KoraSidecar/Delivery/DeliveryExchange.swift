@@ -59,6 +59,8 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
     private let idleTimeout: TimeAmount
     private var context: ChannelHandlerContext?
     private var pending: (promise: EventLoopPromise<Outcome>, timeout: Scheduled<Void>)?
+    /// The exchanges started on this connection; numbers the one under way.
+    private var started = 0
     /// Whether the exchange under way has handed its whole request to the kernel.
     private var sent = false
     /// Whether any byte of the exchange's answer arrived (the decoder has seen its start).
@@ -67,8 +69,10 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
     private var idleClose: Scheduled<Void>?
     /// Exchanges this connection completed; a connection that completed none is a new one.
     private var completed = 0
-    /// Its task was cancelled, perhaps before its exchange started: none will.
-    private var abandoned = false
+    /// An exchange whose task was cancelled before it started: it never will.
+    private var abandoned: EventLoopFuture<Outcome>?
+    /// The last exchange started, to tell a cancellation that came too late from one that came early.
+    private var lastStarted: EventLoopFuture<Outcome>?
     /// Why a new connection failed before its first exchange started (a TLS handshake refused).
     private var earlyFailure: (any Error)?
 
@@ -82,7 +86,7 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
 
     /// Sends `request` with `body`; `promise` gets the answer, or fails at `deadline`.
     func start(_ request: HTTPRequestHead, body: ByteBuffer, deadline: NIODeadline, promise: EventLoopPromise<Outcome>) {
-        guard !abandoned else {
+        guard abandoned !== promise.futureResult else {
             promise.fail(CancellationError())
             return
         }
@@ -93,25 +97,33 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
         }
         idleClose?.cancel()
         idleClose = nil
+        started += 1
         sent = false
         head = nil
         answerBytes = 0
+        let exchange = started
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
         let timeout = context.eventLoop.scheduleTask(deadline: deadline) { handler.value.timedOut() }
         pending = (promise, timeout)
+        lastStarted = promise.futureResult
         let written = context.eventLoop.makePromise(of: Void.self)
-        written.futureResult.whenSuccess { handler.value.sent = true }
+        // Only this exchange's write says it went out (an early answer can end one mid-write).
+        written.futureResult.whenSuccess { if handler.value.started == exchange { handler.value.sent = true } }
         context.write(wrapOutboundOut(.head(request)), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: written)
     }
 
-    /// Its task was cancelled: the exchange under way, or the one about to start, ends, and so
-    /// does the connection.
-    func abandon() {
-        abandoned = true
-        end(.failure(CancellationError()))
-        context?.close(promise: nil)
+    /// The task of the exchange answering `promise` was cancelled: that exchange ends, or never
+    /// starts, and the connection closes with it. Once that exchange is over (its connection may
+    /// already carry another's), nothing happens.
+    func abandon(_ promise: EventLoopPromise<Outcome>) {
+        if let pending, pending.promise.futureResult === promise.futureResult {
+            end(.failure(CancellationError()))
+        } else if lastStarted !== promise.futureResult {
+            abandoned = promise.futureResult
+            context?.close(promise: nil)
+        }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -148,7 +160,7 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
             // closed the connection.
             case is IOError, HTTPParserError.invalidEOFState, NIOSSLError.uncleanShutdown: closed
             // NIO's check of the request on its way out, before a byte of it is written.
-            case is HTTPParserError where !sent: DeliveryClientError.invalidRequest
+            case is HTTPParserError where !sent && head == nil: DeliveryClientError.invalidRequest
             case is HTTPParserError: DeliveryClientError.malformedAnswer
             default: error
             }
