@@ -40,6 +40,33 @@ struct DeliveryClientTests {
         for service in [kept, closing, pooled] { await service.close() }
     }
 
+    @Test func idleConnectionsBeyondTheCapCloseOnceDone() async throws {
+        let service = try await ScriptedService { _, _ in .answerOnceReceived(4) }
+        let client = DeliveryClient(maximumIdlePerEndpoint: 2)
+        // Four at once, on four connections: two stay idle (for 55 s), the other two close.
+        await withTaskGroup(of: Void.self) { group in
+            for _ in 0..<4 { group.addTask { _ = try? await deliver(with: client, to: "http://127.0.0.1:\(service.port)/e") } }
+        }
+        #expect(service.requests.count == 4)
+        #expect(service.connections == 4)
+        try await waitUntil("two connections to close") { service.closedConnections == 2 }
+        client.shutdown()
+        try await waitUntil("shutting down to close the idle two") { service.closedConnections == 4 }
+        await service.close()
+    }
+
+    @Test func anIdleConnectionClosesAfterTheIdleTimeOut() async throws {
+        let service = try await ScriptedService { _, _ in .answer() }
+        let client = DeliveryClient(idleTimeout: .milliseconds(200))
+        #expect(try await deliver(with: client, to: "http://127.0.0.1:\(service.port)/e").statusCode == 200)
+        try await waitUntil("the idle connection to close") { service.closedConnections == 1 }
+        // The next delivery opens a new one.
+        #expect(try await deliver(with: client, to: "http://127.0.0.1:\(service.port)/e").statusCode == 200)
+        #expect(service.connections == 2)
+        client.shutdown()
+        await service.close()
+    }
+
     @Test func aKeptAliveConnectionTheServiceClosedBeforeTheRequestWentOutIsLeftForANewOne() async throws {
         // The first connection's second request is cut off after its head: its body, larger than
         // what the kernels buffer, cannot all have been written.

@@ -20,9 +20,9 @@ package final class DeliveryClient: Sendable {
     /// How long a kept-alive connection waits for its next delivery: under nginx's 75 s and Go's
     /// and Hummingbird's unlimited keep-alive; a service that closes sooner (Node, 5 s) closes it
     /// itself, and a connection seen closed is not written to.
-    static let idleTimeout = TimeAmount.seconds(55)
+    private let idleTimeout: TimeAmount
     /// Most idle connections kept per service; more close once their delivery is done.
-    static let maximumIdlePerEndpoint = 64
+    private let maximumIdlePerEndpoint: Int
 
     private struct Pool {
         var idle: [DeliveryEndpoint: [DeliveryConnection]] = [:]
@@ -36,9 +36,15 @@ package final class DeliveryClient: Sendable {
     /// a sidecar delivering over plain HTTP or a Unix socket never needs.
     private let tlsContext = NIOLockedValueBox<NIOSSLContext?>(nil)
 
-    /// `tls` verifies `https` services' certificates (the system's trust roots by default).
-    package init(tls: TLSConfiguration = .makeClientConfiguration(), group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) {
+    /// `tls` verifies `https` services' certificates (the system's trust roots by default); the
+    /// idle time-out (55 s) and the most idle connections per service (64) are parameters for tests.
+    package init(
+        tls: TLSConfiguration = .makeClientConfiguration(), idleTimeout: TimeAmount = .seconds(55), maximumIdlePerEndpoint: Int = 64,
+        group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
+    ) {
         self.tls = tls
+        self.idleTimeout = idleTimeout
+        self.maximumIdlePerEndpoint = maximumIdlePerEndpoint
         self.group = group
     }
 
@@ -99,7 +105,7 @@ package final class DeliveryClient: Sendable {
             guard !pool.shutDown else { return false }
             // Those the service closed meanwhile go, so that they neither count nor linger.
             pool.idle[endpoint, default: []].removeAll { !$0.channel.isActive }
-            guard pool.idle[endpoint, default: []].count < Self.maximumIdlePerEndpoint else { return false }
+            guard pool.idle[endpoint, default: []].count < maximumIdlePerEndpoint else { return false }
             pool.idle[endpoint, default: []].append(connection)
             return true
         }
@@ -111,6 +117,7 @@ package final class DeliveryClient: Sendable {
         guard remaining > .zero else { throw DeliveryClientError.timedOut }
         let context = try endpoint.tlsServerName.map { _ in try sslContext() }
         let bootstrap = ClientBootstrap(group: group).connectTimeout(min(Self.connectTimeout, remaining))
+        let idleTimeout = idleTimeout
         let initializer: @Sendable (any Channel) -> EventLoopFuture<DeliveryConnection> = { channel in
             channel.eventLoop.makeCompletedFuture {
                 if let context, let name = endpoint.tlsServerName {
@@ -119,7 +126,7 @@ package final class DeliveryClient: Sendable {
                     try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: context, serverHostname: isAddress ? nil : name))
                 }
                 try channel.pipeline.syncOperations.addHTTPClientHandlers()
-                let handler = DeliveryExchangeHandler(maximumAnswerBytes: Self.maximumAnswerBytes, idleTimeout: Self.idleTimeout)
+                let handler = DeliveryExchangeHandler(maximumAnswerBytes: Self.maximumAnswerBytes, idleTimeout: idleTimeout)
                 try channel.pipeline.syncOperations.addHandler(handler)
                 return DeliveryConnection(channel: channel, handler: NIOLoopBound(handler, eventLoop: channel.eventLoop))
             }

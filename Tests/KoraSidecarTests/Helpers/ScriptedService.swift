@@ -22,6 +22,9 @@ final class ScriptedService: Sendable {
         case headThenStall
         /// No answer at all, the connection held open.
         case stall
+        /// A 200, held until this many requests have arrived, over every connection: that many
+        /// deliveries are then under way at once, each on a connection of its own.
+        case answerOnceReceived(Int)
     }
 
     /// One request read whole: on which connection, its body.
@@ -32,7 +35,7 @@ final class ScriptedService: Sendable {
 
     let port: Int
     private let channel: any Channel
-    private let log = NIOLockedValueBox((connections: 0, closed: 0, requests: [Received]()))
+    private let log = NIOLockedValueBox((connections: 0, closed: 0, requests: [Received](), held: [@Sendable () -> Void]()))
 
     var connections: Int { log.withLockedValue { $0.connections } }
     var closedConnections: Int { log.withLockedValue { $0.closed } }
@@ -53,7 +56,18 @@ final class ScriptedService: Sendable {
                     if let context { try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context)) }
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: false)
                     try channel.pipeline.syncOperations.addHandler(
-                        ScriptedConnection(number: number, script: script) { received in log.withLockedValue { $0.requests.append(received) } })
+                        ScriptedConnection(number: number, script: script) { received, held in
+                            // Records the request; with a held answer, releases every held one once enough arrived.
+                            let release = log.withLockedValue { log -> [@Sendable () -> Void] in
+                                log.requests.append(received)
+                                guard let (answer, count) = held else { return [] }
+                                log.held.append(answer)
+                                guard log.requests.count >= count else { return [] }
+                                defer { log.held = [] }
+                                return log.held
+                            }
+                            release.forEach { $0() }
+                        })
                 }
             }
             .bind(host: "127.0.0.1", port: 0).get()
@@ -70,12 +84,15 @@ private final class ScriptedConnection: ChannelInboundHandler {
 
     private let number: Int
     private let script: @Sendable (Int, Int) -> ScriptedService.Reply
-    private let record: @Sendable (ScriptedService.Received) -> Void
+    private let record: @Sendable (ScriptedService.Received, (answer: @Sendable () -> Void, count: Int)?) -> Void
     private var served = 0
     private var reply = ScriptedService.Reply.answer()
     private var body: [UInt8] = []
 
-    init(number: Int, script: @escaping @Sendable (Int, Int) -> ScriptedService.Reply, record: @escaping @Sendable (ScriptedService.Received) -> Void) {
+    init(
+        number: Int, script: @escaping @Sendable (Int, Int) -> ScriptedService.Reply,
+        record: @escaping @Sendable (ScriptedService.Received, (answer: @Sendable () -> Void, count: Int)?) -> Void
+    ) {
         self.number = number
         self.script = script
         self.record = record
@@ -92,14 +109,17 @@ private final class ScriptedConnection: ChannelInboundHandler {
         case .body(let part):
             body += part.readableBytesView
         case .end:
-            record(.init(connection: number, body: body))
+            if case .answerOnceReceived(let count) = reply {
+                let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+                let eventLoop = context.eventLoop
+                let answer: @Sendable () -> Void = { eventLoop.execute { bound.value.0.answer(200, [], bound.value.1) } }
+                record(.init(connection: number, body: body), (answer, count))
+                return
+            }
+            record(.init(connection: number, body: body), nil)
             switch reply {
             case .answer(let status, let headers):
-                var head = HTTPResponseHead(version: .http1_1, status: .init(statusCode: status), headers: HTTPHeaders(headers))
-                head.headers.replaceOrAdd(name: "Content-Length", value: "2")
-                context.write(wrapOutboundOut(.head(head)), promise: nil)
-                context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: "ok")))), promise: nil)
-                context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+                answer(status, headers, context)
             case .closeWithoutAnswer:
                 context.close(promise: nil)
             case .headThenClose, .headThenStall:
@@ -107,9 +127,17 @@ private final class ScriptedConnection: ChannelInboundHandler {
                 let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
                 let close = if case .headThenClose = reply { true } else { false }
                 context.writeAndFlush(wrapOutboundOut(.head(head))).whenComplete { _ in if close { bound.value.close(promise: nil) } }
-            case .stall, .resetOnHead:
+            case .stall, .resetOnHead, .answerOnceReceived:
                 break
             }
         }
+    }
+
+    private func answer(_ status: Int, _ headers: [(String, String)], _ context: ChannelHandlerContext) {
+        var head = HTTPResponseHead(version: .http1_1, status: .init(statusCode: status), headers: HTTPHeaders(headers))
+        head.headers.replaceOrAdd(name: "Content-Length", value: "2")
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: "ok")))), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
     }
 }
