@@ -261,12 +261,15 @@ struct DeliveryClientTests {
         ("http://127.0.0.1:8080/events?x=1", "127.0.0.1:8080", "/events?x=1", nil),
         ("https://hooks.example.com", "hooks.example.com", "/", "hooks.example.com"),
         ("http://[::1]:81/a%20b", "[::1]:81", "/a%20b", nil),
+        // TLS to an IP address: no server name (SNI carries host names only).
+        ("https://10.0.0.1:8443/x", "10.0.0.1:8443", "/x", nil),
     ] as [(String, String, String, String?)])
-    func urlsAreResolvedOnceIntoAnAddressATargetAndAHostHeader(url: String, host: String, target: String, tlsName: String?) throws {
+    func urlsAreResolvedOnceIntoAnAddressATargetAndAHostHeader(url: String, host: String, target: String, serverName: String?) throws {
         let endpoint = try #require(DeliveryEndpoint(.url(url)))
         #expect(endpoint.hostHeader == host)
         #expect(endpoint.target == target)
-        #expect(endpoint.tlsServerName == tlsName)
+        #expect(endpoint.serverName == serverName)
+        #expect(endpoint.tls == url.hasPrefix("https:"))
         #expect(DeliveryEndpoint(.url("ftp://example.com/")) == nil)
         #expect(DeliveryEndpoint(.unixSocket(socketPath: "/run/app.sock", path: "/e"))?.hostHeader == "localhost")
     }

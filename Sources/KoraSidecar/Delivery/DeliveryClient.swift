@@ -115,15 +115,13 @@ package final class DeliveryClient: Sendable {
     private func connect(_ endpoint: DeliveryEndpoint, deadline: NIODeadline) async throws -> DeliveryConnection {
         let remaining = deadline - .now()
         guard remaining > .zero else { throw DeliveryClientError.timedOut }
-        let context = try endpoint.tlsServerName.map { _ in try sslContext() }
+        let context = endpoint.tls ? try sslContext() : nil
         let bootstrap = ClientBootstrap(group: group).connectTimeout(min(Self.connectTimeout, remaining))
         let idleTimeout = idleTimeout
         let initializer: @Sendable (any Channel) -> EventLoopFuture<DeliveryConnection> = { channel in
             channel.eventLoop.makeCompletedFuture {
-                if let context, let name = endpoint.tlsServerName {
-                    // SNI carries host names only; an IP address is verified against the certificate's addresses.
-                    let isAddress = (try? SocketAddress(ipAddress: name, port: 0)) != nil
-                    try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: context, serverHostname: isAddress ? nil : name))
+                if let context {
+                    try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: context, serverHostname: endpoint.serverName))
                 }
                 try channel.pipeline.syncOperations.addHTTPClientHandlers()
                 let handler = DeliveryExchangeHandler(maximumAnswerBytes: Self.maximumAnswerBytes, idleTimeout: idleTimeout)

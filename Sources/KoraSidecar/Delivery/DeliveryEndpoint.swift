@@ -1,4 +1,5 @@
 import KoraSidecarCore
+import NIOCore
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -15,8 +16,11 @@ package struct DeliveryEndpoint: Hashable, Sendable {
     }
 
     let address: Address
-    /// The name TLS verifies the certificate against (an `https` URL); nil: plain HTTP.
-    let tlsServerName: String?
+    /// Whether the connection speaks TLS (an `https` URL).
+    let tls: Bool
+    /// The host name sent for TLS's server name indication; nil for plain HTTP and for an IP
+    /// address, which SNI cannot carry and the certificate's addresses are checked against.
+    let serverName: String?
     /// The request target: the URL's path and query, as written.
     let target: String
     /// HTTP/1.1 requires one; for a Unix socket `localhost`, as nginx and Go's net/http refuse a
@@ -27,7 +31,7 @@ package struct DeliveryEndpoint: Hashable, Sendable {
     init?(_ target: DeliveryTarget) {
         switch target {
         case .unixSocket(let socketPath, let path):
-            self.init(address: .unixSocket(path: socketPath), tlsServerName: nil, target: path, hostHeader: "localhost")
+            self.init(address: .unixSocket(path: socketPath), tls: false, serverName: nil, target: path, hostHeader: "localhost")
         case .url(let text):
             guard let url = URLComponents(string: text), let scheme = url.scheme?.lowercased(), scheme == "http" || scheme == "https",
                 let host = url.host, !host.isEmpty
@@ -37,16 +41,18 @@ package struct DeliveryEndpoint: Hashable, Sendable {
             // An IPv6 literal keeps its brackets in the Host header, not in the address connected to.
             let bare = host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host
             let path = url.percentEncodedPath.isEmpty ? "/" : url.percentEncodedPath
+            let isAddress = (try? SocketAddress(ipAddress: bare, port: 0)) != nil
             self.init(
-                address: .tcp(host: bare, port: port), tlsServerName: tls ? bare : nil,
+                address: .tcp(host: bare, port: port), tls: tls, serverName: tls && !isAddress ? bare : nil,
                 target: url.percentEncodedQuery.map { path + "?" + $0 } ?? path,
                 hostHeader: url.port == nil ? host : "\(host):\(port)")
         }
     }
 
-    private init(address: Address, tlsServerName: String?, target: String, hostHeader: String) {
+    private init(address: Address, tls: Bool, serverName: String?, target: String, hostHeader: String) {
         self.address = address
-        self.tlsServerName = tlsServerName
+        self.tls = tls
+        self.serverName = serverName
         self.target = target
         self.hostHeader = hostHeader
     }

@@ -59,19 +59,16 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
     private let idleTimeout: TimeAmount
     private var context: ChannelHandlerContext?
     private var pending: (promise: EventLoopPromise<Outcome>, timeout: Scheduled<Void>)?
-    /// The exchanges started on this connection; numbers the one under way.
-    private var started = 0
     /// Whether the exchange under way has handed its whole request to the kernel.
     private var sent = false
     /// Whether any byte of the exchange's answer arrived (the decoder has seen its start).
     private var head: HTTPResponseHead?
     private var answerBytes = 0
     private var idleClose: Scheduled<Void>?
-    /// Exchanges this connection completed; a connection that completed none is a new one.
-    private var completed = 0
     /// An exchange whose task was cancelled before it started: it never will.
     private var abandoned: EventLoopFuture<Outcome>?
-    /// The last exchange started, to tell a cancellation that came too late from one that came early.
+    /// The last exchange started (nil: the connection is new): tells a cancellation that came too
+    /// late from one that came early, and a write that finished from an earlier exchange's.
     private var lastStarted: EventLoopFuture<Outcome>?
     /// Why a new connection failed before its first exchange started (a TLS handshake refused).
     private var earlyFailure: (any Error)?
@@ -92,23 +89,22 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
         }
         guard let context, context.channel.isActive, pending == nil else {
             // Nothing was written. A kept-alive connection found closed is the service's idle close.
-            promise.fail(completed == 0 ? earlyFailure ?? DeliveryClientError.closedBeforeSending : DeliveryClientError.closedBeforeSending)
+            promise.fail((lastStarted == nil ? earlyFailure : nil) ?? DeliveryClientError.closedBeforeSending)
             return
         }
         idleClose?.cancel()
         idleClose = nil
-        started += 1
         sent = false
         head = nil
         answerBytes = 0
-        let exchange = started
+        let exchange = promise.futureResult
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
         let timeout = context.eventLoop.scheduleTask(deadline: deadline) { handler.value.timedOut() }
         pending = (promise, timeout)
         lastStarted = promise.futureResult
         let written = context.eventLoop.makePromise(of: Void.self)
         // Only this exchange's write says it went out (an early answer can end one mid-write).
-        written.futureResult.whenSuccess { if handler.value.started == exchange { handler.value.sent = true } }
+        written.futureResult.whenSuccess { if handler.value.lastStarted === exchange { handler.value.sent = true } }
         context.write(wrapOutboundOut(.head(request)), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: written)
@@ -164,7 +160,7 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
             case is HTTPParserError: DeliveryClientError.malformedAnswer
             default: error
             }
-        if pending == nil, completed == 0 { earlyFailure = earlyFailure ?? failure }
+        if pending == nil, lastStarted == nil { earlyFailure = earlyFailure ?? failure }
         end(.failure(failure))
         context.close(promise: nil)
     }
@@ -193,7 +189,6 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
                 promise.fail(DeliveryClientError.malformedAnswer)
                 return
             }
-            completed += 1
             let answer = DeliveryAnswer(status: Int(head.status.code), retryAfter: head.headers.first(name: "retry-after"))
             if keepAlive {
                 let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
