@@ -28,9 +28,17 @@ public enum EventNormalizer {
         }
         let dataMember = root.member("data")
         let data = dataMember?.value ?? .null
-        let digest = "sha256:" + Hex.encode(SHA256.hash(data: body))
-        let bodyID = string(root, "id").flatMap(usableID)
-        let id = bodyID ?? webhookID.flatMap(usableID) ?? digest
+        // The body's digest only when the body names no id (Kora's do): as the id, or as a second
+        // de-duplication key beside the unsigned header's.
+        let id: String
+        var digestKey: String?
+        if let bodyID = string(root, "id").flatMap(usableID) {
+            id = bodyID
+        } else {
+            let digest = "sha256:" + Hex.encode(SHA256.hash(data: body))
+            id = webhookID.flatMap(usableID) ?? digest
+            if id != digest { digestKey = digest }
+        }
 
         let verification = verificationJSON(root: root, data: data, type: type)
         let fraudAlert: JSONValue = type.hasPrefix("fraud_alert.") ? fraudAlertJSON(root: root, data: data) : .null
@@ -58,7 +66,7 @@ public enum EventNormalizer {
         var event = KoraEvent(
             id: id, type: type, verificationID: verification.id, normalizedBody: normalized, originalBody: body,
             originalHeaders: originalHeaders, signatureVerified: signatureVerified)
-        if bodyID == nil, id != digest { event.dedupKeys.append(digest) }
+        if let digestKey { event.dedupKeys.append(digestKey) }
         return event
     }
 
