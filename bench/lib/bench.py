@@ -157,6 +157,16 @@ def proc_status_kb(pid, field):
     return None
 
 
+def storage_write_bytes(pid):
+    """Bytes process `pid` caused to be written to storage so far (`write_bytes` in /proc/PID/io:
+    counted when it dirties a file's pages, whether or not they were written back yet)."""
+    with open("/proc/%s/io" % pid) as f:
+        for line in f:
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    return None
+
+
 def cpu_seconds(pid):
     """User + system CPU time of process `pid` (all its threads) and of its direct children (nginx
     workers), in seconds."""
@@ -280,6 +290,8 @@ def derive(sc, meta):
                 r["end_to_end_per_s"] = round(r["acknowledged"] / (int(load.group(1)) + r["drain_s"]))
             if r.get("cpu_with_drain_s") is not None:
                 r["cpu_us_per_event_delivered"] = round(r["cpu_with_drain_s"] * 1e6 / r["acknowledged"], 1)
+            if r.get("storage_write_bytes") is not None:
+                r["storage_kb_per_event"] = round(r["storage_write_bytes"] / 1024 / r["acknowledged"], 1)
     floor_us = floor.get("cpu_us_per_request")
     for name, r in sc.items():
         per = r.get("cpu_us_per_event_delivered") if name == "queued" else r.get("cpu_us_per_request")
@@ -389,8 +401,9 @@ def report(results_path, out_json):
                 q["store"], q.get("acknowledged"), q.get("all_acknowledged_durable"), q.get("drain_s")))
             if q.get("end_to_end_per_s") is not None:
                 print("queued  end to end: %d events/s acknowledged and delivered (acknowledged / (load + drain)); "
-                      "CPU %s µs/event (answers only: %s µs)" % (q["end_to_end_per_s"], fmt(q.get("cpu_us_per_event_delivered"), ".0f"),
-                                                                fmt(q.get("cpu_us_per_request"), ".0f")))
+                      "CPU %s µs/event (answers only: %s µs); storage writes %s KB/event" % (
+                          q["end_to_end_per_s"], fmt(q.get("cpu_us_per_event_delivered"), ".0f"), fmt(q.get("cpu_us_per_request"), ".0f"),
+                          fmt(q.get("storage_kb_per_event"), ".1f")))
         if (sc.get("proxy") or {}).get("ratio_rps_vs_nginx_get") is not None:
             print("proxy   ratio to nginx proxying the same GET: %.2f" % sc["proxy"]["ratio_rps_vs_nginx_get"])
         f = sc.get("flask") or {}
@@ -439,6 +452,7 @@ def report(results_path, out_json):
     fp = dict(data.get("footprint") or {})
     side = [sc[n] for n in SIDECAR_ROWS if n in sc]
     idles = [r["idle_rss_kb"] for r in side if r.get("idle_rss_kb")]
+    anons = [r["idle_anon_kb"] for r in side if r.get("idle_anon_kb")]
     afters = [r["rss_after_load_kb"] for r in side if r.get("rss_after_load_kb")]
     peaks = [r["peak_rss_kb"] for r in side if r.get("peak_rss_kb")]
     st = sc.get("startup") or {}
@@ -454,8 +468,12 @@ def report(results_path, out_json):
         fp["startup_samples"] = len(starts)
     sq = sc.get(SQLITE_ROW) or {}
     sq_starts = sq.get("startup_samples_s") or []
+    if anons:
+        fp["idle_anon_kb_max"] = max(anons)
     if sq.get("idle_rss_kb"):
         fp["sqlite_idle_rss_kb"] = sq["idle_rss_kb"]
+    if sq.get("idle_anon_kb"):
+        fp["sqlite_idle_anon_kb"] = sq["idle_anon_kb"]
     if sq_starts:
         fp["sqlite_startup_median_s"] = round(statistics.median(sq_starts), 4)
         fp["sqlite_startup_samples"] = len(sq_starts)
@@ -479,6 +497,9 @@ def report(results_path, out_json):
                           "sqlite_": fp.get("sqlite_idle_rss_kb") and "%.1f MB" % (fp["sqlite_idle_rss_kb"] / 1024)},
              "target ≤ %.0f MB (1 s after /readyz; %s)" % (TARGET_IDLE_RSS_MB, "standard: largest of the sidecar rows, "
                                                           "SQLite-only: the direct row's config" if both else "largest of the sidecar rows")),
+            ("idle RSS, anonymous", {"": anons and "%.1f MB" % (max(anons) / 1024),
+                                     "sqlite_": fp.get("sqlite_idle_anon_kb") and "%.1f MB" % (fp["sqlite_idle_anon_kb"] / 1024)},
+             "(RssAnon: heap, stacks, written data; the rest of the RSS is the binary and libraries mapped from the page cache)"),
             ("RSS after load", {"": afters and "%.1f MB" % (max(afters) / 1024)},
              "(1 s after the load, or the drain; largest%s)" % ("; the SQLite-only build gets no load" if both else "")),
             ("peak RSS", {"": peaks and "%.1f MB" % (max(peaks) / 1024)}, "(VmHWM at the end of the load; largest)"),
@@ -608,6 +629,8 @@ def main(argv):
         return wait_http(argv[2], float(argv[3]))
     elif cmd == "rss":  # rss PID FIELD -> kB
         print(proc_status_kb(argv[2], argv[3]))
+    elif cmd == "written":  # written PID [SINCE] -> bytes caused to be written to storage (since SINCE)
+        print(storage_write_bytes(argv[2]) - (int(argv[3]) if len(argv) > 3 else 0))
     elif cmd == "cpu":  # cpu PID [SINCE] -> CPU seconds used (since the SINCE figure)
         print("%.2f" % (cpu_seconds(argv[2]) - (float(argv[3]) if len(argv) > 3 else 0)))
     elif cmd == "init":  # init RESULTS META_JSON
