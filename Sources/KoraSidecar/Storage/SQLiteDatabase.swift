@@ -163,17 +163,19 @@ private final class SQLiteThread: @unchecked Sendable {
 
     private func commit(_ batch: [Operation], _ connection: SQLiteConnection) {
         var committed: [(resume: () -> Void, fail: (any Error) -> Void)] = []
+        // Through `query`, whose statements are prepared once per connection: parsed again for every
+        // operation, the savepoints cost as much as the statements they wrap.
         do {
-            try connection.execute(writes ? "BEGIN IMMEDIATE" : "BEGIN")
+            try connection.query(writes ? "BEGIN IMMEDIATE" : "BEGIN")
         } catch {
             batch.forEach { $0.fail(error) }
             return
         }
         for operation in batch {
             do {
-                if writes { try connection.execute("SAVEPOINT operation") }
+                if writes { try connection.query("SAVEPOINT operation") }
                 let resume = try operation.run(connection)
-                if writes { try connection.execute("RELEASE operation") }
+                if writes { try connection.query("RELEASE operation") }
                 committed.append((resume, operation.fail))
             } catch {
                 if writes { try? connection.execute("ROLLBACK TO operation; RELEASE operation") }
@@ -181,7 +183,7 @@ private final class SQLiteThread: @unchecked Sendable {
             }
         }
         do {
-            try connection.execute("COMMIT")
+            try connection.query("COMMIT")
             committed.forEach { $0.resume() }
         } catch {
             try? connection.execute("ROLLBACK")
