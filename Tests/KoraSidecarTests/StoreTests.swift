@@ -401,6 +401,65 @@ struct StoreTests {
         }
     }
 
+    /// Three writes run in one batch (one transaction) on a fresh database, the middle one given
+    /// by `middle`: what each returned, and the ids committed.
+    func writesInOneBatch(
+        middle: @escaping @Sendable (SQLiteConnection) throws -> Void
+    ) async throws -> (results: [Bool], ids: [String]) {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let database = try SQLiteDatabase(path: directory + "/store.sqlite", migrations: SQLiteStore.migrations)
+        defer { database.close() }
+        // The writer is held in a first write while the three queue behind it, in order.
+        let entered = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        let holding = Task {
+            try await database.write { _ in
+                entered.signal()
+                _ = release.wait(timeout: .now() + .seconds(10 * Sanitizer.slowdown))
+            }
+        }
+        #expect(await offPool { entered.wait(timeout: .now() + .seconds(10 * Sanitizer.slowdown)) } == .success)
+        let bodies: [@Sendable (SQLiteConnection) throws -> Void] = [
+            { db in try db.query("INSERT INTO seen_events VALUES('first', 1)") },
+            middle,
+            { db in try db.query("INSERT INTO seen_events VALUES('last', 1)") },
+        ]
+        var writes: [Task<Bool, Never>] = []
+        for body in bodies {
+            writes.append(Task { (try? await database.write(body)) != nil })
+            let queued = writes.count
+            try await waitUntil("write \(queued) queued") { database.queuedWrites == queued }
+        }
+        release.signal()
+        try await holding.value
+        var results: [Bool] = []
+        for write in writes { results.append(await write.value) }
+        let ids = try await database.read { db in try db.query("SELECT event_id FROM seen_events ORDER BY event_id").map { $0.string(0) } }
+        return (results, ids)
+    }
+
+    @Test func aFailingWriteUndoesOnlyItselfInItsBatch() async throws {
+        let (results, ids) = try await writesInOneBatch { db in
+            try db.query("INSERT INTO seen_events VALUES('middle', 1)")
+            try db.query("INSERT INTO seen_events VALUES('middle', 2)")  // a constraint failure
+        }
+        #expect(results == [true, false, true])
+        #expect(ids == ["first", "last"])
+    }
+
+    /// After a full disk or an I/O error SQLite rolls the whole transaction back (here, the write
+    /// does it itself): no write of the batch may then report success, nor commit unreported.
+    @Test func aWriteThatLosesTheTransactionFailsEveryWriteOfItsBatch() async throws {
+        let (results, ids) = try await writesInOneBatch { db in
+            try db.query("INSERT INTO seen_events VALUES('middle', 1)")
+            try db.execute("ROLLBACK")
+            throw SQLiteError(code: 13, message: "database or disk is full")
+        }
+        #expect(results == [false, false, false])
+        #expect(ids == [])
+    }
+
     /// A running PostgreSQL store on `url` (a replica), with what stops it.
     func postgresReplica(_ url: String) async throws -> (store: PostgresStore, stop: @Sendable () -> Void) {
         let store = try PostgresStore(url: Secret(url), logger: Logger(label: "test"), operationTimeout: .seconds(5) * Sanitizer.slowdown, protection: .sealedForTests)

@@ -50,6 +50,9 @@ final class SQLiteDatabase: Sendable {
         try await reader.run(body)
     }
 
+    /// How many writes wait for the writer's thread (for tests that need several in one batch).
+    var queuedWrites: Int { writer.queued }
+
     /// Finishes the queued operations and closes both connections, the writer last: the last
     /// connection's close checkpoints the WAL and removes it.
     func close() {
@@ -133,6 +136,13 @@ private final class SQLiteThread: @unchecked Sendable {
         }
     }
 
+    /// How many operations wait for the thread.
+    var queued: Int {
+        condition.lock()
+        defer { condition.unlock() }
+        return pending.count
+    }
+
     /// Finishes the queued operations, then closes the connection and its thread.
     func close() {
         condition.lock()
@@ -163,15 +173,14 @@ private final class SQLiteThread: @unchecked Sendable {
 
     private func commit(_ batch: [Operation], _ connection: SQLiteConnection) {
         var committed: [(resume: () -> Void, fail: (any Error) -> Void)] = []
-        // Through `query`, whose statements are prepared once per connection: parsed again for every
-        // operation, the savepoints cost as much as the statements they wrap.
+        // Through `query`, whose statements are prepared once per connection, not parsed for every operation.
         do {
             try connection.query(writes ? "BEGIN IMMEDIATE" : "BEGIN")
         } catch {
             batch.forEach { $0.fail(error) }
             return
         }
-        for operation in batch {
+        for (index, operation) in batch.enumerated() {
             do {
                 if writes { try connection.query("SAVEPOINT operation") }
                 let resume = try operation.run(connection)
@@ -180,6 +189,14 @@ private final class SQLiteThread: @unchecked Sendable {
             } catch {
                 if writes { try? connection.execute("ROLLBACK TO operation; RELEASE operation") }
                 operation.fail(error)
+                // Some failures (a full disk, an I/O error) make SQLite roll back the whole transaction:
+                // the operations before were undone, and those after would each commit on their own
+                // while being told they failed. Every one of them fails, as the file says.
+                if writes, !connection.isInTransaction {
+                    committed.forEach { $0.fail(error) }
+                    batch[(index + 1)...].forEach { $0.fail(error) }
+                    return
+                }
             }
         }
         do {
