@@ -160,10 +160,13 @@ def proc_status_kb(pid, field):
 def storage_write_bytes(pid):
     """Bytes process `pid` caused to be written to storage so far (`write_bytes` in /proc/PID/io:
     counted when it dirties a file's pages, whether or not they were written back yet)."""
-    with open("/proc/%s/io" % pid) as f:
-        for line in f:
-            if line.startswith("write_bytes:"):
-                return int(line.split()[1])
+    try:
+        with open("/proc/%s/io" % pid) as f:
+            for line in f:
+                if line.startswith("write_bytes:"):
+                    return int(line.split()[1])
+    except OSError:  # a kernel without per-task I/O accounting
+        pass
     return None
 
 
@@ -401,9 +404,11 @@ def report(results_path, out_json):
                 q["store"], q.get("acknowledged"), q.get("all_acknowledged_durable"), q.get("drain_s")))
             if q.get("end_to_end_per_s") is not None:
                 print("queued  end to end: %d events/s acknowledged and delivered (acknowledged / (load + drain)); "
-                      "CPU %s µs/event (answers only: %s µs); storage writes %s KB/event" % (
-                          q["end_to_end_per_s"], fmt(q.get("cpu_us_per_event_delivered"), ".0f"), fmt(q.get("cpu_us_per_request"), ".0f"),
-                          fmt(q.get("storage_kb_per_event"), ".1f")))
+                      "CPU %s µs/event (answers only: %s µs)" % (q["end_to_end_per_s"], fmt(q.get("cpu_us_per_event_delivered"), ".0f"),
+                                                                fmt(q.get("cpu_us_per_request"), ".0f")))
+            if q.get("storage_kb_per_event") is not None:
+                print("queued  storage writes: %.1f KB per event acknowledged (write_bytes over the load and the drain)"
+                      % q["storage_kb_per_event"])
         if (sc.get("proxy") or {}).get("ratio_rps_vs_nginx_get") is not None:
             print("proxy   ratio to nginx proxying the same GET: %.2f" % sc["proxy"]["ratio_rps_vs_nginx_get"])
         f = sc.get("flask") or {}
@@ -627,10 +632,11 @@ def main(argv):
         return poll_ready(argv[2], float(argv[3]), argv[4])
     elif cmd == "wait-http":
         return wait_http(argv[2], float(argv[3]))
-    elif cmd == "rss":  # rss PID FIELD -> kB
-        print(proc_status_kb(argv[2], argv[3]))
-    elif cmd == "written":  # written PID [SINCE] -> bytes caused to be written to storage (since SINCE)
-        print(storage_write_bytes(argv[2]) - (int(argv[3]) if len(argv) > 3 else 0))
+    elif cmd == "rss":  # rss PID FIELD -> kB, or null when the kernel does not give FIELD
+        print(json.dumps(proc_status_kb(argv[2], argv[3])))
+    elif cmd == "written":  # written PID [SINCE] -> bytes caused to be written to storage (since SINCE), or null
+        now, since = storage_write_bytes(argv[2]), (json.loads(argv[3]) if len(argv) > 3 else 0)
+        print(json.dumps(None if now is None or since is None else now - since))
     elif cmd == "cpu":  # cpu PID [SINCE] -> CPU seconds used (since the SINCE figure)
         print("%.2f" % (cpu_seconds(argv[2]) - (float(argv[3]) if len(argv) > 3 else 0)))
     elif cmd == "init":  # init RESULTS META_JSON
