@@ -15,12 +15,13 @@ struct KoraBudgetTests {
     /// A sidecar whose proxy shares a budget of `perWindow` calls each `window` seconds, in front
     /// of a Kora allowing 6 calls each `window` seconds.
     func withBudget(
-        perWindow: Int?, window: Int64 = 3, maxWait: Duration, services: [ServiceConfiguration],
-        _ body: @Sendable @escaping (ProxySidecar) async throws -> Void
+        perWindow: Int?, window: Int64 = 3, koraClock: @escaping @Sendable () -> UnixTime = UnixTime.now, maxWait: Duration,
+        services: [ServiceConfiguration], _ body: @Sendable @escaping (ProxySidecar) async throws -> Void
     ) async throws {
         try await withSimulator({
             $0.rateLimitPerMinute = 6
             $0.rateLimitWindowSeconds = window
+            $0.clock = koraClock
         }) { _, base in
             var configuration = proxyConfiguration(koraBaseURL: base, services: services)
             configuration.kora.rateLimit.perMinute = perWindow
@@ -126,9 +127,13 @@ struct KoraBudgetTests {
     }
 
     @Test func withoutAConfiguredLimitTheBudgetIsLearnedFromKora() async throws {
-        // One window of an hour: a window boundary between the calls (which would give Kora's turns
-        // back) is as unlikely as a loaded machine can make it; a minute's caught one in a slow run.
-        try await withBudget(perWindow: nil, window: 3600, maxWait: .milliseconds(200), services: [appService()]) { sidecar in
+        // Kora's clock stands still at the start of the next hour: its window cannot roll over between
+        // the calls and give its turns back (a real clock crossing the hour did, in a full run), and
+        // its reset, which the sidecar waits for, is an hour or more ahead.
+        let nextHour = UnixTime(milliseconds: (UnixTime.now().seconds / 3600 + 1) * 3_600_000)
+        try await withBudget(
+            perWindow: nil, window: 3600, koraClock: { nextHour }, maxWait: .milliseconds(200), services: [appService()]
+        ) { sidecar in
             let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
             // Kora says how many are left; once it says none, the sidecar holds calls back itself.
             var statuses: [Int] = []
