@@ -274,6 +274,16 @@ struct DeliveryClientTests {
         #expect(DeliveryEndpoint(.unixSocket(socketPath: "/run/app.sock", path: "/e"))?.hostHeader == "localhost")
     }
 
+    /// The configuration's check of `deliver.url` and delivery's own reading of it agree: no service
+    /// is accepted at start-up only to fail every delivery with an unusable URL.
+    @Test(arguments: [
+        "http://app:8080/a b", "http://app/x?q=a b", "HTTPS://App/", "http://[::1]:9/x", "http://app/ü", "http://user:pw@app/x",
+        "ftp://app/", "http:///x", "app:8080/x", "http://", "",
+    ])
+    func everyURLTheConfigurationAcceptsHasAnEndpoint(url: String) {
+        #expect(SidecarConfiguration.isHTTPURL(url) == (DeliveryEndpoint(.url(url)) != nil))
+    }
+
     private func deliver(with client: DeliveryClient, to url: String, timeoutSeconds: Int = 10) async throws -> AttemptResult {
         var service = testService("app", target: .url(url))
         service.deliver?.timeoutSeconds = timeoutSeconds

@@ -58,7 +58,8 @@ package final class DeliveryClient: Sendable {
     func post(_ headers: HTTPHeaders, body: [UInt8], to endpoint: DeliveryEndpoint, timeout: Duration) async throws -> DeliveryAnswer {
         let deadline = NIODeadline.now() + TimeAmount(timeout)
         var request = HTTPRequestHead(version: .http1_1, method: .POST, uri: endpoint.target, headers: headers)
-        request.headers.replaceOrAdd(name: "Host", value: endpoint.hostHeader)
+        // Neither is among `headers`: the configuration refuses both as the sidecar's own.
+        request.headers.add(name: "Host", value: endpoint.hostHeader)
         request.headers.add(name: "Content-Length", value: String(body.count))
         let buffer = ByteBuffer(bytes: body)
         if let kept = try takeIdle(endpoint) {
