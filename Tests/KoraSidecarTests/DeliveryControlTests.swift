@@ -289,6 +289,24 @@ struct DeliveryControlTests {
         }
     }
 
+    @Test func aRetryAfterDateNoServerWritesFallsBackToTheSchedule() async throws {
+        // A nine-digit year overflowed the date arithmetic and stopped the process: a crash loop, as
+        // the delivery stays pending across restarts.
+        #expect(RetryAfter.parse("Sun, 06 Nov 999999999 08:49:37 GMT", now: .now()) == nil)
+        #expect(RetryAfter.parse("Sun, 06 Nov -2147483648 08:49:37 GMT", now: .now()) == nil)
+        let arrivals = NIOLockedValueBox<[ContinuousClock.Instant]>([])
+        try await withRetryAfterService(arrivals, retryAfter: "Sun, 06 Nov 999999999 08:49:37 GMT") { port in
+            var options = SidecarOptions()
+            options.store = InMemoryStore()
+            options.retryPolicy = RetryPolicy(schedule: [.milliseconds(50), .seconds(5)], jitter: 0)
+            let configuration = testConfiguration(services: [testService("app", target: .url("http://127.0.0.1:\(port)/e"))], mode: .queued)
+            try await withSidecar(configuration, options: options) { sidecar in
+                #expect(try await sendSigned(TestEvent.body(), to: sidecar).status == 200)
+                try await waitUntil("a second attempt, on the schedule", timeout: .seconds(20)) { arrivals.withLockedValue { $0.count } >= 2 }
+            }
+        }
+    }
+
     /// A service answering 429 with `Retry-After` the first time, then 200; records when requests came.
     func withRetryAfterService(
         _ arrivals: NIOLockedValueBox<[ContinuousClock.Instant]>, retryAfter: String, _ body: @Sendable (Int) async throws -> Void

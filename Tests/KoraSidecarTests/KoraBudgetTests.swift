@@ -148,6 +148,20 @@ struct KoraBudgetTests {
             #expect(codes.suffix(2).allSatisfy { $0 == "RATE_LIMITED" }, "\(codes)")
         }
     }
+
+    @Test(arguments: ["\(Int64.max)", "\(Int64.min)", "\(UnixTime.now().milliseconds)"])
+    func aResetNoKoraWindowHasHoldsCallsAnHourAtMost(reset: String) async throws {
+        // Beyond Int64 as milliseconds, the reset stopped the process; in milliseconds instead of
+        // seconds, it held every call for fifty thousand years.
+        let budget = KoraBudget(perMinute: nil, maxWait: .milliseconds(10), metrics: SidecarMetrics())
+        await budget.observe(limit: nil, remaining: "0", reset: reset)
+        do {
+            try await budget.acquire(service: "app", share: 1)
+            #expect(reset == "\(Int64.min)", "a reset in the future holds the call")
+        } catch let refusal as KoraBudget.Refusal {
+            #expect(refusal.retryAfter <= KoraBudget.longestHold && refusal.retryAfter > .seconds(3500))
+        }
+    }
 }
 
 /// The value of an unlabelled metric on the internal listener.

@@ -21,10 +21,11 @@ enum RetryAfter {
         return .milliseconds(max(0, date.milliseconds - now.milliseconds))
     }
 
-    /// Parses `Sun, 06 Nov 1994 08:49:37 GMT`.
+    /// Parses `Sun, 06 Nov 1994 08:49:37 GMT`. The year has four digits, as IMF-fixdate writes it:
+    /// a longer one (from any service answering a delivery) would overflow the arithmetic.
     static func parseHTTPDate(_ text: String) -> UnixTime? {
         let parts = text.split(separator: " ")
-        guard parts.count == 6, parts[5] == "GMT", let day = Int32(parts[1]),
+        guard parts.count == 6, parts[5] == "GMT", parts[3].utf8.count == 4, let day = Int32(parts[1]),
             let month = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"].firstIndex(of: String(parts[2])),
             let year = Int32(parts[3])
         else { return nil }

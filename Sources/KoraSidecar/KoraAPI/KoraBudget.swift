@@ -95,9 +95,14 @@ actor KoraBudget {
         // Kora has no call left for this key until its reset, whatever was counted (other clients
         // of the key spend it too). A 429 alone is the retry policy's to wait out.
         if remaining.flatMap({ Int($0) }) == 0, let reset = reset.flatMap({ Int64($0) }) {
-            try? await ledger.hold(until: UnixTime(milliseconds: reset * 1000))
+            let latest = UnixTime.now().adding(Self.longestHold).seconds
+            try? await ledger.hold(until: UnixTime(milliseconds: max(0, min(reset, latest)) * 1000))
         }
     }
+
+    /// The longest Kora's reset may hold every call. Kora's windows are a minute: a reset further
+    /// away is a misread header (milliseconds for seconds, say), which would stop calls for ages.
+    static let longestHold = Duration.seconds(3600)
 
     // MARK: Turns
 
