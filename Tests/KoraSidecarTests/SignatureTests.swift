@@ -105,6 +105,22 @@ struct SignatureTests {
         #expect(verifier().verify(body: body, headers: headers, now: now) == .failure(.invalidSignature))
     }
 
+    @Test func aTimestampedSignatureIsNoLegacySignatureOfItsSignedInput() {
+        // HMAC("{t}.{body}") is Kora's timestamped signature, and also the legacy signature of the body
+        // "{t}.{body}": without the check, any captured webhook was a signed payload for ever.
+        let captured = timestamped(now - 86_400)
+        let replayed = Array("\(now - 86_400).".utf8) + body
+        for schemes: [SignatureScheme] in [[.timestamped, .legacy], [.legacy]] {
+            #expect(
+                verifier(schemes: schemes).verify(body: replayed, headers: .init(legacySignature: captured.signature), now: now)
+                    == .failure(.invalidSignature))
+        }
+        #expect(SignatureVerifier.isTimestampedInput(Array("1.{}".utf8)))
+        for other in ["", "1", "12", ".{}", "{\"a\":1.5}", "1x.{}"] {
+            #expect(!SignatureVerifier.isTimestampedInput(Array(other.utf8)), "\(other)")
+        }
+    }
+
     @Test func disabledSchemesAreRejected() {
         let legacyOnly = verifier(schemes: [.legacy])
         #expect(legacyOnly.verify(body: body, headers: timestamped(now), now: now) == .failure(.invalidSignature))

@@ -64,7 +64,7 @@ public struct SignatureVerifier: Sendable {
         }
         if let signature = headers.legacySignature {
             guard schemes.contains(.legacy) else { return .failure(.invalidSignature) }
-            guard let code = Hex.decode(Substring(signature).utf8), code.count == SHA256.byteCount else {
+            guard let code = Hex.decode(Substring(signature).utf8), code.count == SHA256.byteCount, !Self.isTimestampedInput(body) else {
                 return .failure(.invalidSignature)
             }
             for key in keys where HMAC<SHA256>.isValidAuthenticationCode(code, authenticating: body, using: key) {
@@ -73,6 +73,15 @@ public struct SignatureVerifier: Sendable {
             return .failure(.invalidSignature)
         }
         return .failure(.missingSignature)
+    }
+
+    /// Whether `body` starts as the timestamped scheme's signed input does, `{digits}.`. Kora's
+    /// timestamped signature of a body is a valid legacy signature of `{timestamp}.{body}`: such a
+    /// body, never a Kora event (a JSON object), is refused, or any captured timestamped webhook
+    /// could be replayed as a legacy one, outside its window, for ever.
+    static func isTimestampedInput(_ body: [UInt8]) -> Bool {
+        let digits = body.prefix { $0 >= 0x30 && $0 <= 0x39 }.count
+        return digits > 0 && digits < body.count && body[digits] == UInt8(ascii: ".")
     }
 
     /// Parses Unix seconds: ASCII digits only, at most 12 of them (no sign, no fraction, no spaces).
