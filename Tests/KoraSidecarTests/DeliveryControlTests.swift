@@ -211,6 +211,60 @@ struct DeliveryControlTests {
         }
     }
 
+    /// A service with a delivery rate whose breaker opened: the probe that its rate held back used
+    /// to stay taken, and the service stayed paused until a restart.
+    @Test(arguments: [DeliveryMode.direct, .queued])
+    func aProbeHeldBackByTheRateIsNotLost(mode: DeliveryMode) async throws {
+        let receiver = Receiver { _, index in index == 0 ? .internalServerError : .ok }
+        try await withReceiver(receiver) { (port: Int) async throws in
+            var service = testService("app", target: .url("http://127.0.0.1:\(port)/e"))
+            service.deliver?.breakerFailures = 1
+            service.deliver?.maxPerSecond = 1
+            var configuration = testConfiguration(services: [service], mode: mode)
+            configuration.delivery.concurrency = 4
+            var options = SidecarOptions()
+            options.store = InMemoryStore()
+            options.retryPolicy = RetryPolicy(schedule: Array(repeating: .milliseconds(20), count: 50), jitter: 0)
+            options.breakerCooldown = .milliseconds(50)
+            try await withSidecar(configuration, options: options) { sidecar in
+                let body = TestEvent.body()
+                let first = try await sendSigned(body, to: sidecar).status
+                #expect(first == (mode == .direct ? 503 : 200))
+                // The cool-down ends long before the rate's next turn, a second after the first attempt.
+                try await waitUntil("the service to take the event", timeout: .seconds(10)) {
+                    if mode == .direct { _ = try await sendSigned(body, to: sidecar) }
+                    return receiver.count >= 2
+                }
+                try await waitUntil("the breaker closed") { try await serviceState(sidecar) == "closed" }
+            }
+        }
+    }
+
+    @Test func aDeliveryCutOffByTheDrainTimeOutStaysPendingWithItsAttempts() async throws {
+        let gate = Gate()
+        let receiver = Receiver { _, _ in
+            await gate.wait()
+            return .ok
+        }
+        let store = InMemoryStore()
+        try await withReceiver(receiver) { (port: Int) async throws in
+            var configuration = testConfiguration(services: [testService("app", target: .url("http://127.0.0.1:\(port)/e"))], mode: .queued)
+            configuration.delivery.drainTimeout = .milliseconds(100)
+            var options = SidecarOptions()
+            options.store = store
+            // One attempt only: counted as failed, the cut-off delivery was dead after a restart.
+            options.retryPolicy = RetryPolicy(schedule: [], jitter: 0)
+            try await withSidecar(configuration, options: options) { sidecar in
+                #expect(try await sendSigned(TestEvent.body(), to: sidecar).status == 200)
+                _ = try await receiver.waitFor(1)
+            }
+            gate.open()
+        }
+        let deliveries = try await store.deliveries(DeliveryQuery(limit: 10))
+        #expect(deliveries.map(\.status) == [.pending])
+        #expect(deliveries.map(\.attempts) == [0])
+    }
+
     // MARK: Operational events
 
     @Test func subscribersHearOfPausedServicesAndDeadDeliveries() async throws {

@@ -320,6 +320,26 @@ struct ReplayTests {
         }
     }
 
+    @Test func copiesTellingThemselvesApartOnlyByTheirHeaderIdAreDeliveredOnceInDirectMode() async throws {
+        // In flight, only the event's id was held: a body without one, sent twice at once under two
+        // unsigned X-Webhook-ID values, went out twice.
+        let gate = Gate()
+        let receiver = Receiver { _, _ in
+            await gate.wait()
+            return .ok
+        }
+        try await sidecar(receiver: receiver, mode: .direct) { (sidecar: RunningSidecar) async throws in
+            let body = Array(#"{"eventType":"verification.completed","data":{"verificationId":"ver_1","decision":"auto_approve"}}"#.utf8)
+            async let first = sendSigned(body, to: sidecar, scheme: .legacy, extra: [("X-Webhook-ID", "evt_a")])
+            _ = try await receiver.waitFor(1)
+            let second = try await sendSigned(body, to: sidecar, scheme: .legacy, extra: [("X-Webhook-ID", "evt_b")])
+            #expect(second.status == 503)
+            gate.open()
+            #expect(try await first.status == 200)
+            #expect(receiver.count == 1)
+        }
+    }
+
     @Test func idsThatCannotBeHeadersFallBackToTheDigest() throws {
         for id in ["", "evt\r\nX-Injected: 1", String(repeating: "a", count: 300), "évt"] {
             let body = JSONWriter.encode(["id": .string(id), "eventType": "verification.completed", "data": [:]])

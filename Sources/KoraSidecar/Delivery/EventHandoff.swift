@@ -105,8 +105,8 @@ struct DirectHandoff: EventHandoff {
     ) async throws(SidecarHTTPError) -> HandoffResult {
         // Kora's two copies of an event (dashboard and callback URL) arrive together: the second
         // waits for Kora's retry rather than being delivered twice.
-        guard inFlight.begin(event.id) else { throw .unavailable("The same event is being delivered now; retry later.") }
-        defer { inFlight.end(event.id) }
+        guard inFlight.begin(event.dedupKeys) else { throw .unavailable("The same event is being delivered now; retry later.") }
+        defer { inFlight.end(event.dedupKeys) }
         do {
             if try await delivered.contains(any: event.dedupKeys, since: dedupSince) { return .duplicate }
         } catch {
@@ -131,6 +131,8 @@ struct DirectHandoff: EventHandoff {
             if case .wait = breakers[service.name]?.permit(now: now) {
                 refusal = "Service \(service.name) is paused after failed deliveries; retry later."
             } else if let wait = rateLimits[service.name]?.take(now: now), wait > .zero {
+                // Its breaker may have made this call its probe: another may probe.
+                breakers[service.name]?.withdrawProbe()
                 refusal = "Service \(service.name) is over its delivery rate; retry later."
             }
             guard let refusal else { continue }
@@ -170,12 +172,19 @@ struct DirectHandoff: EventHandoff {
     }
 }
 
-/// Event ids being delivered in `direct` mode right now.
+/// The de-duplication keys of the events being delivered in `direct` mode right now: every key,
+/// since copies of one event told apart only by an unsigned `X-Webhook-ID` share its body's digest.
 final class InFlightEvents: Sendable {
-    private let ids = NIOLockedValueBox<Set<String>>([])
+    private let keys = NIOLockedValueBox<Set<String>>([])
 
-    /// Marks `id` in flight; false when it already was.
-    func begin(_ id: String) -> Bool { ids.withLockedValue { $0.insert(id).inserted } }
+    /// Marks `keys` in flight; false, marking none, when any of them already was.
+    func begin(_ keys: [String]) -> Bool {
+        self.keys.withLockedValue { inFlight in
+            guard inFlight.isDisjoint(with: keys) else { return false }
+            inFlight.formUnion(keys)
+            return true
+        }
+    }
 
-    func end(_ id: String) { ids.withLockedValue { _ = $0.remove(id) } }
+    func end(_ keys: [String]) { self.keys.withLockedValue { $0.subtract(keys) } }
 }

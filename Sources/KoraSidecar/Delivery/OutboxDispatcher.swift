@@ -142,7 +142,11 @@ final class OutboxDispatcher: Service, Sendable {
         if case .wait(let until)? = breakers[service.name]?.permit(now: now) {
             return .milliseconds(max(until.milliseconds - now.milliseconds, 1))
         }
-        if let wait = rateLimits[service.name]?.take(now: now), wait > .zero { return wait }
+        if let wait = rateLimits[service.name]?.take(now: now), wait > .zero {
+            // The breaker may have made this worker its probe: it sends nothing, so another may probe.
+            breakers[service.name]?.withdrawProbe()
+            return wait
+        }
         return nil
     }
 
@@ -161,6 +165,15 @@ final class OutboxDispatcher: Service, Sendable {
             metrics.bodyUnreadable()
         } else {
             result = await sender.send(job.event, to: service, attempt: job.attempt)
+            // Cut off by the drain time-out: not an attempt (its lease ends; the next start sends it),
+            // unless the service had already taken it.
+            if Task.isCancelled, !result.succeeded {
+                breakers[service.name]?.withdrawProbe()
+                logger.notice(
+                    "Delivery cut off by the drain time-out; it stays pending",
+                    metadata: ["webhook.id": "\(job.event.id)", "service": "\(service.name)", "delivery.id": "\(job.deliveryID)"])
+                return nil
+            }
             next = policy.next(after: job.attempt, result: result, now: .now())
         }
         let record = AttemptRecord(
@@ -172,7 +185,12 @@ final class OutboxDispatcher: Service, Sendable {
         ]
         if let error = result.error { metadata["error"] = "\(error)" }
         metrics.delivery(service: service.name, result: next.metricName, milliseconds: result.durationMilliseconds)
-        if job.bodyProblem == nil { breakers[service.name]?.record(healthy: !result.serviceFailed, now: .now()) }
+        if job.bodyProblem == nil {
+            breakers[service.name]?.record(healthy: !result.serviceFailed, now: .now())
+        } else {
+            // Nothing went to the service: it says nothing of its health, and may not hold the probe.
+            breakers[service.name]?.withdrawProbe()
+        }
         switch next {
         case .delivered: logger.info("Delivered", metadata: metadata)
         case .retry: logger.notice("Delivery failed; will retry", metadata: metadata)
