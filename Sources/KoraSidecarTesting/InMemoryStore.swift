@@ -353,6 +353,16 @@ final class InMemoryStore: SidecarStore {
         }
     }
 
+    package func takeOverIdempotencyKey(service: String, key: String, from record: IdempotencyRecord, at: UnixTime) async throws -> Bool {
+        try write { state in
+            guard let stored = state.idempotency[service + "\u{0}" + key], stored.state == record.state,
+                stored.updatedAt == record.updatedAt
+            else { return false }
+            state.idempotency[service + "\u{0}" + key] = IdempotencyRecord(digest: stored.digest, state: .inFlight, createdAt: stored.createdAt, updatedAt: at)
+            return true
+        }
+    }
+
     package func settleIdempotencyKey(service: String, key: String, state newState: IdempotencyRecord.State, at: UnixTime) async throws {
         try write { state in
             state.idempotency[service + "\u{0}" + key]?.state = newState

@@ -66,6 +66,62 @@ struct IdempotencyTests {
         }
     }
 
+    @Test func twoRepeatsAfterAnUnknownOutcomeSendTheCreateAgainOnce() async throws {
+        // Both repeats used to look, find nothing, and send: two verifications for one key.
+        let lookups = Gate()
+        let kora = ScriptedKora([
+            .stall,
+            .answerWhenOpened(lookups, 200, #"{"verifications":[]}"#),
+            .answer(201, [], #"{"id":"ver_second_try","status":"pending"}"#),
+        ])
+        try await withScriptedKora(kora) { base in
+            var configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
+            configuration.kora.timeoutSeconds = 3
+            configuration.kora.retry.maxAttempts = 1
+            let (first, repeats) = try await withProxy(configuration, SidecarOptions()) { sdk in
+                let key = [("Idempotency-Key", "k-twice")]
+                let first = try await sdk.call(.POST, "/verifications", json: ["externalId": "user-8"], headers: key)
+                async let one = sdk.call(.POST, "/verifications", json: ["externalId": "user-8"], headers: key)
+                try await waitUntil("the first repeat's lookup") { kora.requests.count == 2 }
+                async let other = sdk.call(.POST, "/verifications", json: ["externalId": "user-8"], headers: key)
+                // The second repeat must wait for the first, not look for itself: a second lookup, had it
+                // come, would have come within this window (the test fails on it either way).
+                try? await waitUntil("a second lookup", timeout: .seconds(1)) { kora.requests.count > 2 }
+                lookups.open()
+                return (first, try await [one, other])
+            }
+            kora.release()
+            #expect(first.status == 504)
+            #expect(repeats.map(\.status) == [201, 201])
+            #expect(repeats.map { $0.json?["id"]?.text } == ["ver_second_try", "ver_second_try"])
+            #expect(kora.requests.map { "\($0.method) \($0.path)" } == [
+                "POST /api/v1/idv/verifications", "GET /api/v1/idv/subjects/user-8/verifications", "POST /api/v1/idv/verifications",
+            ])
+        }
+    }
+
+    @Test func koraRefusingForItsRateIsNotTheKeysAnswer() async throws {
+        // Kora's 429 was kept as the key's answer for a day: every retry of the create got it again.
+        let kora = ScriptedKora([
+            .answer(429, [("Retry-After", "120")], #"{"code":"RATE_LIMIT_EXCEEDED"}"#),
+            .answer(200, [], #"{"verifications":[]}"#),
+            .answer(201, [], #"{"id":"ver_after_the_wait","status":"pending"}"#),
+        ])
+        try await withScriptedKora(kora) { base in
+            let configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
+            let (first, repeated) = try await withProxy(configuration, SidecarOptions()) { sdk in
+                let key = [("Idempotency-Key", "k-limited")]
+                return (
+                    try await sdk.call(.POST, "/verifications", json: ["externalId": "user-9"], headers: key),
+                    try await sdk.call(.POST, "/verifications", json: ["externalId": "user-9"], headers: key)
+                )
+            }
+            #expect(first.status == 429)
+            #expect(repeated.status == 201)
+            #expect(repeated.json?["id"] == "ver_after_the_wait")
+        }
+    }
+
     /// Runs a sidecar for `body`, which gets an SDK-style client with the app's token.
     func withProxy<T: Sendable>(
         _ configuration: SidecarConfiguration, _ options: SidecarOptions, _ body: @Sendable @escaping (SDKStyleClient) async throws -> T

@@ -208,6 +208,38 @@ import Glibc
         }
     }
 
+    @Test func aFragmentCannotCutThePathKoraSeesShortOfWhatAllowMatched() async throws {
+        // The request line may carry a fragment: allowed as `…/*/images`, Kora got `/verifications/ver_1`.
+        let kora = ScriptedKora()
+        try await withScriptedKora(kora) { base in
+            let configuration = proxyConfiguration(koraBaseURL: base, services: [appService(allow: ["GET /verifications/*/images"])])
+            try await withProxySidecar(configuration) { sidecar in
+                let connection = try RawConnection(port: sidecar.internalPort)
+                connection.send(
+                    "GET /api/v1/idv/verifications/ver_1#/images HTTP/1.1\r\nHost: localhost\r\n"
+                        + "Authorization: Bearer \(ProxySecrets.appToken)\r\nConnection: close\r\n\r\n")
+                let answer = await connection.response()
+                #expect(answer.hasPrefix("HTTP/1.1 400"), "\(answer.prefix(200))")
+                #expect(answer.contains("INVALID_PATH"))
+                #expect(kora.requests.isEmpty)
+            }
+        }
+    }
+
+    @Test func theExternalIdInAPathNeverReachesTheLogs() async throws {
+        // Kora unreachable: its path went into the warning, external id and all.
+        let logs = TestLogs()
+        let configuration = proxyConfiguration(koraBaseURL: "http://127.0.0.1:\(try freePort())", services: [appService()])
+        try await withProxySidecar(configuration, logs: logs) { (sidecar: ProxySidecar) async throws in
+            let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+            let answer = try await sdk.call(.GET, "/subjects/person-MARKER-7/verifications")
+            #expect(answer.status == 502)
+        }
+        #expect(logs.all.contains { $0.contains("/subjects/{externalId}/verifications") })
+        #expect(!logs.all.contains { $0.contains("MARKER") })
+        #expect(KoraClient.loggedPath("/subjects/a/verifications/subjects") == "/subjects/{externalId}/verifications/subjects")
+    }
+
     @Test func proxyWithoutKoraCredentialsAnswers503() async throws {
         var configuration = proxyConfiguration(koraBaseURL: "http://127.0.0.1:9/api/v1/idv", services: [appService()])
         configuration.kora.apiKey = nil

@@ -181,6 +181,24 @@ struct StoreTests {
     }
 
     @Test(arguments: Kind.allCases)
+    func oneRepeatTakesAnUnknownCreateOver(kind: Kind) async throws {
+        let (store, cleanup) = try await makeStore(kind)
+        defer { cleanup() }
+        #expect(try await store.claimIdempotencyKey(service: "app", key: "k", digest: "d", at: t0) == nil)
+        try await store.settleIdempotencyKey(service: "app", key: "k", state: .unknown, at: at(1))
+        let seen = try #require(try await store.idempotencyRecord(service: "app", key: "k"))
+        // Two repeats read the same record: the first takes it over, the second finds it changed.
+        #expect(try await store.takeOverIdempotencyKey(service: "app", key: "k", from: seen, at: at(2)))
+        #expect(try await !store.takeOverIdempotencyKey(service: "app", key: "k", from: seen, at: at(3)))
+        let taken = try #require(try await store.idempotencyRecord(service: "app", key: "k"))
+        #expect(taken.state == .inFlight && taken.updatedAt == at(2) && taken.digest == "d" && taken.createdAt == t0)
+        // Left in flight too long, it is taken over the same way, once.
+        #expect(try await store.takeOverIdempotencyKey(service: "app", key: "k", from: taken, at: at(4)))
+        #expect(try await !store.takeOverIdempotencyKey(service: "app", key: "k", from: taken, at: at(5)))
+        #expect(try await !store.takeOverIdempotencyKey(service: "app", key: "absent", from: taken, at: at(6)))
+    }
+
+    @Test(arguments: Kind.allCases)
     func claimLeasesDueDeliveriesOldestFirst(kind: Kind) async throws {
         let (store, cleanup) = try await makeStore(kind)
         defer { cleanup() }

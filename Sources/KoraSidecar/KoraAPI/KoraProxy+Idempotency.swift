@@ -29,26 +29,38 @@ extension KoraProxy {
                 .unprocessableContent, code: "IDEMPOTENCY_KEY_REUSED",
                 message: "This Idempotency-Key was used with another body; use a new key for a new verification.")
         }
-        // The same create in flight (here or on another replica): wait for its answer.
-        let deadline = ContinuousClock.now + idempotencyWait
-        while record.state == .inFlight, ContinuousClock.now < deadline {
-            try await Task.sleep(for: .milliseconds(100))
-            record = try await store.idempotencyRecord(service: caller.name, key: key) ?? record
-        }
-        switch record.state {
-        case .answered(let status, let contentType, let stored):
-            logger.info("Repeated create answered from the store", metadata: ["service": "\(caller.name)"])
-            return CreateAnswer(
-                status: .init(code: status), headers: [:], contentType: contentType, body: stored,
-                verificationID: (200..<300).contains(status) ? Self.verificationID(in: stored) : nil)
-        case .inFlight, .unknown:
-            // The first call may have created it: look before creating a second one.
-            if let found = try await createdSince(record.createdAt, externalID: Self.externalID(in: body), caller: caller) {
-                try await store.settleIdempotencyKey(service: caller.name, key: key, state: Self.state(of: found), at: .now())
-                return found
+        while true {
+            // The same create in flight (here or on another replica): wait for its answer.
+            let deadline = ContinuousClock.now + idempotencyWait
+            while record.state == .inFlight, ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(100))
+                guard let current = try await store.idempotencyRecord(service: caller.name, key: key) else { break }
+                record = current
             }
-            try await store.settleIdempotencyKey(service: caller.name, key: key, state: .inFlight, at: .now())
-            return try await send(call, caller: caller, key: key)
+            switch record.state {
+            case .answered(let status, let contentType, let stored):
+                logger.info("Repeated create answered from the store", metadata: ["service": "\(caller.name)"])
+                return CreateAnswer(
+                    status: .init(code: status), headers: [:], contentType: contentType, body: stored,
+                    verificationID: (200..<300).contains(status) ? Self.verificationID(in: stored) : nil)
+            case .inFlight, .unknown:
+                // One repeat takes the key over; the others wait for its answer, as for the first call's.
+                let at = UnixTime(milliseconds: max(UnixTime.now().milliseconds, record.updatedAt.milliseconds + 1))
+                guard try await store.takeOverIdempotencyKey(service: caller.name, key: key, from: record, at: at) else {
+                    // Taken over first by another repeat, or gone (erased, expired): claimed again from the start.
+                    guard let current = try await store.idempotencyRecord(service: caller.name, key: key) else {
+                        return try await createOnce(call, caller: caller, key: key)
+                    }
+                    record = current
+                    continue
+                }
+                // The first call may have created it: look before creating a second one.
+                if let found = try await createdSince(record.createdAt, externalID: Self.externalID(in: body), caller: caller) {
+                    try await store.settleIdempotencyKey(service: caller.name, key: key, state: Self.state(of: found), at: .now())
+                    return found
+                }
+                return try await send(call, caller: caller, key: key)
+            }
         }
     }
 
@@ -62,7 +74,8 @@ extension KoraProxy {
             try? await store.settleIdempotencyKey(service: caller.name, key: key, state: .unknown, at: .now())
             throw error
         }
-        let state: IdempotencyRecord.State = answer.status.code >= 500 ? .unknown : Self.state(of: answer)
+        // A 429 created nothing, and is no answer to keep for a day: a repeat looks, then sends again.
+        let state: IdempotencyRecord.State = answer.status.code >= 500 || answer.status.code == 429 ? .unknown : Self.state(of: answer)
         try? await store.settleIdempotencyKey(service: caller.name, key: key, state: state, at: .now())
         return answer
     }

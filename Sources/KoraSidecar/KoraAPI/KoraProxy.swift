@@ -53,9 +53,9 @@ struct KoraProxy: Sendable {
         let configured = configuration.kora.callbackURL
         self.callbackURL = options.callbackURL ?? { configured }
         self.logger = logger
-        // A create in flight ends within its attempts' time-outs and waits.
+        // A create in flight ends within its wait for a turn of the budget, its attempts' time-outs and waits.
         self.idempotencyWait =
-            .seconds(configuration.kora.timeoutSeconds * configuration.kora.retry.maxAttempts)
+            configuration.kora.rateLimit.maxWait + .seconds(configuration.kora.timeoutSeconds * configuration.kora.retry.maxAttempts)
             + .milliseconds(configuration.kora.retry.maxDelayMilliseconds * configuration.kora.retry.maxAttempts)
     }
 
@@ -66,7 +66,7 @@ struct KoraProxy: Sendable {
         let path = Self.koraPath(request.uri.path)
         guard Self.isPlain(path) else {
             throw SidecarHTTPError(
-                .badRequest, code: "INVALID_PATH", message: "The path may not hold empty, '.' or '..' segments or encoded dots and slashes.")
+                .badRequest, code: "INVALID_PATH", message: "The path may hold only the characters of a URL path (no '#'), and no empty, '.' or '..' segments or encoded dots and slashes.")
         }
         let caller = try authorize(request, method: request.method.rawValue, path: path)
         let body = try await BodyReader.collect(request, channel: context.channel, limit: limits.maxBodyBytes, logger: logger)
@@ -182,13 +182,23 @@ struct KoraProxy: Sendable {
         return path
     }
 
-    /// Whether `path` names one resource plainly: no `.` or `..` segment, no empty segment and no
-    /// percent-encoded dot, slash or backslash, so that what `allow` matched is what Kora resolves.
+    /// Whether `path` names one resource plainly: only the characters RFC 3986 allows in a path
+    /// (a `#` would end it where Kora's URL is parsed, after `allow` matched all of it), no `.` or
+    /// `..` segment, no empty segment and no percent-encoded dot, slash or backslash, so that what
+    /// `allow` matched is what Kora resolves.
     static func isPlain(_ path: String) -> Bool {
         let segments = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst()
         let lowered = path.lowercased()
-        return !segments.dropLast().contains(where: \.isEmpty) && !segments.contains(where: { $0 == "." || $0 == ".." })
-            && !["%2e", "%2f", "%5c"].contains(where: lowered.contains)
+        return path.utf8.allSatisfy(isPathByte) && !segments.dropLast().contains(where: \.isEmpty)
+            && !segments.contains(where: { $0 == "." || $0 == ".." }) && !["%2e", "%2f", "%5c"].contains(where: lowered.contains)
+    }
+
+    /// `/` and RFC 3986's `pchar`: unreserved, `%` (of a percent-encoding), sub-delims, `:` and `@`.
+    private static func isPathByte(_ byte: UInt8) -> Bool {
+        switch byte {
+        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"): true
+        default: "/-._~%!$&'()*+,;=:@".utf8.contains(byte)
+        }
     }
 
     /// Whether the call creates a verification (`POST /verifications`).

@@ -658,6 +658,16 @@ final class PostgresStore: SidecarStore, Service {
         return try await idempotencyRecord(service: service, key: key)
     }
 
+    package func takeOverIdempotencyKey(service: String, key: String, from record: IdempotencyRecord, at: UnixTime) async throws -> Bool {
+        try await rows(
+            """
+            UPDATE kora_idempotency_keys SET state = 'in_flight', status = NULL, content_type = NULL, body = NULL, updated_at = \(at.milliseconds)
+            WHERE service = \(service) AND key = \(key) AND state = \(record.state.name) AND updated_at = \(record.updatedAt.milliseconds)
+            RETURNING 1
+            """
+        ).count == 1
+    }
+
     package func settleIdempotencyKey(service: String, key: String, state: IdempotencyRecord.State, at: UnixTime) async throws {
         var status: Int64?
         var contentType: String?

@@ -594,6 +594,20 @@ final class SQLiteStore: SidecarStore {
         }
     }
 
+    package func takeOverIdempotencyKey(service: String, key: String, from record: IdempotencyRecord, at: UnixTime) async throws -> Bool {
+        let values: [SQLiteValue] = [
+            .integer(at.milliseconds), .text(service), .text(key), .text(record.state.name), .integer(record.updatedAt.milliseconds),
+        ]
+        return try await database.write { db in
+            try db.query(
+                """
+                UPDATE idempotency_keys SET state = 'in_flight', status = NULL, content_type = NULL, body = NULL, updated_at = ?
+                WHERE service = ? AND key = ? AND state = ? AND updated_at = ?
+                """, values)
+            return db.changes == 1
+        }
+    }
+
     package func settleIdempotencyKey(service: String, key: String, state: IdempotencyRecord.State, at: UnixTime) async throws {
         var status: SQLiteValue = .null
         var contentType: SQLiteValue = .null

@@ -92,6 +92,10 @@ package protocol SidecarStore: Sendable {
     /// Claims `service`'s `key` for a create whose body has `digest`: nil when this caller claimed it
     /// (the record is now in flight), else the record another call left (atomic across replicas).
     func claimIdempotencyKey(service: String, key: String, digest: String, at: UnixTime) async throws -> IdempotencyRecord?
+    /// Makes `service`'s `key` in flight again for this caller, if it is still as `record` found it
+    /// (unknown, or in flight for too long): true when this caller took it over, false when another
+    /// did first (atomic across replicas), so that one repeat only sends the create again.
+    func takeOverIdempotencyKey(service: String, key: String, from record: IdempotencyRecord, at: UnixTime) async throws -> Bool
     /// Sets the state of `service`'s `key` at `at`.
     func settleIdempotencyKey(service: String, key: String, state: IdempotencyRecord.State, at: UnixTime) async throws
     /// Deletes idempotency records created before `before`; returns how many.

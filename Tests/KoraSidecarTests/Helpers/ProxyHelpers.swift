@@ -113,6 +113,8 @@ final class ScriptedKora: Sendable {
         case close
         /// Does not answer until the test calls ``release()``.
         case stall
+        /// Status and body once `gate` is opened.
+        case answerWhenOpened(Gate, Int, String)
     }
 
     struct Seen: Sendable {
@@ -172,6 +174,9 @@ final class ScriptedKora: Sendable {
         case .close:
             try await context.channel.close()
             throw CancellationError()
+        case .answerWhenOpened(let gate, let status, let text):
+            await gate.wait()
+            return Self.answer(status, [], text)
         case .stall:
             // A server does not notice the client hanging up while it reads nothing: wait for the test.
             await released.wait()
