@@ -478,6 +478,20 @@ struct StoreTests {
         #expect(ids == [])
     }
 
+    /// A lease commits without waiting for its fsync; every write after it that must be durable
+    /// commits with it again (`PRAGMA synchronous`: 1 NORMAL, 2 FULL).
+    @Test func onlyWritesThatNeedNotBeDurableSkipTheSync() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let database = try SQLiteDatabase(path: directory + "/store.sqlite", migrations: SQLiteStore.migrations)
+        defer { database.close() }
+        let synchronous: @Sendable (SQLiteConnection) throws -> Int64? = { try $0.query("PRAGMA synchronous").first?.int(0) }
+        #expect(try await database.write(synchronous) == 2)
+        #expect(try await database.write(durable: false, synchronous) == 1)
+        #expect(try await database.write(durable: false, synchronous) == 1)
+        #expect(try await database.write(synchronous) == 2)
+    }
+
     /// A running PostgreSQL store on `url` (a replica), with what stops it.
     func postgresReplica(_ url: String) async throws -> (store: PostgresStore, stop: @Sendable () -> Void) {
         let store = try PostgresStore(url: Secret(url), logger: Logger(label: "test"), operationTimeout: .seconds(5) * Sanitizer.slowdown, protection: .sealedForTests)

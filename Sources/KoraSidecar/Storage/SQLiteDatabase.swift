@@ -39,9 +39,13 @@ final class SQLiteDatabase: Sendable {
     }
 
     /// Runs `body` in a transaction on the writer's thread and returns once it is committed.
+    ///
+    /// A write that is not `durable` is one a crash may undo without harm (a lease: every start
+    /// releases them all): when a transaction holds only such writes, its commit skips the fsync.
+    /// The next durable commit syncs the log, and with it every write before it, in order.
     @discardableResult
-    func write<T: Sendable>(_ body: @escaping @Sendable (SQLiteConnection) throws -> T) async throws -> T {
-        try await writer.run(body)
+    func write<T: Sendable>(durable: Bool = true, _ body: @escaping @Sendable (SQLiteConnection) throws -> T) async throws -> T {
+        try await writer.run(durable: durable, body)
     }
 
     /// Runs `body` (which must not write) on the reader's thread, in a read transaction that sees
@@ -87,6 +91,8 @@ private final class SQLiteThread: @unchecked Sendable {
         /// Runs inside the open transaction; returns what resumes the caller once committed.
         let run: (SQLiteConnection) throws -> (() -> Void)
         let fail: (any Error) -> Void
+        /// Whether its commit must be on disk before the caller resumes.
+        let durable: Bool
     }
 
     /// Largest number of operations run in one transaction.
@@ -101,6 +107,9 @@ private final class SQLiteThread: @unchecked Sendable {
     private var closed = false
     /// 1 while the loop runs: `close()` waits for 0.
     private let running = ConditionLock(value: 1)
+    /// The connection's `synchronous` setting now: FULL, or NORMAL while it commits only writes
+    /// that need not be durable. Only the thread's loop reads or changes it.
+    private var syncsEachCommit = true
 
     init(_ connection: SQLiteConnection, name: String, writes: Bool) {
         self.writes = writes
@@ -116,14 +125,15 @@ private final class SQLiteThread: @unchecked Sendable {
     }
 
     /// Runs `body` in a transaction on the thread and returns once it is committed.
-    func run<T: Sendable>(_ body: @escaping @Sendable (SQLiteConnection) throws -> T) async throws -> T {
+    func run<T: Sendable>(durable: Bool = true, _ body: @escaping @Sendable (SQLiteConnection) throws -> T) async throws -> T {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
             let operation = Operation(
                 run: { connection in
                     let value = try body(connection)
                     return { continuation.resume(returning: value) }
                 },
-                fail: { continuation.resume(throwing: $0) }
+                fail: { continuation.resume(throwing: $0) },
+                durable: durable
             )
             condition.lock()
             if closed {
@@ -175,6 +185,7 @@ private final class SQLiteThread: @unchecked Sendable {
         var committed: [(resume: () -> Void, fail: (any Error) -> Void)] = []
         // Through `query`, whose statements are prepared once per connection, not parsed for every operation.
         do {
+            if writes { try synchronous(each: batch.contains { $0.durable }, connection) }
             try connection.query(writes ? "BEGIN IMMEDIATE" : "BEGIN")
         } catch {
             batch.forEach { $0.fail(error) }
@@ -206,5 +217,13 @@ private final class SQLiteThread: @unchecked Sendable {
             try? connection.execute("ROLLBACK")
             committed.forEach { $0.fail(error) }
         }
+    }
+
+    /// Sets whether commits wait for the fsync (WAL mode: FULL syncs the log at each commit,
+    /// NORMAL leaves it to the next commit that does, or to the checkpoint).
+    private func synchronous(each: Bool, _ connection: SQLiteConnection) throws {
+        guard each != syncsEachCommit else { return }
+        try connection.query(each ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL")
+        syncsEachCommit = each
     }
 }

@@ -197,7 +197,10 @@ final class SQLiteStore: SidecarStore {
     }
 
     package func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration, ordered: Bool) async throws -> [DeliveryJob] {
-        try await database.write { db in try self.claimDue(db, service: service, now: now, limit: limit, lease: lease, ordered: ordered) }
+        // A lease need not survive a crash: every start releases them (`releaseLeases`).
+        try await database.write(durable: false) { db in
+            try self.claimDue(db, service: service, now: now, limit: limit, lease: lease, ordered: ordered)
+        }
     }
 
     package func finish(deliveryID: Int64, attempt: AttemptRecord, next: NextStep) async throws {
