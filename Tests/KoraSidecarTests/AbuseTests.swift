@@ -61,6 +61,26 @@ struct AbuseTests {
         }
     }
 
+    @Test func aClientThatSendsRequestsButNeverReadsTheAnswersIsCutOff() async throws {
+        // The idle time-out does not run while an answer is being written: such a client held its
+        // connection for good, and with it the only one `maxConnections` allowed.
+        try await abuse(webhooks: #""maxConnections": 1, "readTimeoutSeconds": \#(Sanitizer.slowdown)"#) { sidecar, receiver in
+            let hog = try RawConnection(port: sidecar.webhookPort, receiveBuffer: 4096)
+            let pipelining = Task {
+                await offPool {
+                    var sent = 0
+                    while sent < 1_000_000, hog.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n") { sent += 1 }
+                    return sent
+                }
+            }
+            // Served once the hog is cut off, a second after its answers stopped being taken (30 s:
+            // a liveness bound, not a measure).
+            try await expectServesAValidWebhook(sidecar, receiver, timeout: .seconds(30))
+            #expect(await pipelining.value < 1_000_000)
+            return [200]
+        }
+    }
+
     @Test func slowHeadersSlowBodiesAndChunkedBodiesWithoutAnEndAreCutOff() async throws {
         try await abuse(webhooks: #""readTimeoutSeconds": \#(Sanitizer.slowdown)"#) { sidecar, receiver in
             let body = TestEvent.body()

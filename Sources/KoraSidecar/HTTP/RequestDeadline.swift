@@ -3,7 +3,11 @@ import KoraSidecarCore
 import NIOCore
 
 /// Closes a connection whose request does not arrive in time: the first request head within the
-/// deadline of the connection opening, and every request body within the deadline of its head.
+/// deadline of the connection opening, and every request body within the deadline of its head. It
+/// also closes one whose client stops reading: once answers wait unwritten (the channel is not
+/// writable), the client has the same deadline to take some; the idle time-out does not run while a
+/// response is being written, so a client that pipelines requests and never reads would hold the
+/// connection for good.
 ///
 /// Clients sending headers a byte at a time (slowloris) or a body that never ends cannot hold
 /// connections: the idle time-out alone never fires while bytes keep trickling in. The timer is
@@ -18,6 +22,8 @@ final class RequestDeadline: ChannelInboundHandler, RemovableChannelHandler {
 
     private let deadline: TimeAmount
     private var timer: Scheduled<Void>?
+    /// Armed while the channel is not writable.
+    private var writeTimer: Scheduled<Void>?
     /// Whether a request head arrived and its end has not.
     private var inBody = false
 
@@ -29,6 +35,19 @@ final class RequestDeadline: ChannelInboundHandler, RemovableChannelHandler {
 
     func handlerRemoved(context: ChannelHandlerContext) {
         disarm()
+        writeTimer?.cancel()
+        writeTimer = nil
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable {
+            writeTimer?.cancel()
+            writeTimer = nil
+        } else if writeTimer == nil {
+            let channel = context.channel
+            writeTimer = context.eventLoop.scheduleTask(in: deadline) { channel.close(promise: nil) }
+        }
+        context.fireChannelWritabilityChanged()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {

@@ -17,9 +17,11 @@ func offPool<T: Sendable>(_ work: @escaping @Sendable () -> T) async -> T {
 final class RawConnection: @unchecked Sendable {
     private let fd: Int32
 
-    /// Connects to 127.0.0.1:`port`; reads give up after `readTimeout`.
-    init(port: Int, readTimeout: Int = 10) throws {
+    /// Connects to 127.0.0.1:`port`; reads give up after `readTimeout`. `receiveBuffer` shrinks the
+    /// kernel's buffer of what the server sent (a client that reads little).
+    init(port: Int, readTimeout: Int = 10, receiveBuffer: Int32? = nil) throws {
         fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        if var size = receiveBuffer { setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size)) }
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
         address.sin_port = in_port_t(UInt16(port).bigEndian)
