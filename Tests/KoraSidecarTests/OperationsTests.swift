@@ -57,6 +57,28 @@ struct OperationsTests {
         }
     }
 
+    @Test func withoutAnAdminTokenAPageOfAnotherOriginCannotChangeAnything() async throws {
+        // A bodyless POST is a "simple" request: any page an operator opened could send it to loopback.
+        var options = SidecarOptions()
+        options.store = InMemoryStore()
+        try await withSidecar(testConfiguration(), options: options) { (sidecar: RunningSidecar) async throws in
+            let retry = sidecar.internalURL("/admin/deliveries/retry?status=delivered")
+            let own = sidecar.internalURL("")
+            for headers in [[("Origin", "http://evil.example")], [("Origin", "http://127.0.0.1:3000")], [("Origin", "null")],
+                [("Sec-Fetch-Site", "cross-site")], [("Sec-Fetch-Site", "same-site"), ("Origin", own)]]
+            {
+                let refused = try await post(retry, body: [], headers: headers)
+                #expect(refused.status == 403, "\(headers)")
+                #expect(refused.code == "FORBIDDEN")
+            }
+            // The console's own page, a script or curl; and reading stays open to any page, as before.
+            for headers in [[("Origin", own), ("Sec-Fetch-Site", "same-origin")], [("Origin", own)], []] {
+                #expect(try await post(retry, body: [], headers: headers).status == 200, "\(headers)")
+            }
+            #expect(try await get(sidecar.internalURL("/admin/services"), headers: [("Origin", "http://evil.example")]).status == 200)
+        }
+    }
+
     @Test func theWebhookListenerSpeaksTLSWhenConfigured() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }

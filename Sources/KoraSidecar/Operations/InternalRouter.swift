@@ -1,3 +1,4 @@
+import HTTPTypes
 import Hummingbird
 import KoraSidecarCore
 import NIOCore
@@ -76,11 +77,17 @@ package struct ErrorShapeMiddleware: RouterMiddleware {
     }
 }
 
-/// Guards `/admin/*` with `internal.adminToken` when it is set (constant-time comparison).
+/// Guards `/admin/*` with `internal.adminToken` when it is set (constant-time comparison), and
+/// refuses a change (any method but GET and HEAD) sent by a web page of another origin: without a
+/// token, any page an operator opens could otherwise post to the loopback listener (retry every
+/// delivered event, say). Browsers say where a request comes from; scripts and curl say nothing.
 struct AdminTokenMiddleware: RouterMiddleware {
     let token: Secret?
 
     func handle(_ request: Request, context: SidecarRequestContext, next: (Request, SidecarRequestContext) async throws -> Response) async throws -> Response {
+        if request.method != .get, request.method != .head, Self.isFromAnotherOrigin(request) {
+            throw SidecarHTTPError(.forbidden, code: "FORBIDDEN", message: "The admin API takes no changes from a page of another origin.")
+        }
         if let token {
             let given = request.headers[.authorization].flatMap(ServiceIdentity.bearerToken)
             guard let given, ConstantTime.equal(String(given), token.value) else {
@@ -89,4 +96,16 @@ struct AdminTokenMiddleware: RouterMiddleware {
         }
         return try await next(request, context)
     }
+
+    /// Whether a browser says the request comes from a page of another origin: `Sec-Fetch-Site`
+    /// other than `same-origin` or `none` (typed by the user), else an `Origin` that is not this
+    /// listener's own (`Host`). Another port on the same host is another origin.
+    static func isFromAnotherOrigin(_ request: Request) -> Bool {
+        if let site = request.headers[secFetchSite] { return site != "same-origin" && site != "none" }
+        guard let origin = request.headers[.origin] else { return false }
+        guard let host = request.head.authority else { return true }
+        return origin != "http://" + host && origin != "https://" + host
+    }
+
+    private static let secFetchSite = HTTPField.Name("Sec-Fetch-Site")!
 }
