@@ -100,6 +100,45 @@ struct IdempotencyTests {
         }
     }
 
+    @Test func aRepeatDoesNotTakeTheVerificationAnotherServiceCreatedForThePerson() async throws {
+        // The lookup lists by external id only: it took the other service's verification, and moved
+        // its origin (and its events, with onlyOwnVerifications) to the service repeating.
+        let now = UnixTime.now().iso8601Seconds
+        let kora = ScriptedKora([
+            .answer(201, [], #"{"id":"ver_other","status":"pending"}"#),
+            .stall,
+            .answer(200, [], #"{"verifications":[{"id":"ver_other","externalId":"user-10","createdAt":"\#(now)"}]}"#),
+            .answer(201, [], #"{"id":"ver_app","status":"pending"}"#),
+        ])
+        let store = InMemoryStore()
+        try await withScriptedKora(kora) { base in
+            var configuration = proxyConfiguration(
+                koraBaseURL: base, services: [appService(), appService(name: "other", token: "token-other")])
+            configuration.kora.timeoutSeconds = 3
+            configuration.kora.retry.maxAttempts = 1
+            var options = SidecarOptions()
+            options.store = store
+            let answers = NIOLockedValueBox<[HTTPAnswer]>([])
+            try await withProxySidecar(configuration, options: options) { (sidecar: ProxySidecar) async throws in
+                let other = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: "token-other")
+                let created = try await other.call(.POST, "/verifications", json: ["externalId": "user-10"])
+                #expect(created.status == 201)
+                let app = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                let key = [("Idempotency-Key", "k-other")]
+                for _ in 0..<2 {
+                    let answer = try await app.call(.POST, "/verifications", json: ["externalId": "user-10"], headers: key)
+                    answers.withLockedValue { $0.append(answer) }
+                }
+            }
+            kora.release()
+            let (first, repeated) = try answers.withLockedValue { answers in (try #require(answers.first), try #require(answers.last)) }
+            #expect(first.status == 504)
+            #expect(repeated.json?["id"] == "ver_app")
+            #expect(try await store.origin(ofVerification: "ver_other") == "other")
+            #expect(try await store.origin(ofVerification: "ver_app") == "app")
+        }
+    }
+
     @Test func koraRefusingForItsRateIsNotTheKeysAnswer() async throws {
         // Kora's 429 was kept as the key's answer for a day: every retry of the create got it again.
         let kora = ScriptedKora([

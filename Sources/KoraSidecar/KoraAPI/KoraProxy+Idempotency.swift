@@ -81,7 +81,7 @@ extension KoraProxy {
     }
 
     /// The verification of `externalID` Kora created at or after `since` (less a minute for clock
-    /// skew), as a create's answer, if there is one.
+    /// skew), as a create's answer, if there is one that no other service created.
     private func createdSince(_ since: UnixTime, externalID: String?, caller: ServiceIdentity.Caller) async throws -> CreateAnswer? {
         guard let externalID else { return nil }
         let path = "/subjects/" + externalID.percentEncodingAllButUnreserved + "/verifications"
@@ -95,7 +95,16 @@ extension KoraProxy {
             guard let text = verification["createdAt"]?.text, let at = UnixTime.parse(text, now: .now()) else { return false }
             return at.milliseconds >= earliest
         }
-        guard let found = created.last, let id = found["id"]?.text else { return nil }
+        // The latest one, unless another service created it through the sidecar (the same person,
+        // signing up through two services): taking it would move its events away from that service.
+        var adoptable: (JSONValue, String)?
+        for candidate in created.reversed() {
+            guard let id = candidate["id"]?.text else { continue }
+            if let origin = try await store.origin(ofVerification: id), origin != caller.name { continue }
+            adoptable = (candidate, id)
+            break
+        }
+        guard let (found, id) = adoptable else { return nil }
         logger.notice(
             "Repeated create found the verification the first call created", metadata: ["service": "\(caller.name)", "verification.id": "\(id)"])
         try? await store.recordOrigin(verificationID: id, service: caller.name, at: .now())
