@@ -326,9 +326,13 @@ struct DeliveryControlTests {
         }
     }
 
-    @Test func aServiceAskingToWaitIsTriedAgainWhenItSaid() async throws {
+    /// `Retry-After: 1` overrides the schedule's 50 ms. A date no server writes falls back to the
+    /// schedule: its nine-digit year overflowed the date arithmetic and stopped the process, a crash
+    /// loop, as the delivery stays pending across restarts.
+    @Test(arguments: [("1", true), ("Sun, 06 Nov 999999999 08:49:37 GMT", false)])
+    func aServiceAskingToWaitIsTriedAgainWhenItSaid(retryAfter: String, honoured: Bool) async throws {
         let arrivals = NIOLockedValueBox<[ContinuousClock.Instant]>([])
-        try await withRetryAfterService(arrivals, retryAfter: "1") { port in
+        try await withRetryAfterService(arrivals, retryAfter: retryAfter) { port in
             var options = SidecarOptions()
             options.store = InMemoryStore()
             options.retryPolicy = RetryPolicy(schedule: [.milliseconds(50), .seconds(5)], jitter: 0)
@@ -337,26 +341,7 @@ struct DeliveryControlTests {
                 #expect(try await sendSigned(TestEvent.body(), to: sidecar).status == 200)
                 try await waitUntil("a second attempt", timeout: .seconds(20)) { arrivals.withLockedValue { $0.count } >= 2 }
                 let times = arrivals.withLockedValue { $0 }
-                // Retry-After: 1 overrides the schedule's 50 ms.
-                #expect(times[1] - times[0] >= .milliseconds(900))
-            }
-        }
-    }
-
-    @Test func aRetryAfterDateNoServerWritesFallsBackToTheSchedule() async throws {
-        // A nine-digit year overflowed the date arithmetic and stopped the process: a crash loop, as
-        // the delivery stays pending across restarts.
-        #expect(RetryAfter.parse("Sun, 06 Nov 999999999 08:49:37 GMT", now: .now()) == nil)
-        #expect(RetryAfter.parse("Sun, 06 Nov -2147483648 08:49:37 GMT", now: .now()) == nil)
-        let arrivals = NIOLockedValueBox<[ContinuousClock.Instant]>([])
-        try await withRetryAfterService(arrivals, retryAfter: "Sun, 06 Nov 999999999 08:49:37 GMT") { port in
-            var options = SidecarOptions()
-            options.store = InMemoryStore()
-            options.retryPolicy = RetryPolicy(schedule: [.milliseconds(50), .seconds(5)], jitter: 0)
-            let configuration = testConfiguration(services: [testService("app", target: .url("http://127.0.0.1:\(port)/e"))], mode: .queued)
-            try await withSidecar(configuration, options: options) { sidecar in
-                #expect(try await sendSigned(TestEvent.body(), to: sidecar).status == 200)
-                try await waitUntil("a second attempt, on the schedule", timeout: .seconds(20)) { arrivals.withLockedValue { $0.count } >= 2 }
+                if honoured { #expect(times[1] - times[0] >= .milliseconds(900)) }
             }
         }
     }

@@ -346,6 +346,8 @@ import Glibc
         }
         #expect(RetryAfter.parse("Sun, 06 Nov 1994 08:49:37 GMT", now: UnixTime(milliseconds: 784_111_777_000 - 5000)) == .seconds(5))
         #expect(RetryAfter.parse("soon", now: .now()) == nil)
+        #expect(RetryAfter.parse("Sun, 06 Nov 999999999 08:49:37 GMT", now: .now()) == nil)
+        #expect(RetryAfter.parse("Sun, 06 Nov -2147483648 08:49:37 GMT", now: .now()) == nil)
     }
 
     @Test func retryAfterBeyondTheCapEndsTheRetriesAtOnce() async throws {
