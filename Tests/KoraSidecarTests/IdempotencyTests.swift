@@ -139,6 +139,31 @@ struct IdempotencyTests {
         }
     }
 
+    @Test func aRepeatWhoseLookupFailsLeavesTheKeyToTheNextOne() async throws {
+        // Taken over, then the lookup failed: the key stayed in flight with nobody sending it, and every
+        // later repeat waited out the whole in-flight wait (minutes) before trying.
+        let kora = ScriptedKora([.stall, .answer(401, [], #"{"error":"Unauthorized"}"#)])
+        let store = InMemoryStore()
+        try await withScriptedKora(kora) { base in
+            var configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
+            configuration.kora.timeoutSeconds = 3
+            configuration.kora.retry.maxAttempts = 1
+            var options = SidecarOptions()
+            options.store = store
+            let (first, repeated) = try await withProxy(configuration, options) { sdk in
+                let key = [("Idempotency-Key", "k-lookup")]
+                return (
+                    try await sdk.call(.POST, "/verifications", json: ["externalId": "user-11"], headers: key),
+                    try await sdk.call(.POST, "/verifications", json: ["externalId": "user-11"], headers: key)
+                )
+            }
+            kora.release()
+            #expect(first.status == 504)
+            #expect(repeated.code == "KORA_CREDENTIALS_REJECTED")
+            #expect(try await store.idempotencyRecord(service: "app", key: "k-lookup")?.state == .unknown)
+        }
+    }
+
     @Test func koraRefusingForItsRateIsNotTheKeysAnswer() async throws {
         // Kora's 429 was kept as the key's answer for a day: every retry of the create got it again.
         let kora = ScriptedKora([

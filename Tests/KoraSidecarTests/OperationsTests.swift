@@ -129,13 +129,13 @@ struct ProxyPathTests {
     // A fragment hid the rest of the path from Kora (and the query with it), after `allow` had matched the whole.
     @Test(arguments: [
         "/verifications/../alerts", "/verifications/./x", "/verifications//x", "/verifications/%2e%2e/alerts", "/v/%2F/x", "/v/%5C",
-        "/verifications/ver_1#/images", "/verifications#", "/v/a b", "/v/\u{e9}", "/v/a\\b",
+        "/verifications/ver_1#/images", "/verifications#", "/v/a b", "/v/\u{e9}", "/v/a\\b", "/v/a\"b", "/v/<x>", "/v/\u{7f}",
     ])
     func pathsThatCouldEscapeAnAllowPatternAreRefused(path: String) {
         #expect(!KoraProxy.isPlain(path))
     }
 
-    @Test(arguments: ["/verifications", "/verifications/", "/verifications/ver_1/images", "/subjects/user%20x/verifications", "/a/b:c@d!$&'()*+,;=-._~"])
+    @Test(arguments: ["/verifications", "/verifications/", "/verifications/ver_1/images", "/subjects/user%20x/verifications", "/a/b:c@d!$&'()*+,;=-._~", "/subjects/auth0|abc/verifications", "/v/[x]^{y}"])
     func plainPathsPass(path: String) {
         #expect(KoraProxy.isPlain(path))
     }

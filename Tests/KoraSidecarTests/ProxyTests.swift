@@ -227,17 +227,35 @@ import Glibc
     }
 
     @Test func theExternalIdInAPathNeverReachesTheLogs() async throws {
-        // Kora unreachable: its path went into the warning, external id and all.
+        // Kora unreachable, or a body over the limit: the path went into the warning, external id and all.
         let logs = TestLogs()
-        let configuration = proxyConfiguration(koraBaseURL: "http://127.0.0.1:\(try freePort())", services: [appService()])
+        var configuration = proxyConfiguration(koraBaseURL: "http://127.0.0.1:\(try freePort())", services: [appService()])
+        configuration.internal.limits.maxBodyBytes = 1024
         try await withProxySidecar(configuration, logs: logs) { (sidecar: ProxySidecar) async throws in
             let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
-            let answer = try await sdk.call(.GET, "/subjects/person-MARKER-7/verifications")
-            #expect(answer.status == 502)
+            let unreachable = try await sdk.call(.GET, "/subjects/person-MARKER-7/verifications")
+            #expect(unreachable.status == 502)
+            let tooLarge = try await sdk.call(.POST, "/subjects/person-MARKER-8/verifications", raw: Array(repeating: UInt8(ascii: "a"), count: 4096))
+            #expect(tooLarge.status == 413)
         }
-        #expect(logs.all.contains { $0.contains("/subjects/{externalId}/verifications") })
+        for line in ["Kora could not be reached", "Request body refused"] {
+            #expect(logs.all.contains { $0.contains(line) && $0.contains("/subjects/{externalId}/verifications") }, "\(line)")
+        }
         #expect(!logs.all.contains { $0.contains("MARKER") })
-        #expect(KoraClient.loggedPath("/subjects/a/verifications/subjects") == "/subjects/{externalId}/verifications/subjects")
+        #expect(LoggedPath.masking("/subjects/a/verifications/subjects") == "/subjects/{externalId}/verifications/subjects")
+    }
+
+    @Test func charactersClientsSendUnencodedStillReachKora() async throws {
+        // An Auth0-style external id, as `${base}/subjects/${id}/verifications` sends it.
+        let kora = ScriptedKora()
+        try await withScriptedKora(kora) { base in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()])) { (sidecar: ProxySidecar) async throws in
+                let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                let answer = try await sdk.call(.GET, "/subjects/auth0|abc/verifications")
+                #expect(answer.status == 200, "\(answer.body)")
+            }
+        }
+        #expect(kora.requests.map(\.path).map { $0.removingPercentEncoding } == ["/api/v1/idv/subjects/auth0|abc/verifications"])
     }
 
     @Test func proxyWithoutKoraCredentialsAnswers503() async throws {

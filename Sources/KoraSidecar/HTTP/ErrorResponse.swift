@@ -98,7 +98,7 @@ package enum BodyReader {
         } catch {
             logger?.warning(
                 "Request body refused",
-                metadata: ["http.path": "\(request.uri.path)", "http.status": "\(error.status.code)", "error.code": "\(error.code)", "limit": "\(limit)"])
+                metadata: ["http.path": "\(LoggedPath.masking(request.uri.path))", "http.status": "\(error.status.code)", "error.code": "\(error.code)", "limit": "\(limit)"])
             throw error
         }
     }

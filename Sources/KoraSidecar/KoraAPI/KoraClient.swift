@@ -72,7 +72,7 @@ struct KoraClient: Sendable {
         // Built only for a line that is logged: a successful call logs at debug.
         func metadata() -> Logger.Metadata {
             var metadata: Logger.Metadata = [
-                "service": "\(service)", "kora.method": "\(call.method.rawValue)", "kora.path": "\(Self.loggedPath(call.path))", "kora.attempt": "\(attempt)",
+                "service": "\(service)", "kora.method": "\(call.method.rawValue)", "kora.path": "\(LoggedPath.masking(call.path))", "kora.attempt": "\(attempt)",
             ]
             if let status { metadata["kora.status"] = "\(status)" }
             if let errorText { metadata["error"] = "\(errorText)" }
@@ -166,14 +166,6 @@ struct KoraClient: Sendable {
             request.body = .bytes(call.body)
         }
         return request
-    }
-
-    /// `path` as a log line may show it: the segment after `subjects` is an external id, the
-    /// service's own name for a person, which logs never carry.
-    static func loggedPath(_ path: String) -> String {
-        var segments = path.split(separator: "/", omittingEmptySubsequences: false)
-        for index in segments.indices.dropFirst() where segments[index - 1] == "subjects" { segments[index] = "{externalId}" }
-        return segments.joined(separator: "/")
     }
 }
 

@@ -55,7 +55,15 @@ extension KoraProxy {
                     continue
                 }
                 // The first call may have created it: look before creating a second one.
-                if let found = try await createdSince(record.createdAt, externalID: Self.externalID(in: body), caller: caller) {
+                let found: CreateAnswer?
+                do {
+                    found = try await createdSince(record.createdAt, externalID: Self.externalID(in: body), caller: caller)
+                } catch {
+                    // Nothing was sent: the next repeat takes the key over at once, not after the wait.
+                    try? await store.settleIdempotencyKey(service: caller.name, key: key, state: .unknown, at: .now())
+                    throw error
+                }
+                if let found {
                     try await store.settleIdempotencyKey(service: caller.name, key: key, state: Self.state(of: found), at: .now())
                     return found
                 }

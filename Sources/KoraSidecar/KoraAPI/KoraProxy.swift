@@ -53,10 +53,12 @@ struct KoraProxy: Sendable {
         let configured = configuration.kora.callbackURL
         self.callbackURL = options.callbackURL ?? { configured }
         self.logger = logger
-        // A create in flight ends within its wait for a turn of the budget, its attempts' time-outs and waits.
-        self.idempotencyWait =
-            configuration.kora.rateLimit.maxWait + .seconds(configuration.kora.timeoutSeconds * configuration.kora.retry.maxAttempts)
-            + .milliseconds(configuration.kora.retry.maxDelayMilliseconds * configuration.kora.retry.maxAttempts)
+        // A create in flight ends within two calls (a repeat's lookup, then its create), each of at
+        // most maxAttempts attempts, each waiting for a turn of the budget, its time-out and a retry's delay.
+        let attempt =
+            configuration.kora.rateLimit.maxWait + .seconds(configuration.kora.timeoutSeconds)
+            + .milliseconds(configuration.kora.retry.maxDelayMilliseconds)
+        self.idempotencyWait = attempt * (2 * configuration.kora.retry.maxAttempts)
     }
 
     // MARK: Routes
@@ -66,7 +68,7 @@ struct KoraProxy: Sendable {
         let path = Self.koraPath(request.uri.path)
         guard Self.isPlain(path) else {
             throw SidecarHTTPError(
-                .badRequest, code: "INVALID_PATH", message: "The path may hold only the characters of a URL path (no '#'), and no empty, '.' or '..' segments or encoded dots and slashes.")
+                .badRequest, code: "INVALID_PATH", message: "The path may not hold '#', '\\', quotes, angle brackets, spaces, control or non-ASCII characters, empty, '.' or '..' segments, or encoded dots and slashes.")
         }
         let caller = try authorize(request, method: request.method.rawValue, path: path)
         let body = try await BodyReader.collect(request, channel: context.channel, limit: limits.maxBodyBytes, logger: logger)
@@ -182,23 +184,21 @@ struct KoraProxy: Sendable {
         return path
     }
 
-    /// Whether `path` names one resource plainly: only the characters RFC 3986 allows in a path
-    /// (a `#` would end it where Kora's URL is parsed, after `allow` matched all of it), no `.` or
-    /// `..` segment, no empty segment and no percent-encoded dot, slash or backslash, so that what
-    /// `allow` matched is what Kora resolves.
+    /// Whether `path` names one resource plainly, so that what `allow` matched is what Kora resolves:
+    /// no character that ends a path or that URL parsers read differently (`#` would end it where
+    /// Kora's URL is parsed, after `allow` matched all of it; `\` is a slash to some), no `.` or `..`
+    /// segment, no empty segment and no percent-encoded dot, slash or backslash. What clients send
+    /// raw though RFC 3986 would encode it (`|`, `[`, `]`, `^`, `{`, `}`) passes.
     static func isPlain(_ path: String) -> Bool {
         let segments = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst()
         let lowered = path.lowercased()
-        return path.utf8.allSatisfy(isPathByte) && !segments.dropLast().contains(where: \.isEmpty)
+        return !path.utf8.contains(where: isUnsafeInPath) && !segments.dropLast().contains(where: \.isEmpty)
             && !segments.contains(where: { $0 == "." || $0 == ".." }) && !["%2e", "%2f", "%5c"].contains(where: lowered.contains)
     }
 
-    /// `/` and RFC 3986's `pchar`: unreserved, `%` (of a percent-encoding), sub-delims, `:` and `@`.
-    private static func isPathByte(_ byte: UInt8) -> Bool {
-        switch byte {
-        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"): true
-        default: "/-._~%!$&'()*+,;=:@".utf8.contains(byte)
-        }
+    /// Controls, the space, DEL, non-ASCII bytes, and `#`, `\`, `"`, `<`, `>` and `` ` ``.
+    private static func isUnsafeInPath(_ byte: UInt8) -> Bool {
+        byte <= 0x20 || byte >= 0x7F || "#\\\"<>`".utf8.contains(byte)
     }
 
     /// Whether the call creates a verification (`POST /verifications`).

@@ -1,0 +1,10 @@
+/// A request path as a log line may show it.
+enum LoggedPath {
+    /// `path` with the segment after `subjects` masked: in Kora's `/subjects/{externalId}/…` it is
+    /// an external id, a service's own name for a person, which logs never carry.
+    static func masking(_ path: String) -> String {
+        var segments = path.split(separator: "/", omittingEmptySubsequences: false)
+        for index in segments.indices.dropFirst() where segments[index - 1] == "subjects" { segments[index] = "{externalId}" }
+        return segments.joined(separator: "/")
+    }
+}
