@@ -490,6 +490,9 @@ struct StoreTests {
         #expect(try await database.write(durable: false, synchronous) == 1)
         #expect(try await database.write(durable: false, synchronous) == 1)
         #expect(try await database.write(synchronous) == 2)
+        // Each setting's statement, prepared once, is run again.
+        #expect(try await database.write(durable: false, synchronous) == 1)
+        #expect(try await database.write(synchronous) == 2)
     }
 
     /// A running PostgreSQL store on `url` (a replica), with what stops it.

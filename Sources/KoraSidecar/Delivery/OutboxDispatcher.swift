@@ -165,8 +165,8 @@ final class OutboxDispatcher: Service, Sendable {
             metrics.bodyUnreadable()
         } else {
             result = await sender.send(job.event, to: service, attempt: job.attempt)
-            // Cut off by the drain time-out: not an attempt (its lease ends; the next start sends it),
-            // unless the service had already taken it.
+            // Cut off by the drain time-out: not an attempt, unless the service had already taken it.
+            // It goes again once its lease ends (at the next start; with PostgreSQL, when it expires).
             if Task.isCancelled, !result.succeeded {
                 breakers[service.name]?.withdrawProbe()
                 logger.notice(
