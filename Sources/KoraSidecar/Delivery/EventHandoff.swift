@@ -127,14 +127,12 @@ struct DirectHandoff: EventHandoff {
     private func admit(_ recipients: [DeliveryService], _ log: Logger.Metadata) throws(SidecarHTTPError) {
         let now = UnixTime.now()
         for (index, service) in recipients.enumerated() {
-            var refusal: String?
-            if case .wait = breakers[service.name]?.permit(now: now) {
-                refusal = "Service \(service.name) is paused after failed deliveries; retry later."
-            } else if let wait = rateLimits[service.name]?.take(now: now), wait > .zero {
-                // Its breaker may have made this call its probe: another may probe.
-                breakers[service.name]?.withdrawProbe()
-                refusal = "Service \(service.name) is over its delivery rate; retry later."
-            }
+            let refusal =
+                switch ServiceHold.check(service.name, breakers: breakers, rateLimits: rateLimits, now: now) {
+                case .paused?: "Service \(service.name) is paused after failed deliveries; retry later."
+                case .overRate?: "Service \(service.name) is over its delivery rate; retry later."
+                case nil: String?.none
+                }
             guard let refusal else { continue }
             for earlier in recipients[..<index] { breakers[earlier.name]?.withdrawProbe() }
             logger.notice("Direct delivery held back", metadata: log.merging(["service": "\(service.name)"]) { $1 })

@@ -139,15 +139,11 @@ final class OutboxDispatcher: Service, Sendable {
     /// limit spent), or nil when it may go now.
     private func holdBack(_ service: DeliveryService) -> Duration? {
         let now = UnixTime.now()
-        if case .wait(let until)? = breakers[service.name]?.permit(now: now) {
-            return .milliseconds(max(until.milliseconds - now.milliseconds, 1))
+        switch ServiceHold.check(service.name, breakers: breakers, rateLimits: rateLimits, now: now) {
+        case .paused(let until)?: return .milliseconds(max(until.milliseconds - now.milliseconds, 1))
+        case .overRate(let wait)?: return wait
+        case nil: return nil
         }
-        if let wait = rateLimits[service.name]?.take(now: now), wait > .zero {
-            // The breaker may have made this worker its probe: it sends nothing, so another may probe.
-            breakers[service.name]?.withdrawProbe()
-            return wait
-        }
-        return nil
     }
 
     /// Delivers `job`, records the attempt and, unless stopping, leases the next due delivery in the

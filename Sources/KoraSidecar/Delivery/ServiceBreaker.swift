@@ -130,6 +130,27 @@ final class ServiceBreaker: Sendable {
     }
 }
 
+/// Why a service takes no attempt now: the one check that `queued` workers and `direct` mode make
+/// before sending.
+enum ServiceHold {
+    /// Its breaker is open, or its probe is out, until then.
+    case paused(until: UnixTime)
+    /// Over `maxPerSecond`: the next token comes after this wait.
+    case overRate(wait: Duration)
+
+    /// What holds `service` back at `now`, or nil when an attempt may go (it then took a rate token,
+    /// and may be the breaker's probe). The breaker is asked first, so a paused service spends no
+    /// token; a probe the rate then holds back is given back, or nobody would ever probe again.
+    static func check(_ service: String, breakers: ServiceBreakers, rateLimits: ServiceRateLimits, now: UnixTime) -> ServiceHold? {
+        if case .wait(let until)? = breakers[service]?.permit(now: now) { return .paused(until: until) }
+        if let wait = rateLimits[service]?.take(now: now), wait > .zero {
+            breakers[service]?.withdrawProbe()
+            return .overRate(wait: wait)
+        }
+        return nil
+    }
+}
+
 /// The breakers of every service that receives events, by name.
 struct ServiceBreakers: Sendable {
     private let byName: [String: ServiceBreaker]
