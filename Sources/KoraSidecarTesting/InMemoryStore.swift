@@ -355,10 +355,10 @@ final class InMemoryStore: SidecarStore {
 
     package func takeOverIdempotencyKey(service: String, key: String, from record: IdempotencyRecord, at: UnixTime) async throws -> Bool {
         try write { state in
-            guard let stored = state.idempotency[service + "\u{0}" + key], stored.state == record.state,
-                stored.updatedAt == record.updatedAt
+            guard let stored = state.idempotency[service + "\u{0}" + key], stored.state == record.state, stored.updatedAt == record.updatedAt
             else { return false }
-            state.idempotency[service + "\u{0}" + key] = IdempotencyRecord(digest: stored.digest, state: .inFlight, createdAt: stored.createdAt, updatedAt: at)
+            state.idempotency[service + "\u{0}" + key]?.state = .inFlight
+            state.idempotency[service + "\u{0}" + key]?.updatedAt = at
             return true
         }
     }

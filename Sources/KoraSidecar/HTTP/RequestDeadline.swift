@@ -44,8 +44,7 @@ final class RequestDeadline: ChannelInboundHandler, RemovableChannelHandler {
             writeTimer?.cancel()
             writeTimer = nil
         } else if writeTimer == nil {
-            let channel = context.channel
-            writeTimer = context.eventLoop.scheduleTask(in: deadline) { channel.close(promise: nil) }
+            writeTimer = closing(context)
         }
         context.fireChannelWritabilityChanged()
     }
@@ -70,8 +69,13 @@ final class RequestDeadline: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func arm(_ context: ChannelHandlerContext) {
+        timer = closing(context)
+    }
+
+    /// Closes the connection once the deadline passes, unless cancelled.
+    private func closing(_ context: ChannelHandlerContext) -> Scheduled<Void> {
         let channel = context.channel
-        timer = context.eventLoop.scheduleTask(in: deadline) { channel.close(promise: nil) }
+        return context.eventLoop.scheduleTask(in: deadline) { channel.close(promise: nil) }
     }
 
     private func disarm() {

@@ -46,30 +46,34 @@ extension KoraProxy {
             case .inFlight, .unknown:
                 // One repeat takes the key over; the others wait for its answer, as for the first call's.
                 let at = UnixTime(milliseconds: max(UnixTime.now().milliseconds, record.updatedAt.milliseconds + 1))
-                guard try await store.takeOverIdempotencyKey(service: caller.name, key: key, from: record, at: at) else {
-                    // Taken over first by another repeat, or gone (erased, expired): claimed again from the start.
-                    guard let current = try await store.idempotencyRecord(service: caller.name, key: key) else {
-                        return try await createOnce(call, caller: caller, key: key)
-                    }
-                    record = current
-                    continue
+                if try await store.takeOverIdempotencyKey(service: caller.name, key: key, from: record, at: at) {
+                    return try await sendAgain(call, caller: caller, key: key, externalID: Self.externalID(in: body), firstSentAt: record.createdAt)
                 }
-                // The first call may have created it: look before creating a second one.
-                let found: CreateAnswer?
-                do {
-                    found = try await createdSince(record.createdAt, externalID: Self.externalID(in: body), caller: caller)
-                } catch {
-                    // Nothing was sent: the next repeat takes the key over at once, not after the wait.
-                    try? await store.settleIdempotencyKey(service: caller.name, key: key, state: .unknown, at: .now())
-                    throw error
+                // Taken over first by another repeat, or gone (erased, expired): claimed again from the start.
+                guard let current = try await store.idempotencyRecord(service: caller.name, key: key) else {
+                    return try await createOnce(call, caller: caller, key: key)
                 }
-                if let found {
-                    try await store.settleIdempotencyKey(service: caller.name, key: key, state: Self.state(of: found), at: .now())
-                    return found
-                }
-                return try await send(call, caller: caller, key: key)
+                record = current
             }
         }
+    }
+
+    /// Sends the create under `key` again, taken over after its outcome was unknown: unless the first
+    /// call, sent at `firstSentAt`, did create the verification of `externalID`.
+    private func sendAgain(
+        _ call: KoraCall, caller: ServiceIdentity.Caller, key: String, externalID: String?, firstSentAt: UnixTime
+    ) async throws -> CreateAnswer {
+        let found: CreateAnswer?
+        do {
+            found = try await createdSince(firstSentAt, externalID: externalID, caller: caller)
+        } catch {
+            // Nothing was sent: the next repeat takes the key over at once, not after the wait.
+            try? await store.settleIdempotencyKey(service: caller.name, key: key, state: .unknown, at: .now())
+            throw error
+        }
+        guard let found else { return try await send(call, caller: caller, key: key) }
+        try await store.settleIdempotencyKey(service: caller.name, key: key, state: Self.state(of: found), at: .now())
+        return found
     }
 
     /// Sends the create and records what became of it under `key`.
@@ -105,18 +109,15 @@ extension KoraProxy {
         }
         // The latest one, unless another service created it through the sidecar (the same person,
         // signing up through two services): taking it would move its events away from that service.
-        var adoptable: (JSONValue, String)?
-        for candidate in created.reversed() {
-            guard let id = candidate["id"]?.text else { continue }
+        for found in created.reversed() {
+            guard let id = found["id"]?.text else { continue }
             if let origin = try await store.origin(ofVerification: id), origin != caller.name { continue }
-            adoptable = (candidate, id)
-            break
+            logger.notice(
+                "Repeated create found the verification the first call created", metadata: ["service": "\(caller.name)", "verification.id": "\(id)"])
+            try? await store.recordOrigin(verificationID: id, service: caller.name, at: .now())
+            return CreateAnswer(status: .created, headers: [:], contentType: "application/json", body: JSONWriter.encode(found), verificationID: id)
         }
-        guard let (found, id) = adoptable else { return nil }
-        logger.notice(
-            "Repeated create found the verification the first call created", metadata: ["service": "\(caller.name)", "verification.id": "\(id)"])
-        try? await store.recordOrigin(verificationID: id, service: caller.name, at: .now())
-        return CreateAnswer(status: .created, headers: [:], contentType: "application/json", body: JSONWriter.encode(found), verificationID: id)
+        return nil
     }
 
     private static func state(of answer: CreateAnswer) -> IdempotencyRecord.State {
