@@ -1,6 +1,7 @@
 import KoraSidecar
 import KoraSidecarCore
 import NIOConcurrencyHelpers
+import Synchronization
 
 /// A ``SidecarStore`` held in memory, for tests that need no file: the same behaviour, no durability.
 final class InMemoryStore: SidecarStore {
@@ -48,6 +49,10 @@ final class InMemoryStore: SidecarStore {
     }
 
     private let state = NIOLockedValueBox(State())
+
+    /// How many times a worker asked when its next delivery is due: it found nothing due and is
+    /// about to wait (tests wait on it to know the dispatcher is idle).
+    let nextDueLooks = Atomic(0)
 
     /// When set, every write fails with this error (fault injection in tests).
     private let failure = NIOLockedValueBox<(any Error)?>(nil)
@@ -153,7 +158,8 @@ final class InMemoryStore: SidecarStore {
     }
 
     package func nextDueTime(service: String, ordered: Bool) async throws -> UnixTime? {
-        state.withLockedValue { state in
+        nextDueLooks.add(1, ordering: .relaxed)
+        return state.withLockedValue { state in
             state.deliveries.values
                 .filter { $0.summary.service == service && $0.summary.status == .pending && !(ordered && state.waitsBehindEarlier($0)) }
                 .compactMap { delivery in delivery.summary.nextAttemptAt.map { max($0, delivery.leaseUntil ?? $0) } }

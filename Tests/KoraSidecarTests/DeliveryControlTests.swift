@@ -240,6 +240,42 @@ struct DeliveryControlTests {
         }
     }
 
+    @Test func workersThatFindNothingDueSpendNoneOfTheRate() async throws {
+        let receiver = Receiver()
+        try await withReceiver(receiver) { (port: Int) async throws in
+            var app = testService("app", target: .url("http://127.0.0.1:\(port)/e"))
+            app.deliver?.maxPerSecond = 3
+            let services = [DeliveryService(name: "app", deliver: app.deliver!)]
+            let store = InMemoryStore()
+            let rateLimits = ServiceRateLimits(services)
+            let client = DeliveryClient()
+            defer { client.shutdown() }
+            let dispatcher = OutboxDispatcher(
+                store: store, sender: EventSender(client: client, reportOnly: false), services: services, policy: RetryPolicy(schedule: [], jitter: 0),
+                concurrency: 1, rateLimits: rateLimits, logger: Logger(label: "test"))
+            let running = Task { try await dispatcher.run() }
+            defer { running.cancel() }
+            /// Rings the worker's bell and waits until it looked, found nothing due, and waits again.
+            func lookWithNothingDue() async throws {
+                let looks = store.nextDueLooks.load(ordering: .relaxed)
+                dispatcher.notify(services: ["app"])
+                try await waitUntil("the worker to find nothing due") { store.nextDueLooks.load(ordering: .relaxed) > looks }
+            }
+            for _ in 0..<3 { try await lookWithNothingDue() }
+            let event = try EventNormalizer.normalize(body: TestEvent.body(), webhookID: nil, receivedAt: .now())
+            _ = try await store.enqueue(event, services: ["app"], at: .now(), dedupSince: .now())
+            dispatcher.notify(services: ["app"])
+            try await waitUntil("the event delivered") { try await store.deliveries(DeliveryQuery(limit: 10)).map(\.status) == [.delivered] }
+            try await lookWithNothingDue()
+            // A second's worth is three tokens. The delivery took one; neither the looks nor the
+            // worker's lease of a next delivery after it (none was due) kept one.
+            let now = UnixTime.now()
+            #expect(rateLimits["app"]?.take(now: now) == .zero)
+            #expect(rateLimits["app"]?.take(now: now) == .zero)
+            #expect(receiver.count == 1)
+        }
+    }
+
     @Test func aDeliveryCutOffByTheDrainTimeOutStaysPendingWithItsAttempts() async throws {
         let gate = Gate()
         let receiver = Receiver { _, _ in

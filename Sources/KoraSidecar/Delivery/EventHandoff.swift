@@ -134,7 +134,7 @@ struct DirectHandoff: EventHandoff {
                 case nil: String?.none
                 }
             guard let refusal else { continue }
-            for earlier in recipients[..<index] { breakers[earlier.name]?.withdrawProbe() }
+            for earlier in recipients[..<index] { ServiceHold.giveBack(earlier.name, breakers: breakers, rateLimits: rateLimits) }
             logger.notice("Direct delivery held back", metadata: log.merging(["service": "\(service.name)"]) { $1 })
             throw .unavailable(refusal)
         }

@@ -119,7 +119,7 @@ final class OutboxDispatcher: Service, Sendable {
                     held = job
                     continue
                 }
-                breakers[service.name]?.withdrawProbe()
+                ServiceHold.giveBack(service.name, breakers: breakers, rateLimits: rateLimits)
                 let wait: Duration =
                     if let next = try await store.nextDueTime(service: service.name, ordered: ordered) {
                         .milliseconds(min(max(next.milliseconds - UnixTime.now().milliseconds, 1), Self.idlePoll.milliseconds))
@@ -128,7 +128,7 @@ final class OutboxDispatcher: Service, Sendable {
                     }
                 await doorbell.wait(after: generation, timeout: wait)
             } catch {
-                breakers[service.name]?.withdrawProbe()
+                ServiceHold.giveBack(service.name, breakers: breakers, rateLimits: rateLimits)
                 logger.error("Outbox unavailable", metadata: ["service": "\(service.name)", "error": "\(error)"])
                 await doorbell.wait(after: generation, timeout: .seconds(1))
             }
@@ -184,8 +184,8 @@ final class OutboxDispatcher: Service, Sendable {
         if job.bodyProblem == nil {
             breakers[service.name]?.record(healthy: !result.serviceFailed, now: .now())
         } else {
-            // Nothing went to the service: it says nothing of its health, and may not hold the probe.
-            breakers[service.name]?.withdrawProbe()
+            // Nothing went to the service: it says nothing of its health, and spent neither probe nor token.
+            ServiceHold.giveBack(service.name, breakers: breakers, rateLimits: rateLimits)
         }
         switch next {
         case .delivered: logger.info("Delivered", metadata: metadata)
@@ -203,8 +203,11 @@ final class OutboxDispatcher: Service, Sendable {
                 try await store.finish(deliveryID: job.deliveryID, attempt: record, next: next)
                 return nil
             }
-            return try await store.finishAndClaimNext(
+            let following = try await store.finishAndClaimNext(
                 deliveryID: job.deliveryID, attempt: record, next: next, service: service.name, now: .now(), lease: lease, ordered: ordered)
+            // Nothing else due: the token taken for it goes back (the breaker was closed: no probe).
+            if following == nil { rateLimits[service.name]?.giveBack() }
+            return following
         } catch {
             logger.error("Could not record a delivery attempt", metadata: metadata.merging(["error": "\(error)"]) { $1 })
             return nil

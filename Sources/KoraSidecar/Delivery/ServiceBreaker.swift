@@ -149,6 +149,14 @@ enum ServiceHold {
         }
         return nil
     }
+
+    /// An attempt ``check(_:breakers:rateLimits:now:)`` let go sends nothing after all (no delivery
+    /// was due, or its body could not be opened): its probe and its rate token are given back, or
+    /// idle workers would spend the service's rate and later events wait for tokens nobody used.
+    static func giveBack(_ service: String, breakers: ServiceBreakers, rateLimits: ServiceRateLimits) {
+        breakers[service]?.withdrawProbe()
+        rateLimits[service]?.giveBack()
+    }
 }
 
 /// The breakers of every service that receives events, by name.

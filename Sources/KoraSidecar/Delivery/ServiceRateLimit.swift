@@ -31,6 +31,11 @@ final class ServiceRateLimit: Sendable {
             return .milliseconds(Int64(((1 - bucket.tokens) / perSecond * 1000).rounded(.up)))
         }
     }
+
+    /// Returns a token that was taken for an attempt that then sent nothing.
+    func giveBack() {
+        bucket.withLockedValue { $0.tokens = min(perSecond, $0.tokens + 1) }
+    }
 }
 
 /// The rate limits of the services that set `deliver.maxPerSecond`, by name.
