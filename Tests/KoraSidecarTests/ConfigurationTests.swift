@@ -146,6 +146,14 @@ struct ConfigurationTests {
         #expect(both.map(\.path) == ["$.webhooks.listen"])
     }
 
+    @Test func allowedHostsAreNamesWithoutSchemeOrPort() throws {
+        let found = problems(
+            #"{"webhooks": {"secrets": ["s"]}, "internal": {"allowedHosts": ["console.example.internal", "http://x", "x:8081", "", 5]}}"#)
+        #expect(found.map(\.path) == ["$.internal.allowedHosts[4]", "$.internal.allowedHosts[1]", "$.internal.allowedHosts[2]", "$.internal.allowedHosts[3]"])
+        let configuration = try load(#"{"webhooks": {"secrets": ["s"]}, "internal": {"allowedHosts": ["Console.Example.Internal"]}}"#)
+        #expect(configuration.internal.allowedHosts == ["console.example.internal"])
+    }
+
     @Test func theEffectiveConfigurationMasksEverySecret() throws {
         let configuration = try load(
             """

@@ -79,6 +79,33 @@ struct OperationsTests {
         }
     }
 
+    @Test func aPageWhoseNameWasReboundToLoopbackReadsNothing() async throws {
+        // DNS rebinding: attacker.example now resolves to 127.0.0.1, so the page's requests are same-origin.
+        var configuration = testConfiguration()
+        configuration.internal.allowedHosts = ["console.example.internal"]
+        var options = SidecarOptions()
+        options.store = InMemoryStore()
+        try await withSidecar(configuration, options: options) { (sidecar: RunningSidecar) async throws in
+            let port = try #require(sidecar.internalPort)
+            let rebound = "attacker.example:\(port)"
+            for (method, path) in [("GET", "/admin/services"), ("GET", "/admin/deliveries?status=delivered"), ("POST", "/admin/deliveries/retry?status=delivered")] {
+                for headers in [[("Host", rebound), ("Sec-Fetch-Site", "same-origin")], [("Host", rebound), ("Origin", "http://" + rebound)]] {
+                    let url = sidecar.internalURL(path)
+                    let answer = method == "GET" ? try await get(url, headers: headers) : try await post(url, body: [], headers: headers)
+                    #expect(answer.status == 403, "\(method) \(path) \(headers)")
+                    #expect(answer.code == "FORBIDDEN")
+                }
+            }
+            // The tunnels' addresses, the operator's own name, and services (no Sec-Fetch-Site, no Origin) by any name.
+            for host in ["127.0.0.1:\(port)", "localhost:\(port)", "[::1]:\(port)", "Console.Example.Internal:\(port)", "localhost"] {
+                let answer = try await get(sidecar.internalURL("/admin/services"), headers: [("Host", host), ("Sec-Fetch-Site", "same-origin")])
+                #expect(answer.status == 200, "\(host)")
+            }
+            let service = try await get(sidecar.internalURL("/admin/services"), headers: [("Host", "kora-sidecar:\(port)"), ("Sec-Fetch-Mode", "cors")])
+            #expect(service.status == 200)
+        }
+    }
+
     @Test func theWebhookListenerSpeaksTLSWhenConfigured() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }

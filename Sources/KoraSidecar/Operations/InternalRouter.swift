@@ -11,6 +11,7 @@ func buildInternalRouter(
 ) -> Router<SidecarRequestContext> {
     let router = Router(context: SidecarRequestContext.self)
     router.add(middleware: ErrorShapeMiddleware())
+    router.add(middleware: BrowserHostMiddleware(allowedHosts: configuration.internal.allowedHosts))
     addHealthRoutes(to: router, configuration: configuration, store: store, readiness: readiness, metrics: metrics, breakers: breakers)
     addConsoleRoutes(to: router)
     let admin = router.group("admin").add(middleware: AdminTokenMiddleware(token: configuration.internal.adminToken))
@@ -101,11 +102,57 @@ struct AdminTokenMiddleware: RouterMiddleware {
     /// other than `same-origin` or `none` (typed by the user), else an `Origin` that is not this
     /// listener's own (`Host`). Another port on the same host is another origin.
     static func isFromAnotherOrigin(_ request: Request) -> Bool {
-        if let site = request.headers[secFetchSite] { return site != "same-origin" && site != "none" }
+        if let site = request.headers[.secFetchSite] { return site != "same-origin" && site != "none" }
         guard let origin = request.headers[.origin] else { return false }
         guard let host = request.head.authority else { return true }
         return origin != "http://" + host && origin != "https://" + host
     }
+}
 
-    private static let secFetchSite = HTTPField.Name("Sec-Fetch-Site")!
+/// Refuses a browser's request whose `Host` is a DNS name the operator did not list in
+/// `internal.allowedHosts`: against DNS rebinding, where a page of `attacker.example` has its name
+/// answered with 127.0.0.1 and then reads the admin API and the proxy as its own origin (its
+/// requests are same-origin, so the admin origin check cannot see them). IP addresses and
+/// `localhost` are what the documented tunnels give, and no DNS answer changes them. Services are
+/// not browsers (they send no `Sec-Fetch-Site` and no `Origin`) and may use any name.
+struct BrowserHostMiddleware: RouterMiddleware {
+    let allowedHosts: Set<String>
+
+    func handle(_ request: Request, context: SidecarRequestContext, next: (Request, SidecarRequestContext) async throws -> Response) async throws -> Response {
+        if request.headers[.secFetchSite] != nil || request.headers[.origin] != nil,
+            !Self.isAllowed(authority: request.head.authority, names: allowedHosts)
+        {
+            throw SidecarHTTPError(
+                .forbidden, code: "FORBIDDEN",
+                message: "A browser may reach this listener only by IP address, localhost or a name in internal.allowedHosts.")
+        }
+        return try await next(request, context)
+    }
+
+    /// Whether `authority` (`host[:port]`) names this machine by an IP address, `localhost` or one
+    /// of `names`.
+    static func isAllowed(authority: String?, names: Set<String>) -> Bool {
+        guard let authority = authority?.lowercased(), !authority.isEmpty else { return false }
+        if authority.hasPrefix("[") { return authority.contains("]") }
+        var host = Substring(authority)
+        if let colon = host.lastIndex(of: ":"), host[host.index(after: colon)...].allSatisfy(\.isDigitByte) {
+            host = host[..<colon]
+        }
+        if host.hasSuffix(".") { host = host.dropLast() }
+        return host == "localhost" || isIPv4(host) || names.contains(String(host))
+    }
+
+    private static func isIPv4(_ host: Substring) -> Bool {
+        let parts = host.split(separator: ".", omittingEmptySubsequences: false)
+        return parts.count == 4 && parts.allSatisfy { $0.count <= 3 && !$0.isEmpty && $0.allSatisfy(\.isDigitByte) && Int($0)! <= 255 }
+    }
+}
+
+extension HTTPField.Name {
+    /// Where a browser says a request comes from (every current browser sends it; other clients do not).
+    fileprivate static let secFetchSite = HTTPField.Name("Sec-Fetch-Site")!
+}
+
+extension Character {
+    fileprivate var isDigitByte: Bool { ("0"..."9").contains(self) }
 }

@@ -214,13 +214,19 @@ extension SidecarConfiguration {
     }
 
     private enum InternalKeys {
-        static let all = Set(["listen", "maxBodyBytes", "adminToken"]).union(ListenerLimitKeys.all)
+        static let all = Set(["listen", "maxBodyBytes", "adminToken", "allowedHosts"]).union(ListenerLimitKeys.all)
     }
 
     private static func readInternal(_ object: ObjectReader) -> InternalConfiguration {
         var configuration = InternalConfiguration()
         configuration.listen = readListen(object, default: configuration.listen)
         configuration.adminToken = object.optionalSecret("adminToken")
+        if let names = object.stringArray("allowedHosts") {
+            for (index, name) in names.enumerated() where !InternalConfiguration.isHostName(name) {
+                object.reader.report("\(object.path("allowedHosts"))[\(index)]", "must be a host name without scheme or port, like console.example.internal")
+            }
+            configuration.allowedHosts = Set(names.map { $0.lowercased() })
+        }
         configuration.limits = readLimits(object, default: configuration.limits)
         return configuration
     }

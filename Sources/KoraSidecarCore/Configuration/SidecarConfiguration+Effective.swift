@@ -38,6 +38,7 @@ extension SidecarConfiguration {
                 [
                     .init("listen", listenJSON(self.internal.listen)),
                     .init("adminToken", masked(self.internal.adminToken)),
+                    .init("allowedHosts", .array(self.internal.allowedHosts.sorted().map { .string($0) })),
                 ] + limitsJSON(self.internal.limits)),
             "metrics": metrics.listen.map { listen in .object([.init("listen", listenJSON(listen))] + limitsJSON(metrics.limits)) } ?? .null,
             "services": .array(services.map(serviceJSON)),

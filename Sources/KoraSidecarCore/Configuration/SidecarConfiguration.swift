@@ -113,9 +113,18 @@ package struct WebhookConfiguration: Sendable {
 package struct InternalConfiguration: Sendable {
     package var listen = ListenAddress.tcp(host: "127.0.0.1", port: 8081)
     package var adminToken: Secret?
+    /// Host names a browser may use for this listener besides IP addresses and `localhost`
+    /// (lowercase): a name the operator chose, not one any DNS answer can point here.
+    package var allowedHosts: Set<String> = []
     package var limits = ListenerLimits(maxBodyBytes: 26_214_400)
 
     init() {}
+
+    /// Letters, digits, hyphens and dots: a DNS name, with no scheme, port or path.
+    static func isHostName(_ name: String) -> Bool {
+        !name.isEmpty && name.utf8.count <= 253
+            && name.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2D || $0 == 0x2E }
+    }
 }
 
 /// The optional metrics listener (`metrics`): `/metrics`, `/healthz` and `/readyz` only, so that
