@@ -1,3 +1,4 @@
+import AsyncHTTPClient
 import Foundation
 import Testing
 
@@ -94,6 +95,31 @@ struct ConfigurationTests {
         #expect(missing == [.init(path: "$.webhooks.secrets[0]", reason: "secret file \(directory)/absent cannot be read")])
         #expect(!problems(#"{"webhooks": {"secrets": [{"env": "A", "file": "/b"}]}}"#).isEmpty)
         #expect(!problems(#"{"webhooks": {"secrets": [{"vault": "x"}]}}"#).isEmpty)
+    }
+
+    @Test func aSecretEndsAtItsLastLineBreakAndHoldsNoOtherControlCharacter() throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        try "whsec_from_file\r\n".write(toFile: directory + "/secret", atomically: true, encoding: .utf8)
+        var environment = self.environment
+        environment["KEY"] = "live_key_value\n"
+        let configuration = try load(
+            #"{"kora": {"apiKey": {"env": "KEY"}}, "webhooks": {"secrets": [{"file": "\#(directory)/secret"}]}}"#, environment: environment)
+        #expect(configuration.kora.apiKey?.value == "live_key_value")
+        #expect(configuration.webhooks.secrets.map(\.value) == ["whsec_from_file"])
+        environment["KEY"] = "live_key\nvalue"
+        let found = problems(#"{"kora": {"apiKey": {"env": "KEY"}}, "webhooks": {"secrets": ["whsec_\u0007"]}}"#, environment: environment)
+        #expect(
+            found == [
+                .init(path: "$.webhooks.secrets[0]", reason: "the value holds a control character (a line break or tab inside it?); remove it"),
+                .init(path: "$.kora.apiKey", reason: "environment variable KEY holds a control character (a line break or tab inside it?); remove it"),
+            ])
+        #expect(!found.description.contains("live_key"))
+    }
+
+    @Test func theHTTPClientsErrorIsDescribedWithoutTheHeaderValuesItQuotes() {
+        let error = HTTPClientError.invalidHeaderFieldValues(["Bearer live_key_value"])
+        #expect(!HTTPClientFailure.describe(error).contains("live_key_value"))
     }
 
     @Test func secretsCanBeLeftUnreadForStoreOnlyCommands() throws {

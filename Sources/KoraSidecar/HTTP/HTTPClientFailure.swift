@@ -45,7 +45,8 @@ package enum HTTPClientFailure: Equatable {
         case let error as HTTPClientError where error == .deadlineExceeded || error == .readTimeout: "timed out"
         case let error as HTTPClientError where error == .connectTimeout: "connect timed out"
         case let error as HTTPClientError where error == .remoteConnectionClosed: "connection closed by the other side"
-        case let error as HTTPClientError: "HTTP client error: \(error)"
+        // Its short description: the full one quotes the request's header values, the API key among them.
+        case let error as HTTPClientError: "HTTP client error: \(error.shortDescription)"
         case let error as DeliveryClientError: error.description
         case is CancellationError: "cancelled before the answer"
         case ChannelError.connectTimeout(_): "connect timed out"

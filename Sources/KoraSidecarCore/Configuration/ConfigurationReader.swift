@@ -49,7 +49,7 @@ final class ConfigurationReader {
                 report(path, "must not be empty")
                 return nil
             }
-            return Secret(literal, source: .literal)
+            return usable(Secret(literal, source: .literal), at: path)
         case .object:
             let object = self.object(value, at: path, keys: ["env", "file"])
             let name = object.optionalString("env")
@@ -60,23 +60,23 @@ final class ConfigurationReader {
             case (nil, let file?) where !resolvesSecrets:
                 return Secret("", source: .file(file))
             case (let name?, nil):
-                guard let resolved = environment[name], !resolved.isEmpty else {
+                // A trailing line break is how `echo` and `kubectl create secret --from-file` leave it, as with files.
+                guard let resolved = environment[name].map(Self.withoutTrailingLineBreaks), !resolved.isEmpty else {
                     report(path, "environment variable \(name) is not set")
                     return nil
                 }
-                return Secret(resolved, source: .environment(name))
+                return usable(Secret(resolved, source: .environment(name)), at: path)
             case (nil, let file?):
                 guard let data = FileManager.default.contents(atPath: file) else {
                     report(path, "secret file \(file) cannot be read")
                     return nil
                 }
-                var text = String(decoding: data, as: UTF8.self)
-                while text.hasSuffix("\n") || text.hasSuffix("\r") { text.removeLast() }
+                let text = Self.withoutTrailingLineBreaks(String(decoding: data, as: UTF8.self))
                 guard !text.isEmpty else {
                     report(path, "secret file \(file) is empty")
                     return nil
                 }
-                return Secret(text, source: .file(file))
+                return usable(Secret(text, source: .file(file)), at: path)
             case (.some, .some):
                 report(path, "give either \"env\" or \"file\", not both")
                 return nil
@@ -88,6 +88,27 @@ final class ConfigurationReader {
             report(path, "must be {\"env\": \"NAME\"}, {\"file\": \"/path\"} or a string, not \(value.kindName)")
             return nil
         }
+    }
+
+    /// `secret`, unless it holds a control character: a key or token goes into a header, where the
+    /// HTTP client would refuse it with an error that quotes it; the problem names where it came
+    /// from, never the value.
+    private func usable(_ secret: Secret, at path: String) -> Secret? {
+        guard secret.value.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) else { return secret }
+        let origin =
+            switch secret.source {
+            case .literal: "the value"
+            case .environment(let name): "environment variable \(name)"
+            case .file(let file): "secret file \(file)"
+            }
+        report(path, "\(origin) holds a control character (a line break or tab inside it?); remove it")
+        return nil
+    }
+
+    private static func withoutTrailingLineBreaks(_ text: String) -> String {
+        var scalars = text.unicodeScalars[...]
+        while let last = scalars.last, last == "\n" || last == "\r" { scalars.removeLast() }
+        return String(scalars)
     }
 }
 
