@@ -232,7 +232,7 @@ final class InMemoryStore: SidecarStore {
             delivery.summary.status = .pending
             delivery.summary.nextAttemptAt = at
             delivery.summary.updatedAt = at
-            delivery.leaseUntil = nil
+            delivery.leaseUntil = delivery.leaseUntil.flatMap { $0 > at ? $0 : nil }
             state.deliveries[id] = delivery
             return true
         }
@@ -247,10 +247,12 @@ final class InMemoryStore: SidecarStore {
         guard !dryRun else { return count }
         try write { state in
             for id in selected {
-                state.deliveries[id]?.summary.status = .pending
-                state.deliveries[id]?.summary.nextAttemptAt = at
-                state.deliveries[id]?.summary.updatedAt = at
-                state.deliveries[id]?.leaseUntil = nil
+                guard var delivery = state.deliveries[id] else { continue }
+                delivery.summary.status = .pending
+                delivery.summary.nextAttemptAt = at
+                delivery.summary.updatedAt = at
+                delivery.leaseUntil = delivery.leaseUntil.flatMap { $0 > at ? $0 : nil }
+                state.deliveries[id] = delivery
             }
         }
         return count

@@ -199,6 +199,21 @@ struct StoreTests {
     }
 
     @Test(arguments: Kind.allCases)
+    func aRetryOfADeliveryBeingSentLeavesItWithItsWorker(kind: Kind) async throws {
+        let (store, cleanup) = try await makeStore(kind)
+        defer { cleanup() }
+        for id in ["e0", "e1"] { _ = try await store.enqueue(event(id), services: ["a"], at: t0, dedupSince: at(-1000)) }
+        let held = try await store.claimDue(service: "a", now: at(1), limit: 2, lease: .seconds(30))
+        #expect(held.count == 2)
+        // An operator retries one, then every pending delivery, while a worker is sending them.
+        #expect(try await store.requeue(id: held[0].deliveryID, at: at(2)))
+        #expect(try await store.requeue(DeliveryFilter(statuses: [.pending]), at: at(2), dryRun: false).selected == 2)
+        #expect(try await store.claimDue(service: "a", now: at(3), limit: 10, lease: .seconds(30)).isEmpty)
+        // A lease that has ended is no obstacle: both are due again after it.
+        #expect(try await store.claimDue(service: "a", now: at(31), limit: 10, lease: .seconds(30)).count == 2)
+    }
+
+    @Test(arguments: Kind.allCases)
     func claimLeasesDueDeliveriesOldestFirst(kind: Kind) async throws {
         let (store, cleanup) = try await makeStore(kind)
         defer { cleanup() }

@@ -436,8 +436,8 @@ final class PostgresStore: SidecarStore, Service {
     package func requeue(id: Int64, at: UnixTime) async throws -> Bool {
         try await !rows(
             """
-            UPDATE kora_deliveries d SET status = 'pending', next_attempt_at = \(at.milliseconds), lease_until = NULL,
-                updated_at = \(at.milliseconds)
+            UPDATE kora_deliveries d SET status = 'pending', next_attempt_at = \(at.milliseconds),
+                lease_until = CASE WHEN d.lease_until > \(at.milliseconds) THEN d.lease_until END, updated_at = \(at.milliseconds)
             FROM kora_events e
             WHERE d.id = \(id) AND d.status != 'delivered' AND e.id = d.event_row AND e.body_state = 'kept' RETURNING d.id
             """
@@ -456,7 +456,8 @@ final class PostgresStore: SidecarStore, Service {
             : Self.selecting(
                 filter,
                 prefix: """
-                    UPDATE kora_deliveries SET status = 'pending', next_attempt_at = \(time), lease_until = NULL, updated_at = \(time)
+                    UPDATE kora_deliveries SET status = 'pending', next_attempt_at = \(time),
+                        lease_until = CASE WHEN lease_until > \(time) THEN lease_until END, updated_at = \(time)
                     WHERE id IN (\(select)
                     """,
                 suffix: "AND e.body_state = 'kept') RETURNING id")

@@ -393,14 +393,21 @@ final class SQLiteStore: SidecarStore {
         return payload
     }
 
+    /// The assignment that ends a delivery's lease for a retry at `time`, unless a worker holds it
+    /// now: a delivery being sent stays with that worker, or another one would send it at the same
+    /// time (the attempt's outcome then decides what follows).
+    static func leaseEndedBy(_ time: String) -> String {
+        "lease_until = CASE WHEN lease_until > \(time) THEN lease_until END"
+    }
+
     package func requeue(id: Int64, at: UnixTime) async throws -> Bool {
         try await database.write { db in
             try db.query(
                 """
-                UPDATE deliveries SET status = 'pending', next_attempt_at = ?, lease_until = NULL, updated_at = ?
-                WHERE id = ? AND status != 'delivered' AND (SELECT body_state FROM events WHERE id = deliveries.event_row) = 'kept'
+                UPDATE deliveries SET status = 'pending', next_attempt_at = ?1, \(Self.leaseEndedBy("?1")), updated_at = ?1
+                WHERE id = ?2 AND status != 'delivered' AND (SELECT body_state FROM events WHERE id = deliveries.event_row) = 'kept'
                 """,
-                [.integer(at.milliseconds), .integer(at.milliseconds), .integer(id)])
+                [.integer(at.milliseconds), .integer(id)])
             return db.changes > 0
         }
     }
@@ -417,8 +424,8 @@ final class SQLiteStore: SidecarStore {
         return try await database.write { db in
             let bodyGone = Int(try db.query(gone, values).first?.int(0) ?? 0)
             try db.query(
-                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, lease_until = NULL, updated_at = ? WHERE id IN (\(selection))",
-                [.integer(at.milliseconds), .integer(at.milliseconds)] + values)
+                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, \(Self.leaseEndedBy("next_attempt_at")), updated_at = next_attempt_at WHERE id IN (\(selection))",
+                [.integer(at.milliseconds)] + values)
             return RequeueCount(selected: db.changes, bodyGone: bodyGone)
         }
     }
