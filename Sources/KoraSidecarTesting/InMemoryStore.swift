@@ -287,7 +287,7 @@ final class InMemoryStore: SidecarStore {
             let events = (state.deliveries.values.map(\.event) + state.unrouted.values.map(\.event)).filter {
                 state.bodyGone[$0.id] == nil && seen.insert($0.id).inserted
             }
-            return events.map { KeptBody(owner: .event(verificationID: $0.verificationID), body: $0.normalizedBody) }
+            return events.map { KeptBody(owner: .event(id: $0.id, verificationID: $0.verificationID), body: $0.normalizedBody) }
         }
         return (bodies, 1)
     }
@@ -296,13 +296,15 @@ final class InMemoryStore: SidecarStore {
         state.withLockedValue { $0.quarantine.map { KeptBody(owner: .quarantine($0.id), body: $0.body) } }
     }
 
-    package func erase(verificationIDs: [String], quarantineIDs: [Int64], mentions: [[UInt8]]) async throws -> ErasureReport {
+    package func erase(verificationIDs: [String], eventIDs: [String], quarantineIDs: [Int64], mentions: [[UInt8]]) async throws -> ErasureReport {
         try write { state in
             var report = ErasureReport(verificationIDs: verificationIDs)
             let ids = Set(verificationIDs)
-            let deliveries = state.deliveries.filter { $0.value.event.verificationID.map(ids.contains) ?? false }
+            let eventIDs = Set(eventIDs)
+            let erased = { (event: KoraEvent) in event.verificationID.map(ids.contains) ?? eventIDs.contains(event.id) }
+            let deliveries = state.deliveries.filter { erased($0.value.event) }
             for id in deliveries.keys { state.deliveries[id] = nil }
-            let unrouted = state.unrouted.filter { $0.value.event.verificationID.map(ids.contains) ?? false }
+            let unrouted = state.unrouted.filter { erased($0.value.event) }
             for row in unrouted.keys { state.unrouted[row] = nil }
             report.deliveries = deliveries.count
             report.events = Set(deliveries.values.map(\.event.id)).count + unrouted.count

@@ -183,6 +183,12 @@ struct DataProtectionTests {
             _ = try await store.enqueue(try event("e1", verification: "ver_A", marker: "person-x"), services: ["a"], at: t0, dedupSince: at(-1))
             _ = try await store.enqueue(try event("e2", verification: "ver_A", marker: "person-x"), services: [], at: t0, dedupSince: at(-1))
             _ = try await store.enqueue(try event("e3", verification: "ver_B", marker: "person-y"), services: ["a"], at: t0, dedupSince: at(-1))
+            // A fraud alert about the person and no verification: found by the person's id alone.
+            let alert = try EventNormalizer.normalize(
+                body: Array(#"{"id":"e4","type":"fraud_alert.created","data":{"alertId":"fa_1","externalId":"person-x","description":"d"}}"#.utf8),
+                webhookID: nil, receivedAt: .now())
+            #expect(alert.verificationID == nil)
+            _ = try await store.enqueue(alert, services: ["a"], at: t0, dedupSince: at(-1))
             try await store.quarantine(
                 QuarantinedPayload(receivedAt: t0, reason: "r", body: Array(#"["person-x"]"#.utf8), headers: [:], signatureVerified: true))
             try await store.quarantine(
@@ -199,7 +205,7 @@ struct DataProtectionTests {
 
             let report = try await OperatorActions.erase(.externalID("person-x"), store: store, logger: logs.logger())
             #expect(report.verificationIDs == ["ver_A"])
-            #expect([report.events, report.deliveries, report.quarantined, report.origins, report.idempotencyKeys] == [2, 1, 1, 1, 2] as [Int])
+            #expect([report.events, report.deliveries, report.quarantined, report.origins, report.idempotencyKeys] == [3, 2, 1, 1, 2] as [Int])
             #expect(try await store.deliveries(status: nil, limit: 10).map(\.eventID) == ["e3"])
             #expect(try await store.unroutedCount() == 0)
             #expect(try await store.quarantined(limit: 10).count == 1)

@@ -49,19 +49,21 @@ package enum OperatorActions {
         return .object(members)
     }
 
-    /// The verifications whose kept events name `externalID`, read a page at a time.
-    private static func verifications(of externalID: String, in store: any SidecarStore) async throws -> [String] {
-        var found = Set<String>()
+    /// The verifications whose kept events name `externalID`, and the events that name it but are
+    /// about no verification (a fraud alert may carry only the person's id), read a page at a time.
+    private static func subjects(of externalID: String, in store: any SidecarStore) async throws -> (verificationIDs: [String], eventIDs: [String]) {
+        var verifications = Set<String>()
+        var events = Set<String>()
         var after: Int64 = 0
         while true {
             let page = try await store.keptEvents(after: after, limit: 500)
             for body in page.bodies {
-                guard case .event(let verificationID?) = body.owner, let json = try? JSONParser.parse(body.body) else { continue }
-                if [json["verification"]?["externalId"], json["fraudAlert"]?["externalId"]].contains(where: { $0?.text == externalID }) {
-                    found.insert(verificationID)
-                }
+                guard case .event(let eventID, let verificationID) = body.owner, let json = try? JSONParser.parse(body.body),
+                    [json["verification"]?["externalId"], json["fraudAlert"]?["externalId"]].contains(where: { $0?.text == externalID })
+                else { continue }
+                if let verificationID { verifications.insert(verificationID) } else { events.insert(eventID) }
             }
-            guard let last = page.last else { return found.sorted() }
+            guard let last = page.last else { return (verifications.sorted(), events.sorted()) }
             after = last
         }
     }
@@ -77,13 +79,14 @@ package enum OperatorActions {
     /// names the verifications, never the data (an external id is data: it is not logged).
     static func erase(_ subject: ErasureSubject, store: any SidecarStore, logger: Logger) async throws -> ErasureReport {
         let verificationIDs: [String]
+        var eventIDs: [String] = []
         let mention: [UInt8]
         switch subject {
         case .verification(let id):
             verificationIDs = [id]
             mention = JSONWriter.encode(.string(id))
         case .externalID(let externalID):
-            verificationIDs = try await verifications(of: externalID, in: store)
+            (verificationIDs, eventIDs) = try await subjects(of: externalID, in: store)
             mention = JSONWriter.encode(.string(externalID))
         }
         // Quarantined payloads could not be parsed, and idempotency records hold Kora's answer:
@@ -93,7 +96,7 @@ package enum OperatorActions {
             guard case .quarantine(let id) = body.owner, mentions.contains(where: { body.body.firstRange(of: $0) != nil }) else { return nil }
             return id
         }
-        let report = try await store.erase(verificationIDs: verificationIDs, quarantineIDs: quarantineIDs, mentions: mentions)
+        let report = try await store.erase(verificationIDs: verificationIDs, eventIDs: eventIDs, quarantineIDs: quarantineIDs, mentions: mentions)
         logger.notice(
             "Erased stored data",
             metadata: [

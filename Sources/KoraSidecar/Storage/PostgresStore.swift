@@ -497,7 +497,7 @@ final class PostgresStore: SidecarStore, Service {
             "SELECT e.id, NULL, \(unescaped: Self.eventColumns) FROM kora_events e WHERE e.id > \(after) AND e.body_state = 'kept' ORDER BY e.id LIMIT \(limit)")
         let bodies = try rows.compactMap { row -> KeptBody? in
             let (event, problem) = try self.event(row, from: 2)
-            return problem == nil ? KeptBody(owner: .event(verificationID: event.verificationID), body: event.normalizedBody) : nil
+            return problem == nil ? KeptBody(owner: .event(id: event.id, verificationID: event.verificationID), body: event.normalizedBody) : nil
         }
         return (bodies, try rows.last.map { try $0.makeRandomAccess()[0].decode(Int64.self) })
     }
@@ -507,15 +507,22 @@ final class PostgresStore: SidecarStore, Service {
             .filter { $0.bodyProblem == nil }.map { KeptBody(owner: .quarantine($0.id), body: $0.body) }
     }
 
-    package func erase(verificationIDs: [String], quarantineIDs: [Int64], mentions: [[UInt8]]) async throws -> ErasureReport {
+    package func erase(verificationIDs: [String], eventIDs: [String], quarantineIDs: [Int64], mentions: [[UInt8]]) async throws -> ErasureReport {
         try await inTransaction { connection in
             var report = ErasureReport(verificationIDs: verificationIDs)
             func count(_ query: PostgresQuery) async throws -> Int { try await connection.query(query, logger: self.logger).collect().count }
+            // The events about the verifications, and those about none that were named by their id.
+            let rows = try await connection.query(
+                """
+                SELECT id FROM kora_events WHERE verification_id = ANY(\(verificationIDs)::text[])
+                    OR (verification_id IS NULL AND event_id = ANY(\(eventIDs)::text[]))
+                FOR UPDATE
+                """, logger: self.logger
+            ).collect().map { try $0.decode(Int64.self) }
             _ = try await count(
-                "DELETE FROM kora_attempts WHERE delivery_id IN (SELECT id FROM kora_deliveries WHERE event_row IN (SELECT id FROM kora_events WHERE verification_id = ANY(\(verificationIDs)::text[]))) RETURNING 1")
-            report.deliveries = try await count(
-                "DELETE FROM kora_deliveries WHERE event_row IN (SELECT id FROM kora_events WHERE verification_id = ANY(\(verificationIDs)::text[])) RETURNING 1")
-            report.events = try await count("DELETE FROM kora_events WHERE verification_id = ANY(\(verificationIDs)::text[]) RETURNING 1")
+                "DELETE FROM kora_attempts WHERE delivery_id IN (SELECT id FROM kora_deliveries WHERE event_row = ANY(\(rows)::bigint[])) RETURNING 1")
+            report.deliveries = try await count("DELETE FROM kora_deliveries WHERE event_row = ANY(\(rows)::bigint[]) RETURNING 1")
+            report.events = try await count("DELETE FROM kora_events WHERE id = ANY(\(rows)::bigint[]) RETURNING 1")
             report.origins = try await count(
                 "DELETE FROM kora_verification_origins WHERE verification_id = ANY(\(verificationIDs)::text[]) RETURNING 1")
             // Kora's answer to a create names the verification and the person.

@@ -462,7 +462,7 @@ final class SQLiteStore: SidecarStore {
                 [.integer(after), .int(limit)])
             let bodies = rows.compactMap { row -> KeptBody? in
                 let (event, problem) = self.event(row, from: 1)
-                return problem == nil ? KeptBody(owner: .event(verificationID: event.verificationID), body: event.normalizedBody) : nil
+                return problem == nil ? KeptBody(owner: .event(id: event.id, verificationID: event.verificationID), body: event.normalizedBody) : nil
             }
             return (bodies, rows.last?.int(0))
         }
@@ -474,18 +474,25 @@ final class SQLiteStore: SidecarStore {
         }
     }
 
-    package func erase(verificationIDs: [String], quarantineIDs: [Int64], mentions: [[UInt8]]) async throws -> ErasureReport {
+    package func erase(verificationIDs: [String], eventIDs: [String], quarantineIDs: [Int64], mentions: [[UInt8]]) async throws -> ErasureReport {
         try await database.write { db in
             var report = ErasureReport(verificationIDs: verificationIDs)
-            for id in verificationIDs {
-                let rows = "SELECT id FROM events WHERE verification_id = ?"
-                try db.query("DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_row IN (\(rows)))", [.text(id)])
-                try db.query("DELETE FROM deliveries WHERE event_row IN (\(rows))", [.text(id)])
+            /// Deletes the events `condition` selects (with `value`), their deliveries and attempts.
+            func deleteEvents(where condition: String, _ value: String) throws {
+                let rows = "SELECT id FROM events WHERE \(condition)"
+                try db.query("DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_row IN (\(rows)))", [.text(value)])
+                try db.query("DELETE FROM deliveries WHERE event_row IN (\(rows))", [.text(value)])
                 report.deliveries += db.changes
-                try db.query("DELETE FROM events WHERE verification_id = ?", [.text(id)])
+                try db.query("DELETE FROM events WHERE \(condition)", [.text(value)])
                 report.events += db.changes
+            }
+            for id in verificationIDs {
+                try deleteEvents(where: "verification_id = ?", id)
                 try db.query("DELETE FROM verification_origins WHERE verification_id = ?", [.text(id)])
                 report.origins += db.changes
+            }
+            for id in eventIDs {
+                try deleteEvents(where: "event_id = ? AND verification_id IS NULL", id)
             }
             // Kora's answer to a create names the verification and the person.
             for mention in mentions {

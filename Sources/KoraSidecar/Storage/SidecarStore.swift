@@ -75,10 +75,11 @@ package protocol SidecarStore: Sendable {
     /// Every kept quarantined payload, opened.
     func keptQuarantined() async throws -> [KeptBody]
     /// In one transaction, deletes everything stored about `verificationIDs` (events and their
-    /// deliveries and attempts, origin records), the quarantined payloads `quarantineIDs`, and the
-    /// idempotency records whose stored answer contains one of `mentions`. De-duplication ids
-    /// stay, so that Kora's retry of an erased event is not stored again.
-    func erase(verificationIDs: [String], quarantineIDs: [Int64], mentions: [[UInt8]]) async throws -> ErasureReport
+    /// deliveries and attempts, origin records), the events `eventIDs` that are about no
+    /// verification (a fraud alert, say) with their deliveries and attempts, the quarantined payloads
+    /// `quarantineIDs`, and the idempotency records whose stored answer contains one of `mentions`.
+    /// De-duplication ids stay, so that Kora's retry of an erased event is not stored again.
+    func erase(verificationIDs: [String], eventIDs: [String], quarantineIDs: [Int64], mentions: [[UInt8]]) async throws -> ErasureReport
     /// Seals again, with the first key, up to 200 kept event bodies sealed under another key (or
     /// none) after event row `after`, in one transaction; returns what it did and the last row it
     /// looked at (nil: none left).
@@ -250,8 +251,8 @@ package struct RequeueCount: Sendable, Equatable {
 /// A body the store still keeps, opened, and what it belongs to.
 package struct KeptBody: Sendable {
     package enum Owner: Sendable, Equatable {
-        /// An event (its normalised body), about a verification or none.
-        case event(verificationID: String?)
+        /// An event (its normalised body), by its id, about a verification or none.
+        case event(id: String, verificationID: String?)
         /// A quarantined payload, by its row.
         case quarantine(Int64)
     }
