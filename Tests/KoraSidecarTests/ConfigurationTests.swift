@@ -328,6 +328,20 @@ struct ConfigurationTests {
         #expect(DurationText.parse(text) == nil)
     }
 
+    @Test func timesAreReadInEveryRFC3339Form() {
+        let noon = UnixTime(milliseconds: 1_764_504_000_000)  // 2025-11-30T12:00:00Z
+        for text in ["2025-11-30T12:00:00Z", "2025-11-30t12:00:00z", "2025-11-30 12:00:00Z", "2025-11-30T13:00:00+01:00", "2025-11-30T10:30:00-01:30"] {
+            #expect(UnixTime.parse(text, now: noon) == noon, "\(text)")
+        }
+        for text in ["2025-11-30T12:00:00.250Z", "2025-11-30T12:00:00.25Z", "2025-11-30T12:00:00.250999+00:00"] {
+            #expect(UnixTime.parse(text, now: noon)?.milliseconds == noon.milliseconds + 250, "\(text)")
+        }
+        #expect(UnixTime.parse("2025-11-30", now: noon) == UnixTime(milliseconds: noon.milliseconds - 12 * 3_600_000))
+        for text in ["2025-11-30T12:00:00", "2025-11-30T12:00:00.Z", "2025-11-30T12:00:00+1", "2025-11-30T12:00:00+01:00Z", "2025-11-30T12:00:00ZZ", "2025-11-30T25:00:00Z"] {
+            #expect(UnixTime.parse(text, now: noon) == nil, "\(text)")
+        }
+    }
+
     @Test func eventFiltersMatchFamiliesAndNames() {
         let filter = EventFilter(["verification.*", "fraud_alert.created"])
         #expect(filter.matches("verification.completed"))

@@ -99,13 +99,18 @@ extension KoraProxy {
         let path = "/subjects/" + externalID.percentEncodingAllButUnreserved + "/verifications"
         let call = KoraCall(method: .get, path: path, query: nil, headers: [:], body: ByteBuffer())
         let response = try await client.send(call, service: caller.name)
-        guard response.status.code == 200, let list = try? JSONParser.parse(Array((try await response.body.collect(upTo: 1 << 20)).readableBytesView))
-        else { return nil }
-        guard case .array(let verifications)? = list["verifications"] ?? list["data"] else { return nil }
+        // No such person at Kora: nothing was created. Any answer that does not say what Kora holds
+        // is no reason to create a second time: the caller retries later.
+        if response.status.code == 404 { return nil }
+        let unreadable = SidecarHTTPError.unavailable("Kora's list of the person's verifications could not be read; retry later.")
+        guard response.status.code == 200, let list = try? JSONParser.parse(Array((try await response.body.collect(upTo: 1 << 20)).readableBytesView)),
+            case .array(let verifications)? = list["verifications"] ?? list["data"]
+        else { throw unreadable }
         let earliest = since.milliseconds - 60_000
-        let created = verifications.filter { verification in
-            guard let text = verification["createdAt"]?.text, let at = UnixTime.parse(text, now: .now()) else { return false }
-            return at.milliseconds >= earliest
+        var created: [JSONValue] = []
+        for verification in verifications {
+            guard let text = verification["createdAt"]?.text, let at = UnixTime.parse(text, now: .now()) else { throw unreadable }
+            if at.milliseconds >= earliest { created.append(verification) }
         }
         // The latest one, unless another service created it through the sidecar (the same person,
         // signing up through two services): taking it would move its events away from that service.

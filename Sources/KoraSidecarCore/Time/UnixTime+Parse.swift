@@ -7,14 +7,15 @@ import Darwin
 #endif
 
 extension UnixTime {
-    /// A time as an operator writes it on a command line or in a query: an ISO 8601 date or UTC
-    /// time (`2026-11-30`, `2026-11-30T09:15:00Z`, `…T09:15:00.250Z`), or a duration before `now`
-    /// (`90m`, `24h`, `7d`).
+    /// A time as an operator writes it on a command line or in a query, or as an API states one: an
+    /// ISO 8601 date (`2026-11-30`) or an RFC 3339 time (`2026-11-30T09:15:00Z`, `…T09:15:00.250Z`,
+    /// `…T10:15:00.123456+01:00`: any fraction, read to the millisecond; any offset), or a duration
+    /// before `now` (`90m`, `24h`, `7d`).
     package static func parse(_ text: String, now: UnixTime) -> UnixTime? {
         if let duration = DurationText.parse(text) { return UnixTime(milliseconds: now.milliseconds - duration.milliseconds) }
         let bytes = Array(text.utf8)
         func number(_ range: Range<Int>) -> Int32? {
-            guard range.upperBound <= bytes.count, bytes[range].allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else { return nil }
+            guard range.upperBound <= bytes.count, bytes[range].allSatisfy(isDigit) else { return nil }
             return Int32(String(decoding: bytes[range], as: UTF8.self))
         }
         guard bytes.count >= 10, bytes[4] == UInt8(ascii: "-"), bytes[7] == UInt8(ascii: "-"),
@@ -25,20 +26,39 @@ extension UnixTime {
         fields.tm_mon = month - 1
         fields.tm_mday = day
         var milliseconds: Int64 = 0
+        var offsetSeconds: Int64 = 0
         if bytes.count > 10 {
-            guard bytes.count >= 20, bytes[10] == UInt8(ascii: "T"), bytes[13] == UInt8(ascii: ":"), bytes[16] == UInt8(ascii: ":"),
-                bytes.last == UInt8(ascii: "Z"), let hour = number(11..<13), let minute = number(14..<16), let second = number(17..<19),
-                hour < 24, minute < 60, second < 61
+            guard bytes.count >= 20, [UInt8(ascii: "T"), UInt8(ascii: "t"), UInt8(ascii: " ")].contains(bytes[10]),
+                bytes[13] == UInt8(ascii: ":"), bytes[16] == UInt8(ascii: ":"),
+                let hour = number(11..<13), let minute = number(14..<16), let second = number(17..<19), hour < 24, minute < 60, second < 61
             else { return nil }
             fields.tm_hour = hour
             fields.tm_min = minute
             fields.tm_sec = second
-            if bytes.count > 20 {
-                guard bytes[19] == UInt8(ascii: "."), bytes.count <= 24, let fraction = number(20..<(bytes.count - 1)) else { return nil }
-                milliseconds = Int64(fraction) * [1, 100, 10, 1][bytes.count - 21]
+            var index = 19
+            if bytes[index] == UInt8(ascii: ".") {
+                let digits = bytes[(index + 1)...].prefix(while: isDigit)
+                guard !digits.isEmpty else { return nil }
+                // The first three digits are the milliseconds; finer ones are dropped.
+                for (place, digit) in digits.prefix(3).enumerated() { milliseconds += Int64(digit - 0x30) * [100, 10, 1][place] }
+                index += 1 + digits.count
+            }
+            guard index < bytes.count else { return nil }
+            switch bytes[index] {
+            case UInt8(ascii: "Z"), UInt8(ascii: "z"):
+                guard index + 1 == bytes.count else { return nil }
+            case UInt8(ascii: "+"), UInt8(ascii: "-"):
+                guard bytes.count == index + 6, bytes[index + 3] == UInt8(ascii: ":"), let hours = number((index + 1)..<(index + 3)),
+                    let minutes = number((index + 4)..<(index + 6)), hours < 24, minutes < 60
+                else { return nil }
+                offsetSeconds = Int64(hours * 3600 + minutes * 60) * (bytes[index] == UInt8(ascii: "-") ? -1 : 1)
+            default:
+                return nil
             }
         }
-        let seconds = timegm(&fields)
-        return UnixTime(milliseconds: Int64(seconds) * 1000 + milliseconds)
+        let seconds = Int64(timegm(&fields)) - offsetSeconds
+        return UnixTime(milliseconds: seconds * 1000 + milliseconds)
     }
+
+    private static func isDigit(_ byte: UInt8) -> Bool { byte >= 0x30 && byte <= 0x39 }
 }
