@@ -2,7 +2,9 @@
 // WEBHOOK_SECRET=whsec_... PORT=3000 node receiver.js   (PORT=0 picks a free port; SOCKET=/path listens on a Unix socket)
 'use strict';
 const crypto = require('node:crypto');
+const fs = require('node:fs');
 const http = require('node:http');
+const net = require('node:net');
 
 const key = Buffer.from(process.env.WEBHOOK_SECRET.replace(/^whsec_/, ''), 'base64');
 const seen = new Set(); // Delivery is at least once. Production code keeps these ids in its database (a unique key).
@@ -32,6 +34,15 @@ const server = http.createServer((request, response) => {
   });
 });
 const socket = process.env.SOCKET;
+// A socket file left by a killed run (a pod's emptyDir outlives a restart) makes listen fail with
+// EADDRINUSE: remove it, unless a live receiver still answers on it.
+server.on('error', (error) => {
+  if (error.code !== 'EADDRINUSE' || !socket || !fs.lstatSync(socket).isSocket()) throw error;
+  net.connect(socket)
+    .on('connect', () => { console.error(`another process listens on ${socket}`); process.exit(1); })
+    .on('error', () => { fs.unlinkSync(socket); server.listen(socket); });
+});
 server.listen(socket || { host: '127.0.0.1', port: Number(process.env.PORT || 3000) }, () => {
+  if (socket) fs.chmodSync(socket, 0o660); // the sidecar runs as another user in this group: it must write
   console.log(socket ? `listening unix:${socket}` : `listening 127.0.0.1:${server.address().port}`);
 });

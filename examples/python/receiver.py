@@ -2,8 +2,11 @@
 
 WEBHOOK_SECRET=whsec_... PORT=3000 python3 receiver.py   (PORT=0 picks a free port; SOCKET=/path listens on a Unix socket)
 """
+import errno
 import os
+import socket
 import socketserver
+import stat
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -43,8 +46,20 @@ class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
 
+def unix_server(path):
+    # A socket file left by a killed run (a pod's emptyDir outlives a restart) would make the bind fail:
+    # remove it, unless a live receiver still answers on it.
+    if os.path.lexists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
+        with socket.socket(socket.AF_UNIX) as probe:
+            if probe.connect_ex(path) == errno.ECONNREFUSED:
+                os.unlink(path)
+    server = UnixServer(path, Receiver)
+    os.chmod(path, 0o660)  # the sidecar runs as another user in this group: it must be able to write
+    return server
+
+
 if os.environ.get("SOCKET"):
-    server = UnixServer(os.environ["SOCKET"], Receiver)
+    server = unix_server(os.environ["SOCKET"])
     print(f"listening unix:{os.environ['SOCKET']}", flush=True)
 else:
     server = ThreadingHTTPServer(("127.0.0.1", int(os.environ.get("PORT", "3000"))), Receiver)

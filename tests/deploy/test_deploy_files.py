@@ -508,6 +508,15 @@ def test_systemd_unit_is_hardened():
         json.loads(SYSTEMD_CONFIG.read_text()))
 
 
+def test_systemd_store_is_the_service_users_alone():
+    """The app's user joins the kora-sidecar group for the socket: the group may enter the runtime
+    directory, but not the state directory with the store (idempotency records, identity data)."""
+    assert int(systemd_value(SYSTEMD_UNIT, "StateDirectoryMode"), 8) == 0o700
+    assert int(systemd_value(SYSTEMD_UNIT, "RuntimeDirectoryMode"), 8) & 0o010, "the group cannot reach the socket"
+    assert directory_of(json.loads(SYSTEMD_CONFIG.read_text())["storage"]["sqlitePath"]) == \
+        "/var/lib/" + systemd_value(SYSTEMD_UNIT, "StateDirectory")
+
+
 def test_systemd_config_uses_the_unit_directories_and_env_file():
     config = json.loads(SYSTEMD_CONFIG.read_text())
     state = "/var/lib/" + systemd_value(SYSTEMD_UNIT, "StateDirectory")
@@ -945,8 +954,8 @@ def stop(process):
 
 
 def test_kubernetes_metrics_listener_serves_metrics_and_nothing_else(sidecar_bin, tmp_path):
-    """The ConfigMap's metrics listener answers /metrics and /healthz; the proxy, the admin API and the
-    webhook path are not on it."""
+    """The ConfigMap's metrics listener answers METRICS_LISTENER_PATHS; the proxy, the admin API and
+    the webhook path are not on it."""
     config = kubernetes_config()
     webhook_port, internal_port, metrics_port = free_port(), free_port(), free_port()
     config["webhooks"]["listen"] = {"host": "127.0.0.1", "port": webhook_port}
@@ -965,7 +974,8 @@ def test_kubernetes_metrics_listener_serves_metrics_and_nothing_else(sidecar_bin
         assert status == 200, body
         assert re.search(r"^kora_sidecar_ready(\{[^}]*\})? 1(\.0)?$", body, re.M), body
         assert "kora_sidecar_outbox_depth" in body
-        assert http_get(metrics_port, "/healthz")[0] == 200
+        for path in METRICS_LISTENER_PATHS:
+            assert http_get(metrics_port, path)[0] == 200, f"{path} did not answer on the metrics listener"
         for path in ["/api/v1/idv/verifications", "/api/verifications", "/admin/deliveries", "/webhooks/koraidv"]:
             assert http_get(metrics_port, path)[0] == 404, f"{path} answered on the metrics listener"
     finally:
@@ -1023,6 +1033,69 @@ def test_image_environment_only_start_and_exec_read_the_same_store(sidecar_bin, 
 
 # ---------------------------------------------------------------------------------------------
 # the documentation of deploy/
+
+# What the metrics listener serves (buildMetricsRouter), checked against the binary above.
+METRICS_LISTENER_PATHS = ["/metrics", "/healthz", "/readyz"]
+OPERATIONS_DOC = ROOT / "docs/operations.md"
+
+
+def deploy_texts():
+    """(path, text) of every text file under deploy/, and of docs/operations.md."""
+    paths = [p for p in sorted(DEPLOY.rglob("*")) if p.is_file() and "__pycache__" not in p.parts]
+    return [(path, path.read_text(errors="replace")) for path in paths + [OPERATIONS_DOC]]
+
+
+def test_descriptions_of_the_metrics_listener_name_every_path_it_serves():
+    """A list of the metrics listener's paths (`/metrics` and `/healthz` ...) includes /readyz too."""
+    found = 0
+    for path, text in deploy_texts():
+        for match in re.finditer(r"/metrics`?(?:,| and) `?(?:GET )?/healthz`?(?P<rest>[^.;)]*)", text):
+            found += 1
+            missing = [p for p in METRICS_LISTENER_PATHS if p not in match.group(0)]
+            assert not missing, f"{path.relative_to(ROOT)}: {match.group(0)!r} leaves out {missing}"
+    assert found >= 4, "the descriptions of the metrics listener were not found"
+
+
+def grace_periods():
+    """{where: seconds} of every stop time the deploy files set or recommend."""
+    (deployment,) = replicas_objects()["Deployment"]
+    dockerfile = DOCKERFILE.read_text()
+    return {
+        "compose stop_grace_period": seconds(compose_service("sidecar")["stop_grace_period"]),
+        "statefulset terminationGracePeriodSeconds": kubernetes_workload()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
+        "replicas terminationGracePeriodSeconds": deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
+        "systemd TimeoutStopSec": seconds(systemd_value(SYSTEMD_UNIT, "TimeoutStopSec")),
+        "Dockerfile docker stop -t": int(re.search(r"docker stop -t (\d+)", dockerfile).group(1)),
+        "Dockerfile stop_grace_period": seconds(re.search(r"stop_grace_period: (\w+)", dockerfile).group(1)),
+    }
+
+
+def test_the_dockerfile_recommends_a_stop_time_above_the_shutdown_budget():
+    periods = grace_periods()
+    budget = shutdown_budget_seconds({})  # the image's defaults
+    for where in ["Dockerfile docker stop -t", "Dockerfile stop_grace_period"]:
+        assert periods[where] > budget, f"{where} {periods[where]} s: the drain plus a proxied call take {budget} s"
+
+
+def test_the_operations_doc_gives_the_deploy_files_grace_period():
+    periods = grace_periods()
+    assert len(set(periods.values())) == 1, f"the deploy files disagree: {periods}"
+    said = re.search(r"the deploy files use (\d+) s", OPERATIONS_DOC.read_text())
+    assert said, "docs/operations.md no longer says what grace period the deploy files use"
+    assert int(said.group(1)) == next(iter(periods.values())), f"docs/operations.md says {said.group(1)} s: {periods}"
+
+
+def test_the_readme_says_which_sidecar_socket_is_0660():
+    """deploy/README.md names exactly the listeners whose Unix socket the sources chmod to 0660."""
+    restricted = set()
+    for path in swift_sources():
+        restricted |= set(re.findall(r"case \.unixSocket\(let path\) = configuration\.(\w+)\.listen \{ UnixSocketFile\.restrict",
+                                     path.read_text()))
+    assert restricted, "UnixSocketFile.restrict was not found under Sources/"
+    (bullet,) = re.findall(r"^- \*\*Unix sockets and permissions\.\*\*(.*?)(?=^- )", (DEPLOY / "README.md").read_text(), re.M | re.S)
+    (sidecar_sentence,) = [s for s in re.split(r"(?<=\.) ", " ".join(bullet.split())) if s.startswith("The sidecar ") and "0660" in s]
+    named = set(re.findall(r"`(\w+)\.listen\.unixSocket`", sidecar_sentence))
+    assert named == restricted, f"the README says 0660 for {named or 'all its sockets'}, the sources for {restricted}: {sidecar_sentence!r}"
 
 
 def test_every_deploy_file_is_described_in_its_readme():

@@ -3,7 +3,8 @@
 Each receiver runs as its users would run it (a child process, the secret in WEBHOOK_SECRET, on a free
 TCP port or a Unix socket) and must print `verified <webhook-id> <type> <outcome>` for the sidecar's
 delivery, `duplicate <webhook-id>` for a second delivery of the same event, and answer 401 to anything
-not signed with its secret.
+not signed with its secret. On a Unix socket it must start again over the socket file a killed run left,
+and leave the socket group-writable (the sidecar runs as another user in the socket's group).
 
 Needs: pytest; node (Debian's `nodejs`); the `standardwebhooks` package; the kora-sidecar binary
 ($KORA_SIDECAR_BINARY, default .build/debug/kora-sidecar). Under CI=true a missing one is a failure.
@@ -20,6 +21,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -69,8 +71,8 @@ class Receiver:
         else:
             environment["PORT"] = "0"
         self.lines, self.changed = [], threading.Condition()
-        self.process = subprocess.Popen(
-            receiver_command(language), env=environment, cwd=tmp_path,
+        self.process = subprocess.Popen(  # the usual umask 022: a socket it leaves alone is not group-writable
+            receiver_command(language), env=environment, cwd=tmp_path, umask=0o022,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         threading.Thread(target=self._collect, daemon=True).start()
         try:
@@ -214,6 +216,36 @@ def test_an_event_sent_through_the_sidecar_is_verified_once(binary, receivers, s
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
+def test_a_receiver_killed_on_a_socket_starts_again_and_the_sidecar_may_write_to_it(
+        binary, receivers, sidecars, tmp_path, language):
+    """In a pod the socket's emptyDir outlives a container restart: the killed receiver's socket file is
+    still there when it starts again. And the sidecar runs as another user in the socket's group."""
+    signing_secret = new_signing_secret()
+    first = receivers(language, signing_secret, tmp_path, "unix")
+    first.process.kill()
+    first.process.wait(timeout=DEADLINE_SECONDS)
+    assert stat.S_ISSOCK(os.lstat(first.socket).st_mode), "the killed receiver removed its socket file"
+
+    receiver = receivers(language, signing_secret, tmp_path, "unix")
+    assert receiver.socket == first.socket
+    mode = stat.S_IMODE(os.stat(receiver.socket).st_mode)
+    assert mode & 0o660 == 0o660, f"socket mode {mode:04o}: the sidecar's group cannot connect"
+    sidecar = sidecars(binary, tmp_path, receiver, signing_secret)
+    sent = sidecar.send_test_event(binary)
+    assert sent.returncode == 0 and sent.stdout.startswith("200"), sent.stdout + sent.stderr
+    receiver.wait_for(r"verified evt_\S+ verification\.completed approved")
+
+    # A socket on which a live receiver answers is not taken from it: a second receiver does not start.
+    second = subprocess.run(receiver_command(language), env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                            "WEBHOOK_SECRET": signing_secret, "SOCKET": receiver.socket},
+                            capture_output=True, text=True, timeout=DEADLINE_SECONDS)
+    assert second.returncode != 0 and "listening" not in second.stdout, second.stdout + second.stderr
+    assert receiver.post(normalized_event("evt_after"), standard_webhooks_headers(signing_secret, "evt_after",
+                         normalized_event("evt_after"))) in (200, 204)
+    receiver.wait_for(r"verified evt_after verification\.completed approved")
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
 def test_what_is_not_signed_with_the_secret_is_refused(receivers, tmp_path, language):
     secret = new_signing_secret()
     receiver = receivers(language, secret, tmp_path, "tcp")
@@ -236,3 +268,18 @@ def test_what_is_not_signed_with_the_secret_is_refused(receivers, tmp_path, lang
     assert receiver.post(body, rotated) in (200, 204)
     receiver.wait_for(r"verified evt_forged verification\.completed approved")
     assert len(receiver.output()) == 2, receiver.output()  # `listening …` and the one verified event
+
+
+def test_no_compiled_python_is_tracked():
+    """Importing a Python file (a test importing a receiver or app.py) writes __pycache__/*.pyc beside
+    it: git must neither hold nor offer such files."""
+    git = shutil.which("git")
+    if not git or not (ROOT / ".git").exists():
+        pytest.skip("not a git work tree")
+    tracked = subprocess.run([git, "ls-files", "--cached", "--", "*.pyc", "*__pycache__/*"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert not tracked, f"compiled Python in git: {tracked}"
+    compiled = ["examples/python/__pycache__/receiver.cpython-311.pyc", "tests/examples/stray.pyc"]
+    ignored = subprocess.run([git, "check-ignore", "--no-index", *compiled], cwd=ROOT,
+                             capture_output=True, text=True).stdout.split()
+    assert ignored == compiled, f".gitignore does not ignore {sorted(set(compiled) - set(ignored))}"
