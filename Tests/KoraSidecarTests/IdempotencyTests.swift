@@ -199,6 +199,43 @@ struct IdempotencyTests {
         }
     }
 
+    @Test func aCreateLeftInFlightByAKilledProcessIsTakenOverOnceItsTimeHasPassed() async throws {
+        // The in-flight wait counted from each repeat's arrival, so after a kill every repeat waited
+        // the whole wait (minutes with these settings) for a call nobody was sending.
+        struct Hung: Error {}
+        let kora = ScriptedKora([
+            .answer(201, [], #"{"id":"ver_probe","status":"pending"}"#),
+            .answer(200, [], #"{"verifications":[]}"#),
+            .answer(201, [], #"{"id":"ver_after_the_kill","status":"pending"}"#),
+        ])
+        let store = InMemoryStore()
+        try await withScriptedKora(kora) { base in
+            var configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
+            configuration.kora.timeoutSeconds = 120
+            configuration.kora.retry.maxAttempts = 3
+            var options = SidecarOptions()
+            options.store = store
+            let repeated = try await withProxy(configuration, options) { sdk in
+                // The same body's digest, from a create that was answered.
+                _ = try await sdk.call(.POST, "/verifications", json: ["externalId": "user-13"], headers: [("Idempotency-Key", "k-probe")])
+                let digest = try #require(try await store.idempotencyRecord(service: "app", key: "k-probe")).digest
+                // A process claimed "k-killed" a day ago and was killed before Kora answered.
+                _ = try await store.claimIdempotencyKey(service: "app", key: "k-killed", digest: digest, at: UnixTime(milliseconds: UnixTime.now().milliseconds - 86_400_000))
+                do {
+                    return try await Deadline.run(after: .seconds(30), error: { Hung() }) {
+                        try await sdk.call(.POST, "/verifications", json: ["externalId": "user-13"], headers: [("Idempotency-Key", "k-killed")])
+                    }
+                } catch {
+                    // Lets the waiting repeat go, so that the sidecar can stop.
+                    try await store.settleIdempotencyKey(service: "app", key: "k-killed", state: .unknown, at: .now())
+                    throw error
+                }
+            }
+            #expect(repeated.status == 201)
+            #expect(repeated.json?["id"] == "ver_after_the_kill")
+        }
+    }
+
     @Test func koraRefusingForItsRateIsNotTheKeysAnswer() async throws {
         // Kora's 429 was kept as the key's answer for a day: every retry of the create got it again.
         let kora = ScriptedKora([

@@ -30,9 +30,10 @@ extension KoraProxy {
                 message: "This Idempotency-Key was used with another body; use a new key for a new verification.")
         }
         while true {
-            // The same create in flight (here or on another replica): wait for its answer.
-            let deadline = ContinuousClock.now + idempotencyWait
-            while record.state == .inFlight, ContinuousClock.now < deadline {
+            // The same create in flight (here or on another replica): wait for its answer, as long as
+            // a call can take from when it went in flight. One left by a process that was killed
+            // (nobody sends it) is taken over once that time has passed, not a whole wait later.
+            while record.state == .inFlight, UnixTime.now() < record.updatedAt.adding(idempotencyWait) {
                 try await Task.sleep(for: .milliseconds(100))
                 guard let current = try await store.idempotencyRecord(service: caller.name, key: key) else { break }
                 record = current
