@@ -106,6 +106,36 @@ struct OperationsTests {
         }
     }
 
+    @Test func anEventWhoseIDNeedsEncodingIsReplayedByItsEncodedID() async throws {
+        // A body with no id is known by its digest, `sha256:…`: the console encodes the colon, and the
+        // route looked for the still-encoded id and answered 404.
+        let receiver = Receiver()
+        try await withReceiver(receiver) { (port: Int) async throws in
+            var options = SidecarOptions()
+            options.store = InMemoryStore()
+            let configuration = testConfiguration(services: [testService("app", target: .url("http://127.0.0.1:\(port)/e"))], mode: .queued)
+            try await withSidecar(configuration, options: options) { (sidecar: RunningSidecar) async throws in
+                let body = Array(#"{"type":"verification.completed","data":{"verificationId":"ver_no_id","status":"approved"}}"#.utf8)
+                #expect(try await sendSigned(body, to: sidecar).status == 200)
+                _ = try await receiver.waitFor(1)
+                var eventID = ""
+                try await waitUntil("the delivery recorded as delivered") {
+                    let listing = try await get(sidecar.internalURL("/admin/deliveries?status=delivered"))
+                    guard case .array(let deliveries)? = listing.json?["deliveries"], let id = deliveries.first?["eventId"]?.text else { return false }
+                    eventID = id
+                    return true
+                }
+                #expect(eventID.hasPrefix("sha256:"))
+                let replay = try await post(sidecar.internalURL("/admin/events/\(eventID.percentEncodingAllButUnreserved)/replay"), body: [], headers: [])
+                #expect(replay.status == 200, "\(replay.body)")
+                #expect(replay.json?["eventId"]?.text == eventID)
+                _ = try await receiver.waitFor(2)
+                let malformed = try await post(sidecar.internalURL("/admin/events/sha256%FF/replay"), body: [], headers: [])
+                #expect(malformed.status == 404)
+            }
+        }
+    }
+
     @Test func theWebhookListenerSpeaksTLSWhenConfigured() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }

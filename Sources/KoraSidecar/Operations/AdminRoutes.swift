@@ -39,7 +39,9 @@ struct AdminRoutes {
             return JSONResponse.make(.ok, outcome.json)
         }
         admin.post("events/:id/replay") { request, context in
-            let eventID = context.parameters.get("id") ?? ""
+            // The id as the console sends it, percent-encoded (`sha256:…` of a body without an id); one
+            // that does not decode names no event.
+            let eventID = context.parameters.get("id")?.percentDecoded ?? ""
             let service = request.uri.queryParameters["service"].map(String.init)
             let outcome = try await OperatorActions.retry(.replay(eventID: eventID, service: service), store: store, router: eventRouter)
             guard outcome.selected > 0 else {

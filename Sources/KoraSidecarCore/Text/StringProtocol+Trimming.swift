@@ -15,5 +15,22 @@ extension StringProtocol {
         utf8.map { Self.unreserved.contains($0) ? String(Unicode.Scalar($0)) : "%" + Hex.encode([$0]).uppercased() }.joined()
     }
 
+    /// This text with each `%XX` replaced by its byte; nil when a `%` is not followed by two hex
+    /// digits or the bytes are not UTF-8 (a route parameter as a client encoded it).
+    package var percentDecoded: String? {
+        var bytes: [UInt8] = []
+        var rest = utf8[...]
+        while let byte = rest.popFirst() {
+            guard byte == UInt8(ascii: "%") else {
+                bytes.append(byte)
+                continue
+            }
+            guard rest.count >= 2, let value = UInt8(String(decoding: rest.prefix(2), as: UTF8.self), radix: 16) else { return nil }
+            bytes.append(value)
+            rest = rest.dropFirst(2)
+        }
+        return String(validating: bytes, as: UTF8.self)
+    }
+
     private static var unreserved: Set<UInt8> { Set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~".utf8) }
 }
