@@ -199,6 +199,19 @@ struct StoreTests {
     }
 
     @Test(arguments: Kind.allCases)
+    func anEventWhoseVerificationIDNoStoreCanIndexIsStoredWithoutOne(kind: Kind) async throws {
+        // PostgreSQL refuses a NUL in text, and a btree entry of kilobytes: enqueue failed on every retry.
+        let (store, cleanup) = try await makeStore(kind)
+        defer { cleanup() }
+        for (index, verification) in ["ver_\u{0}_1", "ver_" + String(repeating: "x", count: 4000)].enumerated() {
+            let stored = try event("e\(index)", verification: verification)
+            #expect(stored.verificationID == nil)
+            #expect(try await store.enqueue(stored, services: ["a"], at: t0, dedupSince: at(-1000)) == .accepted)
+        }
+        #expect(try await store.claimDue(service: "a", now: at(1), limit: 10, lease: .seconds(30)).count == 2)
+    }
+
+    @Test(arguments: Kind.allCases)
     func aRetryOfADeliveryBeingSentLeavesItWithItsWorker(kind: Kind) async throws {
         let (store, cleanup) = try await makeStore(kind)
         defer { cleanup() }

@@ -64,7 +64,9 @@ public enum EventNormalizer {
         normalized.append(UInt8(ascii: "}"))
 
         var event = KoraEvent(
-            id: id, type: type, verificationID: verification.id, normalizedBody: normalized, originalBody: body,
+            // A verification id no store can index (a NUL, kilobytes) is treated as none, or the event
+            // could never be stored and Kora would send it forever.
+            id: id, type: type, verificationID: verification.id.flatMap(usableID), normalizedBody: normalized, originalBody: body,
             originalHeaders: originalHeaders, signatureVerified: signatureVerified)
         if let digestKey { event.dedupKeys.append(digestKey) }
         return event
