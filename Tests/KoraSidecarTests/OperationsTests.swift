@@ -178,6 +178,17 @@ struct OperationsTests {
 
         configuration.webhooks.tls = TLSFiles(certificateFile: directory + "/absent.pem", privateKeyFile: key)
         #expect(throws: StartupError.self) { try buildApplication(configuration, logger: TestLogs().logger(), options: options) }
+        // The key of another certificate: one sentence naming both keys, not a failure as the listener starts.
+        let otherKey = directory + "/other-key.pem"
+        let other = try await runTool(
+            "/usr/bin/openssl",
+            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", otherKey, "-out", directory + "/other.pem", "-days", "1", "-subj", "/CN=localhost"])
+        try #require(other.status == 0, "\(other.stderr)")
+        configuration.webhooks.tls = TLSFiles(certificateFile: certificate, privateKeyFile: otherKey)
+        #expect(
+            throws: StartupError(
+                "The private key \(otherKey) (webhooks.tls.privateKeyFile) does not belong to the certificate \(certificate) (webhooks.tls.certificateFile).")
+        ) { try buildApplication(configuration, logger: TestLogs().logger(), options: options) }
     }
 }
 

@@ -642,6 +642,11 @@ import Glibc
         let notASocket = directory + "/plain"
         #expect(FileManager.default.createFile(atPath: notASocket, contents: Data("x".utf8)))
         #expect(throws: StartupError.self) { try UnixSocketFile.replaceIfStale(notASocket, key: "internal.listen.unixSocket") }
+        // A folder that is not there is one sentence naming the key, not an I/O error from the bind.
+        let missing = directory + "/absent/internal.sock"
+        #expect(throws: StartupError("The folder \(directory)/absent of \(missing) (internal.listen.unixSocket) does not exist or cannot be written; create it or choose another path.")) {
+            try UnixSocketFile.replaceIfStale(missing, key: "internal.listen.unixSocket")
+        }
     }
 }
 

@@ -25,6 +25,14 @@ extension TLSFiles {
         }
         var configuration = TLSConfiguration.makeServerConfiguration(certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
         configuration.minimumTLSVersion = .tlsv12
+        // Built here, once, so that a key of another certificate is this sentence, not a failure
+        // deep in the listener's start.
+        do {
+            _ = try NIOSSLContext(configuration: configuration)
+        } catch {
+            throw StartupError(
+                "The private key \(privateKeyFile) (webhooks.tls.privateKeyFile) does not belong to the certificate \(certificateFile) (webhooks.tls.certificateFile).")
+        }
         return configuration
     }
 }

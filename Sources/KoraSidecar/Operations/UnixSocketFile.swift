@@ -14,10 +14,15 @@ enum UnixSocketFile {
         chmod(path, 0o660)
     }
 
-    /// Makes `path` free for a new listener: a socket file left by a crashed run is removed, but a
-    /// socket on which a live process still answers, or a file that is not a socket, is a start-up
-    /// error naming `key` (the listener would otherwise silently take the path from its owner).
+    /// Makes `path` free for a new listener, in a folder it can be created in: a socket file left by
+    /// a crashed run is removed, but a socket on which a live process still answers, a file that is
+    /// not a socket, or a folder that is missing or not writable, is a start-up error naming `key`
+    /// (the listener would otherwise take the path from its owner, or fail deep in its start).
     static func replaceIfStale(_ path: String, key: String) throws(StartupError) {
+        let folder = path.lastIndex(of: "/").map { $0 == path.startIndex ? "/" : String(path[..<$0]) } ?? "."
+        guard access(folder, W_OK | X_OK) == 0 else {
+            throw StartupError("The folder \(folder) of \(path) (\(key)) does not exist or cannot be written; create it or choose another path.")
+        }
         var info = stat()
         guard lstat(path, &info) == 0 else { return }
         guard info.st_mode & S_IFMT == S_IFSOCK else {
