@@ -68,7 +68,7 @@ package func buildApplication(
     for service in deliveryServices where service.signingKey == nil {
         logger.warning("Deliveries to this service are not signed: set deliver.signingSecret", metadata: ["service": "\(service.name)"])
     }
-    if let warning = configuration.noRecipientWarning {
+    for warning in configuration.startupWarnings {
         logger.warning("\(warning)")
     }
     if !configuration.webhooks.enforce {

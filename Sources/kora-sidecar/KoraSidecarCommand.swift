@@ -97,7 +97,7 @@ struct CheckConfig: AsyncParsableCommand {
     func run() async throws {
         let configuration = try options.load()
         print(JSONWriter.prettyString(configuration.effectiveJSON))
-        if let warning = configuration.noRecipientWarning {
+        for warning in configuration.startupWarnings {
             StandardStreams.writeLine("warning: \(warning)", to: StandardStreams.error)
         }
     }

@@ -156,6 +156,9 @@ struct ProcessTests {
         #expect(valid.stdout.contains("\"mode\": \"queued\""))
         #expect(!valid.stdout.contains("whsec_env_value_123"))
         #expect(!valid.stdout.contains("literal-api-key-value"))
+        // No service: nobody may call the proxy, and nobody receives events; both are said.
+        #expect(valid.stderr.contains("warning: No service is configured (services): the API proxy refuses every call with 401"))
+        #expect(valid.stderr.contains("warning: No service receives events"))
 
         let bad = directory + "/bad.json"
         try #"{"webhooks": {"secrets": [{"env": "NOPE"}], "port": 1}, "delivery": {"mode": "sometimes"}}"#

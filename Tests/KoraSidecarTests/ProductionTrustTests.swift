@@ -19,6 +19,7 @@ struct ProductionTrustTests {
         let check = try await Binary.run(["check-config", "--config", proxyOnly])
         #expect(check.status == 0)
         #expect(check.stderr.contains("warning: No service receives events"))
+        #expect(!check.stderr.contains("No service is configured"))
 
         let first = try SidecarProcess(config: proxyOnly)
         let sidecar = try await first.running()

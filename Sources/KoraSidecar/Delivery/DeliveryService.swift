@@ -42,11 +42,19 @@ extension SidecarConfiguration {
 }
 
 extension SidecarConfiguration {
-    /// Said at start-up (`serve` logs it, `check-config` prints it) when no service has `deliver`:
-    /// every accepted webhook is then kept as unrouted.
-    package var noRecipientWarning: String? {
-        guard services.allSatisfy({ $0.deliver == nil }) else { return nil }
-        return "No service receives events (no services[].deliver): accepted webhooks are kept as unrouted until one does; "
-            + "then run `kora-sidecar deliveries retry --unrouted`."
+    /// Said at start-up (`serve` logs them, `check-config` prints them) about a configuration that
+    /// runs but cannot do all its work: with no service, the API proxy has nobody to let call it;
+    /// with no service that has `deliver`, every accepted webhook is kept as unrouted.
+    package var startupWarnings: [String] {
+        var warnings: [String] = []
+        if services.isEmpty {
+            warnings.append("No service is configured (services): the API proxy refuses every call with 401; add one, with a token or without.")
+        }
+        if services.allSatisfy({ $0.deliver == nil }) {
+            warnings.append(
+                "No service receives events (no services[].deliver): accepted webhooks are kept as unrouted until one does; "
+                    + "then run `kora-sidecar deliveries retry --unrouted`.")
+        }
+        return warnings
     }
 }
