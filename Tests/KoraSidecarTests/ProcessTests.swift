@@ -145,6 +145,32 @@ struct ProcessTests {
         }
     }
 
+    @Test func aStopEndsKorasRetriesOfAProxiedCallInsteadOfWaitingThemOut() async throws {
+        // Kora asks to wait 30 s, twice: the stop waited for the call's whole minute, past the
+        // deploy files' 45 s grace period, and ended in SIGKILL.
+        let kora = ScriptedKora(Array(repeating: .answer(429, [("Retry-After", "30")], #"{"code":"RATE_LIMIT_EXCEEDED"}"#), count: 3))
+        try await withScriptedKora(kora) { base in
+            let directory = try temporaryDirectory()
+            defer { try? FileManager.default.removeItem(atPath: directory) }
+            let path = directory + "/config.json"
+            try """
+                {"kora": {"apiBaseURL": "\(base)", "apiKey": "\(ProxySecrets.apiKey)", "tenantId": "\(ProxySecrets.tenant)", "timeoutSeconds": 5},
+                 "webhooks": {"listen": {"host": "127.0.0.1", "port": 0}, "secrets": ["\(TestSecrets.webhook)"]},
+                 "internal": {"listen": {"host": "127.0.0.1", "port": 0}},
+                 "services": [{"name": "app"}], "storage": {"sqlitePath": "\(directory)/store.sqlite"}}
+                """.write(toFile: path, atomically: true, encoding: .utf8)
+            let process = try SidecarProcess(config: path)
+            let sidecar = try await process.running()
+            let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: nil)
+            async let answer = sdk.call(.GET, "/verifications/ver_held")
+            try await waitUntil("Kora's first 429") { kora.requests.count == 1 }
+            process.signal(SIGTERM)
+            #expect(try await answer.status == 503)
+            try await process.expectCleanExit()
+            #expect(kora.requests.count == 1)
+        }
+    }
+
     @Test func checkConfigPrintsTheEffectiveConfigurationOrEveryProblem() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }

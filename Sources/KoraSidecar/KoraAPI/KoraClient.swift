@@ -4,6 +4,7 @@ import KoraSidecarCore
 import Logging
 import NIOCore
 import NIOHTTP1
+import ServiceLifecycle
 
     /// One call to Kora as a service made it.
 struct KoraCall {
@@ -95,9 +96,10 @@ struct KoraClient: Sendable {
                 try Task.checkCancellation()
                 let failure = HTTPClientFailure(error)
                 errorText = HTTPClientFailure.describe(error)
-                if attempt < policy.maxAttempts, failure == .notSent || (isRead && failure == .lost) {
-                    logger.debug("Kora call failed; retrying", metadata: metadata())
-                    try await policy.sleep(policy.backoff(after: attempt))
+                if attempt < policy.maxAttempts, failure == .notSent || (isRead && failure == .lost),
+                    try await waitToRetry(policy.backoff(after: attempt))
+                {
+                    logger.debug("Kora call failed; retried", metadata: metadata())
                     continue
                 }
                 logger.warning("Kora could not be reached", metadata: metadata())
@@ -105,12 +107,14 @@ struct KoraClient: Sendable {
             }
             let code = Int(response.status.code)
             status = code
-            if attempt < policy.maxAttempts, code == 429 || (isRead && code >= 500),
+            if attempt < policy.maxAttempts, code == 429 || (isRead && code >= 500), !Task.isShuttingDownGracefully,
                 let delay = policy.delay(after: attempt, retryAfter: response.headers.first(name: "retry-after"))
             {
                 logger.debug("Kora asked to retry", metadata: metadata())
                 _ = try? await response.body.collect(upTo: 1 << 20)
-                try await policy.sleep(delay)
+                guard try await waitToRetry(delay) else {
+                    throw SidecarHTTPError.unavailable("The sidecar is stopping; retry the call.")
+                }
                 continue
             }
             if code == 401 || code == 403 {
@@ -124,6 +128,17 @@ struct KoraClient: Sendable {
             logger.debug("Kora call answered", metadata: metadata())
             return response
         }
+    }
+
+    /// Waits `delay` before a retry; false when the sidecar is stopping: the call then ends with
+    /// what it has, so that Kora's retries (a minute and more) do not hold the stop past the
+    /// orchestrator's grace period, which ends in SIGKILL.
+    private func waitToRetry(_ delay: Duration) async throws -> Bool {
+        guard !Task.isShuttingDownGracefully else { return false }
+        try? await cancelWhenGracefulShutdown { try await self.policy.sleep(delay) }
+        // A caller that went away still ends the call; a stop only ends the wait.
+        try Task.checkCancellation()
+        return !Task.isShuttingDownGracefully
     }
 
     /// Waits for `service`'s turn in the key's budget.
