@@ -15,8 +15,11 @@ KORA_SIDECAR_CONSOLE_SCREENSHOT=1 also writes docs/images/console.png (the deliv
 Run: python3 -m pytest tests/console -q
 """
 
+import hashlib
+import hmac
 import json
 import os
+import time
 import re
 import secrets
 import threading
@@ -327,3 +330,35 @@ def test_without_an_admin_token_there_is_no_sign_in(binary, receiver, tmp_path, 
         assert not css(browser, "#signout")[0].is_displayed()
     finally:
         stop(open_sidecar.process)
+
+
+def test_a_body_is_shown_as_sent_and_a_broken_address_says_so(binary, receiver, tmp_path, browser):
+    """The body's JSON is indented without being parsed into numbers, so an id beyond 2^53 and a
+    repeated key are shown as Kora sent them; an address that does not decode shows a message,
+    not a blank page."""
+    open_sidecar = Sidecar(binary, tmp_path / "exact", receiver, None)
+    try:
+        body = (b'{"id":"evt_exact","type":"verification.completed","data":{"verificationId":"ver_exact",'
+                b'"status":"approved","documentNumber":12345678901234567890,"note":"a","note":"b"}}')
+        timestamp = str(int(time.time()))
+        signature = hmac.new(KORA_SECRET.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{open_sidecar.webhook_port}/webhooks/koraidv", data=body, method="POST",
+            headers={"Content-Type": "application/json", "X-Timestamp": timestamp, "X-Signature": signature,
+                     "X-Signature-Algorithm": "sha256"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 200
+        wait_for(lambda: open_sidecar.deliveries("delivered"), "the event to be delivered")
+        delivery_id = open_sidecar.deliveries("delivered")[0]["id"]
+
+        browser.get(f"{open_sidecar.base}/admin/#/deliveries/{delivery_id}")
+        shown = until(browser, lambda d: css(d, "main pre.body"), "the delivery's body")[0].text
+        assert '"documentNumber": 12345678901234567890' in shown, shown
+        assert '"note": "a",' in shown and '"note": "b"' in shown, shown
+
+        browser.get(f"{open_sidecar.base}/admin/#/deliveries/%E0")
+        until(browser, lambda d: css(d, "main h1") and css(d, "main h1")[0].text == "Could not load this view",
+              "the broken address to be said, instead of the last view staying")
+    finally:
+        stop(open_sidecar.process)
+

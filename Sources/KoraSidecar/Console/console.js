@@ -222,7 +222,13 @@ function plural(n, one, many) {
 function parseHash() {
   const raw = location.hash.replace(/^#/, '') || '/overview';
   const [path, query = ''] = raw.split('?');
-  return { parts: path.split('/').filter(Boolean).map(decodeURIComponent), params: new URLSearchParams(query) };
+  return { parts: path.split('/').filter(Boolean).map(decodePart), params: new URLSearchParams(query) };
+}
+
+// A part of an address someone typed or pasted may not decode (`%E0`): it is then taken as it is,
+// and the view says it found nothing, instead of the page staying blank.
+function decodePart(part) {
+  try { return decodeURIComponent(part); } catch { return part; }
 }
 
 function hashFor(path, params) {
@@ -456,9 +462,44 @@ const BODY_STATES = {
 // `indent` re-indents JSON for reading; a quarantined payload is evidence and is shown as received.
 function bodyBlock(body, state, indent) {
   if (body == null) return h('p', { class: 'meta' }, BODY_STATES[state] || `No body (${state || 'not kept'}).`);
-  let text = body;
-  if (indent) try { text = JSON.stringify(JSON.parse(body), null, 2); } catch { /* not JSON: shown as it is */ }
-  return h('pre', { class: 'body', tabindex: 0 }, text);
+  return h('pre', { class: 'body', tabindex: 0 }, indent ? indentJSON(body) : body);
+}
+
+// Indents JSON by its punctuation without parsing its values, so that what is shown is what was
+// sent: numbers beyond 2^53 keep their digits and a repeated key stays repeated (a parse and
+// stringify would change both). Text that is not JSON is shown as it is.
+function indentJSON(text) {
+  try { JSON.parse(text); } catch { return text; }
+  let out = '';
+  let depth = 0;
+  let inString = false;
+  let escaped = false;
+  const newline = () => `\n${'  '.repeat(depth)}`;
+  for (const c of text) {
+    if (inString) {
+      out += c;
+      if (escaped) escaped = false;
+      else if (c === '\\') escaped = true;
+      else if (c === '"') inString = false;
+    } else if (c === '"') {
+      inString = true;
+      out += c;
+    } else if (c === '{' || c === '[') {
+      depth += 1;
+      out += c + newline();
+    } else if (c === '}' || c === ']') {
+      depth -= 1;
+      out += newline() + c;
+    } else if (c === ',') {
+      out += c + newline();
+    } else if (c === ':') {
+      out += ': ';
+    } else if (!' \t\n\r'.includes(c)) {
+      out += c;
+    }
+  }
+  // An empty object or array stays on one line, as JSON.stringify writes it.
+  return out.replace(/([[{])\n\s*([\]}])/g, '$1$2');
 }
 
 async function deliveryView(params, parts, seq) {
