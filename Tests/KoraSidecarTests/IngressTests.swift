@@ -71,6 +71,26 @@ struct IngressTests {
         }
     }
 
+    @Test func aWebhookKoraSignedThatArrivesLateIsRefusedAndSaidLoudly() async throws {
+        // Kora's retry policy is not published: a retry sent with its first timestamp, after a long
+        // store outage, is refused as stale, and its event is lost unless an operator hears of it.
+        let receiver = Receiver()
+        let logs = TestLogs()
+        try await directSidecar(receiver: receiver, logs: logs) { (sidecar: RunningSidecar) async throws in
+            let now = UnixTime.now().seconds
+            let late = try await sendSigned(event("evt_sent_late"), to: sidecar, timestamp: now - 900)
+            let forged = try await sendSigned(event("evt_forged_late"), to: sidecar, secret: "whsec_not_ours", timestamp: now - 900)
+            #expect([late.code, forged.code] == ["STALE_TIMESTAMP", "STALE_TIMESTAMP"])
+            let metrics = try await get(sidecar.internalURL("/metrics")).body
+            #expect(metrics.contains("kora_sidecar_webhooks_signed_late_total 1"), "\(metrics)")
+            let said = logs.all.filter { $0.contains("arrived outside webhooks.toleranceSeconds") }
+            #expect(said.count == 1)
+            #expect(said.first?.contains("evt_sent_late") == true)
+            #expect(said.first?.contains("\(now - 900)") == true)
+            #expect(receiver.count == 0)
+        }
+    }
+
     @Test func toleranceHoldsAtExactlyThreeHundredSecondsOnTheWire() async throws {
         let now = UnixTime(milliseconds: 1_795_000_000_000)
         var options = SidecarOptions()

@@ -44,6 +44,7 @@ CONTRACT_METRICS = {
     "kora_sidecar_kora_request_duration_seconds": {},
     "kora_sidecar_kora_credentials_rejected_total": {},
     "kora_sidecar_stored_bodies_unreadable_total": {},
+    "kora_sidecar_webhooks_signed_late_total": {},
     "kora_sidecar_ready": {},
     "kora_sidecar_unrouted_events": {},
 }

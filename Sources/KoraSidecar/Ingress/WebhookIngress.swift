@@ -82,6 +82,16 @@ struct WebhookIngress: Sendable {
             return nil
         case .failure(let failure):
             log["webhook.result"] = "\(failure.rawValue)"
+            if failure == .staleTimestamp, verifier.isSignedOutsideWindow(body: body, headers: signature) {
+                metrics.webhookSignedLate()
+                var late = log
+                // The body is Kora's (its signature holds): its id is the event's, and this path is rare.
+                late["webhook.id"] = "\((try? EventNormalizer.normalize(body: body, webhookID: headers[Header.webhookID], receivedAt: now))?.id ?? "-")"
+                late["webhook.timestamp"] = "\(signature.timestamp ?? "-")"
+                logger.error(
+                    "A webhook signed with the webhook secret arrived outside webhooks.toleranceSeconds: its event is not accepted; check the clock, and find the event by its id",
+                    metadata: late)
+            }
             guard !configuration.enforce else {
                 logger.warning("Webhook rejected", metadata: log)
                 throw SidecarHTTPError(.unauthorized, code: failure.rawValue, message: failure.message)

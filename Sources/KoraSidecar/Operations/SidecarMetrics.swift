@@ -65,6 +65,11 @@ package struct SidecarMetrics: Sendable {
     }
 
     /// Kora refused the configured API key (401): every proxied call fails until it is fixed.
+    /// A webhook signed with a configured secret but refused as outside the tolerance window.
+    func webhookSignedLate() {
+        counter("kora_sidecar_webhooks_signed_late_total", []).increment()
+    }
+
     func koraCredentialsRejected() {
         counter("kora_sidecar_kora_credentials_rejected_total", []).increment()
     }

@@ -53,14 +53,7 @@ public struct SignatureVerifier: Sendable {
             guard let text = headers.timestamp, let timestamp = Self.unixSeconds(text),
                 abs(now.subtractingReportingOverflow(timestamp).partialValue) <= toleranceSeconds
             else { return .failure(.staleTimestamp) }
-            guard let code = Hex.decode(Substring(signature).utf8), code.count == SHA256.byteCount else {
-                return .failure(.invalidSignature)
-            }
-            for key in keys {
-                let expected = KoraSignature.timestampedCode(key: key, timestamp: text, body: body)
-                if ConstantTime.equal(expected, code) { return .success(.timestamped) }
-            }
-            return .failure(.invalidSignature)
+            return isSigned(body, signature: signature, timestamp: text) ? .success(.timestamped) : .failure(.invalidSignature)
         }
         if let signature = headers.legacySignature {
             guard schemes.contains(.legacy) else { return .failure(.invalidSignature) }
@@ -73,6 +66,25 @@ public struct SignatureVerifier: Sendable {
             return .failure(.invalidSignature)
         }
         return .failure(.missingSignature)
+    }
+
+    /// Whether a webhook refused as `STALE_TIMESTAMP` was nonetheless signed with a configured
+    /// secret: Kora's own webhook, sent (or sent again) outside the tolerance window. Its event was
+    /// not accepted, which an operator must hear of; a forged or garbled one is just refused.
+    public func isSignedOutsideWindow(body: [UInt8], headers: SignatureHeaders) -> Bool {
+        guard schemes.contains(.timestamped), let signature = headers.signature, let text = headers.timestamp, Self.unixSeconds(text) != nil
+        else { return false }
+        return isSigned(body, signature: signature, timestamp: text)
+    }
+
+    /// Whether `signature` is the timestamped scheme's HMAC of `timestamp.body` under one of the keys.
+    private func isSigned(_ body: [UInt8], signature: String, timestamp: String) -> Bool {
+        guard let code = Hex.decode(Substring(signature).utf8), code.count == SHA256.byteCount else { return false }
+        var matched = false
+        for key in keys where ConstantTime.equal(KoraSignature.timestampedCode(key: key, timestamp: timestamp, body: body), code) {
+            matched = true
+        }
+        return matched
     }
 
     /// Whether `body` starts as the timestamped scheme's signed input does, `{digits}.`. Kora's
