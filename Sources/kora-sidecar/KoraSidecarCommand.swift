@@ -118,10 +118,24 @@ struct CheckKora: AsyncParsableCommand {
     }
 }
 
+/// The webhook secret of `sign` and `send-test-event`: `$KORAIDV_WEBHOOK_SECRET`, the variable
+/// serve reads it from, or `--secret`, which `ps` shows to every user of the machine.
+struct WebhookSecretOption: ParsableArguments {
+    @Option(help: "The webhook secret (default: $KORAIDV_WEBHOOK_SECRET, which, unlike an argument, other users cannot see in ps).")
+    var secret: String?
+
+    func resolve() throws -> Secret {
+        guard let value = secret ?? processEnvironment["KORAIDV_WEBHOOK_SECRET"], !value.isEmpty else {
+            throw ValidationError("Set KORAIDV_WEBHOOK_SECRET to the webhook secret, or give --secret.")
+        }
+        return Secret(value)
+    }
+}
+
 struct Sign: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Print Kora's signature headers for a body.")
 
-    @Option(help: "The webhook secret.") var secret: String
+    @OptionGroup var webhookSecret: WebhookSecretOption
     @Option(help: "timestamped or legacy.") var scheme: SignatureScheme = .timestamped
     @Option(help: "Unix seconds (default: now).") var timestamp: Int64?
     @Argument(help: "File holding the body (default: standard input).") var file: String?
@@ -135,7 +149,7 @@ struct Sign: AsyncParsableCommand {
             body = try StandardStreams.readInput()
         }
         let headers = KoraSignature.headers(
-            scheme: scheme, secret: Secret(secret), body: body, timestamp: timestamp ?? UnixTime.now().seconds)
+            scheme: scheme, secret: try webhookSecret.resolve(), body: body, timestamp: timestamp ?? UnixTime.now().seconds)
         for header in headers { print("\(header.name): \(header.value)") }
     }
 }
@@ -145,7 +159,7 @@ struct SendTestEvent: AsyncParsableCommand {
         commandName: "send-test-event", abstract: "Build a realistic Kora event, sign it and POST it.")
 
     @Option(help: "The sidecar's webhook URL.") var to: String
-    @Option(help: "The webhook secret.") var secret: String
+    @OptionGroup var webhookSecret: WebhookSecretOption
     @Option(help: "Event type.") var type: String = "verification.completed"
     @Option(help: "auto_approve, auto_reject or manual_review.") var decision: String = "auto_approve"
     @Option(name: .customLong("external-id"), help: "The verification's externalId.") var externalID: String = "user-123"
@@ -153,9 +167,10 @@ struct SendTestEvent: AsyncParsableCommand {
 
     func run() async throws {
         let body = TestEvent.body(type: type, decision: decision, externalID: externalID)
+        let secret = try webhookSecret.resolve()
         let answer: (status: Int, body: String)
         do {
-            answer = try await TestEvent.send(body: body, to: to, secret: Secret(secret), scheme: scheme)
+            answer = try await TestEvent.send(body: body, to: to, secret: secret, scheme: scheme)
         } catch {
             throw StartupError("The event could not be sent to \(to): \(error).")
         }

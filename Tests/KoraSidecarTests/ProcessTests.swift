@@ -241,6 +241,13 @@ struct ProcessTests {
         let legacy = try await Binary.run(["sign", "--secret", "whsec_cli", "--scheme", "legacy"], input: body)
         #expect(legacy.stdout == "X-Kora-Signature: \(KoraSignature.legacy(secret: Secret("whsec_cli"), body: body))\n")
         #expect(try await Binary.run(["sign", "--secret", "s", "--scheme", "md5"], input: body).status == 2)
+        // The secret from the variable serve reads, out of `ps`'s sight; without either, a sentence.
+        let fromEnvironment = try await Binary.run(
+            ["sign", "--timestamp", "1795000000"], environment: ["KORAIDV_WEBHOOK_SECRET": "whsec_cli"], input: body)
+        #expect(fromEnvironment.stdout == signed.stdout)
+        let without = try await Binary.run(["sign"], input: body)
+        #expect(without.status != 0)
+        #expect(without.stderr.contains("Set KORAIDV_WEBHOOK_SECRET to the webhook secret, or give --secret."))
 
         let receiver = Receiver()
         try await withReceiver(receiver) { (port: Int) async throws in
