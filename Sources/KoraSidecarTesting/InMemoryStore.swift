@@ -128,14 +128,14 @@ final class InMemoryStore: SidecarStore {
                 state.deliveries[delivery.summary.id]?.leaseUntil = now.adding(lease)
                 return DeliveryJob(
                     deliveryID: delivery.summary.id, service: service, attempt: delivery.summary.attempts + 1, event: delivery.event,
-                    bodyProblem: state.bodyGone[delivery.event.id])
+                    bodyProblem: state.bodyGone[delivery.event.id], leaseUntil: now.adding(lease))
             }
         }
     }
 
-    package func finish(deliveryID: Int64, attempt: AttemptRecord, next: NextStep) async throws {
+    package func finish(deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep) async throws {
         try write { state in
-            guard var delivery = state.deliveries[deliveryID] else { return }
+            guard var delivery = state.deliveries[deliveryID], delivery.leaseUntil == leasedUntil else { return }
             delivery.attempts.append(attempt)
             delivery.leaseUntil = nil
             delivery.summary.attempts = attempt.attempt

@@ -140,7 +140,7 @@ struct DataProtectionTests {
                 for job in try await store.claimDue(service: service, now: at(1), limit: 10, lease: .seconds(60)) {
                     let dead = job.event.id == "e1" && service == "b"
                     let record = AttemptRecord(attempt: 1, at: at(10), statusCode: dead ? 500 : 204, error: nil, durationMilliseconds: 1)
-                    try await store.finish(deliveryID: job.deliveryID, attempt: record, next: dead ? .dead : .delivered)
+                    try await store.finish(deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: record, next: dead ? .dead : .delivered)
                 }
             }
             #expect(try await store.expireBodies(deliveredBefore: at(5), deadBefore: at(5), limit: 100) == 0)
@@ -166,11 +166,11 @@ struct DataProtectionTests {
         try await store.with([Self.testKey], payloadRetention: .zero) { store in
             _ = try await store.enqueue(try event("e1", verification: "ver_1", marker: "m"), services: ["a", "b"], at: t0, dedupSince: at(-1))
             let a = try #require(try await store.claimDue(service: "a", now: at(1), limit: 1, lease: .seconds(60)).first)
-            try await store.finish(deliveryID: a.deliveryID, attempt: .init(attempt: 1, at: at(2), statusCode: 204, error: nil, durationMilliseconds: 1), next: .delivered)
+            try await store.finish(deliveryID: a.deliveryID, leasedUntil: a.leaseUntil, attempt: .init(attempt: 1, at: at(2), statusCode: 204, error: nil, durationMilliseconds: 1), next: .delivered)
             // b still waits for it.
             #expect(try await store.delivery(id: a.deliveryID)?.event.map(\.id) == .success("e1"))
             let b = try #require(try await store.claimDue(service: "b", now: at(3), limit: 1, lease: .seconds(60)).first)
-            try await store.finish(deliveryID: b.deliveryID, attempt: .init(attempt: 1, at: at(4), statusCode: 204, error: nil, durationMilliseconds: 1), next: .delivered)
+            try await store.finish(deliveryID: b.deliveryID, leasedUntil: b.leaseUntil, attempt: .init(attempt: 1, at: at(4), statusCode: 204, error: nil, durationMilliseconds: 1), next: .delivered)
             #expect(try await store.delivery(id: a.deliveryID)?.event == .failure(.expired))
         }
     }

@@ -104,10 +104,10 @@ struct StoreTests {
         let first = try await store.claimDue(service: "a", now: at(5), limit: 10, lease: .seconds(30), ordered: true)
         #expect(first.map(\.event.id) == ["v1-first", "v2-only"])
         let done = AttemptRecord(attempt: 1, at: at(5), statusCode: 204, error: nil, durationMilliseconds: 1)
-        try await store.finish(deliveryID: first[1].deliveryID, attempt: done, next: .delivered)
+        try await store.finish(deliveryID: first[1].deliveryID, leasedUntil: first[1].leaseUntil, attempt: done, next: .delivered)
         // A retry keeps the later event waiting, and the wait is not "due now".
         let failed = AttemptRecord(attempt: 1, at: at(5), statusCode: 500, error: nil, durationMilliseconds: 1)
-        try await store.finish(deliveryID: first[0].deliveryID, attempt: failed, next: .retry(at: at(60)))
+        try await store.finish(deliveryID: first[0].deliveryID, leasedUntil: first[0].leaseUntil, attempt: failed, next: .retry(at: at(60)))
         #expect(try await store.claimDue(service: "a", now: at(10), limit: 10, lease: .seconds(30), ordered: true).isEmpty)
         #expect(try await store.nextDueTime(service: "a", ordered: true) == at(60))
         // Unordered, the later event would go now; another service is not held up either way.
@@ -118,7 +118,7 @@ struct StoreTests {
         #expect(retried.event.id == "v1-first")
         let delivered = AttemptRecord(attempt: 2, at: at(61), statusCode: 204, error: nil, durationMilliseconds: 1)
         let next = try await store.finishAndClaimNext(
-            deliveryID: retried.deliveryID, attempt: delivered, next: .delivered, service: "a", now: at(61), lease: .seconds(30), ordered: true)
+            deliveryID: retried.deliveryID, leasedUntil: retried.leaseUntil, attempt: delivered, next: .delivered, service: "a", now: at(61), lease: .seconds(30), ordered: true)
         #expect(next?.event.id == "v1-second")
     }
 
@@ -139,7 +139,7 @@ struct StoreTests {
         {
             let dead = job.event.id == "f2" && job.service == "b"
             let record = AttemptRecord(attempt: 1, at: at(31), statusCode: dead ? 500 : 204, error: nil, durationMilliseconds: 1)
-            try await store.finish(deliveryID: job.deliveryID, attempt: record, next: dead ? .dead : .delivered)
+            try await store.finish(deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: record, next: dead ? .dead : .delivered)
         }
         func count(_ filter: DeliveryFilter) async throws -> Int { try await store.requeue(filter, at: at(40), dryRun: true).selected }
         #expect(try await count(DeliveryFilter(statuses: [.delivered])) == 5)
@@ -212,6 +212,27 @@ struct StoreTests {
     }
 
     @Test(arguments: Kind.allCases)
+    func aWorkerWhoseLeaseRanOutRecordsNothingOverTheNextOnesResult(kind: Kind) async throws {
+        // A stalled worker (or a replica whose clock is behind) finishes after its lease ended and
+        // another worker delivered: its late "retry" turned the delivery back to pending (sent again).
+        let (store, cleanup) = try await makeStore(kind)
+        defer { cleanup() }
+        _ = try await store.enqueue(event("e0"), services: ["a"], at: t0, dedupSince: at(-1000))
+        let stalled = try #require(try await store.claimDue(service: "a", now: at(1), limit: 1, lease: .seconds(30)).first)
+        let next = try #require(try await store.claimDue(service: "a", now: at(40), limit: 1, lease: .seconds(30)).first)
+        #expect(next.deliveryID == stalled.deliveryID)
+        try await store.finish(
+            deliveryID: next.deliveryID, leasedUntil: next.leaseUntil,
+            attempt: .init(attempt: 1, at: at(41), statusCode: 204, error: nil, durationMilliseconds: 5), next: .delivered)
+        try await store.finish(
+            deliveryID: stalled.deliveryID, leasedUntil: stalled.leaseUntil,
+            attempt: .init(attempt: 1, at: at(42), statusCode: nil, error: "timed out", durationMilliseconds: 35_000), next: .retry(at: at(100)))
+        let detail = try #require(try await store.delivery(id: stalled.deliveryID))
+        #expect(detail.summary.status == .delivered)
+        #expect(detail.attempts.map(\.statusCode) == [204])
+    }
+
+    @Test(arguments: Kind.allCases)
     func aRetryOfADeliveryBeingSentLeavesItWithItsWorker(kind: Kind) async throws {
         let (store, cleanup) = try await makeStore(kind)
         defer { cleanup() }
@@ -257,16 +278,18 @@ struct StoreTests {
         let first = try #require(try await store.claimDue(service: "a", now: at(10), limit: 1, lease: .seconds(30)).first)
         let delivered = AttemptRecord(attempt: 1, at: at(10), statusCode: 204, error: nil, durationMilliseconds: 2)
         let second = try await store.finishAndClaimNext(
-            deliveryID: first.deliveryID, attempt: delivered, next: .delivered, service: "a", now: at(11), lease: .seconds(30), ordered: false)
+            deliveryID: first.deliveryID, leasedUntil: first.leaseUntil, attempt: delivered, next: .delivered, service: "a", now: at(11),
+            lease: .seconds(30), ordered: false)
         #expect(second?.event.id == "e1")
         #expect(try await store.delivery(id: first.deliveryID)?.summary.status == .delivered)
         // The next one is leased: no other worker gets it until the lease ends.
         #expect(try await store.claimDue(service: "a", now: at(12), limit: 10, lease: .seconds(30)).isEmpty)
-        #expect(try await store.claimDue(service: "a", now: at(42), limit: 10, lease: .seconds(30)).map(\.event.id) == ["e1"])
-        // With nothing left to lease, the attempt is still recorded.
+        let retaken = try await store.claimDue(service: "a", now: at(42), limit: 10, lease: .seconds(30))
+        #expect(retaken.map(\.event.id) == ["e1"])
+        // With nothing left to lease, the attempt is still recorded (under the lease that holds it now).
         let last = try await store.finishAndClaimNext(
-            deliveryID: try #require(second).deliveryID, attempt: delivered, next: .retry(at: at(100)), service: "a", now: at(43),
-            lease: .seconds(30), ordered: false)
+            deliveryID: try #require(retaken.first).deliveryID, leasedUntil: try #require(retaken.first).leaseUntil, attempt: delivered,
+            next: .retry(at: at(100)), service: "a", now: at(43), lease: .seconds(30), ordered: false)
         #expect(last == nil)
         #expect(try await store.nextDueTime(service: "a", ordered: false) == at(100))
     }
@@ -278,14 +301,14 @@ struct StoreTests {
         _ = try await store.enqueue(event("e1"), services: ["a"], at: t0, dedupSince: at(-1))
         let job = try #require(try await store.claimDue(service: "a", now: t0, limit: 1, lease: .seconds(30)).first)
         try await store.finish(
-            deliveryID: job.deliveryID, attempt: .init(attempt: 1, at: t0, statusCode: 500, error: nil, durationMilliseconds: 3),
+            deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: .init(attempt: 1, at: t0, statusCode: 500, error: nil, durationMilliseconds: 3),
             next: .retry(at: at(60)))
         #expect(try await store.claimDue(service: "a", now: at(59), limit: 1, lease: .seconds(30)).isEmpty)
         #expect(try await store.nextDueTime(service: "a", ordered: false) == at(60))
         let second = try #require(try await store.claimDue(service: "a", now: at(60), limit: 1, lease: .seconds(30)).first)
         #expect(second.attempt == 2)
         try await store.finish(
-            deliveryID: second.deliveryID, attempt: .init(attempt: 2, at: at(60), statusCode: nil, error: "connection refused", durationMilliseconds: 1),
+            deliveryID: second.deliveryID, leasedUntil: second.leaseUntil, attempt: .init(attempt: 2, at: at(60), statusCode: nil, error: "connection refused", durationMilliseconds: 1),
             next: .dead)
         let detail = try #require(try await store.delivery(id: job.deliveryID))
         #expect(detail.summary.status == .dead)
@@ -298,7 +321,7 @@ struct StoreTests {
         let third = try #require(try await store.claimDue(service: "a", now: at(70), limit: 1, lease: .seconds(30)).first)
         #expect(third.attempt == 3)
         try await store.finish(
-            deliveryID: third.deliveryID, attempt: .init(attempt: 3, at: at(70), statusCode: 204, error: nil, durationMilliseconds: 1),
+            deliveryID: third.deliveryID, leasedUntil: third.leaseUntil, attempt: .init(attempt: 3, at: at(70), statusCode: 204, error: nil, durationMilliseconds: 1),
             next: .delivered)
         #expect(try await store.deliveries(status: .delivered, limit: 10).count == 1)
         #expect(try await !store.requeue(id: job.deliveryID, at: at(80)))
@@ -315,7 +338,7 @@ struct StoreTests {
         }
         for job in try await store.claimDue(service: "a", now: t0, limit: 3, lease: .seconds(30)) {
             try await store.finish(
-                deliveryID: job.deliveryID, attempt: .init(attempt: 1, at: t0, statusCode: 410, error: nil, durationMilliseconds: 1), next: .dead)
+                deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: .init(attempt: 1, at: t0, statusCode: 410, error: nil, durationMilliseconds: 1), next: .dead)
         }
         let depth = try await store.depth()
         #expect(depth.first { $0.status == .dead }?.count == 3)
@@ -334,7 +357,7 @@ struct StoreTests {
         _ = try await store.enqueue(event("pending"), services: ["a"], at: t0, dedupSince: at(-1))
         let job = try #require(try await store.claimDue(service: "a", now: t0, limit: 1, lease: .seconds(30)).first)
         try await store.finish(
-            deliveryID: job.deliveryID, attempt: .init(attempt: 1, at: t0, statusCode: 200, error: nil, durationMilliseconds: 1), next: .delivered)
+            deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: .init(attempt: 1, at: t0, statusCode: 200, error: nil, durationMilliseconds: 1), next: .delivered)
         try await store.quarantine(.init(receivedAt: t0, reason: "bad", body: [1], headers: [:], signatureVerified: true))
         let result = try await store.prune(deliveredBefore: at(1), seenBefore: at(1))
         #expect(result == PruneResult(deliveries: 1, seenIDs: 2))

@@ -200,11 +200,12 @@ final class OutboxDispatcher: Service, Sendable {
             guard !stopping.load(ordering: .relaxed), breakers[service.name]?.isClosed ?? true,
                 (rateLimits[service.name]?.take(now: .now()) ?? .zero) == .zero
             else {
-                try await store.finish(deliveryID: job.deliveryID, attempt: record, next: next)
+                try await store.finish(deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: record, next: next)
                 return nil
             }
             let following = try await store.finishAndClaimNext(
-                deliveryID: job.deliveryID, attempt: record, next: next, service: service.name, now: .now(), lease: lease, ordered: ordered)
+                deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: record, next: next, service: service.name, now: .now(),
+                lease: lease, ordered: ordered)
             // Nothing else due: the token taken for it goes back (the breaker was closed: no probe).
             if following == nil { rateLimits[service.name]?.giveBack() }
             return following

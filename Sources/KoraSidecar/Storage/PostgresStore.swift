@@ -305,7 +305,9 @@ final class PostgresStore: SidecarStore, Service {
         ).map { row in
             let (id, attempts) = try row.decode((Int64, Int64).self)
             let (event, problem) = try self.event(row, from: 2)
-            return DeliveryJob(deliveryID: id, service: service, attempt: Int(attempts) + 1, event: event, bodyProblem: problem)
+            return DeliveryJob(
+                deliveryID: id, service: service, attempt: Int(attempts) + 1, event: event, bodyProblem: problem,
+                leaseUntil: UnixTime(milliseconds: leaseUntil))
         }
     }
 
@@ -329,24 +331,28 @@ final class PostgresStore: SidecarStore, Service {
         return (event, problem)
     }
 
-    package func finish(deliveryID: Int64, attempt: AttemptRecord, next: NextStep) async throws {
+    package func finish(deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep) async throws {
         let (status, nextAt) = next.statusAndTime(after: attempt)
         try await inTransaction { connection in
-            try await connection.query(
-                """
-                INSERT INTO kora_attempts(delivery_id, attempt, at, status_code, error, duration_ms)
-                SELECT \(deliveryID), \(attempt.attempt), \(attempt.at.milliseconds), \(attempt.statusCode), \(attempt.error),
-                       \(attempt.durationMilliseconds)
-                WHERE EXISTS (SELECT 1 FROM kora_deliveries WHERE id = \(deliveryID))
-                ON CONFLICT(delivery_id, attempt) DO UPDATE SET at = excluded.at, status_code = excluded.status_code,
-                    error = excluded.error, duration_ms = excluded.duration_ms
-                """, logger: self.logger)
-            try await connection.query(
+            let updated = try await connection.query(
                 """
                 UPDATE kora_deliveries SET status = \(status.rawValue), attempts = \(attempt.attempt), next_attempt_at = \(nextAt),
                     lease_until = NULL, last_status = \(attempt.statusCode), last_error = \(attempt.error),
                     updated_at = \(attempt.at.milliseconds)
-                WHERE id = \(deliveryID)
+                WHERE id = \(deliveryID) AND lease_until = \(leasedUntil.milliseconds)
+                RETURNING id
+                """, logger: self.logger
+            ).collect()
+            // Its lease is another worker's now (on this replica or another), or an erasure removed the
+            // delivery while it was being sent: nothing is recorded.
+            guard !updated.isEmpty else { return }
+            try await connection.query(
+                """
+                INSERT INTO kora_attempts(delivery_id, attempt, at, status_code, error, duration_ms)
+                VALUES (\(deliveryID), \(attempt.attempt), \(attempt.at.milliseconds), \(attempt.statusCode), \(attempt.error),
+                       \(attempt.durationMilliseconds))
+                ON CONFLICT(delivery_id, attempt) DO UPDATE SET at = excluded.at, status_code = excluded.status_code,
+                    error = excluded.error, duration_ms = excluded.duration_ms
                 """, logger: self.logger)
             // `payloadRetention` 0: the body goes as soon as its event's last delivery was delivered.
             if next == .delivered, self.protection.payloadRetention == .zero {

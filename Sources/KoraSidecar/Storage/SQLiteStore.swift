@@ -203,15 +203,16 @@ final class SQLiteStore: SidecarStore {
         }
     }
 
-    package func finish(deliveryID: Int64, attempt: AttemptRecord, next: NextStep) async throws {
-        try await database.write { db in try self.finish(db, deliveryID: deliveryID, attempt: attempt, next: next) }
+    package func finish(deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep) async throws {
+        try await database.write { db in try self.finish(db, deliveryID: deliveryID, leasedUntil: leasedUntil, attempt: attempt, next: next) }
     }
 
     func finishAndClaimNext(
-        deliveryID: Int64, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration, ordered: Bool
+        deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration,
+        ordered: Bool
     ) async throws -> DeliveryJob? {
         try await database.write { db in
-            try self.finish(db, deliveryID: deliveryID, attempt: attempt, next: next)
+            try self.finish(db, deliveryID: deliveryID, leasedUntil: leasedUntil, attempt: attempt, next: next)
             return try self.claimDue(db, service: service, now: now, limit: 1, lease: lease, ordered: ordered).first
         }
     }
@@ -258,37 +259,37 @@ final class SQLiteStore: SidecarStore {
             ORDER BY d.next_attempt_at, d.id LIMIT ?
             """,
             [.text(service), .integer(now.milliseconds), .integer(now.milliseconds), .int(limit)])
-        let leaseUntil = now.adding(lease).milliseconds
+        let leaseUntil = now.adding(lease)
         return try rows.map { row in
-            try db.query("UPDATE deliveries SET lease_until = ? WHERE id = ?", [.integer(leaseUntil), .integer(row.int(0))])
+            try db.query("UPDATE deliveries SET lease_until = ? WHERE id = ?", [.integer(leaseUntil.milliseconds), .integer(row.int(0))])
             let (event, problem) = event(row, from: 2)
-            return DeliveryJob(deliveryID: row.int(0), service: service, attempt: Int(row.int(1)) + 1, event: event, bodyProblem: problem)
+            return DeliveryJob(
+                deliveryID: row.int(0), service: service, attempt: Int(row.int(1)) + 1, event: event, bodyProblem: problem, leaseUntil: leaseUntil)
         }
     }
 
-    private func finish(_ db: SQLiteConnection, deliveryID: Int64, attempt: AttemptRecord, next: NextStep) throws {
-        // An erasure may have removed the delivery while it was being sent: nothing is recorded then.
-        try db.query(
-            """
-            INSERT OR REPLACE INTO attempts(delivery_id, attempt, at, status_code, error, duration_ms)
-            SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE EXISTS (SELECT 1 FROM deliveries WHERE id = ?1)
-            """,
-            [
-                .integer(deliveryID), .int(attempt.attempt), .integer(attempt.at.milliseconds),
-                attempt.statusCode.map(SQLiteValue.int) ?? .null, .optional(attempt.error),
-                .int(attempt.durationMilliseconds),
-            ])
+    private func finish(_ db: SQLiteConnection, deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep) throws {
         let (status, nextAt) = next.statusAndTime(after: attempt)
         try db.query(
             """
             UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, lease_until = NULL,
                 last_status = ?, last_error = ?, updated_at = ?
-            WHERE id = ?
+            WHERE id = ? AND lease_until = ?
             """,
             [
                 .text(status.rawValue), .int(attempt.attempt), .integer(nextAt),
                 attempt.statusCode.map(SQLiteValue.int) ?? .null, .optional(attempt.error),
-                .integer(attempt.at.milliseconds), .integer(deliveryID),
+                .integer(attempt.at.milliseconds), .integer(deliveryID), .integer(leasedUntil.milliseconds),
+            ])
+        // Its lease is no longer this worker's, or an erasure removed the delivery while it was being
+        // sent: nothing is recorded.
+        guard db.changes > 0 else { return }
+        try db.query(
+            "INSERT OR REPLACE INTO attempts(delivery_id, attempt, at, status_code, error, duration_ms) VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                .integer(deliveryID), .int(attempt.attempt), .integer(attempt.at.milliseconds),
+                attempt.statusCode.map(SQLiteValue.int) ?? .null, .optional(attempt.error),
+                .int(attempt.durationMilliseconds),
             ])
         // `payloadRetention` 0: the body goes as soon as its event's last delivery was delivered.
         if next == .delivered, protection.payloadRetention == .zero {

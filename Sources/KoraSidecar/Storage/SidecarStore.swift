@@ -26,12 +26,16 @@ package protocol SidecarStore: Sendable {
     /// a lease not finished within `lease` makes the delivery due again. `ordered`: a delivery
     /// whose verification has an earlier delivery still pending for the service is not due yet.
     func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration, ordered: Bool) async throws -> [DeliveryJob]
-    /// Records one attempt of a leased delivery and what follows from it.
-    func finish(deliveryID: Int64, attempt: AttemptRecord, next: NextStep) async throws
-    /// ``finish(deliveryID:attempt:next:)``, then ``claimDue(service:now:limit:lease:ordered:)`` of one
-    /// delivery: a busy worker's two calls per delivery, as one transaction where the store can.
+    /// Records one attempt of a leased delivery and what follows from it, if the lease that ends at
+    /// `leasedUntil` still holds it (the claim's ``DeliveryJob/leaseUntil``). A lease that ran out
+    /// and was taken by another worker (a stalled process, a replica's clock) is that worker's now:
+    /// a late result recorded over its own would undo a delivery or kill a live one.
+    func finish(deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep) async throws
+    /// ``finish(deliveryID:leasedUntil:attempt:next:)``, then ``claimDue(service:now:limit:lease:ordered:)``
+    /// of one delivery: a busy worker's two calls per delivery, as one transaction where the store can.
     func finishAndClaimNext(
-        deliveryID: Int64, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration, ordered: Bool
+        deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration,
+        ordered: Bool
     ) async throws -> DeliveryJob?
     /// When the next pending delivery of `service` becomes due (`ordered`: not counting those
     /// waiting behind an earlier delivery of their verification), if any.
@@ -128,13 +132,16 @@ package struct DeliveryJob: Sendable {
     package var event: KoraEvent
     /// Why the event's body could not be read; such a job is not sent.
     package var bodyProblem: BodyProblem?
+    /// When the claim's lease ends: the fence its attempt is recorded under.
+    package var leaseUntil: UnixTime
 
-    package init(deliveryID: Int64, service: String, attempt: Int, event: KoraEvent, bodyProblem: BodyProblem? = nil) {
+    package init(deliveryID: Int64, service: String, attempt: Int, event: KoraEvent, bodyProblem: BodyProblem? = nil, leaseUntil: UnixTime) {
         self.deliveryID = deliveryID
         self.service = service
         self.attempt = attempt
         self.event = event
         self.bodyProblem = bodyProblem
+        self.leaseUntil = leaseUntil
     }
 }
 
@@ -451,9 +458,10 @@ package struct OutboxDepth: Sendable, Equatable {
 
 extension SidecarStore {
     package func finishAndClaimNext(
-        deliveryID: Int64, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration, ordered: Bool
+        deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration,
+        ordered: Bool
     ) async throws -> DeliveryJob? {
-        try await finish(deliveryID: deliveryID, attempt: attempt, next: next)
+        try await finish(deliveryID: deliveryID, leasedUntil: leasedUntil, attempt: attempt, next: next)
         return try await claimDue(service: service, now: now, limit: 1, lease: lease, ordered: ordered).first
     }
 
