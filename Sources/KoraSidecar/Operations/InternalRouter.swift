@@ -11,7 +11,7 @@ func buildInternalRouter(
 ) -> Router<SidecarRequestContext> {
     let router = Router(context: SidecarRequestContext.self)
     router.add(middleware: ErrorShapeMiddleware())
-    router.add(middleware: BrowserHostMiddleware(allowedHosts: configuration.internal.allowedHosts))
+    router.add(middleware: RebindingGuard(configuration: configuration))
     addHealthRoutes(to: router, configuration: configuration, store: store, readiness: readiness, metrics: metrics, breakers: breakers)
     addConsoleRoutes(to: router)
     let admin = router.group("admin").add(middleware: AdminTokenMiddleware(token: configuration.internal.adminToken))
@@ -109,37 +109,58 @@ struct AdminTokenMiddleware: RouterMiddleware {
     }
 }
 
-/// Refuses a browser's request whose `Host` is a DNS name the operator did not list in
-/// `internal.allowedHosts`: against DNS rebinding, where a page of `attacker.example` has its name
-/// answered with 127.0.0.1 and then reads the admin API and the proxy as its own origin (its
-/// requests are same-origin, so the admin origin check cannot see them). IP addresses and
-/// `localhost` are what the documented tunnels give, and no DNS answer changes them. Services are
-/// not browsers (they send no `Sec-Fetch-Site` and no `Origin`) and may use any name.
-struct BrowserHostMiddleware: RouterMiddleware {
+/// Refuses a request whose `Host` is a DNS name a web page could have pointed at this listener,
+/// unless it carries a token the listener knows. This is DNS rebinding: a page of
+/// `attacker.example` gets its name answered with 127.0.0.1 while an operator's tunnel is open. Its
+/// requests are then same-origin with the listener, and a browser marks none of them (no `Origin`
+/// on a GET, no `Sec-Fetch-*` to a plain-HTTP name). Without a token it could read the admin API
+/// and call Kora as the service that has none. Such a page knows no token, and cannot use an IP
+/// address, `localhost`, a one-label name (`kora-sidecar`), a cluster service name (`….svc`,
+/// `….svc.cluster.local`) or a name the operator listed in `internal.allowedHosts`. Health,
+/// readiness and metrics hold no data and answer any name.
+struct RebindingGuard: RouterMiddleware {
     let allowedHosts: Set<String>
+    /// `internal.adminToken` and every service's token.
+    let tokens: [[UInt8]]
+
+    init(configuration: SidecarConfiguration) {
+        allowedHosts = configuration.internal.allowedHosts
+        tokens = ([configuration.internal.adminToken] + configuration.services.map(\.token)).compactMap { $0?.bytes }
+    }
 
     func handle(_ request: Request, context: SidecarRequestContext, next: (Request, SidecarRequestContext) async throws -> Response) async throws -> Response {
-        if request.headers[.secFetchSite] != nil || request.headers[.origin] != nil,
-            !Self.isAllowed(authority: request.head.authority, names: allowedHosts)
-        {
+        guard Self.openPaths.contains(request.uri.path) || Self.isAllowed(authority: request.head.authority, names: allowedHosts) || carriesToken(request)
+        else {
             throw SidecarHTTPError(
                 .forbidden, code: "FORBIDDEN",
-                message: "A browser may reach this listener only by IP address, localhost or a name in internal.allowedHosts.")
+                message: "This listener answers a DNS name only with a token: use its IP address, localhost or a name in internal.allowedHosts.")
         }
         return try await next(request, context)
     }
 
-    /// Whether `authority` (`host[:port]`) names this machine by an IP address, `localhost` or one
-    /// of `names`.
+    /// Whether the request's bearer token is one of `tokens` (each compared in constant time).
+    private func carriesToken(_ request: Request) -> Bool {
+        guard let header = request.headers[.authorization], let given = ServiceIdentity.bearerToken(header) else { return false }
+        let bytes = Array(given.utf8)
+        var found = false
+        for token in tokens where ConstantTime.equal(bytes, token) { found = true }
+        return found
+    }
+
+    private static let openPaths: Set<String> = ["/healthz", "/readyz", "/metrics"]
+
+    /// Whether `authority` (`host[:port]`; nil without a `Host`, which no browser sends) is a name
+    /// no web page can choose.
     static func isAllowed(authority: String?, names: Set<String>) -> Bool {
-        guard let authority = authority?.lowercased(), !authority.isEmpty else { return false }
+        guard let authority = authority?.lowercased(), !authority.isEmpty else { return true }
         if authority.hasPrefix("[") { return authority.contains("]") }
         var host = Substring(authority)
         if let colon = host.lastIndex(of: ":"), host[host.index(after: colon)...].allSatisfy(\.isDigitByte) {
             host = host[..<colon]
         }
         if host.hasSuffix(".") { host = host.dropLast() }
-        return host == "localhost" || isIPv4(host) || names.contains(String(host))
+        return !host.contains(".") || host.hasSuffix(".svc") || host.hasSuffix(".svc.cluster.local") || isIPv4(host)
+            || names.contains(String(host))
     }
 
     private static func isIPv4(_ host: Substring) -> Bool {
@@ -149,7 +170,7 @@ struct BrowserHostMiddleware: RouterMiddleware {
 }
 
 extension HTTPField.Name {
-    /// Where a browser says a request comes from (every current browser sends it; other clients do not).
+    /// Where a browser says a request comes from (current browsers send it to HTTPS and loopback addresses).
     fileprivate static let secFetchSite = HTTPField.Name("Sec-Fetch-Site")!
 }
 

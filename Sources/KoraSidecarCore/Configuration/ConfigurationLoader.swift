@@ -225,7 +225,7 @@ extension SidecarConfiguration {
             for (index, name) in names.enumerated() where !InternalConfiguration.isHostName(name) {
                 object.reader.report("\(object.path("allowedHosts"))[\(index)]", "must be a host name without scheme or port, like console.example.internal")
             }
-            configuration.allowedHosts = Set(names.map { $0.lowercased() })
+            configuration.allowedHosts = Set(names.map { $0.hasSuffix(".") ? String($0.lowercased().dropLast()) : $0.lowercased() })
         }
         configuration.limits = readLimits(object, default: configuration.limits)
         return configuration
