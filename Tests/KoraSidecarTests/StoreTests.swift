@@ -242,6 +242,7 @@ struct StoreTests {
         // An operator retries one, then every pending delivery, while a worker is sending them.
         #expect(try await store.requeue(id: held[0].deliveryID, at: at(2)))
         #expect(try await store.requeue(DeliveryFilter(statuses: [.pending]), at: at(2), dryRun: false).selected == 2)
+        #expect(try await store.deliveries(status: nil, limit: 10).map(\.updatedAt) == [at(2), at(2)])
         #expect(try await store.claimDue(service: "a", now: at(3), limit: 10, lease: .seconds(30)).isEmpty)
         // A lease that has ended is no obstacle: both are due again after it.
         #expect(try await store.claimDue(service: "a", now: at(31), limit: 10, lease: .seconds(30)).count == 2)

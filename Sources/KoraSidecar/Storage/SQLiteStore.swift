@@ -425,7 +425,8 @@ final class SQLiteStore: SidecarStore {
         return try await database.write { db in
             let bodyGone = Int(try db.query(gone, values).first?.int(0) ?? 0)
             try db.query(
-                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, \(Self.leaseEndedBy("next_attempt_at")), updated_at = next_attempt_at WHERE id IN (\(selection))",
+                // Every right-hand side reads the row as it was: the new time is ?1 throughout.
+                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?1, \(Self.leaseEndedBy("?1")), updated_at = ?1 WHERE id IN (\(selection))",
                 [.integer(at.milliseconds)] + values)
             return RequeueCount(selected: db.changes, bodyGone: bodyGone)
         }
