@@ -60,10 +60,10 @@ struct WebhookIngress: Sendable {
         let body = Array(buffer.readableBytesView)
         let now = clock()
         var log: Logger.Metadata = ["webhook.bytes": "\(body.count)"]
-        let unverified = try verify(body, request.headers, at: now, &log)
+        let unverified = try await verify(body, request.headers, at: now, &log)
         let event = try await normalize(body, request.headers, verified: unverified == nil, at: now, &log)
-        let dedupSince = UnixTime(milliseconds: now.milliseconds - Int64(configuration.dedupWindowHours) * 3_600_000)
-        let result = try await handoff.take(event, at: now, dedupSince: dedupSince, route: { try await router.recipients(of: event) }, log: log)
+        let result = try await handoff.take(
+            event, at: now, dedupSince: dedupSince(now), route: { try await router.recipients(of: event) }, log: log)
         return answer(result, unverified: unverified, log)
     }
 
@@ -72,7 +72,7 @@ struct WebhookIngress: Sendable {
     /// - Throws: 401 with the failure's code when enforcing.
     private func verify(
         _ body: [UInt8], _ headers: HTTPFields, at now: UnixTime, _ log: inout Logger.Metadata
-    ) throws(SidecarHTTPError) -> SignatureFailure? {
+    ) async throws(SidecarHTTPError) -> SignatureFailure? {
         let signature = SignatureHeaders(
             signature: headers[Header.signature], timestamp: headers[Header.timestamp], algorithm: headers[Header.algorithm],
             legacySignature: headers[Header.legacySignature])
@@ -82,23 +82,44 @@ struct WebhookIngress: Sendable {
             return nil
         case .failure(let failure):
             log["webhook.result"] = "\(failure.rawValue)"
-            if failure == .staleTimestamp, verifier.isSignedOutsideWindow(body: body, headers: signature) {
-                metrics.webhookSignedLate()
-                var late = log
-                // The body is Kora's (its signature holds): its id is the event's, and this path is rare.
-                late["webhook.id"] = "\((try? EventNormalizer.normalize(body: body, webhookID: headers[Header.webhookID], receivedAt: now))?.id ?? "-")"
-                late["webhook.timestamp"] = "\(signature.timestamp ?? "-")"
-                logger.error(
-                    "A webhook signed with the webhook secret arrived outside webhooks.toleranceSeconds: its event is not accepted; check the clock, and find the event by its id",
-                    metadata: late)
-            }
             guard !configuration.enforce else {
+                if failure == .staleTimestamp, verifier.isSignedOutsideWindow(body: body, headers: signature) {
+                    await reportLate(body, headers, timestamp: signature.timestamp, at: now, log)
+                }
                 logger.warning("Webhook rejected", metadata: log)
                 throw SidecarHTTPError(.unauthorized, code: failure.rawValue, message: failure.message)
             }
             logger.warning("Webhook signature not verified; delivering anyway (report-only mode)", metadata: log)
             return failure
         }
+    }
+
+    /// Says that a webhook refused as stale was signed with the secret: Kora's own, so its event is
+    /// lost unless an operator gets it from Kora. Said quietly when the sidecar already accepted that
+    /// event (Kora sending it again late, or a captured webhook replayed), so that nobody can raise
+    /// the alert at will with a webhook they hold.
+    private func reportLate(_ body: [UInt8], _ headers: HTTPFields, timestamp: String?, at now: UnixTime, _ log: Logger.Metadata) async {
+        var late = log
+        late["webhook.timestamp"] = "\(timestamp ?? "-")"
+        let event = try? EventNormalizer.normalize(body: body, webhookID: headers[Header.webhookID], receivedAt: now)
+        late["webhook.id"] = "\(event?.id ?? "-")"
+        var accepted = false
+        for key in event?.dedupKeys ?? [] where !accepted {
+            accepted = (try? await store.isDuplicate(eventID: key, since: dedupSince(now))) ?? false
+        }
+        guard !accepted else {
+            logger.info("A webhook signed with the webhook secret arrived outside webhooks.toleranceSeconds; its event was accepted before", metadata: late)
+            return
+        }
+        metrics.webhookSignedLate()
+        logger.error(
+            "A webhook signed with the webhook secret arrived outside webhooks.toleranceSeconds: its event is not accepted; check the clock, and find the event by its id",
+            metadata: late)
+    }
+
+    /// Since when an event id counts as seen (`webhooks.dedupWindowHours`).
+    private func dedupSince(_ now: UnixTime) -> UnixTime {
+        UnixTime(milliseconds: now.milliseconds - Int64(configuration.dedupWindowHours) * 3_600_000)
     }
 
     /// The event in the normalised schema.

@@ -64,12 +64,13 @@ package struct SidecarMetrics: Sendable {
         counter("kora_sidecar_stored_bodies_unreadable_total", []).increment()
     }
 
-    /// Kora refused the configured API key (401): every proxied call fails until it is fixed.
-    /// A webhook signed with a configured secret but refused as outside the tolerance window.
+    /// A webhook signed with a configured secret, refused as outside the tolerance window, whose
+    /// event was never accepted.
     func webhookSignedLate() {
         counter("kora_sidecar_webhooks_signed_late_total", []).increment()
     }
 
+    /// Kora refused the configured API key (401): every proxied call fails until it is fixed.
     func koraCredentialsRejected() {
         counter("kora_sidecar_kora_credentials_rejected_total", []).increment()
     }
