@@ -174,6 +174,7 @@ struct IdempotencyTests {
         let createdAt = formatter.string(from: Date())
         for (lookup, expected) in [
             (ScriptedKora.Reply.answer(200, [], #"{"verifications":[{"id":"ver_first","createdAt":"\#(createdAt)"}]}"#), 201),
+            (.answer(200, [], #"{"data":[{"id":"ver_first","created_at":"\#(createdAt)"}]}"#), 201),
             (.answer(200, [], #"{"verifications":[{"id":"ver_first","createdAt":"yesterday"}]}"#), 503),
             (.answer(200, [], #"{"items":"?"}"#), 503),
             (.answer(500, [], #"{"error":"Internal"}"#), 503),

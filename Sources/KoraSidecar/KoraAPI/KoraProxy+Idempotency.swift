@@ -111,16 +111,21 @@ extension KoraProxy {
             case .array(let verifications)? = list["verifications"] ?? list["data"]
         else { throw unreadable }
         let earliest = since.milliseconds - 60_000
-        var created: [JSONValue] = []
+        // The latest one no other service created through the sidecar (the same person, signing up
+        // through two services: taking it would move its events away from that service). One whose
+        // time cannot be read might be it: the answer then waits for a readable list.
+        var latest: (id: String, verification: JSONValue)?
         for verification in verifications {
-            guard let text = verification["createdAt"]?.text, let at = UnixTime.parse(text, now: .now()) else { throw unreadable }
-            if at.milliseconds >= earliest { created.append(verification) }
-        }
-        // The latest one, unless another service created it through the sidecar (the same person,
-        // signing up through two services): taking it would move its events away from that service.
-        for found in created.reversed() {
-            guard let id = found["id"]?.text else { continue }
+            guard let id = verification["id"]?.text else { continue }
             if let origin = try await store.origin(ofVerification: id), origin != caller.name { continue }
+            guard let text = (verification["createdAt"] ?? verification["created_at"])?.text, let at = UnixTime.parse(text, now: .now()) else {
+                logger.warning(
+                    "Kora listed a verification without a readable createdAt; the repeated create waits", metadata: ["service": "\(caller.name)", "verification.id": "\(id)"])
+                throw unreadable
+            }
+            if at.milliseconds >= earliest { latest = (id, verification) }
+        }
+        if let (id, found) = latest {
             logger.notice(
                 "Repeated create found the verification the first call created", metadata: ["service": "\(caller.name)", "verification.id": "\(id)"])
             try? await store.recordOrigin(verificationID: id, service: caller.name, at: .now())
