@@ -114,24 +114,34 @@ final class OutboxDispatcher: Service, Sendable {
                 await doorbell.wait(after: generation, timeout: min(wait, Self.idlePoll))
                 continue
             }
+            let job: DeliveryJob?
             do {
-                if let job = try await store.claimDue(service: service.name, now: .now(), limit: 1, lease: lease, ordered: ordered).first {
-                    held = job
-                    continue
-                }
-                ServiceHold.giveBack(service.name, breakers: breakers, rateLimits: rateLimits)
-                let wait: Duration =
-                    if let next = try await store.nextDueTime(service: service.name, ordered: ordered) {
-                        .milliseconds(min(max(next.milliseconds - UnixTime.now().milliseconds, 1), Self.idlePoll.milliseconds))
-                    } else {
-                        Self.idlePoll
-                    }
-                await doorbell.wait(after: generation, timeout: wait)
+                job = try await store.claimDue(service: service.name, now: .now(), limit: 1, lease: lease, ordered: ordered).first
             } catch {
                 ServiceHold.giveBack(service.name, breakers: breakers, rateLimits: rateLimits)
                 logger.error("Outbox unavailable", metadata: ["service": "\(service.name)", "error": "\(error)"])
                 await doorbell.wait(after: generation, timeout: .seconds(1))
+                continue
             }
+            if let job {
+                held = job
+                continue
+            }
+            // Nothing was due: the attempt that was let go sends nothing.
+            ServiceHold.giveBack(service.name, breakers: breakers, rateLimits: rateLimits)
+            await doorbell.wait(after: generation, timeout: await idleWait(for: service))
+        }
+    }
+
+    /// How long an idle worker of `service` sleeps: until its next delivery is due, at most
+    /// ``idlePoll``; a second when the store cannot say.
+    private func idleWait(for service: DeliveryService) async -> Duration {
+        do {
+            guard let next = try await store.nextDueTime(service: service.name, ordered: ordered) else { return Self.idlePoll }
+            return .milliseconds(min(max(next.milliseconds - UnixTime.now().milliseconds, 1), Self.idlePoll.milliseconds))
+        } catch {
+            logger.error("Outbox unavailable", metadata: ["service": "\(service.name)", "error": "\(error)"])
+            return .seconds(1)
         }
     }
 
