@@ -191,7 +191,7 @@ struct OperationsTests {
         configuration.webhooks.tls = TLSFiles(certificateFile: certificate, privateKeyFile: otherKey)
         #expect(
             throws: StartupError(
-                "The private key \(otherKey) (webhooks.tls.privateKeyFile) does not belong to the certificate \(certificate) (webhooks.tls.certificateFile).")
+                "The private key \(otherKey) (webhooks.tls.privateKeyFile) cannot be used with the certificate \(certificate) (webhooks.tls.certificateFile): is it the certificate's key?")
         ) { try buildApplication(configuration, logger: TestLogs().logger(), options: options) }
     }
 }

@@ -203,7 +203,7 @@ struct StoreTests {
         // PostgreSQL refuses a NUL in text, and a btree entry of kilobytes: enqueue failed on every retry.
         let (store, cleanup) = try await makeStore(kind)
         defer { cleanup() }
-        for (index, verification) in ["ver_\u{0}_1", "ver_" + String(repeating: "x", count: 4000)].enumerated() {
+        for (index, verification) in ["ver_\u{0}_1", "ver_" + String(repeating: "x", count: 1100)].enumerated() {
             let stored = try event("e\(index)", verification: verification)
             #expect(stored.verificationID == nil)
             #expect(try await store.enqueue(stored, services: ["a"], at: t0, dedupSince: at(-1000)) == .accepted)

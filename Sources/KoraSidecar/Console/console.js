@@ -467,39 +467,43 @@ function bodyBlock(body, state, indent) {
 
 // Indents JSON by its punctuation without parsing its values, so that what is shown is what was
 // sent: numbers beyond 2^53 keep their digits and a repeated key stays repeated (a parse and
-// stringify would change both). Text that is not JSON is shown as it is.
+// stringify would change both). Text that is not JSON, above a megabyte or nested deeper than any
+// event is shown as it is.
+const INDENT_LIMIT = { bytes: 1 << 20, depth: 64 };
 function indentJSON(text) {
+  if (text.length > INDENT_LIMIT.bytes) return text;
   try { JSON.parse(text); } catch { return text; }
-  let out = '';
+  const out = [];
   let depth = 0;
   let inString = false;
   let escaped = false;
   const newline = () => `\n${'  '.repeat(depth)}`;
   for (const c of text) {
     if (inString) {
-      out += c;
+      out.push(c);
       if (escaped) escaped = false;
       else if (c === '\\') escaped = true;
       else if (c === '"') inString = false;
     } else if (c === '"') {
       inString = true;
-      out += c;
+      out.push(c);
     } else if (c === '{' || c === '[') {
       depth += 1;
-      out += c + newline();
+      if (depth > INDENT_LIMIT.depth) return text;
+      out.push(c, newline());
     } else if (c === '}' || c === ']') {
       depth -= 1;
-      out += newline() + c;
+      out.push(newline(), c);
     } else if (c === ',') {
-      out += c + newline();
+      out.push(c, newline());
     } else if (c === ':') {
-      out += ': ';
+      out.push(': ');
     } else if (!' \t\n\r'.includes(c)) {
-      out += c;
+      out.push(c);
     }
   }
   // An empty object or array stays on one line, as JSON.stringify writes it.
-  return out.replace(/([[{])\n\s*([\]}])/g, '$1$2');
+  return out.join('').replace(/([[{])\n\s*([\]}])/g, '$1$2');
 }
 
 async function deliveryView(params, parts, seq) {

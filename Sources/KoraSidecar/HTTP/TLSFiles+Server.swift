@@ -31,7 +31,7 @@ extension TLSFiles {
             _ = try NIOSSLContext(configuration: configuration)
         } catch {
             throw StartupError(
-                "The private key \(privateKeyFile) (webhooks.tls.privateKeyFile) does not belong to the certificate \(certificateFile) (webhooks.tls.certificateFile).")
+                "The private key \(privateKeyFile) (webhooks.tls.privateKeyFile) cannot be used with the certificate \(certificateFile) (webhooks.tls.certificateFile): is it the certificate's key?")
         }
         return configuration
     }

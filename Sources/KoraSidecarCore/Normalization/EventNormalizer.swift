@@ -66,7 +66,7 @@ public enum EventNormalizer {
         var event = KoraEvent(
             // A verification id no store can index (a NUL, kilobytes) is treated as none, or the event
             // could never be stored and Kora would send it forever.
-            id: id, type: type, verificationID: verification.id.flatMap(usableID), normalizedBody: normalized, originalBody: body,
+            id: id, type: type, verificationID: verification.id.flatMap(storableID), normalizedBody: normalized, originalBody: body,
             originalHeaders: originalHeaders, signatureVerified: signatureVerified)
         if let digestKey { event.dedupKeys.append(digestKey) }
         return event
@@ -76,6 +76,12 @@ public enum EventNormalizer {
     /// ASCII characters; nil otherwise, and the id falls back to the next source.
     private static func usableID(_ text: String) -> String? {
         (1...256).contains(text.utf8.count) && text.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) ? text : nil
+    }
+
+    /// `text` when every store can keep and index it: 1 to 1024 bytes, no control character (a NUL
+    /// is refused by PostgreSQL's text, kilobytes by its index).
+    private static func storableID(_ text: String) -> String? {
+        (1...1024).contains(text.utf8.count) && text.utf8.allSatisfy({ $0 >= 0x20 && $0 != 0x7F }) ? text : nil
     }
 
     private static func verificationJSON(root: JSONValue, data: JSONValue, type: String) -> (id: String?, json: JSONValue) {

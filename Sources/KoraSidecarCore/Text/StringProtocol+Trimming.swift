@@ -16,7 +16,7 @@ extension StringProtocol {
     }
 
     /// This text with each `%XX` replaced by its byte; nil when a `%` is not followed by two hex
-    /// digits or the bytes are not UTF-8 (a route parameter as a client encoded it).
+    /// digits, the bytes are not UTF-8 or hold a NUL (a route parameter as a client encoded it).
     package var percentDecoded: String? {
         var bytes: [UInt8] = []
         var rest = utf8[...]
@@ -25,7 +25,9 @@ extension StringProtocol {
                 bytes.append(byte)
                 continue
             }
-            guard rest.count >= 2, let value = UInt8(String(decoding: rest.prefix(2), as: UTF8.self), radix: 16) else { return nil }
+            guard rest.count >= 2, rest.prefix(2).allSatisfy(\.isHexDigitByte), let value = UInt8(String(decoding: rest.prefix(2), as: UTF8.self), radix: 16),
+                value != 0
+            else { return nil }
             bytes.append(value)
             rest = rest.dropFirst(2)
         }
@@ -33,4 +35,8 @@ extension StringProtocol {
     }
 
     private static var unreserved: Set<UInt8> { Set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~".utf8) }
+}
+
+extension UInt8 {
+    fileprivate var isHexDigitByte: Bool { (0x30...0x39).contains(self) || (0x41...0x46).contains(self) || (0x61...0x66).contains(self) }
 }
