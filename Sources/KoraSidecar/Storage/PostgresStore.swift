@@ -517,14 +517,16 @@ final class PostgresStore: SidecarStore, Service {
         try await inTransaction { connection in
             var report = ErasureReport(verificationIDs: verificationIDs)
             func count(_ query: PostgresQuery) async throws -> Int { try await connection.query(query, logger: self.logger).collect().count }
-            // The events about the verifications, and those about none that were named by their id.
-            let rows = try await connection.query(
-                """
-                SELECT id FROM kora_events WHERE verification_id = ANY(\(verificationIDs)::text[])
-                    OR (verification_id IS NULL AND event_id = ANY(\(eventIDs)::text[]))
-                FOR UPDATE
-                """, logger: self.logger
+            // The events about the verifications (by their index), and those about none named by their
+            // id (a scan, only when there are such: an erasure by external id found some).
+            var rows = try await connection.query(
+                "SELECT id FROM kora_events WHERE verification_id = ANY(\(verificationIDs)::text[]) FOR UPDATE", logger: self.logger
             ).collect().map { try $0.decode(Int64.self) }
+            if !eventIDs.isEmpty {
+                rows += try await connection.query(
+                    "SELECT id FROM kora_events WHERE verification_id IS NULL AND event_id = ANY(\(eventIDs)::text[]) FOR UPDATE", logger: self.logger
+                ).collect().map { try $0.decode(Int64.self) }
+            }
             _ = try await count(
                 "DELETE FROM kora_attempts WHERE delivery_id IN (SELECT id FROM kora_deliveries WHERE event_row = ANY(\(rows)::bigint[])) RETURNING 1")
             report.deliveries = try await count("DELETE FROM kora_deliveries WHERE event_row = ANY(\(rows)::bigint[]) RETURNING 1")
