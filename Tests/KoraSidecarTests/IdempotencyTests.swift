@@ -46,18 +46,8 @@ struct IdempotencyTests {
             .answer(200, [], #"{"verifications":[{"id":"ver_made_by_the_first_call","externalId":"user-7","createdAt":"\#(now)"}]}"#),
         ])
         try await withScriptedKora(kora) { base in
-            var configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
             // Long enough that the repeat's lookup is answered in time on a loaded machine; the first call stalls through it.
-            configuration.kora.timeoutSeconds = 3
-            configuration.kora.retry.maxAttempts = 1
-            let (first, repeated) = try await withProxy(configuration, SidecarOptions()) { sdk in
-                let key = [("Idempotency-Key", "k-1")]
-                return (
-                    try await sdk.call(.POST, "/verifications", json: ["externalId": "user-7"], headers: key),
-                    try await sdk.call(.POST, "/verifications", json: ["externalId": "user-7"], headers: key)
-                )
-            }
-            kora.release()
+            let (first, repeated) = try await createThenRepeat(kora, base: base, externalID: "user-7", key: "k-1", timeoutSeconds: 3)
             #expect(first.status == 504)
             #expect(repeated.status == 201)
             #expect(repeated.json?["id"] == "ver_made_by_the_first_call")
@@ -145,19 +135,7 @@ struct IdempotencyTests {
         let kora = ScriptedKora([.stall, .answer(401, [], #"{"error":"Unauthorized"}"#)])
         let store = InMemoryStore()
         try await withScriptedKora(kora) { base in
-            var configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
-            configuration.kora.timeoutSeconds = 3
-            configuration.kora.retry.maxAttempts = 1
-            var options = SidecarOptions()
-            options.store = store
-            let (first, repeated) = try await withProxy(configuration, options) { sdk in
-                let key = [("Idempotency-Key", "k-lookup")]
-                return (
-                    try await sdk.call(.POST, "/verifications", json: ["externalId": "user-11"], headers: key),
-                    try await sdk.call(.POST, "/verifications", json: ["externalId": "user-11"], headers: key)
-                )
-            }
-            kora.release()
+            let (first, repeated) = try await createThenRepeat(kora, base: base, externalID: "user-11", key: "k-lookup", timeoutSeconds: 3, store: store)
             #expect(first.status == 504)
             #expect(repeated.code == "KORA_CREDENTIALS_REJECTED")
             #expect(try await store.idempotencyRecord(service: "app", key: "k-lookup")?.state == .unknown)
@@ -181,17 +159,7 @@ struct IdempotencyTests {
         ] {
             let kora = ScriptedKora([.stall, lookup, .answer(201, [], #"{"id":"ver_second","status":"pending"}"#)])
             try await withScriptedKora(kora) { base in
-                var configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
-                configuration.kora.timeoutSeconds = 1
-                configuration.kora.retry.maxAttempts = 1
-                let (first, repeated) = try await withProxy(configuration, SidecarOptions()) { sdk in
-                    let key = [("Idempotency-Key", "k-dated")]
-                    return (
-                        try await sdk.call(.POST, "/verifications", json: ["externalId": "user-12"], headers: key),
-                        try await sdk.call(.POST, "/verifications", json: ["externalId": "user-12"], headers: key)
-                    )
-                }
-                kora.release()
+                let (first, repeated) = try await createThenRepeat(kora, base: base, externalID: "user-12", key: "k-dated", timeoutSeconds: 1)
                 #expect(first.status == 504)
                 #expect(repeated.status == expected, "\(lookup)")
                 if expected == 201 { #expect(repeated.json?["id"] == "ver_first") }
@@ -257,6 +225,28 @@ struct IdempotencyTests {
             #expect(repeated.status == 201)
             #expect(repeated.json?["id"] == "ver_after_the_wait")
         }
+    }
+
+    /// Sends a create that Kora stalls past `timeoutSeconds` (one attempt), then its repeat under the
+    /// same `key` (with `store`, or a fresh one), and lets the stalled call go; answers both.
+    func createThenRepeat(
+        _ kora: ScriptedKora, base: String, externalID: String, key: String, timeoutSeconds: Int, store: InMemoryStore? = nil
+    ) async throws -> (first: HTTPAnswer, repeated: HTTPAnswer) {
+        var configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
+        configuration.kora.timeoutSeconds = timeoutSeconds
+        configuration.kora.retry.maxAttempts = 1
+        var options = SidecarOptions()
+        options.store = store
+        let answers = try await withProxy(configuration, options) { sdk in
+            let headers = [("Idempotency-Key", key)]
+            let body: JSONValue = ["externalId": .string(externalID)]
+            return (
+                try await sdk.call(.POST, "/verifications", json: body, headers: headers),
+                try await sdk.call(.POST, "/verifications", json: body, headers: headers)
+            )
+        }
+        kora.release()
+        return (answers.0, answers.1)
     }
 
     /// Runs a sidecar for `body`, which gets an SDK-style client with the app's token.
