@@ -206,10 +206,12 @@ final class OutboxDispatcher: Service, Sendable {
                 job.event, service: service.name, deliveryID: job.deliveryID, attempts: job.attempt, lastStatusCode: result.statusCode,
                 lastError: result.error)
         }
+        // The next delivery is leased in the same call only when it may go now (it takes a token).
+        let leasesNext =
+            !stopping.load(ordering: .relaxed) && (breakers[service.name]?.isClosed ?? true)
+            && (rateLimits[service.name]?.take(now: .now()) ?? .zero) == .zero
         do {
-            guard !stopping.load(ordering: .relaxed), breakers[service.name]?.isClosed ?? true,
-                (rateLimits[service.name]?.take(now: .now()) ?? .zero) == .zero
-            else {
+            guard leasesNext else {
                 try await store.finish(deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: record, next: next)
                 return nil
             }
@@ -220,6 +222,7 @@ final class OutboxDispatcher: Service, Sendable {
             if following == nil { rateLimits[service.name]?.giveBack() }
             return following
         } catch {
+            if leasesNext { rateLimits[service.name]?.giveBack() }
             logger.error("Could not record a delivery attempt", metadata: metadata.merging(["error": "\(error)"]) { $1 })
             return nil
         }

@@ -95,7 +95,10 @@ struct AdminTokenMiddleware: RouterMiddleware {
                 throw SidecarHTTPError(.unauthorized, code: "UNAUTHORIZED", message: "The admin API needs Authorization: Bearer with internal.adminToken.")
             }
         }
-        return try await next(request, context)
+        var response = try await next(request, context)
+        // Answers hold bodies with identity data: no cache on the way (a proxy, the client's) keeps one.
+        if response.headers[.cacheControl] == nil { response.headers[.cacheControl] = "no-store" }
+        return response
     }
 
     /// Whether a browser says the request comes from a page of another origin: `Sec-Fetch-Site`

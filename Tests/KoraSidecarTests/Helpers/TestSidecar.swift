@@ -3,6 +3,7 @@ import Foundation
 import Hummingbird
 import Logging
 import NIOCore
+import NIOHTTP1
 import ServiceLifecycle
 
 @testable import KoraSidecar
@@ -98,6 +99,7 @@ struct WebhookAnswer: Sendable {
     let status: Int
     let body: String
     let json: JSONValue?
+    var headers = HTTPHeaders()
 
     var code: String? { json?["code"]?.text }
 }
@@ -114,7 +116,8 @@ func post(_ url: String, body: [UInt8], headers: [(String, String)], timeout: Du
     let response = try await HTTPClient.shared.execute(request, timeout: .milliseconds((timeout * Sanitizer.slowdown).milliseconds))
     let answer = try await response.body.collect(upTo: 1 << 20)
     let bytes = Array(answer.readableBytesView)
-    return WebhookAnswer(status: Int(response.status.code), body: String(decoding: bytes, as: UTF8.self), json: try? JSONParser.parse(bytes))
+    return WebhookAnswer(
+        status: Int(response.status.code), body: String(decoding: bytes, as: UTF8.self), json: try? JSONParser.parse(bytes), headers: response.headers)
 }
 
 /// GETs `url` and returns the answer.
@@ -126,7 +129,8 @@ func get(_ url: String, headers: [(String, String)] = [], method: HTTPRequest.Me
     let response = try await HTTPClient.shared.execute(request, timeout: .seconds(30))
     let answer = try await response.body.collect(upTo: 1 << 20)
     let bytes = Array(answer.readableBytesView)
-    return WebhookAnswer(status: Int(response.status.code), body: String(decoding: bytes, as: UTF8.self), json: try? JSONParser.parse(bytes))
+    return WebhookAnswer(
+        status: Int(response.status.code), body: String(decoding: bytes, as: UTF8.self), json: try? JSONParser.parse(bytes), headers: response.headers)
 }
 
 /// Signs `body` as Kora does and posts it to the sidecar.
