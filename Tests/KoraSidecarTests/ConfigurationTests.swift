@@ -111,8 +111,8 @@ struct ConfigurationTests {
         let found = problems(#"{"kora": {"apiKey": {"env": "KEY"}}, "webhooks": {"secrets": ["whsec_\u0007"]}}"#, environment: environment)
         #expect(
             found == [
-                .init(path: "$.webhooks.secrets[0]", reason: "the value holds a control character (a line break inside it?); remove it"),
-                .init(path: "$.kora.apiKey", reason: "environment variable KEY holds a control character (a line break inside it?); remove it"),
+                .init(path: "$.webhooks.secrets[0]", reason: "the value holds a control character (a line break inside it, or a tab at an end?); remove it"),
+                .init(path: "$.kora.apiKey", reason: "environment variable KEY holds a control character (a line break inside it, or a tab at an end?); remove it"),
             ])
         #expect(!found.description.contains("live_key"))
     }

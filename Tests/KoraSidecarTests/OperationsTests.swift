@@ -76,6 +76,12 @@ struct OperationsTests {
                 #expect(try await post(retry, body: [], headers: headers).status == 200, "\(headers)")
             }
             #expect(try await get(sidecar.internalURL("/admin/services"), headers: [("Origin", "http://evil.example")]).status == 200)
+            // The proxy as well: a page posting to loopback would create verifications as the service without a token.
+            for path in ["/api/verifications", "/api/v1/idv/verifications"] {
+                let refused = try await post(sidecar.internalURL(path), body: Array(#"{"userId":"u"}"#.utf8), headers: [("Origin", "http://evil.example")])
+                #expect(refused.status == 403, "\(path)")
+                #expect(refused.code == "FORBIDDEN")
+            }
         }
     }
 
@@ -83,7 +89,7 @@ struct OperationsTests {
         // DNS rebinding: attacker.example now resolves to 127.0.0.1, so the page's requests are
         // same-origin, and a browser sends no Origin on a GET and no Sec-Fetch-* to a plain-HTTP name.
         var configuration = testConfiguration()
-        configuration.internal.allowedHosts = ["console.example.internal"]
+        configuration.internal.allowedHosts = ["console.example.internal", "kora-sidecar"]
         configuration.services.append(ServiceConfiguration(name: "billing", token: Secret("billing-token")))
         var options = SidecarOptions()
         options.store = InMemoryStore()
@@ -103,12 +109,15 @@ struct OperationsTests {
             // Admin answers may hold identity data: nothing on the way keeps a copy.
             #expect(withToken.headers["Cache-Control"] == ["no-store"])
             #expect(try await get(sidecar.internalURL("/admin/services"), headers: rebound + [("Authorization", "Bearer guessed")]).status == 403)
-            // The tunnels' addresses, the operator's own name, and names no page can choose.
-            for host in [
-                "127.0.0.1:\(port)", "localhost:\(port)", "[::1]:\(port)", "Console.Example.Internal:\(port)", "localhost", "kora-sidecar:\(port)",
-                "kora-sidecar.apps.svc:\(port)", "kora-sidecar.apps.svc.cluster.local.:\(port)",
-            ] {
+            // The tunnels' addresses and the names the operator listed; any other name, even one a
+            // page could only choose on the same network (mDNS answers *.local, LLMNR one label), needs a token.
+            for host in ["127.0.0.1:\(port)", "localhost:\(port)", "[::1]:\(port)", "Console.Example.Internal:\(port)", "localhost", "kora-sidecar.:\(port)"] {
                 #expect(try await get(sidecar.internalURL("/admin/services"), headers: [("Host", host)]).status == 200, "\(host)")
+            }
+            for host in ["intranet:\(port)", "kora-sidecar.apps.svc.cluster.local:\(port)"] {
+                let refused = try await get(sidecar.internalURL("/admin/services"), headers: [("Host", host)])
+                #expect(refused.status == 403, "\(host)")
+                #expect(refused.json?["error"]?.text?.contains("internal.allowedHosts") == true)
             }
         }
     }

@@ -309,7 +309,7 @@ struct ProductionTrustTests {
         options.store = InMemoryStore()
         try await withSidecar(configuration, options: options, logs: logs) { sidecar in
             let upload = try RawConnection(port: try #require(sidecar.internalPort))
-            upload.send("POST /api/verifications HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+            upload.send("POST /api/verifications HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
             // Nothing of the body has been sent: only the interim answer can arrive.
             #expect(await upload.head() == "HTTP/1.1 100 Continue\r\n\r\n")
             upload.send("{}")

@@ -467,9 +467,9 @@ function bodyBlock(body, state, indent) {
 
 // Indents JSON by its punctuation without parsing its values, so that what is shown is what was
 // sent: numbers beyond 2^53 keep their digits and a repeated key stays repeated (a parse and
-// stringify would change both). Text that is not JSON, above a megabyte or nested deeper than any
-// event is shown as it is.
-const INDENT_LIMIT = { bytes: 1 << 20, depth: 64 };
+// stringify would change both). Text that is not JSON, above a megabyte, nested deeper than any
+// event, or whose indenting would grow past four megabytes, is shown as it is.
+const INDENT_LIMIT = { bytes: 1 << 20, depth: 64, output: 4 << 20 };
 function indentJSON(text) {
   if (text.length > INDENT_LIMIT.bytes) return text;
   try { JSON.parse(text); } catch { return text; }
@@ -477,7 +477,11 @@ function indentJSON(text) {
   let depth = 0;
   let inString = false;
   let escaped = false;
-  const newline = () => `\n${'  '.repeat(depth)}`;
+  let size = 0;
+  const newline = () => {
+    size += 1 + 2 * depth;
+    return `\n${'  '.repeat(depth)}`;
+  };
   for (const c of text) {
     if (inString) {
       out.push(c);
@@ -496,6 +500,7 @@ function indentJSON(text) {
       out.push(newline(), c);
     } else if (c === ',') {
       out.push(c, newline());
+      if (size > INDENT_LIMIT.output) return text;
     } else if (c === ':') {
       out.push(': ');
     } else if (!' \t\n\r'.includes(c)) {

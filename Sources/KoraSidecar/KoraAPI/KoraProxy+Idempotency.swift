@@ -111,21 +111,25 @@ extension KoraProxy {
             case .array(let verifications)? = list["verifications"] ?? list["data"]
         else { throw unreadable }
         let earliest = since.milliseconds - 60_000
-        // The latest one no other service created through the sidecar (the same person, signing up
-        // through two services: taking it would move its events away from that service). One whose
-        // time cannot be read might be it: the answer then waits for a readable list.
-        var latest: (id: String, verification: JSONValue)?
+        // The latest one created since the first call that no other service created through the
+        // sidecar (the same person, signing up through two services: taking it would move its events
+        // away from that service). One whose time cannot be read might be it: the answer then waits
+        // for a readable list.
+        var latest: (id: String, at: Int64, verification: JSONValue)?
         for verification in verifications {
             guard let id = verification["id"]?.text else { continue }
+            let at = (verification["createdAt"] ?? verification["created_at"])?.text.flatMap { UnixTime.parse($0, now: .now()) }?.milliseconds
+            if let at, at < earliest || at <= latest?.at ?? .min { continue }
             if let origin = try await store.origin(ofVerification: id), origin != caller.name { continue }
-            guard let text = (verification["createdAt"] ?? verification["created_at"])?.text, let at = UnixTime.parse(text, now: .now()) else {
+            guard let at else {
                 logger.warning(
-                    "Kora listed a verification without a readable createdAt; the repeated create waits", metadata: ["service": "\(caller.name)", "verification.id": "\(id)"])
+                    "Kora listed a verification without a readable createdAt; the repeated create waits",
+                    metadata: ["service": "\(caller.name)", "verification.id": "\(id)"])
                 throw unreadable
             }
-            if at.milliseconds >= earliest { latest = (id, verification) }
+            latest = (id, at, verification)
         }
-        if let (id, found) = latest {
+        if let (id, _, found) = latest {
             logger.notice(
                 "Repeated create found the verification the first call created", metadata: ["service": "\(caller.name)", "verification.id": "\(id)"])
             try? await store.recordOrigin(verificationID: id, service: caller.name, at: .now())

@@ -11,7 +11,7 @@ func buildInternalRouter(
 ) -> Router<SidecarRequestContext> {
     let router = Router(context: SidecarRequestContext.self)
     router.add(middleware: ErrorShapeMiddleware())
-    router.add(middleware: RebindingGuard(configuration: configuration))
+    router.add(middleware: WebPageGuard(configuration: configuration))
     addHealthRoutes(to: router, configuration: configuration, store: store, readiness: readiness, metrics: metrics, breakers: breakers)
     addConsoleRoutes(to: router)
     let admin = router.group("admin").add(middleware: AdminTokenMiddleware(token: configuration.internal.adminToken))
@@ -78,17 +78,12 @@ package struct ErrorShapeMiddleware: RouterMiddleware {
     }
 }
 
-/// Guards `/admin/*` with `internal.adminToken` when it is set (constant-time comparison), and
-/// refuses a change (any method but GET and HEAD) sent by a web page of another origin: without a
-/// token, any page an operator opens could otherwise post to the loopback listener (retry every
-/// delivered event, say). Browsers say where a request comes from; scripts and curl say nothing.
+/// Guards `/admin/*` with `internal.adminToken` when it is set (constant-time comparison), and marks
+/// its answers `no-store`: they hold bodies with identity data.
 struct AdminTokenMiddleware: RouterMiddleware {
     let token: Secret?
 
     func handle(_ request: Request, context: SidecarRequestContext, next: (Request, SidecarRequestContext) async throws -> Response) async throws -> Response {
-        if request.method != .get, request.method != .head, Self.isFromAnotherOrigin(request) {
-            throw SidecarHTTPError(.forbidden, code: "FORBIDDEN", message: "The admin API takes no changes from a page of another origin.")
-        }
         if let token {
             let given = request.headers[.authorization].flatMap(ServiceIdentity.bearerToken)
             guard let given, ConstantTime.equal(String(given), token.value) else {
@@ -96,32 +91,28 @@ struct AdminTokenMiddleware: RouterMiddleware {
             }
         }
         var response = try await next(request, context)
-        // Answers hold bodies with identity data: no cache on the way (a proxy, the client's) keeps one.
+        // No cache on the way (a proxy, the client's) keeps a body.
         if response.headers[.cacheControl] == nil { response.headers[.cacheControl] = "no-store" }
         return response
     }
-
-    /// Whether a browser says the request comes from a page of another origin: `Sec-Fetch-Site`
-    /// other than `same-origin` or `none` (typed by the user), else an `Origin` that is not this
-    /// listener's own (`Host`). Another port on the same host is another origin.
-    static func isFromAnotherOrigin(_ request: Request) -> Bool {
-        if let site = request.headers[.secFetchSite] { return site != "same-origin" && site != "none" }
-        guard let origin = request.headers[.origin] else { return false }
-        guard let host = request.head.authority else { return true }
-        return origin != "http://" + host && origin != "https://" + host
-    }
 }
 
-/// Refuses a request whose `Host` is a DNS name a web page could have pointed at this listener,
-/// unless it carries a token the listener knows. This is DNS rebinding: a page of
-/// `attacker.example` gets its name answered with 127.0.0.1 while an operator's tunnel is open. Its
-/// requests are then same-origin with the listener, and a browser marks none of them (no `Origin`
-/// on a GET, no `Sec-Fetch-*` to a plain-HTTP name). Without a token it could read the admin API
-/// and call Kora as the service that has none. Such a page knows no token, and cannot use an IP
-/// address, `localhost`, a one-label name (`kora-sidecar`), a cluster service name (`….svc`,
-/// `….svc.cluster.local`) or a name the operator listed in `internal.allowedHosts`. Health,
-/// readiness and metrics hold no data and answer any name.
-struct RebindingGuard: RouterMiddleware {
+/// Keeps web pages out of the internal listener, where the admin API and the proxy answer
+/// without a token unless one is configured. Any page an operator has open can send requests to
+/// loopback, and the listener refuses two kinds:
+///
+/// - A change (any method but GET and HEAD) that a browser marks as sent by a page of another
+///   origin. Otherwise a page could post to the admin API (resend every delivered event) or
+///   create verifications through the proxy as the service without a token.
+/// - A request whose `Host` is a DNS name, unless it carries a token the listener knows. This is
+///   DNS rebinding: a page of `attacker.example` gets its name answered with 127.0.0.1 while an
+///   operator's tunnel is open. Its requests are then same-origin, and a browser marks none of
+///   them (no `Origin` on a GET, no `Sec-Fetch-*` to a plain-HTTP name). Such a page knows no
+///   token, and cannot use an IP address, `localhost`, or a name the operator listed in
+///   `internal.allowedHosts`.
+///
+/// Health, readiness and metrics hold no identity data and answer any name.
+struct WebPageGuard: RouterMiddleware {
     let allowedHosts: Set<String>
     /// `internal.adminToken` and every service's token.
     let tokens: [[UInt8]]
@@ -132,13 +123,28 @@ struct RebindingGuard: RouterMiddleware {
     }
 
     func handle(_ request: Request, context: SidecarRequestContext, next: (Request, SidecarRequestContext) async throws -> Response) async throws -> Response {
+        if request.method != .get, request.method != .head, Self.isFromAnotherOrigin(request) {
+            throw SidecarHTTPError(.forbidden, code: "FORBIDDEN", message: "This listener takes no changes from a web page of another origin.")
+        }
         guard Self.openPaths.contains(request.uri.path) || Self.isAllowed(authority: request.head.authority, names: allowedHosts) || carriesToken(request)
         else {
+            let host = request.head.authority.map { String($0.prefix(100)) } ?? ""
             throw SidecarHTTPError(
                 .forbidden, code: "FORBIDDEN",
-                message: "This listener answers a DNS name only with a token: use its IP address, localhost or a name in internal.allowedHosts.")
+                message: "This listener answers the name \(host) only with internal.adminToken or a service's token: "
+                    + "list the name in internal.allowedHosts, or use an IP address or localhost.")
         }
         return try await next(request, context)
+    }
+
+    /// Whether a browser says the request comes from a page of another origin: `Sec-Fetch-Site`
+    /// other than `same-origin` or `none` (typed by the user), else an `Origin` that is not this
+    /// listener's own (`Host`). Another port on the same host is another origin.
+    static func isFromAnotherOrigin(_ request: Request) -> Bool {
+        if let site = request.headers[.secFetchSite] { return site != "same-origin" && site != "none" }
+        guard let origin = request.headers[.origin] else { return false }
+        guard let host = request.head.authority else { return true }
+        return origin != "http://" + host && origin != "https://" + host
     }
 
     /// Whether the request's bearer token is one of `tokens` (each compared in constant time).
@@ -152,8 +158,8 @@ struct RebindingGuard: RouterMiddleware {
 
     private static let openPaths: Set<String> = ["/healthz", "/readyz", "/metrics"]
 
-    /// Whether `authority` (`host[:port]`; nil without a `Host`, which no browser sends) is a name
-    /// no web page can choose.
+    /// Whether `authority` (`host[:port]`; nil without a `Host`, which no browser sends) is an IP
+    /// address, `localhost` or one of `names`: a name no web page can point here.
     static func isAllowed(authority: String?, names: Set<String>) -> Bool {
         guard let authority = authority?.lowercased(), !authority.isEmpty else { return true }
         if authority.hasPrefix("[") { return authority.contains("]") }
@@ -162,8 +168,7 @@ struct RebindingGuard: RouterMiddleware {
             host = host[..<colon]
         }
         if host.hasSuffix(".") { host = host.dropLast() }
-        return !host.contains(".") || host.hasSuffix(".svc") || host.hasSuffix(".svc.cluster.local") || isIPv4(host)
-            || names.contains(String(host))
+        return host == "localhost" || isIPv4(host) || names.contains(String(host))
     }
 
     private static func isIPv4(_ host: Substring) -> Bool {

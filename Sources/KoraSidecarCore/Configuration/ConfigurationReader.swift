@@ -94,15 +94,18 @@ final class ConfigurationReader {
     /// HTTP client would refuse it with an error that quotes it; the problem names where it came
     /// from, never the value.
     private func usable(_ secret: Secret, at path: String) -> Secret? {
-        // A tab is allowed: HTTP allows it inside a field value (a deliver.headers value is a secret too).
-        guard secret.value.unicodeScalars.contains(where: { ($0.value < 0x20 && $0 != "\t") || $0.value == 0x7F }) else { return secret }
+        // A tab is allowed inside: HTTP allows it in a field value (a deliver.headers value is a secret
+        // too), but strips it at either end, where the value would then never match.
+        let scalars = secret.value.unicodeScalars
+        guard scalars.contains(where: { ($0.value < 0x20 && $0 != "\t") || $0.value == 0x7F }) || scalars.first == "\t" || scalars.last == "\t"
+        else { return secret }
         let origin =
             switch secret.source {
             case .literal: "the value"
             case .environment(let name): "environment variable \(name)"
             case .file(let file): "secret file \(file)"
             }
-        report(path, "\(origin) holds a control character (a line break inside it?); remove it")
+        report(path, "\(origin) holds a control character (a line break inside it, or a tab at an end?); remove it")
         return nil
     }
 
