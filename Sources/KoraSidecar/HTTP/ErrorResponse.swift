@@ -53,6 +53,10 @@ package struct SidecarHTTPError: HTTPResponseError, Sendable {
     static func unavailable(_ message: String) -> SidecarHTTPError {
         .init(.serviceUnavailable, code: "UNAVAILABLE", message: message, headers: [.retryAfter: "5"])
     }
+
+    /// A call still waiting when the sidecar stops: its caller retries (another replica, or this
+    /// one once restarted).
+    static func stopping() -> SidecarHTTPError { unavailable("The sidecar is stopping; retry the call.") }
 }
 
 /// JSON responses.

@@ -113,7 +113,7 @@ struct KoraClient: Sendable {
                 logger.debug("Kora asked to retry", metadata: metadata())
                 _ = try? await response.body.collect(upTo: 1 << 20)
                 guard try await waitToRetry(delay) else {
-                    throw SidecarHTTPError.unavailable("The sidecar is stopping; retry the call.")
+                    throw SidecarHTTPError.stopping()
                 }
                 continue
             }

@@ -35,8 +35,7 @@ extension KoraProxy {
             // a call can take from when it went in flight. One left by a process that was killed
             // (nobody sends it) is taken over once that time has passed, not a whole wait later.
             while record.state == .inFlight, UnixTime.now() < record.updatedAt.adding(idempotencyWait) {
-                // Stopping: the caller retries (against another replica, or this one restarted).
-                guard !Task.isShuttingDownGracefully else { throw SidecarHTTPError.unavailable("The sidecar is stopping; retry the call.") }
+                guard !Task.isShuttingDownGracefully else { throw SidecarHTTPError.stopping() }
                 try await Task.sleep(for: .milliseconds(100))
                 guard let current = try await store.idempotencyRecord(service: caller.name, key: key) else { break }
                 record = current

@@ -16,22 +16,27 @@ package struct ServiceIdentity: Sendable {
         }
     }
 
-    private let tokens: [(token: [UInt8], caller: Caller)]
+    /// The services that have a token, and their tokens, in the same order.
+    private let tokenCallers: [Caller]
+    private let tokens: [[UInt8]]
     private let anonymous: Caller?
 
     /// Builds the table from `services`; the first service without a token is the anonymous caller
     /// (configuration validation allows at most one).
     package init(services: [ServiceConfiguration]) {
-        var tokens: [(token: [UInt8], caller: Caller)] = []
+        var tokenCallers: [Caller] = []
+        var tokens: [[UInt8]] = []
         var anonymous: Caller?
         for service in services {
             let caller = Caller(name: service.name, allow: service.allow.map { $0.compactMap(AllowPattern.init) })
             if let token = service.token {
-                tokens.append((token.bytes, caller))
+                tokenCallers.append(caller)
+                tokens.append(token.bytes)
             } else if anonymous == nil {
                 anonymous = caller
             }
         }
+        self.tokenCallers = tokenCallers
         self.tokens = tokens
         self.anonymous = anonymous
     }
@@ -50,12 +55,7 @@ package struct ServiceIdentity: Sendable {
         guard !tokens.isEmpty else { return anonymous }
         guard let authorization, !authorization.isEmpty else { return anonymous }
         guard let token = Self.bearerToken(authorization) else { return nil }
-        let given = Array(token.utf8)
-        var found: Caller?
-        for entry in tokens where ConstantTime.equal(given, entry.token) && found == nil {
-            found = entry.caller
-        }
-        return found
+        return ConstantTime.firstMatch(Array(token.utf8), in: tokens).map { tokenCallers[$0] }
     }
 
     /// The credentials of `Bearer <token>` (the scheme is case-insensitive, RFC 9110 §11.1).

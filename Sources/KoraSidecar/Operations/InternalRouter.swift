@@ -150,10 +150,7 @@ struct WebPageGuard: RouterMiddleware {
     /// Whether the request's bearer token is one of `tokens` (each compared in constant time).
     private func carriesToken(_ request: Request) -> Bool {
         guard let header = request.headers[.authorization], let given = ServiceIdentity.bearerToken(header) else { return false }
-        let bytes = Array(given.utf8)
-        var found = false
-        for token in tokens where ConstantTime.equal(bytes, token) { found = true }
-        return found
+        return ConstantTime.firstMatch(Array(given.utf8), in: tokens) != nil
     }
 
     private static let openPaths: Set<String> = ["/healthz", "/readyz", "/metrics"]
@@ -162,26 +159,19 @@ struct WebPageGuard: RouterMiddleware {
     /// address, `localhost` or one of `names`: a name no web page can point here.
     static func isAllowed(authority: String?, names: Set<String>) -> Bool {
         guard let authority = authority?.lowercased(), !authority.isEmpty else { return true }
-        if authority.hasPrefix("[") { return authority.contains("]") }
         var host = Substring(authority)
-        if let colon = host.lastIndex(of: ":"), host[host.index(after: colon)...].allSatisfy(\.isDigitByte) {
+        if host.hasPrefix("["), let close = host.firstIndex(of: "]") {
+            host = host[host.index(after: host.startIndex)..<close]
+        } else if let colon = host.lastIndex(of: ":"), host.utf8[host.utf8.index(after: colon)...].allSatisfy(\.isASCIIDigit) {
             host = host[..<colon]
         }
         if host.hasSuffix(".") { host = host.dropLast() }
-        return host == "localhost" || isIPv4(host) || names.contains(String(host))
-    }
-
-    private static func isIPv4(_ host: Substring) -> Bool {
-        let parts = host.split(separator: ".", omittingEmptySubsequences: false)
-        return parts.count == 4 && parts.allSatisfy { $0.count <= 3 && !$0.isEmpty && $0.allSatisfy(\.isDigitByte) && Int($0)! <= 255 }
+        let name = String(host)
+        return name == "localhost" || names.contains(name) || (try? SocketAddress(ipAddress: name, port: 0)) != nil
     }
 }
 
 extension HTTPField.Name {
     /// Where a browser says a request comes from (current browsers send it to HTTPS and loopback addresses).
     fileprivate static let secFetchSite = HTTPField.Name("Sec-Fetch-Site")!
-}
-
-extension Character {
-    fileprivate var isDigitByte: Bool { ("0"..."9").contains(self) }
 }

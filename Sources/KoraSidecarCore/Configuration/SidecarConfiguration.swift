@@ -113,8 +113,8 @@ package struct WebhookConfiguration: Sendable {
 package struct InternalConfiguration: Sendable {
     package var listen = ListenAddress.tcp(host: "127.0.0.1", port: 8081)
     package var adminToken: Secret?
-    /// Host names a browser may use for this listener besides IP addresses and `localhost`
-    /// (lowercase): a name the operator chose, not one any DNS answer can point here.
+    /// Host names this listener answers without a token, besides IP addresses and `localhost`
+    /// (lowercase): names the operator chose, which no web page can point here.
     package var allowedHosts: Set<String> = []
     package var limits = ListenerLimits(maxBodyBytes: 26_214_400)
 

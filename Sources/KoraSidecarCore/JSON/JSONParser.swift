@@ -147,26 +147,25 @@ public struct JSONParser {
         guard index < bytes.count else { throw error("invalid number") }
         if bytes[index] == UInt8(ascii: "0") {
             index += 1
-        } else if isDigit(bytes[index]) {
-            while index < bytes.count, isDigit(bytes[index]) { index += 1 }
+        } else if bytes[index].isASCIIDigit {
+            while index < bytes.count, bytes[index].isASCIIDigit { index += 1 }
         } else {
             throw error("invalid number")
         }
         if index < bytes.count, bytes[index] == UInt8(ascii: ".") {
             index += 1
-            guard index < bytes.count, isDigit(bytes[index]) else { throw error("invalid number") }
-            while index < bytes.count, isDigit(bytes[index]) { index += 1 }
+            guard index < bytes.count, bytes[index].isASCIIDigit else { throw error("invalid number") }
+            while index < bytes.count, bytes[index].isASCIIDigit { index += 1 }
         }
         if index < bytes.count, bytes[index] == UInt8(ascii: "e") || bytes[index] == UInt8(ascii: "E") {
             index += 1
             if index < bytes.count, bytes[index] == UInt8(ascii: "+") || bytes[index] == UInt8(ascii: "-") { index += 1 }
-            guard index < bytes.count, isDigit(bytes[index]) else { throw error("invalid number") }
-            while index < bytes.count, isDigit(bytes[index]) { index += 1 }
+            guard index < bytes.count, bytes[index].isASCIIDigit else { throw error("invalid number") }
+            while index < bytes.count, bytes[index].isASCIIDigit { index += 1 }
         }
         return String(decoding: bytes[start..<index], as: UTF8.self)
     }
 
-    private func isDigit(_ byte: UInt8) -> Bool { byte >= UInt8(ascii: "0") && byte <= UInt8(ascii: "9") }
 
     private mutating func parseString() throws(JSONParseError) -> String {
         index += 1

@@ -92,13 +92,13 @@ public struct SignatureVerifier: Sendable {
     /// body, never a Kora event (a JSON object), is refused, or any captured timestamped webhook
     /// could be replayed as a legacy one, outside its window, for ever.
     static func isTimestampedInput(_ body: [UInt8]) -> Bool {
-        let digits = body.prefix { $0 >= 0x30 && $0 <= 0x39 }.count
+        let digits = body.prefix(while: \.isASCIIDigit).count
         return digits > 0 && digits < body.count && body[digits] == UInt8(ascii: ".")
     }
 
     /// Parses Unix seconds: ASCII digits only, at most 12 of them (no sign, no fraction, no spaces).
     static func unixSeconds(_ text: String) -> Int64? {
-        guard (1...12).contains(text.utf8.count), text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else { return nil }
+        guard (1...12).contains(text.utf8.count), text.utf8.allSatisfy(\.isASCIIDigit) else { return nil }
         return Int64(text)
     }
 }
@@ -115,6 +115,16 @@ package enum ConstantTime {
             count += 1
         }
         return difference == 0 && count == rhs.count
+    }
+
+    /// The index of the first of `candidates` that holds `given`'s bytes. Every candidate is
+    /// compared, whichever matches, so that the time does not say which one (or whether an early one) did.
+    package static func firstMatch(_ given: [UInt8], in candidates: [[UInt8]]) -> Int? {
+        var found: Int?
+        for (index, candidate) in candidates.enumerated() where equal(given, candidate) && found == nil {
+            found = index
+        }
+        return found
     }
 
     /// Whether two strings are equal, compared as UTF-8 in constant time (tokens).

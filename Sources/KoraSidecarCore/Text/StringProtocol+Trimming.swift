@@ -19,24 +19,18 @@ extension StringProtocol {
     /// digits, the bytes are not UTF-8 or hold a NUL (a route parameter as a client encoded it).
     package var percentDecoded: String? {
         var bytes: [UInt8] = []
-        var rest = utf8[...]
+        var rest = Substring(self).utf8[...]
         while let byte = rest.popFirst() {
             guard byte == UInt8(ascii: "%") else {
                 bytes.append(byte)
                 continue
             }
-            guard rest.count >= 2, rest.prefix(2).allSatisfy(\.isHexDigitByte), let value = UInt8(String(decoding: rest.prefix(2), as: UTF8.self), radix: 16),
-                value != 0
-            else { return nil }
-            bytes.append(value)
+            guard let value = Hex.decode(rest.prefix(2)), value.count == 1, value[0] != 0 else { return nil }
+            bytes += value
             rest = rest.dropFirst(2)
         }
         return String(validating: bytes, as: UTF8.self)
     }
 
     private static var unreserved: Set<UInt8> { Set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~".utf8) }
-}
-
-extension UInt8 {
-    fileprivate var isHexDigitByte: Bool { (0x30...0x39).contains(self) || (0x41...0x46).contains(self) || (0x61...0x66).contains(self) }
 }

@@ -15,7 +15,7 @@ extension UnixTime {
         if let duration = DurationText.parse(text) { return UnixTime(milliseconds: now.milliseconds - duration.milliseconds) }
         let bytes = Array(text.utf8)
         func number(_ range: Range<Int>) -> Int32? {
-            guard range.upperBound <= bytes.count, bytes[range].allSatisfy(isDigit) else { return nil }
+            guard range.upperBound <= bytes.count, bytes[range].allSatisfy(\.isASCIIDigit) else { return nil }
             return Int32(String(decoding: bytes[range], as: UTF8.self))
         }
         guard bytes.count >= 10, bytes[4] == UInt8(ascii: "-"), bytes[7] == UInt8(ascii: "-"),
@@ -37,7 +37,7 @@ extension UnixTime {
             fields.tm_sec = second
             var index = 19
             if bytes[index] == UInt8(ascii: ".") {
-                let digits = bytes[(index + 1)...].prefix(while: isDigit)
+                let digits = bytes[(index + 1)...].prefix(while: \.isASCIIDigit)
                 guard !digits.isEmpty else { return nil }
                 // The first three digits are the milliseconds; finer ones are dropped.
                 for (place, digit) in digits.prefix(3).enumerated() { milliseconds += Int64(digit - 0x30) * [100, 10, 1][place] }
@@ -59,6 +59,4 @@ extension UnixTime {
         let seconds = Int64(timegm(&fields)) - offsetSeconds
         return UnixTime(milliseconds: seconds * 1000 + milliseconds)
     }
-
-    private static func isDigit(_ byte: UInt8) -> Bool { byte >= 0x30 && byte <= 0x39 }
 }

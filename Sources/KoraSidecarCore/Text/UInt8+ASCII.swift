@@ -1,0 +1,4 @@
+extension UInt8 {
+    /// `0` to `9` in ASCII: what every parser of numbers on the wire reads.
+    package var isASCIIDigit: Bool { self >= UInt8(ascii: "0") && self <= UInt8(ascii: "9") }
+}
