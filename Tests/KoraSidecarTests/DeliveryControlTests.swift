@@ -278,10 +278,7 @@ struct DeliveryControlTests {
 
     @Test func aDeliveryCutOffByTheDrainTimeOutStaysPendingWithItsAttempts() async throws {
         let gate = Gate()
-        let receiver = Receiver { _, _ in
-            await gate.wait()
-            return .ok
-        }
+        let receiver = Receiver.held(by: gate)
         let store = InMemoryStore()
         try await withReceiver(receiver) { (port: Int) async throws in
             var configuration = testConfiguration(services: [testService("app", target: .url("http://127.0.0.1:\(port)/e"))], mode: .queued)

@@ -334,10 +334,7 @@ struct ReplayTests {
     @Test(arguments: [true, false])
     func korasTwoSimultaneousCopiesAreDeliveredOnceInDirectMode(bodyNamesItsID: Bool) async throws {
         let gate = Gate()
-        let receiver = Receiver { _, _ in
-            await gate.wait()
-            return .ok
-        }
+        let receiver = Receiver.held(by: gate)
         try await sidecar(receiver: receiver, mode: .direct) { (sidecar: RunningSidecar) async throws in
             let body =
                 bodyNamesItsID

@@ -84,10 +84,7 @@ struct OutboxTests {
 
     @Test func aHangingServiceNeverDelaysAHealthyOne() async throws {
         let gate = Gate()
-        let stuck = Receiver { _, _ in
-            await gate.wait()
-            return .ok
-        }
+        let stuck = Receiver.held(by: gate)
         let healthy = Receiver()
         let store = InMemoryStore()
         try await withReceiver(stuck) { (stuckPort: Int) async throws in

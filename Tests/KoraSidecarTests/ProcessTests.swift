@@ -42,10 +42,7 @@ struct ProcessTests {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let gate = Gate()
-        let receiver = Receiver { _, _ in
-            await gate.wait()
-            return .ok
-        }
+        let receiver = Receiver.held(by: gate)
         try await withReceiver(receiver) { (port: Int) async throws in
             let config = try writeProcessConfig(directory: directory, receiverPort: port)
             let child = try SidecarProcess(config: config)

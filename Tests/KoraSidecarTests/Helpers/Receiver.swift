@@ -34,6 +34,14 @@ final class Receiver: Sendable {
         self.answer = answer
     }
 
+    /// A receiver that holds every request until `gate` opens, then answers 200.
+    static func held(by gate: Gate) -> Receiver {
+        Receiver { _, _ in
+            await gate.wait()
+            return .ok
+        }
+    }
+
     var deliveries: [ReceivedDelivery] { received.withLockedValue { $0 } }
     var count: Int { counted.withLockedValue { $0 } }
 
