@@ -22,12 +22,23 @@ final class PostgresServer: Sendable {
 
     /// Initialises and starts a server of its own (a test that restarts its server needs one).
     init() async throws {
-        bin = try Self.binaries()
-        directory = try temporaryDirectory()
-        port = try freePort()
+        let bin = try Self.binaries()
+        let directory = try temporaryDirectory()
         if getuid() == 0 { try await Self.spawn("/usr/bin/chown", ["postgres:postgres", directory]) }
-        try await run("initdb", ["-D", directory + "/data", "-U", "kora", "-A", "trust", "--no-sync", "-E", "UTF8"])
-        try await start()
+        try await Self.spawn(program: bin + "/initdb", ["-D", directory + "/data", "-U", "kora", "-A", "trust", "--no-sync", "-E", "UTF8"])
+        // The free port is released before the server binds it, so a listener the other tests open
+        // meanwhile can take it: the server then tries another one.
+        var attempts = 0
+        while true {
+            let port = try freePort()
+            do {
+                try await Self.start(bin: bin, directory: directory, port: port)
+                (self.bin, self.directory, self.port) = (bin, directory, port)
+                break
+            } catch let failure as ToolFailed where failure.description.contains("Address already in use") && attempts < 4 {
+                attempts += 1
+            }
+        }
         let first = Self.started.withLockedValue { started in
             started.append(self)
             return started.count == 1
@@ -44,11 +55,21 @@ final class PostgresServer: Sendable {
 
     func url(database: String) -> String { "postgres://kora@127.0.0.1:\(port)/\(database)?sslmode=disable" }
 
-    func start() async throws {
-        try await run("pg_ctl", [
-            "start", "-w", "-D", directory + "/data", "-l", directory + "/server.log",
-            "-o", "-p \(port) -h 127.0.0.1 -k \(directory) -F -c max_connections=300",
-        ])
+    /// Starts the server again on its port (after `stop()`).
+    func start() async throws { try await Self.start(bin: bin, directory: directory, port: port) }
+
+    /// A failure carries the end of the server's log, which says why (pg_ctl only says to read it).
+    private static func start(bin: String, directory: String, port: Int) async throws {
+        let log = directory + "/server.log"
+        do {
+            try await spawn(program: bin + "/pg_ctl", [
+                "start", "-w", "-D", directory + "/data", "-l", log,
+                "-o", "-p \(port) -h 127.0.0.1 -k \(directory) -F -c max_connections=300",
+            ])
+        } catch let failure as ToolFailed {
+            let lines = ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").split(separator: "\n").suffix(6)
+            throw ToolFailed(description: failure.description + "\n" + lines.joined(separator: "\n"))
+        }
     }
 
     /// Stops the server at once, as a crash or a failover would.
