@@ -281,7 +281,11 @@ struct DeliveryControlTests {
         let receiver = Receiver.held(by: gate)
         let store = InMemoryStore()
         try await withReceiver(receiver) { (port: Int) async throws in
-            var configuration = testConfiguration(services: [testService("app", target: .url("http://127.0.0.1:\(port)/e"))], mode: .queued)
+            var service = testService("app", target: .url("http://127.0.0.1:\(port)/e"))
+            // The drain, not the service's time-out, must cut the delivery off, however long a loaded
+            // test process takes to stop the listeners before the dispatcher drains.
+            service.deliver?.timeoutSeconds = 300
+            var configuration = testConfiguration(services: [service], mode: .queued)
             configuration.delivery.drainTimeout = .milliseconds(100)
             var options = SidecarOptions()
             options.store = store

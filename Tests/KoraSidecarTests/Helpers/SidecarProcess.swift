@@ -26,6 +26,8 @@ enum Binary {
 final class SidecarProcess: @unchecked Sendable {
     private let process: Child
     private let lines = NIOLockedValueBox<[String]>([])
+    /// Whether the log's pipe reached its end: every line the process wrote is in `lines`.
+    private let logEnded = NIOLockedValueBox(false)
 
     /// Starts `serve --config config`, or with no flag at all when `config` is nil (the
     /// configuration is then found as an operator's shell would find it, from `directory`).
@@ -35,7 +37,9 @@ final class SidecarProcess: @unchecked Sendable {
             directory: directory, error: .pipe)
         let fd = process.outputPipe!
         let lines = self.lines
+        let logEnded = self.logEnded
         Thread {
+            defer { logEnded.withLockedValue { $0 = true } }
             var buffer: [UInt8] = []
             var chunk = [UInt8](repeating: 0, count: 65536)
             while true {
@@ -86,9 +90,9 @@ final class SidecarProcess: @unchecked Sendable {
 
     func signal(_ number: Int32) { process.signal(number) }
 
-    /// Waits for the process to exit and returns its status.
+    /// Waits for the process to exit, and for its last log lines to be read, and returns its status.
     func exitStatus(timeout: Duration = .seconds(30)) async throws -> Int32 {
-        try await waitUntil("the sidecar to exit", timeout: timeout) { !self.process.isRunning }
+        try await waitUntil("the sidecar to exit", timeout: timeout) { !self.process.isRunning && self.logEnded.withLockedValue { $0 } }
         return process.exitStatus ?? -1
     }
 
