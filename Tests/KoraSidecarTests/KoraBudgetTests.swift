@@ -32,6 +32,28 @@ struct KoraBudgetTests {
         }
     }
 
+    @Test func aCallWhoseCallerWentAwayLeavesTheQueueAndTakesNoTurn() async throws {
+        let metrics = SidecarMetrics()
+        let budget = KoraBudget(perMinute: 1, maxWait: .seconds(30), window: .seconds(2), metrics: metrics)
+        func waiting() -> Double? {
+            var buffer: [UInt8] = []
+            metrics.registry.emit(into: &buffer)
+            let line = String(decoding: buffer, as: UTF8.self).split(separator: "\n").first { $0.hasPrefix("kora_sidecar_kora_calls_waiting ") }
+            return line.flatMap { Double($0.split(separator: " ")[1]) }
+        }
+        try await budget.acquire(service: "app", share: 1)
+        let gone = Task { try await budget.acquire(service: "app", share: 1) }
+        try await waitUntil("the first call to wait") { waiting() == 1 }
+        let next = Task { try await budget.acquire(service: "app", share: 1) }
+        try await waitUntil("the second call to wait") { waiting() == 2 }
+        // Its caller went away: it leaves at once, instead of waiting out the window and taking the turn.
+        gone.cancel()
+        await #expect(throws: CancellationError.self) { try await gone.value }
+        #expect(waiting() == 1)
+        try await next.value
+        #expect(waiting() == 0)
+    }
+
     @Test func aServiceThatFloodsCannotStarveOneThatCallsRarely() async throws {
         let flood = appService(name: "flood", token: "token-flood")
         let rare = appService(name: "rare", token: "token-rare")

@@ -168,6 +168,36 @@ struct ProcessTests {
         }
     }
 
+    @Test func aStopEndsACallsWaitForItsTurnInTheKorasBudget() async throws {
+        // One call a minute, and a call may wait five: the second call waited out its turn (or
+        // maxWait) through the stop, past the deploy files' 45 s grace period, and ended in SIGKILL.
+        let kora = ScriptedKora([.answer(200, [], #"{"id":"ver_1"}"#), .answer(200, [], #"{"id":"ver_2"}"#)])
+        try await withScriptedKora(kora) { base in
+            let directory = try temporaryDirectory()
+            defer { try? FileManager.default.removeItem(atPath: directory) }
+            let path = directory + "/config.json"
+            try """
+                {"kora": {"apiBaseURL": "\(base)", "apiKey": "\(ProxySecrets.apiKey)", "tenantId": "\(ProxySecrets.tenant)",
+                          "rateLimit": {"perMinute": 1, "maxWait": "5m"}},
+                 "webhooks": {"listen": {"host": "127.0.0.1", "port": 0}, "secrets": ["\(TestSecrets.webhook)"]},
+                 "internal": {"listen": {"host": "127.0.0.1", "port": 0}},
+                 "services": [{"name": "app"}], "storage": {"sqlitePath": "\(directory)/store.sqlite"}}
+                """.write(toFile: path, atomically: true, encoding: .utf8)
+            let process = try SidecarProcess(config: path)
+            let sidecar = try await process.running()
+            let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: nil)
+            #expect(try await sdk.call(.GET, "/verifications/ver_1").status == 200)
+            async let held = sdk.call(.GET, "/verifications/ver_2")
+            try await waitUntil("the second call to wait for its turn") {
+                try await get(sidecar.internalURL("/metrics")).body.contains("kora_sidecar_kora_calls_waiting 1")
+            }
+            process.signal(SIGTERM)
+            #expect(try await held.status == 503)
+            try await process.expectCleanExit()
+            #expect(kora.requests.count == 1)
+        }
+    }
+
     @Test func checkConfigPrintsTheEffectiveConfigurationOrEveryProblem() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }

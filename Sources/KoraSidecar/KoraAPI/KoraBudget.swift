@@ -1,4 +1,5 @@
 import KoraSidecarCore
+import ServiceLifecycle
 
 /// The Kora key's rate budget, shared by every service calling through the proxy: the sidecar
 /// never sends a call it knows Kora would refuse.
@@ -77,16 +78,28 @@ actor KoraBudget {
         let floor = waiting.map { served[$0.service] ?? 0 }.min() ?? 0
         served[service] = max(served[service] ?? 0, floor)
         let timeout = Task { [maxWait] in
-            try? await Task.sleep(for: maxWait)
-            await self.expire(id)
+            guard (try? await Task.sleep(for: maxWait)) != nil else { return }
+            self.remove(id, throwing: Refusal(retryAfter: .seconds(1)))
         }
         defer { timeout.cancel() }
-        try await withCheckedThrowingContinuation { continuation in
-            waiting.append(Waiter(id: id, service: service, share: Double(share), continuation: continuation))
-            metrics.koraCallsWaiting(waiting.count)
-            schedulePump(at: .now())
-        }
+        // A stop, or a caller that went away, ends the wait at once: the call would otherwise wait
+        // out `maxWait` (up to five minutes, past any grace period) and take a turn nobody uses.
+        try await cancelWhenGracefulShutdown { try await self.wait(id, service: service, share: Double(share)) }
         metrics.koraWaited(milliseconds: Int((ContinuousClock.now - started).milliseconds))
+    }
+
+    /// Joins the calls waiting for a turn until ``grant()`` gives one or ``remove(_:throwing:)`` ends the wait.
+    private func wait(_ id: Int, service: String, share: Double) async throws {
+        try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+                guard !Task.isCancelled else { return continuation.resume(throwing: CancellationError()) }
+                waiting.append(Waiter(id: id, service: service, share: share, continuation: continuation))
+                metrics.koraCallsWaiting(waiting.count)
+                schedulePump(at: .now())
+            }
+        } onCancel: {
+            Task { await self.remove(id, throwing: CancellationError()) }
+        }
     }
 
     /// Corrects the budget from one of Kora's answers.
@@ -143,12 +156,13 @@ actor KoraBudget {
         await grant()
     }
 
-    private func expire(_ id: Int) {
+    /// Ends a call's wait: its `maxWait` passed (a ``Refusal``), or its caller went away.
+    private func remove(_ id: Int, throwing error: any Error) {
         guard let index = waiting.firstIndex(where: { $0.id == id }) else { return }
         let waiter = waiting.remove(at: index)
         metrics.koraCallsWaiting(waiting.count)
-        metrics.koraCallRefused()
-        waiter.continuation.resume(throwing: Refusal(retryAfter: .seconds(1)))
+        if error is Refusal { metrics.koraCallRefused() }
+        waiter.continuation.resume(throwing: error)
     }
 }
 

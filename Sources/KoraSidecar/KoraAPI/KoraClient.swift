@@ -141,11 +141,14 @@ struct KoraClient: Sendable {
         return !Task.isShuttingDownGracefully
     }
 
-    /// Waits for `service`'s turn in the key's budget.
-    /// - Throws: 429 `RATE_LIMITED` with `Retry-After` when no turn came within `kora.rateLimit.maxWait`.
+    /// Waits for `service`'s turn in the key's budget; a stop ends the wait, as it ends a retry's.
+    /// - Throws: 429 `RATE_LIMITED` with `Retry-After` when no turn came within `kora.rateLimit.maxWait`,
+    ///   503 when the sidecar is stopping.
     private func takeTurn(service: String) async throws {
         do {
             try await budget.acquire(service: service, share: shares[service] ?? 1)
+        } catch is CancellationError where Task.isShuttingDownGracefully && !Task.isCancelled {
+            throw SidecarHTTPError.stopping()
         } catch let refusal as KoraBudget.Refusal {
             let seconds = max(1, (refusal.retryAfter.milliseconds + 999) / 1000)
             logger.notice("Kora call refused: the key's budget is spent", metadata: ["service": "\(service)", "retry.after": "\(seconds)"])
