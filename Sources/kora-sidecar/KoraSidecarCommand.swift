@@ -165,6 +165,10 @@ struct SendTestEvent: AsyncParsableCommand {
     @Option(name: .customLong("external-id"), help: "The verification's externalId.") var externalID: String = "user-123"
     @Option(help: "timestamped or legacy.") var scheme: SignatureScheme = .timestamped
 
+    func validate() throws {
+        if let problem = HTTPURL.problem(to) { throw ValidationError("--to \(problem).") }
+    }
+
     func run() async throws {
         let body = TestEvent.body(type: type, decision: decision, externalID: externalID)
         let secret = try webhookSecret.resolve()

@@ -30,11 +30,9 @@ struct Simulate: AsyncParsableCommand {
     func validate() throws {
         if !(0...65535).contains(port) { throw ValidationError("--port must be between 0 and 65535.") }
         if let rateLimit, rateLimit < 1 { throw ValidationError("--rate-limit must be at least 1.") }
-        if let autoComplete, autoComplete < 0 { throw ValidationError("--auto-complete must not be negative.") }
-        if slowDelay < 0 { throw ValidationError("--slow-delay must not be negative.") }
-        if let webhookURL, !(webhookURL.hasPrefix("http://") || webhookURL.hasPrefix("https://")) {
-            throw ValidationError("--webhook-url must be an http:// or https:// URL.")
-        }
+        if let autoComplete, !(0...86_400).contains(autoComplete) { throw ValidationError("--auto-complete must be from 0 to 86400 seconds.") }
+        if !(0...86_400).contains(slowDelay) { throw ValidationError("--slow-delay must be from 0 to 86400 seconds.") }
+        if let problem = webhookURL.flatMap(HTTPURL.problem) { throw ValidationError("--webhook-url \(problem).") }
     }
 
     func run() async throws {

@@ -172,6 +172,21 @@ struct ConfigurationTests {
         #expect(both.map(\.path) == ["$.webhooks.listen"])
     }
 
+    @Test func urlsWithAPortBeyond65535OrCredentialsAreRefused() throws {
+        // The HTTP client traps on such a port with an IP address: the first proxied call stopped the
+        // sidecar. Credentials in a URL were printed by check-config and never sent.
+        let found = problems(
+            #"""
+            {"webhooks": {"secrets": ["s"]},
+             "kora": {"apiBaseURL": "http://127.0.0.1:80800/api/v1/idv", "callbackURL": "https://hooks.example.com:0/k"},
+             "services": [{"name": "app", "deliver": {"url": "https://svc:SVCPASS@app.internal/events"}}]}
+            """#)
+        #expect(found.map(\.path) == ["$.kora.apiBaseURL", "$.kora.callbackURL", "$.services[0].deliver.url"])
+        #expect(found[0].reason.contains("80800") && found[1].reason.contains("1 to 65535"))
+        #expect(found[2].reason.contains("user name or password") && !found.contains { $0.reason.contains("SVCPASS") })
+        #expect(HTTPURL.problem("http://[::1]:65535/x") == nil && HTTPURL.problem("https://kora.example/api") == nil)
+    }
+
     @Test func allowedHostsAreNamesWithoutSchemeOrPort() throws {
         let found = problems(
             #"{"webhooks": {"secrets": ["s"]}, "internal": {"allowedHosts": ["console.example.internal", "http://x", "x:8081", "", 5]}}"#)

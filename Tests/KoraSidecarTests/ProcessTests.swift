@@ -292,6 +292,8 @@ struct ProcessTests {
                 #expect(delivery.json?["verification"]?["externalId"] == "user-9")
                 let refused = try await Binary.run(["send-test-event", "--to", sidecar.webhookURL, "--secret", "whsec_wrong"])
                 #expect(refused.stdout.hasPrefix("401 "))
+                let badPort = try await Binary.run(["send-test-event", "--to", "http://127.0.0.1:99999/webhooks/koraidv", "--secret", "s"])
+                #expect(badPort.status == 2 && badPort.stderr.contains("--to must have a port from 1 to 65535"), "\(badPort)")
             }
         }
     }

@@ -38,6 +38,10 @@ import Testing
             #expect(missing.json?["errors"] == [["field": "externalId", "message": "externalId is required"]])
             let tier = try await kora(base).call(.POST, "/verifications", json: ["externalId": "u", "tier": "platinum"])
             #expect(tier.status == 400)
+            // A port no socket can have: the stand-in's HTTP client would trap on it when it sends the webhook.
+            let port = try await kora(base).call(.POST, "/verifications", json: ["externalId": "u", "callbackUrl": "http://127.0.0.1:99999/cb"])
+            #expect(port.status == 400)
+            #expect(port.json?["errors"] == [["field": "callbackUrl", "message": "callbackUrl must have a port from 1 to 65535, not 99999"]])
             let unknown = try await kora(base).call(.GET, "/verifications/ver_missing")
             #expect(unknown.status == 404)
             #expect(unknown.code == "NOT_FOUND")

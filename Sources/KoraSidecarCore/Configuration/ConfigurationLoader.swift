@@ -145,13 +145,11 @@ extension SidecarConfiguration {
         var kora = KoraConfiguration()
         kora.apiBaseURL = object.string("apiBaseURL", default: kora.apiBaseURL)
         while kora.apiBaseURL.hasSuffix("/") { kora.apiBaseURL.removeLast() }
-        if !isHTTPURL(kora.apiBaseURL) { object.reader.report(object.path("apiBaseURL"), "must be an http:// or https:// URL") }
+        if let problem = HTTPURL.problem(kora.apiBaseURL) { object.reader.report(object.path("apiBaseURL"), problem) }
         kora.apiKey = object.optionalSecret("apiKey")
         kora.tenantId = object.optionalSecret("tenantId")
         kora.callbackURL = object.optionalString("callbackURL")
-        if let url = kora.callbackURL, !isHTTPURL(url) {
-            object.reader.report(object.path("callbackURL"), "must be an http:// or https:// URL")
-        }
+        if let problem = kora.callbackURL.flatMap(HTTPURL.problem) { object.reader.report(object.path("callbackURL"), problem) }
         kora.timeoutSeconds = object.int("timeoutSeconds", default: kora.timeoutSeconds, in: 1...600)
         let retry = object.object("retry", keys: ["maxAttempts", "initialDelayMilliseconds", "maxDelayMilliseconds"])
         kora.retry.maxAttempts = retry.int("maxAttempts", default: kora.retry.maxAttempts, in: 1...20)
@@ -313,7 +311,7 @@ extension SidecarConfiguration {
         let target: DeliveryTarget
         switch (object.optionalString("url"), object.optionalString("unixSocket")) {
         case (let url?, nil):
-            if !isHTTPURL(url) { reader.report(object.path("url"), "must be an http:// or https:// URL") }
+            if let problem = HTTPURL.problem(url) { reader.report(object.path("url"), problem) }
             if object.has("path") { reader.report(object.path("path"), "goes with unixSocket only; put the path in the url") }
             target = .url(url)
         case (nil, let socket?):
@@ -418,12 +416,6 @@ extension SidecarConfiguration {
 
     private static func hasTokenProblem(_ reader: ConfigurationReader) -> Bool {
         reader.problems.contains { $0.path.hasSuffix(".token") }
-    }
-
-    static func isHTTPURL(_ text: String) -> Bool {
-        guard let url = URL(string: text), let scheme = url.scheme?.lowercased(), let host = url.host, !host.isEmpty
-        else { return false }
-        return scheme == "http" || scheme == "https"
     }
 
     static func isHeaderName(_ name: String) -> Bool {

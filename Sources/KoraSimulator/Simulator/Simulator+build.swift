@@ -155,8 +155,8 @@ extension KoraSimulator {
             return Self.validationFailed([("tier", "tier must be one of basic, standard, enhanced")])
         }
         let callback = input["callbackUrl"]?.text
-        if let callback, !(callback.hasPrefix("http://") || callback.hasPrefix("https://")) {
-            return Self.validationFailed([("callbackUrl", "callbackUrl must be an http or https URL")])
+        if let problem = callback.flatMap(HTTPURL.problem) {
+            return Self.validationFailed([("callbackUrl", "callbackUrl \(problem)")])
         }
         let verification = create(
             externalID: externalID, tier: tier, tenantID: request.headers[SimulatorGate.tenantHeader] ?? "",
