@@ -1,6 +1,7 @@
 import AsyncHTTPClient
 import Crypto
 import Foundation
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import Testing
@@ -330,6 +331,41 @@ import Glibc
                     #expect(kora.requests.count == 1, "\(method)")
                     #expect(sleeper.delays.isEmpty)
                 }
+            }
+        }
+    }
+
+    @Test func aStatusHTTPDoesNotDefineIsNotPassedOn() async throws {
+        let kora = ScriptedKora([.answer(600, [], #"{"error":"odd"}"#)])
+        try await withScriptedKora(kora) { base in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()])) { sidecar in
+                let answer = try await SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                    .call(.GET, "/verifications/ver_1")
+                #expect(answer.status == 502)
+                #expect(answer.code == "KORA_UNREACHABLE")
+            }
+        }
+    }
+
+    @Test func aBodyKoraTricklesDoesNotHoldARetryOrARefusal() async throws {
+        // The client's time-out covers the head only, and a byte every 100 ms never trips the read
+        // time-out: reading such a body before retrying held the call until Kora stopped.
+        let kora = ScriptedKora([.trickle(429, [("Retry-After", "0")]), .answer(200, [], #"{"id":"ver_1"}"#), .trickle(401, [])])
+        try await withScriptedKora(kora) { base in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()]), options: proxyOptions(SleepRecorder())) { sidecar in
+                defer { kora.release() }
+                let client = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                for expected in [200, 502] {
+                    let answer = NIOLockedValueBox<HTTPAnswer?>(nil)
+                    let call = Task {
+                        let got = try await client.call(.GET, "/verifications/ver_1")
+                        answer.withLockedValue { $0 = got }
+                    }
+                    defer { call.cancel() }
+                    try await waitUntil("the call to be answered while Kora still trickles") { answer.withLockedValue { $0 } != nil }
+                    #expect(answer.withLockedValue { $0 }?.status == expected)
+                }
+                #expect(kora.requests.count == 3)
             }
         }
     }

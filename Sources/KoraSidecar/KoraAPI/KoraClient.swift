@@ -49,6 +49,8 @@ struct KoraClient: Sendable {
 
     /// The proxy's own HTTP client: no redirects, connect and read time-outs of `kora.timeoutSeconds`,
     /// no hidden connection retries (the proxy's retry rules decide, SPEC §5.1) and no tracing.
+    /// HTTP/1.1 only: NIO's HTTP/2 codec traps on a negative `:status`, which an answer of Kora's (or of
+    /// a proxy in front of it) must never be able to do to the sidecar.
     package static func clientConfiguration(timeoutSeconds: Int) -> HTTPClient.Configuration {
         let timeout = TimeAmount.seconds(Int64(max(1, timeoutSeconds)))
         var configuration = HTTPClient.Configuration(
@@ -56,6 +58,7 @@ struct KoraClient: Sendable {
             timeout: .init(connect: timeout, read: timeout),
             connectionPool: .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 64))
         configuration.connectionPool.retryConnectionEstablishment = false
+        configuration.httpVersion = .http1Only
         configuration.decompression = .disabled
         configuration.tracing.tracer = nil
         return configuration
@@ -107,18 +110,23 @@ struct KoraClient: Sendable {
             }
             let code = Int(response.status.code)
             status = code
+            // HTTP/1.1 carries any three digits: a status HTTP does not define is no answer to pass on.
+            guard (100...599).contains(code) else {
+                logger.warning("Kora answered with a status HTTP does not define", metadata: metadata())
+                throw SidecarHTTPError(.badGateway, code: "KORA_UNREACHABLE", message: "Kora answered with a status HTTP does not define.")
+            }
             if attempt < policy.maxAttempts, code == 429 || (isRead && code >= 500), !Task.isShuttingDownGracefully,
                 let delay = policy.delay(after: attempt, retryAfter: response.headers.first(name: "retry-after"))
             {
                 logger.debug("Kora asked to retry", metadata: metadata())
-                _ = try? await response.body.collect(upTo: 1 << 20)
+                // The body is dropped unread, which closes its connection: its time-out covers only the
+                // head, so a body Kora trickles would hold the call for as long as Kora liked.
                 guard try await waitToRetry(delay) else {
                     throw SidecarHTTPError.stopping()
                 }
                 continue
             }
             if code == 401 || code == 403 {
-                _ = try? await response.body.collect(upTo: 1 << 20)
                 logger.error("Kora rejected the sidecar's own API key: check kora.apiKey and kora.tenantId", metadata: metadata())
                 metrics.koraCredentialsRejected()
                 throw SidecarHTTPError(

@@ -15,6 +15,8 @@ final class Gate: Sendable {
         }
     }
 
+    var isOpen: Bool { state.withLockedValue { $0.open } }
+
     func open() {
         let waiters = state.withLockedValue { state in
             state.open = true

@@ -115,6 +115,8 @@ final class ScriptedKora: Sendable {
         case stall
         /// Status and body once `gate` is opened.
         case answerWhenOpened(Gate, Int, String)
+        /// Status and headers at once, then a body of a byte every 100 ms until the test calls ``release()``.
+        case trickle(Int, [(String, String)])
     }
 
     struct Seen: Sendable {
@@ -177,6 +179,17 @@ final class ScriptedKora: Sendable {
         case .answerWhenOpened(let gate, let status, let text):
             await gate.wait()
             return Self.answer(status, [], text)
+        case .trickle(let status, let extra):
+            var response = Self.answer(status, extra, "")
+            let released = self.released
+            response.body = ResponseBody { writer in
+                while !released.isOpen {
+                    try await writer.write(ByteBuffer(string: " "))
+                    try await Task.sleep(for: .milliseconds(100))
+                }
+                try await writer.finish(nil)
+            }
+            return response
         case .stall:
             // A server does not notice the client hanging up while it reads nothing: wait for the test.
             await released.wait()
