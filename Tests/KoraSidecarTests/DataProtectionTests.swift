@@ -320,6 +320,9 @@ struct DataProtectionProcessTests {
             #expect(erased.json?["verificationIds"] == ["ver_marked"])
             #expect(erased.json?["quarantined"] == .int(1))
             #expect(try await get(sidecar.internalURL("/admin/deliveries/\(id)")).status == 404)
+            // An id no store can hold names nothing: ver_other stays for the command below to erase.
+            let unstorable = try await post(sidecar.internalURL("/admin/erase"), body: Array(#"{"verificationId": "ver_other\u0000x"}"#.utf8), headers: [])
+            #expect(unstorable.status == 400)
             let command = try await Binary.run(["erase", "--config", config, "--verification", "ver_other"])
             #expect(command.status == 0, "\(command.stderr)")
             #expect(command.stdout.contains(#""events": 1"#))

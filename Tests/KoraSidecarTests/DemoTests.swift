@@ -49,6 +49,8 @@ import Testing
         #expect(DemoReceiver.verify(body: body, id: "evt_1", timestamp: "1800000000", signatures: "v1,other " + signature, key: key, now: 1_800_000_010))
         #expect(!DemoReceiver.verify(body: body + [0x20], id: "evt_1", timestamp: "1800000000", signatures: signature, key: key, now: 1_800_000_010))
         #expect(!DemoReceiver.verify(body: body, id: "evt_2", timestamp: "1800000000", signatures: signature, key: key, now: 1_800_000_010))
+        // Any header a local process sends: an extreme timestamp is refused, not an overflow that stops the demo.
+        #expect(!DemoReceiver.verify(body: body, id: "evt_1", timestamp: "-9223372036854775808", signatures: signature, key: key, now: 1_800_000_010))
         #expect(!DemoReceiver.verify(body: body, id: "evt_1", timestamp: "1800000000", signatures: signature, key: key, now: 1_800_001_000))
     }
 }

@@ -441,6 +441,21 @@ struct StoreTests {
         #expect(try await store.depth().first?.count == 500)
     }
 
+    @Test func sqliteBindsTextWithItsLength() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let database = try SQLiteDatabase(path: directory + "/store.sqlite", migrations: SQLiteStore.migrations)
+        defer { database.close() }
+        // Bound as a C string, text ended at its NUL: "ver_1\0x" was "ver_1", and an erasure of the
+        // one erased the other.
+        let row = try await database.read { db in
+            try db.query("SELECT length(CAST(?1 AS BLOB)), ?1 = 'ver_1', typeof(?2), length(?3)", [.text("ver_1\u{0}x"), .text(""), .text("žluť")]).map {
+                [$0.int(0), $0.int(1), $0.string(2) == "text" ? 1 : 0, $0.int(3)]
+            }
+        }
+        #expect(row == [[7, 0, 1, 4]])
+    }
+
     @Test func sqliteReadsDoNotWaitForAnOpenWriteTransaction() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }

@@ -70,9 +70,18 @@ final class SQLiteConnection {
             switch value {
             case .null: result = sqlite3_bind_null(statement, position)
             case .integer(let int): result = sqlite3_bind_int64(statement, position, int)
-            case .text(let text): result = sqlite3_bind_text(statement, position, text, -1, transient)
+            // With their lengths: a C string would end at a NUL inside the text, and a 32-bit length
+            // traps past 2 GiB where SQLite answers SQLITE_TOOBIG.
+            case .text(var text):
+                result = text.withUTF8 { utf8 in
+                    utf8.withMemoryRebound(to: CChar.self) { chars in
+                        // An empty buffer may have no address, which SQLite would take for NULL.
+                        guard let start = chars.baseAddress else { return sqlite3_bind_text(statement, position, "", 0, transient) }
+                        return sqlite3_bind_text64(statement, position, start, UInt64(chars.count), transient, UInt8(SQLITE_UTF8))
+                    }
+                }
             case .blob(let bytes):
-                result = bytes.withUnsafeBytes { sqlite3_bind_blob(statement, position, $0.baseAddress, Int32($0.count), transient) }
+                result = bytes.withUnsafeBytes { sqlite3_bind_blob64(statement, position, $0.baseAddress, UInt64($0.count), transient) }
             }
             guard result == SQLITE_OK else { throw error(result) }
         }

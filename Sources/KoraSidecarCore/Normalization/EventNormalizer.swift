@@ -80,7 +80,7 @@ public enum EventNormalizer {
 
     /// `text` when every store can keep and index it: 1 to 1024 bytes, no control character (a NUL
     /// is refused by PostgreSQL's text, kilobytes by its index).
-    private static func storableID(_ text: String) -> String? {
+    package static func storableID(_ text: String) -> String? {
         (1...1024).contains(text.utf8.count) && text.utf8.allSatisfy({ $0 >= 0x20 && $0 != 0x7F }) ? text : nil
     }
 

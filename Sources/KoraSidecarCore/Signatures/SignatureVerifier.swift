@@ -97,7 +97,7 @@ public struct SignatureVerifier: Sendable {
     }
 
     /// Parses Unix seconds: ASCII digits only, at most 12 of them (no sign, no fraction, no spaces).
-    static func unixSeconds(_ text: String) -> Int64? {
+    package static func unixSeconds(_ text: String) -> Int64? {
         guard (1...12).contains(text.utf8.count), text.utf8.allSatisfy(\.isASCIIDigit) else { return nil }
         return Int64(text)
     }

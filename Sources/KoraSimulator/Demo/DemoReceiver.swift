@@ -39,7 +39,9 @@ struct DemoReceiver: Sendable {
     package static func verify(
         body: [UInt8], id: String?, timestamp: String?, signatures: String?, key: SymmetricKey, now: Int64, tolerance: Int64 = 300
     ) -> Bool {
-        guard let id, let timestamp, let seconds = Int64(timestamp), abs(now - seconds) <= tolerance, let signatures else { return false }
+        // At most 12 digits: `now - seconds` cannot overflow, whatever the header holds.
+        guard let id, let timestamp, let seconds = SignatureVerifier.unixSeconds(timestamp), abs(now - seconds) <= tolerance, let signatures
+        else { return false }
         let expected = StandardWebhooks.signature(key: key, id: id, timestamp: seconds, body: body)
         var matched = false
         for candidate in signatures.split(separator: " ") where ConstantTime.equal(String(candidate), expected) { matched = true }
