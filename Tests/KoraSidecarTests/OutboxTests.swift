@@ -143,4 +143,21 @@ struct OutboxTests {
         #expect(policy.next(after: 1, result: .init(statusCode: 201, error: nil, durationMilliseconds: 1), now: now) == .delivered)
         #expect(policy.next(after: 1, result: .init(statusCode: nil, error: "timed out", durationMilliseconds: 1), now: now) != .delivered)
     }
+
+    @Test func retryAfterPostponesAnAttemptButNeverBringsItForward() {
+        // Every attempt counts: a service answering `Retry-After: 1` to each one ran through the
+        // schedule's 29 hours in minutes, and its events went dead while it was deploying.
+        let policy = RetryPolicy(schedule: [.seconds(10), .seconds(60)], jitter: 0)
+        let now = UnixTime(milliseconds: 0)
+        func next(after attempt: Int, retryAfter: Duration) -> NextStep {
+            var result = AttemptResult(statusCode: 503, error: nil, durationMilliseconds: 1)
+            result.retryAfter = retryAfter
+            return policy.next(after: attempt, result: result, now: now)
+        }
+        #expect(next(after: 1, retryAfter: .seconds(1)) == .retry(at: UnixTime(milliseconds: 10_000)))
+        #expect(next(after: 1, retryAfter: .seconds(30)) == .retry(at: UnixTime(milliseconds: 30_000)))
+        #expect(next(after: 1, retryAfter: .seconds(3600)) == .retry(at: UnixTime(milliseconds: 60_000)))
+        #expect(next(after: 2, retryAfter: .seconds(1)) == .retry(at: UnixTime(milliseconds: 60_000)))
+        #expect(next(after: 3, retryAfter: .seconds(1)) == .dead)
+    }
 }
