@@ -45,6 +45,30 @@ struct OperationsTests {
         }
     }
 
+    @Test func deliveriesPendingForAServiceNoLongerConfiguredAreSaidAndCounted() async throws {
+        // A service renamed in the configuration: nothing sends what was pending for its old name.
+        let store = InMemoryStore()
+        let event = try EventNormalizer.normalize(body: TestEvent.body(), webhookID: nil, receivedAt: .now())
+        _ = try await store.enqueue(event, services: ["billing"], at: .now(), dedupSince: .now())
+        let logs = TestLogs()
+        var options = SidecarOptions()
+        options.store = store
+        let configuration = testConfiguration(services: [testService("billing-v2", target: .url("http://127.0.0.1:9/e"))], mode: .queued)
+        try await withSidecar(configuration, options: options, logs: logs) { (sidecar: RunningSidecar) async throws in
+            try await waitUntil("the warning") { logs.all.contains { $0.contains("no longer has") && $0.contains("billing") } }
+            let before = try await get(sidecar.internalURL("/metrics")).body
+            #expect(before.contains(#"kora_sidecar_outbox_depth{service="billing",state="pending"} 1"#))
+            #expect(before.contains(#"kora_sidecar_oldest_pending_age_seconds{service="billing"}"#))
+            let verification = try #require(event.verificationID)
+            let erased = try await post(sidecar.internalURL("/admin/erase"), body: Array(#"{"verificationId": "\#(verification)"}"#.utf8), headers: [])
+            #expect(erased.status == 200)
+            // Once none is pending, the old name's gauges read 0 instead of their last values.
+            let after = try await get(sidecar.internalURL("/metrics")).body
+            #expect(after.contains(#"kora_sidecar_outbox_depth{service="billing",state="pending"} 0"#))
+            #expect(after.contains(#"kora_sidecar_oldest_pending_age_seconds{service="billing"} 0"#))
+        }
+    }
+
     @Test func healthAndReadinessOnTheInternalListener() async throws {
         var options = SidecarOptions()
         options.store = InMemoryStore()

@@ -62,6 +62,7 @@ final class OutboxDispatcher: Service, Sendable {
     }
 
     package func run() async throws {
+        await warnOfOrphanedDeliveries()
         // A proxy-only sidecar has no service to deliver to: stay up until shutdown, like every service.
         guard !services.isEmpty else {
             try? await gracefulShutdown()
@@ -94,6 +95,17 @@ final class OutboxDispatcher: Service, Sendable {
             self.stopping.store(true, ordering: .relaxed)
             self.shutdownBell.ringAll()
             self.doorbells.values.forEach { $0.ringAll() }
+        }
+    }
+
+    /// Says which services the store still has pending deliveries for though the configuration no
+    /// longer has them (renamed or removed): no worker sends those, so they would wait unseen.
+    private func warnOfOrphanedDeliveries() async {
+        guard let depth = try? await store.depth() else { return }
+        for row in depth where row.status == .pending && row.count > 0 && !services.contains(where: { $0.name == row.service }) {
+            logger.warning(
+                "Deliveries are pending for a service the configuration no longer has; none is sent until a service of that name is configured again",
+                metadata: ["service": "\(row.service)", "pending": "\(row.count)"])
         }
     }
 

@@ -15,6 +15,8 @@ package struct SidecarMetrics: Sendable {
     private let timers = Handles<CoreMetrics.Timer>()
     /// Webhooks per minute by result, for the console's overview (the counters only add up).
     let webhookMinutes = MinuteCounts()
+    /// Services no longer configured that had pending deliveries at the last scrape.
+    private let formerlyOrphaned = NIOLockedValueBox<Set<String>>([])
 
     init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
         self.registry = registry
@@ -95,9 +97,19 @@ package struct SidecarMetrics: Sendable {
         timers.handle(label, dimensions) { CoreMetrics.Timer(label: label, dimensions: dimensions, factory: factory) }
     }
 
-    /// Refreshes the outbox and readiness gauges, then renders every metric.
+    /// How long a scrape waits for the store. Each store call may wait its own time-out (5 s with
+    /// PostgreSQL), and three in a row outlasted Prometheus' 10 s scrape time-out: the scrape failed,
+    /// `kora_sidecar_ready` had no sample, and the alert for a store that is down could not fire.
+    static let storeWait = Duration.seconds(2)
+
+    /// Refreshes the outbox and readiness gauges, then renders every metric. The store is asked
+    /// three things at once, each for at most ``storeWait``: no answer in time means not ready, and
+    /// the outbox gauges keep their last values.
     func render(store: any SidecarStore, services: [String], readiness: Readiness, breakers: ServiceBreakers, now: UnixTime) async -> String {
-        Gauge(label: "kora_sidecar_ready", dimensions: [], factory: factory).record(await readiness.problem() == nil ? 1 : 0)
+        async let ready = try? Deadline.run(after: Self.storeWait, error: { CancellationError() }) { await readiness.problem() == nil }
+        async let unroutedCount = try? Deadline.run(after: Self.storeWait, error: { CancellationError() }) { try await store.unroutedCount() }
+        async let outboxDepth = try? Deadline.run(after: Self.storeWait, error: { CancellationError() }) { try await store.depth() }
+        Gauge(label: "kora_sidecar_ready", dimensions: [], factory: factory).record(await ready == true ? 1 : 0)
         for breaker in breakers.all {
             let current = breaker.snapshot.state
             for state in ServiceBreaker.State.allCases {
@@ -105,11 +117,18 @@ package struct SidecarMetrics: Sendable {
                     .record(state == current ? 1 : 0)
             }
         }
-        if let unrouted = try? await store.unroutedCount() {
+        if let unrouted = await unroutedCount {
             Gauge(label: "kora_sidecar_unrouted_events", dimensions: [], factory: factory).record(unrouted)
         }
-        if let depth = try? await store.depth() {
-            for service in services {
+        if let depth = await outboxDepth {
+            // A service no longer configured has gauges while deliveries for it are pending: nothing
+            // sends them any more, and its oldest pending age says so. Once none is, they read 0.
+            let orphaned = Set(depth.filter { $0.status == .pending && $0.count > 0 && !services.contains($0.service) }.map(\.service))
+            let shown = formerlyOrphaned.withLockedValue { shown in
+                defer { shown = orphaned }
+                return shown.union(orphaned)
+            }
+            for service in services + shown.sorted() {
                 for status in DeliveryStatus.allCases {
                     let count = depth.first { $0.service == service && $0.status == status }?.count ?? 0
                     Gauge(label: "kora_sidecar_outbox_depth", dimensions: [("service", service), ("state", status.rawValue)], factory: factory)
