@@ -98,6 +98,24 @@ struct FaultInjectionTests {
         }
     }
 
+    @Test func aStoreFileMovedAwayWhileServingIsNotWrittenTo() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let store = directory + "/store.sqlite"
+        try await withChildSidecar(directory: directory) { _, sidecar, receiver in
+            try await expectServesAValidWebhook(sidecar, receiver)
+            // The open file lives on without a name: what it took would be gone at the next start.
+            try FileManager.default.moveItem(atPath: store, toPath: store + ".moved")
+            #expect(try await sendSigned(TestEvent.body(eventID: "evt_nameless"), to: sidecar).status == 503)
+            let readyz = try await get(sidecar.internalURL("/readyz"))
+            #expect(readyz.status == 503 && readyz.body.contains("storage.sqlitePath"), "\(readyz.body)")
+            // Put back, the same file takes writes again; Kora's retry of the refused event is accepted.
+            try FileManager.default.moveItem(atPath: store + ".moved", toPath: store)
+            #expect(try await sendSigned(TestEvent.body(eventID: "evt_nameless"), to: sidecar).status == 200)
+            try await expectServesAValidWebhook(sidecar, receiver)
+        }
+    }
+
     @Test func aServiceThatAcceptsButNeverAnswersTimesOutIsRetriedAndStarvesNoOne() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }

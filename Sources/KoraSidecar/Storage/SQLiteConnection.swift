@@ -9,6 +9,10 @@ struct SQLiteError: Error, Sendable, CustomStringConvertible {
     package var message: String
 
     package var description: String { "SQLite error \(code): \(message)" }
+
+    /// The store's file was deleted or replaced while the sidecar ran: it writes nothing more there.
+    static let fileMoved = SQLiteError(
+        code: SQLITE_IOERR, message: "the store's file (storage.sqlitePath) was deleted or replaced while the sidecar ran; restore it, or restart the sidecar to create a new one")
 }
 
 /// One SQLite connection, used from one thread at a time (its owner serialises access).
@@ -99,6 +103,13 @@ final class SQLiteConnection {
 
     /// Whether a transaction is open (SQLite ends one on its own after some failures).
     var isInTransaction: Bool { sqlite3_get_autocommit(handle) == 0 }
+
+    /// Whether the file this connection opened was deleted, renamed or replaced since: what is
+    /// written then goes to a file that no name reaches, and is gone at the next start.
+    var fileHasMoved: Bool {
+        var moved: Int32 = 0
+        return sqlite3_file_control(handle, "main", SQLITE_FCNTL_HAS_MOVED, &moved) == SQLITE_OK && moved != 0
+    }
 
     /// The rowid of the last insert.
     var lastInsertRowID: Int64 { sqlite3_last_insert_rowid(handle) }

@@ -185,7 +185,11 @@ private final class SQLiteThread: @unchecked Sendable {
         var committed: [(resume: () -> Void, fail: (any Error) -> Void)] = []
         // Through `query`, whose statements are prepared once per connection, not parsed for every operation.
         do {
-            if writes { try synchronous(each: batch.contains { $0.durable }, connection) }
+            if writes {
+                // One stat(2) a batch: an event acknowledged into a deleted file would be lost.
+                guard !connection.fileHasMoved else { throw SQLiteError.fileMoved }
+                try synchronous(each: batch.contains { $0.durable }, connection)
+            }
             try connection.query(writes ? "BEGIN IMMEDIATE" : "BEGIN")
         } catch {
             batch.forEach { $0.fail(error) }
