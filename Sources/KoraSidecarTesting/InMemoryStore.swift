@@ -328,15 +328,19 @@ final class InMemoryStore: SidecarStore {
 
     package func resealQuarantined() async throws -> ResealReport { ResealReport() }
 
-    package func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult {
+    package func prune(deliveredBefore: UnixTime, seenBefore: UnixTime, limit: Int) async throws -> PruneResult {
         try write { state in
             let delivered = state.deliveries.filter { $0.value.summary.status == .delivered && $0.value.summary.updatedAt < deliveredBefore }
-            for id in delivered.keys { state.deliveries[id] = nil }
-            let seen = state.seen.filter { $0.value < seenBefore }
-            for id in seen.keys { state.seen[id] = nil }
-            state.quarantine.removeAll { $0.receivedAt < seenBefore }
-            state.unrouted = state.unrouted.filter { $0.value.listing.receivedAt >= seenBefore }
-            return PruneResult(deliveries: delivered.count, seenIDs: seen.count)
+                .keys.sorted().prefix(limit)
+            for id in delivered { state.deliveries[id] = nil }
+            let seen = state.seen.filter { $0.value < seenBefore }.keys.sorted().prefix(limit)
+            for id in seen { state.seen[id] = nil }
+            let quarantined = state.quarantine.filter { $0.receivedAt < seenBefore }.prefix(limit).map(\.id)
+            state.quarantine.removeAll { quarantined.contains($0.id) }
+            let unrouted = state.unrouted.filter { $0.value.listing.receivedAt < seenBefore }.keys.sorted().prefix(limit)
+            for row in unrouted { state.unrouted[row] = nil }
+            let more = [delivered.count, seen.count, quarantined.count, unrouted.count].contains { $0 >= limit }
+            return PruneResult(deliveries: delivered.count, seenIDs: seen.count, more: more)
         }
     }
 

@@ -76,7 +76,7 @@ struct StoreTests {
         #expect(try await store.unrouted(limit: 1).map(\.eventID) == ["u2"])
         #expect(try await store.unroutedCount() == 2)
         // Pruning delivered rows keeps unrouted events inside the de-duplication window.
-        _ = try await store.prune(deliveredBefore: at(100), seenBefore: at(-100))
+        _ = try await store.prune(deliveredBefore: at(100), seenBefore: at(-100), limit: 1000)
         #expect(try await store.unroutedCount() == 2)
 
         // Routed: deliveries appear, the event is no longer unrouted, and routing it twice adds nothing.
@@ -89,7 +89,7 @@ struct StoreTests {
         #expect(claimed.first?.event == first)
 
         // Past the window an unrouted event goes, like a quarantined payload.
-        _ = try await store.prune(deliveredBefore: at(100), seenBefore: at(100))
+        _ = try await store.prune(deliveredBefore: at(100), seenBefore: at(100), limit: 1000)
         #expect(try await store.unroutedCount() == 0)
         #expect(try await store.claimDue(service: "b", now: at(7), limit: 10, lease: .seconds(30)).map(\.event.id) == ["u1"])
     }
@@ -360,8 +360,11 @@ struct StoreTests {
         try await store.finish(
             deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: .init(attempt: 1, at: t0, statusCode: 200, error: nil, durationMilliseconds: 1), next: .delivered)
         try await store.quarantine(.init(receivedAt: t0, reason: "bad", body: [1], headers: [:], signatureVerified: true))
-        let result = try await store.prune(deliveredBefore: at(1), seenBefore: at(1))
-        #expect(result == PruneResult(deliveries: 1, seenIDs: 2))
+        // In batches: no call deletes more than `limit` rows of a table, and says when there may be more.
+        let first = try await store.prune(deliveredBefore: at(1), seenBefore: at(1), limit: 1)
+        #expect(first == PruneResult(deliveries: 1, seenIDs: 1, more: true))
+        let rest = try await store.prune(deliveredBefore: at(1), seenBefore: at(1), limit: 1000)
+        #expect(rest == PruneResult(deliveries: 0, seenIDs: 1, more: false))
         #expect(try await store.deliveries(status: nil, limit: 10).map(\.eventID) == ["pending"])
         #expect(try await store.quarantined(limit: 10).isEmpty)
     }

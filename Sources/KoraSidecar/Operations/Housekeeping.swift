@@ -34,7 +34,13 @@ struct Housekeeping: Service {
                     if batch < 1000 { break }
                 }
                 if expired > 0 { logger.info("Deleted bodies past their retention", metadata: ["expired.bodies": "\(expired)"]) }
-                let pruned = try await store.prune(deliveredBefore: cutoff, seenBefore: cutoff)
+                var pruned = PruneResult(deliveries: 0, seenIDs: 0)
+                while !Task.isCancelled {
+                    let batch = try await store.prune(deliveredBefore: cutoff, seenBefore: cutoff, limit: 1000)
+                    pruned.deliveries += batch.deliveries
+                    pruned.seenIDs += batch.seenIDs
+                    if !batch.more { break }
+                }
                 _ = try await store.pruneIdempotencyKeys(before: UnixTime.now().adding(.zero - KoraProxy.idempotencyRetention))
                 if pruned.deliveries + pruned.seenIDs > 0 {
                     logger.info(

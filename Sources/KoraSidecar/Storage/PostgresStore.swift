@@ -614,28 +614,38 @@ final class PostgresStore: SidecarStore, Service {
         """
     }
 
-    package func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult {
+    package func prune(deliveredBefore: UnixTime, seenBefore: UnixTime, limit: Int) async throws -> PruneResult {
         try await inTransaction { connection in
             let before = deliveredBefore.milliseconds
-            try await connection.query(
+            let seenCut = seenBefore.milliseconds
+            // Deleted first, with the condition again: a delivery an operator re-queued since it was
+            // selected is pending and stays.
+            let ids = try await connection.query(
                 """
-                DELETE FROM kora_attempts WHERE delivery_id IN
-                    (SELECT id FROM kora_deliveries WHERE status = 'delivered' AND updated_at < \(before))
-                """, logger: self.logger)
-            let deliveries = try await connection.query(
-                "DELETE FROM kora_deliveries WHERE status = 'delivered' AND updated_at < \(before) RETURNING id", logger: self.logger
-            ).collect().count
-            try await connection.query(
+                DELETE FROM kora_deliveries WHERE id IN
+                    (SELECT id FROM kora_deliveries WHERE status = 'delivered' AND updated_at < \(before) LIMIT \(limit))
+                RETURNING id
+                """, logger: self.logger
+            ).collect().map { try $0.decode(Int64.self) }
+            if !ids.isEmpty { try await connection.query("DELETE FROM kora_attempts WHERE delivery_id = ANY(\(ids))", logger: self.logger) }
+            let events = try await connection.query(
                 """
-                DELETE FROM kora_events e WHERE NOT EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id)
-                    AND (NOT e.unrouted OR e.received_at < \(seenBefore.milliseconds))
+                DELETE FROM kora_events WHERE id IN (SELECT e.id FROM kora_events e
+                    WHERE NOT EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id)
+                      AND (NOT e.unrouted OR e.received_at < \(seenCut)) LIMIT \(limit))
+                RETURNING 1
                 """,
-                logger: self.logger)
-            let seen = try await connection.query(
-                "DELETE FROM kora_seen_events WHERE seen_at < \(seenBefore.milliseconds) RETURNING 1", logger: self.logger
+                logger: self.logger
             ).collect().count
-            try await connection.query("DELETE FROM kora_quarantine WHERE received_at < \(seenBefore.milliseconds)", logger: self.logger)
-            return PruneResult(deliveries: deliveries, seenIDs: seen)
+            let seen = try await connection.query(
+                "DELETE FROM kora_seen_events WHERE event_id IN (SELECT event_id FROM kora_seen_events WHERE seen_at < \(seenCut) LIMIT \(limit)) RETURNING 1",
+                logger: self.logger
+            ).collect().count
+            let quarantined = try await connection.query(
+                "DELETE FROM kora_quarantine WHERE id IN (SELECT id FROM kora_quarantine WHERE received_at < \(seenCut) LIMIT \(limit)) RETURNING 1",
+                logger: self.logger
+            ).collect().count
+            return PruneResult(deliveries: ids.count, seenIDs: seen, more: [ids.count, events, seen, quarantined].contains { $0 >= limit })
         }
     }
 

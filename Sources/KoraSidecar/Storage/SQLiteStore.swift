@@ -554,26 +554,26 @@ final class SQLiteStore: SidecarStore {
         }
     }
 
-    package func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult {
+    package func prune(deliveredBefore: UnixTime, seenBefore: UnixTime, limit: Int) async throws -> PruneResult {
         try await database.write { db in
-            try db.query(
-                """
-                DELETE FROM attempts WHERE delivery_id IN
-                    (SELECT id FROM deliveries WHERE status = 'delivered' AND updated_at < ?)
-                """,
-                [.integer(deliveredBefore.milliseconds)])
-            try db.query("DELETE FROM deliveries WHERE status = 'delivered' AND updated_at < ?", [.integer(deliveredBefore.milliseconds)])
+            let delivered = "SELECT id FROM deliveries WHERE status = 'delivered' AND updated_at < ?1 LIMIT ?2"
+            let bindings: [SQLiteValue] = [.integer(deliveredBefore.milliseconds), .int(limit)]
+            try db.query("DELETE FROM attempts WHERE delivery_id IN (\(delivered))", bindings)
+            try db.query("DELETE FROM deliveries WHERE id IN (\(delivered))", bindings)
             let deliveries = db.changes
+            let seen: [SQLiteValue] = [.integer(seenBefore.milliseconds), .int(limit)]
             // An unrouted event has no delivery yet: it is kept like a quarantined payload.
             try db.query(
                 """
-                DELETE FROM events WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_row = events.id)
-                    AND (unrouted = 0 OR received_at < ?)
-                """, [.integer(seenBefore.milliseconds)])
-            try db.query("DELETE FROM seen_events WHERE seen_at < ?", [.integer(seenBefore.milliseconds)])
-            let seen = db.changes
-            try db.query("DELETE FROM quarantine WHERE received_at < ?", [.integer(seenBefore.milliseconds)])
-            return PruneResult(deliveries: deliveries, seenIDs: seen)
+                DELETE FROM events WHERE id IN (SELECT id FROM events WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_row = events.id)
+                    AND (unrouted = 0 OR received_at < ?1) LIMIT ?2)
+                """, seen)
+            let events = db.changes
+            try db.query("DELETE FROM seen_events WHERE event_id IN (SELECT event_id FROM seen_events WHERE seen_at < ?1 LIMIT ?2)", seen)
+            let seenIDs = db.changes
+            try db.query("DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine WHERE received_at < ?1 LIMIT ?2)", seen)
+            let more = [deliveries, events, seenIDs, db.changes].contains { $0 >= limit }
+            return PruneResult(deliveries: deliveries, seenIDs: seenIDs, more: more)
         }
     }
 

@@ -67,8 +67,11 @@ package protocol SidecarStore: Sendable {
     /// how many it selects, and how many it left because their body is gone.
     func requeue(_ filter: DeliveryFilter, at: UnixTime, dryRun: Bool) async throws -> RequeueCount
     /// Deletes delivered deliveries (and their events once no delivery needs them) finished before
-    /// `deliveredBefore`, and de-duplication ids seen before `seenBefore`.
-    func prune(deliveredBefore: UnixTime, seenBefore: UnixTime) async throws -> PruneResult
+    /// `deliveredBefore`, and de-duplication ids and quarantined payloads from before `seenBefore`:
+    /// at most `limit` rows of each table, so that no call holds the store (or outlasts a
+    /// PostgreSQL operation's time-out, which would undo it every time); ``PruneResult/more`` says
+    /// whether there may be more.
+    func prune(deliveredBefore: UnixTime, seenBefore: UnixTime, limit: Int) async throws -> PruneResult
     /// Deletes the bodies of up to `limit` events none of whose deliveries is pending, once their
     /// last delivery ended before `deliveredBefore` (all delivered) or `deadBefore` (some dead);
     /// their metadata stays. Returns how many bodies it deleted (`limit`: call again).
@@ -433,10 +436,13 @@ package struct UnroutedEvent: Sendable, Equatable {
 package struct PruneResult: Sendable, Equatable {
     package var deliveries: Int
     package var seenIDs: Int
+    /// Whether a table had `limit` rows to delete: another call may find more.
+    package var more: Bool
 
-    package init(deliveries: Int, seenIDs: Int) {
+    package init(deliveries: Int, seenIDs: Int, more: Bool = false) {
         self.deliveries = deliveries
         self.seenIDs = seenIDs
+        self.more = more
     }
 }
 
