@@ -212,8 +212,11 @@ final class OutboxDispatcher: Service, Sendable {
         switch next {
         case .delivered: logger.info("Delivered", metadata: metadata)
         case .retry: logger.notice("Delivery failed; will retry", metadata: metadata)
-        case .dead:
-            logger.error("Delivery dead; waiting for an operator", metadata: metadata)
+        case .dead: logger.error("Delivery dead; waiting for an operator", metadata: metadata)
+        }
+        /// Announced once the store says so: a result that could not be recorded leaves the delivery pending.
+        func announce() {
+            guard case .dead = next else { return }
             operational?.deliveryDied(
                 job.event, service: service.name, deliveryID: job.deliveryID, attempts: job.attempt, lastStatusCode: result.statusCode,
                 lastError: result.error)
@@ -225,11 +228,13 @@ final class OutboxDispatcher: Service, Sendable {
         do {
             guard leasesNext else {
                 try await store.finish(deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: record, next: next)
+                announce()
                 return nil
             }
             let following = try await store.finishAndClaimNext(
                 deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: record, next: next, service: service.name, now: .now(),
                 lease: lease, ordered: ordered)
+            announce()
             // Nothing else due: the token taken for it goes back (the breaker was closed: no probe).
             if following == nil { rateLimits[service.name]?.giveBack() }
             return following
