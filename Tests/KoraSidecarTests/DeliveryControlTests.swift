@@ -276,6 +276,15 @@ struct DeliveryControlTests {
         }
     }
 
+    @Test func aBreakerOpenedBeforeTheWallClockSteppedBackPausesNoLongerThanItsCoolDown() {
+        let breaker = ServiceBreaker(service: "app", failures: 1, logger: Logger(label: "test"))
+        let opened = UnixTime(milliseconds: 1_800_000_000_000)
+        breaker.record(healthy: false, now: opened)
+        #expect(breaker.permit(now: opened.adding(.seconds(10))) == .wait(until: opened.adding(.seconds(30))))
+        // An hour back: the cool-down is 30 s from now at most, not the hour plus 30 s.
+        #expect(breaker.permit(now: opened.adding(.seconds(-3600))) == .go)
+    }
+
     @Test func aDeliveryCutOffByTheDrainTimeOutStaysPendingWithItsAttempts() async throws {
         let gate = Gate()
         let receiver = Receiver.held(by: gate)

@@ -54,6 +54,15 @@ struct KoraBudgetTests {
         #expect(waiting() == 0)
     }
 
+    @Test func turnsTakenBeforeTheWallClockSteppedBackDoNotFillTheWindow() async {
+        let ledger = LocalBudgetLedger()
+        let now = UnixTime(milliseconds: 1_800_000_000_000)
+        for _ in 0..<2 { #expect(await ledger.take(perWindow: 2, window: .seconds(60), at: now).nextTurn == nil) }
+        #expect(await ledger.take(perWindow: 2, window: .seconds(60), at: now).nextTurn == now.adding(.seconds(60)))
+        // An hour back, the window is empty: it does not refuse every call for the hour.
+        #expect(await ledger.take(perWindow: 2, window: .seconds(60), at: now.adding(.seconds(-3600))).nextTurn == nil)
+    }
+
     @Test func aServiceThatFloodsCannotStarveOneThatCallsRarely() async throws {
         let flood = appService(name: "flood", token: "token-flood")
         let rare = appService(name: "rare", token: "token-rare")

@@ -71,7 +71,11 @@ final class ServiceBreaker: Sendable {
             case .closed:
                 return (.go, false)
             case .open:
-                if let until = status.openUntil, now < until { return (.wait(until: until), false) }
+                // Never longer than the cool-down from now: after the wall clock stepped back an
+                // hour, `until` would otherwise pause the service for that hour too.
+                if let until = status.openUntil, now < until, until.milliseconds - now.milliseconds <= status.cooldown.milliseconds {
+                    return (.wait(until: until), false)
+                }
                 status.state = .halfOpen
                 status.probing = true
                 return (.go, true)

@@ -191,6 +191,9 @@ actor LocalBudgetLedger: BudgetLedger {
     init() {}
 
     func take(perWindow: Int?, window: Duration, at now: UnixTime) -> BudgetTurn {
+        // Turns stamped after `now` were taken before the wall clock stepped back: they would
+        // otherwise stay in the window, and refuse every call, for as long as the step.
+        if let last = sent.last, last > now { sent.removeAll { $0 > now } }
         while let first = sent.first, first.adding(window) <= now { sent.removeFirst() }
         if let heldUntil, now < heldUntil { return BudgetTurn(nextTurn: heldUntil, remaining: 0) }
         guard let perWindow else { return BudgetTurn(nextTurn: nil, remaining: -1) }
