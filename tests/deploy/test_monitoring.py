@@ -230,6 +230,12 @@ def test_the_alerts_the_issue_asks_for_exist():
     # A paused service: the one delivery alert that can fire in direct mode, where nothing enters the outbox.
     (paused,) = alerts_naming("kora_sidecar_service_state", state="closed")
     assert re.search(r'state\s*!=\s*"closed"', paused["expr"]) and paused["for"] == "10m"
+    # Only while something is at risk: a breaker changes state only when the sidecar sends, so one
+    # left open with nothing to send must not page. Direct mode: its probes refused; queued mode:
+    # deliveries pending.
+    assert paused in alerts_naming("kora_sidecar_deliveries_total", result="refused"), "direct mode: probes refused"
+    assert paused in alerts_naming("kora_sidecar_outbox_depth", state="pending"), "queued mode: deliveries pending"
+    assert re.search(r"\band\s+on\s*\(\s*job,\s*namespace,\s*service\s*\)", paused["expr"]), "the breaker and what is at risk"
     assert alerts_naming("kora_sidecar_kora_requests_total", status_class="5xx")
     assert alerts_naming("kora_sidecar_kora_requests_total", status_class="error")
     (not_ready,) = [rule for rule in alert_rules() if re.fullmatch(r"kora_sidecar_ready\s*==\s*0", rule["expr"].strip())]
