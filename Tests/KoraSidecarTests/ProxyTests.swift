@@ -166,6 +166,9 @@ import Glibc
                 let other = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: "other-token")
                 #expect(try await other.call(.GET, "/verifications/ver_1").status == 200)
                 #expect(kora.requests.count == 1)
+                // Counted, so that a service locked out by a rotated token shows on a dashboard.
+                let metrics = try await get(sidecar.internalURL("/metrics")).body
+                #expect(metrics.contains(#"kora_sidecar_proxy_refused_total{code="UNAUTHORIZED"} 4"#))
             }
         }
     }

@@ -30,6 +30,7 @@ struct KoraProxy: Sendable {
     let store: any SidecarStore
     private let callbackURL: @Sendable () async -> String?
     let logger: Logger
+    private let metrics: SidecarMetrics
     /// How long a create waits for the same key's create in flight elsewhere before asking Kora.
     let idempotencyWait: Duration
 
@@ -50,6 +51,7 @@ struct KoraProxy: Sendable {
             shares: Dictionary(configuration.services.map { ($0.name, $0.share) }, uniquingKeysWith: { first, _ in first }),
             metrics: metrics, logger: logger)
         self.store = store
+        self.metrics = metrics
         let configured = configuration.kora.callbackURL
         self.callbackURL = options.callbackURL ?? { configured }
         self.logger = logger
@@ -67,6 +69,7 @@ struct KoraProxy: Sendable {
     func forward(_ request: Request, context: SidecarRequestContext) async throws -> Response {
         let path = Self.koraPath(request.uri.path)
         guard Self.isPlain(path) else {
+            metrics.proxyCallRefused("INVALID_PATH")
             throw SidecarHTTPError(
                 .badRequest, code: "INVALID_PATH", message: "The path may not hold '#', '\\', quotes, angle brackets, spaces, control or non-ASCII characters, empty, '.' or '..' segments, or encoded dots and slashes.")
         }
@@ -118,11 +121,15 @@ struct KoraProxy: Sendable {
 
     private func authorize(_ request: Request, method: String, path: String) throws -> ServiceIdentity.Caller {
         guard let caller = identity.caller(authorization: request.headers[.authorization]) else {
+            // Said, without the token: a service whose token was rotated without it is locked out.
+            logger.notice("Kora API call refused: no configured service has this token", metadata: ["kora.method": "\(method)"])
+            metrics.proxyCallRefused("UNAUTHORIZED")
             throw SidecarHTTPError(
                 .unauthorized, code: "UNAUTHORIZED", message: "Authorization: Bearer must carry the token of a configured service.")
         }
         guard caller.may(method, path) else {
             logger.notice("Kora API call refused by the allow list", metadata: ["service": "\(caller.name)", "kora.method": "\(method)"])
+            metrics.proxyCallRefused("FORBIDDEN")
             throw SidecarHTTPError(.forbidden, code: "FORBIDDEN", message: "Service \(caller.name) may not call \(method) \(path).")
         }
         guard kora.apiKey != nil, kora.tenantId != nil else {

@@ -72,7 +72,13 @@ package struct SidecarMetrics: Sendable {
         counter("kora_sidecar_webhooks_signed_late_total", []).increment()
     }
 
-    /// Kora refused the configured API key (401): every proxied call fails until it is fixed.
+    /// A call the proxy refused before Kora saw it: `UNAUTHORIZED` (no service has its token),
+    /// `FORBIDDEN` (the service's allow list) or `INVALID_PATH`.
+    func proxyCallRefused(_ code: String) {
+        counter("kora_sidecar_proxy_refused_total", [("code", code)]).increment()
+    }
+
+    /// Kora refused the configured API key or tenant (401 or 403): every proxied call fails until it is fixed.
     func koraCredentialsRejected() {
         counter("kora_sidecar_kora_credentials_rejected_total", []).increment()
     }
