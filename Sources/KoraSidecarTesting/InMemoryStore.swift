@@ -10,6 +10,17 @@ final class InMemoryStore: SidecarStore {
         var event: KoraEvent
         var leaseUntil: UnixTime?
         var attempts: [AttemptRecord] = []
+        /// When an operator last made it pending again; nil: since it was created.
+        var pendingSince: UnixTime?
+
+        /// Made pending again at `at` by an operator.
+        mutating func requeue(at: UnixTime) {
+            if summary.status != .pending { pendingSince = at }
+            summary.status = .pending
+            summary.nextAttemptAt = at
+            summary.updatedAt = at
+            leaseUntil = leaseUntil.flatMap { $0 > at ? $0 : nil }
+        }
     }
 
     private struct State {
@@ -229,10 +240,7 @@ final class InMemoryStore: SidecarStore {
         try write { state in
             guard var delivery = state.deliveries[id], delivery.summary.status != .delivered, state.bodyGone[delivery.event.id] == nil
             else { return false }
-            delivery.summary.status = .pending
-            delivery.summary.nextAttemptAt = at
-            delivery.summary.updatedAt = at
-            delivery.leaseUntil = delivery.leaseUntil.flatMap { $0 > at ? $0 : nil }
+            delivery.requeue(at: at)
             state.deliveries[id] = delivery
             return true
         }
@@ -248,10 +256,7 @@ final class InMemoryStore: SidecarStore {
         try write { state in
             for id in selected {
                 guard var delivery = state.deliveries[id] else { continue }
-                delivery.summary.status = .pending
-                delivery.summary.nextAttemptAt = at
-                delivery.summary.updatedAt = at
-                delivery.leaseUntil = delivery.leaseUntil.flatMap { $0 > at ? $0 : nil }
+                delivery.requeue(at: at)
                 state.deliveries[id] = delivery
             }
         }
@@ -346,11 +351,11 @@ final class InMemoryStore: SidecarStore {
 
     package func depth() async throws -> [OutboxDepth] {
         state.withLockedValue { state in
-            Dictionary(grouping: state.deliveries.values.map(\.summary)) { "\($0.service)\u{0}\($0.status.rawValue)" }
+            Dictionary(grouping: state.deliveries.values) { "\($0.summary.service)\u{0}\($0.summary.status.rawValue)" }
                 .values.map { group in
                     OutboxDepth(
-                        service: group[0].service, status: group[0].status, count: group.count,
-                        oldestCreatedAt: group.map(\.createdAt).min())
+                        service: group[0].summary.service, status: group[0].summary.status, count: group.count,
+                        oldestSince: group.map { $0.pendingSince ?? $0.summary.createdAt }.min())
                 }
         }
     }

@@ -344,10 +344,20 @@ struct StoreTests {
         let depth = try await store.depth()
         #expect(depth.first { $0.status == .dead }?.count == 3)
         #expect(depth.first { $0.status == .pending }?.count == 1)
-        #expect(depth.first { $0.status == .pending }?.oldestCreatedAt == t0)
+        #expect(depth.first { $0.status == .pending }?.oldestSince == t0)
+        let last = try #require(try await store.claimDue(service: "a", now: t0, limit: 1, lease: .seconds(30)).first)
+        try await store.finish(
+            deliveryID: last.deliveryID, leasedUntil: last.leaseUntil, attempt: .init(attempt: 1, at: t0, statusCode: 200, error: nil, durationMilliseconds: 1), next: .delivered)
         #expect(try await store.requeue(DeliveryFilter(statuses: [.dead]), at: at(5), dryRun: true).selected == 3)
         #expect(try await store.requeue(DeliveryFilter(statuses: [.dead]), at: at(5), dryRun: false).selected == 3)
-        #expect(try await store.deliveries(status: .pending, limit: 10).count == 4)
+        let requeued = try await store.deliveries(status: .pending, limit: 10)
+        #expect(requeued.count == 3)
+        // Made pending again by an operator, they have waited since then, not since their creation (a
+        // retry of last week's dead deliveries paged "undelivered for a week"); "retry now" of one
+        // already pending changes nothing.
+        #expect(try await store.depth().first { $0.status == .pending }?.oldestSince == at(5))
+        #expect(try await store.requeue(id: requeued[0].id, at: at(9)))
+        #expect(try await store.depth().first { $0.status == .pending }?.oldestSince == at(5))
     }
 
     @Test(arguments: Kind.allCases)

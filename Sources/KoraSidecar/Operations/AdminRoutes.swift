@@ -117,7 +117,7 @@ struct AdminRoutes {
             for status in DeliveryStatus.allCases {
                 members.append(.init(status.rawValue, .int(outbox.first { $0.status == status }?.count ?? 0)))
             }
-            members.append(.init("oldestPendingAt", .optional(outbox.first { $0.status == .pending }?.oldestCreatedAt?.iso8601Milliseconds)))
+            members.append(.init("oldestPendingAt", .optional(outbox.first { $0.status == .pending }?.oldestSince?.iso8601Milliseconds)))
             return .object(members)
         }
         return JSONResponse.make(

@@ -140,7 +140,7 @@ package struct SidecarMetrics: Sendable {
                     Gauge(label: "kora_sidecar_outbox_depth", dimensions: [("service", service), ("state", status.rawValue)], factory: factory)
                         .record(count)
                 }
-                let oldest = depth.first { $0.service == service && $0.status == .pending }?.oldestCreatedAt
+                let oldest = depth.first { $0.service == service && $0.status == .pending }?.oldestSince
                 let age = oldest.map { Double(max(0, now.milliseconds - $0.milliseconds)) / 1000 } ?? 0
                 Gauge(label: "kora_sidecar_oldest_pending_age_seconds", dimensions: [("service", service)], factory: factory).record(age)
             }

@@ -81,6 +81,8 @@ enum PostgresSchema {
                 WHERE status = 'pending' AND verification_id IS NOT NULL
             """,
         ],
+        // The oldest pending age counts from when an operator last made a delivery pending again.
+        ["ALTER TABLE kora_deliveries ADD COLUMN pending_since BIGINT"],
     ]
 
     /// Any constant, the same in every replica: the advisory lock that serialises migrations.

@@ -443,7 +443,8 @@ final class PostgresStore: SidecarStore, Service {
         try await !rows(
             """
             UPDATE kora_deliveries d SET status = 'pending', next_attempt_at = \(at.milliseconds),
-                lease_until = CASE WHEN d.lease_until > \(at.milliseconds) THEN d.lease_until END, updated_at = \(at.milliseconds)
+                lease_until = CASE WHEN d.lease_until > \(at.milliseconds) THEN d.lease_until END, updated_at = \(at.milliseconds),
+                pending_since = CASE WHEN d.status = 'pending' THEN d.pending_since ELSE \(at.milliseconds) END
             FROM kora_events e
             WHERE d.id = \(id) AND d.status != 'delivered' AND e.id = d.event_row AND e.body_state = 'kept' RETURNING d.id
             """
@@ -463,7 +464,8 @@ final class PostgresStore: SidecarStore, Service {
                 filter,
                 prefix: """
                     UPDATE kora_deliveries SET status = 'pending', next_attempt_at = \(time),
-                        lease_until = CASE WHEN lease_until > \(time) THEN lease_until END, updated_at = \(time)
+                        lease_until = CASE WHEN lease_until > \(time) THEN lease_until END, updated_at = \(time),
+                        pending_since = CASE WHEN status = 'pending' THEN pending_since ELSE \(time) END
                     WHERE id IN (\(select)
                     """,
                 suffix: "AND e.body_state = 'kept') RETURNING id")
@@ -650,10 +652,10 @@ final class PostgresStore: SidecarStore, Service {
     }
 
     package func depth() async throws -> [OutboxDepth] {
-        try await rows("SELECT service, status, COUNT(*), MIN(created_at) FROM kora_deliveries GROUP BY service, status").compactMap { row in
+        try await rows("SELECT service, status, COUNT(*), MIN(COALESCE(pending_since, created_at)) FROM kora_deliveries GROUP BY service, status").compactMap { row in
             let (service, statusText, count, oldest) = try row.decode((String, String, Int64, Int64?).self)
             guard let status = DeliveryStatus(rawValue: statusText) else { return nil }
-            return OutboxDepth(service: service, status: status, count: Int(count), oldestCreatedAt: oldest.map(UnixTime.init(milliseconds:)))
+            return OutboxDepth(service: service, status: status, count: Int(count), oldestSince: oldest.map(UnixTime.init(milliseconds:)))
         }
     }
 

@@ -68,6 +68,11 @@ final class SQLiteStore: SidecarStore {
         CREATE INDEX deliveries_pending_verification ON deliveries(service, verification_id, id)
             WHERE status = 'pending' AND verification_id IS NOT NULL;
         """,
+        // The oldest pending age counts from when an operator last made a delivery pending again,
+        // when later than its creation (NULL: never).
+        """
+        ALTER TABLE deliveries ADD COLUMN pending_since INTEGER;
+        """,
     ]
 
     /// Opens (creating when needed) the store at `path`, sealing and keeping bodies as `protection` says.
@@ -405,7 +410,8 @@ final class SQLiteStore: SidecarStore {
         try await database.write { db in
             try db.query(
                 """
-                UPDATE deliveries SET status = 'pending', next_attempt_at = ?1, \(Self.leaseEndedBy("?1")), updated_at = ?1
+                UPDATE deliveries SET status = 'pending', next_attempt_at = ?1, \(Self.leaseEndedBy("?1")), updated_at = ?1,
+                    pending_since = CASE WHEN status = 'pending' THEN pending_since ELSE ?1 END
                 WHERE id = ?2 AND status != 'delivered' AND (SELECT body_state FROM events WHERE id = deliveries.event_row) = 'kept'
                 """,
                 [.integer(at.milliseconds), .integer(id)])
@@ -426,7 +432,7 @@ final class SQLiteStore: SidecarStore {
             let bodyGone = Int(try db.query(gone, values).first?.int(0) ?? 0)
             try db.query(
                 // Every right-hand side reads the row as it was: the new time is ?1 throughout.
-                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?1, \(Self.leaseEndedBy("?1")), updated_at = ?1 WHERE id IN (\(selection))",
+                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?1, \(Self.leaseEndedBy("?1")), updated_at = ?1,\n                pending_since = CASE WHEN status = 'pending' THEN pending_since ELSE ?1 END WHERE id IN (\(selection))",
                 [.integer(at.milliseconds)] + values)
             return RequeueCount(selected: db.changes, bodyGone: bodyGone)
         }
@@ -579,11 +585,11 @@ final class SQLiteStore: SidecarStore {
 
     package func depth() async throws -> [OutboxDepth] {
         try await database.read { db in
-            try db.query("SELECT service, status, COUNT(*), MIN(created_at) FROM deliveries GROUP BY service, status").compactMap { row in
+            try db.query("SELECT service, status, COUNT(*), MIN(COALESCE(pending_since, created_at)) FROM deliveries GROUP BY service, status").compactMap { row in
                 guard let status = DeliveryStatus(rawValue: row.string(1)) else { return nil }
                 return OutboxDepth(
                     service: row.string(0), status: status, count: Int(row.int(2)),
-                    oldestCreatedAt: row.optionalInt(3).map(UnixTime.init(milliseconds:)))
+                    oldestSince: row.optionalInt(3).map(UnixTime.init(milliseconds:)))
             }
         }
     }

@@ -451,14 +451,15 @@ package struct OutboxDepth: Sendable, Equatable {
     package var service: String
     package var status: DeliveryStatus
     package var count: Int
-    /// When the oldest delivery in this state was created.
-    package var oldestCreatedAt: UnixTime?
+    /// Since when the oldest delivery in this state has waited: its creation, or the last time an
+    /// operator made it pending again (a re-queued delivery of last week has not waited a week).
+    package var oldestSince: UnixTime?
 
-    package init(service: String, status: DeliveryStatus, count: Int, oldestCreatedAt: UnixTime?) {
+    package init(service: String, status: DeliveryStatus, count: Int, oldestSince: UnixTime?) {
         self.service = service
         self.status = status
         self.count = count
-        self.oldestCreatedAt = oldestCreatedAt
+        self.oldestSince = oldestSince
     }
 }
 
