@@ -214,7 +214,12 @@ struct Deliveries: AsyncParsableCommand {
 
         @OptionGroup var options: ConfigOption
         @Option(help: "pending, delivered, dead, quarantined or unrouted.") var status: String?
-        @Option(help: "At most this many.") var limit: Int = 100
+        @Option(help: "At most this many (1 to 100000).") var limit: Int = 100
+
+        func validate() throws {
+            // SQLite reads a negative LIMIT as none: the whole table, into memory.
+            if !(1...100_000).contains(limit) { throw ValidationError("--limit must be from 1 to 100000.") }
+        }
 
         func run() async throws { try await Deliveries.run(.list(status: status, limit: limit), options: options) }
     }

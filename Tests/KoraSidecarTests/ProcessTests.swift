@@ -225,6 +225,8 @@ struct ProcessTests {
         #expect(missing.status == 1)
         #expect(missing.stderr.contains("absent.json"))
         #expect(try await Binary.run(["check-config", "--bogus-flag"]).status == 2)
+        let unbounded = try await Binary.run(["deliveries", "list", "--limit=-1", "--config", good])
+        #expect(unbounded.status == 2 && unbounded.stderr.contains("--limit must be from 1 to 100000"), "\(unbounded)")
         #expect(try await Binary.run(["no-such-command"]).status == 2)
     }
 
