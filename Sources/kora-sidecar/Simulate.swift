@@ -32,7 +32,7 @@ struct Simulate: AsyncParsableCommand {
         if let rateLimit, rateLimit < 1 { throw ValidationError("--rate-limit must be at least 1.") }
         if let autoComplete, !(0...86_400).contains(autoComplete) { throw ValidationError("--auto-complete must be from 0 to 86400 seconds.") }
         if !(0...86_400).contains(slowDelay) { throw ValidationError("--slow-delay must be from 0 to 86400 seconds.") }
-        if let problem = webhookURL.flatMap(HTTPURL.problem) { throw ValidationError("--webhook-url \(problem).") }
+        if let problem = webhookURL.flatMap({ HTTPURL.problem($0, credentials: true) }) { throw ValidationError("--webhook-url \(problem).") }
     }
 
     func run() async throws {

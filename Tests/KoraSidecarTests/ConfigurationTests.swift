@@ -185,6 +185,9 @@ struct ConfigurationTests {
         #expect(found[0].reason.contains("80800") && found[1].reason.contains("1 to 65535"))
         #expect(found[2].reason.contains("user name or password") && !found.contains { $0.reason.contains("SVCPASS") })
         #expect(HTTPURL.problem("http://[::1]:65535/x") == nil && HTTPURL.problem("https://kora.example/api") == nil)
+        // Kora calls the callback URL: credentials for a proxy in front of the sidecar may be in it.
+        let callback = try load(#"{"webhooks": {"secrets": ["s"]}, "kora": {"callbackURL": "https://hook:pw@hooks.example.com/k"}}"#)
+        #expect(callback.kora.callbackURL == "https://hook:pw@hooks.example.com/k")
     }
 
     @Test func allowedHostsAreNamesWithoutSchemeOrPort() throws {
@@ -198,7 +201,7 @@ struct ConfigurationTests {
     @Test func theEffectiveConfigurationMasksEverySecret() throws {
         let configuration = try load(
             """
-            {"kora": {"apiKey": {"env": "KEY"}, "tenantId": "tenant-literal-value"},
+            {"kora": {"apiKey": {"env": "KEY"}, "tenantId": "tenant-literal-value", "callbackURL": "https://hook:callback-password-value@hooks.example.com/k"},
              "webhooks": {"secrets": [{"env": "KORAIDV_WEBHOOK_SECRET"}, "whsec_literal_two"]},
              "internal": {"adminToken": "admin-token-value"},
              "services": [{"name": "app", "token": "service-token-value",
@@ -207,11 +210,12 @@ struct ConfigurationTests {
         let text = JSONWriter.prettyString(configuration.effectiveJSON)
         for secret in [
             "live_key_value", "tenant-literal-value", "whsec_from_env", "whsec_literal_two", "admin-token-value", "service-token-value",
-            TestSecrets.signing, "header-secret-value",
+            TestSecrets.signing, "header-secret-value", "callback-password-value",
         ] {
             #expect(!text.contains(secret), "check-config output shows \(secret)")
         }
         #expect(text.contains(#""X-Api-Key": "***""#))
+        #expect(text.contains("https://hook:***@hooks.example.com/k"))
         // The effective configuration is itself a valid configuration (with secrets put back).
         #expect(try JSONParser.parse(Array(text.utf8))["delivery"]?["mode"] == "queued")
     }

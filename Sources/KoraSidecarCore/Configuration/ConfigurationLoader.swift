@@ -149,7 +149,10 @@ extension SidecarConfiguration {
         kora.apiKey = object.optionalSecret("apiKey")
         kora.tenantId = object.optionalSecret("tenantId")
         kora.callbackURL = object.optionalString("callbackURL")
-        if let problem = kora.callbackURL.flatMap(HTTPURL.problem) { object.reader.report(object.path("callbackURL"), problem) }
+        // Sent to Kora, which calls it: credentials for a proxy in front of the webhook path may be in it.
+        if let url = kora.callbackURL, let problem = HTTPURL.problem(url, credentials: true) {
+            object.reader.report(object.path("callbackURL"), problem)
+        }
         kora.timeoutSeconds = object.int("timeoutSeconds", default: kora.timeoutSeconds, in: 1...600)
         let retry = object.object("retry", keys: ["maxAttempts", "initialDelayMilliseconds", "maxDelayMilliseconds"])
         kora.retry.maxAttempts = retry.int("maxAttempts", default: kora.retry.maxAttempts, in: 1...20)

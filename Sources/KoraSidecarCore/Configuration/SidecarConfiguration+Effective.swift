@@ -7,7 +7,7 @@ extension SidecarConfiguration {
                 "apiBaseURL": .string(kora.apiBaseURL),
                 "apiKey": masked(kora.apiKey),
                 "tenantId": masked(kora.tenantId),
-                "callbackURL": .optional(kora.callbackURL),
+                "callbackURL": .optional(kora.callbackURL.map(HTTPURL.masked)),
                 "timeoutSeconds": .int(kora.timeoutSeconds),
                 "rateLimit": [
                     "perMinute": kora.rateLimit.perMinute.map(JSONValue.int) ?? .null,

@@ -1,4 +1,8 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 
 /// The check every URL the product calls goes through (Kora's base URL, a service's `deliver.url`,
 /// a callback, a command's target) before any HTTP client sees it.
@@ -6,16 +10,24 @@ package enum HTTPURL {
     /// Why `text` is not a URL to call, said after its name ("must be …"), or nil when it is one.
     ///
     /// A port beyond 65535 is refused here: Foundation reads any digits as a port, and the HTTP
-    /// client traps on one when the host is an IP address. A user or password is refused: it would be
-    /// printed with the configuration, and it is not how credentials reach a service or Kora.
-    package static func problem(_ text: String) -> String? {
+    /// client traps on one when the host is an IP address. A user or password is refused unless
+    /// `credentials` allows them (a callback URL Kora calls may carry them for a proxy in front of the
+    /// sidecar): the sidecar's own clients never send them, and they would be printed with the configuration.
+    package static func problem(_ text: String, credentials: Bool = false) -> String? {
         guard let url = URL(string: text), let scheme = url.scheme?.lowercased(), scheme == "http" || scheme == "https",
             let host = url.host, !host.isEmpty
         else { return "must be an http:// or https:// URL" }
         if let port = url.port, !(1...65535).contains(port) { return "must have a port from 1 to 65535, not \(port)" }
-        if url.user != nil || url.password != nil {
+        if !credentials, url.user != nil || url.password != nil {
             return "must not hold a user name or password: credentials go in headers or secrets, never in a URL"
         }
         return nil
+    }
+
+    /// `text` with its password, if any, shown as `***` (for the effective configuration).
+    package static func masked(_ text: String) -> String {
+        guard var components = URLComponents(string: text), components.password != nil else { return text }
+        components.password = "***"
+        return components.string ?? text
     }
 }

@@ -155,7 +155,7 @@ extension KoraSimulator {
             return Self.validationFailed([("tier", "tier must be one of basic, standard, enhanced")])
         }
         let callback = input["callbackUrl"]?.text
-        if let problem = callback.flatMap(HTTPURL.problem) {
+        if let problem = callback.flatMap({ HTTPURL.problem($0, credentials: true) }) {
             return Self.validationFailed([("callbackUrl", "callbackUrl \(problem)")])
         }
         let verification = create(
