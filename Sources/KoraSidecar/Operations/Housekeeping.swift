@@ -27,7 +27,8 @@ struct Housekeeping: Service {
             do {
                 // A thousand at a time, so that a large first run never holds the store for long.
                 var expired = 0
-                while !Task.isCancelled {
+                // A stop ends the batches: the services stopping after this one wait for it.
+                while !Task.isCancelled, !Task.isShuttingDownGracefully {
                     let batch = try await store.expireBodies(
                         deliveredBefore: now.adding(.zero - payloadRetention), deadBefore: now.adding(.zero - deadRetention), limit: 1000)
                     expired += batch
@@ -35,7 +36,7 @@ struct Housekeeping: Service {
                 }
                 if expired > 0 { logger.info("Deleted bodies past their retention", metadata: ["expired.bodies": "\(expired)"]) }
                 var pruned = PruneResult(deliveries: 0, seenIDs: 0)
-                while !Task.isCancelled {
+                while !Task.isCancelled, !Task.isShuttingDownGracefully {
                     let batch = try await store.prune(deliveredBefore: cutoff, seenBefore: cutoff, limit: 1000)
                     pruned.deliveries += batch.deliveries
                     pruned.seenIDs += batch.seenIDs

@@ -331,9 +331,10 @@ final class PostgresStore: SidecarStore, Service {
         return (event, problem)
     }
 
-    package func finish(deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep) async throws {
+    @discardableResult
+    package func finish(deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep) async throws -> Bool {
         let (status, nextAt) = next.statusAndTime(after: attempt)
-        try await inTransaction { connection in
+        return try await inTransaction { connection in
             let updated = try await connection.query(
                 """
                 UPDATE kora_deliveries SET status = \(status.rawValue), attempts = \(attempt.attempt), next_attempt_at = \(nextAt),
@@ -345,7 +346,7 @@ final class PostgresStore: SidecarStore, Service {
             ).collect()
             // Its lease is another worker's now (on this replica or another), or an erasure removed the
             // delivery while it was being sent: nothing is recorded.
-            guard !updated.isEmpty else { return }
+            guard !updated.isEmpty else { return false }
             try await connection.query(
                 """
                 INSERT INTO kora_attempts(delivery_id, attempt, at, status_code, error, duration_ms)
@@ -360,6 +361,7 @@ final class PostgresStore: SidecarStore, Service {
                     connection, deliveredBefore: UnixTime(milliseconds: .max),
                     deadBefore: attempt.at.adding(.zero - self.protection.deadRetention), ofDelivery: deliveryID, limit: 1, logger: self.logger)
             }
+            return true
         }
     }
 
@@ -620,11 +622,11 @@ final class PostgresStore: SidecarStore, Service {
         try await inTransaction { connection in
             let before = deliveredBefore.milliseconds
             let seenCut = seenBefore.milliseconds
-            // Deleted first, with the condition again: a delivery an operator re-queued since it was
-            // selected is pending and stays.
+            // The conditions again on the rows deleted: PostgreSQL re-checks those (not the subquery)
+            // after waiting for a row's lock, so a delivery an operator re-queued meanwhile stays.
             let ids = try await connection.query(
                 """
-                DELETE FROM kora_deliveries WHERE id IN
+                DELETE FROM kora_deliveries WHERE status = 'delivered' AND updated_at < \(before) AND id IN
                     (SELECT id FROM kora_deliveries WHERE status = 'delivered' AND updated_at < \(before) LIMIT \(limit))
                 RETURNING id
                 """, logger: self.logger
@@ -632,7 +634,7 @@ final class PostgresStore: SidecarStore, Service {
             if !ids.isEmpty { try await connection.query("DELETE FROM kora_attempts WHERE delivery_id = ANY(\(ids))", logger: self.logger) }
             let events = try await connection.query(
                 """
-                DELETE FROM kora_events WHERE id IN (SELECT e.id FROM kora_events e
+                DELETE FROM kora_events WHERE (NOT unrouted OR received_at < \(seenCut)) AND id IN (SELECT e.id FROM kora_events e
                     WHERE NOT EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id)
                       AND (NOT e.unrouted OR e.received_at < \(seenCut)) LIMIT \(limit))
                 RETURNING 1
@@ -640,11 +642,11 @@ final class PostgresStore: SidecarStore, Service {
                 logger: self.logger
             ).collect().count
             let seen = try await connection.query(
-                "DELETE FROM kora_seen_events WHERE event_id IN (SELECT event_id FROM kora_seen_events WHERE seen_at < \(seenCut) LIMIT \(limit)) RETURNING 1",
+                "DELETE FROM kora_seen_events WHERE seen_at < \(seenCut) AND event_id IN (SELECT event_id FROM kora_seen_events WHERE seen_at < \(seenCut) LIMIT \(limit)) RETURNING 1",
                 logger: self.logger
             ).collect().count
             let quarantined = try await connection.query(
-                "DELETE FROM kora_quarantine WHERE id IN (SELECT id FROM kora_quarantine WHERE received_at < \(seenCut) LIMIT \(limit)) RETURNING 1",
+                "DELETE FROM kora_quarantine WHERE received_at < \(seenCut) AND id IN (SELECT id FROM kora_quarantine WHERE received_at < \(seenCut) LIMIT \(limit)) RETURNING 1",
                 logger: self.logger
             ).collect().count
             return PruneResult(deliveries: ids.count, seenIDs: seen, more: [ids.count, events, seen, quarantined].contains { $0 >= limit })
