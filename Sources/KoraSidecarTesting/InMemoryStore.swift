@@ -144,9 +144,10 @@ final class InMemoryStore: SidecarStore {
         }
     }
 
-    package func finish(deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep) async throws {
+    @discardableResult
+    package func finish(deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep) async throws -> Bool {
         try write { state in
-            guard var delivery = state.deliveries[deliveryID], delivery.leaseUntil == leasedUntil else { return }
+            guard var delivery = state.deliveries[deliveryID], delivery.leaseUntil == leasedUntil else { return false }
             delivery.attempts.append(attempt)
             delivery.leaseUntil = nil
             delivery.summary.attempts = attempt.attempt
@@ -165,6 +166,7 @@ final class InMemoryStore: SidecarStore {
                 delivery.summary.nextAttemptAt = nil
             }
             state.deliveries[deliveryID] = delivery
+            return true
         }
     }
 

@@ -214,12 +214,17 @@ final class OutboxDispatcher: Service, Sendable {
         case .retry: logger.notice("Delivery failed; will retry", metadata: metadata)
         case .dead: logger.error("Delivery dead; waiting for an operator", metadata: metadata)
         }
-        /// Announced once the store says so: a result that could not be recorded leaves the delivery pending.
-        func announce() {
-            guard case .dead = next else { return }
-            operational?.deliveryDied(
-                job.event, service: service.name, deliveryID: job.deliveryID, attempts: job.attempt, lastStatusCode: result.statusCode,
-                lastError: result.error)
+        /// After the store's answer: a result not recorded (the lease had passed to another worker,
+        /// say, a replica whose clock is ahead) is said, and announces no death.
+        func recorded(_ recorded: Bool) {
+            if !recorded {
+                logger.warning(
+                    "Delivery result not recorded: its lease had passed to another worker, which may send it too", metadata: metadata)
+            } else if case .dead = next {
+                operational?.deliveryDied(
+                    job.event, service: service.name, deliveryID: job.deliveryID, attempts: job.attempt, lastStatusCode: result.statusCode,
+                    lastError: result.error)
+            }
         }
         // The next delivery is leased in the same call only when it may go now (it takes a token).
         let leasesNext =
@@ -227,17 +232,16 @@ final class OutboxDispatcher: Service, Sendable {
             && (rateLimits[service.name]?.take(now: .now()) ?? .zero) == .zero
         do {
             guard leasesNext else {
-                try await store.finish(deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: record, next: next)
-                announce()
+                recorded(try await store.finish(deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: record, next: next))
                 return nil
             }
-            let following = try await store.finishAndClaimNext(
+            let finished = try await store.finishAndClaimNext(
                 deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: record, next: next, service: service.name, now: .now(),
                 lease: lease, ordered: ordered)
-            announce()
+            recorded(finished.recorded)
             // Nothing else due: the token taken for it goes back (the breaker was closed: no probe).
-            if following == nil { rateLimits[service.name]?.giveBack() }
-            return following
+            if finished.next == nil { rateLimits[service.name]?.giveBack() }
+            return finished.next
         } catch {
             if leasesNext { rateLimits[service.name]?.giveBack() }
             logger.error("Could not record a delivery attempt", metadata: metadata.merging(["error": "\(error)"]) { $1 })

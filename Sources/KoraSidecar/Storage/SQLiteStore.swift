@@ -208,17 +208,18 @@ final class SQLiteStore: SidecarStore {
         }
     }
 
-    package func finish(deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep) async throws {
+    @discardableResult
+    package func finish(deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep) async throws -> Bool {
         try await database.write { db in try self.finish(db, deliveryID: deliveryID, leasedUntil: leasedUntil, attempt: attempt, next: next) }
     }
 
     func finishAndClaimNext(
         deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration,
         ordered: Bool
-    ) async throws -> DeliveryJob? {
+    ) async throws -> (recorded: Bool, next: DeliveryJob?) {
         try await database.write { db in
-            try self.finish(db, deliveryID: deliveryID, leasedUntil: leasedUntil, attempt: attempt, next: next)
-            return try self.claimDue(db, service: service, now: now, limit: 1, lease: lease, ordered: ordered).first
+            let recorded = try self.finish(db, deliveryID: deliveryID, leasedUntil: leasedUntil, attempt: attempt, next: next)
+            return (recorded, try self.claimDue(db, service: service, now: now, limit: 1, lease: lease, ordered: ordered).first)
         }
     }
 
@@ -273,7 +274,7 @@ final class SQLiteStore: SidecarStore {
         }
     }
 
-    private func finish(_ db: SQLiteConnection, deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep) throws {
+    private func finish(_ db: SQLiteConnection, deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep) throws -> Bool {
         let (status, nextAt) = next.statusAndTime(after: attempt)
         try db.query(
             """
@@ -288,7 +289,7 @@ final class SQLiteStore: SidecarStore {
             ])
         // Its lease is no longer this worker's, or an erasure removed the delivery while it was being
         // sent: nothing is recorded.
-        guard db.changes > 0 else { return }
+        guard db.changes > 0 else { return false }
         try db.query(
             "INSERT OR REPLACE INTO attempts(delivery_id, attempt, at, status_code, error, duration_ms) VALUES (?, ?, ?, ?, ?, ?)",
             [
@@ -302,6 +303,7 @@ final class SQLiteStore: SidecarStore {
                 db, deliveredBefore: UnixTime(milliseconds: .max), deadBefore: attempt.at.adding(.zero - protection.deadRetention),
                 ofDelivery: deliveryID, limit: 1)
         }
+        return true
     }
 
     package func nextDueTime(service: String, ordered: Bool) async throws -> UnixTime? {

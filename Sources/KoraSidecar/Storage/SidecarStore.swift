@@ -30,13 +30,16 @@ package protocol SidecarStore: Sendable {
     /// `leasedUntil` still holds it (the claim's ``DeliveryJob/leaseUntil``). A lease that ran out
     /// and was taken by another worker (a stalled process, a replica's clock) is that worker's now:
     /// a late result recorded over its own would undo a delivery or kill a live one.
-    func finish(deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep) async throws
+    /// - Returns: whether it was recorded (not when the lease had passed on, or an erasure removed
+    ///   the delivery while it was being sent).
+    @discardableResult
+    func finish(deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep) async throws -> Bool
     /// ``finish(deliveryID:leasedUntil:attempt:next:)``, then ``claimDue(service:now:limit:lease:ordered:)``
     /// of one delivery: a busy worker's two calls per delivery, as one transaction where the store can.
     func finishAndClaimNext(
         deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration,
         ordered: Bool
-    ) async throws -> DeliveryJob?
+    ) async throws -> (recorded: Bool, next: DeliveryJob?)
     /// When the next pending delivery of `service` becomes due (`ordered`: not counting those
     /// waiting behind an earlier delivery of their verification), if any.
     func nextDueTime(service: String, ordered: Bool) async throws -> UnixTime?
@@ -467,9 +470,9 @@ extension SidecarStore {
     package func finishAndClaimNext(
         deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration,
         ordered: Bool
-    ) async throws -> DeliveryJob? {
-        try await finish(deliveryID: deliveryID, leasedUntil: leasedUntil, attempt: attempt, next: next)
-        return try await claimDue(service: service, now: now, limit: 1, lease: lease, ordered: ordered).first
+    ) async throws -> (recorded: Bool, next: DeliveryJob?) {
+        let recorded = try await finish(deliveryID: deliveryID, leasedUntil: leasedUntil, attempt: attempt, next: next)
+        return (recorded, try await claimDue(service: service, now: now, limit: 1, lease: lease, ordered: ordered).first)
     }
 
     /// Seals every kept body again with the first key, in batches so that serve's writes interleave.
