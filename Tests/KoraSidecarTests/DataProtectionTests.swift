@@ -323,6 +323,9 @@ struct DataProtectionProcessTests {
             // An id no store can hold names nothing: ver_other stays for the command below to erase.
             let unstorable = try await post(sidecar.internalURL("/admin/erase"), body: Array(#"{"verificationId": "ver_other\u0000x"}"#.utf8), headers: [])
             #expect(unstorable.status == 400)
+            let both = try await post(
+                sidecar.internalURL("/admin/erase"), body: Array(#"{"verificationId": "ver_other\u0000x", "externalId": "nobody"}"#.utf8), headers: [])
+            #expect(both.status == 400, "exactly one of the two, whatever the other holds")
             let command = try await Binary.run(["erase", "--config", config, "--verification", "ver_other"])
             #expect(command.status == 0, "\(command.stderr)")
             #expect(command.stdout.contains(#""events": 1"#))

@@ -93,15 +93,19 @@ struct AdminRoutes {
     /// `{"verificationId": …}` or `{"externalId": …}`.
     static func erasureSubject(_ bytes: [UInt8]) throws(SidecarHTTPError) -> OperatorActions.ErasureSubject {
         let json = try? JSONParser.parse(bytes)
-        // An id no store can hold (a control character, over 1 KiB) names nothing stored; PostgreSQL
-        // would refuse a NUL in it, and C strings end at one.
-        switch (json?["verificationId"]?.text.flatMap(EventNormalizer.storableID), json?["externalId"]?.text.flatMap(EventNormalizer.storableID)) {
-        case (let id?, nil): return .verification(id)
-        case (nil, let id?): return .externalID(id)
+        switch (json?["verificationId"]?.text, json?["externalId"]?.text) {
+        case (let id?, nil):
+            // An id no store can hold (a control character, over 1 KiB) names no stored verification;
+            // PostgreSQL would refuse a NUL in it. (An external id is looked for inside the bodies.)
+            guard let id = EventNormalizer.storableID(id) else {
+                throw SidecarHTTPError(
+                    .badRequest, code: "INVALID_REQUEST", message: "verificationId must be 1 to 1024 bytes without control characters.")
+            }
+            return .verification(id)
+        case (nil, let id?) where !id.isEmpty: return .externalID(id)
         default:
             throw SidecarHTTPError(
-                .badRequest, code: "INVALID_REQUEST",
-                message: "Send a JSON object with exactly one of verificationId and externalId: 1 to 1024 bytes without control characters.")
+                .badRequest, code: "INVALID_REQUEST", message: "Send a JSON object with exactly one of verificationId and externalId, a non-empty string.")
         }
     }
 
