@@ -191,9 +191,11 @@ actor LocalBudgetLedger: BudgetLedger {
     init() {}
 
     func take(perWindow: Int?, window: Duration, at now: UnixTime) -> BudgetTurn {
-        // Turns stamped after `now` were taken before the wall clock stepped back: they would
-        // otherwise stay in the window, and refuse every call, for as long as the step.
-        if let last = sent.last, last > now { sent.removeAll { $0 > now } }
+        // Turns stamped after `now` were taken before the wall clock stepped back: they count as
+        // taken now (still a window's worth in Kora's real minute), not for as long as the step; a
+        // hold is never longer than the longest Kora may ask for.
+        if let last = sent.last, last > now { sent = sent.map { min($0, now) } }
+        if let held = heldUntil, held > now.adding(KoraBudget.longestHold) { heldUntil = now.adding(KoraBudget.longestHold) }
         while let first = sent.first, first.adding(window) <= now { sent.removeFirst() }
         if let heldUntil, now < heldUntil { return BudgetTurn(nextTurn: heldUntil, remaining: 0) }
         guard let perWindow else { return BudgetTurn(nextTurn: nil, remaining: -1) }
