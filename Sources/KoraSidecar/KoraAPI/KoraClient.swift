@@ -92,8 +92,9 @@ struct KoraClient: Sendable {
                 await budget.observe(
                     limit: response.headers.first(name: "x-ratelimit-limit"),
                     remaining: response.headers.first(name: "x-ratelimit-remaining"), reset: response.headers.first(name: "x-ratelimit-reset"))
+                let code = response.status.code
                 metrics.koraCall(
-                    statusClass: "\(response.status.code / 100)xx", milliseconds: Int((ContinuousClock.now - started).milliseconds))
+                    statusClass: (100...599).contains(code) ? "\(code / 100)xx" : "error", milliseconds: Int((ContinuousClock.now - started).milliseconds))
             } catch {
                 metrics.koraCall(statusClass: "error", milliseconds: Int((ContinuousClock.now - started).milliseconds))
                 try Task.checkCancellation()

@@ -128,19 +128,20 @@ package struct SidecarMetrics: Sendable {
         }
         if let depth = await outboxDepth {
             // A service no longer configured has gauges while deliveries for it are pending: nothing
-            // sends them any more, and its oldest pending age says so. Once none is, they read 0.
+            // sends them any more, and its oldest pending age says so. Once none is, they all read 0.
             let orphaned = Set(depth.filter { $0.status == .pending && $0.count > 0 && !services.contains($0.service) }.map(\.service))
-            let shown = formerlyOrphaned.withLockedValue { shown in
-                defer { shown = orphaned }
-                return shown.union(orphaned)
+            let cleared = formerlyOrphaned.withLockedValue { former in
+                defer { former = orphaned }
+                return former.subtracting(orphaned)
             }
-            for service in services + shown.sorted() {
+            for service in services + orphaned.sorted() + cleared.sorted() {
+                let current = cleared.contains(service) ? [] : depth
                 for status in DeliveryStatus.allCases {
-                    let count = depth.first { $0.service == service && $0.status == status }?.count ?? 0
+                    let count = current.first { $0.service == service && $0.status == status }?.count ?? 0
                     Gauge(label: "kora_sidecar_outbox_depth", dimensions: [("service", service), ("state", status.rawValue)], factory: factory)
                         .record(count)
                 }
-                let oldest = depth.first { $0.service == service && $0.status == .pending }?.oldestSince
+                let oldest = current.first { $0.service == service && $0.status == .pending }?.oldestSince
                 let age = oldest.map { Double(max(0, now.milliseconds - $0.milliseconds)) / 1000 } ?? 0
                 Gauge(label: "kora_sidecar_oldest_pending_age_seconds", dimensions: [("service", service)], factory: factory).record(age)
             }
