@@ -142,6 +142,19 @@ struct ProcessTests {
         }
     }
 
+    /// `serve` with one service, "app", whose proxy calls `base` as Kora, with `settings` added to
+    /// the `kora` section.
+    private func proxySidecarProcess(kora base: String, settings: String, directory: String) throws -> SidecarProcess {
+        let path = directory + "/config.json"
+        try """
+            {"kora": {"apiBaseURL": "\(base)", "apiKey": "\(ProxySecrets.apiKey)", "tenantId": "\(ProxySecrets.tenant)", \(settings)},
+             "webhooks": {"listen": {"host": "127.0.0.1", "port": 0}, "secrets": ["\(TestSecrets.webhook)"]},
+             "internal": {"listen": {"host": "127.0.0.1", "port": 0}},
+             "services": [{"name": "app"}], "storage": {"sqlitePath": "\(directory)/store.sqlite"}}
+            """.write(toFile: path, atomically: true, encoding: .utf8)
+        return try SidecarProcess(config: path)
+    }
+
     @Test func aStopEndsKorasRetriesOfAProxiedCallInsteadOfWaitingThemOut() async throws {
         // Kora asks to wait 30 s, twice: the stop waited for the call's whole minute, past the
         // deploy files' 45 s grace period, and ended in SIGKILL.
@@ -149,14 +162,7 @@ struct ProcessTests {
         try await withScriptedKora(kora) { base in
             let directory = try temporaryDirectory()
             defer { try? FileManager.default.removeItem(atPath: directory) }
-            let path = directory + "/config.json"
-            try """
-                {"kora": {"apiBaseURL": "\(base)", "apiKey": "\(ProxySecrets.apiKey)", "tenantId": "\(ProxySecrets.tenant)", "timeoutSeconds": 5},
-                 "webhooks": {"listen": {"host": "127.0.0.1", "port": 0}, "secrets": ["\(TestSecrets.webhook)"]},
-                 "internal": {"listen": {"host": "127.0.0.1", "port": 0}},
-                 "services": [{"name": "app"}], "storage": {"sqlitePath": "\(directory)/store.sqlite"}}
-                """.write(toFile: path, atomically: true, encoding: .utf8)
-            let process = try SidecarProcess(config: path)
+            let process = try proxySidecarProcess(kora: base, settings: #""timeoutSeconds": 5"#, directory: directory)
             let sidecar = try await process.running()
             let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: nil)
             async let answer = sdk.call(.GET, "/verifications/ver_held")
@@ -175,15 +181,7 @@ struct ProcessTests {
         try await withScriptedKora(kora) { base in
             let directory = try temporaryDirectory()
             defer { try? FileManager.default.removeItem(atPath: directory) }
-            let path = directory + "/config.json"
-            try """
-                {"kora": {"apiBaseURL": "\(base)", "apiKey": "\(ProxySecrets.apiKey)", "tenantId": "\(ProxySecrets.tenant)",
-                          "rateLimit": {"perMinute": 1, "maxWait": "5m"}},
-                 "webhooks": {"listen": {"host": "127.0.0.1", "port": 0}, "secrets": ["\(TestSecrets.webhook)"]},
-                 "internal": {"listen": {"host": "127.0.0.1", "port": 0}},
-                 "services": [{"name": "app"}], "storage": {"sqlitePath": "\(directory)/store.sqlite"}}
-                """.write(toFile: path, atomically: true, encoding: .utf8)
-            let process = try SidecarProcess(config: path)
+            let process = try proxySidecarProcess(kora: base, settings: #""rateLimit": {"perMinute": 1, "maxWait": "5m"}"#, directory: directory)
             let sidecar = try await process.running()
             let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: nil)
             #expect(try await sdk.call(.GET, "/verifications/ver_1").status == 200)
