@@ -373,6 +373,28 @@ import Glibc
         }
     }
 
+    @Test func aCreateWhoseAnswerKoraTricklesEndsWithinTheTimeOut() async throws {
+        // A create's answer is read whole (its id is recorded): a body Kora trickled held the call,
+        // and the key's create in flight, as long as Kora liked.
+        let kora = ScriptedKora([.trickle(201, [])])
+        try await withScriptedKora(kora) { base in
+            var configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
+            configuration.kora.timeoutSeconds = 1
+            try await withProxySidecar(configuration) { sidecar in
+                defer { kora.release() }
+                let client = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                let answer = NIOLockedValueBox<HTTPAnswer?>(nil)
+                let call = Task {
+                    let got = try await client.call(.POST, "/verifications", json: ["externalId": "user-slow", "tier": "basic"])
+                    answer.withLockedValue { $0 = got }
+                }
+                defer { call.cancel() }
+                try await waitUntil("the create to be answered while Kora still trickles") { answer.withLockedValue { $0 } != nil }
+                #expect(answer.withLockedValue { $0 }?.status == 502)
+            }
+        }
+    }
+
     @Test func anyMethodIsRetriedOn429HonouringRetryAfterSeconds() async throws {
         let kora = ScriptedKora([.answer(429, [("Retry-After", "7")], "{}"), .answer(201, [], #"{"id":"ver_9"}"#)])
         let sleeper = SleepRecorder()

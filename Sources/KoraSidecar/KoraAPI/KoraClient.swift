@@ -139,6 +139,16 @@ struct KoraClient: Sendable {
         }
     }
 
+    /// Reads the whole body of one of Kora's answers, within `kora.timeoutSeconds`: the client's
+    /// time-out covers only the head, and a body Kora trickled would hold the call (and a create's
+    /// `Idempotency-Key` in flight) as long as Kora liked. For answers read whole, not passed through.
+    func collect(_ response: HTTPClientResponse, upTo limit: Int) async throws -> ByteBuffer {
+        try await Deadline.run(
+            after: .seconds(max(1, kora.timeoutSeconds)),
+            error: { SidecarHTTPError(.gatewayTimeout, code: "KORA_TIMEOUT", message: "Kora's answer did not arrive in time.") }
+        ) { try await response.body.collect(upTo: limit) }
+    }
+
     /// Waits `delay` before a retry; false when the sidecar is stopping: the call then ends with
     /// what it has, so that Kora's retries (a minute and more) do not hold the stop past the
     /// orchestrator's grace period, which ends in SIGKILL.

@@ -106,7 +106,7 @@ extension KoraProxy {
         // is no reason to create a second time: the caller retries later.
         if response.status.code == 404 { return nil }
         let unreadable = SidecarHTTPError.unavailable("Kora's list of the person's verifications could not be read; retry later.")
-        guard response.status.code == 200, let list = try? JSONParser.parse(Array((try await response.body.collect(upTo: 1 << 20)).readableBytesView)),
+        guard response.status.code == 200, let list = try? JSONParser.parse(Array((try await client.collect(response, upTo: 1 << 20)).readableBytesView)),
             case .array(let verifications)? = list["verifications"] ?? list["data"]
         else { throw unreadable }
         let earliest = since.milliseconds - 60_000

@@ -153,7 +153,7 @@ struct KoraProxy: Sendable {
         let response = try await client.send(call, service: caller.name)
         let buffer: ByteBuffer
         do {
-            buffer = try await response.body.collect(upTo: Self.maximumCreateAnswerBytes)
+            buffer = try await client.collect(response, upTo: Self.maximumCreateAnswerBytes)
         } catch {
             throw SidecarHTTPError(.badGateway, code: "KORA_UNREACHABLE", message: "Kora's answer to the create could not be read.")
         }
