@@ -215,7 +215,13 @@ struct ConfigurationTests {
             #expect(!text.contains(secret), "check-config output shows \(secret)")
         }
         #expect(text.contains(#""X-Api-Key": "***""#))
-        #expect(text.contains("https://hook:***@hooks.example.com/k"))
+        #expect(text.contains("https://***@hooks.example.com/k"))
+        // Whatever the user information holds, escapes no parser decodes included.
+        for url in ["https://hook:s%E9cret@hooks.example.com/k", "https://TOKEN@[::1]:8443/k?a=b@c", "https://a@b:c@hooks.example.com"] {
+            #expect(HTTPURL.masked(url).hasPrefix("https://***@"), "\(url)")
+            #expect(!HTTPURL.masked(url).contains("cret") && !HTTPURL.masked(url).contains("TOKEN"), "\(url)")
+        }
+        #expect(HTTPURL.masked("https://hooks.example.com/k?a=b@c") == "https://hooks.example.com/k?a=b@c")
         // The effective configuration is itself a valid configuration (with secrets put back).
         #expect(try JSONParser.parse(Array(text.utf8))["delivery"]?["mode"] == "queued")
     }

@@ -24,10 +24,12 @@ package enum HTTPURL {
         return nil
     }
 
-    /// `text` with its password, if any, shown as `***` (for the effective configuration).
+    /// `text` with its user information, if any, shown as `***` (for the effective configuration):
+    /// found by its `@` in the authority, so that no escape a parser might refuse can show it.
     package static func masked(_ text: String) -> String {
-        guard var components = URLComponents(string: text), components.password != nil else { return text }
-        components.password = "***"
-        return components.string ?? text
+        guard let scheme = text.firstRange(of: "://") else { return text }
+        let authority = text[scheme.upperBound...].prefix { $0 != "/" && $0 != "?" && $0 != "#" }
+        guard let at = authority.lastIndex(of: "@") else { return text }
+        return String(text[..<scheme.upperBound]) + "***" + String(text[at...])
     }
 }
