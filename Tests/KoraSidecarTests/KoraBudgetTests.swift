@@ -54,7 +54,7 @@ struct KoraBudgetTests {
         #expect(waiting() == 0)
     }
 
-    @Test func turnsTakenBeforeTheWallClockSteppedBackDoNotFillTheWindow() async {
+    @Test func turnsTakenBeforeTheWallClockSteppedBackDoNotFillTheWindow() async throws {
         let ledger = LocalBudgetLedger()
         let now = UnixTime(milliseconds: 1_800_000_000_000)
         for _ in 0..<2 { #expect(await ledger.take(perWindow: 2, window: .seconds(60), at: now).nextTurn == nil) }
@@ -63,6 +63,12 @@ struct KoraBudgetTests {
         let back = now.adding(.seconds(-3600))
         #expect(await ledger.take(perWindow: 2, window: .seconds(60), at: back).nextTurn == back.adding(.seconds(60)))
         #expect(await ledger.take(perWindow: 2, window: .seconds(60), at: back.adding(.seconds(60))).nextTurn == nil)
+        // Kora's hold of 30 s, then the clock ten minutes back: 30 s at most still, not ten and a half minutes.
+        let held = LocalBudgetLedger()
+        await held.hold(until: UnixTime.now().adding(.seconds(30)))
+        let earlier = UnixTime.now().adding(.seconds(-600))
+        let wait = try #require(await held.take(perWindow: nil, window: .seconds(60), at: earlier).nextTurn)
+        #expect(wait > earlier && wait <= earlier.adding(.seconds(30)))
     }
 
     @Test func aServiceThatFloodsCannotStarveOneThatCallsRarely() async throws {

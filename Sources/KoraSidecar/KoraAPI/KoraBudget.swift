@@ -186,18 +186,19 @@ protocol BudgetLedger: Sendable {
 /// The turns of this process (one sidecar, or a SQLite store that no other process shares).
 actor LocalBudgetLedger: BudgetLedger {
     private var sent: [UnixTime] = []
-    private var heldUntil: UnixTime?
+    /// Kora's hold: until when, and when it was set.
+    private var koraHold: (until: UnixTime, setAt: UnixTime)?
 
     init() {}
 
     func take(perWindow: Int?, window: Duration, at now: UnixTime) -> BudgetTurn {
         // Turns stamped after `now` were taken before the wall clock stepped back: they count as
         // taken now (still a window's worth in Kora's real minute), not for as long as the step; a
-        // hold is never longer than the longest Kora may ask for.
+        // hold set then lasts what it had left, not that plus the step.
         if let last = sent.last, last > now { sent = sent.map { min($0, now) } }
-        if let held = heldUntil, held > now.adding(KoraBudget.longestHold) { heldUntil = now.adding(KoraBudget.longestHold) }
+        if let held = koraHold, now < held.setAt { koraHold = (now.adding(.milliseconds(held.until.milliseconds - held.setAt.milliseconds)), now) }
         while let first = sent.first, first.adding(window) <= now { sent.removeFirst() }
-        if let heldUntil, now < heldUntil { return BudgetTurn(nextTurn: heldUntil, remaining: 0) }
+        if let koraHold, now < koraHold.until { return BudgetTurn(nextTurn: koraHold.until, remaining: 0) }
         guard let perWindow else { return BudgetTurn(nextTurn: nil, remaining: -1) }
         guard sent.count < perWindow else { return BudgetTurn(nextTurn: sent[sent.count - perWindow].adding(window), remaining: 0) }
         sent.append(now)
@@ -205,6 +206,6 @@ actor LocalBudgetLedger: BudgetLedger {
     }
 
     func hold(until: UnixTime) {
-        heldUntil = max(heldUntil ?? until, until)
+        koraHold = (max(koraHold?.until ?? until, until), .now())
     }
 }
