@@ -202,25 +202,29 @@ final class OutboxDispatcher: Service, Sendable {
             "delivery.attempt": "\(job.attempt)", "delivery.status": "\(result.statusCode.map(String.init) ?? "-")",
         ]
         if let error = result.error { metadata["error"] = "\(error)" }
-        metrics.delivery(service: service.name, result: next.metricName, milliseconds: result.durationMilliseconds)
         if job.bodyProblem == nil {
             breakers[service.name]?.record(healthy: !result.serviceFailed, now: .now())
         } else {
             // Nothing went to the service: it says nothing of its health, and spent neither probe nor token.
             ServiceHold.giveBack(service.name, breakers: breakers, rateLimits: rateLimits)
         }
-        switch next {
-        case .delivered: logger.info("Delivered", metadata: metadata)
-        case .retry: logger.notice("Delivery failed; will retry", metadata: metadata)
-        case .dead: logger.error("Delivery dead; waiting for an operator", metadata: metadata)
-        }
-        /// After the store's answer: a result not recorded (the lease had passed to another worker,
-        /// say, a replica whose clock is ahead) is said, and announces no death.
+        /// Counts, logs and announces what the store answered: what it did not record (the lease had
+        /// passed to another worker, say, a replica whose clock is ahead, or an erasure removed the
+        /// delivery) is neither counted nor announced as what followed.
         func recorded(_ recorded: Bool) {
-            if !recorded {
+            guard recorded else {
+                metrics.delivery(service: service.name, result: "not_recorded", milliseconds: result.durationMilliseconds)
                 logger.warning(
-                    "Delivery result not recorded: its lease had passed to another worker, which may send it too", metadata: metadata)
-            } else if case .dead = next {
+                    "Delivery result not recorded: its lease had passed to another worker (which may send it too), or the delivery was erased",
+                    metadata: metadata)
+                return
+            }
+            metrics.delivery(service: service.name, result: next.metricName, milliseconds: result.durationMilliseconds)
+            switch next {
+            case .delivered: logger.info("Delivered", metadata: metadata)
+            case .retry: logger.notice("Delivery failed; will retry", metadata: metadata)
+            case .dead:
+                logger.error("Delivery dead; waiting for an operator", metadata: metadata)
                 operational?.deliveryDied(
                     job.event, service: service.name, deliveryID: job.deliveryID, attempts: job.attempt, lastStatusCode: result.statusCode,
                     lastError: result.error)
@@ -244,6 +248,7 @@ final class OutboxDispatcher: Service, Sendable {
             return finished.next
         } catch {
             if leasesNext { rateLimits[service.name]?.giveBack() }
+            metrics.delivery(service: service.name, result: "not_recorded", milliseconds: result.durationMilliseconds)
             logger.error("Could not record a delivery attempt", metadata: metadata.merging(["error": "\(error)"]) { $1 })
             return nil
         }
