@@ -326,6 +326,9 @@ struct DataProtectionProcessTests {
             let both = try await post(
                 sidecar.internalURL("/admin/erase"), body: Array(#"{"verificationId": "ver_other\u0000x", "externalId": "nobody"}"#.utf8), headers: [])
             #expect(both.status == 400, "exactly one of the two, whatever the other holds")
+            let null = try await post(
+                sidecar.internalURL("/admin/erase"), body: Array(#"{"verificationId": null, "externalId": "nobody"}"#.utf8), headers: [])
+            #expect(null.status == 400, "a key holding null is there")
             let command = try await Binary.run(["erase", "--config", config, "--verification", "ver_other"])
             #expect(command.status == 0, "\(command.stderr)")
             #expect(command.stdout.contains(#""events": 1"#))

@@ -93,16 +93,17 @@ struct AdminRoutes {
     /// `{"verificationId": …}` or `{"externalId": …}`.
     static func erasureSubject(_ bytes: [UInt8]) throws(SidecarHTTPError) -> OperatorActions.ErasureSubject {
         let json = try? JSONParser.parse(bytes)
-        switch (json?["verificationId"]?.text, json?["externalId"]?.text) {
-        case (let id?, nil):
+        // Present is present, whatever it holds (null too): an erasure cannot be undone.
+        switch (json?["verificationId"], json?["externalId"]) {
+        case (let value?, nil):
             // An id no store can hold (a control character, over 1 KiB) names no stored verification;
             // PostgreSQL would refuse a NUL in it. (An external id is looked for inside the bodies.)
-            guard let id = EventNormalizer.storableID(id) else {
+            guard let id = value.text.flatMap(EventNormalizer.storableID) else {
                 throw SidecarHTTPError(
                     .badRequest, code: "INVALID_REQUEST", message: "verificationId must be 1 to 1024 bytes without control characters.")
             }
             return .verification(id)
-        case (nil, let id?) where !id.isEmpty: return .externalID(id)
+        case (nil, let value?) where !(value.text ?? "").isEmpty: return .externalID(value.text ?? "")
         default:
             throw SidecarHTTPError(
                 .badRequest, code: "INVALID_REQUEST", message: "Send a JSON object with exactly one of verificationId and externalId, a non-empty string.")
