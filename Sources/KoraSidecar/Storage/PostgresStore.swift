@@ -632,15 +632,20 @@ final class PostgresStore: SidecarStore, Service {
                 """, logger: self.logger
             ).collect().map { try $0.decode(Int64.self) }
             if !ids.isEmpty { try await connection.query("DELETE FROM kora_attempts WHERE delivery_id = ANY(\(ids))", logger: self.logger) }
-            let events = try await connection.query(
-                """
-                DELETE FROM kora_events WHERE (NOT unrouted OR received_at < \(seenCut)) AND id IN (SELECT e.id FROM kora_events e
-                    WHERE NOT EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id)
-                      AND (NOT e.unrouted OR e.received_at < \(seenCut)) LIMIT \(limit))
-                RETURNING 1
-                """,
-                logger: self.logger
-            ).collect().count
+            // Routed events whose deliveries are all gone, then unrouted ones past the window: apart, so
+            // that an unrouted event an operator routes meanwhile (no longer unrouted once its lock
+            // is released) fails the re-check and stays with its new deliveries.
+            var events = 0
+            for condition in ["NOT unrouted", "unrouted AND received_at < \(seenCut)"] {
+                events += try await connection.query(
+                    """
+                    DELETE FROM kora_events WHERE \(unescaped: condition) AND id IN (SELECT e.id FROM kora_events e
+                        WHERE \(unescaped: condition) AND NOT EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id) LIMIT \(limit))
+                    RETURNING 1
+                    """,
+                    logger: self.logger
+                ).collect().count
+            }
             let seen = try await connection.query(
                 "DELETE FROM kora_seen_events WHERE seen_at < \(seenCut) AND event_id IN (SELECT event_id FROM kora_seen_events WHERE seen_at < \(seenCut) LIMIT \(limit)) RETURNING 1",
                 logger: self.logger
