@@ -47,8 +47,7 @@ final class DeliveredEvents: Service, Sendable {
     func contains(any keys: [String], since: UnixTime) async throws -> Bool {
         let inMemory = state.withLockedValue { state in keys.contains { key in state.seen[key].map { $0 >= since } ?? false } }
         if inMemory { return true }
-        for key in keys where try await store.isDuplicate(eventID: key, since: since) { return true }
-        return false
+        return try await store.hasSeen(any: keys, since: since)
     }
 
     /// Remembers `keys` as delivered at `at`, in memory now and in the store shortly.

@@ -103,10 +103,7 @@ struct WebhookIngress: Sendable {
         late["webhook.timestamp"] = "\(timestamp ?? "-")"
         let event = try? EventNormalizer.normalize(body: body, webhookID: headers[Header.webhookID], receivedAt: now)
         late["webhook.id"] = "\(event?.id ?? "-")"
-        var accepted = false
-        for key in event?.dedupKeys ?? [] where !accepted {
-            accepted = (try? await store.isDuplicate(eventID: key, since: dedupSince(now))) ?? false
-        }
+        let accepted = (try? await store.hasSeen(any: event?.dedupKeys ?? [], since: dedupSince(now))) ?? false
         guard !accepted else {
             logger.info("A webhook signed with the webhook secret arrived outside webhooks.toleranceSeconds; its event was accepted before", metadata: late)
             return

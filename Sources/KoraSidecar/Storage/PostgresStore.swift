@@ -444,9 +444,7 @@ final class PostgresStore: SidecarStore, Service {
     package func requeue(id: Int64, at: UnixTime) async throws -> Bool {
         try await !rows(
             """
-            UPDATE kora_deliveries d SET status = 'pending', next_attempt_at = \(at.milliseconds),
-                lease_until = CASE WHEN d.lease_until > \(at.milliseconds) THEN d.lease_until END, updated_at = \(at.milliseconds),
-                pending_since = CASE WHEN d.status = 'pending' THEN d.pending_since ELSE \(at.milliseconds) END
+            UPDATE kora_deliveries d SET \(unescaped: OutboxSQL.requeue(at: String(at.milliseconds)))
             FROM kora_events e
             WHERE d.id = \(id) AND d.status != 'delivered' AND e.id = d.event_row AND e.body_state = 'kept' RETURNING d.id
             """
@@ -455,7 +453,6 @@ final class PostgresStore: SidecarStore, Service {
 
     package func requeue(_ filter: DeliveryFilter, at: UnixTime, dryRun: Bool) async throws -> RequeueCount {
         let select = "SELECT d.id FROM kora_deliveries d JOIN kora_events e ON e.id = d.event_row"
-        let time = at.milliseconds
         let gone = try await rows(
             Self.selecting(filter, prefix: "SELECT COUNT(*) FROM kora_deliveries d JOIN kora_events e ON e.id = d.event_row", suffix: "AND e.body_state != 'kept'")
         ).first?.decode(Int64.self) ?? 0
@@ -465,9 +462,7 @@ final class PostgresStore: SidecarStore, Service {
             : Self.selecting(
                 filter,
                 prefix: """
-                    UPDATE kora_deliveries SET status = 'pending', next_attempt_at = \(time),
-                        lease_until = CASE WHEN lease_until > \(time) THEN lease_until END, updated_at = \(time),
-                        pending_since = CASE WHEN status = 'pending' THEN pending_since ELSE \(time) END
+                    UPDATE kora_deliveries SET \(OutboxSQL.requeue(at: String(at.milliseconds)))
                     WHERE id IN (\(select)
                     """,
                 suffix: "AND e.body_state = 'kept') RETURNING id")

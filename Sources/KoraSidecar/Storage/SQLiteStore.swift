@@ -401,19 +401,11 @@ final class SQLiteStore: SidecarStore {
         return payload
     }
 
-    /// The assignment that ends a delivery's lease for a retry at `time`, unless a worker holds it
-    /// now: a delivery being sent stays with that worker, or another one would send it at the same
-    /// time (the attempt's outcome then decides what follows).
-    static func leaseEndedBy(_ time: String) -> String {
-        "lease_until = CASE WHEN lease_until > \(time) THEN lease_until END"
-    }
-
     package func requeue(id: Int64, at: UnixTime) async throws -> Bool {
         try await database.write { db in
             try db.query(
                 """
-                UPDATE deliveries SET status = 'pending', next_attempt_at = ?1, \(Self.leaseEndedBy("?1")), updated_at = ?1,
-                    pending_since = CASE WHEN status = 'pending' THEN pending_since ELSE ?1 END
+                UPDATE deliveries SET \(OutboxSQL.requeue(at: "?1"))
                 WHERE id = ?2 AND status != 'delivered' AND (SELECT body_state FROM events WHERE id = deliveries.event_row) = 'kept'
                 """,
                 [.integer(at.milliseconds), .integer(id)])
@@ -433,8 +425,7 @@ final class SQLiteStore: SidecarStore {
         return try await database.write { db in
             let bodyGone = Int(try db.query(gone, values).first?.int(0) ?? 0)
             try db.query(
-                // Every right-hand side reads the row as it was: the new time is ?1 throughout.
-                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?1, \(Self.leaseEndedBy("?1")), updated_at = ?1,\n                pending_since = CASE WHEN status = 'pending' THEN pending_since ELSE ?1 END WHERE id IN (\(selection))",
+                "UPDATE deliveries SET \(OutboxSQL.requeue(at: "?1")) WHERE id IN (\(selection))",
                 [.integer(at.milliseconds)] + values)
             return RequeueCount(selected: db.changes, bodyGone: bodyGone)
         }

@@ -466,7 +466,27 @@ package struct OutboxDepth: Sendable, Equatable {
     }
 }
 
+/// SQL the SQLite and PostgreSQL stores share.
+enum OutboxSQL {
+    /// The assignments that make a delivery pending again at `time` (a parameter or a literal).
+    /// Every right-hand side reads the row as it was. A lease a worker holds now is kept: the delivery
+    /// being sent stays with that worker, or another one would send it at the same time (the attempt's
+    /// outcome then decides what follows). `pending_since` moves only when it was not pending already.
+    static func requeue(at time: String) -> String {
+        """
+        status = 'pending', next_attempt_at = \(time), lease_until = CASE WHEN lease_until > \(time) THEN lease_until END,
+            updated_at = \(time), pending_since = CASE WHEN status = 'pending' THEN pending_since ELSE \(time) END
+        """
+    }
+}
+
 extension SidecarStore {
+    /// Whether any of an event's de-duplication `keys` was seen at or after `since`.
+    func hasSeen(any keys: [String], since: UnixTime) async throws -> Bool {
+        for key in keys where try await isDuplicate(eventID: key, since: since) { return true }
+        return false
+    }
+
     package func finishAndClaimNext(
         deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep, service: String, now: UnixTime, lease: Duration,
         ordered: Bool
