@@ -93,20 +93,24 @@ struct AdminRoutes {
     /// `{"verificationId": …}` or `{"externalId": …}`.
     static func erasureSubject(_ bytes: [UInt8]) throws(SidecarHTTPError) -> OperatorActions.ErasureSubject {
         let json = try? JSONParser.parse(bytes)
+        let invalid = SidecarHTTPError(
+            .badRequest, code: "INVALID_REQUEST", message: "Send a JSON object with exactly one of verificationId and externalId, a non-empty string.")
         // Present is present, whatever it holds (null too): an erasure cannot be undone.
         switch (json?["verificationId"], json?["externalId"]) {
         case (let value?, nil):
+            guard let id = value.text, !id.isEmpty else { throw invalid }
             // An id no store can hold (a control character, over 1 KiB) names no stored verification;
             // PostgreSQL would refuse a NUL in it. (An external id is looked for inside the bodies.)
-            guard let id = value.text.flatMap(EventNormalizer.storableID) else {
+            guard let storable = EventNormalizer.storableID(id) else {
                 throw SidecarHTTPError(
                     .badRequest, code: "INVALID_REQUEST", message: "verificationId must be 1 to 1024 bytes without control characters.")
             }
-            return .verification(id)
-        case (nil, let value?) where !(value.text ?? "").isEmpty: return .externalID(value.text ?? "")
+            return .verification(storable)
+        case (nil, let value?):
+            guard let id = value.text, !id.isEmpty else { throw invalid }
+            return .externalID(id)
         default:
-            throw SidecarHTTPError(
-                .badRequest, code: "INVALID_REQUEST", message: "Send a JSON object with exactly one of verificationId and externalId, a non-empty string.")
+            throw invalid
         }
     }
 

@@ -166,7 +166,6 @@ public struct JSONParser {
         return String(decoding: bytes[start..<index], as: UTF8.self)
     }
 
-
     private mutating func parseString() throws(JSONParseError) -> String {
         index += 1
         let start = index
