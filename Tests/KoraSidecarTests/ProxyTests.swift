@@ -379,7 +379,9 @@ import Glibc
         let kora = ScriptedKora([.trickle(201, [])])
         try await withScriptedKora(kora) { base in
             var configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
-            configuration.kora.timeoutSeconds = 1
+            // Long enough for the head to come in a loaded test process (else 504, a time-out of the
+            // head, not of the body); the body's deadline is the same time-out after it.
+            configuration.kora.timeoutSeconds = 5
             try await withProxySidecar(configuration) { sidecar in
                 defer { kora.release() }
                 let client = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
@@ -389,7 +391,7 @@ import Glibc
                     answer.withLockedValue { $0 = got }
                 }
                 defer { call.cancel() }
-                try await waitUntil("the create to be answered while Kora still trickles") { answer.withLockedValue { $0 } != nil }
+                try await waitUntil("the create to be answered while Kora still trickles", timeout: .seconds(30)) { answer.withLockedValue { $0 } != nil }
                 #expect(answer.withLockedValue { $0 }?.status == 502)
             }
         }
