@@ -160,7 +160,7 @@ struct IngressTests {
 
             // A chunked body without a length is cut off as soon as it passes the limit.
             let chunked = try RawConnection(port: sidecar.webhookPort)
-            chunked.send("POST /webhooks/koraidv HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+            chunked.send("POST /webhooks/koraidv HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nX-Kora-Signature: 00\r\n\r\n")
             chunked.send("800\r\n" + String(repeating: "a", count: 2048) + "\r\n")
             let chunkedResponse = await chunked.response()
             #expect(statusCode(of: chunkedResponse) == 413)

@@ -54,6 +54,12 @@ package struct SidecarHTTPError: HTTPResponseError, Sendable {
         .init(.serviceUnavailable, code: "UNAVAILABLE", message: message, headers: [.retryAfter: "5"])
     }
 
+    /// The listener holds as many bodies as it may (``BodyBudget``); the rest of this one is not read.
+    static func busy() -> SidecarHTTPError {
+        .init(.serviceUnavailable, code: "UNAVAILABLE", message: "The sidecar is receiving too much at once; retry later.",
+              closeConnection: true, headers: [.retryAfter: "5"])
+    }
+
     /// A call still waiting when the sidecar stops: its caller retries (another replica, or this
     /// one once restarted).
     static func stopping() -> SidecarHTTPError { unavailable("The sidecar is stopping; retry the call.") }
@@ -94,11 +100,12 @@ package enum BodyReader {
     /// - Throws: ``SidecarHTTPError`` 413, or 408 when the connection closed before the body ended;
     ///   the connection is then closed.
     /// - Parameter logger: where a refused body is logged (one warning), so an operator sees why a client got 413.
+    /// - Parameter budget: the listener's budget for bodies being received, when it has one.
     package static func collect(
-        _ request: Request, channel: any Channel, limit: Int, timeout: Duration? = nil, logger: Logger? = nil
+        _ request: Request, channel: any Channel, limit: Int, timeout: Duration? = nil, budget: BodyBudget? = nil, logger: Logger? = nil
     ) async throws(SidecarHTTPError) -> ByteBuffer {
         do {
-            return try await collect(request, channel: channel, limit: limit, timeout: timeout)
+            return try await collect(request, channel: channel, limit: limit, timeout: timeout, budget: budget)
         } catch {
             logger?.warning(
                 "Request body refused",
@@ -108,11 +115,9 @@ package enum BodyReader {
     }
 
     private static func collect(
-        _ request: Request, channel: any Channel, limit: Int, timeout: Duration?
+        _ request: Request, channel: any Channel, limit: Int, timeout: Duration?, budget: BodyBudget?
     ) async throws(SidecarHTTPError) -> ByteBuffer {
-        if let length = request.headers[.contentLength].flatMap({ Int($0) }), length > limit {
-            throw .payloadTooLarge(limit: limit)
-        }
+        if declaresMore(than: limit, request) { throw .payloadTooLarge(limit: limit) }
         // A read waiting for bytes does not see cancellation: a client too slow to send its body is
         // disconnected, as nginx does, so that slow clients cannot pile up.
         let timer = timeout.map { timeout in
@@ -121,7 +126,13 @@ package enum BodyReader {
         defer { timer?.cancel() }
         let body: ByteBuffer
         do {
-            body = try await request.body.collect(upTo: limit)
+            if let budget {
+                body = try await collect(request.body, upTo: limit, budget: budget)
+            } else {
+                body = try await request.body.collect(upTo: limit)
+            }
+        } catch let error as SidecarHTTPError {
+            throw error
         } catch is NIOTooManyBytesError {
             throw .payloadTooLarge(limit: limit)
         } catch {
@@ -130,5 +141,23 @@ package enum BodyReader {
         // A connection closed mid-body ends the body early: there is no request to answer.
         guard channel.isActive else { throw .requestTimeout() }
         return body
+    }
+
+    /// Whether the request's `Content-Length` is over `limit`: refused with 413 before any byte is read.
+    static func declaresMore(than limit: Int, _ request: Request) -> Bool {
+        request.headers[.contentLength].flatMap { Int($0) }.map { $0 > limit } ?? false
+    }
+
+    /// The body, its bytes taken from `budget` as they arrive and given back once it is whole.
+    private static func collect(_ body: RequestBody, upTo limit: Int, budget: BodyBudget) async throws -> ByteBuffer {
+        var collected = ByteBuffer()
+        defer { budget.give(collected.readableBytes) }
+        for try await chunk in body {
+            guard chunk.readableBytes <= limit - collected.readableBytes else { throw NIOTooManyBytesError(maxBytes: limit) }
+            guard budget.take(chunk.readableBytes) else { throw SidecarHTTPError.busy() }
+            var chunk = chunk
+            collected.writeBuffer(&chunk)
+        }
+        return collected
     }
 }

@@ -17,6 +17,8 @@ struct WebhookIngress: Sendable {
     private let clock: @Sendable () -> UnixTime
     private let metrics: SidecarMetrics
     private let logger: Logger
+    /// The bytes of webhook bodies being received, at most ``BodyBudget/bytes(maxBodyBytes:)``.
+    private let bodies: BodyBudget
 
     init(
         configuration: WebhookConfiguration, store: any SidecarStore, router: EventRouter, handoff: any EventHandoff,
@@ -31,6 +33,7 @@ struct WebhookIngress: Sendable {
         self.handoff = handoff
         self.clock = clock
         self.logger = logger
+        self.bodies = BodyBudget(bytes: BodyBudget.bytes(maxBodyBytes: configuration.limits.maxBodyBytes))
     }
 
     /// Header names read by the ingress.
@@ -56,11 +59,21 @@ struct WebhookIngress: Sendable {
     }
 
     private func accept(_ request: Request, context: SidecarRequestContext) async throws(SidecarHTTPError) -> Response {
-        let buffer = try await BodyReader.collect(request, channel: context.channel, limit: configuration.limits.maxBodyBytes, logger: logger)
+        let signature = SignatureHeaders(
+            signature: request.headers[Header.signature], timestamp: request.headers[Header.timestamp],
+            algorithm: request.headers[Header.algorithm], legacySignature: request.headers[Header.legacySignature])
+        // A body announced too large keeps its 413 (SPEC §4.1); neither case reads it.
+        if configuration.enforce, let failure = verifier.failureBeforeBody(signature),
+            !BodyReader.declaresMore(than: configuration.limits.maxBodyBytes, request)
+        {
+            throw refusal(failure, log: ["webhook.result": "\(failure.rawValue)"])
+        }
+        let buffer = try await BodyReader.collect(
+            request, channel: context.channel, limit: configuration.limits.maxBodyBytes, budget: bodies, logger: logger)
         let body = Array(buffer.readableBytesView)
         let now = clock()
         var log: Logger.Metadata = ["webhook.bytes": "\(body.count)"]
-        let unverified = try await verify(body, request.headers, at: now, &log)
+        let unverified = try await verify(body, signature, request.headers, at: now, &log)
         let event = try await normalize(body, request.headers, verified: unverified == nil, at: now, &log)
         let result = try await handoff.take(
             event, at: now, dedupSince: dedupSince(now), route: { try await router.recipients(of: event) }, log: log)
@@ -71,11 +84,8 @@ struct WebhookIngress: Sendable {
     /// mode lets an unverified webhook through.
     /// - Throws: 401 with the failure's code when enforcing.
     private func verify(
-        _ body: [UInt8], _ headers: HTTPFields, at now: UnixTime, _ log: inout Logger.Metadata
+        _ body: [UInt8], _ signature: SignatureHeaders, _ headers: HTTPFields, at now: UnixTime, _ log: inout Logger.Metadata
     ) async throws(SidecarHTTPError) -> SignatureFailure? {
-        let signature = SignatureHeaders(
-            signature: headers[Header.signature], timestamp: headers[Header.timestamp], algorithm: headers[Header.algorithm],
-            legacySignature: headers[Header.legacySignature])
         switch verifier.verify(body: body, headers: signature, now: now.seconds) {
         case .success(let scheme):
             log["webhook.scheme"] = "\(scheme.rawValue)"
@@ -86,12 +96,19 @@ struct WebhookIngress: Sendable {
                 if failure == .staleTimestamp, verifier.isSignedOutsideWindow(body: body, headers: signature) {
                     await reportLate(body, headers, timestamp: signature.timestamp, at: now, log)
                 }
-                logger.warning("Webhook rejected", metadata: log)
-                throw SidecarHTTPError(.unauthorized, code: failure.rawValue, message: failure.message)
+                throw refusal(failure, log: log)
             }
             logger.warning("Webhook signature not verified; delivering anyway (report-only mode)", metadata: log)
             return failure
         }
+    }
+
+    /// The 401 for a signature that does not hold, logged. The connection is closed with it: Kora
+    /// never needs it again after a refusal, and an idle connection kept open would hold one of
+    /// the listener's `maxConnections` for its idle time-out.
+    private func refusal(_ failure: SignatureFailure, log: Logger.Metadata) -> SidecarHTTPError {
+        logger.warning("Webhook rejected", metadata: log)
+        return SidecarHTTPError(.unauthorized, code: failure.rawValue, message: failure.message, closeConnection: true)
     }
 
     /// Says that a webhook refused as stale was signed with the secret: Kora's own, so its event is

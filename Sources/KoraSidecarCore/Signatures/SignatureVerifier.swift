@@ -45,18 +45,14 @@ public struct SignatureVerifier: Sendable {
     /// A request carrying `X-Signature` is judged by the timestamped scheme alone, so a valid legacy
     /// signature cannot be used to bypass the replay window.
     public func verify(body: [UInt8], headers: SignatureHeaders, now: Int64) -> Result<SignatureScheme, SignatureFailure> {
+        if let failure = failureBeforeBody(headers) { return .failure(failure) }
         if let signature = headers.signature {
-            guard schemes.contains(.timestamped) else { return .failure(.invalidSignature) }
-            if let algorithm = headers.algorithm, algorithm.lowercased() != "sha256" {
-                return .failure(.unsupportedAlgorithm)
-            }
             guard let text = headers.timestamp, let timestamp = Self.unixSeconds(text),
                 abs(now.subtractingReportingOverflow(timestamp).partialValue) <= toleranceSeconds
             else { return .failure(.staleTimestamp) }
             return isSigned(body, signature: signature, timestamp: text) ? .success(.timestamped) : .failure(.invalidSignature)
         }
         if let signature = headers.legacySignature {
-            guard schemes.contains(.legacy) else { return .failure(.invalidSignature) }
             guard let code = Hex.decode(Substring(signature).utf8), code.count == SHA256.byteCount, !Self.isTimestampedInput(body) else {
                 return .failure(.invalidSignature)
             }
@@ -66,6 +62,20 @@ public struct SignatureVerifier: Sendable {
             return .failure(.invalidSignature)
         }
         return .failure(.missingSignature)
+    }
+
+    /// The failure the headers alone decide, the same ``verify(body:headers:now:)`` would give: a
+    /// request without a usable signature header is refused before its body is read, so that
+    /// unsigned uploads cost the listener no memory. A timestamp outside the window needs the body
+    /// (to tell Kora's late webhook from a forged one), so it is not decided here.
+    public func failureBeforeBody(_ headers: SignatureHeaders) -> SignatureFailure? {
+        if headers.signature != nil {
+            guard schemes.contains(.timestamped) else { return .invalidSignature }
+            if let algorithm = headers.algorithm, algorithm.lowercased() != "sha256" { return .unsupportedAlgorithm }
+            return nil
+        }
+        if headers.legacySignature != nil { return schemes.contains(.legacy) ? nil : .invalidSignature }
+        return .missingSignature
     }
 
     /// Whether a webhook refused as `STALE_TIMESTAMP` was nonetheless signed with a configured

@@ -1,0 +1,33 @@
+import NIOConcurrencyHelpers
+
+/// The bytes a listener holds for request bodies still being received, shared by all its
+/// connections. Each body is bounded by the listener's `maxBodyBytes`, but a few hundred clients
+/// sending bodies near that size at once would take more memory than a container is given; past
+/// the budget a body is refused with 503 (Kora retries) instead of the process being killed.
+package final class BodyBudget: Sendable {
+    private let free: NIOLockedValueBox<Int>
+
+    init(bytes: Int) {
+        free = NIOLockedValueBox(bytes)
+    }
+
+    /// The budget for a listener: 64 MiB, or two of its largest bodies if that is more. A webhook
+    /// is a few kilobytes, so this only ever refuses many large uploads at once.
+    static func bytes(maxBodyBytes: Int) -> Int {
+        max(64 << 20, maxBodyBytes.multipliedReportingOverflow(by: 2).partialValue)
+    }
+
+    /// Takes `count` bytes; false, taking nothing, when fewer are left.
+    func take(_ count: Int) -> Bool {
+        free.withLockedValue { free in
+            guard count <= free else { return false }
+            free -= count
+            return true
+        }
+    }
+
+    /// Gives back bytes taken.
+    func give(_ count: Int) {
+        free.withLockedValue { $0 += count }
+    }
+}

@@ -1,0 +1,76 @@
+import Foundation
+import Testing
+
+@testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+
+/// What the public listener holds for clients that are not Kora: no memory for unsigned bodies, no
+/// connection kept after a refusal, and a bound on the bodies being received at once.
+@Suite("Listener limits")
+struct ListenerLimitsTests {
+    func directSidecar(
+        configure: @Sendable @escaping (inout SidecarConfiguration) -> Void = { _ in }, _ body: @escaping @Sendable (RunningSidecar) async throws -> Void
+    ) async throws {
+        try await withReceiver(Receiver()) { port in
+            var configuration = testConfiguration(services: [testService("app", target: .url("http://127.0.0.1:\(port)/events"))])
+            configure(&configuration)
+            try await withSidecar(configuration, body)
+        }
+    }
+
+    @Test func anUnsignedRequestIsRefusedBeforeItsBodyIsReadAndItsConnectionClosed() async throws {
+        try await directSidecar { sidecar in
+            // Half a megabyte announced, a hundred bytes sent: the refusal does not wait for the rest.
+            for signature in ["", "X-Signature-Algorithm: sha1\r\nX-Signature: 00\r\nX-Timestamp: 1\r\n"] {
+                let connection = try RawConnection(port: sidecar.webhookPort, readTimeout: 30)
+                connection.send("POST /webhooks/koraidv HTTP/1.1\r\nHost: x\r\nContent-Length: 500000\r\n\(signature)\r\n")
+                connection.send(Array(repeating: 0x20, count: 100))
+                let response = await connection.response()
+                #expect(statusCode(of: response) == 401, "\(signature)")
+                #expect(response.contains(signature.isEmpty ? "MISSING_SIGNATURE" : "UNSUPPORTED_ALGORITHM"))
+                #expect(await connection.closedByPeer())
+            }
+
+            // A whole body whose signature does not hold: refused, and the connection is not kept.
+            let body = TestEvent.body()
+            let connection = try RawConnection(port: sidecar.webhookPort, readTimeout: 30)
+            connection.send("POST /webhooks/koraidv HTTP/1.1\r\nHost: x\r\nContent-Length: \(body.count)\r\nX-Kora-Signature: \(String(repeating: "0", count: 64))\r\n\r\n")
+            connection.send(body)
+            let response = await connection.response()
+            #expect(statusCode(of: response) == 401)
+            #expect(response.contains("INVALID_SIGNATURE"))
+            #expect(await connection.closedByPeer())
+        }
+    }
+
+    @Test func bodiesBeingReceivedAreBoundedAcrossConnectionsAndGivenBack() async throws {
+        // 65 bodies of nearly 1 MiB each, none finished: more than the listener's 64 MiB for bodies
+        // being received. The ones past it get 503 at once; the others wait for their deadline.
+        let held = 65
+        let size = 1 << 20
+        try await directSidecar(configure: { $0.webhooks.limits.readTimeoutSeconds = 20 * Sanitizer.slowdown }) { sidecar in
+            let statuses = try await withThrowingTaskGroup(of: Int?.self) { group in
+                for _ in 0..<held {
+                    let connection = try RawConnection(port: sidecar.webhookPort, readTimeout: 60)
+                    group.addTask {
+                        await offPool {
+                            connection.send(
+                                "POST /webhooks/koraidv HTTP/1.1\r\nHost: x\r\nContent-Length: \(size)\r\nX-Kora-Signature: \(String(repeating: "0", count: 64))\r\n\r\n")
+                            connection.send([UInt8](repeating: 0x20, count: size - 1))
+                            return statusCode(of: connection.readResponse())
+                        }
+                    }
+                }
+                return try await group.reduce(into: [Int?]()) { $0.append($1) }
+            }
+            #expect(statuses.contains(503), "\(statuses)")
+            // Every other one was cut off by its deadline, unanswered or with 408.
+            #expect(statuses.allSatisfy { $0 == 503 || $0 == 408 || $0 == nil }, "\(statuses)")
+
+            // Every byte was given back: a body of nearly the whole limit is taken again.
+            let large = TestEvent.body() + [UInt8](repeating: 0x20, count: 1_000_000)
+            #expect(try await sendSigned(large, to: sidecar).status == 200)
+        }
+    }
+}
