@@ -5,6 +5,8 @@ import NIOConcurrencyHelpers
 final class Readiness: Sendable {
     private let bound = NIOLockedValueBox<Set<String>>([])
     private let store: any SidecarStore
+    /// The store's write check, one at a time however often `/readyz` and `/metrics` are asked.
+    private let storeCheck = SingleFlight<String?>()
 
     init(store: any SidecarStore) { self.store = store }
 
@@ -16,11 +18,13 @@ final class Readiness: Sendable {
     package func problem() async -> String? {
         let missing = [ListenerRole.webhooks, .internal].filter { role in !bound.withLockedValue { $0.contains(role.rawValue) } }
         if let role = missing.first { return "The \(role.rawValue) listener is not bound yet." }
-        do {
-            try await store.checkWritable(at: .now())
-        } catch {
-            return "The store does not accept writes: \(error)."
+        return await storeCheck.run { [store] in
+            do {
+                try await store.checkWritable(at: .now())
+                return nil
+            } catch {
+                return "The store does not accept writes: \(error)."
+            }
         }
-        return nil
     }
 }

@@ -107,14 +107,22 @@ package struct SidecarMetrics: Sendable {
     /// PostgreSQL), and three in a row outlasted Prometheus' 10 s scrape time-out: the scrape failed,
     /// `kora_sidecar_ready` had no sample, and the alert for a store that is down could not fire.
     static let storeWait = Duration.seconds(2)
+    /// The store's counts, each asked once at a time however often `/metrics` is scraped: a scan
+    /// of the outbox can outlast ``storeWait`` on a large table.
+    private let unroutedQuery = SingleFlight<Int?>()
+    private let depthQuery = SingleFlight<[OutboxDepth]?>()
 
     /// Refreshes the outbox and readiness gauges, then renders every metric. The store is asked
     /// three things at once, each for at most ``storeWait``: no answer in time means not ready, and
     /// the outbox gauges keep their last values.
     func render(store: any SidecarStore, services: [String], readiness: Readiness, breakers: ServiceBreakers, now: UnixTime) async -> String {
         async let ready = try? Deadline.run(after: Self.storeWait, error: { CancellationError() }) { await readiness.problem() == nil }
-        async let unroutedCount = try? Deadline.run(after: Self.storeWait, error: { CancellationError() }) { try await store.unroutedCount() }
-        async let outboxDepth = try? Deadline.run(after: Self.storeWait, error: { CancellationError() }) { try await store.depth() }
+        async let unroutedCount = try? Deadline.run(after: Self.storeWait, error: { CancellationError() }) {
+            await self.unroutedQuery.run { try? await store.unroutedCount() }
+        }
+        async let outboxDepth = try? Deadline.run(after: Self.storeWait, error: { CancellationError() }) {
+            await self.depthQuery.run { try? await store.depth() }
+        }
         Gauge(label: "kora_sidecar_ready", dimensions: [], factory: factory).record(await ready == true ? 1 : 0)
         for breaker in breakers.all {
             let current = breaker.snapshot.state
