@@ -29,6 +29,12 @@ final class OutboxDispatcher: Service, Sendable {
     private let logger: Logger
     /// One bell per service: an event wakes a worker of each service that receives it, no other.
     private let doorbells: [String: Doorbell]
+    /// When each service's next delivery is due, asked once at a time by its idle workers: the
+    /// query reads every pending delivery of the service, and sixteen workers asking it each
+    /// few seconds over a long backlog kept the store's reader busy.
+    private let dueTimes: [String: SingleFlight<Result<UnixTime?, any Error>>]
+    /// "Outbox unavailable", once a minute for each service: every worker meets the same outage each second.
+    private let outages: [String: LogThrottle]
     /// Rung once, on shutdown.
     private let shutdownBell = Doorbell()
     private let stopping = Atomic(false)
@@ -50,6 +56,8 @@ final class OutboxDispatcher: Service, Sendable {
         self.sender = sender
         self.services = services
         self.doorbells = Dictionary(services.map { ($0.name, Doorbell()) }, uniquingKeysWith: { first, _ in first })
+        self.dueTimes = Dictionary(services.map { ($0.name, SingleFlight()) }, uniquingKeysWith: { first, _ in first })
+        self.outages = Dictionary(services.map { ($0.name, LogThrottle(every: .seconds(60))) }, uniquingKeysWith: { first, _ in first })
         self.policy = policy
         self.concurrency = concurrency
         self.drainTimeout = drainTimeout
@@ -119,8 +127,9 @@ final class OutboxDispatcher: Service, Sendable {
                 held = await deliver(job, to: service, lease: lease)
                 continue
             }
-            guard !stopping.load(ordering: .relaxed) else { return }
+            // The generation first: a stop that rings between the two reads still wakes this worker.
             let generation = doorbell.generation
+            guard !stopping.load(ordering: .relaxed) else { return }
             // A paused service, or one over its rate, waits without anything leased: no attempt is used up.
             if let wait = holdBack(service) {
                 await doorbell.wait(after: generation, timeout: min(wait, Self.idlePoll))
@@ -131,7 +140,7 @@ final class OutboxDispatcher: Service, Sendable {
                 job = try await store.claimDue(service: service.name, now: .now(), limit: 1, lease: lease, ordered: ordered).first
             } catch {
                 ServiceHold.giveBack(service.name, breakers: breakers, rateLimits: rateLimits)
-                logger.error("Outbox unavailable", metadata: ["service": "\(service.name)", "error": "\(error)"])
+                outageLog(service, error)
                 await doorbell.wait(after: generation, timeout: .seconds(1))
                 continue
             }
@@ -145,14 +154,21 @@ final class OutboxDispatcher: Service, Sendable {
         }
     }
 
+    private func outageLog(_ service: DeliveryService, _ error: any Error) {
+        outages[service.name]?.log(["service": "\(service.name)", "error": "\(error)"]) { logger.error("Outbox unavailable", metadata: $0) }
+    }
+
     /// How long an idle worker of `service` sleeps: until its next delivery is due, at most
     /// ``idlePoll``; a second when the store cannot say.
     private func idleWait(for service: DeliveryService) async -> Duration {
+        let next = await dueTimes[service.name]?.run { [store, ordered] in
+            do { return .success(try await store.nextDueTime(service: service.name, ordered: ordered)) } catch { return .failure(error) }
+        }
         do {
-            guard let next = try await store.nextDueTime(service: service.name, ordered: ordered) else { return Self.idlePoll }
+            guard let next = try next?.get() else { return Self.idlePoll }
             return .milliseconds(min(max(next.milliseconds - UnixTime.now().milliseconds, 1), Self.idlePoll.milliseconds))
         } catch {
-            logger.error("Outbox unavailable", metadata: ["service": "\(service.name)", "error": "\(error)"])
+            outageLog(service, error)
             return .seconds(1)
         }
     }

@@ -101,15 +101,23 @@ package enum BodyReader {
     ///   the connection is then closed.
     /// - Parameter logger: where a refused body is logged (one warning), so an operator sees why a client got 413.
     /// - Parameter budget: the listener's budget for bodies being received, when it has one.
+    /// - Parameter throttle: limits the warnings, where anyone can cause them.
     package static func collect(
-        _ request: Request, channel: any Channel, limit: Int, timeout: Duration? = nil, budget: BodyBudget? = nil, logger: Logger? = nil
+        _ request: Request, channel: any Channel, limit: Int, timeout: Duration? = nil, budget: BodyBudget? = nil, logger: Logger? = nil,
+        throttle: LogThrottle? = nil
     ) async throws(SidecarHTTPError) -> ByteBuffer {
         do {
             return try await collect(request, channel: channel, limit: limit, timeout: timeout, budget: budget)
         } catch {
-            logger?.warning(
-                "Request body refused",
-                metadata: ["http.path": "\(LoggedPath.masking(request.uri.path))", "http.status": "\(error.status.code)", "error.code": "\(error.code)", "limit": "\(limit)"])
+            let metadata: Logger.Metadata = [
+                "http.path": "\(LoggedPath.masking(request.uri.path))", "http.status": "\(error.status.code)", "error.code": "\(error.code)",
+                "limit": "\(limit)",
+            ]
+            if let throttle {
+                throttle.log(metadata) { logger?.warning("Request body refused", metadata: $0) }
+            } else {
+                logger?.warning("Request body refused", metadata: metadata)
+            }
             throw error
         }
     }

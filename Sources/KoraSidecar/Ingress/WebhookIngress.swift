@@ -19,6 +19,9 @@ struct WebhookIngress: Sendable {
     private let logger: Logger
     /// The bytes of webhook bodies being received, at most ``BodyBudget/bytes(maxBodyBytes:)``.
     private let bodies: BodyBudget
+    /// Refusals anyone on the internet can cause: logged at most once a second for each code.
+    private let refusals = Dictionary(uniqueKeysWithValues: SignatureFailure.allCases.map { ($0, LogThrottle(every: .seconds(1))) })
+    private let refusedBodies = LogThrottle(every: .seconds(1))
 
     init(
         configuration: WebhookConfiguration, store: any SidecarStore, router: EventRouter, handoff: any EventHandoff,
@@ -69,7 +72,8 @@ struct WebhookIngress: Sendable {
             throw refusal(failure, log: ["webhook.result": "\(failure.rawValue)"])
         }
         let buffer = try await BodyReader.collect(
-            request, channel: context.channel, limit: configuration.limits.maxBodyBytes, budget: bodies, logger: logger)
+            request, channel: context.channel, limit: configuration.limits.maxBodyBytes, budget: bodies, logger: logger,
+            throttle: refusedBodies)
         let body = Array(buffer.readableBytesView)
         let now = clock()
         var log: Logger.Metadata = ["webhook.bytes": "\(body.count)"]
@@ -107,7 +111,7 @@ struct WebhookIngress: Sendable {
     /// never needs it again after a refusal, and an idle connection kept open would hold one of
     /// the listener's `maxConnections` for its idle time-out.
     private func refusal(_ failure: SignatureFailure, log: Logger.Metadata) -> SidecarHTTPError {
-        logger.warning("Webhook rejected", metadata: log)
+        refusals[failure]?.log(log) { logger.warning("Webhook rejected", metadata: $0) }
         return SidecarHTTPError(.unauthorized, code: failure.rawValue, message: failure.message, closeConnection: true)
     }
 
