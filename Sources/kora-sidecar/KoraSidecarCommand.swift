@@ -219,6 +219,10 @@ struct Deliveries: AsyncParsableCommand {
         func validate() throws {
             // SQLite reads a negative LIMIT as none: the whole table, into memory.
             if !(1...100_000).contains(limit) { throw ValidationError("--limit must be from 1 to 100000.") }
+            // A usage error, exit 2 as for `retry --status`, before any store is opened.
+            if let status, OperatorActions.Listing(rawValue: status) == nil {
+                throw ValidationError("--status must be \(OperatorActions.Listing.choices), not \(status).")
+            }
         }
 
         func run() async throws { try await Deliveries.run(.list(status: status, limit: limit), options: options) }

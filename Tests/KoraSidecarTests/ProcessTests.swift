@@ -225,6 +225,8 @@ struct ProcessTests {
         #expect(try await Binary.run(["check-config", "--bogus-flag"]).status == 2)
         let unbounded = try await Binary.run(["deliveries", "list", "--limit=-1", "--config", good])
         #expect(unbounded.status == 2 && unbounded.stderr.contains("--limit must be from 1 to 100000"), "\(unbounded)")
+        let unknownStatus = try await Binary.run(["deliveries", "list", "--status", "bogus", "--config", good])
+        #expect(unknownStatus.status == 2 && unknownStatus.stderr.contains("--status must be pending"), "\(unknownStatus)")
         #expect(try await Binary.run(["no-such-command"]).status == 2)
     }
 

@@ -83,16 +83,20 @@ import Glibc
     @Test func createAddsTheCallbackURLOnlyWhenAbsent() async throws {
         let kora = ScriptedKora([
             .answer(201, [], #"{"id":"ver_a","status":"pending"}"#), .answer(201, [], #"{"id":"ver_b","status":"pending"}"#),
+            .answer(201, [], #"{"id":"ver_c","status":"pending"}"#),
         ])
         try await withScriptedKora(kora) { base in
             try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()])) { sidecar in
                 let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
                 _ = try await sdk.createVerification(externalID: "u1", extra: [JSONMember("tier", "enhanced")])
                 _ = try await sdk.createVerification(externalID: "u2", extra: [JSONMember("callbackUrl", "https://mine.example/cb")])
+                // Kora reads `callbackUrl` only: a snake_case one would leave the verification without a callback.
+                _ = try await sdk.createVerification(externalID: "u3", extra: [JSONMember("callback_url", "https://mine.example/cb")])
                 let bodies = kora.requests.map { try? JSONParser.parse($0.body) }
                 #expect(bodies[0]?["callbackUrl"]?.text == "https://hooks.example.com/webhooks/koraidv")
                 #expect(bodies[0]?["tier"]?.text == "enhanced")
                 #expect(bodies[1]?["callbackUrl"]?.text == "https://mine.example/cb")
+                #expect(bodies[2]?["callbackUrl"]?.text == "https://hooks.example.com/webhooks/koraidv")
             }
         }
     }

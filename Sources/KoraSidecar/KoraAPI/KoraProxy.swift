@@ -145,7 +145,7 @@ struct KoraProxy: Sendable {
     func create(_ call: KoraCall, caller: ServiceIdentity.Caller) async throws -> CreateAnswer {
         var call = call
         if let callback = await callbackURL(), case .object(var members)? = try? JSONParser.parse(Array(call.body.readableBytesView)),
-            !members.contains(where: { $0.key == "callbackUrl" || $0.key == "callback_url" })
+            !members.contains(where: { $0.key == "callbackUrl" })
         {
             members.append(JSONMember("callbackUrl", .string(callback)))
             call.body = ByteBuffer(bytes: JSONWriter.encode(.object(members)))

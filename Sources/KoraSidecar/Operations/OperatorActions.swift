@@ -5,11 +5,11 @@ import Logging
 /// the same thing in the same shape.
 package enum OperatorActions {
     /// What an operator may list.
-    enum Listing: String, Sendable, CaseIterable {
+    package enum Listing: String, Sendable, CaseIterable {
         case pending, delivered, dead, quarantined, unrouted
 
         /// The accepted values, for error messages.
-        static let choices = "pending, delivered, dead, quarantined or unrouted"
+        package static let choices = "pending, delivered, dead, quarantined or unrouted"
     }
 
     /// The newest `limit` entries of `listing` (every delivery when nil), as operators see them.
