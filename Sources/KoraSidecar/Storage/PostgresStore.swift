@@ -37,7 +37,17 @@ final class PostgresStore: SidecarStore, Service {
     }
 
     init(address: PostgresURL, logger: Logger, operationTimeout: Duration, protection: DataProtection) {
-        client = PostgresClient(configuration: address.clientConfiguration, backgroundLogger: logger)
+        var configuration = address.clientConfiguration
+        // The server ends a statement that outlives the operation time-out too. Ending the wait for
+        // it is not enough: the query keeps its pooled connection until it answers, so a lock held
+        // by a stalled replica filled the pool with waiting statements, and every store call, intake
+        // included, failed. A transaction left idle (its replica cut off mid-way) gives its locks back.
+        let milliseconds = operationTimeout.milliseconds
+        configuration.options.additionalStartupParameters = [
+            ("statement_timeout", "\(milliseconds)"), ("lock_timeout", "\(milliseconds)"),
+            ("idle_in_transaction_session_timeout", "\(milliseconds * 6)"),
+        ]
+        client = PostgresClient(configuration: configuration, backgroundLogger: logger)
         location = address.location
         self.logger = logger
         self.operationTimeout = operationTimeout
@@ -760,7 +770,7 @@ struct PostgresStoreError: Error, Sendable, CustomStringConvertible {
 
 extension PostgresStore: BudgetLedger {
     /// Any constant, the same in every replica: the advisory lock that makes taking a turn atomic.
-    private static let budgetLock: Int64 = 0x4B6F_7261_4275_6467  // "KoraBudg"
+    static let budgetLock: Int64 = 0x4B6F_7261_4275_6467  // "KoraBudg"
 
     /// Takes a turn in the budget every replica shares: the calls of the last window are rows, so
     /// two replicas never spend the same turn.

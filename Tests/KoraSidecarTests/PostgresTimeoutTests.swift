@@ -1,0 +1,54 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import PostgresNIO
+import Testing
+
+@testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
+
+@Suite("PostgreSQL time-outs")
+struct PostgresTimeoutTests {
+    @Test func callsStuckBehindALockGiveTheirConnectionsBackAtTheTimeOut() async throws {
+        let url = try await PostgresServer.shared().createDatabase()
+        // The time-out is what is tested: every budget call below is meant to run into it.
+        let store = try PostgresStore(url: Secret(url), logger: quietLogger, operationTimeout: .seconds(2) * Sanitizer.slowdown, protection: .sealedForTests)
+        let running = Task { await store.run() }
+        defer { running.cancel() }
+        try await store.waitUntilMigrated(timeout: .seconds(60))
+
+        // Another replica, stalled while it holds the lock every replica's budget turn takes.
+        let other = PostgresClient(configuration: try PostgresURL(Secret(url)).clientConfiguration, backgroundLogger: quietLogger)
+        let pool = Task { await other.run() }
+        defer { pool.cancel() }
+        let locked = Gate(), release = Gate()
+        let holder = Task {
+            try await other.withConnection { connection in
+                try await connection.query("SELECT pg_advisory_lock(\(PostgresStore.budgetLock))", logger: quietLogger)
+                locked.open()
+                await release.wait()
+                try await connection.query("SELECT pg_advisory_unlock(\(PostgresStore.budgetLock))", logger: quietLogger)
+            }
+        }
+        defer { release.open() }
+        await locked.wait()
+
+        // More calls waiting for the lock than the pool has connections (16).
+        let failed = await withTaskGroup(of: Bool.self) { group in
+            for _ in 0..<20 {
+                group.addTask { (try? await store.take(perWindow: 10, window: .seconds(60), at: .now())) == nil }
+            }
+            return await group.reduce(0) { $0 + ($1 ? 1 : 0) }
+        }
+        #expect(failed == 20)
+        // While the lock is still held, the store serves everything else: the server ended the
+        // waiting statements, so their connections came back to the pool.
+        try await waitUntil("a store call succeeds while the lock is held", timeout: .seconds(30)) {
+            (try? await store.unroutedCount()) != nil
+        }
+        #expect(!release.isOpen)
+        release.open()
+        try await holder.value
+    }
+}
