@@ -122,12 +122,14 @@ struct FaultInjectionTests {
         let hung = try SilentPeer(.hold)
         let healthy = Receiver()
         try await withReceiver(healthy) { (port: Int) async throws in
-            func service(_ name: String, _ port: Int) -> String {
-                #"{"name": "\#(name)", "deliver": {"url": "http://127.0.0.1:\#(port)/events", "signingSecret": "\#(TestSecrets.signing)", "timeoutSeconds": 1, "breaker": {"failures": 1000}}, "token": "token-\#(name)"}"#
+            // One second for the hung service, to time out quickly; all a loaded machine needs for the
+            // healthy one (three time-outs in a row would make one of its deliveries dead).
+            func service(_ name: String, _ port: Int, timeoutSeconds: Int) -> String {
+                #"{"name": "\#(name)", "deliver": {"url": "http://127.0.0.1:\#(port)/events", "signingSecret": "\#(TestSecrets.signing)", "timeoutSeconds": \#(timeoutSeconds), "breaker": {"failures": 1000}}, "token": "token-\#(name)"}"#
             }
             let config = try writeProcessConfig(
                 directory: directory, receiverPort: port, retrySchedule: ["50ms", "50ms"],
-                services: "[\(service("hung", hung.port)), \(service("healthy", port))]")
+                services: "[\(service("hung", hung.port, timeoutSeconds: 1)), \(service("healthy", port, timeoutSeconds: 30))]")
             let child = try SidecarProcess(config: config)
             let sidecar = try await child.running()
             let count = 16
@@ -153,7 +155,9 @@ struct FaultInjectionTests {
     func koraHangingOrResettingGetsACleanErrorWithinItsTimeout(_ behaviour: SilentPeer.Behaviour) async throws {
         let kora = try SilentPeer(behaviour)
         var configuration = proxyConfiguration(koraBaseURL: "http://127.0.0.1:\(kora.port)/api/v1/idv", services: [appService()])
-        configuration.kora.timeoutSeconds = 1
+        // A hung Kora must run into the time-out (1 s); a resetting one must reset every attempt before
+        // it, which on a loaded machine takes margin.
+        configuration.kora.timeoutSeconds = behaviour == .hold ? 1 : 30
         let sleeper = SleepRecorder()
         try await withProxySidecar(configuration, options: proxyOptions(sleeper)) { sidecar in
             let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
