@@ -143,9 +143,22 @@ struct FaultInjectionTests {
                 let listed = try await Binary.run(["deliveries", "list", "--status", "dead", "--limit", "100", "--config", config])
                 return listed.stdout.components(separatedBy: "\"status\": \"dead\"").count - 1 == count
             }
+            // Each attempt's connection was accepted (the hung peer's thread may count the last ones late).
+            try? await waitUntil("the hung service to count its connections") { hung.accepted >= count * 3 }
             #expect(hung.accepted == count * 3)
-            let shown = try await Binary.run(["deliveries", "show", "1", "--config", config])
-            #expect(shown.stdout.lowercased().contains("time"), "\(shown.stdout)")
+            let listed = try await Binary.run(["deliveries", "list", "--status", "dead", "--limit", "100", "--config", config])
+            let dead: [JSONValue] = if case .array(let list)? = try? JSONParser.parse(Array(listed.stdout.utf8)) { list } else { [] }
+            #expect(dead.count == count, "\(listed.stdout)")
+            for delivery in dead {
+                #expect(delivery["service"]?.text == "hung", "\(delivery)")
+                #expect(delivery["attempts"] == .int(3), "\(delivery)")
+                #expect(delivery["lastError"]?.text == "timed out", "\(delivery)")
+            }
+            let id = try #require(dead.first?["id"]?.text)
+            let shown = try await Binary.run(["deliveries", "show", id, "--config", config])
+            let history = (try? JSONParser.parse(Array(shown.stdout.utf8)))?["history"]
+            let attempts: [JSONValue] = if case .array(let list)? = history { list } else { [] }
+            #expect(attempts.map { $0["error"]?.text } == ["timed out", "timed out", "timed out"], "\(shown.stdout)")
             child.signal(SIGTERM)
             try await child.expectCleanExit()
         }
