@@ -28,7 +28,7 @@ struct ProductionTrustTests {
         #expect(answer.status == 200)
         #expect(try await sendSigned(body, to: sidecar).json?["duplicate"] == true)
         #expect(first.log.contains { $0.contains("No service receives events") })
-        #expect(first.log.contains { $0.contains("Webhook matched no service; kept as unrouted") && $0.contains("evt_unrouted_") })
+        try await waitUntil("the unrouted event's log line") { first.log.contains { $0.contains("Webhook matched no service; kept as unrouted") && $0.contains("evt_unrouted_") } }
         let metrics = try await get(sidecar.internalURL("/metrics")).body
         #expect(metrics.contains(#"kora_sidecar_webhooks_total{result="unrouted"} 1"#))
         #expect(metrics.contains("kora_sidecar_unrouted_events 1"))
