@@ -276,7 +276,7 @@ struct ProductionTrustTests {
             #expect(badTenant.status == 1)
             #expect(badTenant.stdout.contains("key: accepted\ntenant: refused (403)"))
 
-            let nowhere = try await check(key: ProxySecrets.apiKey, tenant: ProxySecrets.tenant, base: "http://127.0.0.1:\(try freePort())/api/v1/idv")
+            let nowhere = try await check(key: ProxySecrets.apiKey, tenant: ProxySecrets.tenant, base: "http://127.0.0.1:\(try refusingPort())/api/v1/idv")
             #expect(nowhere.status == 1)
             #expect(nowhere.stdout.contains("reachable: no (connection refused"))
 
