@@ -122,12 +122,14 @@ struct FaultInjectionTests {
         let hung = try SilentPeer(.hold)
         let healthy = Receiver()
         try await withReceiver(healthy) { (port: Int) async throws in
-            func service(_ name: String, _ port: Int) -> String {
-                #"{"name": "\#(name)", "deliver": {"url": "http://127.0.0.1:\#(port)/events", "signingSecret": "\#(TestSecrets.signing)", "timeoutSeconds": 1, "breaker": {"failures": 1000}}, "token": "token-\#(name)"}"#
+            // One second for the hung service, to time out quickly; all a loaded machine needs for the
+            // healthy one (three time-outs in a row would make one of its deliveries dead).
+            func service(_ name: String, _ port: Int, timeoutSeconds: Int) -> String {
+                #"{"name": "\#(name)", "deliver": {"url": "http://127.0.0.1:\#(port)/events", "signingSecret": "\#(TestSecrets.signing)", "timeoutSeconds": \#(timeoutSeconds), "breaker": {"failures": 1000}}, "token": "token-\#(name)"}"#
             }
             let config = try writeProcessConfig(
                 directory: directory, receiverPort: port, retrySchedule: ["50ms", "50ms"],
-                services: "[\(service("hung", hung.port)), \(service("healthy", port))]")
+                services: "[\(service("hung", hung.port, timeoutSeconds: 1)), \(service("healthy", port, timeoutSeconds: 30))]")
             let child = try SidecarProcess(config: config)
             let sidecar = try await child.running()
             let count = 16
@@ -141,9 +143,22 @@ struct FaultInjectionTests {
                 let listed = try await Binary.run(["deliveries", "list", "--status", "dead", "--limit", "100", "--config", config])
                 return listed.stdout.components(separatedBy: "\"status\": \"dead\"").count - 1 == count
             }
+            // Each attempt's connection was accepted (the hung peer's thread may count the last ones late).
+            try? await waitUntil("the hung service to count its connections") { hung.accepted >= count * 3 }
             #expect(hung.accepted == count * 3)
-            let shown = try await Binary.run(["deliveries", "show", "1", "--config", config])
-            #expect(shown.stdout.lowercased().contains("time"), "\(shown.stdout)")
+            let listed = try await Binary.run(["deliveries", "list", "--status", "dead", "--limit", "100", "--config", config])
+            let dead: [JSONValue] = if case .array(let list)? = try? JSONParser.parse(Array(listed.stdout.utf8)) { list } else { [] }
+            #expect(dead.count == count, "\(listed.stdout)")
+            for delivery in dead {
+                #expect(delivery["service"]?.text == "hung", "\(delivery)")
+                #expect(delivery["attempts"] == .int(3), "\(delivery)")
+                #expect(delivery["lastError"]?.text == "timed out", "\(delivery)")
+            }
+            let id = try #require(dead.first?["id"]?.text)
+            let shown = try await Binary.run(["deliveries", "show", id, "--config", config])
+            let history = (try? JSONParser.parse(Array(shown.stdout.utf8)))?["history"]
+            let attempts: [JSONValue] = if case .array(let list)? = history { list } else { [] }
+            #expect(attempts.map { $0["error"]?.text } == ["timed out", "timed out", "timed out"], "\(shown.stdout)")
             child.signal(SIGTERM)
             try await child.expectCleanExit()
         }
@@ -153,7 +168,9 @@ struct FaultInjectionTests {
     func koraHangingOrResettingGetsACleanErrorWithinItsTimeout(_ behaviour: SilentPeer.Behaviour) async throws {
         let kora = try SilentPeer(behaviour)
         var configuration = proxyConfiguration(koraBaseURL: "http://127.0.0.1:\(kora.port)/api/v1/idv", services: [appService()])
-        configuration.kora.timeoutSeconds = 1
+        // A hung Kora must run into the time-out (1 s); a resetting one must reset every attempt before
+        // it, which on a loaded machine takes margin.
+        configuration.kora.timeoutSeconds = behaviour == .hold ? 1 : 30
         let sleeper = SleepRecorder()
         try await withProxySidecar(configuration, options: proxyOptions(sleeper)) { sidecar in
             let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)

@@ -34,7 +34,8 @@ struct KoraBudgetTests {
 
     @Test func aCallWhoseCallerWentAwayLeavesTheQueueAndTakesNoTurn() async throws {
         let metrics = SidecarMetrics()
-        let budget = KoraBudget(perMinute: 1, maxWait: .seconds(30), window: .seconds(2), metrics: metrics)
+        let ledger = CountingLedger()
+        let budget = KoraBudget(perMinute: 1, maxWait: .seconds(30), window: .seconds(2), ledger: ledger, metrics: metrics)
         func waiting() -> Double? {
             var buffer: [UInt8] = []
             metrics.registry.emit(into: &buffer)
@@ -52,6 +53,23 @@ struct KoraBudgetTests {
         #expect(waiting() == 1)
         try await next.value
         #expect(waiting() == 0)
+        // Two turns were taken, the first call's and the next one's: none was spent on the call that went
+        // away (the next call would have got the turn after, maxWait being far longer than the window).
+        #expect(await ledger.turnsTaken == 2)
+    }
+
+    /// The budget's turns, counted as the ledger grants them.
+    actor CountingLedger: BudgetLedger {
+        private let ledger = LocalBudgetLedger()
+        private(set) var turnsTaken = 0
+
+        func take(perWindow: Int?, window: Duration, at now: UnixTime) async throws -> BudgetTurn {
+            let turn = await ledger.take(perWindow: perWindow, window: window, at: now)
+            if turn.nextTurn == nil { turnsTaken += 1 }
+            return turn
+        }
+
+        func hold(until: UnixTime) async throws { await ledger.hold(until: until) }
     }
 
     @Test func turnsTakenBeforeTheWallClockSteppedBackDoNotFillTheWindow() async throws {

@@ -20,9 +20,12 @@ struct ProcessTests {
             let config = try writeProcessConfig(directory: directory, receiverPort: port)
             let first = try SidecarProcess(config: config)
             let sidecar = try await first.running()
-            // The process dies under sixteen requests in flight, after 250 were sent.
-            let acked = try await sendSixteenInFlight(250, prefix: "evt_kill_", timeout: .seconds(3), to: { _ in sidecar }) {
+            // The process dies under sixteen requests in flight, after 250 were sent. Each request may take
+            // as long as a loaded machine needs to be answered; once the process is gone, those left are given up.
+            let acked = try await sendSixteenInFlight(250, prefix: "evt_kill_", timeout: .seconds(30), to: { _ in sidecar }) {
                 first.signal(SIGKILL)
+            } thenGiveUpOnceDead: {
+                _ = try await first.exitStatus()
             }
             #expect(try await first.exitStatus() == SIGKILL)
             #expect(acked.count >= 200, "only \(acked.count) events were acknowledged before the kill")
@@ -330,11 +333,12 @@ final class FirstAttemptRefused: Sendable {
 }
 
 /// Sends `count` signed events with ids `prefix` + index, `target(index)` receiving each, sixteen in
-/// flight; calls `whileInFlight` once the last is sent, before the last answers. Returns the ids
-/// answered 200.
+/// flight; calls `whileInFlight` once the last is sent, before the last answers. Once `dead` returns
+/// (the process that would answer them has died), the requests still waiting are given up: they would
+/// otherwise retry their connection until their time-out. Returns the ids answered 200.
 func sendSixteenInFlight(
     _ count: Int, prefix: String, timeout: Duration, to target: @escaping @Sendable (Int) -> RunningSidecar,
-    whileInFlight: () -> Void
+    whileInFlight: () -> Void, thenGiveUpOnceDead dead: (() async throws -> Void)? = nil
 ) async throws -> Set<String> {
     let acknowledged = Acknowledged()
     try await withThrowingTaskGroup(of: Void.self) { group in
@@ -347,6 +351,10 @@ func sendSixteenInFlight(
             }
         }
         whileInFlight()
+        if let dead {
+            try await dead()
+            group.cancelAll()
+        }
         try await group.waitForAll()
     }
     return acknowledged.ids

@@ -28,7 +28,7 @@ struct ProductionTrustTests {
         #expect(answer.status == 200)
         #expect(try await sendSigned(body, to: sidecar).json?["duplicate"] == true)
         #expect(first.log.contains { $0.contains("No service receives events") })
-        #expect(first.log.contains { $0.contains("Webhook matched no service; kept as unrouted") && $0.contains("evt_unrouted_") })
+        try await waitUntil("the unrouted event's log line") { first.log.contains { $0.contains("Webhook matched no service; kept as unrouted") && $0.contains("evt_unrouted_") } }
         let metrics = try await get(sidecar.internalURL("/metrics")).body
         #expect(metrics.contains(#"kora_sidecar_webhooks_total{result="unrouted"} 1"#))
         #expect(metrics.contains("kora_sidecar_unrouted_events 1"))
@@ -276,7 +276,7 @@ struct ProductionTrustTests {
             #expect(badTenant.status == 1)
             #expect(badTenant.stdout.contains("key: accepted\ntenant: refused (403)"))
 
-            let nowhere = try await check(key: ProxySecrets.apiKey, tenant: ProxySecrets.tenant, base: "http://127.0.0.1:\(try freePort())/api/v1/idv")
+            let nowhere = try await check(key: ProxySecrets.apiKey, tenant: ProxySecrets.tenant, base: "http://127.0.0.1:\(try refusingPort())/api/v1/idv")
             #expect(nowhere.status == 1)
             #expect(nowhere.stdout.contains("reachable: no (connection refused"))
 

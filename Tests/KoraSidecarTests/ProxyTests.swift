@@ -237,7 +237,7 @@ import Glibc
     @Test func theExternalIdInAPathNeverReachesTheLogs() async throws {
         // Kora unreachable, or a body over the limit: the path went into the warning, external id and all.
         let logs = TestLogs()
-        var configuration = proxyConfiguration(koraBaseURL: "http://127.0.0.1:\(try freePort())", services: [appService()])
+        var configuration = proxyConfiguration(koraBaseURL: "http://127.0.0.1:\(try refusingPort())", services: [appService()])
         configuration.internal.limits.maxBodyBytes = 1024
         try await withProxySidecar(configuration, logs: logs) { (sidecar: ProxySidecar) async throws in
             let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
@@ -736,4 +736,29 @@ extension Sequence {
         for element in self { results.append(try await transform(element)) }
         return results
     }
+}
+
+/// A port of 127.0.0.1 that refuses every connection for the whole test run: a Kora that cannot be
+/// reached. A socket bound to it (without `SO_REUSEADDR`) holds it and never listens, so no other
+/// listener can take it, as one could take a port ``freePort()`` found free before the test called it.
+func refusingPort() throws -> Int { try RefusingPort.bound.get() }
+
+private enum RefusingPort {
+    /// Bound once; the descriptor stays open until the test process ends.
+    static let bound: Result<Int, ToolFailed> = {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return .failure(ToolFailed(description: "socket() failed")) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
+        }
+        guard bound else {
+            close(fd)
+            return .failure(ToolFailed(description: "bind() failed"))
+        }
+        return .success(Int(UInt16(bigEndian: address.sin_port)))
+    }()
 }

@@ -99,10 +99,18 @@ struct SecretHygieneTests {
         #expect(signed.status == 0)
         outputs.add("sign", signed)
         outputs.add("sign, bad scheme", try await Binary.run(["sign", "--secret", Self.webhook, "--scheme", "md5"], input: body))
-        // The simulator runs until interrupted; `timeout` sends it SIGINT after two seconds.
-        let simulated = try await runTool("/usr/bin/timeout", ["-s", "INT", "2", Binary.path, "simulate", "--port", "0", "--webhook-secret", Self.webhook, "--api-key", Self.apiKey])
-        #expect(!(simulated.stdout + simulated.stderr).isEmpty)
-        outputs.add("simulate", simulated)
+        // The simulator runs until interrupted: SIGINT once it says where it listens.
+        let said = directory + "/simulate.out"
+        let simulator = try Child(
+            Binary.path, ["simulate", "--port", "0", "--webhook-secret", Self.webhook, "--api-key", Self.apiKey],
+            environment: childEnvironment([:], path: "/usr/sbin:/usr/bin:/sbin:/bin"), output: .file(said), error: .sameAsOutput)
+        defer { if simulator.isRunning { simulator.signal(SIGKILL) } }
+        func simulated() -> String { (try? String(contentsOfFile: said, encoding: .utf8)) ?? "" }
+        try await waitUntil("the simulator to listen", timeout: .seconds(30)) { simulated().contains("Kora simulator listening on") || !simulator.isRunning }
+        simulator.signal(SIGINT)
+        try await waitUntil("the simulator to stop on SIGINT", timeout: .seconds(30)) { !simulator.isRunning }
+        #expect(simulated().contains("Kora simulator listening on"), "\(simulated())")
+        outputs.add("simulate", simulated())
 
         let texts = outputs.all
         #expect(texts.count >= 20)

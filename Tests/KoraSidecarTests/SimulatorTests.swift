@@ -56,9 +56,9 @@ import Testing
             try await withReceiver(dashboard) { dashboardPort in
                 try await withSimulator({
                     $0.webhookURL = "http://127.0.0.1:\(dashboardPort)/dashboard"
-                    // The expiry must fire after `verification.completed` reached both URLs, and the slow
-                    // outcome's events after the test looked: margins that stretch under a sanitizer.
-                    $0.slowDelay = .milliseconds(300 * Sanitizer.slowdown)
+                    // The expiry starts once `verification.completed` was sent to both URLs, whatever its delay.
+                    // The slow outcome's decision waits an hour: the test looks, then decides it itself.
+                    $0.slowDelay = .seconds(3600)
                     $0.expiryDelay = .milliseconds(100 * Sanitizer.slowdown)
                 }) { simulator, base in
                     let client = kora(base)
@@ -82,6 +82,9 @@ import Testing
                         #expect(completed.json?["status"]?.text == "processing")
                         let sentSoFar = await simulator.sent.all
                         #expect(sentSoFar.isEmpty)
+                        #expect(try await client.call(.GET, "/verifications/\(id)").json?["status"]?.text == "processing")
+                        // The hour is up: what the worker does when the slow delay ends.
+                        simulator.perform(.decide, id: id).forEach(simulator.schedule)
                     } else {
                         #expect(completed.json?["status"]?.text == expected.status)
                     }

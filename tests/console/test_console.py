@@ -124,8 +124,13 @@ def sidecar(binary, receiver, tmp_path_factory):
         sidecar.send_event("user-delivered")
         wait_for(lambda: sidecar.deliveries("delivered"), "the first event to be delivered")
         receiver.failing.set()
-        sidecar.send_event(HOSTILE)
-        wait_for(lambda: sidecar.deliveries("dead"), "the second event to be dead after its retry")
+        try:
+            sidecar.send_event(HOSTILE)
+            wait_for(lambda: sidecar.deliveries("dead"), "the second event to be dead after its retry")
+        finally:
+            # Dead is final (no attempt follows): the receiver works again for every later test, whichever
+            # of them fails, and the operator's retry is delivered.
+            receiver.failing.clear()
         yield sidecar
     finally:
         stop(sidecar.process)
