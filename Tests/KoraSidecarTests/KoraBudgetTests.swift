@@ -103,15 +103,16 @@ struct KoraBudgetTests {
                 let body = try await response.body.collect(upTo: 1 << 20)
                 return HTTPAnswer(status: Int(response.status.code), headers: response.headers, bytes: Array(body.readableBytesView))
             }
-            let answers = try await withThrowingTaskGroup(of: (String, HTTPAnswer).self) { group in
-                for _ in 0..<30 { group.addTask { ("flood", try await call("token-flood")) } }
-                try await waitUntil("the flood to wait") {
-                    try await metric("kora_sidecar_kora_calls_waiting", in: sidecar).map { $0 >= 20 } ?? false
+            let answers = try await Self.closing(Array(clients.values)) {
+                try await withThrowingTaskGroup(of: (String, HTTPAnswer).self) { group in
+                    for _ in 0..<30 { group.addTask { ("flood", try await call("token-flood")) } }
+                    try await waitUntil("the flood to wait") {
+                        try await metric("kora_sidecar_kora_calls_waiting", in: sidecar).map { $0 >= 20 } ?? false
+                    }
+                    for _ in 0..<5 { group.addTask { ("rare", try await call("token-rare")) } }
+                    return try await group.reduce(into: []) { $0.append($1) }
                 }
-                for _ in 0..<5 { group.addTask { ("rare", try await call("token-rare")) } }
-                return try await group.reduce(into: []) { $0.append($1) }
             }
-            for client in clients.values { try await client.shutdown() }
             // The rare service's calls all went, taking turns with the flood's.
             #expect(answers.filter { $0.0 == "rare" }.allSatisfy { $0.1.status == 200 })
             let refused = answers.filter { $0.1.status == 429 }
@@ -175,6 +176,15 @@ struct KoraBudgetTests {
                 }
             }
         }
+    }
+
+    /// Runs `body`, then shuts `clients` down whatever happened: a client left running traps in its
+    /// deinit, and takes every other test of the run with it.
+    static func closing<T: Sendable>(_ clients: [HTTPClient], _ body: () async throws -> T) async throws -> T {
+        let result: Result<T, any Error>
+        do { result = .success(try await body()) } catch { result = .failure(error) }
+        for client in clients { try? await client.shutdown() }
+        return try result.get()
     }
 
     static func client() -> HTTPClient {

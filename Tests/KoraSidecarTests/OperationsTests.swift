@@ -198,6 +198,11 @@ struct OperationsTests {
             var modern = TLSConfiguration.makeClientConfiguration()
             modern.certificateVerification = .none
             let modernClient = HTTPClient(eventLoopGroupProvider: .singleton, configuration: .init(tlsConfiguration: modern))
+            // Shut down on every path: a client left running traps in its deinit, and takes every other test with it.
+            defer {
+                client.shutdown(queue: .global()) { _ in }
+                modernClient.shutdown(queue: .global()) { _ in }
+            }
             let body = TestEvent.body()
             var request = HTTPClientRequest(url: "https://127.0.0.1:\(sidecar.webhookPort)/webhooks/koraidv")
             request.method = .POST
@@ -212,8 +217,6 @@ struct OperationsTests {
             // Plain HTTP on the TLS port gets no answer.
             let plain = try? await post(sidecar.webhookURL, body: body, headers: [], timeout: .seconds(5))
             #expect(plain?.status == nil)
-            try await client.shutdown()
-            try await modernClient.shutdown()
         }
 
         configuration.webhooks.tls = TLSFiles(certificateFile: directory + "/absent.pem", privateKeyFile: key)
