@@ -654,6 +654,10 @@ final class SQLiteStore: SidecarStore {
         try await database.write { db in
             try db.query("INSERT OR REPLACE INTO health(id, checked_at) VALUES(1, ?)", [.integer(at.milliseconds)])
         }
+        let directory = folder(of: database.path)
+        if let free = DiskSpace.freeBytes(at: directory.isEmpty ? "." : directory), free < DiskSpace.minimumFreeBytes {
+            throw StoreDiskFull(freeBytes: free)
+        }
     }
 }
 
