@@ -624,9 +624,18 @@ import Glibc
                 let other = try #require(standard.json?["verificationId"]?.text)
                 #expect(simulator.verification(other)?["tier"]?.text == "standard")
 
-                let invalid = try await request(.POST, sidecar.internalURL("/api/verifications"), headers: auth, body: Array(#"{"tier":"basic"}"#.utf8))
-                #expect(invalid.status == 400)
-                #expect(invalid.code == "INVALID_REQUEST")
+                // An integer id, as mobile back ends have, and an empty tier, as the guide's server takes them.
+                let numeric = try await request(
+                    .POST, sidecar.internalURL("/api/verifications"), headers: auth, body: Array(#"{"userId":1234,"tier":""}"#.utf8))
+                let numericID = try #require(numeric.json?["verificationId"]?.text)
+                #expect(simulator.verification(numericID)?["externalId"]?.text == "1234")
+                #expect(simulator.verification(numericID)?["tier"]?.text == "standard")
+
+                for body in [#"{"tier":"basic"}"#, #"{"userId":""}"#, #"{"userId":1.5}"#, #"{"userId":true}"#] {
+                    let invalid = try await request(.POST, sidecar.internalURL("/api/verifications"), headers: auth, body: Array(body.utf8))
+                    #expect(invalid.status == 400, "\(body)")
+                    #expect(invalid.code == "INVALID_REQUEST")
+                }
                 let unknown = try await request(.POST, sidecar.internalURL("/api/verifications"), body: Array(#"{"userId":"x"}"#.utf8))
                 #expect(unknown.status == 401)
             }

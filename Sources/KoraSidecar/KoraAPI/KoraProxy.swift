@@ -89,11 +89,13 @@ struct KoraProxy: Sendable {
     func createShortcut(_ request: Request, context: SidecarRequestContext) async throws -> Response {
         let caller = try authorize(request, method: "POST", path: "/verifications")
         let buffer = try await BodyReader.collect(request, channel: context.channel, limit: min(limits.maxBodyBytes, 65536), logger: logger)
-        guard let object = try? JSONParser.parse(Array(buffer.readableBytesView)), case .string(let userID)? = object["userId"], !userID.isEmpty
+        // The guide's server passes any userId on, as mobile back ends' integer ids too, and falls
+        // back to the standard tier for a missing or empty one.
+        guard let object = try? JSONParser.parse(Array(buffer.readableBytesView)), let userID = object["userId"].flatMap(Self.userID)
         else {
-            throw SidecarHTTPError(.badRequest, code: "INVALID_REQUEST", message: "The body must be a JSON object with a non-empty string userId.")
+            throw SidecarHTTPError(.badRequest, code: "INVALID_REQUEST", message: "The body must be a JSON object with userId, a non-empty string or an integer.")
         }
-        let tier = object["tier"]?.text ?? "standard"
+        let tier = object["tier"]?.text.flatMap { $0.isEmpty ? nil : $0 } ?? "standard"
         var headers = HTTPFields()
         headers[.contentType] = "application/json"
         let body = ByteBuffer(bytes: JSONWriter.encode(["externalId": .string(userID), "tier": .string(tier)]))
@@ -103,6 +105,15 @@ struct KoraProxy: Sendable {
             return JSONResponse.make(answer.status, answer.body, headers: answer.headers).withContentType(answer.contentType)
         }
         return JSONResponse.make(.ok, ["verificationId": .string(id)])
+    }
+
+    /// A shortcut's `userId` as Kora's `externalId`: a non-empty string, or an integer's digits.
+    private static func userID(_ value: JSONValue) -> String? {
+        switch value {
+        case .string(let text) where !text.isEmpty: text
+        case .number(let text) where text.utf8.allSatisfy({ $0.isASCIIDigit || $0 == UInt8(ascii: "-") }): text
+        default: nil
+        }
     }
 
     // MARK: Creating verifications
