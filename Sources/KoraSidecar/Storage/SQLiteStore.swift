@@ -442,12 +442,14 @@ final class SQLiteStore: SidecarStore {
     private static func expireBodies(
         _ db: SQLiteConnection, deliveredBefore: UnixTime, deadBefore: UnixTime, ofDelivery: Int64?, limit: Int
     ) throws -> Int {
+        // One delivery's event is looked up by its id: `?1 IS NULL OR id = …` read every kept event
+        // instead, on each delivery with `payloadRetention` 0.
+        let candidate = ofDelivery == nil ? "" : "id = (SELECT event_row FROM deliveries WHERE id = ?1) AND"
         try db.query(
             """
             UPDATE events SET normalized = x'', original = x'', original_headers = '[]', sealed = NULL, key_id = NULL, body_state = 'expired'
             WHERE id IN (
-                SELECT id FROM events WHERE body_state = 'kept' AND unrouted = 0
-                  AND (?1 IS NULL OR id = (SELECT event_row FROM deliveries WHERE id = ?1))
+                SELECT id FROM events WHERE \(candidate) body_state = 'kept' AND unrouted = 0
                   AND EXISTS (SELECT 1 FROM deliveries d WHERE d.event_row = events.id)
                   AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_row = events.id AND (d.status = 'pending'
                       OR (d.status = 'delivered' AND d.updated_at >= ?2) OR (d.status = 'dead' AND d.updated_at >= ?3)))
