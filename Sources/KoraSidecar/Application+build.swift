@@ -155,6 +155,12 @@ package func buildApplication(
         services: services,
         onServerRunning: { channel in
             await readiness.listenerBound(.webhooks)
+            // Not ready from the moment a stop begins: this task inherits the listener's graceful
+            // shutdown, which comes first, while the internal listener answers until the last.
+            Task {
+                try? await gracefulShutdown()
+                readiness.stop()
+            }
             logger.info("Listening", metadata: ["listener": "webhooks", "address": "\(channel.localAddress.map(String.init(describing:)) ?? "-")"])
             await options.onListening(.webhooks, channel.localAddress)
         },
