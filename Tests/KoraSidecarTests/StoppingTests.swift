@@ -5,9 +5,20 @@ import Testing
 @testable import KoraSidecarCore
 @testable import KoraSidecarTesting
 
-/// What the real binary says while it stops.
+/// What the sidecar says and keeps while it stops.
 @Suite("Stopping")
 struct StoppingTests {
+    @Test func theOperationalEventsAnnouncedLastAreStoredBeforeTheStoreCloses() async throws {
+        // A breaker announces under its lock, so its event is stored apart; the dispatcher's end waits for it.
+        let store = InMemoryStore()
+        let ops = testService("ops", target: .url("http://127.0.0.1:1/ops"), events: ["sidecar.*"])
+        let events = OperationalEvents(store: store, services: [DeliveryService(name: "ops", deliver: try #require(ops.deliver))], logger: quietLogger)
+        for index in 0..<50 { events.serviceChanged("app\(index)", paused: true, consecutiveFailures: 3, pausedUntil: nil) }
+        await events.finishStoring()
+        let depth = try await store.depth()
+        #expect(depth.first { $0.service == "ops" && $0.status == .pending }?.count == 50)
+    }
+
     @Test func readinessSaysStoppingWhileInFlightWebhooksFinish() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }

@@ -15,6 +15,8 @@ final class OperationalEvents: Sendable {
     private let logger: Logger
     /// Wakes the dispatcher's workers of the given services (set once the dispatcher exists).
     private let wake = NIOLockedValueBox<(@Sendable ([String]) -> Void)?>(nil)
+    /// The events being stored, by a number of their own, so that a stop can wait for them.
+    private let storing = NIOLockedValueBox<(next: Int, tasks: [Int: Task<Void, Never>])>((0, [:]))
 
     init(store: any SidecarStore, services: [DeliveryService], logger: Logger) {
         self.store = store
@@ -58,13 +60,28 @@ final class OperationalEvents: Sendable {
         let event = KoraEvent(
             id: id, type: type, verificationID: verificationID, normalizedBody: body, originalBody: body, originalHeaders: [], signatureVerified: true)
         let wake = wake.withLockedValue { $0 }
-        Task {
-            do {
-                _ = try await store.enqueue(event, services: recipients, at: now, dedupSince: now)
-                wake?(recipients)
-            } catch {
-                logger.error("Operational event not stored", metadata: ["event.type": "\(type)", "error": "\(error)"])
+        // Stored apart from the caller (a breaker announces under its lock), but counted: the task
+        // removes itself under the same lock it was added under, so it can never finish first.
+        storing.withLockedValue { storing in
+            let number = storing.next
+            storing.next += 1
+            storing.tasks[number] = Task {
+                do {
+                    _ = try await store.enqueue(event, services: recipients, at: now, dedupSince: now)
+                    wake?(recipients)
+                } catch {
+                    logger.error("Operational event not stored", metadata: ["event.type": "\(type)", "error": "\(error)"])
+                }
+                self.storing.withLockedValue { _ = $0.tasks.removeValue(forKey: number) }
             }
+        }
+    }
+
+    /// Waits until every event announced so far is stored: the dispatcher's last deliveries may
+    /// announce a death or a pause just before the store closes, which would lose them.
+    func finishStoring() async {
+        while let tasks = storing.withLockedValue({ $0.tasks.isEmpty ? nil : Array($0.tasks.values) }) {
+            for task in tasks { await task.value }
         }
     }
 }

@@ -104,6 +104,9 @@ final class OutboxDispatcher: Service, Sendable {
             self.shutdownBell.ringAll()
             self.doorbells.values.forEach { $0.ringAll() }
         }
+        if let operational {
+            _ = try? await Deadline.run(after: .seconds(5), error: { CancellationError() }) { await operational.finishStoring() }
+        }
     }
 
     /// Says which services the store still has pending deliveries for though the configuration no
