@@ -65,7 +65,7 @@ package func buildApplication(
     let client = DeliveryClient()
     services.append(CloseOnShutdown { client.shutdown() })
     let deliveryServices = configuration.deliveryServices
-    for service in deliveryServices where service.signingKey == nil {
+    for service in deliveryServices where service.signingKeys.isEmpty {
         logger.warning("Deliveries to this service are not signed: set deliver.signingSecret", metadata: ["service": "\(service.name)"])
     }
     for warning in configuration.startupWarnings {

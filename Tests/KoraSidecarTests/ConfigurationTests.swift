@@ -163,6 +163,16 @@ struct ConfigurationTests {
         #expect(paths.contains("$.services[2].deliver.headers.webhook-id"))
         #expect(paths.contains("$.services[2].deliver.headers.Bad Header"))
         #expect(paths.contains("$.services[2].deliver.headers.X-Split"))
+
+        // The secret being replaced is a Standard Webhooks secret too, and needs the one replacing it.
+        let rotation = problems(
+            """
+            {"webhooks": {"secrets": ["s"]}, "services": [
+              {"name": "a", "token": "t1", "deliver": {"url": "http://a", "previousSigningSecret": "\(TestSecrets.signing)"}},
+              {"name": "b", "token": "t2", "deliver": {"url": "http://b", "signingSecret": "\(TestSecrets.signing)", "previousSigningSecret": "whsec_!!"}}
+            ]}
+            """).map(\.path)
+        #expect(rotation.sorted() == ["$.services[0].deliver.previousSigningSecret", "$.services[1].deliver.previousSigningSecret"])
     }
 
     @Test func listenersMustNotCollide() {
@@ -205,12 +215,13 @@ struct ConfigurationTests {
              "webhooks": {"secrets": [{"env": "KORAIDV_WEBHOOK_SECRET"}, "whsec_literal_two"]},
              "internal": {"adminToken": "admin-token-value"},
              "services": [{"name": "app", "token": "service-token-value",
-               "deliver": {"url": "http://127.0.0.1:3000/e", "signingSecret": {"env": "APP_SIGNING"}, "headers": {"X-Api-Key": "header-secret-value"}}}]}
+               "deliver": {"url": "http://127.0.0.1:3000/e", "signingSecret": {"env": "APP_SIGNING"}, "previousSigningSecret": "whsec_cHJldmlvdXMtc2lnbmluZy1zZWNyZXQ=",
+                 "headers": {"X-Api-Key": "header-secret-value"}}}]}
             """)
         let text = JSONWriter.prettyString(configuration.effectiveJSON)
         for secret in [
             "live_key_value", "tenant-literal-value", "whsec_from_env", "whsec_literal_two", "admin-token-value", "service-token-value",
-            TestSecrets.signing, "header-secret-value", "callback-password-value",
+            TestSecrets.signing, "header-secret-value", "callback-password-value", "cHJldmlvdXMtc2lnbmluZy1zZWNyZXQ=",
         ] {
             #expect(!text.contains(secret), "check-config output shows \(secret)")
         }

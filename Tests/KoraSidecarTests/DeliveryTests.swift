@@ -40,6 +40,25 @@ struct DeliveryTests {
         }
     }
 
+    @Test func duringASigningSecretRotationAReceiverHoldingEitherSecretVerifies() async throws {
+        let receiver = Receiver()
+        let previous = "whsec_" + Data(repeating: 9, count: 24).base64EncodedString()
+        try await withReceiver(receiver) { (port: Int) async throws in
+            var service = testService("app", target: .url("http://127.0.0.1:\(port)/kora-events"))
+            service.deliver?.previousSigningSecret = Secret(previous)
+            try await withSidecar(testConfiguration(services: [service]), options: memoryStore()) { (sidecar: RunningSidecar) async throws in
+                #expect(try await sendSigned(TestEvent.body(eventID: "evt_rotation"), to: sidecar).status == 200)
+                let delivery = try #require(try await receiver.waitFor(1).first)
+                #expect(delivery.header("webhook-signature")?.split(separator: " ").count == 2)
+                for secret in [TestSecrets.signing, previous] {
+                    let verdict = try verifyWithReferenceLibrary(secret: secret, delivery: delivery)
+                    #expect(verdict.ok, "standardwebhooks said: \(verdict.output)")
+                }
+                #expect(!(try verifyWithReferenceLibrary(secret: "whsec_" + Data(repeating: 7, count: 24).base64EncodedString(), delivery: delivery).ok))
+            }
+        }
+    }
+
     @Test func unixSocketDelivery() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }

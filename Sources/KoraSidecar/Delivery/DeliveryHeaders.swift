@@ -13,9 +13,9 @@ enum DeliveryHeaders {
         headers.add(name: "Content-Type", value: "application/json")
         headers.add(name: "webhook-id", value: event.id)
         headers.add(name: "webhook-timestamp", value: String(timestamp))
-        if let key = service.signingKey {
-            headers.add(
-                name: "webhook-signature", value: StandardWebhooks.signature(key: key, id: event.id, timestamp: timestamp, body: body))
+        if !service.signingKeys.isEmpty {
+            let signatures = service.signingKeys.map { StandardWebhooks.signature(key: $0, id: event.id, timestamp: timestamp, body: body) }
+            headers.add(name: "webhook-signature", value: signatures.joined(separator: " "))
         }
         headers.add(name: "X-Kora-Event-Type", value: event.type)
         headers.add(name: "X-Kora-Delivery-Attempt", value: String(attempt))

@@ -7,7 +7,8 @@ package struct DeliveryService: Sendable {
     /// Where it listens; nil for a URL the configuration would have refused.
     let endpoint: DeliveryEndpoint?
     package let format: DeliveryFormat
-    let signingKey: SymmetricKey?
+    /// The Standard Webhooks keys, the current one first; none sends no `webhook-signature`.
+    let signingKeys: [SymmetricKey]
     package let headers: [(name: String, value: Secret)]
     package let events: EventFilter
     package let onlyOwnVerifications: Bool
@@ -23,7 +24,7 @@ package struct DeliveryService: Sendable {
         self.name = name
         self.endpoint = DeliveryEndpoint(deliver.target)
         self.format = deliver.format
-        self.signingKey = deliver.signingSecret.flatMap(StandardWebhooks.key(from:))
+        self.signingKeys = [deliver.signingSecret, deliver.previousSigningSecret].compactMap { $0.flatMap(StandardWebhooks.key(from:)) }
         self.headers = deliver.headers
         self.events = deliver.events
         self.onlyOwnVerifications = deliver.onlyOwnVerifications

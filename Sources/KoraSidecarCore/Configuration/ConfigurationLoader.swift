@@ -302,7 +302,7 @@ extension SidecarConfiguration {
                 object.object(
                     "deliver",
                     keys: [
-                        "url", "unixSocket", "path", "format", "signingSecret", "headers", "events",
+                        "url", "unixSocket", "path", "format", "signingSecret", "previousSigningSecret", "headers", "events",
                         "onlyOwnVerifications", "timeoutSeconds", "breaker", "maxPerSecond", "redact",
                     ]))
         }
@@ -332,9 +332,14 @@ extension SidecarConfiguration {
         var deliver = DeliverConfiguration(target: target)
         deliver.format = object.enumeration("format", default: .normalized)
         deliver.signingSecret = object.optionalSecret("signingSecret")
-        if let secret = deliver.signingSecret, secret.isResolved, StandardWebhooks.key(from: secret) == nil {
-            reader.report(
-                object.path("signingSecret"), "must be a Standard Webhooks secret: whsec_ followed by base64 (at least 16 bytes)")
+        deliver.previousSigningSecret = object.optionalSecret("previousSigningSecret")
+        for (key, secret) in [("signingSecret", deliver.signingSecret), ("previousSigningSecret", deliver.previousSigningSecret)] {
+            if let secret, secret.isResolved, StandardWebhooks.key(from: secret) == nil {
+                reader.report(object.path(key), "must be a Standard Webhooks secret: whsec_ followed by base64 (at least 16 bytes)")
+            }
+        }
+        if deliver.previousSigningSecret != nil, deliver.signingSecret == nil {
+            reader.report(object.path("previousSigningSecret"), "goes with signingSecret, the secret that replaces it")
         }
         let headers = object.object("headers", keys: nil)
         for member in headers.members {

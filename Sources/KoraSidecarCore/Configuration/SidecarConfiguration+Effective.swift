@@ -98,6 +98,7 @@ extension SidecarConfiguration {
             target += [
                 .init("format", .string(deliver.format.rawValue)),
                 .init("signingSecret", masked(deliver.signingSecret)),
+                .init("previousSigningSecret", masked(deliver.previousSigningSecret)),
                 .init("headers", .object(deliver.headers.map { .init($0.name, "***") })),
                 .init("events", .array(deliver.events.patterns.map(JSONValue.string))),
                 .init("onlyOwnVerifications", .bool(deliver.onlyOwnVerifications)),

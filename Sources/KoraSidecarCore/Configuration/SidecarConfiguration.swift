@@ -175,6 +175,9 @@ package struct DeliverConfiguration: Sendable {
     package var format = DeliveryFormat.normalized
     /// The Standard Webhooks key (`whsec_…`); nil sends no `webhook-signature`.
     package var signingSecret: Secret?
+    /// The key being replaced, while receivers move to `signingSecret`: each delivery then carries
+    /// a signature by each, and a receiver holding either verifies it (Standard Webhooks tries them all).
+    package var previousSigningSecret: Secret?
     package var headers: [(name: String, value: Secret)] = []
     package var events: EventFilter = .all
     package var onlyOwnVerifications = false
