@@ -1,5 +1,6 @@
 import KoraSidecarCore
 import Logging
+import NIOConcurrencyHelpers
 import ServiceLifecycle
 import Synchronization
 
@@ -33,6 +34,9 @@ final class OutboxDispatcher: Service, Sendable {
     /// query reads every pending delivery of the service, and sixteen workers asking it each
     /// few seconds over a long backlog kept the store's reader busy.
     private let dueTimes: [String: SingleFlight<Result<UnixTime?, any Error>>]
+    /// The earliest retry a worker of each service scheduled since an idle worker last looked: the
+    /// shared answer may come from a query that began before that retry was written.
+    private let retries: [String: NIOLockedValueBox<UnixTime?>]
     /// "Outbox unavailable", once a minute for each service: every worker meets the same outage each second.
     private let outages: [String: LogThrottle]
     /// Rung once, on shutdown.
@@ -57,6 +61,7 @@ final class OutboxDispatcher: Service, Sendable {
         self.services = services
         self.doorbells = Dictionary(services.map { ($0.name, Doorbell()) }, uniquingKeysWith: { first, _ in first })
         self.dueTimes = Dictionary(services.map { ($0.name, SingleFlight()) }, uniquingKeysWith: { first, _ in first })
+        self.retries = Dictionary(services.map { ($0.name, NIOLockedValueBox(nil)) }, uniquingKeysWith: { first, _ in first })
         self.outages = Dictionary(services.map { ($0.name, LogThrottle(every: .seconds(60))) }, uniquingKeysWith: { first, _ in first })
         self.policy = policy
         self.concurrency = concurrency
@@ -164,11 +169,15 @@ final class OutboxDispatcher: Service, Sendable {
     /// How long an idle worker of `service` sleeps: until its next delivery is due, at most
     /// ``idlePoll``; a second when the store cannot say.
     private func idleWait(for service: DeliveryService) async -> Duration {
-        let next = await dueTimes[service.name]?.run { [store, ordered] in
+        let shared = await dueTimes[service.name]?.run { [store, ordered] in
             do { return .success(try await store.nextDueTime(service: service.name, ordered: ordered)) } catch { return .failure(error) }
         }
+        let retry = retries[service.name]?.withLockedValue { retry in
+            defer { retry = nil }
+            return retry
+        }
         do {
-            guard let next = try next?.get() else { return Self.idlePoll }
+            guard let next = [try shared?.get(), retry].compactMap({ $0 }).min() else { return Self.idlePoll }
             return .milliseconds(min(max(next.milliseconds - UnixTime.now().milliseconds, 1), Self.idlePoll.milliseconds))
         } catch {
             outageLog(service, error)
@@ -241,7 +250,9 @@ final class OutboxDispatcher: Service, Sendable {
             metrics.delivery(service: service.name, result: next.metricName, milliseconds: result.durationMilliseconds)
             switch next {
             case .delivered: logger.info("Delivered", metadata: metadata)
-            case .retry: logger.notice("Delivery failed; will retry", metadata: metadata)
+            case .retry(let at):
+                logger.notice("Delivery failed; will retry", metadata: metadata)
+                retries[service.name]?.withLockedValue { $0 = min($0 ?? at, at) }
             case .dead:
                 logger.error("Delivery dead; waiting for an operator", metadata: metadata)
                 operational?.deliveryDied(

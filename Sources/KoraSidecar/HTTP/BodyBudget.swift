@@ -4,11 +4,17 @@ import NIOConcurrencyHelpers
 /// connections. Each body is bounded by the listener's `maxBodyBytes`, but a few hundred clients
 /// sending bodies near that size at once would take more memory than a container is given; past
 /// the budget a body is refused with 503 (Kora retries) instead of the process being killed.
+///
+/// The first ``free`` bytes of every body are not counted (`maxConnections` already bounds them):
+/// Kora's webhooks, a few kilobytes, are then never refused, however many large bodies hold the budget.
 package final class BodyBudget: Sendable {
-    private let free: NIOLockedValueBox<Int>
+    /// The bytes of each body the budget does not count.
+    static let free = 64 << 10
+
+    private let left: NIOLockedValueBox<Int>
 
     init(bytes: Int) {
-        free = NIOLockedValueBox(bytes)
+        left = NIOLockedValueBox(bytes)
     }
 
     /// The budget for a listener: 64 MiB, or two of its largest bodies if that is more. A webhook
@@ -19,15 +25,15 @@ package final class BodyBudget: Sendable {
 
     /// Takes `count` bytes; false, taking nothing, when fewer are left.
     func take(_ count: Int) -> Bool {
-        free.withLockedValue { free in
-            guard count <= free else { return false }
-            free -= count
+        left.withLockedValue { left in
+            guard count <= left else { return false }
+            left -= count
             return true
         }
     }
 
     /// Gives back bytes taken.
     func give(_ count: Int) {
-        free.withLockedValue { $0 += count }
+        left.withLockedValue { $0 += count }
     }
 }

@@ -156,13 +156,17 @@ package enum BodyReader {
         request.headers[.contentLength].flatMap { Int($0) }.map { $0 > limit } ?? false
     }
 
-    /// The body, its bytes taken from `budget` as they arrive and given back once it is whole.
+    /// The body, its bytes past ``BodyBudget/free`` taken from `budget` as they arrive and given
+    /// back once it is whole.
     private static func collect(_ body: RequestBody, upTo limit: Int, budget: BodyBudget) async throws -> ByteBuffer {
         var collected = ByteBuffer()
-        defer { budget.give(collected.readableBytes) }
+        var taken = 0
+        defer { budget.give(taken) }
         for try await chunk in body {
             guard chunk.readableBytes <= limit - collected.readableBytes else { throw NIOTooManyBytesError(maxBytes: limit) }
-            guard budget.take(chunk.readableBytes) else { throw SidecarHTTPError.busy() }
+            let charged = max(0, collected.readableBytes + chunk.readableBytes - max(collected.readableBytes, BodyBudget.free))
+            guard budget.take(charged) else { throw SidecarHTTPError.busy() }
+            taken += charged
             var chunk = chunk
             collected.writeBuffer(&chunk)
         }
