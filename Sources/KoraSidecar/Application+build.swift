@@ -9,6 +9,7 @@ import Hummingbird
 import HummingbirdCore
 import KoraSidecarCore
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import ServiceLifecycle
 
@@ -76,6 +77,9 @@ package func buildApplication(
     }
     let sender = EventSender(client: client, reportOnly: !configuration.webhooks.enforce)
     let readiness = Readiness(store: store)
+    // What marks the sidecar stopping (below); cancelled with the services, should they be cancelled instead of stopped.
+    let stopWatch = NIOLockedValueBox<Task<Void, Never>?>(nil)
+    services.append(CloseOnShutdown { stopWatch.withLockedValue { $0 }?.cancel() })
 
     // Queued mode delivers everything through the dispatcher; direct mode only what an operator
     // queued (re-routed unrouted events, retries).
@@ -157,9 +161,11 @@ package func buildApplication(
             await readiness.listenerBound(.webhooks)
             // Not ready from the moment a stop begins: this task inherits the listener's graceful
             // shutdown, which comes first, while the internal listener answers until the last.
-            Task {
-                try? await gracefulShutdown()
-                readiness.stop()
+            stopWatch.withLockedValue {
+                $0 = Task {
+                    try? await gracefulShutdown()
+                    readiness.stop()
+                }
             }
             logger.info("Listening", metadata: ["listener": "webhooks", "address": "\(channel.localAddress.map(String.init(describing:)) ?? "-")"])
             await options.onListening(.webhooks, channel.localAddress)
