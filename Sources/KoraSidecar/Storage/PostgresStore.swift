@@ -37,17 +37,7 @@ final class PostgresStore: SidecarStore, Service {
     }
 
     init(address: PostgresURL, logger: Logger, operationTimeout: Duration, protection: DataProtection) {
-        var configuration = address.clientConfiguration
-        // The server ends a statement that outlives the operation time-out too. Ending the wait for
-        // it is not enough: the query keeps its pooled connection until it answers, so a lock held
-        // by a stalled replica filled the pool with waiting statements, and every store call, intake
-        // included, failed. A transaction left idle (its replica cut off mid-way) gives its locks back.
-        let milliseconds = operationTimeout.milliseconds
-        configuration.options.additionalStartupParameters = [
-            ("statement_timeout", "\(milliseconds)"), ("lock_timeout", "\(milliseconds)"),
-            ("idle_in_transaction_session_timeout", "\(milliseconds * 6)"),
-        ]
-        client = PostgresClient(configuration: configuration, backgroundLogger: logger)
+        client = PostgresClient(configuration: address.clientConfiguration, backgroundLogger: logger)
         location = address.location
         self.logger = logger
         self.operationTimeout = operationTimeout
@@ -123,7 +113,27 @@ final class PostgresStore: SidecarStore, Service {
     }
 
     private func inTransaction<T: Sendable>(_ body: @escaping @Sendable (PostgresConnection) async throws -> T) async throws -> T {
-        try await withConnection { connection in try await Self.transaction(connection, logger: self.logger, body) }
+        let limits = Self.limits(operationTimeout)
+        return try await withConnection { connection in
+            try await Self.transaction(connection, logger: self.logger) { connection in
+                try await connection.query(limits, logger: self.logger)
+                return try await body(connection)
+            }
+        }
+    }
+
+    /// The server ends a transaction's statement that outlives the operation time-out too. Ending
+    /// the wait for it is not enough: the query keeps its pooled connection until it answers, so a
+    /// lock held by a stalled replica filled the pool with waiting statements, and every store call,
+    /// intake included, failed. A transaction left idle (its replica cut off mid-way) gives its locks
+    /// back. Set for the transaction only, which a pooler in front of PostgreSQL (PgBouncer) passes
+    /// on, where it refuses them as connection parameters.
+    private static func limits(_ timeout: Duration) -> PostgresQuery {
+        let milliseconds = "\(timeout.milliseconds)", idle = "\(timeout.milliseconds * 6)"
+        return """
+            SELECT set_config('statement_timeout', \(milliseconds), true), set_config('lock_timeout', \(milliseconds), true),
+                   set_config('idle_in_transaction_session_timeout', \(idle), true)
+            """
     }
 
     /// BEGIN, `body`, COMMIT; ROLLBACK when `body` throws, whose error is rethrown as it is.
@@ -725,8 +735,23 @@ final class PostgresStore: SidecarStore, Service {
             """)
     }
 
+    /// In batches, each a transaction within the operation time-out, as ``prune(before:limit:)`` does.
     package func pruneIdempotencyKeys(before: UnixTime) async throws -> Int {
-        try await rows("DELETE FROM kora_idempotency_keys WHERE created_at < \(before.milliseconds) RETURNING 1").count
+        var total = 0
+        while !Task.isShuttingDownGracefully {
+            let deleted = try await inTransaction { connection in
+                try await connection.query(
+                    """
+                    DELETE FROM kora_idempotency_keys WHERE ctid IN (
+                        SELECT ctid FROM kora_idempotency_keys WHERE created_at < \(before.milliseconds) LIMIT 1000)
+                    AND created_at < \(before.milliseconds) RETURNING 1
+                    """, logger: self.logger
+                ).collect().count
+            }
+            total += deleted
+            if deleted < 1000 { break }
+        }
+        return total
     }
 
     package func checkWritable(at: UnixTime) async throws {
