@@ -662,10 +662,11 @@ import Glibc
                             ids[name] = id
                             #expect(try await sdk.call(.POST, "/verifications/\(id)/complete").status == 200)
                         }
-                        let alphaGot = try await alpha.waitFor(1)
-                        let betaGot = try await beta.waitFor(1)
-                        #expect(alphaGot.map { $0.json?["verification"]?["id"]?.text } == [ids["alpha"]])
-                        #expect(betaGot.map { $0.json?["verification"]?["id"]?.text } == [ids["beta"]])
+                        // An approval is two events: verification.completed, then verification.verified.
+                        let alphaGot = try await alpha.waitFor(2)
+                        let betaGot = try await beta.waitFor(2)
+                        #expect(alphaGot.map { $0.json?["verification"]?["id"]?.text } == [ids["alpha"], ids["alpha"]])
+                        #expect(betaGot.map { $0.json?["verification"]?["id"]?.text } == [ids["beta"], ids["beta"]])
                     }
                     let reopened = try SQLiteStore(path: configuration.storage.sqlitePath, protection: .sealedForTests)
                     defer { reopened.close() }
@@ -674,7 +675,7 @@ import Glibc
                 }
             }
         }
-        #expect(alpha.count == 1 && beta.count == 1)
+        #expect(alpha.count == 2 && beta.count == 2)
     }
 
     // MARK: Unix socket

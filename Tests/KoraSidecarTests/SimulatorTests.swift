@@ -91,9 +91,14 @@ import Testing
                     let count = expected.events.count
                     let fromCallback = try await callback.waitFor(count)
                     let fromDashboard = try await dashboard.waitFor(count)
+                    // One verification's events go out one after the other: each URL gets them in order.
                     #expect(fromCallback.map { $0.header("X-Event-Type") } == expected.events)
-                    // The same events reach both URLs; their order may differ between the two.
-                    #expect(Set(fromCallback.map { $0.header("X-Webhook-ID") }) == Set(fromDashboard.map { $0.header("X-Webhook-ID") }))
+                    #expect(fromDashboard.map { $0.header("X-Event-Type") } == expected.events)
+                    #expect(fromCallback.map { $0.header("X-Webhook-ID") } == fromDashboard.map { $0.header("X-Webhook-ID") })
+                    // The integration guide's handlers read the decision from `verification.completed`.
+                    let completion = fromCallback.first { $0.header("X-Event-Type") == "verification.completed" }
+                    #expect(completion?.json?["data"]?["decision"]?.text == expected.decision)
+                    #expect(completion?.json?["data"]?["verificationId"]?.text == id)
                     let verifier = SignatureVerifier(secrets: [Secret(TestSecrets.webhook)], schemes: [.timestamped], toleranceSeconds: 300)
                     for delivery in fromCallback + fromDashboard {
                         let headers = SignatureHeaders(
@@ -111,13 +116,13 @@ import Testing
         }
     }
 
-    static let expected: [SandboxOutcome: (status: String, finalStatus: String, events: [String])] = [
-        .approve: ("verified", "verified", ["verification.completed"]),
-        .reject: ("rejected", "rejected", ["verification.rejected"]),
-        .review: ("manual_review", "manual_review", ["verification.completed"]),
-        .fraud: ("rejected", "rejected", ["fraud_alert.created", "verification.rejected"]),
-        .expired: ("verified", "expired", ["verification.completed", "verification.expired"]),
-        .slow: ("verified", "verified", ["verification.completed"]),
+    static let expected: [SandboxOutcome: (status: String, finalStatus: String, decision: String, events: [String])] = [
+        .approve: ("verified", "verified", "auto_approve", ["verification.completed", "verification.verified"]),
+        .reject: ("rejected", "rejected", "auto_reject", ["verification.completed", "verification.rejected"]),
+        .review: ("manual_review", "manual_review", "manual_review", ["verification.completed"]),
+        .fraud: ("rejected", "rejected", "auto_reject", ["fraud_alert.created", "verification.completed", "verification.rejected"]),
+        .expired: ("verified", "expired", "auto_approve", ["verification.completed", "verification.verified", "verification.expired"]),
+        .slow: ("verified", "verified", "auto_approve", ["verification.completed", "verification.verified"]),
     ]
 
     @Test func slowSandboxWaitsTenSecondsUnlessConfigured() {
@@ -145,7 +150,9 @@ import Testing
         }
     }
 
-    @Test func manualReviewDecidesAReviewVerification() async throws {
+    @Test(arguments: ["approve", "reject"])
+    func manualReviewDecidesAReviewVerification(_ decision: String) async throws {
+        let (status, outcome) = decision == "approve" ? ("verified", "approved") : ("rejected", "rejected")
         let dashboard = Receiver()
         try await withReceiver(dashboard) { port in
             try await withSimulator({ $0.webhookURL = "http://127.0.0.1:\(port)/hooks" }) { _, base in
@@ -155,18 +162,24 @@ import Testing
                 #expect(early.status == 409)
                 #expect(early.code == "INVALID_STATE")
                 _ = try await client.call(.POST, "/verifications/\(id)/complete")
+                // A reviewer decides after the completion arrived (its send and the review's are separate jobs).
+                _ = try await dashboard.waitFor(1)
                 let noReviewer = try await client.call(.POST, "/verifications/\(id)/review", json: ["decision": "approve"])
                 #expect(noReviewer.status == 400)
                 let badDecision = try await client.call(.POST, "/verifications/\(id)/review", json: ["decision": "maybe"], headers: [("X-Reviewer-ID", "rev-1")])
                 #expect(badDecision.status == 400)
-                let reviewed = try await client.call(.POST, "/verifications/\(id)/review", json: ["decision": "approve"], headers: [("X-Reviewer-ID", "rev-1")])
-                #expect(reviewed.json?["status"]?.text == "verified")
+                let reviewed = try await client.call(
+                    .POST, "/verifications/\(id)/review", json: ["decision": .string(decision)], headers: [("X-Reviewer-ID", "rev-1")])
+                #expect(reviewed.json?["status"]?.text == status)
+                // Completing sends the manual_review decision; the reviewer's decision comes as its own event.
                 let events = try await dashboard.waitFor(2)
-                #expect(events.map { $0.header("X-Event-Type") } == ["verification.completed", "verification.verified"])
+                #expect(events.map { $0.header("X-Event-Type") } == ["verification.completed", "verification." + status])
+                #expect(events[0].json?["data"]?["decision"]?.text == "manual_review")
+                #expect(events[1].json?["data"]?["decision"]?.text == decision)
                 let normalized = try EventNormalizer.normalize(
                     body: events[1].body, webhookID: nil, receivedAt: .now(), signatureVerified: true, originalHeaders: [])
                 let body = try JSONParser.parse(normalized.normalizedBody)
-                #expect(body["verification"]?["outcome"]?.text == "approved")
+                #expect(body["verification"]?["outcome"]?.text == outcome)
             }
         }
     }
@@ -179,8 +192,8 @@ import Testing
                 $0.autoComplete = .milliseconds(50)
             }) { simulator, base in
                 let id = try #require(try await kora(base).createVerification(externalID: "test-reject-auto").json?["id"]?.text)
-                let events = try await dashboard.waitFor(1)
-                #expect(events.first?.header("X-Event-Type") == "verification.rejected")
+                let events = try await dashboard.waitFor(2)
+                #expect(events.map { $0.header("X-Event-Type") } == ["verification.completed", "verification.rejected"])
                 #expect(simulator.verification(id)?["status"]?.text == "rejected")
                 #expect(try await kora(base).call(.POST, "/verifications/\(id)/complete").status == 409)
             }
