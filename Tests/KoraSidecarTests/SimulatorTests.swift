@@ -230,6 +230,31 @@ import Testing
         }
     }
 
+    @Test func everyAnswerCarriesTheRateLimitHeadersWithoutALimitConfigured() async throws {
+        let clock = ManualClock()
+        try await withSimulator({ $0.clock = { clock.read() } }) { _, base in
+            let client = kora(base)
+            var answers: [HTTPAnswer] = []
+            answers.append(try await client.createVerification(externalID: "test-approve-headers"))
+            answers.append(try await client.call(.GET, "/verifications/ver_missing"))
+            answers.append(try await client.call(.POST, "/verifications", json: ["tier": "basic"]))
+            answers.append(try await kora(base, key: nil).call(.GET, "/alerts"))
+            answers.append(try await client.call(.GET, "/document-types?country=DE"))
+            #expect(answers.map(\.status) == [201, 404, 400, 401, 200])
+            // Far above Kora's plans, so that nothing is refused or held back in practice, and true:
+            // the stand-in counts every call against it, in the calendar minute.
+            let limit = SimulatorConfiguration.generousRateLimit
+            #expect(limit == 100_000)
+            for (index, answer) in answers.enumerated() {
+                #expect(answer.header("X-RateLimit-Limit") == String(limit))
+                #expect(answer.header("X-RateLimit-Remaining") == String(limit - index - 1))
+                #expect(answer.header("X-RateLimit-Reset") == String(clock.read().seconds + 60))
+            }
+            // /health carries no key, so no key's budget.
+            #expect(try await request(.GET, base + "/health").header("X-RateLimit-Limit") == nil)
+        }
+    }
+
     @Test func uploadsAreBoundedAndNeedAnImage() async throws {
         try await withSimulator({ $0.maxBodyBytes = 1000 }) { _, base in
             let client = kora(base)

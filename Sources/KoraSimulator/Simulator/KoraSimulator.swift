@@ -221,8 +221,8 @@ package final class KoraSimulator: Sendable {
 
     /// Counts one request in the current minute; answers the `X-RateLimit-*` values and, when the
     /// limit is spent, the seconds until the window resets.
-    func countRequest() -> (limit: Int, remaining: Int, reset: Int64, retryAfter: Int64?)? {
-        guard let limit = configuration.rateLimitPerMinute else { return nil }
+    func countRequest() -> (limit: Int, remaining: Int, reset: Int64, retryAfter: Int64?) {
+        let limit = configuration.rateLimitPerMinute
         let now = configuration.clock()
         let window = configuration.rateLimitWindowSeconds
         let minute = now.seconds / window

@@ -240,20 +240,19 @@ struct SimulatorGate: RouterMiddleware {
         _ request: Request, context: SidecarRequestContext, next: (Request, SidecarRequestContext) async throws -> Response
     ) async throws -> Response {
         if request.uri.path == "/api/v1/idv/health" { return try await next(request, context) }
+        let count = simulator.countRequest()
         var limitHeaders = HTTPFields()
-        if let count = simulator.countRequest() {
-            limitHeaders[Self.limitHeader] = String(count.limit)
-            limitHeaders[Self.remainingHeader] = String(count.remaining)
-            limitHeaders[Self.resetHeader] = String(count.reset)
-            if let retryAfter = count.retryAfter {
-                limitHeaders[.retryAfter] = String(retryAfter)
-                return JSONResponse.make(
-                    .tooManyRequests,
-                    [
-                        "code": "RATE_LIMIT_EXCEEDED", "error": "Rate limit exceeded. Please retry after the reset time.",
-                        "details": ["retryAfter": .int(Int(retryAfter))],
-                    ], headers: limitHeaders)
-            }
+        limitHeaders[Self.limitHeader] = String(count.limit)
+        limitHeaders[Self.remainingHeader] = String(count.remaining)
+        limitHeaders[Self.resetHeader] = String(count.reset)
+        if let retryAfter = count.retryAfter {
+            limitHeaders[.retryAfter] = String(retryAfter)
+            return JSONResponse.make(
+                .tooManyRequests,
+                [
+                    "code": "RATE_LIMIT_EXCEEDED", "error": "Rate limit exceeded. Please retry after the reset time.",
+                    "details": ["retryAfter": .int(Int(retryAfter))],
+                ], headers: limitHeaders)
         }
         var response: Response
         if let problem = authenticate(request) {
