@@ -153,6 +153,25 @@ import Glibc
         }
     }
 
+    @Test func complianceReportArrivesThroughTheProxyByteForByte() async throws {
+        try await withSimulator { _, kora in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: kora, services: [appService()])) { sidecar in
+                let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
+                let id = try #require(try await sdk.createVerification(externalID: "test-approve-report").json?["id"]?.text)
+                #expect(try await sdk.call(.POST, "/verifications/\(id)/complete").status == 200)
+                let direct = try await SDKStyleClient(baseURL: kora, apiKey: ProxySecrets.apiKey).call(.GET, "/verifications/\(id)/report")
+                let proxied = try await sdk.call(.GET, "/verifications/\(id)/report")
+                #expect(proxied.status == 200)
+                #expect(proxied.header("Content-Type") == "application/pdf")
+                #expect(proxied.header("Content-Disposition") == "attachment; filename=\"\(id)-report.pdf\"")
+                // Longer than the proxy reads whole: it streamed the binary body through.
+                #expect(direct.bytes.count > ProxyAnswer.bufferedAnswerBytes)
+                #expect(proxied.bytes.count == direct.bytes.count)
+                #expect(Hex.encode(SHA256.hash(data: proxied.bytes)) == Hex.encode(SHA256.hash(data: direct.bytes)))
+            }
+        }
+    }
+
     @Test func theSimulatorsDefaultRateLimitIsLearnedButHoldsNoTestBack() async throws {
         try await withSimulator { _, kora in
             var configuration = proxyConfiguration(koraBaseURL: kora, services: [appService()])

@@ -255,6 +255,90 @@ import Testing
         }
     }
 
+    @Test func imagesAreSignedURLsToTheStandInValidForFifteenMinutes() async throws {
+        let clock = ManualClock()
+        try await withSimulator({ $0.clock = { clock.read() } }) { _, base in
+            let client = kora(base)
+            let id = try #require(try await client.createVerification(externalID: "test-approve-images").json?["id"]?.text)
+            let image: JSONValue = ["imageBase64": .string(Data("fake image".utf8).base64EncodedString())]
+            for path in ["selfie", "document"] {
+                #expect(try await client.call(.POST, "/verifications/\(id)/\(path)", json: image).status == 200)
+            }
+            let expiresAt = clock.read().adding(.seconds(15 * 60)).iso8601Seconds
+            let list = try await client.call(.GET, "/verifications/\(id)/images")
+            #expect(list.status == 200)
+            #expect(list.header("X-RateLimit-Limit") != nil)
+            #expect(list.json?["verificationId"]?.text == id)
+            guard case .array(let images)? = list.json?["images"] else { throw TimedOut(what: "a list of images") }
+            #expect(images.map { $0["type"]?.text } == ["document", "selfie"])
+            #expect(images.allSatisfy { $0["expiresAt"]?.text == expiresAt })
+
+            let one = try await client.call(.GET, "/verifications/\(id)/images/selfie")
+            #expect(one.status == 200)
+            #expect(one.json?["verificationId"]?.text == id)
+            #expect(one.json?["type"]?.text == "selfie")
+            #expect(one.json?["expiresAt"]?.text == expiresAt)
+            let url = try #require(one.json?["url"]?.text)
+            let host = String(base.dropLast("/api/v1/idv".count))
+            #expect(url.hasPrefix(host + "/signed/images/\(id)/selfie?expires="))
+            // A signed URL needs no API key, and serves an image while it is valid.
+            let fetched = try await request(.GET, url)
+            #expect(fetched.status == 200)
+            #expect(fetched.header("Content-Type") == "image/png")
+            #expect(fetched.bytes.starts(with: [0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A]))
+            #expect(try await request(.GET, url.replacingOccurrences(of: "/selfie?", with: "/document?")).status == 403)
+            clock.advance(.seconds(15 * 60 - 1))
+            #expect(try await request(.GET, url).status == 200)
+            clock.advance(.seconds(1))
+            #expect(try await request(.GET, url).status == 403)
+
+            let missing = try await client.call(.GET, "/verifications/\(id)/images/document_back")
+            #expect(missing.status == 404)
+            #expect(missing.code == "NOT_FOUND")
+            let unknown = try await client.call(.GET, "/verifications/ver_missing/images")
+            #expect(unknown.status == 404)
+            #expect(unknown.code == "NOT_FOUND")
+            #expect(try await client.call(.GET, "/verifications/ver_missing/images/selfie").status == 404)
+            #expect(try await kora(base, key: nil).call(.GET, "/verifications/\(id)/images").status == 401)
+        }
+    }
+
+    @Test func theComplianceReportIsAValidPDFLargeEnoughToBeStreamed() async throws {
+        try await withSimulator { _, base in
+            let client = kora(base)
+            let id = try #require(try await client.createVerification(externalID: "test-reject-(pdf)\\").json?["id"]?.text)
+            #expect(try await client.call(.POST, "/verifications/\(id)/complete").status == 200)
+            let report = try await client.call(.GET, "/verifications/\(id)/report")
+            #expect(report.status == 200)
+            #expect(report.header("Content-Type") == "application/pdf")
+            #expect(report.header("Content-Disposition") == "attachment; filename=\"\(id)-report.pdf\"")
+            #expect(report.header("X-RateLimit-Limit") != nil)
+            // Over the size up to which the sidecar's proxy reads an answer whole.
+            #expect(report.bytes.count > ProxyAnswer.bufferedAnswerBytes)
+            let bytes = report.bytes
+            #expect(bytes.starts(with: Array("%PDF-1.4\n".utf8)))
+            #expect(bytes.suffix(6) == ArraySlice("%%EOF\n".utf8))
+            // The cross-reference table a PDF reader starts from points at every object.
+            let tail = String(decoding: bytes.suffix(200), as: UTF8.self)
+            let startxref = try #require(tail.components(separatedBy: "startxref\n").last?.split(separator: "\n").first.flatMap { Int($0) })
+            let table = String(decoding: bytes[startxref...], as: UTF8.self)
+            #expect(table.hasPrefix("xref\n0 7\n0000000000 65535 f \n"))
+            let offsets = table.split(separator: "\n").dropFirst(3).prefix(6).compactMap { Int($0.prefix(10)) }
+            #expect(offsets.count == 6)
+            for (index, offset) in offsets.enumerated() {
+                #expect(bytes[offset...].starts(with: Array("\(index + 1) 0 obj\n".utf8)), "object \(index + 1)")
+            }
+            let text = String(decoding: bytes, as: UTF8.self)
+            #expect(text.contains("(Decision: auto_reject) '"))
+            #expect(text.contains("(External id: test-reject-\\(pdf\\)\\\\) '"))
+            // The same verification gives the same bytes.
+            #expect(try await client.call(.GET, "/verifications/\(id)/report").bytes == bytes)
+            let unknown = try await client.call(.GET, "/verifications/ver_missing/report")
+            #expect(unknown.status == 404)
+            #expect(unknown.code == "NOT_FOUND")
+        }
+    }
+
     @Test func uploadsAreBoundedAndNeedAnImage() async throws {
         try await withSimulator({ $0.maxBodyBytes = 1000 }) { _, base in
             let client = kora(base)

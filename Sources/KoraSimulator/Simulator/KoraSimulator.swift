@@ -1,3 +1,4 @@
+import Crypto
 import KoraSidecar
 import KoraSidecarCore
 import NIOConcurrencyHelpers
@@ -14,6 +15,8 @@ package final class KoraSimulator: Sendable {
     package let sent = ObservedLog<SentWebhook>()
 
     let state = NIOLockedValueBox(State())
+    /// Signs the image URLs it hands out; new each run, as a URL outlives no restart of the stand-in.
+    let imageURLKey = SymmetricKey(size: .bits256)
     let jobs: AsyncStream<SimulatorJob>
     private let jobInput: AsyncStream<SimulatorJob>.Continuation
 
