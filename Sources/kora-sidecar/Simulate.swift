@@ -21,7 +21,10 @@ struct Simulate: AsyncParsableCommand {
     var webhookURL: String?
     @Option(name: .customLong("auto-complete"), help: "Complete every verification this many seconds after it is created.")
     var autoComplete: Double?
-    @Option(name: .customLong("rate-limit"), help: "Requests allowed per minute; the rest are answered 429.") var rateLimit: Int?
+    @Option(
+        name: .customLong("rate-limit"),
+        help: "Requests allowed per minute; the rest are answered 429 (Kora's plans: 10, 50, 200; default: 100000).")
+    var rateLimit: Int?
     @Option(name: .customLong("api-key"), help: "Accept only this API key (repeatable; default: any Bearer key).")
     var apiKeys: [String] = []
     @Option(name: .customLong("tenant-id"), help: "Accept only this X-Tenant-ID (others get 403; default: any).") var tenantID: String?
@@ -43,7 +46,7 @@ struct Simulate: AsyncParsableCommand {
         configuration.apiKeys = apiKeys
         configuration.tenantID = tenantID
         configuration.autoComplete = autoComplete.map { .milliseconds(Int64($0 * 1000)) }
-        configuration.rateLimitPerMinute = rateLimit
+        if let rateLimit { configuration.rateLimitPerMinute = rateLimit }
         configuration.slowDelay = .milliseconds(Int64(slowDelay * 1000))
         var logger = Logger(label: "kora-sidecar.simulate")
         logger.logLevel = .info

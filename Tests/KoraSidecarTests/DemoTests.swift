@@ -1,3 +1,4 @@
+import Foundation
 import NIOConcurrencyHelpers
 import Testing
 
@@ -32,6 +33,20 @@ import Testing
         }
         #expect(output.contains { $0.contains("verification.expired → outcome expired") })
         #expect(output.contains { $0.contains("fraud_alert.created → fraud alert") })
+        // Every automatic decision reaches the app as verification.completed with the decision, and as
+        // verification.verified or verification.rejected for services that listen to those only.
+        func delivered(_ outcome: SandboxOutcome) -> [String] {
+            let start = output.firstIndex { $0.hasPrefix("▶ \(outcome.prefix)") } ?? output.endIndex
+            return output[start...].prefix { !$0.isEmpty }.compactMap { line in
+                guard line.contains("✓ 5. sidecar → app"), let arrow = line.range(of: "app ") else { return nil }
+                return line[arrow.upperBound...].prefix { $0 != "," }.trimmingCharacters(in: .whitespaces)
+            }
+        }
+        #expect(delivered(.approve) == ["verification.completed → outcome approved", "verification.verified → outcome approved"])
+        #expect(delivered(.reject) == ["verification.completed → outcome rejected", "verification.rejected → outcome rejected"])
+        #expect(delivered(.review) == ["verification.completed → outcome review"])
+        #expect(
+            delivered(.fraud).map { $0.prefix { $0 != " " } } == ["fraud_alert.created", "verification.completed", "verification.rejected"])
         // Two services share the key: the app's calls all go while the batch job floods, and Kora refuses none.
         let budget = try #require(output.firstIndex { $0.hasPrefix("▶ one Kora key, two services") })
         let block = output[budget...].prefix { !$0.isEmpty }

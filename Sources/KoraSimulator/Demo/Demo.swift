@@ -197,13 +197,15 @@ struct DemoWalk: Sendable {
         }
     }
 
-    /// The events Kora sends for `outcome`, in order.
+    /// The events Kora sends for `outcome`, in order: every decision is `verification.completed`,
+    /// an automatic approval or rejection is then also `verification.verified` or `.rejected`.
     static func expectedEvents(_ outcome: SandboxOutcome) -> [String] {
         switch outcome {
-        case .approve, .slow, .review: ["verification.completed"]
-        case .reject: ["verification.rejected"]
-        case .fraud: ["fraud_alert.created", "verification.rejected"]
-        case .expired: ["verification.completed", "verification.expired"]
+        case .approve, .slow: ["verification.completed", "verification.verified"]
+        case .review: ["verification.completed"]
+        case .reject: ["verification.completed", "verification.rejected"]
+        case .fraud: ["fraud_alert.created", "verification.completed", "verification.rejected"]
+        case .expired: ["verification.completed", "verification.verified", "verification.expired"]
         }
     }
 

@@ -1,3 +1,4 @@
+import Crypto
 import KoraSidecar
 import KoraSidecarCore
 import NIOConcurrencyHelpers
@@ -14,6 +15,8 @@ package final class KoraSimulator: Sendable {
     package let sent = ObservedLog<SentWebhook>()
 
     let state = NIOLockedValueBox(State())
+    /// Signs the image URLs it hands out; new each run, as a URL outlives no restart of the stand-in.
+    let imageURLKey = SymmetricKey(size: .bits256)
     let jobs: AsyncStream<SimulatorJob>
     private let jobInput: AsyncStream<SimulatorJob>.Continuation
 
@@ -144,16 +147,13 @@ package final class KoraSimulator: Sendable {
         case .approve, .slow, .expired:
             (verification.status, verification.decision, verification.decisionReason, verification.overallScore) =
                 ("verified", "auto_approve", "All checks passed", "96.3")
-            events.append(PreparedEvent(type: "verification.completed", verification: verification, data: verification.eventData, at: now))
             if verification.outcome == .expired { jobs.append(.later(configuration.expiryDelay, id: id, .expire)) }
         case .reject:
             (verification.status, verification.decision, verification.decisionReason, verification.overallScore) =
                 ("rejected", "auto_reject", "Document authenticity check failed", "12.5")
-            events.append(PreparedEvent(type: "verification.rejected", verification: verification, data: verification.eventData, at: now))
         case .review:
             (verification.status, verification.decision, verification.decisionReason, verification.overallScore) =
                 ("manual_review", "manual_review", "Face match below auto-approve threshold", "61.0")
-            events.append(PreparedEvent(type: "verification.completed", verification: verification, data: verification.eventData, at: now))
         case .fraud:
             (verification.status, verification.decision, verification.decisionReason, verification.overallScore) =
                 ("rejected", "auto_reject", "Fraud alert: document shows signs of digital alteration", "8.1")
@@ -162,12 +162,26 @@ package final class KoraSimulator: Sendable {
             state.alerts[alert.id] = alert
             state.alertOrder.append(alert.id)
             events.append(PreparedEvent(type: "fraud_alert.created", verification: verification, data: alert.json, resourceID: alert.id, at: now))
-            events.append(PreparedEvent(type: "verification.rejected", verification: verification, data: verification.eventData, at: now))
         }
+        events += decisionEvents(verification, at: now)
         state.verifications[id] = verification
         // What follows the decision (an expiry) starts once its events were sent: at Kora an approval
         // expires long after its webhook, so a slow first send must not let the expiry overtake it.
         return (verification, [.sequence([delivery(events, for: verification, state: state)] + jobs)])
+    }
+
+    /// The events of an automatic decision (KORA.md §3): `verification.completed` with the decision in
+    /// its `data` (what the integration guide's handlers switch on), then `verification.verified` or
+    /// `verification.rejected` for the services that listen to those only; a manual review is
+    /// completed and neither yet. Kora does not say whether one decision sends both: this is our reading.
+    private static func decisionEvents(_ verification: SimulatedVerification, at now: UnixTime) -> [PreparedEvent] {
+        var types = ["verification.completed"]
+        switch verification.status {
+        case "verified": types.append("verification.verified")
+        case "rejected": types.append("verification.rejected")
+        default: break
+        }
+        return types.map { PreparedEvent(type: $0, verification: verification, data: verification.eventData, at: now) }
     }
 
     /// Manual review of a verification in `manual_review`.
@@ -210,8 +224,8 @@ package final class KoraSimulator: Sendable {
 
     /// Counts one request in the current minute; answers the `X-RateLimit-*` values and, when the
     /// limit is spent, the seconds until the window resets.
-    func countRequest() -> (limit: Int, remaining: Int, reset: Int64, retryAfter: Int64?)? {
-        guard let limit = configuration.rateLimitPerMinute else { return nil }
+    func countRequest() -> (limit: Int, remaining: Int, reset: Int64, retryAfter: Int64?) {
+        let limit = configuration.rateLimitPerMinute
         let now = configuration.clock()
         let window = configuration.rateLimitWindowSeconds
         let minute = now.seconds / window

@@ -88,6 +88,16 @@ func buildSimulatorRouter(_ simulator: KoraSimulator) -> Router<SidecarRequestCo
         return JSONResponse.make(.ok, verification)
     }
     api.post("verifications/:id/review") { request, context in try await simulator.reviewRoute(request, context: context) }
+    api.get("verifications/:id/images") { request, context in
+        try simulator.imagesRoute(request, id: context.parameters.get("id"), type: nil)
+    }
+    api.get("verifications/:id/images/:type") { request, context in
+        try simulator.imagesRoute(request, id: context.parameters.get("id"), type: context.parameters.get("type"))
+    }
+    api.get("verifications/:id/report") { _, context in try simulator.reportRoute(id: context.parameters.get("id")) }
+    router.get("signed/images/:id/:type") { request, context in
+        simulator.signedImageRoute(request, id: context.parameters.get("id"), type: context.parameters.get("type"))
+    }
     api.get("alerts") { request, _ in
         let status = request.uri.queryParameters["status"].map(String.init)
         let alerts = simulator.state.withLockedValue { state in
@@ -226,7 +236,7 @@ extension KoraSimulator {
 }
 
 /// In front of every route: the rate limit (with `X-RateLimit-*` on every answer) and the Bearer
-/// API key; `/health` needs neither.
+/// API key; `/health` and signed image URLs need neither (they carry no key whose budget to count).
 struct SimulatorGate: RouterMiddleware {
     let simulator: KoraSimulator
 
@@ -239,21 +249,20 @@ struct SimulatorGate: RouterMiddleware {
     func handle(
         _ request: Request, context: SidecarRequestContext, next: (Request, SidecarRequestContext) async throws -> Response
     ) async throws -> Response {
-        if request.uri.path == "/api/v1/idv/health" { return try await next(request, context) }
+        if request.uri.path == "/api/v1/idv/health" || request.uri.path.hasPrefix("/signed/") { return try await next(request, context) }
+        let count = simulator.countRequest()
         var limitHeaders = HTTPFields()
-        if let count = simulator.countRequest() {
-            limitHeaders[Self.limitHeader] = String(count.limit)
-            limitHeaders[Self.remainingHeader] = String(count.remaining)
-            limitHeaders[Self.resetHeader] = String(count.reset)
-            if let retryAfter = count.retryAfter {
-                limitHeaders[.retryAfter] = String(retryAfter)
-                return JSONResponse.make(
-                    .tooManyRequests,
-                    [
-                        "code": "RATE_LIMIT_EXCEEDED", "error": "Rate limit exceeded. Please retry after the reset time.",
-                        "details": ["retryAfter": .int(Int(retryAfter))],
-                    ], headers: limitHeaders)
-            }
+        limitHeaders[Self.limitHeader] = String(count.limit)
+        limitHeaders[Self.remainingHeader] = String(count.remaining)
+        limitHeaders[Self.resetHeader] = String(count.reset)
+        if let retryAfter = count.retryAfter {
+            limitHeaders[.retryAfter] = String(retryAfter)
+            return JSONResponse.make(
+                .tooManyRequests,
+                [
+                    "code": "RATE_LIMIT_EXCEEDED", "error": "Rate limit exceeded. Please retry after the reset time.",
+                    "details": ["retryAfter": .int(Int(retryAfter))],
+                ], headers: limitHeaders)
         }
         var response: Response
         if let problem = authenticate(request) {

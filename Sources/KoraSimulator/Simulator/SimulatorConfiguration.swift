@@ -19,8 +19,13 @@ package struct SimulatorConfiguration: Sendable {
     package var tenantID: String?
     /// Completes every verification this long after it was created, as if the user finished the flow.
     package var autoComplete: Duration?
-    /// Requests allowed per minute; nil does not limit (and sends no `X-RateLimit-*` headers).
-    package var rateLimitPerMinute: Int?
+    /// Requests allowed per minute, reported in `X-RateLimit-*` on every answer as Kora does. The
+    /// default is far above Kora's plans (10, 50 or 200): the headers tell the truth, yet nothing is
+    /// refused in practice, nor held back by a sidecar that learns its budget from them (a plan's 200
+    /// would hold a test's 201st call for up to a minute).
+    package var rateLimitPerMinute = SimulatorConfiguration.generousRateLimit
+    /// The default `rateLimitPerMinute`: the most `kora.rateLimit.perMinute` accepts.
+    package static let generousRateLimit = 100_000
     /// The length of the rate-limit window: a minute, as Kora's, shorter in tests.
     package var rateLimitWindowSeconds: Int64 = 60
     /// How long `test-slow-` verifications take to decide (Kora's sandbox: 10 s).
