@@ -16,7 +16,10 @@ struct ListenerLimitsTests {
         try await withReceiver(Receiver()) { port in
             var configuration = testConfiguration(services: [testService("app", target: .url("http://127.0.0.1:\(port)/events"))])
             configure(&configuration)
-            try await withSidecar(configuration, body)
+            var options = SidecarOptions()
+            // A store of its own: the configuration's default file is shared by every test.
+            options.store = InMemoryStore()
+            try await withSidecar(configuration, options: options, body)
         }
     }
 
