@@ -391,10 +391,10 @@ final class InMemoryStore: SidecarStore {
         }
     }
 
-    package func pruneIdempotencyKeys(before: UnixTime) async throws -> Int {
+    package func pruneIdempotencyKeys(before: UnixTime, limit: Int) async throws -> Int {
         try write { state in
-            let old = state.idempotency.filter { $0.value.createdAt < before }
-            for key in old.keys { state.idempotency[key] = nil }
+            let old = state.idempotency.filter { $0.value.createdAt < before }.keys.prefix(limit)
+            for key in old { state.idempotency[key] = nil }
             return old.count
         }
     }

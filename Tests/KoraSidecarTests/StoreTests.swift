@@ -175,9 +175,12 @@ struct StoreTests {
         #expect(settled.updatedAt == at(2))
         try await store.settleIdempotencyKey(service: "other", key: "k", state: .unknown, at: at(3))
         #expect(try await store.idempotencyRecord(service: "other", key: "k")?.state == .unknown)
-        #expect(try await store.pruneIdempotencyKeys(before: at(1)) == 1)
+        #expect(try await store.pruneIdempotencyKeys(before: at(1), limit: 1000) == 1)
         #expect(try await store.idempotencyRecord(service: "app", key: "k") == nil)
         #expect(try await store.idempotencyRecord(service: "other", key: "k") != nil)
+        // In batches: at most `limit` each time.
+        _ = try await store.claimIdempotencyKey(service: "app", key: "k2", digest: "d", at: at(1))
+        for expected in [1, 1, 0] { #expect(try await store.pruneIdempotencyKeys(before: at(5), limit: 1) == expected) }
     }
 
     @Test(arguments: Kind.allCases)

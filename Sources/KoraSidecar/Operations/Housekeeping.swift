@@ -25,24 +25,24 @@ struct Housekeeping: Service {
             let now = UnixTime.now()
             let cutoff = now.adding(.zero - retention)
             do {
-                // A thousand at a time, so that a large first run never holds the store for long.
                 var expired = 0
-                // A stop ends the batches: the services stopping after this one wait for it.
-                while !Task.isCancelled, !Task.isShuttingDownGracefully {
+                try await inBatches {
                     let batch = try await store.expireBodies(
-                        deliveredBefore: now.adding(.zero - payloadRetention), deadBefore: now.adding(.zero - deadRetention), limit: 1000)
+                        deliveredBefore: now.adding(.zero - payloadRetention), deadBefore: now.adding(.zero - deadRetention), limit: Self.batch)
                     expired += batch
-                    if batch < 1000 { break }
+                    return batch == Self.batch
                 }
                 if expired > 0 { logger.info("Deleted bodies past their retention", metadata: ["expired.bodies": "\(expired)"]) }
                 var pruned = PruneResult(deliveries: 0, seenIDs: 0)
-                while !Task.isCancelled, !Task.isShuttingDownGracefully {
-                    let batch = try await store.prune(deliveredBefore: cutoff, seenBefore: cutoff, limit: 1000)
+                try await inBatches {
+                    let batch = try await store.prune(deliveredBefore: cutoff, seenBefore: cutoff, limit: Self.batch)
                     pruned.deliveries += batch.deliveries
                     pruned.seenIDs += batch.seenIDs
-                    if !batch.more { break }
+                    return batch.more
                 }
-                _ = try await store.pruneIdempotencyKeys(before: UnixTime.now().adding(.zero - KoraProxy.idempotencyRetention))
+                try await inBatches {
+                    try await store.pruneIdempotencyKeys(before: now.adding(.zero - KoraProxy.idempotencyRetention), limit: Self.batch) == Self.batch
+                }
                 if pruned.deliveries + pruned.seenIDs > 0 {
                     logger.info(
                         "Pruned the store",
@@ -53,5 +53,14 @@ struct Housekeeping: Service {
             }
             try? await cancelWhenGracefulShutdown { try await Task.sleep(for: interval) }
         }
+    }
+
+    /// Rows deleted per store call: a large first run never holds the store for long.
+    static let batch = 1000
+
+    /// Runs `step` while it says there is more, and until a stop: the services stopping after this
+    /// one wait for it.
+    private func inBatches(_ step: () async throws -> Bool) async throws {
+        while !Task.isCancelled, !Task.isShuttingDownGracefully, try await step() {}
     }
 }

@@ -735,23 +735,14 @@ final class PostgresStore: SidecarStore, Service {
             """)
     }
 
-    /// In batches, each a transaction within the operation time-out, as ``prune(before:limit:)`` does.
-    package func pruneIdempotencyKeys(before: UnixTime) async throws -> Int {
-        var total = 0
-        while !Task.isShuttingDownGracefully {
-            let deleted = try await inTransaction { connection in
-                try await connection.query(
-                    """
-                    DELETE FROM kora_idempotency_keys WHERE ctid IN (
-                        SELECT ctid FROM kora_idempotency_keys WHERE created_at < \(before.milliseconds) LIMIT 1000)
-                    AND created_at < \(before.milliseconds) RETURNING 1
-                    """, logger: self.logger
-                ).collect().count
-            }
-            total += deleted
-            if deleted < 1000 { break }
-        }
-        return total
+    package func pruneIdempotencyKeys(before: UnixTime, limit: Int) async throws -> Int {
+        try await rows(
+            """
+            DELETE FROM kora_idempotency_keys WHERE ctid IN (
+                SELECT ctid FROM kora_idempotency_keys WHERE created_at < \(before.milliseconds) LIMIT \(limit))
+            AND created_at < \(before.milliseconds) RETURNING 1
+            """
+        ).count
     }
 
     package func checkWritable(at: UnixTime) async throws {

@@ -645,9 +645,13 @@ final class SQLiteStore: SidecarStore {
         }
     }
 
-    package func pruneIdempotencyKeys(before: UnixTime) async throws -> Int {
+    package func pruneIdempotencyKeys(before: UnixTime, limit: Int) async throws -> Int {
         try await database.write { db in
-            try db.query("DELETE FROM idempotency_keys WHERE created_at < ?", [.integer(before.milliseconds)])
+            try db.query(
+                """
+                DELETE FROM idempotency_keys WHERE (service, key) IN (
+                    SELECT service, key FROM idempotency_keys WHERE created_at < ?1 LIMIT ?2)
+                """, [.integer(before.milliseconds), .int(limit)])
             return db.changes
         }
     }

@@ -109,8 +109,8 @@ package protocol SidecarStore: Sendable {
     func takeOverIdempotencyKey(service: String, key: String, from record: IdempotencyRecord, at: UnixTime) async throws -> Bool
     /// Sets the state of `service`'s `key` at `at`.
     func settleIdempotencyKey(service: String, key: String, state: IdempotencyRecord.State, at: UnixTime) async throws
-    /// Deletes idempotency records created before `before`; returns how many.
-    func pruneIdempotencyKeys(before: UnixTime) async throws -> Int
+    /// Deletes at most `limit` idempotency records created before `before`; returns how many.
+    func pruneIdempotencyKeys(before: UnixTime, limit: Int) async throws -> Int
 
     /// Performs a small write, to prove the store accepts writes (readiness).
     func checkWritable(at: UnixTime) async throws
