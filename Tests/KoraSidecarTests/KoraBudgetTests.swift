@@ -103,27 +103,27 @@ struct KoraBudgetTests {
                 let body = try await response.body.collect(upTo: 1 << 20)
                 return HTTPAnswer(status: Int(response.status.code), headers: response.headers, bytes: Array(body.readableBytesView))
             }
-            let answers = try await Self.closing(Array(clients.values)) {
-                // The flood's connections open first: twenty of its calls must be waiting at once, and
-                // turns free two a second, so on a loaded machine thirty connections opened with the
-                // calls arrived too slowly for that.
-                try await withThrowingTaskGroup(of: Void.self) { group in
-                    for _ in 0..<30 {
-                        group.addTask {
-                            let response = try await clients["token-flood"]!.execute(HTTPClientRequest(url: sidecar.internalURL("/healthz")), timeout: .seconds(30))
-                            _ = try await response.body.collect(upTo: 1 << 16)
-                        }
+            // Shut down on every path: a client left running traps in its deinit, and takes every other test with it.
+            defer { for client in clients.values { client.shutdown(queue: .global()) { _ in } } }
+            // The flood's connections open first: twenty of its calls must be waiting at once, and
+            // turns free two a second, so on a loaded machine thirty connections opened with the
+            // calls arrived too slowly for that.
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for _ in 0..<30 {
+                    group.addTask {
+                        let response = try await clients["token-flood"]!.execute(HTTPClientRequest(url: sidecar.internalURL("/healthz")), timeout: .seconds(30))
+                        _ = try await response.body.collect(upTo: 1 << 16)
                     }
-                    try await group.waitForAll()
                 }
-                return try await withThrowingTaskGroup(of: (String, HTTPAnswer).self) { group in
-                    for _ in 0..<30 { group.addTask { ("flood", try await call("token-flood")) } }
-                    try await waitUntil("the flood to wait") {
-                        try await metric("kora_sidecar_kora_calls_waiting", in: sidecar).map { $0 >= 20 } ?? false
-                    }
-                    for _ in 0..<5 { group.addTask { ("rare", try await call("token-rare")) } }
-                    return try await group.reduce(into: []) { $0.append($1) }
+                try await group.waitForAll()
+            }
+            let answers = try await withThrowingTaskGroup(of: (String, HTTPAnswer).self) { group in
+                for _ in 0..<30 { group.addTask { ("flood", try await call("token-flood")) } }
+                try await waitUntil("the flood to wait") {
+                    try await metric("kora_sidecar_kora_calls_waiting", in: sidecar).map { $0 >= 20 } ?? false
                 }
+                for _ in 0..<5 { group.addTask { ("rare", try await call("token-rare")) } }
+                return try await group.reduce(into: []) { $0.append($1) }
             }
             // The rare service's calls all went, taking turns with the flood's.
             #expect(answers.filter { $0.0 == "rare" }.allSatisfy { $0.1.status == 200 })
@@ -188,15 +188,6 @@ struct KoraBudgetTests {
                 }
             }
         }
-    }
-
-    /// Runs `body`, then shuts `clients` down whatever happened: a client left running traps in its
-    /// deinit, and takes every other test of the run with it.
-    static func closing<T: Sendable>(_ clients: [HTTPClient], _ body: () async throws -> T) async throws -> T {
-        let result: Result<T, any Error>
-        do { result = .success(try await body()) } catch { result = .failure(error) }
-        for client in clients { try? await client.shutdown() }
-        return try result.get()
     }
 
     static func client() -> HTTPClient {

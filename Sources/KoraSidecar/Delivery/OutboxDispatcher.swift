@@ -59,14 +59,19 @@ final class OutboxDispatcher: Service, Sendable {
         self.store = store
         self.sender = sender
         self.services = services
-        self.doorbells = Dictionary(services.map { ($0.name, Doorbell()) }, uniquingKeysWith: { first, _ in first })
-        self.dueTimes = Dictionary(services.map { ($0.name, SingleFlight()) }, uniquingKeysWith: { first, _ in first })
-        self.retries = Dictionary(services.map { ($0.name, NIOLockedValueBox(nil)) }, uniquingKeysWith: { first, _ in first })
-        self.outages = Dictionary(services.map { ($0.name, LogThrottle(every: .seconds(60))) }, uniquingKeysWith: { first, _ in first })
+        self.doorbells = Self.perService(services) { Doorbell() }
+        self.dueTimes = Self.perService(services) { SingleFlight() }
+        self.retries = Self.perService(services) { NIOLockedValueBox(nil) }
+        self.outages = Self.perService(services) { LogThrottle(every: .seconds(60)) }
         self.policy = policy
         self.concurrency = concurrency
         self.drainTimeout = drainTimeout
         self.logger = logger
+    }
+
+    /// One `make()` for each service, by its name.
+    private static func perService<T>(_ services: [DeliveryService], _ make: () -> T) -> [String: T] {
+        Dictionary(services.map { ($0.name, make()) }, uniquingKeysWith: { first, _ in first })
     }
 
     /// Tells a worker of each of `services` that a new delivery is due now.

@@ -56,8 +56,9 @@ package struct SidecarHTTPError: HTTPResponseError, Sendable {
 
     /// The listener holds as many bodies as it may (``BodyBudget``); the rest of this one is not read.
     static func busy() -> SidecarHTTPError {
-        .init(.serviceUnavailable, code: "UNAVAILABLE", message: "The sidecar is receiving too much at once; retry later.",
-              closeConnection: true, headers: [.retryAfter: "5"])
+        var busy = unavailable("The sidecar is receiving too much at once; retry later.")
+        busy.closeConnection = true
+        return busy
     }
 
     /// A call still waiting when the sidecar stops: its caller retries (another replica, or this
@@ -113,11 +114,8 @@ package enum BodyReader {
                 "http.path": "\(LoggedPath.masking(request.uri.path))", "http.status": "\(error.status.code)", "error.code": "\(error.code)",
                 "limit": "\(limit)",
             ]
-            if let throttle {
-                throttle.log(metadata) { logger?.warning("Request body refused", metadata: $0) }
-            } else {
-                logger?.warning("Request body refused", metadata: metadata)
-            }
+            let warn = { (metadata: Logger.Metadata) -> Void in logger?.warning("Request body refused", metadata: metadata) }
+            if let throttle { throttle.log(metadata, warn) } else { warn(metadata) }
             throw error
         }
     }
@@ -164,9 +162,12 @@ package enum BodyReader {
         defer { budget.give(taken) }
         for try await chunk in body {
             guard chunk.readableBytes <= limit - collected.readableBytes else { throw NIOTooManyBytesError(maxBytes: limit) }
+            // A webhook's few kilobytes cost nothing here, not even the budget's lock.
             let charged = max(0, collected.readableBytes + chunk.readableBytes - max(collected.readableBytes, BodyBudget.free))
-            guard budget.take(charged) else { throw SidecarHTTPError.busy() }
-            taken += charged
+            if charged > 0 {
+                guard budget.take(charged) else { throw SidecarHTTPError.busy() }
+                taken += charged
+            }
             var chunk = chunk
             collected.writeBuffer(&chunk)
         }
