@@ -181,15 +181,24 @@ struct WebhookResponder: HTTPResponder {
     func respond(to request: Request, context: SidecarRequestContext) async throws -> Response {
         switch request.uri.path {
         case path:
-            guard request.method == .post else { return SidecarHTTPError.methodNotAllowed(allow: "POST").response(channel: nil) }
+            guard request.method == .post else { return refuse(.methodNotAllowed(allow: "POST"), context) }
             return await ingress.handle(request, context: context)
         case "/healthz" where request.method == .get || request.method == .head:
             return JSONResponse.make(.ok, ["status": "ok"])
         case "/healthz":
-            return SidecarHTTPError.methodNotAllowed(allow: "GET").response(channel: nil)
+            return refuse(.methodNotAllowed(allow: "GET"), context)
         default:
-            return SidecarHTTPError.notFound().response(channel: nil)
+            return refuse(.notFound(), context)
         }
+    }
+
+    /// Anyone can reach this listener, and the server reads an unanswered request's body to its end
+    /// before the next request, however long: a request to the wrong path or with the wrong method
+    /// closes its connection instead (Kora never sends one).
+    private func refuse(_ error: SidecarHTTPError, _ context: SidecarRequestContext) -> Response {
+        var error = error
+        error.closeConnection = true
+        return error.response(channel: context.channel)
     }
 }
 
