@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import Testing
 
 @testable import KoraSidecar
@@ -643,6 +644,26 @@ struct StoreTests {
             try SQLiteStore(path: path, protection: .sealedForTests)
         } throws: { error in
             "\(error)".contains("schema version \(newer) was written by a newer kora-sidecar")
+        }
+    }
+
+    @Test func processesOpeningOneNewSQLiteStoreAtOnceMigrateItOnce() throws {
+        // `serve` starting while a `deliveries` command opens the same store: each migrates what it
+        // finds, and the one that found the store unmigrated must not run a version again.
+        for _ in 0..<5 {
+            let directory = try temporaryDirectory()
+            defer { try? FileManager.default.removeItem(atPath: directory) }
+            // An empty store already in WAL mode, held open as a running `serve` holds it.
+            let held = try SQLiteConnection(path: directory + "/store.sqlite")
+            defer { held.close() }
+            #expect(try held.query("PRAGMA journal_mode=WAL").first?.string(0) == "wal")
+            let failures = NIOLockedValueBox<[String]>([])
+            DispatchQueue.concurrentPerform(iterations: 6) { _ in
+                do { try SQLiteStore(path: directory + "/store.sqlite", protection: .sealedForTests).close() } catch {
+                    failures.withLockedValue { $0.append("\(error)") }
+                }
+            }
+            #expect(failures.withLockedValue { $0 } == [])
         }
     }
 

@@ -65,15 +65,20 @@ final class SQLiteDatabase: Sendable {
     }
 
     private static func migrate(_ connection: SQLiteConnection, _ migrations: [String]) throws {
-        let version = Int(try connection.query("PRAGMA user_version").first?.int(0) ?? 0)
-        if version > migrations.count {
-            // SQLITE_CANTOPEN: a newer kora-sidecar's store may not mean what this build would read.
-            throw SQLiteError(code: 14, message: "schema version \(version) was written by a newer kora-sidecar (this one knows \(migrations.count))")
+        func version() throws -> Int {
+            let version = Int(try connection.query("PRAGMA user_version").first?.int(0) ?? 0)
+            if version > migrations.count {
+                // SQLITE_CANTOPEN: a newer kora-sidecar's store may not mean what this build would read.
+                throw SQLiteError(code: 14, message: "schema version \(version) was written by a newer kora-sidecar (this one knows \(migrations.count))")
+            }
+            return version
         }
-        guard version < migrations.count else { return }
+        guard try version() < migrations.count else { return }
         try connection.execute("BEGIN IMMEDIATE")
         do {
-            for migration in migrations[version...] { try connection.execute(migration) }
+            // Read again under the write lock: another process opening the same store (`serve` and a
+            // `deliveries` command) may have migrated it since, and a second run of a version fails.
+            for migration in migrations[try version()...] { try connection.execute(migration) }
             try connection.execute("PRAGMA user_version=\(migrations.count)")
             try connection.execute("COMMIT")
         } catch {
