@@ -93,9 +93,6 @@ struct BodyColumns {
     var headers: String
     var sealed: [UInt8]?
     var keyID: String?
-
-    /// What an erased or expired body leaves: nothing.
-    static let removed = BodyColumns(normalized: [], original: [], headers: "[]", sealed: nil, keyID: nil)
 }
 
 /// What is left of a stored body.

@@ -83,7 +83,33 @@ enum PostgresSchema {
         ],
         // The oldest pending age counts from when an operator last made a delivery pending again.
         ["ALTER TABLE kora_deliveries ADD COLUMN pending_since BIGINT"],
+        // A sealed or deleted body's plain columns are NULL, not empty: a kora-sidecar from before
+        // sealing, still running beside a newer one during a rolling update, read the empty columns as
+        // the body and sent services an empty event; it now fails to read the row and leaves it to the
+        // newer replicas. From here on the schema says which binaries may read it (`oldest_reader`).
+        [
+            "ALTER TABLE kora_events ALTER COLUMN normalized DROP NOT NULL, ALTER COLUMN original DROP NOT NULL",
+            "UPDATE kora_events SET normalized = NULL, original = NULL WHERE sealed IS NOT NULL OR body_state <> 'kept'",
+            "ALTER TABLE kora_quarantine ALTER COLUMN body DROP NOT NULL",
+            "UPDATE kora_quarantine SET body = NULL WHERE sealed IS NOT NULL OR body_state <> 'kept'",
+            "ALTER TABLE kora_schema_version ADD COLUMN oldest_reader BIGINT NOT NULL DEFAULT 0",
+        ],
     ]
+
+    /// The fewest migrations a kora-sidecar must know to read and write what this one writes. Raised
+    /// by a migration that changes what existing columns mean (9: NULL bodies); an additive one
+    /// leaves it, so that the binary before it can still run beside this one, or be rolled back to.
+    static let oldestReader = 9
+
+    /// The schema is newer than this binary can read: it must not serve from it.
+    struct TooNew: Error, CustomStringConvertible {
+        var version: Int
+        var oldestReader: Int
+        var description: String {
+            "the schema is version \(version), which a kora-sidecar knowing \(migrations.count) versions cannot read "
+                + "(it needs \(oldestReader) or more); run the newer kora-sidecar that migrated it"
+        }
+    }
 
     /// Any constant, the same in every replica: the advisory lock that serialises migrations.
     private static let migrationLock: Int64 = 0x4B6F_7261_5369_6465  // "KoraSide"
@@ -100,18 +126,23 @@ enum PostgresSchema {
             .first?.decode(Int64.self)
         let version = Int(current ?? 0)
         if version > migrations.count {
-            // A newer replica migrated first (a rolling update): its changes are additive, keep serving.
+            // A newer replica migrated first (a rolling update): serve beside it if what it writes
+            // is still readable here.
+            let reader = try await connection.query("SELECT oldest_reader FROM kora_schema_version", logger: logger).collect()
+                .first?.decode(Int64.self)
+            if let reader, reader > migrations.count { throw TooNew(version: version, oldestReader: Int(reader)) }
             logger.warning("PostgreSQL schema is newer than this kora-sidecar", metadata: ["schema": "\(version)", "known": "\(migrations.count)"])
         }
         guard version < migrations.count else { return }
         for statements in migrations[version...] {
             for statement in statements { try await connection.query(PostgresQuery(unsafeSQL: statement), logger: logger) }
         }
-        let newest = Int64(migrations.count)
+        let newest = Int64(migrations.count), reader = Int64(oldestReader)
         if current == nil {
-            try await connection.query("INSERT INTO kora_schema_version(version) VALUES(\(newest))", logger: logger)
+            try await connection.query("INSERT INTO kora_schema_version(version, oldest_reader) VALUES(\(newest), \(reader))", logger: logger)
         } else {
-            try await connection.query("UPDATE kora_schema_version SET version = \(newest)", logger: logger)
+            try await connection.query(
+                "UPDATE kora_schema_version SET version = \(newest), oldest_reader = GREATEST(oldest_reader, \(reader))", logger: logger)
         }
         logger.info("PostgreSQL schema migrated", metadata: ["from": "\(version)", "to": "\(newest)"])
     }

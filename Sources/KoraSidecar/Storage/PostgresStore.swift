@@ -202,8 +202,8 @@ final class PostgresStore: SidecarStore, Service {
                 """
                 INSERT INTO kora_events(event_id, type, verification_id, normalized, original, original_headers, sealed, key_id,
                                         signature_verified, received_at, unrouted)
-                VALUES(\(event.id), \(event.type), \(event.verificationID), \(ByteBuffer(bytes: body.normalized)),
-                       \(ByteBuffer(bytes: body.original)), \(body.headers), \(body.sealed.map { ByteBuffer(bytes: $0) }), \(body.keyID),
+                VALUES(\(event.id), \(event.type), \(event.verificationID), \(body.plainNormalized),
+                       \(body.plainOriginal), \(body.headers), \(body.sealed.map { ByteBuffer(bytes: $0) }), \(body.keyID),
                        \(event.signatureVerified), \(at.milliseconds), \(services.isEmpty))
                 RETURNING id
                 """, logger: self.logger
@@ -273,7 +273,7 @@ final class PostgresStore: SidecarStore, Service {
         _ = try await rows(
             """
             INSERT INTO kora_quarantine(received_at, reason, body, headers, sealed, key_id, signature_verified)
-            VALUES(\(payload.receivedAt.milliseconds), \(payload.reason), \(ByteBuffer(bytes: body.normalized)), \(body.headers),
+            VALUES(\(payload.receivedAt.milliseconds), \(payload.reason), \(body.plainNormalized), \(body.headers),
                    \(body.sealed.map { ByteBuffer(bytes: $0) }), \(body.keyID), \(payload.signatureVerified))
             """)
     }
@@ -345,7 +345,8 @@ final class PostgresStore: SidecarStore, Service {
             id: try cell(0), type: try cell(1), verificationID: try cell(2), normalizedBody: [], originalBody: [], originalHeaders: [],
             signatureVerified: try cell(9))
         let columns = BodyColumns(
-            normalized: Array(buffer: try cell(3, as: ByteBuffer.self)), original: Array(buffer: try cell(4, as: ByteBuffer.self)),
+            normalized: try cell(3, as: ByteBuffer?.self).map { Array(buffer: $0) } ?? [],
+            original: try cell(4, as: ByteBuffer?.self).map { Array(buffer: $0) } ?? [],
             headers: try cell(5), sealed: try cell(6, as: ByteBuffer?.self).map { Array(buffer: $0) }, keyID: try cell(7))
         let problem = protection.open(columns, state: BodyState(rawValue: try cell(8)) ?? .kept, into: &event)
         return (event, problem)
@@ -448,11 +449,11 @@ final class PostgresStore: SidecarStore, Service {
 
     private func quarantined(_ row: PostgresRow) throws -> QuarantinedPayload {
         let (id, receivedAt, reason, body, headers, sealed, keyID, state, verified) = try row.decode(
-            (Int64, Int64, String, ByteBuffer, String, ByteBuffer?, String?, String, Bool).self)
+            (Int64, Int64, String, ByteBuffer?, String, ByteBuffer?, String?, String, Bool).self)
         var payload = QuarantinedPayload(
             id: id, receivedAt: UnixTime(milliseconds: receivedAt), reason: reason, body: [], headers: [:], signatureVerified: verified)
         let columns = BodyColumns(
-            normalized: Array(buffer: body), original: [], headers: headers, sealed: sealed.map { Array(buffer: $0) }, keyID: keyID)
+            normalized: body.map { Array(buffer: $0) } ?? [], original: [], headers: headers, sealed: sealed.map { Array(buffer: $0) }, keyID: keyID)
         payload.bodyProblem = protection.open(columns, state: BodyState(rawValue: state) ?? .kept, into: &payload)
         return payload
     }
@@ -503,7 +504,7 @@ final class PostgresStore: SidecarStore, Service {
     ) async throws -> Int {
         try await connection.query(
             """
-            UPDATE kora_events SET normalized = '', original = '', original_headers = '[]', sealed = NULL, key_id = NULL, body_state = 'expired'
+            UPDATE kora_events SET normalized = NULL, original = NULL, original_headers = '[]', sealed = NULL, key_id = NULL, body_state = 'expired'
             WHERE id IN (
                 SELECT e.id FROM kora_events e WHERE e.body_state = 'kept' AND NOT e.unrouted
                   AND (\(ofDelivery)::bigint IS NULL OR e.id = (SELECT event_row FROM kora_deliveries WHERE id = \(ofDelivery)))
@@ -585,7 +586,7 @@ final class PostgresStore: SidecarStore, Service {
                 let body = self.protection.columns(for: event)
                 try await connection.query(
                     """
-                    UPDATE kora_events SET normalized = \(ByteBuffer(bytes: body.normalized)), original = \(ByteBuffer(bytes: body.original)),
+                    UPDATE kora_events SET normalized = \(body.plainNormalized), original = \(body.plainOriginal),
                         original_headers = \(body.headers), sealed = \(body.sealed.map { ByteBuffer(bytes: $0) }), key_id = \(body.keyID)
                     WHERE id = \(id)
                     """, logger: self.logger)
@@ -608,7 +609,7 @@ final class PostgresStore: SidecarStore, Service {
             let body = protection.columns(for: payload)
             _ = try await rows(
                 """
-                UPDATE kora_quarantine SET body = \(ByteBuffer(bytes: body.normalized)), headers = \(body.headers),
+                UPDATE kora_quarantine SET body = \(body.plainNormalized), headers = \(body.headers),
                     sealed = \(body.sealed.map { ByteBuffer(bytes: $0) }), key_id = \(body.keyID)
                 WHERE id = \(payload.id)
                 """)
@@ -821,4 +822,9 @@ extension PostgresStore: BudgetLedger {
     }
 }
 
+extension BodyColumns {
+    /// The plain body columns as PostgreSQL keeps them: NULL when the body is sealed (schema 9).
+    fileprivate var plainNormalized: ByteBuffer? { sealed == nil ? ByteBuffer(bytes: normalized) : nil }
+    fileprivate var plainOriginal: ByteBuffer? { sealed == nil ? ByteBuffer(bytes: original) : nil }
+}
 #endif

@@ -22,6 +22,12 @@ extension StorageConfiguration {
     package func open(logger: Logger) throws -> (store: any SidecarStore, service: any Service) {
         if let url = postgresURL {
             #if PostgreSQL
+            if FileManager.default.fileExists(atPath: sqlitePath) {
+                // A switch from SQLite: what it holds (pending deliveries, recent ids, origins) stays there.
+                logger.warning(
+                    "A SQLite store is still at storage.sqlitePath, but the store is PostgreSQL: its pending deliveries are not sent",
+                    metadata: ["path": "\(sqlitePath)"])
+            }
             let store = try openPostgres(url, logger: logger.with("component", "store"), protection: try protection())
             return (store, store)
             #else
