@@ -205,8 +205,10 @@ struct KoraProxy: Sendable {
     /// Whether `path` names one resource plainly, so that what `allow` matched is what Kora resolves:
     /// no character that ends a path or that URL parsers read differently (`#` would end it where
     /// Kora's URL is parsed, after `allow` matched all of it; `\` is a slash to some), no `.` or `..`
-    /// segment, no empty segment and no percent-encoded dot, slash or backslash. What clients send
-    /// raw though RFC 3986 would encode it (`|`, `[`, `]`, `^`, `{`, `}`) passes.
+    /// segment, no empty segment and no percent-encoded dot, slash or backslash. A raw `;` starts
+    /// path parameters, which some servers drop before resolving (`..;` is `..` to them): Kora's
+    /// paths have none, and a value holding one is sent encoded. What clients send raw though
+    /// RFC 3986 would encode it (`|`, `[`, `]`, `^`, `{`, `}`) passes.
     static func isPlain(_ path: String) -> Bool {
         let segments = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst()
         let lowered = path.lowercased()
@@ -214,9 +216,9 @@ struct KoraProxy: Sendable {
             && !segments.contains(where: { $0 == "." || $0 == ".." }) && !["%2e", "%2f", "%5c"].contains(where: lowered.contains)
     }
 
-    /// Controls, the space, DEL, non-ASCII bytes, and `#`, `\`, `"`, `<`, `>` and `` ` ``.
+    /// Controls, the space, DEL, non-ASCII bytes, and `#`, `\`, `"`, `<`, `>`, `` ` `` and `;`.
     private static func isUnsafeInPath(_ byte: UInt8) -> Bool {
-        byte <= 0x20 || byte >= 0x7F || "#\\\"<>`".utf8.contains(byte)
+        byte <= 0x20 || byte >= 0x7F || "#\\\"<>`;".utf8.contains(byte)
     }
 
     /// Whether the call creates a verification (`POST /verifications`).
