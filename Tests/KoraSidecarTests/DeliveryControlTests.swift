@@ -240,6 +240,27 @@ struct DeliveryControlTests {
         }
     }
 
+    @Test func aBulkRetryLeavesTheDeliveriesOfAServiceNoLongerConfigured() async throws {
+        let store = InMemoryStore()
+        let event = try EventNormalizer.normalize(
+            body: TestEvent.body(eventID: "evt_1"), webhookID: nil, receivedAt: .now(), originalHeaders: [])
+        #expect(try await store.enqueue(event, services: ["app", "gone"], at: .now(), dedupSince: .now().adding(.seconds(-60))) == .accepted)
+        for service in ["app", "gone"] {
+            let job = try #require(try await store.claimDue(service: service, now: .now(), limit: 1, lease: .seconds(30), ordered: false).first)
+            let attempt = AttemptRecord(attempt: 1, at: .now(), statusCode: 400, error: nil, durationMilliseconds: 1)
+            #expect(try await store.finish(deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: attempt, next: .dead))
+        }
+        // `gone` was removed from the configuration: nothing would ever send it again.
+        let router = EventRouter(services: [DeliveryService(name: "app", deliver: testService("app", target: .url("http://127.0.0.1:9/e")).deliver!)], store: store)
+        let bulk = try await OperatorActions.retry(try #require(.init(status: "dead")), store: store, router: router)
+        #expect(bulk.selected == 1)
+        #expect(try await store.deliveries(status: .dead, limit: 10).map(\.service) == ["gone"])
+        // Named, it is the operator's call.
+        let named = try await OperatorActions.retry(
+            try #require(.init(status: "dead", filter: DeliveryFilter(statuses: [], service: "gone"))), store: store, router: router)
+        #expect(named.selected == 1)
+    }
+
     @Test func workersThatFindNothingDueSpendNoneOfTheRate() async throws {
         let receiver = Receiver()
         try await withReceiver(receiver) { (port: Int) async throws in

@@ -222,8 +222,17 @@ package enum OperatorActions {
         case .deliveries(let statuses):
             var filter = selection.filter
             filter.statuses = statuses
-            let count = try await store.requeue(filter, at: .now(), dryRun: selection.dryRun)
-            return RetryOutcome(selection: selection, selected: count.selected, bodyGone: count.bodyGone)
+            // Without a service named, only the configured services' deliveries: one of a service the
+            // configuration no longer has would stay pending for good, no worker sending it, its body
+            // never deleted.
+            var total = RequeueCount(selected: 0, bodyGone: 0)
+            for service in filter.service.map({ [$0] }) ?? router.services.map(\.name) {
+                filter.service = service
+                let count = try await store.requeue(filter, at: .now(), dryRun: selection.dryRun)
+                total.selected += count.selected
+                total.bodyGone += count.bodyGone
+            }
+            return RetryOutcome(selection: selection, selected: total.selected, bodyGone: total.bodyGone)
         case .unrouted:
             let result = try await router.routeUnrouted(at: .now(), filter: selection.filter, dryRun: selection.dryRun)
             return RetryOutcome(
