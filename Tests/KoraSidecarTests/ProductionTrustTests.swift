@@ -95,12 +95,16 @@ struct ProductionTrustTests {
             var options = SidecarOptions()
             options.store = InMemoryStore()
             try await withSidecar(configuration, options: options) { sidecar in
+                let body = TestEvent.body()
                 #expect(try await sendSigned(TestEvent.body(), to: sidecar, secret: "whsec_someone_else").status == 200)
-                #expect(try await sendSigned(TestEvent.body(), to: sidecar).status == 200)
+                #expect(try await sendSigned(body, to: sidecar).status == 200)
                 _ = try await receiver.waitFor(2)
+                // Kora's second copy of an event, failing verification: a duplicate, counted as unverified.
+                #expect(try await sendSigned(body, to: sidecar, secret: "whsec_someone_else").json?["duplicate"] == .bool(true))
                 let metrics = try await get(sidecar.internalURL("/metrics")).body
-                #expect(metrics.contains(#"kora_sidecar_webhooks_total{result="unverified",reason="INVALID_SIGNATURE"} 1"#))
+                #expect(metrics.contains(#"kora_sidecar_webhooks_total{result="unverified",reason="INVALID_SIGNATURE"} 2"#))
                 #expect(metrics.contains(#"kora_sidecar_webhooks_total{result="accepted"} 1"#))
+                #expect(!metrics.contains(#"kora_sidecar_webhooks_total{result="duplicate"}"#))
             }
         }
     }

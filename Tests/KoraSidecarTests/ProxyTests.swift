@@ -352,8 +352,9 @@ import Glibc
     @Test func readsGiveUpAfterMaxAttemptsAndPassKorasAnswerBack() async throws {
         let kora = ScriptedKora([.answer(500, [], #"{"error":"a"}"#), .answer(500, [], #"{"error":"b"}"#), .answer(500, [], #"{"error":"c"}"#)])
         let sleeper = SleepRecorder()
+        let logs = TestLogs()
         try await withScriptedKora(kora) { base in
-            try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()]), options: proxyOptions(sleeper)) { sidecar in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()]), options: proxyOptions(sleeper), logs: logs) { sidecar in
                 let answer = try await SDKStyleClient(baseURL: sidecar.internalURL("/api/v1"), apiKey: ProxySecrets.appToken)
                     .call(.HEAD, "/verifications/ver_1")
                 #expect(answer.status == 500)
@@ -361,6 +362,10 @@ import Glibc
                 #expect(sleeper.delays.count == 2)
             }
         }
+        // An operator sees Kora failing at the default level, once for the call, not for each try.
+        let failing = logs.all.filter { $0.hasPrefix("warning Kora answered with an error") }
+        #expect(failing.count == 1)
+        #expect(failing.first?.contains("kora.status=500") == true)
     }
 
     @Test func writesAreNotRetriedOn5xx() async throws {

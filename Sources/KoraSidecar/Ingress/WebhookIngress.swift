@@ -162,27 +162,30 @@ struct WebhookIngress: Sendable {
     /// The 200 Kora gets, with its log line and metric.
     private func answer(_ result: HandoffResult, unverified: SignatureFailure?, _ log: Logger.Metadata) -> Response {
         var log = log
+        let counted: String
         switch result {
         case .duplicate:
             log["webhook.result"] = "duplicate"
             logger.info("Webhook already seen", metadata: log)
-            metrics.webhook("duplicate")
-            return JSONResponse.make(.ok, Self.duplicateBody)
+            counted = "duplicate"
         case .unrouted:
             log["webhook.result"] = "unrouted"
             logger.warning("Webhook matched no service; kept as unrouted", metadata: log)
+            counted = "unrouted"
         case .taken(let recipients):
             log["webhook.result"] = "accepted"
             log["webhook.recipients"] = "\(recipients)"
             logger.info("Webhook accepted", metadata: log)
+            counted = "accepted"
         }
-        // Report-only rollouts count what failed verification apart, whatever became of it.
+        // Report-only rollouts count what failed verification apart, whatever became of it: a copy
+        // of an event already accepted too, else one of Kora's two copies could fail unseen.
         if let unverified {
             metrics.webhookUnverified(reason: unverified.rawValue)
         } else {
-            metrics.webhook(result == .unrouted ? "unrouted" : "accepted")
+            metrics.webhook(counted)
         }
-        return JSONResponse.make(.ok, Self.acceptedBody)
+        return JSONResponse.make(.ok, result == .duplicate ? Self.duplicateBody : Self.acceptedBody)
     }
 
     /// The two 200 bodies, encoded once.

@@ -30,6 +30,8 @@ struct KoraClient: Sendable {
     private let shares: [String: Int]
     private let metrics: SidecarMetrics
     private let logger: Logger
+    /// Kora failing answers every call at once: one line a second says so.
+    private let failedAnswers = LogThrottle(every: .seconds(1))
 
     init(
         kora: KoraConfiguration, client: HTTPClient, policy: ProxyRetryPolicy, budget: KoraBudget, shares: [String: Int],
@@ -134,7 +136,12 @@ struct KoraClient: Sendable {
                     .badGateway, code: "KORA_CREDENTIALS_REJECTED",
                     message: "Kora rejected the sidecar's credentials; an operator must check kora.apiKey and kora.tenantId.")
             }
-            logger.debug("Kora call answered", metadata: metadata())
+            if code >= 500 || code == 429 {
+                // Its retries spent (or none allowed): the service gets Kora's answer.
+                failedAnswers.log(metadata()) { logger.warning("Kora answered with an error; passed on to the service", metadata: $0) }
+            } else {
+                logger.debug("Kora call answered", metadata: metadata())
+            }
             return response
         }
     }

@@ -131,7 +131,7 @@ extension KoraProxy {
         if let (id, _, found) = latest {
             logger.notice(
                 "Repeated create found the verification the first call created", metadata: ["service": "\(caller.name)", "verification.id": "\(id)"])
-            try? await store.recordOrigin(verificationID: id, service: caller.name, at: .now())
+            await recordOrigin(of: id, service: caller.name)
             return CreateAnswer(status: .created, headers: [:], contentType: "application/json", body: JSONWriter.encode(found), verificationID: id)
         }
         return nil

@@ -179,16 +179,22 @@ struct KoraProxy: Sendable {
             logger.warning("Kora created a verification but its id was not found in the answer", metadata: ["service": "\(caller.name)"])
             return answer
         }
-        do {
-            try await store.recordOrigin(verificationID: id, service: caller.name, at: .now())
-        } catch {
-            // The verification exists at Kora: failing the call would make the service create another.
-            logger.error(
-                "The origin of a verification could not be stored; onlyOwnVerifications may not route its events",
-                metadata: ["service": "\(caller.name)", "verification.id": "\(id)", "error": "\(error)"])
-        }
+        await recordOrigin(of: id, service: caller.name)
         logger.info("Verification created through the proxy", metadata: ["service": "\(caller.name)", "verification.id": "\(id)"])
         return answer
+    }
+
+    /// Remembers that `service` created verification `id`, for `onlyOwnVerifications`. The
+    /// verification exists at Kora whatever happens here: failing the call would make the service
+    /// create another, so a failure is logged instead.
+    func recordOrigin(of id: String, service: String) async {
+        do {
+            try await store.recordOrigin(verificationID: id, service: service, at: .now())
+        } catch {
+            logger.error(
+                "The origin of a verification could not be stored; onlyOwnVerifications may not route its events",
+                metadata: ["service": "\(service)", "verification.id": "\(id)", "error": "\(error)"])
+        }
     }
 
     // MARK: Paths and payloads

@@ -24,6 +24,8 @@ package struct SidecarMetrics: Sendable {
         factory.defaultDurationHistogramBuckets = [
             .milliseconds(1), .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100),
             .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2.5), .seconds(5), .seconds(10), .seconds(30),
+            // Kora's and a service's time-outs go up to minutes: a slow-down past 30 s must not read as 30 s.
+            .seconds(60), .seconds(120), .seconds(300),
         ]
         self.factory = factory
     }
