@@ -221,6 +221,15 @@ struct DeliveryClientTests {
         let trustingClient = DeliveryClient(tls: trusting)
         let systemClient = DeliveryClient()
 
+        // An answer that ends where its connection does, closed without TLS's notice: its status holds.
+        let untilClose = try await ScriptedService(tls: server) { _, _ in .answerUntilClose }
+        let closing = try await deliver(with: trustingClient, to: "https://localhost:\(untilClose.port)/e")
+        #expect(closing.statusCode == 200, "\(closing.error ?? "")")
+        await untilClose.close()
+        let plainUntilClose = try await ScriptedService { _, _ in .answerUntilClose }
+        #expect(try await deliver(with: systemClient, to: "http://127.0.0.1:\(plainUntilClose.port)/e").statusCode == 200)
+        await plainUntilClose.close()
+
         let delivered = try await deliver(with: trustingClient, to: "https://localhost:\(service.port)/e")
         #expect(delivered.statusCode == 200, "\(delivered.error ?? "")")
         #expect(try await deliver(with: trustingClient, to: "https://localhost:\(service.port)/e").statusCode == 200)

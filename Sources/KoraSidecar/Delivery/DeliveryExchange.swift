@@ -150,6 +150,14 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // TLS closed without its notice after an answer that ends where its connection ends (no
+        // length, not chunked): many servers close so, and the decoder would only end the answer
+        // after this error. Its status is all an attempt needs.
+        if case NIOSSLError.uncleanShutdown = error, head.map(Self.endsAtClose) == true {
+            end(.success(false))
+            context.close(promise: nil)
+            return
+        }
         let failure: any Error =
             switch error {
             // A reset, an end of stream mid-answer, or TLS closed without its notice: the service
@@ -163,6 +171,12 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
         if pending == nil, lastStarted == nil { earlyFailure = earlyFailure ?? failure }
         end(.failure(failure))
         context.close(promise: nil)
+    }
+
+    /// Whether an answer with `head` has no length of its own: its body is what comes until the close.
+    private static func endsAtClose(_ head: HTTPResponseHead) -> Bool {
+        ![204, 304].contains(head.status.code) && !head.headers.contains(name: "content-length")
+            && !head.headers[canonicalForm: "transfer-encoding"].contains { $0.lowercased() == "chunked" }
     }
 
     /// How the exchange under way ends when the connection closes, by how far it got.

@@ -25,6 +25,9 @@ final class ScriptedService: Sendable {
         /// A 200, held until this many requests have arrived, over every connection: that many
         /// deliveries are then under way at once, each on a connection of its own.
         case answerOnceReceived(Int)
+        /// An HTTP/1.0 200 without a length, its body ending where the connection does; over TLS the
+        /// connection closes without TLS's close notice, as many servers close.
+        case answerUntilClose
     }
 
     /// One request read whole: on which connection, its body.
@@ -127,6 +130,17 @@ private final class ScriptedConnection: ChannelInboundHandler {
                 let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
                 let close = if case .headThenClose = reply { true } else { false }
                 context.writeAndFlush(wrapOutboundOut(.head(head))).whenComplete { _ in if close { bound.value.close(promise: nil) } }
+            case .answerUntilClose:
+                let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+                context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_0, status: .ok))), promise: nil)
+                context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: "ok"))))).whenComplete { _ in
+                    let context = bound.value
+                    // Without its TLS handler the close is the socket's alone: no close notice.
+                    if let tls = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self) {
+                        context.pipeline.syncOperations.removeHandler(tls, promise: nil)
+                    }
+                    context.channel.close(promise: nil)
+                }
             case .stall, .resetOnHead, .answerOnceReceived:
                 break
             }
