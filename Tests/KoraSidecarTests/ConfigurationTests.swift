@@ -164,6 +164,14 @@ struct ConfigurationTests {
         #expect(paths.contains("$.services[2].deliver.headers.Bad Header"))
         #expect(paths.contains("$.services[2].deliver.headers.X-Split"))
 
+        // A socket's request path goes on the request line as written: what HTTP refuses there is
+        // refused at start-up, not on every delivery.
+        for (path, refused) in [("/hooks/{svc}", true), ("/a b", true), ("/\u{fc}", true), ("/a#b", true), ("/kora%20events?x=1&y=[2]", false)] {
+            let found = problems(
+                #"{"webhooks": {"secrets": ["s"]}, "services": [{"name": "a", "deliver": {"unixSocket": "/tmp/s", "path": "\#(path)"}}]}"#)
+            #expect(found.map(\.path).contains("$.services[0].deliver.path") == refused, "\(path)")
+        }
+
         // The secret being replaced is a Standard Webhooks secret too, and needs the one replacing it.
         let rotation = problems(
             """

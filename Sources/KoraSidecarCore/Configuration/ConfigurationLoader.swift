@@ -320,7 +320,11 @@ extension SidecarConfiguration {
         case (nil, let socket?):
             checkSocketPath(socket, at: object.path("unixSocket"), reader)
             let path = object.string("path", default: "/")
-            if !path.hasPrefix("/") { reader.report(object.path("path"), "must start with /") }
+            if !path.hasPrefix("/") {
+                reader.report(object.path("path"), "must start with /")
+            } else if !HTTPURL.isRequestTarget(path) {
+                reader.report(object.path("path"), "must be percent-encoded where it holds a space, a #, a non-ASCII or another character a request line cannot carry")
+            }
             target = .unixSocket(socketPath: socket, path: path)
         case (.some, .some):
             reader.report(object.path, "give either url or unixSocket, not both")

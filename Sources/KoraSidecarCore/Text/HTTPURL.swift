@@ -24,6 +24,18 @@ package enum HTTPURL {
         return nil
     }
 
+    /// Whether `path` can go on a request line as it is: HTTP's clients refuse to send a space, a
+    /// control character, a non-ASCII byte or any of `"<>\\^`{|}` there (RFC 9112), and a `#`
+    /// would end it; those must be percent-encoded.
+    package static func isRequestTarget(_ path: String) -> Bool {
+        path.utf8.allSatisfy { byte in
+            switch byte {
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"): true
+            default: "-._~:/?[]@!$&'()*+,;=%".utf8.contains(byte)
+            }
+        }
+    }
+
     /// `text` with its user information, if any, shown as `***` (for the effective configuration):
     /// found by its `@` in the authority, so that no escape a parser might refuse can show it.
     package static func masked(_ text: String) -> String {
