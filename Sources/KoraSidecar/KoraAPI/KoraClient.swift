@@ -185,12 +185,15 @@ struct KoraClient: Sendable {
     }
 
     /// Request header names never forwarded: the caller's credentials and hop-by-hop headers
-    /// (RFC 9110 §7.6.1), plus what the client sets itself. `Accept-Encoding` is dropped so that
-    /// Kora answers uncompressed bytes the proxy can pass on unchanged.
-    static let droppedRequestHeaders: Set<String> = [
-        "authorization", "x-tenant-id", "cookie", "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-        "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect", "accept-encoding",
+    /// (RFC 9110 §7.6.1, every `Proxy-*` among them), plus what the client sets itself. The caller's
+    /// `Accept-Encoding` is replaced by `identity`, so that Kora answers bytes the proxy can read
+    /// (a create's id) and pass on unchanged: without the header, a server may compress as it likes.
+    private static let droppedRequestHeaders: Set<String> = [
+        "authorization", "x-tenant-id", "cookie", "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "host",
+        "content-length", "expect", "accept-encoding",
     ]
+
+    static func isDropped(_ name: String) -> Bool { droppedRequestHeaders.contains(name) || name.hasPrefix("proxy-") }
 
     private func upstreamRequest(_ call: KoraCall) -> HTTPClientRequest {
         var url = baseURL + call.path
@@ -201,9 +204,10 @@ struct KoraClient: Sendable {
         let listed = connection.isEmpty ? [] : Set(connection.flatMap { $0.split(separator: ",") }.map { $0.trimmingSpaces.lowercased() })
         for field in call.headers {
             let name = field.name.canonicalName
-            if Self.droppedRequestHeaders.contains(name) || listed.contains(name) { continue }
+            if Self.isDropped(name) || listed.contains(name) { continue }
             request.headers.add(name: field.name.rawName, value: field.value)
         }
+        request.headers.add(name: "Accept-Encoding", value: "identity")
         request.headers.add(name: "Authorization", value: "Bearer " + (kora.apiKey?.value ?? ""))
         request.headers.add(name: "X-Tenant-ID", value: kora.tenantId?.value ?? "")
         if call.body.readableBytes > 0 || ![HTTPRequest.Method.get, .head, .delete, .options].contains(call.method) {

@@ -15,6 +15,8 @@ enum ProxyAnswer {
             let passed =
                 lower.hasPrefix("x-ratelimit-")
                 || ["retry-after", "content-disposition", "location", "cache-control", "etag", "last-modified", "x-request-id"].contains(lower)
+                // Kora (or a CDN before it) may compress whatever was asked: the bytes pass unchanged, so their coding must too.
+                || lower == "content-encoding"
                 || lower == "content-type"
             if passed, let fieldName = HTTPField.Name(name) { fields.append(HTTPField(name: fieldName, value: value)) }
         }
