@@ -64,6 +64,24 @@ struct ListenerLimitsTests {
         }
     }
 
+    @Test func aClientStillSendingARefusedBodyGetsTheAnswerNotAReset() async throws {
+        try await directSidecar { sidecar in
+            // 4 MiB announced and sent in one go, over the 1 MiB limit: the 413 comes at once, and
+            // the connection lingers while the client finishes sending, instead of resetting it.
+            let connection = try RawConnection(port: sidecar.webhookPort, readTimeout: 30)
+            let size = 4 << 20
+            connection.send("POST /webhooks/koraidv HTTP/1.1\r\nHost: x\r\nContent-Length: \(size)\r\nX-Kora-Signature: \(String(repeating: "0", count: 64))\r\n\r\n")
+            let sentWhole = await offPool { connection.send([UInt8](repeating: 0x20, count: size)) }
+            #expect(sentWhole)
+            let response = await connection.response()
+            #expect(statusCode(of: response) == 413)
+            #expect(response.contains("PAYLOAD_TOO_LARGE"))
+            // The answer ends with the connection's end, not with a reset that a client still
+            // sending would get in its place.
+            #expect(await offPool { connection.readEnd() } == .endOfStream)
+        }
+    }
+
     @Test func bodiesBeingReceivedAreBoundedAcrossConnectionsAndGivenBack() async throws {
         // 72 bodies of nearly 1 MiB each, none finished: past their first 64 KiB, more than the
         // listener's 64 MiB for bodies being received. The ones past it get 503 at once; the others

@@ -32,8 +32,22 @@ package struct SidecarHTTPError: HTTPResponseError, Sendable {
         var headers = self.headers
         if closeConnection { headers[.connection] = "close" }
         return JSONResponse.make(status, JSONWriter.encode(["code": .string(code), "error": .string(message)]), headers: headers) {
-            if closeConnection { channel?.close(promise: nil) }
+            if closeConnection, let channel { Self.close(channel) }
         }
+    }
+
+    /// How long a refused request's client may go on sending before its connection closes whole.
+    static let linger = TimeAmount.seconds(2)
+
+    /// Closes a connection whose request was answered unread: its sending side at once, so that the
+    /// answer goes out whole and the client sees it end, then the rest after ``linger``, while the
+    /// server discards what still arrives. Closed at once with the client's bytes unread, the kernel
+    /// resets the connection: a client still sending its body got a reset instead of the answer.
+    static func close(_ channel: any Channel) {
+        let closed = channel.eventLoop.makePromise(of: Void.self)
+        closed.futureResult.whenFailure { _ in channel.close(promise: nil) }
+        channel.close(mode: .output, promise: closed)
+        channel.eventLoop.scheduleTask(in: linger) { channel.close(promise: nil) }
     }
 
     static func notFound() -> SidecarHTTPError { .init(.notFound, code: "NOT_FOUND", message: "There is nothing at this path.") }

@@ -86,12 +86,17 @@ final class RawConnection: @unchecked Sendable {
     }
 
     /// Whether the peer closed the connection (a read returns end of stream) within the read time-out.
-    func isClosedByPeer() -> Bool {
+    func isClosedByPeer() -> Bool { readEnd() != .timedOut }
+
+    /// How the peer's side of the connection ended, read within the read time-out.
+    enum End { case endOfStream, reset, timedOut }
+
+    func readEnd() -> End {
         var buffer = [UInt8](repeating: 0, count: 4096)
         while true {
             let count = recv(fd, &buffer, buffer.count, 0)
-            if count == 0 { return true }
-            if count < 0 { return errno == ECONNRESET }
+            if count == 0 { return .endOfStream }
+            if count < 0 { return errno == ECONNRESET ? .reset : .timedOut }
         }
     }
 }
