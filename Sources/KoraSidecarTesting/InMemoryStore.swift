@@ -75,6 +75,14 @@ final class InMemoryStore: SidecarStore {
         failure.withLockedValue { $0 = error }
     }
 
+    /// Awaited before each ``depth()`` answers (a slow count on a large outbox, in tests).
+    private let depthHold = NIOLockedValueBox<(@Sendable () async -> Void)?>(nil)
+
+    /// Makes each following ``depth()`` wait for `hold` first, or answer at once again with nil.
+    func holdDepth(_ hold: (@Sendable () async -> Void)?) {
+        depthHold.withLockedValue { $0 = hold }
+    }
+
     private func write<T>(_ body: (inout State) throws -> T) throws -> T {
         if let error = failure.withLockedValue({ $0 }) { throw error }
         return try state.withLockedValue { try body(&$0) }
@@ -352,7 +360,8 @@ final class InMemoryStore: SidecarStore {
     }
 
     package func depth() async throws -> [OutboxDepth] {
-        state.withLockedValue { state in
+        if let hold = depthHold.withLockedValue({ $0 }) { await hold() }
+        return state.withLockedValue { state in
             Dictionary(grouping: state.deliveries.values) { "\($0.summary.service)\u{0}\($0.summary.status.rawValue)" }
                 .values.map { group in
                     OutboxDepth(

@@ -2,6 +2,8 @@ import NIOConcurrencyHelpers
 import Testing
 
 @testable import KoraSidecar
+@testable import KoraSidecarCore
+@testable import KoraSidecarTesting
 
 @Suite("One run at a time")
 struct SingleFlightTests {
@@ -29,5 +31,39 @@ struct SingleFlightTests {
         #expect(Set(await results) == [1])
         // Once it has answered, the next caller gets a fresh run.
         #expect(await flight.run(work) == 2)
+    }
+
+    @Test func theOldestPendingAgeKeepsGrowingWhileTheOutboxCountIsLate() async throws {
+        let store = InMemoryStore()
+        let t0 = UnixTime.now()
+        let event = try EventNormalizer.normalize(body: TestEvent.body(), webhookID: nil, receivedAt: t0)
+        _ = try await store.enqueue(event, services: ["app"], at: t0, dedupSince: t0.adding(.seconds(-60)))
+        let metrics = SidecarMetrics()
+        let breakers = ServiceBreakers([], baseCooldown: .seconds(1), logger: quietLogger)
+        func age(at seconds: Int64) async -> String? {
+            let text = await metrics.render(
+                store: store, services: ["app"], readiness: Readiness(store: store), breakers: breakers, now: t0.adding(.seconds(seconds)))
+            return text.split(separator: "\n").first { $0.hasPrefix(#"kora_sidecar_oldest_pending_age_seconds{service="app"}"#) }
+                .map { String($0.split(separator: " ").last ?? "") }
+        }
+        #expect(await age(at: 10) == "10.0")
+        // The count outlasts the scrape's wait (a large outbox): the age still grows from what was read.
+        let gate = Gate()
+        let lateAnswers = NIOLockedValueBox(0)
+        store.holdDepth {
+            await gate.wait()
+            lateAnswers.withLockedValue { $0 += 1 }
+        }
+        #expect(await age(at: 100) == "100.0")
+        // The late count, once in, serves the next scrape, however slow that scrape's own count is.
+        _ = try await store.enqueue(
+            try EventNormalizer.normalize(body: TestEvent.body(), webhookID: nil, receivedAt: t0), services: ["app"], at: t0, dedupSince: t0)
+        gate.open()
+        try await waitUntil("the late count answered") { lateAnswers.withLockedValue { $0 } == 1 }
+        let never = Gate()
+        store.holdDepth { await never.wait() }
+        let text = await metrics.render(store: store, services: ["app"], readiness: Readiness(store: store), breakers: breakers, now: t0)
+        #expect(text.contains(#"kora_sidecar_outbox_depth{service="app",state="pending"} 2"#))
+        never.open()
     }
 }

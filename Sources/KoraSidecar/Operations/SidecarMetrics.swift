@@ -111,20 +111,27 @@ package struct SidecarMetrics: Sendable {
     static let storeWait = Duration.seconds(2)
     /// The store's counts, each asked once at a time however often `/metrics` is scraped: a scan
     /// of the outbox can outlast ``storeWait`` on a large table.
-    private let unroutedQuery = SingleFlight<Int?>()
-    private let depthQuery = SingleFlight<[OutboxDepth]?>()
+    private let unroutedQuery = SingleFlight<Void>()
+    private let depthQuery = SingleFlight<Void>()
+    /// The counts last read, kept by the query itself when it ends: one that outlasts a scrape's
+    /// wait serves the next scrape, and the oldest pending ages, computed at each scrape from the
+    /// times read, keep growing while the store does not answer (a stalled outbox still alerts).
+    private let lastUnrouted = NIOLockedValueBox<Int?>(nil)
+    private let lastDepth = NIOLockedValueBox<[OutboxDepth]?>(nil)
 
     /// Refreshes the outbox and readiness gauges, then renders every metric. The store is asked
     /// three things at once, each for at most ``storeWait``: no answer in time means not ready, and
-    /// the outbox gauges keep their last values.
+    /// the outbox gauges show the counts last read.
     func render(store: any SidecarStore, services: [String], readiness: Readiness, breakers: ServiceBreakers, now: UnixTime) async -> String {
         async let ready = try? Deadline.run(after: Self.storeWait, error: { CancellationError() }) { await readiness.problem() == nil }
-        async let unroutedCount = try? Deadline.run(after: Self.storeWait, error: { CancellationError() }) {
-            await self.unroutedQuery.run { try? await store.unroutedCount() }
+        async let unroutedRead: Void? = try? Deadline.run(after: Self.storeWait, error: { CancellationError() }) {
+            await self.unroutedQuery.run { if let count = try? await store.unroutedCount() { self.lastUnrouted.withLockedValue { $0 = count } } }
         }
-        async let outboxDepth = try? Deadline.run(after: Self.storeWait, error: { CancellationError() }) {
-            await self.depthQuery.run { try? await store.depth() }
+        async let depthRead: Void? = try? Deadline.run(after: Self.storeWait, error: { CancellationError() }) {
+            await self.depthQuery.run { if let depth = try? await store.depth() { self.lastDepth.withLockedValue { $0 = depth } } }
         }
+        _ = await (unroutedRead, depthRead)
+        let unroutedCount = lastUnrouted.withLockedValue { $0 }, outboxDepth = lastDepth.withLockedValue { $0 }
         Gauge(label: "kora_sidecar_ready", dimensions: [], factory: factory).record(await ready == true ? 1 : 0)
         for breaker in breakers.all {
             let current = breaker.snapshot.state
@@ -133,10 +140,10 @@ package struct SidecarMetrics: Sendable {
                     .record(state == current ? 1 : 0)
             }
         }
-        if let unrouted = await unroutedCount {
+        if let unrouted = unroutedCount {
             Gauge(label: "kora_sidecar_unrouted_events", dimensions: [], factory: factory).record(unrouted)
         }
-        if let depth = await outboxDepth {
+        if let depth = outboxDepth {
             // A service no longer configured has gauges while deliveries for it are pending: nothing
             // sends them any more, and its oldest pending age says so. Once none is, they all read 0.
             let orphaned = Set(depth.filter { $0.status == .pending && $0.count > 0 && !services.contains($0.service) }.map(\.service))
