@@ -149,6 +149,9 @@ struct ProductionTrustTests {
         let metrics = try await get(base + "/metrics")
         #expect(metrics.status == 200)
         #expect(metrics.body.contains("kora_sidecar_ready 1"))
+        // The SQLite store's disk, in bytes: something, and less than an exabyte.
+        let free = metrics.body.split(separator: "\n").first { $0.hasPrefix("kora_sidecar_store_free_bytes ") }
+        #expect(free.flatMap { Double($0.split(separator: " ")[1]) }.map { $0 > 0 && $0 < 1e18 } == true)
         #expect(try await get(base + "/healthz").status == 200)
         for path in ["/api/v1/idv/health", "/admin/deliveries", "/webhooks/koraidv"] {
             #expect(try await get(base + path).status == 404, "\(path)")

@@ -36,7 +36,7 @@ CONTRACT_METRICS = {
                    "REQUEST_TIMEOUT"},
         "reason": {"MISSING_SIGNATURE", "INVALID_SIGNATURE", "STALE_TIMESTAMP", "UNSUPPORTED_ALGORITHM"},
     },
-    "kora_sidecar_deliveries_total": {"service": None, "result": {"delivered", "retry", "dead", "refused"}},
+    "kora_sidecar_deliveries_total": {"service": None, "result": {"delivered", "retry", "dead", "refused", "not_recorded"}},
     "kora_sidecar_delivery_duration_seconds": {"service": None},
     "kora_sidecar_outbox_depth": {"service": None, "state": {"pending", "delivered", "dead"}},
     "kora_sidecar_oldest_pending_age_seconds": {"service": None},
@@ -47,6 +47,7 @@ CONTRACT_METRICS = {
     "kora_sidecar_webhooks_signed_late_total": {},
     "kora_sidecar_ready": {},
     "kora_sidecar_unrouted_events": {},
+    "kora_sidecar_store_free_bytes": {},
     "kora_sidecar_service_state": {"service": None, "state": {"closed", "open", "half_open"}},
 }
 HISTOGRAMS = {"kora_sidecar_delivery_duration_seconds", "kora_sidecar_kora_request_duration_seconds"}

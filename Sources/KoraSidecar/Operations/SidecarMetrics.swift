@@ -133,6 +133,10 @@ package struct SidecarMetrics: Sendable {
         _ = await (unroutedRead, depthRead)
         let unroutedCount = lastUnrouted.withLockedValue { $0 }, outboxDepth = lastDepth.withLockedValue { $0 }
         Gauge(label: "kora_sidecar_ready", dimensions: [], factory: factory).record(await ready == true ? 1 : 0)
+        // Readiness fails only below 1 MiB free: this is the warning before it.
+        if let free = (store as? SQLiteStore)?.freeDiskBytes {
+            Gauge(label: "kora_sidecar_store_free_bytes", dimensions: [], factory: factory).record(Double(free))
+        }
         for breaker in breakers.all {
             let current = breaker.snapshot.state
             for state in ServiceBreaker.State.allCases {

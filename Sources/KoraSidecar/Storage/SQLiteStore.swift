@@ -660,10 +660,15 @@ final class SQLiteStore: SidecarStore {
         try await database.write { db in
             try db.query("INSERT OR REPLACE INTO health(id, checked_at) VALUES(1, ?)", [.integer(at.milliseconds)])
         }
-        let directory = folder(of: database.path)
-        if let free = DiskSpace.freeBytes(at: directory.isEmpty ? "." : directory), free < DiskSpace.minimumFreeBytes {
+        if let free = freeDiskBytes, free < DiskSpace.minimumFreeBytes {
             throw StoreDiskFull(freeBytes: free)
         }
+    }
+
+    /// The bytes still free on the file system holding the store (a metric, and readiness).
+    var freeDiskBytes: UInt64? {
+        let directory = folder(of: database.path)
+        return DiskSpace.freeBytes(at: directory.isEmpty ? "." : directory)
     }
 }
 
