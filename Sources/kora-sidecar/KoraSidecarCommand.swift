@@ -214,6 +214,7 @@ struct Deliveries: AsyncParsableCommand {
 
         @OptionGroup var options: ConfigOption
         @Option(help: "pending, delivered, dead, quarantined or unrouted.") var status: String?
+        @Option(help: "Only deliveries to this service.") var service: String?
         @Option(help: "At most this many (1 to 100000).") var limit: Int = 100
 
         func validate() throws {
@@ -223,9 +224,12 @@ struct Deliveries: AsyncParsableCommand {
             if let status, OperatorActions.Listing(rawValue: status) == nil {
                 throw ValidationError("--status must be \(OperatorActions.Listing.choices), not \(status).")
             }
+            if service != nil, ["quarantined", "unrouted"].contains(status) {
+                throw ValidationError("--service selects deliveries: \(status ?? "") entries have no service.")
+            }
         }
 
-        func run() async throws { try await Deliveries.run(.list(status: status, limit: limit), options: options) }
+        func run() async throws { try await Deliveries.run(.list(status: status, service: service, limit: limit), options: options) }
     }
 
     struct Show: AsyncParsableCommand {

@@ -63,6 +63,11 @@ struct ProcessTests {
             let listed = try await Binary.run(["deliveries", "list", "--status", "delivered", "--config", config])
             #expect(listed.status == 0)
             #expect(listed.stdout.contains("evt_drain"))
+            // One service's deliveries, as the alerts' runbooks list them.
+            let own = try await Binary.run(["deliveries", "list", "--status", "delivered", "--service", "app", "--config", config])
+            #expect(own.stdout.contains("evt_drain"), "\(own)")
+            let other = try await Binary.run(["deliveries", "list", "--status", "delivered", "--service", "other", "--config", config])
+            #expect(other.status == 0 && !other.stdout.contains("evt_drain"), "\(other)")
             #expect(child.log.contains { $0.contains("\"level\":\"info\"") })
         }
     }
@@ -230,6 +235,8 @@ struct ProcessTests {
         #expect(unbounded.status == 2 && unbounded.stderr.contains("--limit must be from 1 to 100000"), "\(unbounded)")
         let unknownStatus = try await Binary.run(["deliveries", "list", "--status", "bogus", "--config", good])
         #expect(unknownStatus.status == 2 && unknownStatus.stderr.contains("--status must be pending"), "\(unknownStatus)")
+        let serviceOfNothing = try await Binary.run(["deliveries", "list", "--status", "unrouted", "--service", "app", "--config", good])
+        #expect(serviceOfNothing.status == 2 && serviceOfNothing.stderr.contains("--service selects deliveries"), "\(serviceOfNothing)")
         #expect(try await Binary.run(["no-such-command"]).status == 2)
     }
 

@@ -5,7 +5,7 @@ import Logging
 package enum DeliveriesCommand {
     /// What to do.
     package enum Action: Sendable {
-        case list(status: String?, limit: Int)
+        case list(status: String?, service: String?, limit: Int)
         case show(id: Int64)
         case retry(id: Int64)
         case retryAll(OperatorActions.RetrySelection)
@@ -18,14 +18,14 @@ package enum DeliveriesCommand {
     /// - Throws: ``StartupError`` for a status that does not exist or an unknown id.
     package static func run(_ action: Action, store: any SidecarStore, services: [DeliveryService], logger: Logger) async throws -> String {
         switch action {
-        case .list(let statusText, let limit):
+        case .list(let statusText, let service, let limit):
             let listing = try statusText.map { text in
                 guard let listing = OperatorActions.Listing(rawValue: text) else {
                     throw StartupError("--status must be \(OperatorActions.Listing.choices), not \(text).")
                 }
                 return listing
             }
-            return render(try await OperatorActions.list(listing, limit: limit, store: store))
+            return render(try await OperatorActions.list(listing, service: service, limit: limit, store: store))
         case .show(let id):
             guard let detail = try await store.delivery(id: id) else { throw StartupError("There is no delivery \(id).") }
             return render(OperatorActions.show(detail, services: services))

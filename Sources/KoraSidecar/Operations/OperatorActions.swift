@@ -12,9 +12,10 @@ package enum OperatorActions {
         package static let choices = "pending, delivered, dead, quarantined or unrouted"
     }
 
-    /// The newest `limit` entries of `listing` (every delivery when nil), as operators see them.
-    static func list(_ listing: Listing?, limit: Int, store: any SidecarStore) async throws -> JSONValue {
-        try await page(listing, filter: DeliveryFilter(statuses: []), before: nil, limit: limit, store: store).entries
+    /// The newest `limit` entries of `listing` (every delivery when nil), of `service` when given,
+    /// as operators see them.
+    static func list(_ listing: Listing?, service: String? = nil, limit: Int, store: any SidecarStore) async throws -> JSONValue {
+        try await page(listing, filter: DeliveryFilter(statuses: [], service: service), before: nil, limit: limit, store: store).entries
     }
 
     /// One page of `listing`: deliveries that `filter` selects, older than `before`, and the
