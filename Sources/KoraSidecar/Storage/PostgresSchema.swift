@@ -117,9 +117,12 @@ enum PostgresSchema {
     /// Brings the schema to the newest version, inside the caller's transaction. Replicas starting
     /// at the same moment queue on an advisory lock, so each version is applied exactly once.
     static func migrate(_ connection: PostgresConnection, logger: Logger) async throws {
-        // A migration may take longer than a store call, and waits for another replica's.
+        // A migration may take longer than a store call, and waits for another replica's. A replica
+        // cut off mid-migration gives its locks on the main tables back within a minute, not when TCP
+        // gives up.
         try await connection.query("SET LOCAL statement_timeout = 0", logger: logger)
         try await connection.query("SET LOCAL lock_timeout = 0", logger: logger)
+        try await connection.query("SET LOCAL idle_in_transaction_session_timeout = '60s'", logger: logger)
         try await connection.query("SELECT pg_advisory_xact_lock(\(migrationLock))", logger: logger)
         try await connection.query("CREATE TABLE IF NOT EXISTS kora_schema_version(version BIGINT NOT NULL)", logger: logger)
         let current = try await connection.query("SELECT version FROM kora_schema_version", logger: logger).collect()
