@@ -207,6 +207,10 @@ struct DeliveryControlTests {
                 let services = try await get(sidecar.internalURL("/admin/services")).json?["services"]
                 #expect(services?[0]?["state"] == "open")
                 #expect(services?[0]?["consecutiveFailures"]?.text == "2")
+                // The metric says why each was answered 503: refused by the service, then held back.
+                let metrics = try await get(sidecar.internalURL("/metrics")).body
+                #expect(metrics.contains(#"kora_sidecar_webhooks_total{result="UNAVAILABLE",reason="service_refused"} 2"#))
+                #expect(metrics.contains(#"kora_sidecar_webhooks_total{result="UNAVAILABLE",reason="service_held"} 1"#))
             }
         }
     }

@@ -231,6 +231,7 @@ struct IngressTests {
             let answer = try await sendSigned(event("evt_full"), to: sidecar)
             #expect(answer.status == 503)
             #expect(answer.code == "UNAVAILABLE")
+            #expect(try await get(sidecar.internalURL("/metrics")).body.contains(#"kora_sidecar_webhooks_total{result="UNAVAILABLE",reason="store"} 1"#))
             let ready = try await get(sidecar.internalURL("/readyz"))
             #expect(ready.status == 503)
             #expect(ready.json?["reason"]?.text?.contains("store") == true)

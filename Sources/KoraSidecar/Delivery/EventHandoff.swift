@@ -36,7 +36,7 @@ extension EventHandoff {
             return recipients.isEmpty ? .unrouted : .taken(recipients: recipients.count)
         } catch {
             logger.error("Webhook not stored", metadata: log.merging(["error": "\(error)"]) { $1 })
-            throw .unavailable("The sidecar could not store the event; retry later.")
+            throw .unavailable("The sidecar could not store the event; retry later.", reason: .store)
         }
     }
 
@@ -54,7 +54,7 @@ extension EventHandoff {
     /// Logs a failed store read and gives the 503 that makes Kora retry.
     func storeUnavailable(_ error: any Error, logger: Logger, log: Logger.Metadata) -> SidecarHTTPError {
         logger.error("Store unavailable", metadata: log.merging(["error": "\(error)"]) { $1 })
-        return .unavailable("The sidecar cannot reach its store; retry later.")
+        return .unavailable("The sidecar cannot reach its store; retry later.", reason: .store)
     }
 }
 
@@ -105,7 +105,7 @@ struct DirectHandoff: EventHandoff {
     ) async throws(SidecarHTTPError) -> HandoffResult {
         // Kora's two copies of an event (dashboard and callback URL) arrive together: the second
         // waits for Kora's retry rather than being delivered twice.
-        guard inFlight.begin(event.dedupKeys) else { throw .unavailable("The same event is being delivered now; retry later.") }
+        guard inFlight.begin(event.dedupKeys) else { throw .unavailable("The same event is being delivered now; retry later.", reason: .inFlight) }
         defer { inFlight.end(event.dedupKeys) }
         do {
             if try await delivered.contains(any: event.dedupKeys, since: dedupSince) { return .duplicate }
@@ -117,7 +117,7 @@ struct DirectHandoff: EventHandoff {
             return try await commit(event, for: [], at: now, dedupSince: dedupSince, store: store, logger: logger, log: log)
         }
         try admit(recipients, log)
-        guard await deliver(event, to: recipients, log) else { throw .unavailable("A service did not accept the event; retry later.") }
+        guard await deliver(event, to: recipients, log) else { throw .unavailable("A service did not accept the event; retry later.", reason: .serviceRefused) }
         delivered.record(event.dedupKeys, at: now)
         return .taken(recipients: recipients.count)
     }
@@ -136,7 +136,7 @@ struct DirectHandoff: EventHandoff {
             guard let refusal else { continue }
             for earlier in recipients[..<index] { ServiceHold.giveBack(earlier.name, breakers: breakers, rateLimits: rateLimits) }
             logger.notice("Direct delivery held back", metadata: log.merging(["service": "\(service.name)"]) { $1 })
-            throw .unavailable(refusal)
+            throw .unavailable(refusal, reason: .serviceHeld)
         }
     }
 

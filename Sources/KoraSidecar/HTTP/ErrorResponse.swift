@@ -13,6 +13,8 @@ package struct SidecarHTTPError: HTTPResponseError, Sendable {
     /// Whether to close the connection instead of reading the rest of the request.
     var closeConnection: Bool
     package var headers: HTTPFields
+    /// Why a 503 was answered, for the metric (its `reason`): one code tells an outage from routine.
+    var unavailableReason: UnavailableReason?
 
     package init(_ status: HTTPResponse.Status, code: String, message: String, closeConnection: Bool = false, headers: HTTPFields = [:]) {
         self.status = status
@@ -64,13 +66,15 @@ package struct SidecarHTTPError: HTTPResponseError, Sendable {
         .init(.requestTimeout, code: "REQUEST_TIMEOUT", message: "The body was not received in time.", closeConnection: true)
     }
 
-    static func unavailable(_ message: String) -> SidecarHTTPError {
-        .init(.serviceUnavailable, code: "UNAVAILABLE", message: message, headers: [.retryAfter: "5"])
+    static func unavailable(_ message: String, reason: UnavailableReason? = nil) -> SidecarHTTPError {
+        var error = SidecarHTTPError(.serviceUnavailable, code: "UNAVAILABLE", message: message, headers: [.retryAfter: "5"])
+        error.unavailableReason = reason
+        return error
     }
 
     /// The listener holds as many bodies as it may (``BodyBudget``); the rest of this one is not read.
     static func busy() -> SidecarHTTPError {
-        var busy = unavailable("The sidecar is receiving too much at once; retry later.")
+        var busy = unavailable("The sidecar is receiving too much at once; retry later.", reason: .busy)
         busy.closeConnection = true
         return busy
     }
@@ -78,6 +82,13 @@ package struct SidecarHTTPError: HTTPResponseError, Sendable {
     /// A call still waiting when the sidecar stops: its caller retries (another replica, or this
     /// one once restarted).
     static func stopping() -> SidecarHTTPError { unavailable("The sidecar is stopping; retry the call.") }
+}
+
+/// Why a webhook was answered 503: the store failed (an outage), a service refused the event or was
+/// held back (direct mode), the same event was being delivered at that moment (Kora's second copy,
+/// routine in direct mode), or the listener was receiving too much at once.
+enum UnavailableReason: String, Sendable {
+    case store, serviceRefused = "service_refused", serviceHeld = "service_held", inFlight = "in_flight", busy
 }
 
 /// JSON responses.

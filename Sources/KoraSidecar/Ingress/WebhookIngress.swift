@@ -56,7 +56,7 @@ struct WebhookIngress: Sendable {
         do {
             return try await accept(request, context: context)
         } catch {
-            metrics.webhook(error.code)
+            metrics.webhook(error.code, reason: error.unavailableReason?.rawValue)
             return error.response(channel: context.channel)
         }
     }
@@ -210,7 +210,7 @@ struct WebhookIngress: Sendable {
             try await store.quarantine(payload)
         } catch {
             logger.error("Payload could not be quarantined", metadata: metadata.merging(["error": "\(error)"]) { $1 })
-            throw .unavailable("The sidecar could not store the payload; retry later.")
+            throw .unavailable("The sidecar could not store the payload; retry later.", reason: .store)
         }
         logger.warning("Signed payload quarantined", metadata: metadata)
     }

@@ -30,9 +30,9 @@ package struct SidecarMetrics: Sendable {
         self.factory = factory
     }
 
-    /// One webhook answered: `accepted`, `duplicate`, `unrouted`, or the error code.
-    func webhook(_ result: String) {
-        counter("kora_sidecar_webhooks_total", [("result", result)]).increment()
+    /// One webhook answered: `accepted`, `duplicate`, `unrouted`, or the error code, with why for `UNAVAILABLE`.
+    func webhook(_ result: String, reason: String? = nil) {
+        counter("kora_sidecar_webhooks_total", [("result", result)] + (reason.map { [("reason", $0)] } ?? [])).increment()
         webhookMinutes.add(result, at: .now())
     }
 
