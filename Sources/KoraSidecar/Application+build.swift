@@ -222,7 +222,7 @@ extension HTTPServerBuilder {
             configuration: .init(
                 additionalChannelHandlers: [
                     RequestDeadline(deadline: .seconds(Int64(limits.readTimeoutSeconds))),
-                    ExpectContinue(maxBodyBytes: limits.maxBodyBytes),
+                    ExpectContinue(),
                 ],
                 idleTimeout: .seconds(Int64(limits.idleTimeoutSeconds)),
                 httpDecoderConfiguration: .init(

@@ -315,12 +315,21 @@ struct ProductionTrustTests {
         var options = SidecarOptions()
         options.store = InMemoryStore()
         try await withSidecar(configuration, options: options, logs: logs) { sidecar in
-            let upload = try RawConnection(port: try #require(sidecar.internalPort))
-            upload.send("POST /api/verifications HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+            let body = TestEvent.body()
+            let signed = try RawConnection(port: sidecar.webhookPort)
+            signed.send(
+                "POST /webhooks/koraidv HTTP/1.1\r\nHost: x\r\nContent-Length: \(body.count)\r\nExpect: 100-continue\r\n"
+                    + KoraSignature.headers(scheme: .timestamped, secret: Secret(TestSecrets.webhook), body: body, timestamp: UnixTime.now().seconds)
+                    .map { "\($0.name): \($0.value)\r\n" }.joined() + "\r\n")
             // Nothing of the body has been sent: only the interim answer can arrive.
-            #expect(await upload.head() == "HTTP/1.1 100 Continue\r\n\r\n")
-            upload.send("{}")
-            #expect(statusCode(of: await upload.response()) == 401)
+            #expect(await signed.head() == "HTTP/1.1 100 Continue\r\n\r\n")
+            signed.send(body)
+            #expect(statusCode(of: await signed.response()) == 200)
+
+            // Refused before its body is read: the refusal comes without a 100, so no upload starts.
+            let unsigned = try RawConnection(port: sidecar.webhookPort)
+            unsigned.send("POST /webhooks/koraidv HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+            #expect(statusCode(of: await unsigned.head()) == 401)
 
             // A body larger than the listener takes gets its 413 at once, without a 100 first.
             let tooLarge = try RawConnection(port: sidecar.webhookPort)

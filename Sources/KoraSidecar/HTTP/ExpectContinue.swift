@@ -3,27 +3,53 @@ import HummingbirdCore
 import KoraSidecarCore
 import NIOCore
 
-/// Answers `Expect: 100-continue` with `100 Continue` as soon as the request head arrives, so that
-/// a client (curl, most HTTP libraries) sends a large upload at once instead of waiting a second
-/// for an answer that would otherwise never come. A body declared larger than the listener takes
-/// gets no `100`: the route answers 413 before reading it.
+/// Answers `Expect: 100-continue` with `100 Continue` when the route starts reading the body
+/// (``BodyReader`` asks for it with ``ExpectContinue/Requested``), so that a client (curl, most HTTP
+/// libraries) sends its upload at once instead of waiting a second for an answer that would
+/// otherwise never come. A request refused before its body is read (no signature, a body declared
+/// larger than the route takes, a wrong path) gets its refusal without a `100` first, so the client
+/// never starts an upload nobody reads; and a `100` is only ever written while the request it
+/// belongs to is the one being answered, never inside an earlier answer still being sent.
 final class ExpectContinue: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTP1Channel.Value.InboundElement
     typealias InboundOut = InboundIn
     typealias OutboundIn = HTTP1Channel.Value.OutboundElement
     typealias OutboundOut = OutboundIn
 
-    private let maxBodyBytes: Int
+    /// What a route sends down the pipeline when it starts reading a request's body.
+    struct Requested {}
 
-    init(maxBodyBytes: Int) { self.maxBodyBytes = maxBodyBytes }
+    /// For each request received and not yet answered, in order: whether it still waits for its `100`.
+    private var owed: [Bool] = []
+
+    init() {}
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        if case .head(let head) = unwrapInboundIn(data), let expect = head.headerFields[.expect],
-            expect.lowercased() == "100-continue",
-            head.headerFields[.contentLength].flatMap({ Int($0) }).map({ $0 <= maxBodyBytes }) ?? true
-        {
-            context.writeAndFlush(wrapOutboundOut(.head(HTTPResponse(status: .continue))), promise: nil)
+        if case .head(let head) = unwrapInboundIn(data) {
+            owed.append(head.headerFields[.expect]?.lowercased() == "100-continue")
         }
         context.fireChannelRead(data)
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        switch unwrapOutboundIn(data) {
+        // A final answer: what it answers owes no `100` any more, and once it ends the next request is current.
+        case .head(let head) where head.status.code >= 200:
+            if !owed.isEmpty { owed[0] = false }
+        case .end:
+            if !owed.isEmpty { owed.removeFirst() }
+        default:
+            break
+        }
+        context.write(data, promise: promise)
+    }
+
+    func triggerUserOutboundEvent(context: ChannelHandlerContext, event: Any, promise: EventLoopPromise<Void>?) {
+        guard event is Requested else { return context.triggerUserOutboundEvent(event, promise: promise) }
+        if owed.first == true {
+            owed[0] = false
+            context.writeAndFlush(wrapOutboundOut(.head(HTTPResponse(status: .continue))), promise: nil)
+        }
+        promise?.succeed()
     }
 }
