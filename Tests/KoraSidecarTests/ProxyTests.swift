@@ -361,6 +361,7 @@ import Glibc
                 let answer = try await SDKStyleClient(baseURL: sidecar.internalURL("/api/v1"), apiKey: ProxySecrets.appToken)
                     .call(.HEAD, "/verifications/ver_1")
                 #expect(answer.status == 500)
+                #expect(answer.header("content-length") == "\(#"{"error":"c"}"#.utf8.count)", "HEAD says the length Kora said")
                 #expect(kora.requests.count == 3)
                 #expect(sleeper.delays.count == 2)
             }

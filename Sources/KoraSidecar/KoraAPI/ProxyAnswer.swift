@@ -30,8 +30,12 @@ enum ProxyAnswer {
     /// streaming machinery), else its body streamed through as it arrives.
     static func passBack(_ response: HTTPClientResponse, head: Bool) async throws(SidecarHTTPError) -> Response {
         let status = HTTPResponse.Status(code: Int(response.status.code), reasonPhrase: response.status.reasonPhrase)
-        let headers = passedHeaders(response.headers)
-        if head { return Response(status: status, headers: headers, body: .init()) }
+        var headers = passedHeaders(response.headers)
+        if head {
+            // The length a GET would have, as Kora said it: the empty body would otherwise say 0.
+            if let length = response.headers.first(name: "content-length") { headers[.contentLength] = length }
+            return Response(status: status, headers: headers, body: .init())
+        }
         let length = response.headers.first(name: "content-length").flatMap { Int($0) }
         if let length, length <= bufferedAnswerBytes {
             do {
