@@ -464,7 +464,7 @@ struct StoreTests {
     @Test func sqliteBindsTextWithItsLength() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        let database = try SQLiteDatabase(path: directory + "/store.sqlite", migrations: SQLiteStore.migrations)
+        let database = try SQLiteDatabase(path: directory + "/store.sqlite", migrations: SQLiteStore.migrations, oldestReader: SQLiteStore.oldestReader)
         defer { database.close() }
         // Bound as a C string, text ended at its NUL: "ver_1\0x" was "ver_1", and an erasure of the
         // one erased the other.
@@ -479,7 +479,7 @@ struct StoreTests {
     @Test func sqliteReadsDoNotWaitForAnOpenWriteTransaction() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        let database = try SQLiteDatabase(path: directory + "/store.sqlite", migrations: SQLiteStore.migrations)
+        let database = try SQLiteDatabase(path: directory + "/store.sqlite", migrations: SQLiteStore.migrations, oldestReader: SQLiteStore.oldestReader)
         defer { database.close() }
         let ids: @Sendable (SQLiteConnection) throws -> [String] = { db in
             try db.query("SELECT event_id FROM seen_events ORDER BY event_id").map { $0.string(0) }
@@ -513,7 +513,7 @@ struct StoreTests {
     ) async throws -> (results: [Bool], ids: [String]) {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        let database = try SQLiteDatabase(path: directory + "/store.sqlite", migrations: SQLiteStore.migrations)
+        let database = try SQLiteDatabase(path: directory + "/store.sqlite", migrations: SQLiteStore.migrations, oldestReader: SQLiteStore.oldestReader)
         defer { database.close() }
         // The writer is held in a first write while the three queue behind it, in order.
         let entered = DispatchSemaphore(value: 0)
@@ -570,7 +570,7 @@ struct StoreTests {
     @Test func onlyWritesThatNeedNotBeDurableSkipTheSync() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        let database = try SQLiteDatabase(path: directory + "/store.sqlite", migrations: SQLiteStore.migrations)
+        let database = try SQLiteDatabase(path: directory + "/store.sqlite", migrations: SQLiteStore.migrations, oldestReader: SQLiteStore.oldestReader)
         defer { database.close() }
         let synchronous: @Sendable (SQLiteConnection) throws -> Int64? = { try $0.query("PRAGMA synchronous").first?.int(0) }
         #expect(try await database.write(synchronous) == 2)
@@ -632,18 +632,25 @@ struct StoreTests {
         #expect(try await first.depth().first?.count == 50)
     }
 
-    @Test func aStoreFromANewerVersionIsRefusedAtOpening() async throws {
+    @Test func aStoreFromANewerVersionOpensOnlyWhereItSaysItCan() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let path = directory + "/store.sqlite"
         try SQLiteStore(path: path, protection: .sealedForTests).close()
         let newer = SQLiteStore.migrations.count + 1
-        let result = try await runTool("/usr/bin/sqlite3", [path, "PRAGMA user_version=\(newer)"])
+        // A newer version whose migration only added: this one still opens the store (a rollback).
+        let additive = try await runTool("/usr/bin/sqlite3", [path, "PRAGMA user_version=\(newer); ALTER TABLE deliveries ADD COLUMN later TEXT;"])
+        #expect(additive.status == 0, "\(additive.stderr)")
+        let opened = try SQLiteStore(path: path, protection: .sealedForTests)
+        #expect(try await opened.depth().isEmpty)
+        opened.close()
+        // One that changed what rows mean says so, and this one refuses the store.
+        let result = try await runTool("/usr/bin/sqlite3", [path, "UPDATE schema_reader SET oldest = \(newer)"])
         #expect(result.status == 0, "\(result.stderr)")
         #expect {
             try SQLiteStore(path: path, protection: .sealedForTests)
         } throws: { error in
-            "\(error)".contains("schema version \(newer) was written by a newer kora-sidecar")
+            "\(error)".contains("schema version \(newer) was written by a newer kora-sidecar (this one knows \(newer - 1); it needs \(newer))")
         }
     }
 

@@ -19,8 +19,9 @@ final class SQLiteDatabase: Sendable {
     let path: String
 
     /// Opens the database at `path` (creating its folder and file), in WAL mode with `synchronous=FULL`
-    /// so that a commit is on disk before it returns, and applies `migrations` in order.
-    init(path: String, migrations: [String]) throws {
+    /// so that a commit is on disk before it returns, and applies `migrations` in order; it records
+    /// `oldestReader`, the fewest migrations a binary must know to use the database after them.
+    init(path: String, migrations: [String], oldestReader: Int) throws {
         self.path = path
         let directory = folder(of: path)
         if !directory.isEmpty, !FileManager.default.fileExists(atPath: directory) {
@@ -31,7 +32,7 @@ final class SQLiteDatabase: Sendable {
         guard mode == "wal" else { throw SQLiteError(code: 1, message: "cannot switch to WAL mode") }
         // secure_delete: a deleted body (erased, expired, re-sealed) is overwritten, not left in free pages.
         try connection.execute("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA secure_delete=ON;")
-        try Self.migrate(connection, migrations)
+        try Self.migrate(connection, migrations, oldestReader: oldestReader)
         // Opened once the writer has created and migrated the file.
         let readConnection = try SQLiteConnection(path: path, readOnly: true)
         writer = SQLiteThread(connection, name: "kora-sqlite", writes: true)
@@ -64,12 +65,20 @@ final class SQLiteDatabase: Sendable {
         writer.close()
     }
 
-    private static func migrate(_ connection: SQLiteConnection, _ migrations: [String]) throws {
+    private static func migrate(_ connection: SQLiteConnection, _ migrations: [String], oldestReader: Int) throws {
         func version() throws -> Int {
             let version = Int(try connection.query("PRAGMA user_version").first?.int(0) ?? 0)
             if version > migrations.count {
-                // SQLITE_CANTOPEN: a newer kora-sidecar's store may not mean what this build would read.
-                throw SQLiteError(code: 14, message: "schema version \(version) was written by a newer kora-sidecar (this one knows \(migrations.count))")
+                // A newer kora-sidecar migrated it: usable here only if it says so (its changes only added).
+                let reader = try? connection.query("SELECT oldest FROM schema_reader").first?.int(0)
+                guard let reader, reader <= migrations.count else {
+                    // SQLITE_CANTOPEN: a newer kora-sidecar's store may not mean what this build would read.
+                    throw SQLiteError(
+                        code: 14,
+                        message: "schema version \(version) was written by a newer kora-sidecar (this one knows \(migrations.count)"
+                            + (reader.map { "; it needs \($0)" } ?? "") + ")")
+                }
+                return migrations.count
             }
             return version
         }
@@ -80,6 +89,10 @@ final class SQLiteDatabase: Sendable {
             // `deliveries` command) may have migrated it since, and a second run of a version fails.
             for migration in migrations[try version()...] { try connection.execute(migration) }
             try connection.execute("PRAGMA user_version=\(migrations.count)")
+            try connection.execute("CREATE TABLE IF NOT EXISTS schema_reader(oldest INTEGER NOT NULL)")
+            let recorded = try connection.query("SELECT oldest FROM schema_reader").first?.int(0) ?? 0
+            try connection.execute("DELETE FROM schema_reader")
+            try connection.execute("INSERT INTO schema_reader(oldest) VALUES(\(max(Int64(oldestReader), recorded)))")
             try connection.execute("COMMIT")
         } catch {
             try? connection.execute("ROLLBACK")

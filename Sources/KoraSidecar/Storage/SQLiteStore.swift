@@ -75,9 +75,14 @@ final class SQLiteStore: SidecarStore {
         """,
     ]
 
+    /// The fewest migrations a kora-sidecar must know to use a store this one migrated. When a new
+    /// migration only adds (a nullable column, a table, an index), keep this at the number before it:
+    /// the version before can then still open the store, so that it can be rolled back to.
+    static let oldestReader = migrations.count
+
     /// Opens (creating when needed) the store at `path`, sealing and keeping bodies as `protection` says.
     init(path: String, protection: DataProtection) throws {
-        database = try SQLiteDatabase(path: path, migrations: Self.migrations)
+        database = try SQLiteDatabase(path: path, migrations: Self.migrations, oldestReader: Self.oldestReader)
         self.protection = protection
     }
 
