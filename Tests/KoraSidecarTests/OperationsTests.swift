@@ -78,6 +78,10 @@ struct OperationsTests {
             let unknown = try await get(sidecar.internalURL("/nothing"))
             #expect(unknown.status == 404)
             #expect(unknown.code == "NOT_FOUND")
+            // Every JSON answer, data and errors alike, is only ever read as JSON.
+            for answer in [unknown, try await get(sidecar.internalURL("/admin/services"))] {
+                #expect(answer.headers.first(name: "x-content-type-options") == "nosniff")
+            }
         }
     }
 

@@ -232,6 +232,7 @@ def test_the_console_is_served_with_its_security_headers(sidecar):
             assert response.headers["X-Content-Type-Options"] == "nosniff", path
             assert response.headers["Referrer-Policy"] == "no-referrer", path
             assert response.headers["Cache-Control"] == "no-store", path
+            assert response.headers["Cross-Origin-Opener-Policy"] == "same-origin", path
             assert response.read() == (CONSOLE / source).read_bytes(), \
                 f"the binary serves another {source} than the repository's: rebuild it"
     with pytest.raises(urllib.error.HTTPError) as refused:  # while the API itself needs the token
@@ -367,3 +368,28 @@ def test_a_body_is_shown_as_sent_and_a_broken_address_says_so(binary, receiver, 
     finally:
         stop(open_sidecar.process)
 
+
+
+def test_a_quarantined_body_stays_closed_until_it_is_opened(binary, receiver, tmp_path, browser):
+    """The quarantine view lists a page of payloads; each body, which may hold identity data, is shown
+    only when the operator opens it."""
+    open_sidecar = Sidecar(binary, tmp_path / "quarantine", receiver, None)
+    try:
+        body = b'{"id": "evt_broken", "documentNumber": "Q-MARKER-123", '  # signed, but not JSON
+        timestamp = str(int(time.time()))
+        signature = hmac.new(KORA_SECRET.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{open_sidecar.webhook_port}/webhooks/koraidv", data=body, method="POST",
+            headers={"Content-Type": "application/json", "X-Timestamp": timestamp, "X-Signature": signature,
+                     "X-Signature-Algorithm": "sha256"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 400
+
+        browser.get(f"{open_sidecar.base}/admin/#/quarantine")
+        until(browser, lambda d: css(d, "main article.payload"), "the quarantined payload")
+        assert "Q-MARKER-123" not in css(browser, "main")[0].text
+        css(browser, "main details.payload-body summary")[0].click()
+        until(browser, lambda d: "Q-MARKER-123" in css(d, "main pre.body")[0].text, "the body once opened")
+    finally:
+        stop(open_sidecar.process)

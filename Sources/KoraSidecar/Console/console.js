@@ -575,7 +575,8 @@ async function quarantineView(params) {
       definitions([['Reason', q.reason], ['Signature verified', q.signatureVerified ? 'yes' : 'no']]),
       h('details', {}, h('summary', {}, 'Headers'),
         definitions(Object.entries(q.headers || {}).map(([k, v]) => [k, String(v)]))),
-      bodyBlock(q.body, q.bodyState, false)))
+      // Closed until asked for: a page of them would otherwise show every body's identity data at once.
+      h('details', { class: 'payload-body' }, h('summary', {}, 'Body'), bodyBlock(q.body, q.bodyState, false))))
       : h('p', {}, 'Nothing is quarantined.'),
     olderLink('/quarantine', data));
 }

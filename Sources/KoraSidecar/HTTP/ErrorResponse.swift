@@ -99,6 +99,8 @@ package enum JSONResponse {
     ) -> Response {
         var headers = headers
         headers[.contentType] = "application/json"
+        // Never read as anything but JSON (a script, a page), whoever loads it.
+        headers[contentTypeOptions] = "nosniff"
         let buffer = ByteBuffer(bytes: body)
         guard let afterWrite else {
             return Response(status: status, headers: headers, body: .init(byteBuffer: buffer))
@@ -111,6 +113,8 @@ package enum JSONResponse {
                 afterWrite()
             })
     }
+
+    private static let contentTypeOptions = HTTPField.Name("X-Content-Type-Options")!
 
     /// A response with a JSON value.
     package static func make(_ status: HTTPResponse.Status, _ value: JSONValue, headers: HTTPFields = [:]) -> Response {

@@ -20,6 +20,8 @@ func addConsoleRoutes(to router: Router<SidecarRequestContext>) {
             HTTPField.Name("X-Content-Type-Options")!: "nosniff",
             HTTPField.Name("Referrer-Policy")!: "no-referrer",
             HTTPField.Name("X-Frame-Options")!: "DENY",
+            // A page that opened the console cannot keep a handle on its window (and change its address).
+            HTTPField.Name("Cross-Origin-Opener-Policy")!: "same-origin",
         ]
         router.get(RouterPath(file.path)) { _, _ in Response(status: .ok, headers: headers, body: .init(byteBuffer: body)) }
     }

@@ -72,10 +72,11 @@ public enum EventNormalizer {
         return event
     }
 
-    /// `text` when it can travel in a header (`webhook-id`, `X-Kora-Event-Type`): 1 to 256 printable
-    /// ASCII characters; nil otherwise, and the id falls back to the next source.
+    /// `text` when it can travel in a header (`webhook-id`, `X-Kora-Event-Type`) and in a path (the
+    /// admin API's `/admin/events/{id}/replay`): 1 to 256 printable ASCII characters, not `.` or `..`,
+    /// which no path can carry as a segment; nil otherwise, and the id falls back to the next source.
     private static func usableID(_ text: String) -> String? {
-        (1...256).contains(text.utf8.count) && text.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) ? text : nil
+        (1...256).contains(text.utf8.count) && text.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) && text != "." && text != ".." ? text : nil
     }
 
     /// `text` when every store can keep and index it: 1 to 1024 bytes, no control character (a NUL
