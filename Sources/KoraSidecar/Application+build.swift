@@ -113,9 +113,12 @@ package func buildApplication(
             store: store, retention: .seconds(configuration.webhooks.dedupWindowHours * 3600),
             payloadRetention: configuration.storage.payloadRetention, deadRetention: configuration.storage.deadRetention, logger: logger))
 
+    let origins = VerificationOrigins(store: store, services: deliveryServices, logger: logger.with("component", "proxy"))
+    // Listed before the listeners, so it stops after them and writes the last origins before the store closes.
+    services.append(origins)
     let ingress = WebhookIngress(
         configuration: configuration.webhooks, store: store,
-        router: EventRouter(services: deliveryServices, store: store), handoff: handoff, clock: options.clock,
+        router: EventRouter(services: deliveryServices, store: store, origins: origins), handoff: handoff, clock: options.clock,
         metrics: options.metrics,
         logger: logger.with("component", "ingress"))
 
@@ -123,7 +126,8 @@ package func buildApplication(
         eventLoopGroupProvider: .singleton, configuration: KoraClient.clientConfiguration(timeoutSeconds: configuration.kora.timeoutSeconds))
     services.append(CloseOnShutdown { try? await proxyClient.shutdown() })
     let proxy = KoraProxy(
-        configuration: configuration, client: proxyClient, store: store, options: options.koraProxy, metrics: options.metrics, logger: logger.with("component", "proxy"))
+        configuration: configuration, client: proxyClient, store: store, origins: origins, options: options.koraProxy, metrics: options.metrics,
+        logger: logger.with("component", "proxy"))
     let internalListener = Application(
         router: buildInternalRouter(
             configuration: configuration, store: store, readiness: readiness, metrics: options.metrics, breakers: breakers, proxy: proxy,

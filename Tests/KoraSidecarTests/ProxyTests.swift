@@ -734,6 +734,44 @@ import Glibc
         #expect(alpha.count == 2 && beta.count == 2)
     }
 
+    @Test func anOriginTheStoreCouldNotTakeStillRoutesTheVerificationsEvents() async throws {
+        let app = Receiver()
+        let other = Receiver()
+        try await withReceiver(app) { appPort in
+            try await withReceiver(other) { otherPort in
+                try await withSimulator { simulator, kora in
+                    var own = testService("app", target: .url("http://127.0.0.1:\(appPort)/events"))
+                    own.token = Secret("app-token")
+                    own.deliver?.onlyOwnVerifications = true
+                    // Takes every event: with the origin lost, the verification's events went here only.
+                    var everything = testService("audit", target: .url("http://127.0.0.1:\(otherPort)/events"))
+                    everything.token = Secret("audit-token")
+                    var configuration = proxyConfiguration(koraBaseURL: kora, services: [own, everything], mode: .queued)
+                    configuration.kora.callbackURL = nil
+                    let store = InMemoryStore()
+                    var options = SidecarOptions()
+                    options.store = store
+                    let logs = TestLogs()
+                    try await withProxySidecar(configuration, options: options, logs: logs) { sidecar in
+                        simulator.setDashboardWebhookURL(sidecar.webhookURL)
+                        let sdk = SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: "app-token")
+                        // The store fails while the verification is created: Kora has it, the service gets its 201.
+                        store.failWrites(with: SQLiteError(code: 5, message: "database is locked"))
+                        let created = try await sdk.createVerification(externalID: "test-approve-origin")
+                        store.failWrites(with: nil)
+                        #expect(created.status == 201)
+                        let id = try #require(created.json?["id"]?.text)
+                        #expect(try await sdk.call(.POST, "/verifications/\(id)/complete").status == 200)
+                        let got = try await app.waitFor(2)
+                        #expect(got.map { $0.json?["verification"]?["id"]?.text } == [id, id])
+                        try await waitUntil("the origin written after all") { try await store.origin(ofVerification: id) == "app" }
+                        #expect(logs.all.contains { $0.contains("could not be stored yet") && $0.contains("verification.id=\(id)") })
+                    }
+                }
+            }
+        }
+    }
+
     // MARK: Unix socket
 
     @Test func internalListenerOnAUnixSocketReplacesAStaleFileButNotALiveOne() async throws {

@@ -5,10 +5,13 @@ import KoraSidecarCore
 struct EventRouter: Sendable {
     package let services: [DeliveryService]
     private let store: any SidecarStore
+    /// Where origins are looked up: the store, and what `serve`'s proxy could not write yet.
+    private let origins: VerificationOrigins?
 
-    init(services: [DeliveryService], store: any SidecarStore) {
+    init(services: [DeliveryService], store: any SidecarStore, origins: VerificationOrigins? = nil) {
         self.services = services
         self.store = store
+        self.origins = origins
     }
 
     /// The services that receive `event`.
@@ -23,7 +26,7 @@ struct EventRouter: Sendable {
         for service in services where service.events.matches(type) {
             if service.onlyOwnVerifications {
                 if origin == nil {
-                    origin = .some(try await verificationID.asyncFlatMap { try await store.origin(ofVerification: $0) })
+                    origin = .some(try await verificationID.asyncFlatMap(origin(of:)))
                 }
                 guard origin! == service.name else { continue }
             }
@@ -48,6 +51,12 @@ extension EventRouter {
     /// changed): each event `filter` selects (its event conditions; its service limits the
     /// recipients) that now matches a service gets its deliveries, due at `now`. With `dryRun`,
     /// only counts what would be routed.
+    /// The service that created verification `id`, if known.
+    private func origin(of id: String) async throws -> String? {
+        if let origins { return try await origins.origin(of: id) }
+        return try await store.origin(ofVerification: id)
+    }
+
     func routeUnrouted(at now: UnixTime, filter: DeliveryFilter? = nil, dryRun: Bool = false) async throws -> RerouteResult {
         var assignments: [(eventRow: Int64, services: [String])] = []
         for event in try await store.unrouted(limit: nil)

@@ -131,7 +131,7 @@ extension KoraProxy {
         if let (id, _, found) = latest {
             logger.notice(
                 "Repeated create found the verification the first call created", metadata: ["service": "\(caller.name)", "verification.id": "\(id)"])
-            await recordOrigin(of: id, service: caller.name)
+            await origins.record(id, service: caller.name)
             return CreateAnswer(status: .created, headers: [:], contentType: "application/json", body: JSONWriter.encode(found), verificationID: id)
         }
         return nil

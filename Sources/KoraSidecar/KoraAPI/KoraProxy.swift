@@ -28,6 +28,9 @@ struct KoraProxy: Sendable {
     private let identity: ServiceIdentity
     let client: KoraClient
     let store: any SidecarStore
+    /// Which service created each verification (the verification exists at Kora whatever happens
+    /// to its record: failing the call would make the service create another).
+    let origins: VerificationOrigins
     private let callbackURL: @Sendable () async -> String?
     let logger: Logger
     private let metrics: SidecarMetrics
@@ -36,8 +39,8 @@ struct KoraProxy: Sendable {
 
     /// Creates the proxy. `client` should be built with ``KoraClient/clientConfiguration(timeoutSeconds:)``.
     init(
-        configuration: SidecarConfiguration, client: HTTPClient, store: any SidecarStore, options: KoraProxyOptions = .init(),
-        metrics: SidecarMetrics = SidecarMetrics(), logger: Logger
+        configuration: SidecarConfiguration, client: HTTPClient, store: any SidecarStore, origins: VerificationOrigins,
+        options: KoraProxyOptions = .init(), metrics: SidecarMetrics = SidecarMetrics(), logger: Logger
     ) {
         self.kora = configuration.kora
         self.limits = configuration.internal.limits
@@ -51,6 +54,7 @@ struct KoraProxy: Sendable {
             shares: Dictionary(configuration.services.map { ($0.name, $0.share) }, uniquingKeysWith: { first, _ in first }),
             metrics: metrics, logger: logger)
         self.store = store
+        self.origins = origins
         self.metrics = metrics
         let configured = configuration.kora.callbackURL
         self.callbackURL = options.callbackURL ?? { configured }
@@ -179,22 +183,9 @@ struct KoraProxy: Sendable {
             logger.warning("Kora created a verification but its id was not found in the answer", metadata: ["service": "\(caller.name)"])
             return answer
         }
-        await recordOrigin(of: id, service: caller.name)
+        await origins.record(id, service: caller.name)
         logger.info("Verification created through the proxy", metadata: ["service": "\(caller.name)", "verification.id": "\(id)"])
         return answer
-    }
-
-    /// Remembers that `service` created verification `id`, for `onlyOwnVerifications`. The
-    /// verification exists at Kora whatever happens here: failing the call would make the service
-    /// create another, so a failure is logged instead.
-    func recordOrigin(of id: String, service: String) async {
-        do {
-            try await store.recordOrigin(verificationID: id, service: service, at: .now())
-        } catch {
-            logger.error(
-                "The origin of a verification could not be stored; onlyOwnVerifications may not route its events",
-                metadata: ["service": "\(service)", "verification.id": "\(id)", "error": "\(error)"])
-        }
     }
 
     // MARK: Paths and payloads

@@ -7,6 +7,7 @@ import NIOCore
 struct AdminRoutes {
     let configuration: SidecarConfiguration
     let store: any SidecarStore
+    let origins: VerificationOrigins?
     let readiness: Readiness
     let metrics: SidecarMetrics
     let breakers: ServiceBreakers
@@ -15,7 +16,7 @@ struct AdminRoutes {
     func add(to admin: RouterGroup<SidecarRequestContext>) {
         let store = store
         let services = configuration.deliveryServices
-        let eventRouter = EventRouter(services: services, store: store)
+        let eventRouter = EventRouter(services: services, store: store, origins: origins)
         admin.get("deliveries") { request, _ in
             let query = request.uri.queryParameters
             let limit = query["limit"].flatMap { Int($0) }.map { min(max($0, 1), 1000) } ?? 100

@@ -15,8 +15,10 @@ func buildInternalRouter(
     addHealthRoutes(to: router, configuration: configuration, store: store, readiness: readiness, metrics: metrics, breakers: breakers)
     addConsoleRoutes(to: router)
     let admin = router.group("admin").add(middleware: AdminTokenMiddleware(token: configuration.internal.adminToken))
-    AdminRoutes(configuration: configuration, store: store, readiness: readiness, metrics: metrics, breakers: breakers, dispatcher: dispatcher)
-        .add(to: admin)
+    AdminRoutes(
+        configuration: configuration, store: store, origins: proxy?.origins, readiness: readiness, metrics: metrics, breakers: breakers,
+        dispatcher: dispatcher
+    ).add(to: admin)
     if let proxy {
         for method in [HTTPRequest.Method.get, .head, .post, .put, .patch, .delete, .options] {
             router.on("/api/v1/**", method: method) { request, context in try await proxy.forward(request, context: context) }
