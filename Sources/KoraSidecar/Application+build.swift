@@ -99,6 +99,12 @@ package func buildApplication(
     let handoff: any EventHandoff
     switch configuration.delivery.mode {
     case .direct:
+        if configuration.storage.postgresURL == nil, deliveryServices.contains(where: \.onlyOwnVerifications) {
+            // Direct mode is the choice for a disk the pod loses; this one piece of state must not be lost.
+            logger.warning(
+                "onlyOwnVerifications keeps which service created each verification in the store: with direct mode on a disk the pod loses, those verifications' later events go to no service after a restart; keep storage.sqlitePath on a volume, or use PostgreSQL",
+                metadata: ["path": "\(configuration.storage.sqlitePath)"])
+        }
         let delivered = DeliveredEvents(store: store, logger: logger.with("component", "ingress"))
         // Listed before the listeners, so it stops after them and writes the last ids before the store closes.
         services.append(delivered)

@@ -85,6 +85,19 @@ struct ProductionTrustTests {
         }
     }
 
+    @Test func directModeWithOnlyOwnVerificationsWarnsThatTheStoreMustOutliveThePod() async throws {
+        for onlyOwn in [true, false] {
+            var service = testService("app", target: .url("http://127.0.0.1:9/events"))
+            service.deliver?.onlyOwnVerifications = onlyOwn
+            var options = SidecarOptions()
+            options.store = InMemoryStore()
+            let logs = TestLogs()
+            try await withSidecar(testConfiguration(services: [service], mode: .direct), options: options, logs: logs) { _ in }
+            let warned = logs.all.contains { $0.hasPrefix("warning onlyOwnVerifications keeps which service created each verification in the store") }
+            #expect(warned == onlyOwn)
+        }
+    }
+
     // MARK: Report-only rollouts
 
     @Test func reportOnlyWebhooksThatFailVerificationAreCountedApartWithTheReason() async throws {
