@@ -20,18 +20,6 @@ struct PostgresSchemaTests {
         return (store, { running.cancel() })
     }
 
-    /// Runs statements on `url` as another client would, and the first column of the last one's rows.
-    func sql(_ url: String, _ statements: PostgresQuery...) async throws -> [Int64] {
-        let client = PostgresClient(configuration: try PostgresURL(Secret(url)).clientConfiguration, backgroundLogger: quietLogger)
-        let pool = Task { await client.run() }
-        defer { pool.cancel() }
-        var last: [Int64] = []
-        for statement in statements {
-            last = try await client.query(statement, logger: quietLogger).collect().map { try $0.decode(Int64.self) }
-        }
-        return last
-    }
-
     func event(_ id: String) throws -> KoraEvent {
         try EventNormalizer.normalize(
             body: TestEvent.body(eventID: id, verificationID: "ver_" + RandomID.make()), webhookID: nil, receivedAt: .now(),
@@ -47,8 +35,8 @@ struct PostgresSchemaTests {
         try await store.quarantine(.init(receivedAt: .now(), reason: "bad", body: [1, 2], headers: [:], signatureVerified: true))
 
         // A binary from before sealing reads these columns as the body: NULL makes it fail instead.
-        #expect(try await sql(url, "SELECT count(*) FROM kora_events WHERE normalized IS NOT NULL OR original IS NOT NULL") == [0])
-        #expect(try await sql(url, "SELECT count(*) FROM kora_quarantine WHERE body IS NOT NULL") == [0])
+        #expect(try await postgresSQL(url, "SELECT count(*) FROM kora_events WHERE normalized IS NOT NULL OR original IS NOT NULL") == [0])
+        #expect(try await postgresSQL(url, "SELECT count(*) FROM kora_quarantine WHERE body IS NOT NULL") == [0])
         let job = try #require(try await store.claimDue(service: "a", now: .now(), limit: 10, lease: .seconds(30), ordered: true).first)
         #expect(job.event.normalizedBody == sent.normalizedBody)
         #expect(try await store.quarantined(limit: 10).map(\.body) == [[1, 2]])
@@ -63,14 +51,14 @@ struct PostgresSchemaTests {
             #expect(try await store.enqueue(sent, services: ["a"], at: .now(), dedupSince: .now().adding(.seconds(-60))) == .accepted)
         }
         // As version 8 left it: sealed bodies with empty plain columns, no reader version.
-        _ = try await sql(
+        _ = try await postgresSQL(
             url, "UPDATE kora_events SET normalized = '', original = ''", "ALTER TABLE kora_schema_version DROP COLUMN oldest_reader",
             "UPDATE kora_schema_version SET version = 8")
 
         let (store, stop) = try await open(url)
         defer { stop() }
-        #expect(try await sql(url, "SELECT count(*) FROM kora_events WHERE normalized IS NOT NULL") == [0])
-        #expect(try await sql(url, "SELECT oldest_reader FROM kora_schema_version") == [Int64(PostgresSchema.oldestReader)])
+        #expect(try await postgresSQL(url, "SELECT count(*) FROM kora_events WHERE normalized IS NOT NULL") == [0])
+        #expect(try await postgresSQL(url, "SELECT oldest_reader FROM kora_schema_version") == [Int64(PostgresSchema.oldestReader)])
         let job = try #require(try await store.claimDue(service: "a", now: .now(), limit: 10, lease: .seconds(30), ordered: true).first)
         #expect(job.event.normalizedBody == sent.normalizedBody)
     }
@@ -83,14 +71,14 @@ struct PostgresSchemaTests {
             stop()
         }
         // A newer binary's additive migration: this one serves beside it.
-        _ = try await sql(url, "UPDATE kora_schema_version SET version = \(known + 1)")
+        _ = try await postgresSQL(url, "UPDATE kora_schema_version SET version = \(known + 1)")
         do {
             let (store, stop) = try await open(url)
             defer { stop() }
             #expect(try await store.unroutedCount() == 0)
         }
         // A newer binary's migration that changes what rows mean: this one must not serve.
-        _ = try await sql(url, "UPDATE kora_schema_version SET oldest_reader = \(known + 1)")
+        _ = try await postgresSQL(url, "UPDATE kora_schema_version SET oldest_reader = \(known + 1)")
         let (store, stop) = try await open(url, migrated: false)
         defer { stop() }
         await #expect {
@@ -98,7 +86,7 @@ struct PostgresSchemaTests {
         } throws: { error in
             "\(error)".contains("the schema is version \(known + 1), which a kora-sidecar knowing \(known) versions cannot read")
         }
-        #expect(try await sql(url, "SELECT version FROM kora_schema_version") == [known + 1])
+        #expect(try await postgresSQL(url, "SELECT version FROM kora_schema_version") == [known + 1])
     }
 
     @Test func aSQLiteStoreLeftBehindBySwitchingToPostgreSQLIsAWarning() async throws {

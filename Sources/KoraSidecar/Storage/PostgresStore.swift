@@ -462,12 +462,18 @@ final class PostgresStore: SidecarStore, Service {
         try await rows("\(unescaped: Self.quarantineSelect) ORDER BY id DESC LIMIT \(limit)").map(quarantined)
     }
 
+    /// A requeue locks its events (`FOR SHARE OF e`) while it checks that their bodies are kept: an
+    /// expiry in progress then finishes first and the check sees it, and one that starts later skips
+    /// those events. Reading `body_state` unlocked, a requeue could pass an event whose body was being
+    /// deleted, and its delivery went dead at once, after the operator was told it was queued again.
     package func requeue(id: Int64, at: UnixTime) async throws -> Bool {
         try await !rows(
             """
-            UPDATE kora_deliveries d SET \(unescaped: OutboxSQL.requeue(at: String(at.milliseconds)))
-            FROM kora_events e
-            WHERE d.id = \(id) AND d.status != 'delivered' AND e.id = d.event_row AND e.body_state = 'kept' RETURNING d.id
+            UPDATE kora_deliveries SET \(unescaped: OutboxSQL.requeue(at: String(at.milliseconds)))
+            WHERE status != 'delivered' AND id IN (
+                SELECT d.id FROM kora_deliveries d JOIN kora_events e ON e.id = d.event_row
+                WHERE d.id = \(id) AND e.body_state = 'kept' FOR SHARE OF e)
+            RETURNING id
             """
         ).isEmpty
     }
@@ -486,34 +492,46 @@ final class PostgresStore: SidecarStore, Service {
                     UPDATE kora_deliveries SET \(OutboxSQL.requeue(at: String(at.milliseconds)))
                     WHERE id IN (\(select)
                     """,
-                suffix: "AND e.body_state = 'kept') RETURNING id")
+                suffix: "AND e.body_state = 'kept' FOR SHARE OF e) RETURNING id")
         return RequeueCount(selected: try await rows(query).count, bodyGone: Int(gone))
     }
 
     package func expireBodies(deliveredBefore: UnixTime, deadBefore: UnixTime, limit: Int) async throws -> Int {
-        try await withConnection { connection in
+        try await inTransaction { connection in
             try await Self.expireBodies(
                 connection, deliveredBefore: deliveredBefore, deadBefore: deadBefore, ofDelivery: nil, limit: limit, logger: self.logger)
         }
     }
 
     /// Deletes the bodies ``expireBodies(deliveredBefore:deadBefore:limit:)`` selects; only of the
-    /// event of delivery `ofDelivery` when given.
+    /// event of delivery `ofDelivery` when given. Runs in the caller's transaction, in two statements:
+    /// the events are locked first, then checked again in the second statement, which sees every
+    /// requeue committed meanwhile (one statement judged by its own start, and a requeue committed
+    /// between that and the lock lost its body); a requeue still under way holds its events and is
+    /// skipped.
     private static func expireBodies(
         _ connection: PostgresConnection, deliveredBefore: UnixTime, deadBefore: UnixTime, ofDelivery: Int64?, limit: Int, logger: Logger
     ) async throws -> Int {
-        try await connection.query(
+        let expirable = """
+            e.body_state = 'kept' AND NOT e.unrouted
+              AND EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id)
+              AND NOT EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id AND (d.status = 'pending'
+                  OR (d.status = 'delivered' AND d.updated_at >= \(deliveredBefore.milliseconds))
+                  OR (d.status = 'dead' AND d.updated_at >= \(deadBefore.milliseconds))))
             """
-            UPDATE kora_events SET normalized = NULL, original = NULL, original_headers = '[]', sealed = NULL, key_id = NULL, body_state = 'expired'
-            WHERE id IN (
-                SELECT e.id FROM kora_events e WHERE e.body_state = 'kept' AND NOT e.unrouted
-                  AND (\(ofDelivery)::bigint IS NULL OR e.id = (SELECT event_row FROM kora_deliveries WHERE id = \(ofDelivery)))
-                  AND EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id)
-                  AND NOT EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id AND (d.status = 'pending'
-                      OR (d.status = 'delivered' AND d.updated_at >= \(deliveredBefore.milliseconds))
-                      OR (d.status = 'dead' AND d.updated_at >= \(deadBefore.milliseconds))))
-                LIMIT \(limit) FOR UPDATE SKIP LOCKED)
-            RETURNING id
+        let locked = try await connection.query(
+            """
+            SELECT e.id FROM kora_events e WHERE \(unescaped: expirable)
+              AND (\(ofDelivery)::bigint IS NULL OR e.id = (SELECT event_row FROM kora_deliveries WHERE id = \(ofDelivery)))
+            LIMIT \(limit) FOR UPDATE SKIP LOCKED
+            """, logger: logger
+        ).collect().map { try $0.decode(Int64.self) }
+        guard !locked.isEmpty else { return 0 }
+        return try await connection.query(
+            """
+            UPDATE kora_events e SET normalized = NULL, original = NULL, original_headers = '[]', sealed = NULL, key_id = NULL, body_state = 'expired'
+            WHERE e.id = ANY(\(locked)::bigint[]) AND \(unescaped: expirable)
+            RETURNING e.id
             """, logger: logger
         ).collect().count
     }

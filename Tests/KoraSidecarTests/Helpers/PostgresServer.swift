@@ -1,5 +1,6 @@
 import NIOConcurrencyHelpers
 import Foundation
+import PostgresNIO
 
 @testable import KoraSidecar
 @testable import KoraSidecarCore
@@ -147,4 +148,16 @@ func freePort() throws -> Int {
     }
     guard bound else { throw ToolFailed(description: "bind() failed") }
     return Int(UInt16(bigEndian: address.sin_port))
+}
+
+/// Runs statements on `url` as another client would, and the first column of the last one's rows.
+func postgresSQL(_ url: String, _ statements: PostgresQuery...) async throws -> [Int64] {
+    let client = PostgresClient(configuration: try PostgresURL(Secret(url)).clientConfiguration, backgroundLogger: quietLogger)
+    let pool = Task { await client.run() }
+    defer { pool.cancel() }
+    var last: [Int64] = []
+    for statement in statements {
+        last = try await client.query(statement, logger: quietLogger).collect().map { try $0.decode(Int64.self) }
+    }
+    return last
 }
