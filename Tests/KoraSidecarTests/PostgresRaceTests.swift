@@ -43,7 +43,7 @@ struct PostgresRaceTests {
         await locked.wait()
         let requeued = Task { try await store.requeue(id: job.deliveryID, at: .now()) }
         try await waitUntil("the requeue waits for the delivery's row") {
-            try await postgresSQL(url, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE kora_deliveries%'") == [1]
+            try await postgresSQL(url, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE 'UPDATE kora_deliveries%'") == [1]
         }
 
         // Housekeeping's expiry meanwhile: the event the requeue holds is not its to take.

@@ -325,6 +325,8 @@ struct ProductionTrustTests {
         let logs = TestLogs()
         var configuration = testConfiguration()
         configuration.webhooks.limits.maxBodyBytes = 1000
+        // Far past the client's wait: a connection left waiting for a body must not end by this deadline.
+        configuration.internal.limits.readTimeoutSeconds = 300
         var options = SidecarOptions()
         options.store = InMemoryStore()
         try await withSidecar(configuration, options: options, logs: logs) { sidecar in
@@ -339,10 +341,17 @@ struct ProductionTrustTests {
             signed.send(body)
             #expect(statusCode(of: await signed.response()) == 200)
 
-            // Refused before its body is read: the refusal comes without a 100, so no upload starts.
+            // Refused before its body is read: the refusal comes without a 100, so no upload starts,
+            // and the connection ends with it (the body it announced will never come).
             let unsigned = try RawConnection(port: sidecar.webhookPort)
             unsigned.send("POST /webhooks/koraidv HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
             #expect(statusCode(of: await unsigned.head()) == 401)
+            let anonymous = try RawConnection(port: try #require(sidecar.internalPort))
+            anonymous.send("POST /api/v1/idv/verifications HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+            let refusal = await anonymous.response()
+            #expect(statusCode(of: refusal) == 401)
+            #expect(refusal.lowercased().contains("connection: close"))
+            #expect(await anonymous.closedByPeer())
 
             // A body larger than the listener takes gets its 413 at once, without a 100 first.
             let tooLarge = try RawConnection(port: sidecar.webhookPort)

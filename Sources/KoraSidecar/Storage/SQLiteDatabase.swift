@@ -87,7 +87,13 @@ final class SQLiteDatabase: Sendable {
         do {
             // Read again under the write lock: another process opening the same store (`serve` and a
             // `deliveries` command) may have migrated it since, and a second run of a version fails.
-            for migration in migrations[try version()...] { try connection.execute(migration) }
+            let current = try version()
+            guard current < migrations.count else {
+                // Migrated meanwhile, perhaps by a newer version: its user_version must stay.
+                try connection.execute("ROLLBACK")
+                return
+            }
+            for migration in migrations[current...] { try connection.execute(migration) }
             try connection.execute("PRAGMA user_version=\(migrations.count)")
             try connection.execute("CREATE TABLE IF NOT EXISTS schema_reader(oldest INTEGER NOT NULL)")
             let recorded = try connection.query("SELECT oldest FROM schema_reader").first?.int(0) ?? 0
