@@ -42,7 +42,7 @@ struct PostgresSchemaTests {
         #expect(try await store.quarantined(limit: 10).map(\.body) == [[1, 2]])
     }
 
-    @Test func aStoreMigratedBeforeSealedBodiesWereNullIsMigratedAndItsBodiesStillRead() async throws {
+    @Test func aStoreMigratedBeforeSealedBodiesWereNullIsMigratedWithoutARewriteAndItsBodiesStillRead() async throws {
         let url = try await PostgresServer.shared().createDatabase()
         let sent = try event("evt_old")
         do {
@@ -57,10 +57,14 @@ struct PostgresSchemaTests {
 
         let (store, stop) = try await open(url)
         defer { stop() }
-        #expect(try await postgresSQL(url, "SELECT count(*) FROM kora_events WHERE normalized IS NOT NULL") == [0])
         #expect(try await postgresSQL(url, "SELECT oldest_reader FROM kora_schema_version") == [Int64(PostgresSchema.oldestReader)])
+        // The rows written before are left as they were (no table rewrite), and read as before.
+        #expect(try await postgresSQL(url, "SELECT count(*) FROM kora_events WHERE normalized = ''") == [1])
         let job = try #require(try await store.claimDue(service: "a", now: .now(), limit: 10, lease: .seconds(30), ordered: true).first)
         #expect(job.event.normalizedBody == sent.normalizedBody)
+        // What is written from now on leaves them NULL.
+        #expect(try await store.enqueue(try event("evt_new"), services: ["a"], at: .now(), dedupSince: .now().adding(.seconds(-60))) == .accepted)
+        #expect(try await postgresSQL(url, "SELECT count(*) FROM kora_events WHERE normalized IS NULL") == [1])
     }
 
     @Test func aNewerSchemaIsServedOnlyWhileItSaysThisVersionCanReadIt() async throws {
@@ -77,8 +81,17 @@ struct PostgresSchemaTests {
             defer { stop() }
             #expect(try await store.unroutedCount() == 0)
         }
-        // A newer binary's migration that changes what rows mean: this one must not serve.
+        // A newer binary's migration that changes what rows mean: a replica already running stops
+        // being ready, and one starting does not serve.
+        let (running, stopRunning) = try await open(url)
+        defer { stopRunning() }
+        try await running.checkWritable(at: .now())
         _ = try await postgresSQL(url, "UPDATE kora_schema_version SET oldest_reader = \(known + 1)")
+        await #expect {
+            try await running.checkWritable(at: .now())
+        } throws: { error in
+            "\(error)".contains("cannot read")
+        }
         let (store, stop) = try await open(url, migrated: false)
         defer { stop() }
         await #expect {

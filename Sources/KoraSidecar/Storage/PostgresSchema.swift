@@ -83,15 +83,16 @@ enum PostgresSchema {
         ],
         // The oldest pending age counts from when an operator last made a delivery pending again.
         ["ALTER TABLE kora_deliveries ADD COLUMN pending_since BIGINT"],
-        // A sealed or deleted body's plain columns are NULL, not empty: a kora-sidecar from before
-        // sealing, still running beside a newer one during a rolling update, read the empty columns as
-        // the body and sent services an empty event; it now fails to read the row and leaves it to the
-        // newer replicas. From here on the schema says which binaries may read it (`oldest_reader`).
+        // A sealed or deleted body's plain columns are written NULL, not empty: a kora-sidecar from
+        // before sealing, still running beside a newer one during a rolling update, read the empty
+        // columns as the body and sent services an empty event; it now fails to read the row and
+        // leaves it to the newer replicas. (Rows written empty before stay so: a database a version
+        // that seals has written to has no such replica left, and rewriting every row would hold the
+        // table's lock through a rolling update.) From here on the schema says which binaries may
+        // read it (`oldest_reader`).
         [
             "ALTER TABLE kora_events ALTER COLUMN normalized DROP NOT NULL, ALTER COLUMN original DROP NOT NULL",
-            "UPDATE kora_events SET normalized = NULL, original = NULL WHERE sealed IS NOT NULL OR body_state <> 'kept'",
             "ALTER TABLE kora_quarantine ALTER COLUMN body DROP NOT NULL",
-            "UPDATE kora_quarantine SET body = NULL WHERE sealed IS NOT NULL OR body_state <> 'kept'",
             "ALTER TABLE kora_schema_version ADD COLUMN oldest_reader BIGINT NOT NULL DEFAULT 0",
         ],
     ]

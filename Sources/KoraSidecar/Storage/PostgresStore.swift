@@ -764,12 +764,20 @@ final class PostgresStore: SidecarStore, Service {
         ).count
     }
 
+    /// Also not ready once a newer replica migrated the schema past what this one can read: the check
+    /// at start-up does not see a migration made while this replica runs (a rolling update).
     package func checkWritable(at: UnixTime) async throws {
-        _ = try await rows(
+        let schema = try await rows(
             """
-            INSERT INTO kora_health(id, checked_at) VALUES(1, \(at.milliseconds))
-            ON CONFLICT(id) DO UPDATE SET checked_at = excluded.checked_at
-            """)
+            WITH health AS (
+                INSERT INTO kora_health(id, checked_at) VALUES(1, \(at.milliseconds))
+                ON CONFLICT(id) DO UPDATE SET checked_at = excluded.checked_at)
+            SELECT version, oldest_reader FROM kora_schema_version
+            """
+        ).first?.decode((Int64, Int64).self)
+        if let (version, reader) = schema, reader > PostgresSchema.migrations.count {
+            throw PostgresSchema.TooNew(version: Int(version), oldestReader: Int(reader))
+        }
     }
 }
 
