@@ -613,7 +613,9 @@ import Glibc
         try await withScriptedKora(kora) { base in
             defer { kora.release() }
             var configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
-            configuration.kora.timeoutSeconds = Sanitizer.slowdown
+            // Long enough for the call to reach Kora on a loaded machine (at one second, a full run
+            // once timed out connecting, and Kora never saw the call this test counts).
+            configuration.kora.timeoutSeconds = 5 * Sanitizer.slowdown
             try await withProxySidecar(configuration, options: proxyOptions(sleeper)) { sidecar in
                 let answer = try await SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)
                     .call(.GET, "/verifications/ver_1")

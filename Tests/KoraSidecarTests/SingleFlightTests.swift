@@ -40,21 +40,26 @@ struct SingleFlightTests {
         _ = try await store.enqueue(event, services: ["app"], at: t0, dedupSince: t0.adding(.seconds(-60)))
         let metrics = SidecarMetrics()
         let breakers = ServiceBreakers([], baseCooldown: .seconds(1), logger: quietLogger)
-        func age(at seconds: Int64) async -> String? {
+        func ages(at seconds: Int64) async -> (pending: Double?, counts: Double?) {
             let text = await metrics.render(
                 store: store, services: ["app"], readiness: Readiness(store: store), breakers: breakers, now: t0.adding(.seconds(seconds)))
-            return text.split(separator: "\n").first { $0.hasPrefix(#"kora_sidecar_oldest_pending_age_seconds{service="app"}"#) }
-                .map { String($0.split(separator: " ").last ?? "") }
+            func value(_ prefix: String) -> Double? {
+                text.split(separator: "\n").first { $0.hasPrefix(prefix) }.flatMap { Double($0.split(separator: " ").last ?? "") }
+            }
+            return (value(#"kora_sidecar_oldest_pending_age_seconds{service="app"}"#), value("kora_sidecar_outbox_counts_age_seconds "))
         }
-        #expect(await age(at: 10) == "10.0")
-        // The count outlasts the scrape's wait (a large outbox): the age still grows from what was read.
+        #expect(await ages(at: 10).pending == 10)
+        // The count outlasts the scrape's wait (a large outbox): the age still grows from what was
+        // read, and the counts say how old they are.
         let gate = Gate()
         let lateAnswers = NIOLockedValueBox(0)
         store.holdDepth {
             await gate.wait()
             lateAnswers.withLockedValue { $0 += 1 }
         }
-        #expect(await age(at: 100) == "100.0")
+        let late = await ages(at: 100)
+        #expect(late.pending == 100)
+        #expect(late.counts.map { $0 > 80 } == true)
         // The late count, once in, serves the next scrape, however slow that scrape's own count is.
         _ = try await store.enqueue(
             try EventNormalizer.normalize(body: TestEvent.body(), webhookID: nil, receivedAt: t0), services: ["app"], at: t0, dedupSince: t0)

@@ -49,6 +49,7 @@ CONTRACT_METRICS = {
     "kora_sidecar_ready": {},
     "kora_sidecar_unrouted_events": {},
     "kora_sidecar_store_free_bytes": {},
+    "kora_sidecar_outbox_counts_age_seconds": {},
     "kora_sidecar_service_state": {"service": None, "state": {"closed", "open", "half_open"}},
 }
 HISTOGRAMS = {"kora_sidecar_delivery_duration_seconds", "kora_sidecar_kora_request_duration_seconds"}

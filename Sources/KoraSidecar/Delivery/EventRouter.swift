@@ -47,16 +47,16 @@ struct RerouteResult: Sendable, Equatable {
 }
 
 extension EventRouter {
-    /// Routes the store's unrouted events again with these services (once the configuration
-    /// changed): each event `filter` selects (its event conditions; its service limits the
-    /// recipients) that now matches a service gets its deliveries, due at `now`. With `dryRun`,
-    /// only counts what would be routed.
     /// The service that created verification `id`, if known.
     private func origin(of id: String) async throws -> String? {
         if let origins { return try await origins.origin(of: id) }
         return try await store.origin(ofVerification: id)
     }
 
+    /// Routes the store's unrouted events again with these services (once the configuration
+    /// changed): each event `filter` selects (its event conditions; its service limits the
+    /// recipients) that now matches a service gets its deliveries, due at `now`. With `dryRun`,
+    /// only counts what would be routed.
     func routeUnrouted(at now: UnixTime, filter: DeliveryFilter? = nil, dryRun: Bool = false) async throws -> RerouteResult {
         var assignments: [(eventRow: Int64, services: [String])] = []
         for event in try await store.unrouted(limit: nil)

@@ -49,7 +49,8 @@ package struct SidecarHTTPError: HTTPResponseError, Sendable {
         let closed = channel.eventLoop.makePromise(of: Void.self)
         closed.futureResult.whenFailure { _ in channel.close(promise: nil) }
         channel.close(mode: .output, promise: closed)
-        channel.eventLoop.scheduleTask(in: linger) { channel.close(promise: nil) }
+        let whole = channel.eventLoop.scheduleTask(in: linger) { channel.close(promise: nil) }
+        channel.closeFuture.whenComplete { _ in whole.cancel() }
     }
 
     static func notFound() -> SidecarHTTPError { .init(.notFound, code: "NOT_FOUND", message: "There is nothing at this path.") }

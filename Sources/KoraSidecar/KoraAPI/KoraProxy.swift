@@ -75,7 +75,7 @@ struct KoraProxy: Sendable {
         guard Self.isPlain(path) else {
             metrics.proxyCallRefused("INVALID_PATH")
             throw SidecarHTTPError(
-                .badRequest, code: "INVALID_PATH", message: "The path may not hold '#', '\\', quotes, angle brackets, spaces, control or non-ASCII characters, empty, '.' or '..' segments, or encoded dots and slashes.")
+                .badRequest, code: "INVALID_PATH", message: "The path may not hold '#', '\\', ';', quotes, angle brackets, spaces, control or non-ASCII characters, empty, '.' or '..' segments, or encoded dots and slashes.")
         }
         let caller = try authorize(request, method: request.method.rawValue, path: path)
         let body = try await BodyReader.collect(request, channel: context.channel, limit: limits.maxBodyBytes, logger: logger)

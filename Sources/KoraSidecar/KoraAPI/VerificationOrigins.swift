@@ -79,12 +79,16 @@ final class VerificationOrigins: Service, Sendable {
                 continue
             }
             unwritten.withLockedValue { $0[id] = nil }
+            logger.notice("The origin of a verification is stored after all", metadata: ["service": "\(origin.service)", "verification.id": "\(id)"])
             // Its events that came meanwhile and found no service (another replica's, a restart's).
-            let routed = try? await EventRouter(services: services, store: store, origins: self)
-                .routeUnrouted(at: .now(), filter: DeliveryFilter(statuses: [], verificationID: id))
-            logger.notice(
-                "The origin of a verification is stored after all",
-                metadata: ["service": "\(origin.service)", "verification.id": "\(id)", "routed": "\(routed?.routedEvents ?? 0)"])
+            do {
+                _ = try await EventRouter(services: services, store: store, origins: self)
+                    .routeUnrouted(at: .now(), filter: DeliveryFilter(statuses: [], verificationID: id))
+            } catch {
+                logger.warning(
+                    "The verification's unrouted events could not be routed now; route them with deliveries retry --unrouted --verification",
+                    metadata: ["verification.id": "\(id)", "error": "\(error)"])
+            }
         }
         return failed
     }

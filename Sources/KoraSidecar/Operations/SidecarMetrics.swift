@@ -117,7 +117,7 @@ package struct SidecarMetrics: Sendable {
     /// wait serves the next scrape, and the oldest pending ages, computed at each scrape from the
     /// times read, keep growing while the store does not answer (a stalled outbox still alerts).
     private let lastUnrouted = NIOLockedValueBox<Int?>(nil)
-    private let lastDepth = NIOLockedValueBox<[OutboxDepth]?>(nil)
+    private let lastDepth = NIOLockedValueBox<(depth: [OutboxDepth], at: UnixTime)?>(nil)
 
     /// Refreshes the outbox and readiness gauges, then renders every metric. The store is asked
     /// three things at once, each for at most ``storeWait``: no answer in time means not ready, and
@@ -128,10 +128,16 @@ package struct SidecarMetrics: Sendable {
             await self.unroutedQuery.run { if let count = try? await store.unroutedCount() { self.lastUnrouted.withLockedValue { $0 = count } } }
         }
         async let depthRead: Void? = try? Deadline.run(after: Self.storeWait, error: { CancellationError() }) {
-            await self.depthQuery.run { if let depth = try? await store.depth() { self.lastDepth.withLockedValue { $0 = depth } } }
+            await self.depthQuery.run { if let depth = try? await store.depth() { self.lastDepth.withLockedValue { $0 = (depth, .now()) } } }
         }
         _ = await (unroutedRead, depthRead)
-        let unroutedCount = lastUnrouted.withLockedValue { $0 }, outboxDepth = lastDepth.withLockedValue { $0 }
+        let unroutedCount = lastUnrouted.withLockedValue { $0 }, lastRead = lastDepth.withLockedValue { $0 }
+        let outboxDepth = lastRead?.depth
+        if let lastRead {
+            // How old the outbox gauges are: large when the store does not answer the count in time.
+            Gauge(label: "kora_sidecar_outbox_counts_age_seconds", dimensions: [], factory: factory)
+                .record(Double(max(0, now.milliseconds - lastRead.at.milliseconds)) / 1000)
+        }
         Gauge(label: "kora_sidecar_ready", dimensions: [], factory: factory).record(await ready == true ? 1 : 0)
         // Readiness fails only below 1 MiB free: this is the warning before it.
         if let free = (store as? SQLiteStore)?.freeDiskBytes {
