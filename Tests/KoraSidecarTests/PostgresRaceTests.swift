@@ -26,21 +26,10 @@ struct PostgresRaceTests {
         #expect(try await store.finish(deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: attempt, next: .dead))
 
         // Another session holds the delivery's row, so the operator's requeue waits for it.
-        let other = PostgresClient(configuration: try PostgresURL(Secret(url)).clientConfiguration, backgroundLogger: quietLogger)
-        let pool = Task { await other.run() }
-        defer { pool.cancel() }
-        let locked = Gate(), release = Gate()
-        let holder = Task {
-            try await other.withConnection { connection in
-                try await connection.query("BEGIN", logger: quietLogger)
-                try await connection.query("SELECT id FROM kora_deliveries WHERE id = \(job.deliveryID) FOR UPDATE", logger: quietLogger)
-                locked.open()
-                await release.wait()
-                try await connection.query("COMMIT", logger: quietLogger)
-            }
-        }
+        let release = Gate()
         defer { release.open() }
-        await locked.wait()
+        let holder = try await holdInAnotherSession(
+            url, take: ["BEGIN", "SELECT id FROM kora_deliveries WHERE id = \(job.deliveryID) FOR UPDATE"], giveBack: "COMMIT", until: release)
         let requeued = Task { try await store.requeue(id: job.deliveryID, at: .now()) }
         try await waitUntil("the requeue waits for the delivery's row") {
             try await postgresSQL(url, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE 'UPDATE kora_deliveries%'") == [1]

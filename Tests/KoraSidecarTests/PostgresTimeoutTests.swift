@@ -19,20 +19,11 @@ struct PostgresTimeoutTests {
         try await store.waitUntilMigrated(timeout: .seconds(60))
 
         // Another replica, stalled while it holds the lock every replica's budget turn takes.
-        let other = PostgresClient(configuration: try PostgresURL(Secret(url)).clientConfiguration, backgroundLogger: quietLogger)
-        let pool = Task { await other.run() }
-        defer { pool.cancel() }
-        let locked = Gate(), release = Gate()
-        let holder = Task {
-            try await other.withConnection { connection in
-                try await connection.query("SELECT pg_advisory_lock(\(PostgresStore.budgetLock))", logger: quietLogger)
-                locked.open()
-                await release.wait()
-                try await connection.query("SELECT pg_advisory_unlock(\(PostgresStore.budgetLock))", logger: quietLogger)
-            }
-        }
+        let release = Gate()
         defer { release.open() }
-        await locked.wait()
+        let holder = try await holdInAnotherSession(
+            url, take: ["SELECT pg_advisory_lock(\(PostgresStore.budgetLock))"], giveBack: "SELECT pg_advisory_unlock(\(PostgresStore.budgetLock))",
+            until: release)
 
         // More calls waiting for the lock than the pool has connections (16).
         let failed = await withTaskGroup(of: Bool.self) { group in

@@ -196,6 +196,16 @@ def sign_in(driver, sidecar, token):
     css(driver, "#signin-form button[type=submit]")[0].click()
 
 
+def signed_webhook(sidecar, body):
+    """`body` posted to the sidecar's webhook listener, signed as Kora signs (X-Signature)."""
+    timestamp = str(int(time.time()))
+    signature = hmac.new(KORA_SECRET.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return urllib.request.Request(
+        f"http://127.0.0.1:{sidecar.webhook_port}/webhooks/koraidv", data=body, method="POST",
+        headers={"Content-Type": "application/json", "X-Timestamp": timestamp, "X-Signature": signature,
+                 "X-Signature-Algorithm": "sha256"})
+
+
 def assert_token_hidden(driver, token):
     assert token not in driver.current_url
     assert token not in driver.execute_script("return document.cookie")
@@ -346,13 +356,7 @@ def test_a_body_is_shown_as_sent_and_a_broken_address_says_so(binary, receiver, 
     try:
         body = (b'{"id":"evt_exact","type":"verification.completed","data":{"verificationId":"ver_exact",'
                 b'"status":"approved","documentNumber":12345678901234567890,"note":"a","note":"b"}}')
-        timestamp = str(int(time.time()))
-        signature = hmac.new(KORA_SECRET.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{open_sidecar.webhook_port}/webhooks/koraidv", data=body, method="POST",
-            headers={"Content-Type": "application/json", "X-Timestamp": timestamp, "X-Signature": signature,
-                     "X-Signature-Algorithm": "sha256"})
-        with urllib.request.urlopen(request, timeout=10) as answer:
+        with urllib.request.urlopen(signed_webhook(open_sidecar, body), timeout=10) as answer:
             assert answer.status == 200
         wait_for(lambda: open_sidecar.deliveries("delivered"), "the event to be delivered")
         delivery_id = open_sidecar.deliveries("delivered")[0]["id"]
@@ -369,21 +373,14 @@ def test_a_body_is_shown_as_sent_and_a_broken_address_says_so(binary, receiver, 
         stop(open_sidecar.process)
 
 
-
 def test_a_quarantined_body_stays_closed_until_it_is_opened(binary, receiver, tmp_path, browser):
     """The quarantine view lists a page of payloads; each body, which may hold identity data, is shown
     only when the operator opens it."""
     open_sidecar = Sidecar(binary, tmp_path / "quarantine", receiver, None)
     try:
         body = b'{"id": "evt_broken", "documentNumber": "Q-MARKER-123", '  # signed, but not JSON
-        timestamp = str(int(time.time()))
-        signature = hmac.new(KORA_SECRET.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{open_sidecar.webhook_port}/webhooks/koraidv", data=body, method="POST",
-            headers={"Content-Type": "application/json", "X-Timestamp": timestamp, "X-Signature": signature,
-                     "X-Signature-Algorithm": "sha256"})
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(request, timeout=10)
+            urllib.request.urlopen(signed_webhook(open_sidecar, body), timeout=10)
         assert refused.value.code == 400
 
         browser.get(f"{open_sidecar.base}/admin/#/quarantine")

@@ -161,3 +161,26 @@ func postgresSQL(_ url: String, _ statements: PostgresQuery...) async throws -> 
     }
     return last
 }
+
+/// Another session on `url`, as a replica that stalled while it holds a lock: it runs `take`, holds
+/// what that took until `release` opens, then runs `giveBack`. Returns once `take` ran, with the
+/// session's task (its error, if any, is the test's).
+func holdInAnotherSession(_ url: String, take: [PostgresQuery], giveBack: PostgresQuery, until release: Gate) async throws -> Task<Void, any Error> {
+    let client = PostgresClient(configuration: try PostgresURL(Secret(url)).clientConfiguration, backgroundLogger: quietLogger)
+    let taken = Gate()
+    let session = Task {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { await client.run() }
+            defer { group.cancelAll() }
+            defer { taken.open() }
+            try await client.withConnection { connection in
+                for statement in take { try await connection.query(statement, logger: quietLogger) }
+                taken.open()
+                await release.wait()
+                try await connection.query(giveBack, logger: quietLogger)
+            }
+        }
+    }
+    await taken.wait()
+    return session
+}
