@@ -75,6 +75,14 @@ final class InMemoryStore: SidecarStore {
         failure.withLockedValue { $0 = error }
     }
 
+    /// When set, every claim fails with this error (a store failing between two calls, in tests).
+    private let claimFailure = NIOLockedValueBox<(any Error)?>(nil)
+
+    /// Makes every following claim fail with `error`, or succeed again with nil.
+    func failClaims(with error: (any Error)?) {
+        claimFailure.withLockedValue { $0 = error }
+    }
+
     /// Awaited before each ``depth()`` answers (a slow count on a large outbox, in tests).
     private let depthHold = NIOLockedValueBox<(@Sendable () async -> Void)?>(nil)
 
@@ -135,7 +143,8 @@ final class InMemoryStore: SidecarStore {
     }
 
     package func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration, ordered: Bool) async throws -> [DeliveryJob] {
-        try write { state in
+        if let error = claimFailure.withLockedValue({ $0 }) { throw error }
+        return try write { state in
             let due = state.deliveries.values
                 .filter {
                     $0.summary.service == service && $0.summary.status == .pending && ($0.summary.nextAttemptAt ?? now) <= now

@@ -244,6 +244,22 @@ struct DeliveryControlTests {
         }
     }
 
+    @Test func anAttemptRecordedStaysRecordedWhenClaimingTheNextFails() async throws {
+        // PostgreSQL records the attempt and claims the next delivery in two transactions: the store
+        // failing between them must not make a recorded (dead) outcome look unrecorded.
+        let store = InMemoryStore()
+        let event = try EventNormalizer.normalize(body: TestEvent.body(eventID: "evt_1"), webhookID: nil, receivedAt: .now())
+        #expect(try await store.enqueue(event, services: ["app"], at: .now(), dedupSince: .now().adding(.seconds(-60))) == .accepted)
+        let job = try #require(try await store.claimDue(service: "app", now: .now(), limit: 1, lease: .seconds(30), ordered: false).first)
+        store.failClaims(with: SQLiteError(code: 5, message: "database is locked"))
+        let attempt = AttemptRecord(attempt: 1, at: .now(), statusCode: 400, error: nil, durationMilliseconds: 1)
+        let finished = try await store.finishAndClaimNext(
+            deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: attempt, next: .dead, service: "app", now: .now(),
+            lease: .seconds(30), ordered: false)
+        #expect(finished.recorded && finished.next == nil)
+        #expect(try await store.deliveries(status: .dead, limit: 10).map(\.id) == [job.deliveryID])
+    }
+
     @Test func aBulkRetryLeavesTheDeliveriesOfAServiceNoLongerConfigured() async throws {
         let store = InMemoryStore()
         let event = try EventNormalizer.normalize(

@@ -492,7 +492,11 @@ extension SidecarStore {
         ordered: Bool
     ) async throws -> (recorded: Bool, next: DeliveryJob?) {
         let recorded = try await finish(deliveryID: deliveryID, leasedUntil: leasedUntil, attempt: attempt, next: next)
-        return (recorded, try await claimDue(service: service, now: now, limit: 1, lease: lease, ordered: ordered).first)
+        // The attempt is recorded: a claim failing now only means no next delivery at once (the
+        // worker's next look finds it). Thrown, it made the recorded attempt look unrecorded, and a
+        // dead outcome went unlogged and unannounced.
+        let claimed = try? await claimDue(service: service, now: now, limit: 1, lease: lease, ordered: ordered).first
+        return (recorded, claimed ?? nil)
     }
 
     /// Seals every kept body again with the first key, in batches so that serve's writes interleave.
