@@ -154,8 +154,9 @@ package enum BodyReader {
         _ request: Request, channel: any Channel, limit: Int, timeout: Duration?, budget: BodyBudget?
     ) async throws(SidecarHTTPError) -> ByteBuffer {
         if declaresMore(than: limit, request) { throw .payloadTooLarge(limit: limit) }
-        // The client waiting for `100 Continue` (if it asked) may send now.
-        channel.triggerUserOutboundEvent(ExpectContinue.Requested(), promise: nil)
+        // The client waiting for `100 Continue` may send now (asked only by those that wait: the
+        // webhook path does not hop to the event loop for it).
+        if request.headers[.expect] != nil { channel.triggerUserOutboundEvent(ExpectContinue.Requested(), promise: nil) }
         // A read waiting for bytes does not see cancellation: a client too slow to send its body is
         // disconnected, as nginx does, so that slow clients cannot pile up.
         let timer = timeout.map { timeout in

@@ -193,7 +193,7 @@ struct KoraClient: Sendable {
         "content-length", "expect", "accept-encoding",
     ]
 
-    static func isDropped(_ name: String) -> Bool { droppedRequestHeaders.contains(name) || name.hasPrefix("proxy-") }
+    private static func isDropped(_ name: String) -> Bool { droppedRequestHeaders.contains(name) || name.hasPrefix("proxy-") }
 
     private func upstreamRequest(_ call: KoraCall) -> HTTPClientRequest {
         var url = baseURL + call.path

@@ -14,10 +14,12 @@ enum ProxyAnswer {
             let lower = name.lowercased()
             let passed =
                 lower.hasPrefix("x-ratelimit-")
-                || ["retry-after", "content-disposition", "location", "cache-control", "etag", "last-modified", "x-request-id"].contains(lower)
-                // Kora (or a CDN before it) may compress whatever was asked: the bytes pass unchanged, so their coding must too.
-                || lower == "content-encoding"
-                || lower == "content-type"
+                // Content-Encoding too: Kora (or a CDN before it) may compress whatever was asked, and
+                // the bytes pass unchanged.
+                || [
+                    "content-type", "content-encoding", "retry-after", "content-disposition", "location", "cache-control", "etag",
+                    "last-modified", "x-request-id",
+                ].contains(lower)
             if passed, let fieldName = HTTPField.Name(name) { fields.append(HTTPField(name: fieldName, value: value)) }
         }
         return fields
