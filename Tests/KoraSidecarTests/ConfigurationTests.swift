@@ -190,6 +190,14 @@ struct ConfigurationTests {
         #expect(both.map(\.path) == ["$.webhooks.listen"])
     }
 
+    @Test func theDeduplicationWindowCoversEveryTimeAReplayedSignatureHolds() throws {
+        let short = problems(#"{"webhooks": {"secrets": ["s"], "toleranceSeconds": 86400, "dedupWindowHours": 1}}"#)
+        #expect(short.map(\.path) == ["$.webhooks.dedupWindowHours"])
+        #expect(short.first?.reason.contains("at least 48") == true)
+        // Exactly twice the tolerance is enough.
+        _ = try load(#"{"webhooks": {"secrets": ["s"], "toleranceSeconds": 1800, "dedupWindowHours": 1}}"#)
+    }
+
     @Test func urlsWithAPortBeyond65535OrCredentialsAreRefused() throws {
         // The HTTP client traps on such a port with an IP address: the first proxied call stopped the
         // sidecar. Credentials in a URL were printed by check-config and never sent.

@@ -98,6 +98,50 @@ struct IngressTests {
         }
     }
 
+    @Test func aLegacySignedWebhookTheDeduplicationWindowNoLongerCoversIsRefused() async throws {
+        // A legacy signature never expires: once the event's id is forgotten, only the time its
+        // signed body states tells Kora's webhook from a replay of one captured a week ago.
+        let receiver = Receiver()
+        let logs = TestLogs()
+        let now = UnixTime(milliseconds: 1_795_000_000_000)
+        var options = SidecarOptions()
+        options.clock = { now }
+        try await directSidecar(receiver: receiver, logs: logs, configure: { $0.webhooks.dedupWindowHours = 24 }, options: options) {
+            (sidecar: RunningSidecar) async throws in
+            func stated(_ secondsAgo: Int64, _ id: String) -> [UInt8] {
+                TestEvent.body(eventID: id, at: UnixTime(milliseconds: now.milliseconds - secondsAgo * 1000))
+            }
+            // The window less the clock tolerance (300 s) is the limit.
+            let replayed = try await sendSigned(stated(24 * 3600, "evt_week_old"), to: sidecar, scheme: .legacy)
+            let edge = try await sendSigned(stated(24 * 3600 - 301, "evt_within"), to: sidecar, scheme: .legacy)
+            let old = Array(#"{"eventType":"verification.completed","id":"evt_no_time","data":{"verificationId":"ver_1"}}"#.utf8)
+            let timeless = try await sendSigned(old, to: sidecar, scheme: .legacy)
+            // The timestamped scheme has its own window and is not judged by the body's time.
+            let timestamped = try await sendSigned(stated(24 * 3600, "evt_ts_old_body"), to: sidecar, timestamp: now.seconds)
+            #expect(replayed.status == 401)
+            #expect(replayed.code == "STALE_TIMESTAMP")
+            #expect(replayed.body.contains("de-duplication window"))
+            #expect([edge.status, timeless.status, timestamped.status] == [Int](repeating: 200, count: 3))
+            #expect(Set(try await receiver.waitFor(3).compactMap { $0.header("webhook-id") }) == ["evt_within", "evt_no_time", "evt_ts_old_body"])
+            let metrics = try await get(sidecar.internalURL("/metrics")).body
+            #expect(metrics.contains("kora_sidecar_webhooks_signed_late_total 1"), "\(metrics)")
+            #expect(logs.all.contains { $0.contains("outside webhooks.dedupWindowHours") && $0.contains("evt_week_old") })
+        }
+    }
+
+    @Test func reportOnlyModeDeliversALegacyWebhookTooOldAsUnverified() async throws {
+        let receiver = Receiver()
+        let now = UnixTime(milliseconds: 1_795_000_000_000)
+        var options = SidecarOptions()
+        options.clock = { now }
+        try await directSidecar(receiver: receiver, configure: { $0.webhooks.enforce = false }, options: options) {
+            (sidecar: RunningSidecar) async throws in
+            let body = TestEvent.body(eventID: "evt_old", at: UnixTime(milliseconds: now.milliseconds - 200 * 3_600_000))
+            #expect(try await sendSigned(body, to: sidecar, scheme: .legacy).status == 200)
+            #expect(try await receiver.waitFor(1).first?.header("X-Kora-Signature-Verified") == "false")
+        }
+    }
+
     @Test func toleranceHoldsAtExactlyThreeHundredSecondsOnTheWire() async throws {
         let now = UnixTime(milliseconds: 1_795_000_000_000)
         var options = SidecarOptions()
@@ -265,6 +309,39 @@ struct IngressTests {
             let byID = Dictionary(uniqueKeysWithValues: delivered.map { ($0.header("webhook-id") ?? "", $0) })
             #expect(byID["evt_unsigned"]?.header("X-Kora-Signature-Verified") == "false")
             #expect(byID["evt_signed"]?.header("X-Kora-Signature-Verified") == "true")
+        }
+    }
+
+    @Test func reportOnlyModeLetsNoUnverifiedEventMakeKorasSignedOneADuplicate() async throws {
+        let receiver = Receiver()
+        try await directSidecar(receiver: receiver, configure: { $0.webhooks.enforce = false }) { (sidecar: RunningSidecar) async throws in
+            let forged = TestEvent.body(type: "verification.verified", eventID: "evt_contested")
+            let genuine = TestEvent.body(type: "verification.rejected", decision: "auto_reject", eventID: "evt_contested")
+            #expect(try await post(sidecar.webhookURL, body: forged, headers: []).status == 200)
+            let signed = try await sendSigned(genuine, to: sidecar)
+            #expect(signed.json == ["received": true])
+            let delivered = try await receiver.waitFor(2)
+            #expect(delivered.map { $0.header("X-Kora-Signature-Verified") } == ["false", "true"])
+            #expect(delivered.last?.json?["type"]?.text == "verification.rejected")
+            // Kora's copy of an event already taken is still a duplicate, and so is a forgery's.
+            #expect(try await sendSigned(genuine, to: sidecar).json == ["received": true, "duplicate": true])
+            #expect(try await post(sidecar.webhookURL, body: forged, headers: []).json == ["received": true, "duplicate": true])
+        }
+    }
+
+    @Test func theOriginalFormatRestatesKorasUnsignedHeadersFromTheSignedBody() async throws {
+        let receiver = Receiver()
+        try await directSidecar(receiver: receiver, configure: { $0.services[0].deliver?.format = .original }) { (sidecar: RunningSidecar) async throws in
+            let body = TestEvent.body(type: "verification.rejected", decision: "auto_reject", eventID: "evt_real")
+            // X-Webhook-ID and X-Event-Type are outside the signature: anyone holding the webhook can change them.
+            let headers = KoraSignature.headers(scheme: .timestamped, secret: Secret(TestSecrets.webhook), body: body, timestamp: UnixTime.now().seconds)
+            let altered = headers.map { ($0.name, $0.value) } + [("X-Webhook-ID", "evt_other"), ("X-Event-Type", "verification.verified")]
+            #expect(try await post(sidecar.webhookURL, body: body, headers: altered).status == 200)
+            let delivered = try await receiver.waitFor(1)[0]
+            #expect(delivered.header("X-Event-Type") == "verification.rejected")
+            #expect(delivered.header("X-Webhook-ID") == "evt_real")
+            #expect(delivered.header("X-Signature") == headers[0].value)
+            #expect(delivered.body == body)
         }
     }
 

@@ -23,9 +23,19 @@ enum DeliveryHeaders {
             headers.add(name: "X-Kora-Signature-Verified", value: event.signatureVerified ? "true" : "false")
         }
         if service.format == .original {
-            for header in event.originalHeaders { headers.add(name: header.name, value: header.value) }
+            for header in event.originalHeaders { headers.add(name: header.name, value: restated(header, of: event)) }
         }
         for header in service.headers { headers.add(name: header.name, value: header.value.value) }
         return headers
+    }
+
+    /// Kora's header as forwarded: `X-Webhook-ID` and `X-Event-Type` are not signed, so they say what
+    /// the signed body says (the same values for Kora's own requests), never what a replayer wrote.
+    private static func restated(_ header: (name: String, value: String), of event: KoraEvent) -> String {
+        switch header.name.lowercased() {
+        case "x-webhook-id": event.id
+        case "x-event-type": event.type
+        default: header.value
+        }
     }
 }

@@ -90,15 +90,29 @@ struct WebhookIngress: Sendable {
     private func verify(
         _ body: [UInt8], _ signature: SignatureHeaders, _ headers: HTTPFields, at now: UnixTime, _ log: inout Logger.Metadata
     ) async throws(SidecarHTTPError) -> SignatureFailure? {
-        switch verifier.verify(body: body, headers: signature, now: now.seconds) {
+        var verdict = verifier.verify(body: body, headers: signature, now: now.seconds)
+        // A legacy signature has no time of its own: its webhook is judged by the time its signed body
+        // states, and one the de-duplication window no longer covers could be a replay of one seen.
+        var legacyTooOld = false
+        if case .success(.legacy) = verdict, let occurredAt = EventNormalizer.occurredAt(of: body), occurredAt < legacyHorizon(now) {
+            legacyTooOld = true
+            verdict = .failure(.staleTimestamp)
+        }
+        switch verdict {
         case .success(let scheme):
             log["webhook.scheme"] = "\(scheme.rawValue)"
             return nil
         case .failure(let failure):
             log["webhook.result"] = "\(failure.rawValue)"
             guard !configuration.enforce else {
+                if legacyTooOld {
+                    await reportLate(body, headers, window: "webhooks.dedupWindowHours (a legacy signature's only replay window)", at: now, log)
+                    throw refusal(failure, message: Self.legacyTooOldMessage, log: log)
+                }
                 if failure == .staleTimestamp, verifier.isSignedOutsideWindow(body: body, headers: signature) {
-                    await reportLate(body, headers, timestamp: signature.timestamp, at: now, log)
+                    var late = log
+                    late["webhook.timestamp"] = "\(signature.timestamp ?? "-")"
+                    await reportLate(body, headers, window: "webhooks.toleranceSeconds", at: now, late)
                 }
                 throw refusal(failure, log: log)
             }
@@ -110,28 +124,36 @@ struct WebhookIngress: Sendable {
     /// The 401 for a signature that does not hold, logged. The connection is closed with it: Kora
     /// never needs it again after a refusal, and an idle connection kept open would hold one of
     /// the listener's `maxConnections` for its idle time-out.
-    private func refusal(_ failure: SignatureFailure, log: Logger.Metadata) -> SidecarHTTPError {
+    private func refusal(_ failure: SignatureFailure, message: String? = nil, log: Logger.Metadata) -> SidecarHTTPError {
         refusals[failure]?.log(log) { logger.warning("Webhook rejected", metadata: $0) }
-        return SidecarHTTPError(.unauthorized, code: failure.rawValue, message: failure.message, closeConnection: true)
+        return SidecarHTTPError(.unauthorized, code: failure.rawValue, message: message ?? failure.message, closeConnection: true)
+    }
+
+    private static let legacyTooOldMessage =
+        "The event's timestamp is older than the de-duplication window; a webhook signed with X-Kora-Signature that old is not accepted."
+
+    /// The oldest time a legacy-signed webhook may state: the de-duplication window, less the
+    /// tolerance for the difference between Kora's clock and this one.
+    private func legacyHorizon(_ now: UnixTime) -> UnixTime {
+        UnixTime(milliseconds: dedupSince(now).milliseconds + Int64(configuration.toleranceSeconds) * 1000)
     }
 
     /// Says that a webhook refused as stale was signed with the secret: Kora's own, so its event is
     /// lost unless an operator gets it from Kora. Said quietly when the sidecar already accepted that
     /// event (Kora sending it again late, or a captured webhook replayed), so that nobody can raise
-    /// the alert at will with a webhook they hold.
-    private func reportLate(_ body: [UInt8], _ headers: HTTPFields, timestamp: String?, at now: UnixTime, _ log: Logger.Metadata) async {
+    /// the alert at will with a webhook they hold. `window` names the setting it was outside.
+    private func reportLate(_ body: [UInt8], _ headers: HTTPFields, window: String, at now: UnixTime, _ log: Logger.Metadata) async {
         var late = log
-        late["webhook.timestamp"] = "\(timestamp ?? "-")"
         let event = try? EventNormalizer.normalize(body: body, webhookID: headers[Header.webhookID], receivedAt: now)
         late["webhook.id"] = "\(event?.id ?? "-")"
         let accepted = (try? await store.hasSeen(any: event?.dedupKeys ?? [], since: dedupSince(now))) ?? false
         guard !accepted else {
-            logger.info("A webhook signed with the webhook secret arrived outside webhooks.toleranceSeconds; its event was accepted before", metadata: late)
+            logger.info("A webhook signed with the webhook secret arrived outside \(window); its event was accepted before", metadata: late)
             return
         }
         metrics.webhookSignedLate()
         logger.error(
-            "A webhook signed with the webhook secret arrived outside webhooks.toleranceSeconds: its event is not accepted; check the clock, and find the event by its id",
+            "A webhook signed with the webhook secret arrived outside \(window): its event is not accepted; check the clock, and find the event by its id",
             metadata: late)
     }
 

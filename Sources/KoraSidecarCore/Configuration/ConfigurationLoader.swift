@@ -210,6 +210,14 @@ extension SidecarConfiguration {
         webhooks.toleranceSeconds = object.int("toleranceSeconds", default: webhooks.toleranceSeconds, in: 1...86_400)
         webhooks.enforce = object.bool("enforce", default: webhooks.enforce)
         webhooks.dedupWindowHours = object.int("dedupWindowHours", default: webhooks.dedupWindowHours, in: 1...8760)
+        // A captured webhook passes the signature check for 2 × the tolerance (its X-Timestamp may be
+        // that far on either side of the clock): its id must be remembered at least that long.
+        if webhooks.dedupWindowHours * 3600 < 2 * webhooks.toleranceSeconds {
+            reader.report(
+                object.path("dedupWindowHours"),
+                "must cover twice webhooks.toleranceSeconds (\(webhooks.toleranceSeconds) s), or a replayed webhook is accepted again: at least \((2 * webhooks.toleranceSeconds + 3599) / 3600)"
+            )
+        }
         webhooks.limits = readLimits(object, default: webhooks.limits)
         return webhooks
     }

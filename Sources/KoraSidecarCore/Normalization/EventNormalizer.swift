@@ -46,7 +46,7 @@ public enum EventNormalizer {
         let envelope: JSONValue = [
             "id": .string(id),
             "type": .string(type),
-            "occurredAt": .optional(string(root, "timestamp", "occurredAt", "occurred_at", "createdAt", "created_at")),
+            "occurredAt": .optional(occurredAt(root)),
             "receivedAt": .string(receivedAt.iso8601Milliseconds),
             "tenantId": .optional(string(root, "tenantId", "tenant_id") ?? string(data, "tenantId", "tenant_id")),
             "verification": verification.json,
@@ -69,7 +69,22 @@ public enum EventNormalizer {
             id: id, type: type, verificationID: verification.id.flatMap(storableID), normalizedBody: normalized, originalBody: body,
             originalHeaders: originalHeaders, signatureVerified: signatureVerified)
         if let digestKey { event.dedupKeys.append(digestKey) }
+        // Report-only mode: anyone can send an unverified event, so its id must not take the place
+        // of Kora's signed one, which would then be dropped as its duplicate.
+        if !signatureVerified { event.dedupKeys = event.dedupKeys.map { "unverified:" + $0 } }
         return event
+    }
+
+    /// When the body says the event happened, as Kora states it (`timestamp`) or older bodies did.
+    private static func occurredAt(_ root: JSONValue) -> String? {
+        string(root, "timestamp", "occurredAt", "occurred_at", "createdAt", "created_at")
+    }
+
+    /// When `body` (a webhook's) says its event happened, if it is a JSON object stating a readable
+    /// time. Signed with the body, it bounds how old a legacy-signed webhook is, which no header does.
+    package static func occurredAt(of body: [UInt8]) -> UnixTime? {
+        guard let root = try? JSONParser.parse(body), case .object = root else { return nil }
+        return occurredAt(root).flatMap(UnixTime.parse(dateOrTime:))
     }
 
     /// `text` when it can travel in a header (`webhook-id`, `X-Kora-Event-Type`) and in a path (the

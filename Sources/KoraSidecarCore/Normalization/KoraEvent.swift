@@ -16,7 +16,8 @@ public struct KoraEvent: Sendable, Equatable {
     package var signatureVerified: Bool
     /// Every key under which this event is de-duplicated: its id, plus the digest of the body when
     /// the id came from the unsigned `X-Webhook-ID` header (so that a captured body replayed under a
-    /// new header is still recognised).
+    /// new header is still recognised). An unverified event's (report-only mode) are apart from
+    /// verified ones', so that a forgery cannot make Kora's event a duplicate.
     package var dedupKeys: [String] = []
 
     package init(

@@ -13,6 +13,12 @@ extension UnixTime {
     /// before `now` (`90m`, `24h`, `7d`).
     package static func parse(_ text: String, now: UnixTime) -> UnixTime? {
         if let duration = DurationText.parse(text) { return UnixTime(milliseconds: now.milliseconds - duration.milliseconds) }
+        return parse(dateOrTime: text)
+    }
+
+    /// An ISO 8601 date or an RFC 3339 time, as ``parse(_:now:)`` reads them, and nothing else: for
+    /// times stated in data (an event's `timestamp`), where `90m` is no time at all.
+    package static func parse(dateOrTime text: String) -> UnixTime? {
         let bytes = Array(text.utf8)
         func number(_ range: Range<Int>) -> Int32? {
             guard range.upperBound <= bytes.count, bytes[range].allSatisfy(\.isASCIIDigit) else { return nil }
