@@ -29,11 +29,21 @@ struct JSONTests {
     }
 
     @Test(arguments: [
-        "", "{", "[1,]", #"{"a":1,}"#, "01", "1.", "-", "tru", #""abc"#, #"{"a" 1}"#, "[1] x", #""\x""#, #""\ud800""#,
+        "", "{", "[1,]", #"{"a":1,}"#, "01", "1.", "-", "tru", #""abc"#, #"{"a" 1}"#, "[1] x", #""\x""#, #""\ud800\u12""#,
         "\"\u{01}\"", "nul", "{1:2}",
     ])
     func rejectsInvalidDocuments(text: String) {
         #expect(throws: JSONParseError.self) { try parse(text) }
+    }
+
+    @Test func aLoneSurrogateIsReadAsTheReplacementCharacter() throws {
+        // What JSON.stringify and json.dumps write for a string holding one: valid JSON, not refused.
+        #expect(try parse(#""a\ud800b""#) == .string("a\u{FFFD}b"))
+        #expect(try parse(#""\udc00""#) == .string("\u{FFFD}"))
+        #expect(try parse(#""\ud800""#) == .string("\u{FFFD}"))
+        // A high surrogate followed by an escape that is not its pair: each read on its own.
+        #expect(try parse(#""\ud800\u0041""#) == .string("\u{FFFD}A"))
+        #expect(try parse(#""\ud800\ud83d\ude00""#) == .string("\u{FFFD}😀"))
     }
 
     @Test func rejectsInvalidUTF8() {

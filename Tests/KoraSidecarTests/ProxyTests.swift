@@ -104,6 +104,25 @@ import Glibc
         }
     }
 
+    @Test func theCallbackURLIsAddedToTheCallersOwnBytesOrTheCreateIsRefused() async throws {
+        let kora = ScriptedKora([.answer(201, [], #"{"id":"ver_a","status":"pending"}"#)])
+        try await withScriptedKora(kora) { base in
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()])) { sidecar in
+                let url = sidecar.internalURL("/api/v1/idv/verifications")
+                let auth = [("Authorization", "Bearer \(ProxySecrets.appToken)"), ("Content-Type", "application/json")]
+                // A lone surrogate (what JSON.stringify writes for one) and a number's exact text stay as sent.
+                let body = #"{ "externalId": "u1", "expectedFirstName": "An\ud800n", "metadata": {"n": 1.50} }"#
+                #expect(try await post(url, body: Array(body.utf8), headers: auth).status == 201)
+                let sent = String(decoding: try #require(kora.requests.first).body, as: UTF8.self)
+                #expect(sent == #"{ "externalId": "u1", "expectedFirstName": "An\ud800n", "metadata": {"n": 1.50} ,"callbackUrl":"https://hooks.example.com/webhooks/koraidv"}"#)
+                let unreadable = try await post(url, body: Array("externalId=u2".utf8), headers: auth)
+                #expect(unreadable.status == 400)
+                #expect(unreadable.code == "INVALID_REQUEST")
+                #expect(kora.requests.count == 1)
+            }
+        }
+    }
+
     @Test func koraAnswersArePassedBackUnchanged() async throws {
         let kora = ScriptedKora([
             .answer(404, [("X-RateLimit-Limit", "50"), ("X-RateLimit-Remaining", "49"), ("X-RateLimit-Reset", "1800000060")], #"{"error":"Verification not found"}"#),

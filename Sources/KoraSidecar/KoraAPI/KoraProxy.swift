@@ -159,11 +159,17 @@ struct KoraProxy: Sendable {
     /// returned verification id.
     func create(_ call: KoraCall, caller: ServiceIdentity.Caller) async throws -> CreateAnswer {
         var call = call
-        if let callback = await callbackURL(), case .object(var members)? = try? JSONParser.parse(Array(call.body.readableBytesView)),
-            !members.contains(where: { $0.key == "callbackUrl" })
-        {
-            members.append(JSONMember("callbackUrl", .string(callback)))
-            call.body = ByteBuffer(bytes: JSONWriter.encode(.object(members)))
+        if let callback = await callbackURL() {
+            let body = Array(call.body.readableBytesView)
+            // Forwarded without its callbackUrl, the verification's events would never reach the sidecar.
+            guard case .object(let members)? = try? JSONParser.parse(body) else {
+                throw SidecarHTTPError(
+                    .badRequest, code: "INVALID_REQUEST",
+                    message: "The body must be a JSON object: the sidecar adds callbackUrl to it (at most 64 levels deep).")
+            }
+            if !members.contains(where: { $0.key == "callbackUrl" }) {
+                call.body = ByteBuffer(bytes: Self.adding("callbackUrl", .string(callback), to: body, isEmpty: members.isEmpty))
+            }
         }
         let response = try await client.send(call, service: caller.name)
         let buffer: ByteBuffer
@@ -189,6 +195,14 @@ struct KoraProxy: Sendable {
     }
 
     // MARK: Paths and payloads
+
+    /// `object` (a JSON object's bytes) with the member `key: value` added before its closing brace:
+    /// the caller's own bytes are kept, as Kora would have read them (no string re-encoded).
+    static func adding(_ key: String, _ value: JSONValue, to object: [UInt8], isEmpty: Bool) -> [UInt8] {
+        guard let close = object.lastIndex(of: UInt8(ascii: "}")) else { return object }
+        let member = (isEmpty ? [] : [UInt8(ascii: ",")]) + JSONWriter.encode(.string(key)) + [UInt8(ascii: ":")] + JSONWriter.encode(value)
+        return Array(object[..<close]) + member + Array(object[close...])
+    }
 
     /// The path relative to the Kora base: `/api/v1/idv/x` and `/api/v1/x` both give `/x`.
     static func koraPath(_ path: String) -> String {

@@ -208,15 +208,23 @@ public struct JSONParser {
                 case UInt8(ascii: "t"): scalars.append(0x09)
                 case UInt8(ascii: "u"):
                     var code = try parseHex4()
+                    // RFC 8259's grammar allows a lone surrogate, and JSON.stringify and json.dumps
+                    // write one for such a string: read as U+FFFD, as most parsers do, not refused.
                     if (0xD800...0xDBFF).contains(code) {
-                        guard index + 1 < bytes.count, bytes[index] == UInt8(ascii: "\\"), bytes[index + 1] == UInt8(ascii: "u")
-                        else { throw error("unpaired surrogate in string") }
-                        index += 2
-                        let low = try parseHex4()
-                        guard (0xDC00...0xDFFF).contains(low) else { throw error("unpaired surrogate in string") }
-                        code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)
+                        let high = code
+                        code = 0xFFFD
+                        if index + 1 < bytes.count, bytes[index] == UInt8(ascii: "\\"), bytes[index + 1] == UInt8(ascii: "u") {
+                            let mark = index
+                            index += 2
+                            let low = try parseHex4()
+                            if (0xDC00...0xDFFF).contains(low) {
+                                code = 0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00)
+                            } else {
+                                index = mark  // not its pair: read on its own next
+                            }
+                        }
                     } else if (0xDC00...0xDFFF).contains(code) {
-                        throw error("unpaired surrogate in string")
+                        code = 0xFFFD
                     }
                     guard let scalar = Unicode.Scalar(code) else { throw error("invalid unicode escape") }
                     scalars.append(contentsOf: Array(String(Character(scalar)).utf8))
