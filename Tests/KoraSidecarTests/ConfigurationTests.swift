@@ -190,6 +190,46 @@ struct ConfigurationTests {
         #expect(both.map(\.path) == ["$.webhooks.listen"])
     }
 
+    @Test func aSecretWrittenAsAShellVariableIsRefusedWithWhatToWrite() {
+        let found = problems(#"{"webhooks": {"secrets": ["${KORAIDV_WEBHOOK_SECRET}"]}, "kora": {"apiKey": "$KORA_KEY"}}"#)
+        #expect(found.map(\.path) == ["$.webhooks.secrets[0]", "$.kora.apiKey"])
+        #expect(found.first?.reason == #"is ${KORAIDV_WEBHOOK_SECRET}, which the file does not expand: write {"env": "KORAIDV_WEBHOOK_SECRET"}"#)
+        // A secret that only holds a dollar sign is a secret.
+        #expect(problems(#"{"webhooks": {"secrets": ["whsec_$ab", "$1abc", "${A B}"]}}"#).isEmpty)
+    }
+
+    @Test func eventPatternsThatCanMatchNothingAreRefusedAndUnknownNamesWarned() throws {
+        func service(_ events: String) -> String {
+            #"{"webhooks": {"secrets": ["s"]}, "services": [{"name": "a", "token": "t", "deliver": {"url": "http://h/e", "events": \#(events)}}]}"#
+        }
+        let found = problems(service(#"["*.created", "fraud_alert*", " verification.completed", "sidecar.service.pause", "verification.*", "sidecar.*"]"#))
+        #expect(found.map(\.path) == (0..<4).map { "$.services[0].deliver.events[\($0)]" })
+        #expect(found.last?.reason.contains("sidecar.service.paused") == true)
+        let typo = try load(service(#"["verification.complete", "fraud_alert.created", "sidecar.delivery.dead"]"#))
+        #expect(typo.startupWarnings == [
+            #"Service a receives events of type "verification.complete", which is none of the types Kora documents (fraud_alert.created, verification.approved, verification.completed, verification.expired, verification.rejected, verification.verified): check services[].deliver.events for a typo."#
+        ])
+    }
+
+    @Test func noTwoCallersShareAToken() {
+        let services = #"[{"name": "a", "token": "same"}, {"name": "b", "token": "same"}, {"name": "c", "token": "admin"}]"#
+        let found = problems(#"{"webhooks": {"secrets": ["s"]}, "internal": {"adminToken": "admin"}, "services": \#(services)}"#)
+        #expect(found.map(\.path) == ["$.services[1].token", "$.internal.adminToken"])
+        #expect(found.first?.reason == "is the token of services[0]: each service needs its own")
+    }
+
+    @Test func anInternalListenerOthersCanReachWithoutTokensIsWarnedOf() throws {
+        let exposed = try load(#"{"webhooks": {"secrets": ["s"]}, "internal": {"listen": {"host": "0.0.0.0", "port": 8081}}, "services": [{"name": "app"}]}"#)
+        #expect(exposed.startupWarnings.filter { $0.hasPrefix("The internal listener is on 0.0.0.0:8081, not loopback") }.count == 2)
+        let guarded = try load(
+            #"{"webhooks": {"secrets": ["s"]}, "internal": {"listen": {"host": "0.0.0.0", "port": 8081}, "adminToken": "x"}, "services": [{"name": "app", "token": "t"}]}"#)
+        #expect(!guarded.startupWarnings.contains { $0.contains("internal listener") })
+        let shared = try load(#"{"webhooks": {"secrets": ["s"]}, "services": [{"name": "a", "token": "t1"}, {"name": "b", "token": "t2"}]}"#)
+        #expect(shared.startupWarnings.contains { $0.hasPrefix("Several services share the internal listener and internal.adminToken is not set") })
+        let local = try load(#"{"webhooks": {"secrets": ["s"]}, "services": [{"name": "app"}]}"#)
+        #expect(!local.startupWarnings.contains { $0.contains("internal") })
+    }
+
     @Test func theDeduplicationWindowCoversEveryTimeAReplayedSignatureHolds() throws {
         let short = problems(#"{"webhooks": {"secrets": ["s"], "toleranceSeconds": 86400, "dedupWindowHours": 1}}"#)
         #expect(short.map(\.path) == ["$.webhooks.dedupWindowHours"])

@@ -56,6 +56,30 @@ extension SidecarConfiguration {
                 "No service receives events (no services[].deliver): accepted webhooks are kept as unrouted until one does; "
                     + "then run `kora-sidecar deliveries retry --unrouted`.")
         }
+        if case .tcp(let host, let port) = self.internal.listen, !ListenAddress.isLoopback(host) {
+            if self.internal.adminToken == nil {
+                warnings.append(
+                    "The internal listener is on \(host):\(port), not loopback, and internal.adminToken is not set: anyone who reaches it can read, "
+                        + "replay and erase events through /admin; set internal.adminToken, or listen on 127.0.0.1 or a Unix socket.")
+            }
+            if let open = services.first(where: { $0.token == nil }) {
+                warnings.append(
+                    "The internal listener is on \(host):\(port), not loopback, and service \(open.name) has no token: anyone who reaches it "
+                        + "can call Kora with the sidecar's API key; give it a token, or listen on 127.0.0.1 or a Unix socket.")
+            }
+        } else if services.count > 1, self.internal.adminToken == nil {
+            warnings.append(
+                "Several services share the internal listener and internal.adminToken is not set: any of them can read, replay and erase "
+                    + "every service's events through /admin; set internal.adminToken.")
+        }
+        for service in services {
+            for name in service.deliver?.events.unknownNames ?? [] {
+                warnings.append(
+                    "Service \(service.name) receives events of type \"\(name)\", which is none of the types Kora documents "
+                        + "(\(EventFilter.knownTypes.filter { !$0.hasPrefix(EventFilter.sidecarPrefix) }.sorted().joined(separator: ", "))): "
+                        + "check services[].deliver.events for a typo.")
+            }
+        }
         return warnings
     }
 }

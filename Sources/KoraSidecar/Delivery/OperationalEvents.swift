@@ -32,7 +32,7 @@ final class OperationalEvents: Sendable {
         // A dead operational event announces nothing: no event about an event about an event.
         guard !event.type.hasPrefix(EventFilter.sidecarPrefix) else { return }
         emit(
-            "sidecar.delivery.dead",
+            EventFilter.deadDelivery,
             [
                 "service": .string(service), "deliveryId": .number(String(deliveryID)), "attempts": .int(attempts),
                 "lastStatusCode": lastStatusCode.map(JSONValue.int) ?? .null, "lastError": .optional(lastError),
@@ -46,7 +46,7 @@ final class OperationalEvents: Sendable {
         if paused {
             data += [.init("consecutiveFailures", .int(consecutiveFailures)), .init("pausedUntil", .optional(pausedUntil?.iso8601Milliseconds))]
         }
-        emit(paused ? "sidecar.service.paused" : "sidecar.service.resumed", .object(data))
+        emit(paused ? EventFilter.servicePaused : EventFilter.serviceResumed, .object(data))
     }
 
     /// Stores and announces an event of `type`; `about` is the verification it names, so that erasing

@@ -370,6 +370,9 @@ extension SidecarConfiguration {
         }
         if let events = object.stringArray("events") {
             if events.isEmpty { reader.report(object.path("events"), "must name at least one event pattern") }
+            for (index, pattern) in events.enumerated() {
+                if let problem = EventFilter.problem(with: pattern) { reader.report("\(object.path("events"))[\(index)]", problem) }
+            }
             deliver.events = EventFilter(events)
         }
         deliver.onlyOwnVerifications = object.bool("onlyOwnVerifications", default: false)
@@ -422,6 +425,19 @@ extension SidecarConfiguration {
             reader.report(
                 "$.services[\(anonymous[1])].token",
                 "is required: at most one service may omit its token (services[\(anonymous[0])] already does)")
+        }
+        // One token for two callers would make each the other: in the proxy, in routing, in /admin.
+        var holders: [String: Int] = [:]
+        for (index, service) in configuration.services.enumerated() {
+            guard let token = service.token?.value, !token.isEmpty else { continue }
+            if let first = holders[token] {
+                reader.report("$.services[\(index)].token", "is the token of services[\(first)]: each service needs its own")
+            } else {
+                holders[token] = index
+            }
+        }
+        if let admin = configuration.internal.adminToken?.value, let index = holders[admin] {
+            reader.report("$.internal.adminToken", "is the token of services[\(index)]: that service could read, replay and erase every event")
         }
         var listeners = [("webhooks", configuration.webhooks.listen), ("internal", configuration.internal.listen)]
         if let metrics = configuration.metrics.listen { listeners.append(("metrics", metrics)) }

@@ -39,6 +39,18 @@ final class ConfigurationReader {
         }
     }
 
+    /// The variable's name when `text` is all one shell reference, `$NAME` or `${NAME}`.
+    static func shellVariable(_ text: String) -> String? {
+        var name = Substring(text)
+        guard name.first == "$" else { return nil }
+        name = name.dropFirst()
+        if name.first == "{", name.last == "}" { name = name.dropFirst().dropLast() }
+        guard let first = name.utf8.first, first == UInt8(ascii: "_") || first.isASCIILetter,
+            name.utf8.allSatisfy({ $0 == UInt8(ascii: "_") || $0.isASCIILetter || $0.isASCIIDigit })
+        else { return nil }
+        return String(name)
+    }
+
     /// Resolves a secret written as `{"env": …}`, `{"file": …}` or a plain string; `always` resolves
     /// it even when the reader checks secrets for shape only (the store's address is needed by every command).
     func secret(_ value: JSONValue, at path: String, always: Bool = false) -> Secret? {
@@ -47,6 +59,11 @@ final class ConfigurationReader {
         case .string(let literal):
             guard !literal.isEmpty else {
                 report(path, "must not be empty")
+                return nil
+            }
+            if let name = Self.shellVariable(literal) {
+                // Used as written, it would fail every signature or call, with nothing saying why.
+                report(path, "is \(literal), which the file does not expand: write {\"env\": \"\(name)\"}")
                 return nil
             }
             return usable(Secret(literal, source: .literal), at: path)

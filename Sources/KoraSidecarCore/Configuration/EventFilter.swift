@@ -22,4 +22,35 @@ package struct EventFilter: Sendable, Equatable {
 
     /// The family of the sidecar's own operational events.
     package static let sidecarPrefix = "sidecar."
+
+    /// The sidecar's own operational events.
+    package static let deadDelivery = "sidecar.delivery.dead"
+    package static let servicePaused = "sidecar.service.paused"
+    package static let serviceResumed = "sidecar.service.resumed"
+
+    /// The event types Kora documents or SDKs show, and the sidecar's own: a name outside them is
+    /// likely a typo (it is allowed, with a warning: Kora may send types it does not document).
+    package static let knownTypes: Set<String> = [
+        "verification.completed", "verification.verified", "verification.approved", "verification.rejected",
+        "verification.expired", "fraud_alert.created", deadDelivery, servicePaused, serviceResumed,
+    ]
+
+    /// The exact names among the patterns that are none of ``knownTypes``.
+    package var unknownNames: [String] {
+        patterns.filter { $0 != "*" && !$0.hasSuffix(".*") && !Self.knownTypes.contains($0) }
+    }
+
+    /// Why `pattern` can match no event, or nil when it is `*`, a family (`name.*`) or a name: a
+    /// misspelt pattern would leave its service without events and nothing would say so.
+    package static func problem(with pattern: String) -> String? {
+        let name = pattern.hasSuffix(".*") ? pattern.dropLast(2) : Substring(pattern)
+        if pattern == "*" { return nil }
+        guard !name.isEmpty, name.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "*") }) else {
+            return "must be \"*\", a family such as \"verification.*\", or an event type, without spaces or another \"*\""
+        }
+        if pattern.hasPrefix(sidecarPrefix), pattern != "sidecar.*", !knownTypes.contains(pattern) {
+            return "is none of the sidecar's own events (\(deadDelivery), \(servicePaused), \(serviceResumed))"
+        }
+        return nil
+    }
 }

@@ -32,6 +32,12 @@ public struct SidecarConfiguration: Sendable {
 package enum ListenAddress: Sendable, Equatable {
     case tcp(host: String, port: Int)
     case unixSocket(path: String)
+
+    /// Whether binding `host` keeps a listener on this machine: `localhost`, `127.0.0.0/8` or `::1`.
+    package static func isLoopback(_ host: String) -> Bool {
+        let host = host.lowercased()
+        return host == "localhost" || host == "::1" || host == "[::1]" || host.hasPrefix("127.")
+    }
 }
 
 /// Limits every listener enforces (size, time, connections).
