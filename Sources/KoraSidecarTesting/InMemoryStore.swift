@@ -108,8 +108,8 @@ final class InMemoryStore: SidecarStore {
 
     package func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws -> EnqueueResult {
         try write { state in
-            for key in event.dedupKeys where (state.seen[key].map { $0 >= dedupSince } ?? false) { return .duplicate }
-            for key in event.dedupKeys { state.seen[key] = at }
+            for key in event.duplicateKeys where (state.seen[key].map { $0 >= dedupSince } ?? false) { return .duplicate }
+            for key in event.rememberedKeys { state.seen[key] = at }
             if services.isEmpty {
                 let row = state.nextID
                 state.nextID += 1

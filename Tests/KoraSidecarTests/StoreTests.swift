@@ -45,6 +45,23 @@ struct StoreTests {
     func at(_ seconds: Int64) -> UnixTime { UnixTime(milliseconds: t0.milliseconds + seconds * 1000) }
 
     @Test(arguments: Kind.allCases)
+    func anUnverifiedEventNeverMakesAVerifiedOneItsDuplicate(kind: Kind) async throws {
+        let (store, cleanup) = try await makeStore(kind)
+        defer { cleanup() }
+        func copy(_ id: String, verified: Bool) throws -> KoraEvent {
+            try EventNormalizer.normalize(body: TestEvent.body(eventID: id), webhookID: nil, receivedAt: .now(), signatureVerified: verified)
+        }
+        // Report-only mode: a forgery first, then Kora's signed event with its id.
+        #expect(try await store.enqueue(copy("e1", verified: false), services: ["a"], at: t0, dedupSince: at(-100)) == .accepted)
+        #expect(try await store.enqueue(copy("e1", verified: true), services: ["a"], at: at(1), dedupSince: at(-99)) == .accepted)
+        // After a verified event, an unverified copy (Kora's, failing verification) is a duplicate, and so is a second unverified one.
+        #expect(try await store.enqueue(copy("e2", verified: true), services: ["a"], at: t0, dedupSince: at(-100)) == .accepted)
+        #expect(try await store.enqueue(copy("e2", verified: false), services: ["a"], at: at(1), dedupSince: at(-99)) == .duplicate)
+        #expect(try await store.enqueue(copy("e1", verified: false), services: ["a"], at: at(2), dedupSince: at(-98)) == .duplicate)
+        #expect(try await store.deliveries(status: .pending, limit: 10).count == 3)
+    }
+
+    @Test(arguments: Kind.allCases)
     func enqueueDeduplicatesWithinTheWindow(kind: Kind) async throws {
         let (store, cleanup) = try await makeStore(kind)
         defer { cleanup() }

@@ -108,7 +108,7 @@ struct DirectHandoff: EventHandoff {
         guard inFlight.begin(event.dedupKeys) else { throw .unavailable("The same event is being delivered now; retry later.", reason: .inFlight) }
         defer { inFlight.end(event.dedupKeys) }
         do {
-            if try await delivered.contains(any: event.dedupKeys, since: dedupSince) { return .duplicate }
+            if try await delivered.contains(any: event.duplicateKeys, since: dedupSince) { return .duplicate }
         } catch {
             throw storeUnavailable(error, logger: logger, log: log)
         }
@@ -118,7 +118,7 @@ struct DirectHandoff: EventHandoff {
         }
         try admit(recipients, log)
         guard await deliver(event, to: recipients, log) else { throw .unavailable("A service did not accept the event; retry later.", reason: .serviceRefused) }
-        delivered.record(event.dedupKeys, at: now)
+        delivered.record(event.rememberedKeys, at: now)
         return .taken(recipients: recipients.count)
     }
 

@@ -184,7 +184,16 @@ final class PostgresStore: SidecarStore, Service {
 
     private func enqueueOrThrowDuplicate(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws {
         try await inTransaction { connection in
-            for key in event.dedupKeys {
+            // Keys that only make this one a duplicate (a verified copy, for an unverified event) are read, not claimed.
+            let readOnly = event.duplicateKeys.filter { !event.rememberedKeys.contains($0) }
+            if !readOnly.isEmpty {
+                let seen = try await connection.query(
+                    "SELECT 1 FROM kora_seen_events WHERE event_id = ANY(\(readOnly)) AND seen_at >= \(dedupSince.milliseconds)",
+                    logger: self.logger
+                ).collect()
+                if !seen.isEmpty { throw Duplicate() }
+            }
+            for key in event.rememberedKeys {
                 // Atomic across replicas: a concurrent insert of the same key waits for this one's
                 // commit and then finds the key taken, so exactly one replica accepts the event.
                 let claimed = try await connection.query(

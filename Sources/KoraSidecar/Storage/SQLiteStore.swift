@@ -111,8 +111,8 @@ final class SQLiteStore: SidecarStore {
 
     package func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws -> EnqueueResult {
         try await database.write { db in
-            for key in event.dedupKeys where try Self.seen(db, key, since: dedupSince) { return .duplicate }
-            for key in event.dedupKeys { try Self.remember(db, key, at) }
+            for key in event.duplicateKeys where try Self.seen(db, key, since: dedupSince) { return .duplicate }
+            for key in event.rememberedKeys { try Self.remember(db, key, at) }
             let body = self.protection.columns(for: event)
             try db.query(
                 """

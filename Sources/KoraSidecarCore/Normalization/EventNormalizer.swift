@@ -69,9 +69,6 @@ public enum EventNormalizer {
             id: id, type: type, verificationID: verification.id.flatMap(storableID), normalizedBody: normalized, originalBody: body,
             originalHeaders: originalHeaders, signatureVerified: signatureVerified)
         if let digestKey { event.dedupKeys.append(digestKey) }
-        // Report-only mode: anyone can send an unverified event, so its id must not take the place
-        // of Kora's signed one, which would then be dropped as its duplicate.
-        if !signatureVerified { event.dedupKeys = event.dedupKeys.map { "unverified:" + $0 } }
         return event
     }
 

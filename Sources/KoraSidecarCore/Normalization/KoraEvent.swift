@@ -16,9 +16,16 @@ public struct KoraEvent: Sendable, Equatable {
     package var signatureVerified: Bool
     /// Every key under which this event is de-duplicated: its id, plus the digest of the body when
     /// the id came from the unsigned `X-Webhook-ID` header (so that a captured body replayed under a
-    /// new header is still recognised). An unverified event's (report-only mode) are apart from
-    /// verified ones', so that a forgery cannot make Kora's event a duplicate.
+    /// new header is still recognised).
     package var dedupKeys: [String] = []
+
+    /// The keys remembered once the event is accepted. An unverified event's (report-only mode) are
+    /// apart from verified ones', so that a forgery cannot make Kora's signed event its duplicate.
+    package var rememberedKeys: [String] { signatureVerified ? dedupKeys : dedupKeys.map { "unverified:" + $0 } }
+
+    /// The keys under which an event seen before makes this one a duplicate: its own, and for an
+    /// unverified event a verified one's too (Kora's copy that failed verification is not sent again).
+    package var duplicateKeys: [String] { signatureVerified ? dedupKeys : dedupKeys + rememberedKeys }
 
     package init(
         id: String, type: String, verificationID: String?, normalizedBody: [UInt8], originalBody: [UInt8],
