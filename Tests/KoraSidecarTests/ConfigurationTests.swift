@@ -211,6 +211,14 @@ struct ConfigurationTests {
         ])
     }
 
+    @Test func aSecretPastedWhereItsVariableOrFileIsNamedIsNotRepeated() {
+        let found = problems(#"{"webhooks": {"secrets": [{"env": "whsec_pasted1"}, {"file": "whsec_pasted2"}, {"env": "MISSING_ONE"}]}}"#)
+        #expect(found.count == 3)
+        #expect(!found.contains { $0.reason.contains("pasted") })
+        #expect(found.first?.reason.hasPrefix("the environment variable named in \"env\" is not set") == true)
+        #expect(found.last?.reason == "environment variable MISSING_ONE is not set")
+    }
+
     @Test func noTwoCallersShareAToken() {
         let services = #"[{"name": "a", "token": "same"}, {"name": "b", "token": "same"}, {"name": "c", "token": "admin"}]"#
         let found = problems(#"{"webhooks": {"secrets": ["s"]}, "internal": {"adminToken": "admin"}, "services": \#(services)}"#)
@@ -288,7 +296,11 @@ struct ConfigurationTests {
             #expect(HTTPURL.masked(url).hasPrefix("https://***@"), "\(url)")
             #expect(!HTTPURL.masked(url).contains("cret") && !HTTPURL.masked(url).contains("TOKEN"), "\(url)")
         }
-        #expect(HTTPURL.masked("https://hooks.example.com/k?a=b@c") == "https://hooks.example.com/k?a=b@c")
+        // A callback's token is as often in its query: the query and the fragment are masked too.
+        #expect(HTTPURL.masked("https://hooks.example.com/k?a=b@c") == "https://hooks.example.com/k?***")
+        #expect(HTTPURL.masked("https://u:p@x.example/p?t=tok#frag") == "https://***@x.example/p?***")
+        #expect(HTTPURL.masked("https://x.example/p#frag") == "https://x.example/p#***")
+        #expect(HTTPURL.masked("https://x.example/p") == "https://x.example/p")
         // The effective configuration is itself a valid configuration (with secrets put back).
         #expect(try JSONParser.parse(Array(text.utf8))["delivery"]?["mode"] == "queued")
     }

@@ -311,6 +311,8 @@ import Glibc
         }
         #expect(!logs.all.contains { $0.contains("MARKER") })
         #expect(LoggedPath.masking("/subjects/a/verifications/subjects") == "/subjects/{externalId}/verifications/subjects")
+        // However the caller spelt it: the proxy forwards it as spelt.
+        #expect(LoggedPath.masking("/Subjects/a/x/%73ubjects/b/SUBJECTS/c") == "/Subjects/{externalId}/x/%73ubjects/{externalId}/SUBJECTS/{externalId}")
     }
 
     @Test func charactersClientsSendUnencodedStillReachKora() async throws {

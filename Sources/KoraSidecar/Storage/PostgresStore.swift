@@ -37,6 +37,10 @@ final class PostgresStore: SidecarStore, Service {
     }
 
     init(address: PostgresURL, logger: Logger, operationTimeout: Duration, protection: DataProtection) {
+        // postgres-nio logs every row it reads at trace, and rows hold identity data: it is given
+        // no level below info, whatever logging.level says.
+        var logger = logger
+        logger.logLevel = max(logger.logLevel, .info)
         client = PostgresClient(configuration: address.clientConfiguration, backgroundLogger: logger)
         location = address.location
         self.logger = logger

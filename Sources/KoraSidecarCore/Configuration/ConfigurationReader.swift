@@ -39,6 +39,15 @@ final class ConfigurationReader {
         }
     }
 
+    /// Why an error does not quote a variable's name or a file's path that does not look like one
+    /// (`A_NAME`, a path with a `/`): it may be the secret itself, pasted in the wrong place.
+    private static let notRepeated = "the name is not repeated here: it does not look like one, and may be the secret itself"
+
+    /// Upper-case letters, digits and `_`: how environment variables are named.
+    private static func isConventionalName(_ byte: UInt8) -> Bool {
+        byte == UInt8(ascii: "_") || byte.isASCIIDigit || (byte >= UInt8(ascii: "A") && byte <= UInt8(ascii: "Z"))
+    }
+
     /// The variable's name when `text` is all one shell reference, `$NAME` or `${NAME}`.
     static func shellVariable(_ text: String) -> String? {
         var name = Substring(text)
@@ -79,13 +88,19 @@ final class ConfigurationReader {
             case (let name?, nil):
                 // A trailing line break is how `echo` and `kubectl create secret --from-file` leave it, as with files.
                 guard let resolved = environment[name].map(Self.withoutTrailingLineBreaks), !resolved.isEmpty else {
-                    report(path, "environment variable \(name) is not set")
+                    report(
+                        path,
+                        name.utf8.allSatisfy(Self.isConventionalName)
+                            ? "environment variable \(name) is not set"
+                            : "the environment variable named in \"env\" is not set (\(Self.notRepeated))")
                     return nil
                 }
                 return usable(Secret(resolved, source: .environment(name)), at: path)
             case (nil, let file?):
                 guard let data = FileManager.default.contents(atPath: file) else {
-                    report(path, "secret file \(file) cannot be read")
+                    report(
+                        path,
+                        file.contains("/") ? "secret file \(file) cannot be read" : "the secret file named in \"file\" cannot be read (\(Self.notRepeated))")
                     return nil
                 }
                 let text = Self.withoutTrailingLineBreaks(String(decoding: data, as: UTF8.self))

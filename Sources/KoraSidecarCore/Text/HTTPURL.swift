@@ -36,12 +36,21 @@ package enum HTTPURL {
         }
     }
 
-    /// `text` with its user information, if any, shown as `***` (for the effective configuration):
-    /// found by its `@` in the authority, so that no escape a parser might refuse can show it.
+    /// `text` with its user information, query and fragment, if any, shown as `***` (for the
+    /// effective configuration): a callback's token is as often in its query as in its user part.
+    /// The user part is found by its `@` in the authority, so that no escape a parser might refuse can show it.
     package static func masked(_ text: String) -> String {
         guard let scheme = text.firstRange(of: "://") else { return text }
-        let authority = text[scheme.upperBound...].prefix { $0 != "/" && $0 != "?" && $0 != "#" }
-        guard let at = authority.lastIndex(of: "@") else { return text }
-        return String(text[..<scheme.upperBound]) + "***" + String(text[at...])
+        var masked = String(text[..<scheme.upperBound])
+        var rest = text[scheme.upperBound...]
+        let authority = rest.prefix { $0 != "/" && $0 != "?" && $0 != "#" }
+        if let at = authority.lastIndex(of: "@") {
+            masked += "***"
+            rest = rest[at...]
+        }
+        if let query = rest.firstIndex(where: { $0 == "?" || $0 == "#" }) {
+            return masked + rest[..<query] + String(rest[query]) + "***"
+        }
+        return masked + rest
     }
 }
