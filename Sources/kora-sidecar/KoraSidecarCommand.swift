@@ -161,22 +161,25 @@ struct SendTestEvent: AsyncParsableCommand {
     @Option(help: "The sidecar's webhook URL.") var to: String
     @OptionGroup var webhookSecret: WebhookSecretOption
     @Option(help: "Event type.") var type: String = "verification.completed"
-    @Option(help: "auto_approve, auto_reject or manual_review.") var decision: String = "auto_approve"
+    @Option(help: "auto_approve, auto_reject or manual_review (default: the one the type says, auto_approve for most).") var decision: String?
     @Option(name: .customLong("external-id"), help: "The verification's externalId.") var externalID: String = "user-123"
     @Option(help: "timestamped or legacy.") var scheme: SignatureScheme = .timestamped
 
     func validate() throws {
         if let problem = HTTPURL.problem(to) { throw ValidationError("--to \(problem).") }
+        if let decision, !TestEvent.decisions.contains(decision) {
+            throw ValidationError("--decision must be one of \(TestEvent.decisions.joined(separator: ", ")).")
+        }
     }
 
     func run() async throws {
-        let body = TestEvent.body(type: type, decision: decision, externalID: externalID)
+        let body = TestEvent.body(type: type, decision: decision ?? TestEvent.decision(for: type), externalID: externalID)
         let secret = try webhookSecret.resolve()
         let answer: (status: Int, body: String)
         do {
             answer = try await TestEvent.send(body: body, to: to, secret: secret, scheme: scheme)
         } catch {
-            throw StartupError("The event could not be sent to \(to): \(error).")
+            throw StartupError("The event could not be sent to \(to): \(HTTPClientFailure.describe(error)).")
         }
         print("\(answer.status) \(answer.body)")
         // Any answer but a 2xx means the event was not taken, as Kora would see it.

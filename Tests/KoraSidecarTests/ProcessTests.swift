@@ -294,9 +294,10 @@ struct ProcessTests {
             var options = SidecarOptions()
             options.store = InMemoryStore()
             try await withSidecar(configuration, options: options) { (sidecar: RunningSidecar) async throws in
+                // A rejection's decision is a rejection's unless told otherwise.
                 let sent = try await Binary.run([
                     "send-test-event", "--to", sidecar.webhookURL, "--secret", TestSecrets.webhook, "--type", "verification.rejected",
-                    "--decision", "auto_reject", "--external-id", "user-9",
+                    "--external-id", "user-9",
                 ])
                 #expect(sent.stdout.hasPrefix("200 "))
                 let delivery = try #require(try await receiver.waitFor(1).first)
@@ -306,6 +307,11 @@ struct ProcessTests {
                 #expect(refused.stdout.hasPrefix("401 "))
                 let badPort = try await Binary.run(["send-test-event", "--to", "http://127.0.0.1:99999/webhooks/koraidv", "--secret", "s"])
                 #expect(badPort.status == 2 && badPort.stderr.contains("--to must have a port from 1 to 65535"), "\(badPort)")
+                let badDecision = try await Binary.run(["send-test-event", "--to", sidecar.webhookURL, "--secret", "s", "--decision", "approve"])
+                #expect(badDecision.status == 2 && badDecision.stderr.contains("--decision must be one of auto_approve, auto_reject, manual_review."))
+                // Nothing listening: said at once, in words, not after the 30 s deadline.
+                let nobody = try await Binary.run(["send-test-event", "--to", "http://127.0.0.1:\(try freePort())/webhooks/koraidv", "--secret", "s"])
+                #expect(nobody.status == 1 && nobody.stderr.contains("could not be sent to") && nobody.stderr.contains(": connection refused."), "\(nobody)")
             }
         }
     }

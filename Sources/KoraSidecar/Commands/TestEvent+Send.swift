@@ -17,8 +17,19 @@ extension TestEvent {
             request.headers.add(name: "X-Webhook-ID", value: id)
         }
         request.body = .bytes(ByteBuffer(bytes: body))
-        let response = try await HTTPClient.shared.execute(request, timeout: .seconds(30))
-        let answer = try await response.body.collect(upTo: 1 << 20)
-        return (Int(response.status.code), String(buffer: answer))
+        // A client of its own that tries to connect once: the shared one retries a refused connection
+        // until the whole deadline, silent for 30 s at a wrong port.
+        var configuration = HTTPClient.Configuration(timeout: .init(connect: .seconds(5)))
+        configuration.connectionPool.retryConnectionEstablishment = false
+        let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+        do {
+            let response = try await client.execute(request, timeout: .seconds(30))
+            let answer = try await response.body.collect(upTo: 1 << 20)
+            try await client.shutdown()
+            return (Int(response.status.code), String(buffer: answer))
+        } catch {
+            try? await client.shutdown()
+            throw error
+        }
     }
 }

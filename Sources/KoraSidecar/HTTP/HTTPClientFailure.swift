@@ -50,10 +50,12 @@ package enum HTTPClientFailure: Equatable {
         case let error as DeliveryClientError: error.description
         case is CancellationError: "cancelled before the answer"
         case ChannelError.connectTimeout(_): "connect timed out"
-        case is NIOSSLError, is NIOSSLExtraError, is BoringSSLError: "TLS handshake failed"
+        // TLS errors carry no request data: their reason (an unknown issuer, a name that does not match) is the cue.
+        case is NIOSSLError, is NIOSSLExtraError, is BoringSSLError: "TLS handshake failed: \(String(describing: error).prefix(300))"
         case is NIOConnectionError: "connection refused"
         case let error as IOError where error.errnoCode == ECONNREFUSED: "connection refused"
-        case let error as IOError: "I/O error: \(error.errnoCode)"
+        case let error as IOError where error.errnoCode == ENOENT: "no such socket file"
+        case let error as IOError: "I/O error: \(String(cString: strerror(error.errnoCode))) (errno \(error.errnoCode))"
         default: "request failed: \(type(of: error))"
         }
     }

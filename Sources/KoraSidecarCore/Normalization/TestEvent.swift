@@ -35,6 +35,14 @@ package enum TestEvent {
         ])
     }
 
+    /// The decisions Kora's sandbox makes.
+    package static let decisions = ["auto_approve", "auto_reject", "manual_review"]
+
+    /// The decision an event of `type` carries: a rejection's is `auto_reject`, any other's `auto_approve`.
+    package static func decision(for type: String) -> String {
+        type == "verification.rejected" ? "auto_reject" : "auto_approve"
+    }
+
     private static func reason(for decision: String) -> String {
         switch decision {
         case "auto_approve": "All checks passed"
