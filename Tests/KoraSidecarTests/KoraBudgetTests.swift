@@ -92,6 +92,55 @@ struct KoraBudgetTests {
         #expect(wait > earlier && wait <= earlier.adding(.seconds(30)))
     }
 
+    @Test func aServiceGetsNoMoreThanItsShareWhileAnotherHasCalledWithinTheWindow() async throws {
+        let budget = KoraBudget(perMinute: 4, maxWait: .milliseconds(300), metrics: SidecarMetrics())
+        func taken(_ service: String) async -> Bool {
+            do {
+                try await budget.acquire(service: service, share: 1)
+                return true
+            } catch {
+                return false
+            }
+        }
+        // The rare service calls first; the flood then spends what it may: its half, not the rest.
+        #expect(await taken("rare"))
+        var flood: [Bool] = []
+        for _ in 0..<4 { flood.append(await taken("flood")) }
+        #expect(flood == [true, true, false, false])
+        // The turn left is the rare service's when it calls again, at once.
+        #expect(await taken("rare"))
+        // Alone, a service may take every turn of the window.
+        let alone = KoraBudget(perMinute: 4, maxWait: .milliseconds(300), metrics: SidecarMetrics())
+        for _ in 0..<4 { try await alone.acquire(service: "flood", share: 1) }
+    }
+
+    @Test func aCallToldWhenToComeBackIsToldTheLaterOfKorasHoldAndTheWindow() async throws {
+        let now = UnixTime.now()
+        let ledger = LocalBudgetLedger()
+        for _ in 0..<2 { #expect(await ledger.take(perWindow: 2, window: .seconds(60), at: now).nextTurn == nil) }
+        await ledger.hold(until: now.adding(.seconds(5)))
+        // Kora's hold ends in 5 s, but the window's next turn is a minute away: that is when.
+        #expect(await ledger.take(perWindow: 2, window: .seconds(60), at: now.adding(.seconds(1))).nextTurn == now.adding(.seconds(60)))
+        let url = Secret(try await PostgresServer.shared().createDatabase())
+        let store = try PostgresStore(url: url, logger: quietLogger, operationTimeout: .seconds(5) * Sanitizer.slowdown, protection: .sealedForTests)
+        let running = Task { await store.run() }
+        defer { running.cancel() }
+        try await store.waitUntilMigrated(timeout: .seconds(60))
+        for _ in 0..<2 { #expect(try await store.take(perWindow: 2, window: .seconds(60), at: now).nextTurn == nil) }
+        try await store.hold(until: now.adding(.seconds(5)))
+        #expect(try await store.take(perWindow: 2, window: .seconds(60), at: now.adding(.seconds(1))).nextTurn == now.adding(.seconds(60)))
+        // A call that waited in vain is told the same, not "in a second".
+        let budget = KoraBudget(perMinute: 1, maxWait: .milliseconds(200), window: .seconds(30), metrics: SidecarMetrics())
+        try await budget.acquire(service: "app", share: 1)
+        await budget.observe(limit: nil, remaining: "0", reset: "\(UnixTime.now().seconds + 1)")
+        do {
+            try await budget.acquire(service: "app", share: 1)
+            Issue.record("the second call got a turn")
+        } catch let refusal as KoraBudget.Refusal {
+            #expect(refusal.retryAfter > .seconds(20), "\(refusal.retryAfter)")
+        }
+    }
+
     @Test func aServiceThatFloodsCannotStarveOneThatCallsRarely() async throws {
         let flood = appService(name: "flood", token: "token-flood")
         let rare = appService(name: "rare", token: "token-rare")

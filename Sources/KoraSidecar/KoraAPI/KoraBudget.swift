@@ -11,7 +11,9 @@ import ServiceLifecycle
 /// counted by a ``BudgetLedger``: in this process, or in the PostgreSQL database that replicas share,
 /// so that two replicas do not each spend the whole budget. When the budget is spent a call waits for
 /// its turn, up to `maxWait`; waiting calls take turns by their service's `share` (weighted fair
-/// queuing), so a service that floods the proxy cannot starve one that calls rarely.
+/// queuing). And while other services have called within the window, a service gets no more than its
+/// share of the window's turns (``Reservations``): one that floods the proxy cannot spend, before the
+/// others call, the turns they would have had.
 actor KoraBudget {
     /// Why a call was not let through.
     struct Refusal: Error {
@@ -31,6 +33,9 @@ actor KoraBudget {
     private var nextWaiter = 0
     private var pump: Task<Void, Never>?
     private var granting = false
+    private var reservations: Reservations
+    /// When the next turn can come, as the ledger last said: the `Retry-After` of a call refused after waiting.
+    private var nextTurn: UnixTime?
     private let metrics: SidecarMetrics
 
     private struct Waiter {
@@ -51,6 +56,7 @@ actor KoraBudget {
         // A call sent near a window's end may reach Kora in the next one: the window the sidecar
         // counts is a little longer than Kora's (5 %, at least 250 ms).
         self.window = window + max(.milliseconds(250), window / 20)
+        self.reservations = Reservations(window: self.window)
         self.ledger = ledger
         self.metrics = metrics
     }
@@ -58,10 +64,13 @@ actor KoraBudget {
     /// Waits for a turn to call Kora for `service`.
     /// - Throws: ``Refusal`` when no turn came within `maxWait`.
     func acquire(service: String, share: Int) async throws {
-        if waiting.isEmpty {
-            let turn = try await ledger.take(perWindow: perWindow, window: window, at: .now())
+        let now = UnixTime.now()
+        reservations.called(service, share: Double(share), at: now)
+        if waiting.isEmpty, !reservations.isOverShare(service, of: perWindow, at: now) {
+            let turn = try await ledger.take(perWindow: perWindow, window: window, at: now)
             metrics.koraBudgetRemaining(turn.remaining)
-            guard let next = turn.nextTurn else { return }
+            guard let next = turn.nextTurn else { return reservations.took(service, at: now) }
+            nextTurn = next
             // No turn can come in time: say so now rather than after waiting for nothing.
             let wait = Duration.milliseconds(next.milliseconds - UnixTime.now().milliseconds)
             if wait > maxWait {
@@ -79,7 +88,7 @@ actor KoraBudget {
         served[service] = max(served[service] ?? 0, floor)
         let timeout = Task { [maxWait] in
             guard (try? await Task.sleep(for: maxWait)) != nil else { return }
-            self.remove(id, throwing: Refusal(retryAfter: .seconds(1)))
+            self.timedOut(id)
         }
         defer { timeout.cancel() }
         // A stop, or a caller that went away, ends the wait at once: the call would otherwise wait
@@ -119,24 +128,36 @@ actor KoraBudget {
 
     // MARK: Turns
 
-    /// Grants turns to waiting calls as the ledger allows, the service furthest behind its share first.
+    /// Grants turns to waiting calls as the ledger allows, the service furthest behind its share first,
+    /// among those within their reservation.
     private func grant() async {
         guard !granting else { return }
         granting = true
         defer { granting = false }
         while !waiting.isEmpty {
+            let now = UnixTime.now()
+            let eligible = waiting.indices.filter { !reservations.isOverShare(waiting[$0].service, of: perWindow, at: now) }
+            guard !eligible.isEmpty else {
+                // Every waiting service has had its share while others called: wait for that to change.
+                return schedulePump(at: reservations.nextChange(after: now) ?? now.adding(.seconds(1)))
+            }
             let turn: BudgetTurn
             do {
-                turn = try await ledger.take(perWindow: perWindow, window: window, at: .now())
+                turn = try await ledger.take(perWindow: perWindow, window: window, at: now)
             } catch {
                 return schedulePump(at: UnixTime.now().adding(.seconds(1)))
             }
             metrics.koraBudgetRemaining(turn.remaining)
-            if let next = turn.nextTurn { return schedulePump(at: next) }
-            // The turn goes to whoever is furthest behind now (a waiter may have expired meanwhile).
-            guard let index = waiting.indices.min(by: { served[waiting[$0].service] ?? 0 < served[waiting[$1].service] ?? 0 }) else { return }
+            if let next = turn.nextTurn {
+                nextTurn = next
+                return schedulePump(at: next)
+            }
+            // The turn goes to whoever is furthest behind now (a waiter may have expired while the ledger answered).
+            let candidates = waiting.indices.filter { !reservations.isOverShare(waiting[$0].service, of: perWindow, at: now) }
+            guard let index = candidates.min(by: { served[waiting[$0].service] ?? 0 < served[waiting[$1].service] ?? 0 }) else { continue }
             let waiter = waiting.remove(at: index)
             served[waiter.service, default: 0] += 1 / waiter.share
+            reservations.took(waiter.service, at: now)
             metrics.koraCallsWaiting(waiting.count)
             waiter.continuation.resume()
         }
@@ -156,6 +177,12 @@ actor KoraBudget {
         await grant()
     }
 
+    /// Ends a call's wait when its `maxWait` passed: refused, told when the next turn should come.
+    private func timedOut(_ id: Int) {
+        let wait = nextTurn.map { Duration.milliseconds($0.milliseconds - UnixTime.now().milliseconds) } ?? .seconds(1)
+        remove(id, throwing: Refusal(retryAfter: max(.seconds(1), wait)))
+    }
+
     /// Ends a call's wait: its `maxWait` passed (a ``Refusal``), or its caller went away.
     private func remove(_ id: Int, throwing error: any Error) {
         guard let index = waiting.firstIndex(where: { $0.id == id }) else { return }
@@ -163,6 +190,51 @@ actor KoraBudget {
         metrics.koraCallsWaiting(waiting.count)
         if error is Refusal { metrics.koraCallRefused() }
         waiter.continuation.resume(throwing: error)
+    }
+}
+
+/// Each service's share of the window's turns, held for it while it calls: a service may take more
+/// than its share only when no other service has called within the window. Counted by this process
+/// (each replica keeps its own), from its calls and the turns it gave them.
+struct Reservations {
+    let window: Duration
+    /// The services that called within the window: their share and their last call.
+    private var callers: [String: (share: Double, last: UnixTime)] = [:]
+    /// The turns each service had within the window, oldest first.
+    private var turns: [String: [UnixTime]] = [:]
+
+    init(window: Duration) { self.window = window }
+
+    mutating func called(_ service: String, share: Double, at now: UnixTime) {
+        callers[service] = (share, now)
+    }
+
+    mutating func took(_ service: String, at now: UnixTime) {
+        turns[service, default: []].append(now)
+    }
+
+    /// Whether `service` has had its share of `perWindow` turns while others called (never when
+    /// the limit is unknown or it calls alone: then every turn is its to take).
+    mutating func isOverShare(_ service: String, of perWindow: Int?, at now: UnixTime) -> Bool {
+        forget(before: now)
+        guard let perWindow, callers.count > 1, let share = callers[service]?.share else { return false }
+        let all = callers.values.reduce(0) { $0 + $1.share }
+        let reserved = max(1, Int((Double(perWindow) * share / all).rounded(.down)))
+        return (turns[service]?.count ?? 0) >= reserved
+    }
+
+    /// When a turn or a caller next leaves the window, which may free a service held at its share.
+    func nextChange(after now: UnixTime) -> UnixTime? {
+        let times = turns.values.compactMap(\.first) + callers.values.map(\.last)
+        return times.map { $0.adding(window) }.filter { $0 > now }.min()
+    }
+
+    private mutating func forget(before now: UnixTime) {
+        callers = callers.filter { $0.value.last.adding(window) > now }
+        for (service, taken) in turns {
+            let kept = taken.drop { $0.adding(window) <= now }
+            turns[service] = kept.isEmpty ? nil : Array(kept)
+        }
     }
 }
 
@@ -198,9 +270,12 @@ actor LocalBudgetLedger: BudgetLedger {
         if let last = sent.last, last > now { sent = sent.map { min($0, now) } }
         if let held = koraHold, now < held.setAt { koraHold = (now.adding(.milliseconds(held.until.milliseconds - held.setAt.milliseconds)), now) }
         while let first = sent.first, first.adding(window) <= now { sent.removeFirst() }
-        if let koraHold, now < koraHold.until { return BudgetTurn(nextTurn: koraHold.until, remaining: 0) }
+        // The later of Kora's hold and the window's next free turn: a caller told the hold's end would
+        // wait, or come back, for nothing.
+        let slot = perWindow.flatMap { sent.count >= $0 ? sent[sent.count - $0].adding(window) : nil }
+        if let koraHold, now < koraHold.until { return BudgetTurn(nextTurn: max(koraHold.until, slot ?? koraHold.until), remaining: 0) }
         guard let perWindow else { return BudgetTurn(nextTurn: nil, remaining: -1) }
-        guard sent.count < perWindow else { return BudgetTurn(nextTurn: sent[sent.count - perWindow].adding(window), remaining: 0) }
+        if let slot { return BudgetTurn(nextTurn: slot, remaining: 0) }
         sent.append(now)
         return BudgetTurn(nextTurn: nil, remaining: perWindow - sent.count)
     }

@@ -833,18 +833,19 @@ extension PostgresStore: BudgetLedger {
     func take(perWindow: Int?, window: Duration, at now: UnixTime) async throws -> BudgetTurn {
         try await inTransaction { connection in
             try await connection.query("SELECT pg_advisory_xact_lock(\(Self.budgetLock))", logger: self.logger)
-            let held = try await connection.query("SELECT held_until FROM kora_budget_hold WHERE id = 1", logger: self.logger)
+            let hold = try await connection.query("SELECT held_until FROM kora_budget_hold WHERE id = 1", logger: self.logger)
                 .collect().first?.decode(Int64.self)
-            if let held, now.milliseconds < held { return BudgetTurn(nextTurn: UnixTime(milliseconds: held), remaining: 0) }
-            guard let perWindow else { return BudgetTurn(nextTurn: nil, remaining: -1) }
+            let held = hold.flatMap { now.milliseconds < $0 ? $0 : nil }
+            guard let perWindow else { return BudgetTurn(nextTurn: held.map(UnixTime.init(milliseconds:)), remaining: held == nil ? -1 : 0) }
             let since = now.milliseconds - window.milliseconds
             try await connection.query("DELETE FROM kora_budget_calls WHERE sent_at <= \(since)", logger: self.logger)
-            // The turn that frees first: the perWindow-th newest call's time plus the window.
-            if let blocking = try await connection.query(
+            // The turn that frees first: the perWindow-th newest call's time plus the window; the
+            // later of it and Kora's hold, or a caller told the hold's end would wait for nothing.
+            let blocking = try await connection.query(
                 "SELECT sent_at FROM kora_budget_calls ORDER BY sent_at DESC OFFSET \(perWindow - 1) LIMIT 1", logger: self.logger
-            ).collect().first?.decode(Int64.self) {
-                return BudgetTurn(nextTurn: UnixTime(milliseconds: blocking + window.milliseconds), remaining: 0)
-            }
+            ).collect().first?.decode(Int64.self)
+            let slot = blocking.map { $0 + window.milliseconds }
+            if let next = [held, slot].compactMap({ $0 }).max() { return BudgetTurn(nextTurn: UnixTime(milliseconds: next), remaining: 0) }
             try await connection.query("INSERT INTO kora_budget_calls(sent_at) VALUES(\(now.milliseconds))", logger: self.logger)
             let count = try await connection.query("SELECT COUNT(*) FROM kora_budget_calls", logger: self.logger)
                 .collect().first?.decode(Int64.self) ?? 0
