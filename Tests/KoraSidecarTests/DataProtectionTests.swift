@@ -227,6 +227,17 @@ struct DataProtectionTests {
 }
 
 extension DataProtectionTests {
+    @Test func erasingAPersonFindsTheirQuarantinedPayloadsHoweverTheSenderEscapedTheId() async throws {
+        let store = InMemoryStore()
+        // Unparseable, as quarantined payloads are; escaped as json.dumps (\u00e9) and PHP (\/) write it.
+        for body in [#"{"data":{"externalId":"jos\u00e9\/a@x.example""#, #"["jos\u00E9/a@x.example"]"#, #"["jos\u00e9/b@x.example"]"#] {
+            try await store.quarantine(QuarantinedPayload(receivedAt: t0, reason: "r", body: Array(body.utf8), headers: [:], signatureVerified: true))
+        }
+        let report = try await OperatorActions.erase(.externalID("josé/a@x.example"), store: store, logger: quietLogger)
+        #expect(report.quarantined == 2)
+        #expect(try await store.quarantined(limit: 10).map { String(decoding: $0.body, as: UTF8.self) } == [#"["jos\u00e9/b@x.example"]"#])
+    }
+
     @Test func aLostKeyFileStopsTheStartInsteadOfSealingWithANewKey() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }

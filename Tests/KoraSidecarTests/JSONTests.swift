@@ -46,6 +46,11 @@ struct JSONTests {
         #expect(try parse(#""\ud800\ud83d\ude00""#) == .string("\u{FFFD}😀"))
     }
 
+    @Test func stringsAreReadAsTheySayInTextThatDoesNotParse() {
+        let text = #"{"a": "x\u00e9\/\"q\ud83d\ude00\ud800", "b": [1, "\u12"#
+        #expect(String(decoding: JSONStrings.unescaped(Array(text.utf8)), as: UTF8.self) == #"{"a": "xé/"q😀\#u{FFFD}", "b": [1, "\u12"#)
+    }
+
     @Test func rejectsInvalidUTF8() {
         #expect(throws: JSONParseError.self) { try JSONParser.parse([0x22, 0xFF, 0xFE, 0x22]) }
     }

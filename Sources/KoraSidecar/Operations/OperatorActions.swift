@@ -74,6 +74,13 @@ package enum OperatorActions {
         case verification(String)
         /// The app's own id for a person: every verification whose stored event names it.
         case externalID(String)
+
+        /// The id it names.
+        var value: String {
+            switch self {
+            case .verification(let id), .externalID(let id): id
+            }
+        }
     }
 
     /// Erases everything stored about `subject`, in one transaction, and logs one audit line that
@@ -93,8 +100,13 @@ package enum OperatorActions {
         // Quarantined payloads could not be parsed, and idempotency records hold Kora's answer:
         // they go when their bytes name the subject or one of its verifications.
         let mentions = [mention] + verificationIDs.map { JSONWriter.encode(.string($0)) }
+        // Read as their strings say, however the sender escaped them (`\u00e9`, `\/`).
+        let said = ([subject.value] + verificationIDs).map { [UInt8(ascii: "\"")] + Array($0.utf8) + [UInt8(ascii: "\"")] }
         let quarantineIDs = try await store.keptQuarantined().compactMap { body -> Int64? in
-            guard case .quarantine(let id) = body.owner, mentions.contains(where: { body.body.firstRange(of: $0) != nil }) else { return nil }
+            guard case .quarantine(let id) = body.owner else { return nil }
+            let unescaped = JSONStrings.unescaped(body.body)
+            guard mentions.contains(where: { body.body.firstRange(of: $0) != nil }) || said.contains(where: { unescaped.firstRange(of: $0) != nil })
+            else { return nil }
             return id
         }
         let report = try await store.erase(verificationIDs: verificationIDs, eventIDs: eventIDs, quarantineIDs: quarantineIDs, mentions: mentions)

@@ -242,12 +242,8 @@ public struct JSONParser {
 
     private mutating func parseHex4() throws(JSONParseError) -> UInt32 {
         guard index + 4 <= bytes.count else { throw error("unexpected end of input") }
-        var value: UInt32 = 0
-        for _ in 0..<4 {
-            guard let digit = Hex.value(of: bytes[index]) else { throw error("invalid unicode escape") }
-            value = value << 4 | UInt32(digit)
-            index += 1
-        }
+        guard let value = Hex.value4(bytes, at: index) else { throw error("invalid unicode escape") }
+        index += 4
         return value
     }
 }

@@ -27,6 +27,17 @@ package enum Hex {
         return output
     }
 
+    /// The value of the four hex digits at `index` (a JSON `\u` escape's), or nil.
+    static func value4(_ bytes: [UInt8], at index: Int) -> UInt32? {
+        guard index >= 0, index + 4 <= bytes.count else { return nil }
+        var value: UInt32 = 0
+        for byte in bytes[index..<index + 4] {
+            guard let digit = Hex.value(of: byte) else { return nil }
+            value = value << 4 | UInt32(digit)
+        }
+        return value
+    }
+
     /// The value of one hex digit of either case.
     static func value(of byte: UInt8) -> UInt8? {
         switch byte {
