@@ -59,10 +59,14 @@ struct ConfigOption: ParsableArguments {
         help: "Configuration file (default: $KORA_SIDECAR_CONFIG, else ./config.json, else /etc/kora-sidecar/config.json, else the environment).")
     var config: String?
 
+    var source: ConfigurationSource { ConfigurationSource.resolve(flag: config, environment: processEnvironment) }
+
     func load(resolvingSecrets: Bool = true) throws -> SidecarConfiguration {
-        try ConfigurationSource.resolve(flag: config, environment: processEnvironment)
-            .load(environment: processEnvironment, resolvingSecrets: resolvingSecrets)
+        try source.load(environment: processEnvironment, resolvingSecrets: resolvingSecrets)
     }
+
+    /// What start-up says of the environment beside the configuration it read.
+    var environmentWarnings: [String] { source.warnings(environment: processEnvironment) }
 }
 
 struct Serve: AsyncParsableCommand {
@@ -77,6 +81,8 @@ struct Serve: AsyncParsableCommand {
             SidecarLogHandler(label: label, level: level, format: configuration.logging.format)
         }
         let logger = Logger(label: "kora-sidecar")
+        logger.info("Configuration read", metadata: ["source": "\(options.source.description)"])
+        for warning in options.environmentWarnings { logger.warning("\(warning)") }
         let app = try buildApplication(configuration, logger: logger)
         do {
             try await app.runService()
@@ -97,7 +103,7 @@ struct CheckConfig: AsyncParsableCommand {
     func run() async throws {
         let configuration = try options.load()
         print(JSONWriter.prettyString(configuration.effectiveJSON))
-        for warning in configuration.startupWarnings {
+        for warning in configuration.startupWarnings + options.environmentWarnings {
             StandardStreams.writeLine("warning: \(warning)", to: StandardStreams.error)
         }
     }

@@ -219,6 +219,26 @@ struct ConfigurationTests {
         #expect(found.last?.reason == "environment variable MISSING_ONE is not set")
     }
 
+    @Test func theEnvironmentSaysWhatItCannotDo() {
+        // A misspelt variable, which the environment-only start would ignore; Kubernetes' own for a
+        // Service named kora-sidecar are left alone.
+        let environment = [
+            "KORAIDV_WEBHOOK_SECRET": "w", "KORA_SIDECAR_ADMIN_TOKN": "x", "KORA_SIDECAR_SERVICE_HOST": "10.0.0.1",
+            "KORA_SIDECAR_SERVICE_PORT": "8080", "KORA_SIDECAR_PORT": "tcp://10.0.0.1:8080", "KORA_SIDECAR_FORWARD_URL": "http://app:8080/e",
+        ]
+        #expect(ConfigurationSource.environment.warnings(environment: environment) == [
+            "KORA_SIDECAR_ADMIN_TOKN is set, which kora-sidecar does not read: did you mean KORA_SIDECAR_ADMIN_TOKEN?"
+        ])
+        // With a file, the environment's settings change nothing: said, as a file found in the working folder wins.
+        #expect(ConfigurationSource.file("/etc/kora-sidecar/config.json").warnings(environment: environment) == [
+            "KORA_SIDECAR_FORWARD_URL is set, but the configuration comes from /etc/kora-sidecar/config.json: "
+                + "these variables apply only without a configuration file (remove the file, or set the keys in it)."
+        ])
+        // A path beside a URL is refused under its variable's name, not dropped.
+        let path = problemsFromEnvironment(["KORAIDV_WEBHOOK_SECRET": "w", "KORA_SIDECAR_FORWARD_URL": "http://app/e", "KORA_SIDECAR_FORWARD_PATH": "/x"])
+        #expect(path.map(\.path) == ["KORA_SIDECAR_FORWARD_PATH"])
+    }
+
     @Test func noTwoCallersShareAToken() {
         let services = #"[{"name": "a", "token": "same"}, {"name": "b", "token": "same"}, {"name": "c", "token": "admin"}]"#
         let found = problems(#"{"webhooks": {"secrets": ["s"]}, "internal": {"adminToken": "admin"}, "services": \#(services)}"#)

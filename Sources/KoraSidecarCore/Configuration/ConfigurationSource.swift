@@ -12,6 +12,19 @@ package enum ConfigurationSource: Sendable, Equatable {
     case file(String)
     case environment
 
+    /// What start-up says of `environment` beside the configuration from this source.
+    package func warnings(environment: [String: String]) -> [String] {
+        EnvironmentConfiguration.warnings(environment, source: self)
+    }
+
+    /// Where the configuration came from, as a log line says it.
+    package var description: String {
+        switch self {
+        case .file(let path): path
+        case .environment: "the environment (no configuration file)"
+        }
+    }
+
     /// Where the container image and packages put the configuration.
     static let systemPath = "/etc/kora-sidecar/config.json"
 

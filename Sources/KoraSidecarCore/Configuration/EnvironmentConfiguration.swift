@@ -35,9 +35,10 @@ enum EnvironmentConfiguration {
         if env("KORA_SIDECAR_SERVICE_TOKEN") != nil { service.append(.init("token", reference("KORA_SIDECAR_SERVICE_TOKEN"))) }
         var deliver: [JSONMember] = []
         if let url = env("KORA_SIDECAR_FORWARD_URL") { deliver.append(.init("url", .string(url))) }
-        if let socket = env("KORA_SIDECAR_FORWARD_SOCKET") {
-            deliver.append(.init("unixSocket", .string(socket)))
-            deliver.append(.init("path", .string(env("KORA_SIDECAR_FORWARD_PATH") ?? "/kora-events")))
+        if let socket = env("KORA_SIDECAR_FORWARD_SOCKET") { deliver.append(.init("unixSocket", .string(socket))) }
+        // Also beside a URL, where the loader refuses it rather than it being dropped unseen.
+        if let path = env("KORA_SIDECAR_FORWARD_PATH") ?? (env("KORA_SIDECAR_FORWARD_SOCKET") != nil ? "/kora-events" : nil) {
+            deliver.append(.init("path", .string(path)))
         }
         if env("KORA_SIDECAR_SIGNING_SECRET") != nil { deliver.append(.init("signingSecret", reference("KORA_SIDECAR_SIGNING_SECRET"))) }
         if let format = env("KORA_SIDECAR_DELIVERY_FORMAT") { deliver.append(.init("format", .string(format))) }
@@ -107,6 +108,36 @@ enum EnvironmentConfiguration {
         ("$.logging.level", "KORA_SIDECAR_LOG_LEVEL"),
         ("$.logging.format", "KORA_SIDECAR_LOG_FORMAT"),
     ]
+
+    /// The variables that are settings, not secrets a configuration file may also name with `{"env": …}`.
+    static let settings = variables.map(\.variable).filter { name in
+        name.hasPrefix("KORA_SIDECAR_") && !name.contains(" ")
+            && !["KORA_SIDECAR_ADMIN_TOKEN", "KORA_SIDECAR_SERVICE_TOKEN", "KORA_SIDECAR_SIGNING_SECRET", "KORA_SIDECAR_DATABASE_URL",
+                 "KORA_SIDECAR_ENCRYPTION_KEY"].contains(name)
+    }
+
+    /// What start-up says about the environment beside the configuration from `source`: settings
+    /// that a configuration file makes no difference to, and a misspelt variable, which the
+    /// environment-only start would otherwise ignore (others under the prefix, such as those
+    /// Kubernetes makes for a Service named kora-sidecar, are not ours to judge).
+    static func warnings(_ environment: [String: String], source: ConfigurationSource) -> [String] {
+        let set = environment.filter { !$0.value.isEmpty }.keys
+        switch source {
+        case .file(let path):
+            let ignored = settings.filter { set.contains($0) }
+            guard !ignored.isEmpty else { return [] }
+            return [
+                "\(ignored.joined(separator: ", ")) \(ignored.count == 1 ? "is" : "are") set, but the configuration comes from \(path): "
+                    + "these variables apply only without a configuration file (remove the file, or set the keys in it)."
+            ]
+        case .environment:
+            let known = Set(variables.map(\.variable) + ["KORA_SIDECAR_CONFIG"])
+            return set.filter { $0.hasPrefix("KORA_SIDECAR_") && !known.contains($0) }.sorted().compactMap { name in
+                guard let meant = known.sorted().first(where: { TextDistance.atMost(2, $0, name) }) else { return nil }
+                return "\(name) is set, which kora-sidecar does not read: did you mean \(meant)?"
+            }
+        }
+    }
 
     /// `error` with each problem's path replaced by the variable it came from (the first entry of
     /// ``variables`` that is a prefix of the path).
