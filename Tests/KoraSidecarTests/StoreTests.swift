@@ -691,6 +691,27 @@ struct StoreTests {
         }
     }
 
+    @Test func aStoreThisUserCannotWriteIsOneSentenceSayingWhatToChange() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        var storage = StorageConfiguration()
+        storage.sqlitePath = directory
+        #expect { try storage.open(logger: quietLogger) } throws: { "\($0)".contains("cannot be opened: it is a folder; name a file in it") }
+        // The container's user and a volume root owns: not SQLite's "unable to open database file".
+        guard getuid() == 0 else { return }
+        try FileManager.default.createDirectory(atPath: directory + "/data", withIntermediateDirectories: true)
+        let binary = directory + "/kora-sidecar"
+        try FileManager.default.copyItem(atPath: Binary.path, toPath: binary)
+        let config = directory + "/config.json"
+        try Data(
+            #"{"webhooks": {"secrets": ["s"], "listen": {"host": "127.0.0.1", "port": 0}}, "internal": {"listen": {"host": "127.0.0.1", "port": 0}}, "storage": {"sqlitePath": "\#(directory)/data/store.sqlite"}}"#
+                .utf8
+        ).write(to: URL(fileURLWithPath: config))
+        let run = try await runTool("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", binary, "serve", "--config", config])
+        #expect(run.status == 1, "\(run)")
+        #expect(run.stderr.contains("this user (uid 65534) may not create files in \(directory)/data: it belongs to uid 0 with mode 755; chown it"), "\(run)")
+    }
+
     @Test func aCorruptSQLiteFileIsAClearError() throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }

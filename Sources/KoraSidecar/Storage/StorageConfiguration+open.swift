@@ -125,6 +125,9 @@ extension StorageConfiguration {
     #endif
 
     private func openSQLite(protection: DataProtection) throws -> SQLiteStore {
+        if let problem = FileAccess.problem(writing: sqlitePath) {
+            throw StartupError("The store \(sqlitePath) (storage.sqlitePath) cannot be opened: \(problem).")
+        }
         do {
             return try SQLiteStore(path: sqlitePath, protection: protection)
         } catch let error as SQLiteError {
@@ -138,12 +141,42 @@ extension StorageConfiguration {
     }
 }
 
+/// Why this process cannot use a file it must write (the store, whose SQLite error would only say
+/// "unable to open database file" or, once running, "attempt to write a readonly database").
+enum FileAccess {
+    /// What stops this user writing `path` (or creating it in its folder), in words; nil when nothing does.
+    static func problem(writing path: String) -> String? {
+        var status = stat()
+        if stat(path, &status) == 0 {
+            if (status.st_mode & S_IFMT) == S_IFDIR { return "it is a folder; name a file in it" }
+            if access(path, R_OK | W_OK) != 0 { return "this user (uid \(getuid())) may not write it: \(owner(of: path))" }
+        }
+        let directory = folder(of: path)
+        let parent = directory.isEmpty ? "." : directory
+        // A folder still to be created is created (or refused) by the store itself.
+        if stat(parent, &status) == 0, access(parent, W_OK | X_OK) != 0 {
+            return "this user (uid \(getuid())) may not create files in \(parent): \(owner(of: parent))"
+        }
+        return nil
+    }
+
+    /// Who owns `path` and its mode, for a sentence saying what to change.
+    static func owner(of path: String) -> String {
+        var status = stat()
+        guard stat(path, &status) == 0 else { return "check its permissions" }
+        return "it belongs to uid \(status.st_uid) with mode \(String(status.st_mode & 0o777, radix: 8)); chown it to this user, or run as its owner"
+    }
+}
+
 /// The key file of a SQLite store without configured keys: `{"id": …, "key": base64}`, mode 0600.
 enum KeyFile {
     /// The key in the file at `path`; nil when there is no file.
     /// - Throws: ``StartupError`` naming the file when it cannot be read or holds no key.
     static func read(_ path: String) throws -> SealingKey? {
         guard FileManager.default.fileExists(atPath: path) else { return nil }
+        if access(path, R_OK) != 0 {
+            throw StartupError("The encryption key file \(path) cannot be read by this user (uid \(getuid())): \(FileAccess.owner(of: path)).")
+        }
         guard let data = FileManager.default.contents(atPath: path), let json = try? JSONParser.parse(Array(data)),
             let id = json["id"]?.text, let base64 = json["key"]?.text, let key = SealingKey(id: id, base64: base64)
         else {
