@@ -63,7 +63,7 @@ package func buildApplication(
         services.append(opened.service)
     }
 
-    let client = DeliveryClient()
+    let client = DeliveryClient(tls: try configuration.delivery.clientTLS())
     services.append(CloseOnShutdown { client.shutdown() })
     let deliveryServices = configuration.deliveryServices
     for service in deliveryServices where service.signingKeys.isEmpty {

@@ -7,6 +7,7 @@ import Testing
 
 @testable import KoraSidecar
 @testable import KoraSidecarCore
+@testable import KoraSidecarTesting
 
 /// Delivery's own HTTP/1.1 client, against services that misbehave at the connection level. The
 /// redirects, time-outs and the answer cap are also covered end to end in "Delivery to services".
@@ -243,7 +244,21 @@ struct DeliveryClientTests {
         #expect(service.requests.count == 2)
         trustingClient.shutdown()
         systemClient.shutdown()
+
+        // Through the sidecar: a company's own authority, named by delivery.caFile, trusted besides the system's.
+        var configuration = testConfiguration(services: [testService("app", target: .url("https://localhost:\(service.port)/e"))])
+        configuration.delivery.caFile = certificatePath
+        var options = SidecarOptions()
+        options.store = InMemoryStore()
+        try await withSidecar(configuration, options: options) { sidecar in
+            #expect(try await sendSigned(TestEvent.body(), to: sidecar).status == 200)
+            try await waitUntil("the delivery over TLS") { service.requests.count == 3 }
+        }
         await service.close()
+        configuration.delivery.caFile = directory + "/absent.pem"
+        #expect {
+            try buildApplication(configuration, logger: quietLogger, options: options)
+        } throws: { "\($0)" == "The certificate file \(directory)/absent.pem (delivery.caFile) does not exist." }
     }
 
     @Test func aServiceThatNeverAcceptsTheConnectionTimesOutConnecting() async throws {

@@ -1,3 +1,8 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 import HummingbirdCore
 import HummingbirdTLS
 import KoraSidecarCore
@@ -8,16 +13,11 @@ extension TLSFiles {
     /// at least.
     /// - Throws: ``StartupError`` naming the key and the file that cannot be used.
     func serverConfiguration() throws -> TLSConfiguration {
-        let chain: [NIOSSLCertificate]
-        do {
-            chain = try NIOSSLCertificate.fromPEMFile(certificateFile)
-        } catch {
-            throw StartupError("The certificate \(certificateFile) (webhooks.tls.certificateFile) cannot be read as PEM.")
-        }
-        guard !chain.isEmpty else {
-            throw StartupError("The certificate \(certificateFile) (webhooks.tls.certificateFile) holds no certificate.")
-        }
+        let chain = try PEMCertificates.read(certificateFile, key: "webhooks.tls.certificateFile")
         let key: NIOSSLPrivateKey
+        if !FileManager.default.fileExists(atPath: privateKeyFile) {
+            throw StartupError("The private key \(privateKeyFile) (webhooks.tls.privateKeyFile) does not exist.")
+        }
         do {
             key = try NIOSSLPrivateKey(file: privateKeyFile, format: .pem)
         } catch {
@@ -34,6 +34,32 @@ extension TLSFiles {
                 "The private key \(privateKeyFile) (webhooks.tls.privateKeyFile) cannot be used with the certificate \(certificateFile) (webhooks.tls.certificateFile): is it the certificate's key?")
         }
         return configuration
+    }
+}
+
+/// Certificates from a PEM file named by a configuration key.
+enum PEMCertificates {
+    /// - Throws: ``StartupError`` naming the key and the file: missing, not PEM, or holding none.
+    static func read(_ path: String, key: String) throws -> [NIOSSLCertificate] {
+        guard FileManager.default.fileExists(atPath: path) else { throw StartupError("The certificate file \(path) (\(key)) does not exist.") }
+        let certificates: [NIOSSLCertificate]
+        do {
+            certificates = try NIOSSLCertificate.fromPEMFile(path)
+        } catch {
+            throw StartupError("The certificate file \(path) (\(key)) cannot be read as PEM.")
+        }
+        guard !certificates.isEmpty else { throw StartupError("The certificate file \(path) (\(key)) holds no certificate.") }
+        return certificates
+    }
+}
+
+extension DeliveryConfiguration {
+    /// How deliveries to `https` services verify certificates: the system's trust roots, and the
+    /// certificate authorities of `delivery.caFile` besides (a company's own, for its services).
+    func clientTLS() throws -> TLSConfiguration {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        if let caFile { tls.additionalTrustRoots = [.certificates(try PEMCertificates.read(caFile, key: "delivery.caFile"))] }
+        return tls
     }
 }
 

@@ -64,7 +64,7 @@ extension SidecarConfiguration {
         configuration.services = root.array("services") { value, path in
             readService(reader.object(value, at: path, keys: ["name", "token", "allow", "deliver", "share"]))
         } ?? []
-        configuration.delivery = readDelivery(root.object("delivery", keys: ["mode", "ordering", "retrySchedule", "concurrency", "drainTimeout"]))
+        configuration.delivery = readDelivery(root.object("delivery", keys: ["mode", "ordering", "retrySchedule", "concurrency", "drainTimeout", "caFile"]))
         configuration.storage = readStorage(
             root.object("storage", keys: ["sqlitePath", "postgresURL", "encryption", "payloadRetention", "deadRetention"]))
         let logging = root.object("logging", keys: ["level", "format"])
@@ -410,6 +410,7 @@ extension SidecarConfiguration {
         }
         delivery.concurrency = object.int("concurrency", default: delivery.concurrency, in: 1...1024)
         delivery.drainTimeout = object.duration("drainTimeout", default: delivery.drainTimeout, upTo: .seconds(3600), describedAs: "1h")
+        delivery.caFile = object.optionalString("caFile")
         return delivery
     }
 

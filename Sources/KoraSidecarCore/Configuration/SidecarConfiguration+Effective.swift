@@ -48,6 +48,7 @@ extension SidecarConfiguration {
                 "retrySchedule": .array(delivery.retrySchedule.map { .string(DurationText.format($0)) }),
                 "concurrency": .int(delivery.concurrency),
                 "drainTimeout": .string(DurationText.format(delivery.drainTimeout)),
+                "caFile": .optional(delivery.caFile),
             ],
             "storage": .object(
                 [storage.postgresURL == nil ? .init("sqlitePath", .string(storage.sqlitePath)) : .init("postgresURL", "***")] + [

@@ -227,6 +227,8 @@ package struct DeliveryConfiguration: Sendable {
     package var concurrency = 16
     /// How long in-flight deliveries may take to finish on SIGTERM before the process exits anyway.
     package var drainTimeout = Duration.seconds(10)
+    /// PEM certificate authorities trusted for `https` services besides the system's.
+    package var caFile: String?
 
     init() {}
 }
