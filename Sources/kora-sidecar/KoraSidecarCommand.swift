@@ -102,6 +102,8 @@ struct CheckConfig: AsyncParsableCommand {
 
     func run() async throws {
         let configuration = try options.load()
+        // The files serve reads at start-up, read here too: a missing certificate is found before the deploy.
+        try configuration.checkCertificateFiles()
         print(JSONWriter.prettyString(configuration.effectiveJSON))
         for warning in configuration.startupWarnings + options.environmentWarnings {
             StandardStreams.writeLine("warning: \(warning)", to: StandardStreams.error)
@@ -129,6 +131,9 @@ struct CheckKora: AsyncParsableCommand {
 struct WebhookSecretOption: ParsableArguments {
     @Option(help: "The webhook secret (default: $KORAIDV_WEBHOOK_SECRET, which, unlike an argument, other users cannot see in ps).")
     var secret: String?
+
+    /// Checked with the arguments, so that the error comes with the command's own usage.
+    func validate() throws { _ = try resolve() }
 
     func resolve() throws -> Secret {
         guard let value = secret ?? processEnvironment["KORAIDV_WEBHOOK_SECRET"], !value.isEmpty else {
@@ -211,6 +216,13 @@ struct Deliveries: AsyncParsableCommand {
         default:
             logger = quiet
         }
+        // A name no service has may be a typo, or a service since removed (its deliveries stay stored): said, then done.
+        if let service = action.service, !configuration.services.contains(where: { $0.name == service }) {
+            let names = configuration.services.map(\.name).joined(separator: ", ")
+            StandardStreams.writeLine(
+                "warning: no configured service is named \(service) (configured: \(names.isEmpty ? "none" : names)); its stored deliveries are used anyway.",
+                to: StandardStreams.error)
+        }
         let output = try await configuration.storage.withStore(logger: quiet) { store in
             try await DeliveriesCommand.run(action, store: store, services: configuration.deliveryServices, logger: logger)
         }
@@ -274,10 +286,16 @@ struct Deliveries: AsyncParsableCommand {
             if id != nil, service != nil || type != nil || verification != nil || since != nil || until != nil || dryRun {
                 throw ValidationError("Filters and --dry-run go with --status, --all-dead or --unrouted, not with a delivery id.")
             }
+            // Here rather than in run(), so that a mistake is told with this command's usage.
+            if id == nil { _ = try selection() }
         }
 
         func run() async throws {
             if let id { return try await Deliveries.run(.retry(id: id), options: options) }
+            try await Deliveries.run(.retryAll(try selection()), options: options)
+        }
+
+        private func selection() throws -> OperatorActions.RetrySelection {
             let status = status ?? (allDead ? "dead" : "unrouted")
             let filter = DeliveryFilter(
                 statuses: [], service: service, eventType: type, verificationID: verification, since: try time("--since", since),
@@ -285,7 +303,7 @@ struct Deliveries: AsyncParsableCommand {
             guard let selection = OperatorActions.RetrySelection(status: status, filter: filter, dryRun: dryRun) else {
                 throw ValidationError("--status must be dead, delivered or unrouted, not \(status).")
             }
-            try await Deliveries.run(.retryAll(selection), options: options)
+            return selection
         }
 
         private func time(_ flag: String, _ text: String?) throws -> UnixTime? {

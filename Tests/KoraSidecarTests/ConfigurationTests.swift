@@ -239,6 +239,11 @@ struct ConfigurationTests {
         #expect(path.map(\.path) == ["KORA_SIDECAR_FORWARD_PATH"])
     }
 
+    @Test func everyServiceBeyondTheOneWithoutATokenIsReportedAtOnce() {
+        let found = problems(#"{"webhooks": {"secrets": ["s"]}, "services": [{"name": "a"}, {"name": "b"}, {"name": "c"}]}"#)
+        #expect(found.map(\.path) == ["$.services[1].token", "$.services[2].token"])
+    }
+
     @Test func noTwoCallersShareAToken() {
         let services = #"[{"name": "a", "token": "same"}, {"name": "b", "token": "same"}, {"name": "c", "token": "admin"}]"#
         let found = problems(#"{"webhooks": {"secrets": ["s"]}, "internal": {"adminToken": "admin"}, "services": \#(services)}"#)

@@ -150,6 +150,28 @@ struct ProcessTests {
         }
     }
 
+    @Test func operatorCommandsSayTheirMistakesWithTheirOwnUsage() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let config = try writeProcessConfig(directory: directory, receiverPort: 9, services: #"[{"name": "a", "token": "t1"}, {"name": "b", "token": "t2"}]"#)
+        let pending = try await Binary.run(["deliveries", "retry", "--status", "pending", "--config", config])
+        #expect(pending.status == 2 && pending.stderr.contains("--status must be dead, delivered or unrouted, not pending."), "\(pending)")
+        #expect(pending.stderr.contains("Usage: kora-sidecar deliveries retry"), "\(pending)")
+        let noSecret = try await Binary.run(["send-test-event", "--to", "http://127.0.0.1:9/webhooks/koraidv"])
+        #expect(noSecret.status == 2 && noSecret.stderr.contains("Usage: kora-sidecar send-test-event"), "\(noSecret)")
+        // A service no longer configured may still have deliveries: said, not refused.
+        try SQLiteStore(path: directory + "/store.sqlite", protection: .sealedForTests).close()
+        let typo = try await Binary.run(["deliveries", "list", "--service", "tsl", "--config", config])
+        #expect(typo.status == 0 && typo.stderr.contains("warning: no configured service is named tsl (configured: a, b)"), "\(typo)")
+        #expect(!(try await Binary.run(["deliveries", "list", "--service", "a", "--config", config])).stderr.contains("warning"))
+        // check-config reads the certificate files serve reads.
+        let tls = directory + "/tls.json"
+        try #"{"webhooks": {"secrets": ["s"], "tls": {"certificateFile": "\#(directory)/none.pem", "privateKeyFile": "\#(directory)/none.key"}}}"#
+            .write(toFile: tls, atomically: true, encoding: .utf8)
+        let check = try await Binary.run(["check-config", "--config", tls])
+        #expect(check.status == 1 && check.stderr.contains("\(directory)/none.pem (webhooks.tls.certificateFile) does not exist."), "\(check)")
+    }
+
     /// `serve` with one service, "app", whose proxy calls `base` as Kora, with `settings` added to
     /// the `kora` section.
     private func proxySidecarProcess(kora base: String, settings: String, directory: String) throws -> SidecarProcess {

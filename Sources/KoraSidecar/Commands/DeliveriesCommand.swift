@@ -12,6 +12,15 @@ package enum DeliveriesCommand {
         case replay(eventID: String, service: String?)
         case erase(OperatorActions.ErasureSubject)
         case reseal
+
+        /// The service it is limited to, if any.
+        package var service: String? {
+            switch self {
+            case .list(_, let service, _), .replay(_, let service): service
+            case .retryAll(let selection): selection.filter.service
+            default: nil
+            }
+        }
     }
 
     /// Runs `action` against `store` (`services`: where unrouted events may now go) and returns the text to print.

@@ -53,6 +53,15 @@ enum PEMCertificates {
     }
 }
 
+extension SidecarConfiguration {
+    /// Reads the certificate files `serve` reads at start-up, for `check-config`.
+    /// - Throws: ``StartupError`` naming the key and the file that cannot be used.
+    package func checkCertificateFiles() throws {
+        _ = try webhooks.tls?.serverConfiguration()
+        _ = try delivery.clientTLS()
+    }
+}
+
 extension DeliveryConfiguration {
     /// How deliveries to `https` services verify certificates: the system's trust roots, and the
     /// certificate authorities of `delivery.caFile` besides (a company's own, for its services).

@@ -423,9 +423,11 @@ extension SidecarConfiguration {
         }
         let anonymous = configuration.services.indices.filter { configuration.services[$0].token == nil }
         if anonymous.count > 1, !hasTokenProblem(reader) {
-            reader.report(
-                "$.services[\(anonymous[1])].token",
-                "is required: at most one service may omit its token (services[\(anonymous[0])] already does)")
+            for index in anonymous.dropFirst() {
+                reader.report(
+                    "$.services[\(index)].token",
+                    "is required: at most one service may omit its token (services[\(anonymous[0])] already does)")
+            }
         }
         // One token for two callers would make each the other: in the proxy, in routing, in /admin.
         var holders: [String: Int] = [:]
