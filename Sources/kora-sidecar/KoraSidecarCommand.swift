@@ -81,9 +81,10 @@ struct Serve: AsyncParsableCommand {
             SidecarLogHandler(label: label, level: level, format: configuration.logging.format)
         }
         let logger = Logger(label: "kora-sidecar")
-        logger.info("Configuration read", metadata: ["source": "\(options.source.description)"])
         for warning in options.environmentWarnings { logger.warning("\(warning)") }
         let app = try buildApplication(configuration, logger: logger)
+        // Once it can start: a start-up failure stays one sentence.
+        logger.info("Configuration read", metadata: ["source": "\(options.source.description)"])
         do {
             try await app.runService()
         } catch {
