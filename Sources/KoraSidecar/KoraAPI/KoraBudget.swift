@@ -210,14 +210,16 @@ struct Reservations {
     }
 
     mutating func took(_ service: String, at now: UnixTime) {
+        forget(before: now)
         turns[service, default: []].append(now)
     }
 
     /// Whether `service` has had its share of `perWindow` turns while others called (never when
     /// the limit is unknown or it calls alone: then every turn is its to take).
     mutating func isOverShare(_ service: String, of perWindow: Int?, at now: UnixTime) -> Bool {
+        guard let perWindow else { return false }
         forget(before: now)
-        guard let perWindow, callers.count > 1, let share = callers[service]?.share else { return false }
+        guard callers.count > 1, let share = callers[service]?.share else { return false }
         let all = callers.values.reduce(0) { $0 + $1.share }
         let reserved = max(1, Int((Double(perWindow) * share / all).rounded(.down)))
         return (turns[service]?.count ?? 0) >= reserved
@@ -229,11 +231,13 @@ struct Reservations {
         return times.map { $0.adding(window) }.filter { $0 > now }.min()
     }
 
+    /// Drops the callers and turns the window has passed (each call's cost is what it drops).
     private mutating func forget(before now: UnixTime) {
-        callers = callers.filter { $0.value.last.adding(window) > now }
+        for (service, caller) in callers where caller.last.adding(window) <= now { callers[service] = nil }
         for (service, taken) in turns {
-            let kept = taken.drop { $0.adding(window) <= now }
-            turns[service] = kept.isEmpty ? nil : Array(kept)
+            let passed = taken.prefix { $0.adding(window) <= now }.count
+            guard passed > 0 else { continue }
+            turns[service] = passed == taken.count ? nil : Array(taken.dropFirst(passed))
         }
     }
 }
