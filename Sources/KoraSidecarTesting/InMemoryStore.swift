@@ -135,7 +135,7 @@ final class InMemoryStore: SidecarStore {
     }
 
     package func recordOrigin(verificationID: String, service: String, at: UnixTime) async throws {
-        try write { $0.origins[verificationID] = service }
+        try write { $0.origins[verificationID] = $0.origins[verificationID] ?? service }
     }
 
     package func origin(ofVerification verificationID: String) async throws -> String? {
