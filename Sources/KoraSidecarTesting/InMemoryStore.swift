@@ -83,6 +83,14 @@ final class InMemoryStore: SidecarStore {
         claimFailure.withLockedValue { $0 = error }
     }
 
+    /// When set, every origin lookup fails with this error (a store that cannot be read, in tests).
+    private let originFailure = NIOLockedValueBox<(any Error)?>(nil)
+
+    /// Makes every following origin lookup fail with `error`, or answer again with nil.
+    func failOriginLookups(with error: (any Error)?) {
+        originFailure.withLockedValue { $0 = error }
+    }
+
     /// Awaited before each ``depth()`` answers (a slow count on a large outbox, in tests).
     private let depthHold = NIOLockedValueBox<(@Sendable () async -> Void)?>(nil)
 
@@ -135,11 +143,12 @@ final class InMemoryStore: SidecarStore {
     }
 
     package func recordOrigin(verificationID: String, service: String, at: UnixTime) async throws {
-        try write { $0.origins[verificationID] = service }
+        try write { $0.origins[verificationID] = $0.origins[verificationID] ?? service }
     }
 
     package func origin(ofVerification verificationID: String) async throws -> String? {
-        state.withLockedValue { $0.origins[verificationID] }
+        if let error = originFailure.withLockedValue({ $0 }) { throw error }
+        return state.withLockedValue { $0.origins[verificationID] }
     }
 
     package func claimDue(service: String, now: UnixTime, limit: Int, lease: Duration, ordered: Bool) async throws -> [DeliveryJob] {

@@ -132,6 +132,39 @@ struct IdempotencyTests {
         }
     }
 
+    @Test(arguments: ["own", "unlisted"])
+    func aRepeatTakesAVerificationNoServiceCreatedOnlyIfTheCallerCouldListIt(caller: String) async throws {
+        // The repeat took whatever verification of the person no service had created through the
+        // sidecar, whatever the caller could see, and made the caller its origin.
+        let service = caller == "own" ? OwnVerificationsTests.own("app") : appService(name: "app", token: "app-token", allow: ["POST /verifications"])
+        let now = UnixTime.now().iso8601Seconds
+        let kora = ScriptedKora([
+            .close,
+            .answer(200, [], #"{"verifications":[{"id":"ver_made_elsewhere","externalId":"user-3","createdAt":"\#(now)"}]}"#),
+            .answer(201, [], #"{"id":"ver_app","status":"pending"}"#),
+        ])
+        let store = InMemoryStore()
+        let answers = NIOLockedValueBox<[HTTPAnswer]>([])
+        try await withScriptedKora(kora) { base in
+            var configuration = proxyConfiguration(koraBaseURL: base, services: [service])
+            configuration.kora.timeoutSeconds = 30
+            configuration.kora.retry.maxAttempts = 1
+            var options = SidecarOptions()
+            options.store = store
+            try await withProxySidecar(configuration, options: options) { sidecar in
+                let app = OwnVerificationsTests.sdk(sidecar, "app")
+                for _ in 0..<2 {
+                    let answer = try await app.call(.POST, "/verifications", json: ["externalId": "user-3"], headers: [("Idempotency-Key", "k-1")])
+                    answers.withLockedValue { $0.append(answer) }
+                }
+            }
+        }
+        #expect(answers.withLockedValue { $0.map(\.status) } == [502, 201])
+        #expect(answers.withLockedValue { $0.last?.json?["id"] } == "ver_app")
+        #expect(try await store.origin(ofVerification: "ver_made_elsewhere") == nil)
+        #expect(try await store.origin(ofVerification: "ver_app") == "app")
+    }
+
     @Test func aRepeatWhoseLookupFailsLeavesTheKeyToTheNextOne() async throws {
         // Taken over, then the lookup failed: the key stayed in flight with nobody sending it, and every
         // later repeat waited out the whole in-flight wait (minutes) before trying.

@@ -408,8 +408,10 @@ struct StoreTests {
         let (store, cleanup) = try await makeStore(kind)
         defer { cleanup() }
         try await store.recordOrigin(verificationID: "ver_1", service: "a", at: t0)
-        try await store.recordOrigin(verificationID: "ver_1", service: "b", at: t0)
-        #expect(try await store.origin(ofVerification: "ver_1") == "b")
+        // A second service's record never replaces the first's: with onlyOwnVerifications it would take
+        // the verification, its events and its calls through the proxy, from the service that created it.
+        try await store.recordOrigin(verificationID: "ver_1", service: "b", at: at(1))
+        #expect(try await store.origin(ofVerification: "ver_1") == "a")
         #expect(try await store.origin(ofVerification: "ver_2") == nil)
         try await store.quarantine(
             .init(receivedAt: t0, reason: "not an object", body: Array("[]".utf8), headers: ["X-Signature": "ab"], signatureVerified: true))

@@ -54,7 +54,7 @@ extension EventHandoff {
     /// Logs a failed store read and gives the 503 that makes Kora retry.
     func storeUnavailable(_ error: any Error, logger: Logger, log: Logger.Metadata) -> SidecarHTTPError {
         logger.error("Store unavailable", metadata: log.merging(["error": "\(error)"]) { $1 })
-        return .unavailable("The sidecar cannot reach its store; retry later.", reason: .store)
+        return .storeUnavailable()
     }
 }
 

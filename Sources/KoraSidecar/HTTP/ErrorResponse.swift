@@ -73,6 +73,9 @@ package struct SidecarHTTPError: HTTPResponseError, Sendable {
         return error
     }
 
+    /// The store could not be read or written: the caller retries, as with any outage.
+    static func storeUnavailable() -> SidecarHTTPError { unavailable("The sidecar cannot reach its store; retry later.", reason: .store) }
+
     /// The listener holds as many bodies as it may (``BodyBudget``); the rest of this one is not read.
     static func busy() -> SidecarHTTPError {
         var busy = unavailable("The sidecar is receiving too much at once; retry later.", reason: .busy)

@@ -96,7 +96,7 @@ extension KoraProxy {
     }
 
     /// The verification of `externalID` Kora created at or after `since` (less a minute for clock
-    /// skew), as a create's answer, if there is one that no other service created.
+    /// skew), as a create's answer, if there is one the caller may take (see below).
     private func createdSince(_ since: UnixTime, externalID: String?, caller: ServiceIdentity.Caller) async throws -> CreateAnswer? {
         guard let externalID else { return nil }
         let path = "/subjects/" + externalID.percentEncodingAllButUnreserved + "/verifications"
@@ -110,16 +110,20 @@ extension KoraProxy {
             case .array(let verifications)? = list["verifications"] ?? list["data"]
         else { throw unreadable }
         let earliest = since.milliseconds - 60_000
-        // The latest one created since the first call that no other service created through the
-        // sidecar (the same person, signing up through two services: taking it would move its events
-        // away from that service). One whose time cannot be read might be it: the answer then waits
-        // for a readable list.
+        // The latest one created since the first call that the caller created through the sidecar, or
+        // that no service did if the caller could list it itself. Never another service's (the same
+        // person, signing up through two services: taking it would move its events away from that
+        // service); one of unknown origin might be anyone's, so not for a service that sees only its
+        // own verifications or may not list the person's. One whose time cannot be read might be it:
+        // the answer then waits for a readable list.
+        let takesUnknown = !caller.onlyOwnVerifications && caller.may("GET", path)
         var latest: (id: String, at: Int64, verification: JSONValue)?
         for verification in verifications {
             guard let id = verification["id"]?.text else { continue }
             let at = (verification["createdAt"] ?? verification["created_at"])?.text.flatMap { UnixTime.parse($0, now: .now()) }?.milliseconds
             if let at, at < earliest || at <= latest?.at ?? .min { continue }
-            if let origin = try await store.origin(ofVerification: id), origin != caller.name { continue }
+            let origin = try await origins.origin(of: id)
+            guard origin == caller.name || (origin == nil && takesUnknown) else { continue }
             guard let at else {
                 logger.warning(
                     "Kora listed a verification without a readable createdAt; the repeated create waits",
@@ -129,9 +133,11 @@ extension KoraProxy {
             latest = (id, at, verification)
         }
         if let (id, _, found) = latest {
+            await origins.record(id, service: caller.name)
+            // Another service's record came first (the first is kept): not the caller's to take.
+            guard try await origins.origin(of: id) == caller.name else { return nil }
             logger.notice(
                 "Repeated create found the verification the first call created", metadata: ["service": "\(caller.name)", "verification.id": "\(id)"])
-            await origins.record(id, service: caller.name)
             return CreateAnswer(status: .created, headers: [:], contentType: "application/json", body: JSONWriter.encode(found), verificationID: id)
         }
         return nil

@@ -33,7 +33,7 @@ struct KoraProxy: Sendable {
     let origins: VerificationOrigins
     private let callbackURL: @Sendable () async -> String?
     let logger: Logger
-    private let metrics: SidecarMetrics
+    let metrics: SidecarMetrics
     /// How long a create waits for the same key's create in flight elsewhere before asking Kora.
     let idempotencyWait: Duration
 
@@ -78,6 +78,7 @@ struct KoraProxy: Sendable {
                 .badRequest, code: "INVALID_PATH", message: "The path may not hold '#', '\\', ';', quotes, angle brackets, spaces, control or non-ASCII characters, empty, '.' or '..' segments, or encoded dots and slashes.")
         }
         let caller = try authorize(request, method: request.method.rawValue, path: path)
+        try await checkOwnVerifications(caller, method: request.method.rawValue, path: path)
         let body = try await BodyReader.collect(request, channel: context.channel, limit: limits.maxBodyBytes, logger: logger)
         let call = KoraCall(method: request.method, path: path, query: request.uri.query, headers: request.headers, body: body)
         if Self.isCreate(method: request.method, path: path) {

@@ -8,6 +8,9 @@ package struct ServiceIdentity: Sendable {
         package let name: String
         /// Its `allow` patterns; nil allows everything.
         package let allow: [AllowPattern]?
+        /// Whether it sees only the verifications it created (`deliver.onlyOwnVerifications`): in its
+        /// events, and through the proxy too.
+        let onlyOwnVerifications: Bool
 
         /// Whether the service may call `method` on `path` (relative to the Kora base).
         package func may(_ method: String, _ path: String) -> Bool {
@@ -28,7 +31,9 @@ package struct ServiceIdentity: Sendable {
         var tokens: [[UInt8]] = []
         var anonymous: Caller?
         for service in services {
-            let caller = Caller(name: service.name, allow: service.allow.map { $0.compactMap(AllowPattern.init) })
+            let caller = Caller(
+                name: service.name, allow: service.allow.map { $0.compactMap(AllowPattern.init) },
+                onlyOwnVerifications: service.deliver?.onlyOwnVerifications ?? false)
             if let token = service.token {
                 tokenCallers.append(caller)
                 tokens.append(token.bytes)

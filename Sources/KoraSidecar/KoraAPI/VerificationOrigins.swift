@@ -26,13 +26,14 @@ final class VerificationOrigins: Service, Sendable {
         self.logger = logger
     }
 
-    /// Remembers that `service` created verification `id`: in the store now, or as soon as it can be.
+    /// Remembers that `service` created verification `id`: in the store now, or as soon as it can be;
+    /// unless an origin is recorded for it first (the first is kept, see ``SidecarStore/recordOrigin(verificationID:service:at:)``).
     func record(_ id: String, service: String) async {
         let at = UnixTime.now()
         do {
             try await store.recordOrigin(verificationID: id, service: service, at: at)
         } catch {
-            unwritten.withLockedValue { $0[id] = (service, at) }
+            unwritten.withLockedValue { $0[id] = $0[id] ?? (service, at) }
             bell.ring()
             logger.error(
                 "The origin of a verification could not be stored yet; it is kept in memory and written again",

@@ -295,7 +295,7 @@ final class PostgresStore: SidecarStore, Service {
         _ = try await rows(
             """
             INSERT INTO kora_verification_origins(verification_id, service, created_at) VALUES(\(verificationID), \(service), \(at.milliseconds))
-            ON CONFLICT(verification_id) DO UPDATE SET service = excluded.service, created_at = excluded.created_at
+            ON CONFLICT(verification_id) DO NOTHING
             """)
     }
 

@@ -195,7 +195,7 @@ final class SQLiteStore: SidecarStore {
     package func recordOrigin(verificationID: String, service: String, at: UnixTime) async throws {
         try await database.write { db in
             try db.query(
-                "INSERT OR REPLACE INTO verification_origins(verification_id, service, created_at) VALUES(?, ?, ?)",
+                "INSERT OR IGNORE INTO verification_origins(verification_id, service, created_at) VALUES(?, ?, ?)",
                 [.text(verificationID), .text(service), .integer(at.milliseconds)])
         }
     }

@@ -17,7 +17,9 @@ package protocol SidecarStore: Sendable {
     func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws -> EnqueueResult
     /// Keeps a signed payload that could not be parsed.
     func quarantine(_ payload: QuarantinedPayload) async throws
-    /// Remembers that `service` created verification `verificationID`.
+    /// Remembers that `service` created verification `verificationID`, unless an origin is recorded
+    /// for it already: the first one is kept, so that no service's record replaces another's (with
+    /// `onlyOwnVerifications`, that would move the verification, its events and its calls to it).
     func recordOrigin(verificationID: String, service: String, at: UnixTime) async throws
     /// The service that created `verificationID`, if known.
     func origin(ofVerification verificationID: String) async throws -> String?
