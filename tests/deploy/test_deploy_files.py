@@ -31,8 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 PROBE = DEPLOY / "kora-sidecar-probe"
 PROBE_IN_IMAGE = "kora-sidecar-probe"
-DUMMY_WHSEC = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
-# storage.encryption.keys must be 32 bytes in base64, which DUMMY_WHSEC (with its whsec_ prefix) is not.
+# storage.encryption.keys must be 32 bytes in base64, which the dummy secrets (with their whsec_ prefix) are not.
 DUMMY_ENCRYPTION_KEY = base64.b64encode(b"fedcba9876543210fedcba9876543210").decode()
 # Where `serve` (and every other command) finds the configuration in the image when no --config is
 # given: the image's CMD is plain `serve`, and the examples mount their config.json here.
@@ -173,7 +172,9 @@ def check_config(binary, config_path, environment):
 
 
 def dummy_environment(config):
-    return {name: DUMMY_WHSEC for name in env_references(config)}
+    """A value for every variable the configuration names: each its own (two services may not share a
+    token), each a valid Standard Webhooks secret (signing secrets must be)."""
+    return {name: "whsec_" + base64.b64encode(hashlib.sha256(name.encode()).digest()).decode() for name in env_references(config)}
 
 
 def load_app_module():
