@@ -35,16 +35,19 @@ struct KoraBudgetTests {
         }
     }
 
+    /// The calls waiting for a turn, as the metric says.
+    static func waiting(_ metrics: SidecarMetrics) -> Double? {
+        var buffer: [UInt8] = []
+        metrics.registry.emit(into: &buffer)
+        let line = String(decoding: buffer, as: UTF8.self).split(separator: "\n").first { $0.hasPrefix("kora_sidecar_kora_calls_waiting ") }
+        return line.flatMap { Double($0.split(separator: " ")[1]) }
+    }
+
     @Test func aCallWhoseCallerWentAwayLeavesTheQueueAndTakesNoTurn() async throws {
         let metrics = SidecarMetrics()
         let ledger = CountingLedger()
         let budget = KoraBudget(perMinute: 1, maxWait: .seconds(30), window: .seconds(2), ledger: ledger, metrics: metrics)
-        func waiting() -> Double? {
-            var buffer: [UInt8] = []
-            metrics.registry.emit(into: &buffer)
-            let line = String(decoding: buffer, as: UTF8.self).split(separator: "\n").first { $0.hasPrefix("kora_sidecar_kora_calls_waiting ") }
-            return line.flatMap { Double($0.split(separator: " ")[1]) }
-        }
+        func waiting() -> Double? { Self.waiting(metrics) }
         try await budget.acquire(service: "app", share: 1)
         let gone = Task { try await budget.acquire(service: "app", share: 1) }
         try await waitUntil("the first call to wait") { waiting() == 1 }
@@ -92,26 +95,45 @@ struct KoraBudgetTests {
         #expect(wait > earlier && wait <= earlier.adding(.seconds(30)))
     }
 
-    @Test func aServiceGetsNoMoreThanItsShareWhileAnotherHasCalledWithinTheWindow() async throws {
-        let budget = KoraBudget(perMinute: 4, maxWait: .milliseconds(300), metrics: SidecarMetrics())
-        func taken(_ service: String) async -> Bool {
-            do {
-                try await budget.acquire(service: service, share: 1)
-                return true
-            } catch {
-                return false
-            }
+    /// Whether `service` gets a turn from `budget` (within its maxWait).
+    static func taken(_ budget: KoraBudget, _ service: String) async -> Bool {
+        do {
+            try await budget.acquire(service: service, share: 1)
+            return true
+        } catch {
+            return false
         }
-        // The rare service calls first; the flood then spends what it may: its half, not the rest.
-        #expect(await taken("rare"))
+    }
+
+    @Test func aServiceThatCalledWithinTheWindowHasATurnHeldForIt() async throws {
+        let budget = KoraBudget(perMinute: 10, maxWait: .milliseconds(300), metrics: SidecarMetrics())
+        // The rare service calls first; the flood then spends all but the turn held for it, not half.
+        #expect(await Self.taken(budget, "rare"))
         var flood: [Bool] = []
-        for _ in 0..<4 { flood.append(await taken("flood")) }
-        #expect(flood == [true, true, false, false])
-        // The turn left is the rare service's when it calls again, at once.
-        #expect(await taken("rare"))
+        for _ in 0..<10 { flood.append(await Self.taken(budget, "flood")) }
+        #expect(flood == Array(repeating: true, count: 8) + [false, false])
+        // The turn held is the rare service's when it calls again, at once.
+        #expect(await Self.taken(budget, "rare"))
         // Alone, a service may take every turn of the window.
         let alone = KoraBudget(perMinute: 4, maxWait: .milliseconds(300), metrics: SidecarMetrics())
         for _ in 0..<4 { try await alone.acquire(service: "flood", share: 1) }
+    }
+
+    @Test func aCallThatJoinsTheWaitGetsTheTurnHeldForItAtOnce() async throws {
+        // maxWait is longer than the window, so that the flood's call waits for its turn.
+        let metrics = SidecarMetrics()
+        let budget = KoraBudget(perMinute: 4, maxWait: .seconds(120), metrics: metrics)
+        #expect(await Self.taken(budget, "rare"))
+        // The flood takes what is not held, and then waits: its next turn is a window away.
+        #expect(await Self.taken(budget, "flood"))
+        #expect(await Self.taken(budget, "flood"))
+        let waiting = Task { await Self.taken(budget, "flood") }
+        try await waitUntil("the flood's call to wait") { Self.waiting(metrics) == 1 }
+        // The rare service's call joins the wait and gets its held turn, the flood's still waiting.
+        #expect(await Self.taken(budget, "rare"))
+        #expect(Self.waiting(metrics) == 1)
+        waiting.cancel()
+        #expect(await waiting.value == false)
     }
 
     @Test func aCallToldWhenToComeBackIsToldTheLaterOfKorasHoldAndTheWindow() async throws {
@@ -129,7 +151,7 @@ struct KoraBudgetTests {
         for _ in 0..<2 { #expect(try await store.take(perWindow: 2, window: .seconds(60), at: now).nextTurn == nil) }
         try await store.hold(until: now.adding(.seconds(5)))
         #expect(try await store.take(perWindow: 2, window: .seconds(60), at: now.adding(.seconds(1))).nextTurn == now.adding(.seconds(60)))
-        // A call that waited in vain is told the same, not "in a second".
+        // Told at once, when Kora's hold ends sooner than the window's next turn.
         let budget = KoraBudget(perMinute: 1, maxWait: .milliseconds(200), window: .seconds(30), metrics: SidecarMetrics())
         try await budget.acquire(service: "app", share: 1)
         await budget.observe(limit: nil, remaining: "0", reset: "\(UnixTime.now().seconds + 1)")
@@ -138,6 +160,25 @@ struct KoraBudgetTests {
             Issue.record("the second call got a turn")
         } catch let refusal as KoraBudget.Refusal {
             #expect(refusal.retryAfter > .seconds(20), "\(refusal.retryAfter)")
+        }
+        // Two calls wait for the one turn the window frees (4.25 s away, within maxWait); the one that
+        // does not get it waits in vain, and is told when the next is (8.5 s from the start), not "in a second".
+        let shared = KoraBudget(perMinute: 1, maxWait: .seconds(6), window: .seconds(4), metrics: SidecarMetrics())
+        try await shared.acquire(service: "app", share: 1)
+        async let first: Duration? = Self.refusal(shared)
+        async let second: Duration? = Self.refusal(shared)
+        let refusals = await [first, second].compactMap { $0 }
+        #expect(refusals.count == 1)
+        #expect(refusals.allSatisfy { $0 > .milliseconds(1500) }, "\(refusals)")
+    }
+
+    /// How long a refused call was told to wait; nil when it got a turn.
+    static func refusal(_ budget: KoraBudget) async -> Duration? {
+        do {
+            try await budget.acquire(service: "app", share: 1)
+            return nil
+        } catch {
+            return (error as? KoraBudget.Refusal)?.retryAfter ?? .zero
         }
     }
 

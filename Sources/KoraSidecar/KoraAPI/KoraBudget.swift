@@ -1,3 +1,4 @@
+import NIOCore
 import KoraSidecarCore
 import ServiceLifecycle
 
@@ -11,9 +12,9 @@ import ServiceLifecycle
 /// counted by a ``BudgetLedger``: in this process, or in the PostgreSQL database that replicas share,
 /// so that two replicas do not each spend the whole budget. When the budget is spent a call waits for
 /// its turn, up to `maxWait`; waiting calls take turns by their service's `share` (weighted fair
-/// queuing). And while other services have called within the window, a service gets no more than its
-/// share of the window's turns (``Reservations``): one that floods the proxy cannot spend, before the
-/// others call, the turns they would have had.
+/// queuing). And each service that called within the window has a turn or more held for it
+/// (``Reservations``): one that floods the proxy cannot spend, before the others call again, every
+/// turn they would have had, nor leave more than those few unused.
 actor KoraBudget {
     /// Why a call was not let through.
     struct Refusal: Error {
@@ -32,9 +33,11 @@ actor KoraBudget {
     private var served: [String: Double] = [:]
     private var nextWaiter = 0
     private var pump: Task<Void, Never>?
+    /// When `pump` runs.
+    private var pumpAt: UnixTime?
     private var granting = false
     private var reservations: Reservations
-    /// When the next turn can come, as the ledger last said: the `Retry-After` of a call refused after waiting.
+    /// When the next turn could come, as the ledger last said: the `Retry-After` of a call refused after waiting.
     private var nextTurn: UnixTime?
     private let metrics: SidecarMetrics
 
@@ -66,10 +69,9 @@ actor KoraBudget {
     func acquire(service: String, share: Int) async throws {
         let now = UnixTime.now()
         reservations.called(service, share: Double(share), at: now)
-        if waiting.isEmpty, !reservations.isOverShare(service, of: perWindow, at: now) {
-            let turn = try await ledger.take(perWindow: perWindow, window: window, at: now)
-            metrics.koraBudgetRemaining(turn.remaining)
-            guard let next = turn.nextTurn else { return reservations.took(service, at: now) }
+        if waiting.isEmpty {
+            let turn = try await take(for: service, at: now)
+            guard let next = turn.nextTurn else { return }
             nextTurn = next
             // No turn can come in time: say so now rather than after waiting for nothing.
             let wait = Duration.milliseconds(next.milliseconds - UnixTime.now().milliseconds)
@@ -128,52 +130,75 @@ actor KoraBudget {
 
     // MARK: Turns
 
-    /// Grants turns to waiting calls as the ledger allows, the service furthest behind its share first,
-    /// among those within their reservation.
+    /// Takes a turn for `service` from the ledger, leaving the turns held for the other services.
+    private func take(for service: String, at now: UnixTime) async throws -> BudgetTurn {
+        let held = reservations.held(from: service, of: perWindow, at: now)
+        var turn = try await ledger.take(perWindow: perWindow.map { $0 - held }, window: window, at: now)
+        if turn.remaining >= 0 { turn.remaining += held }
+        metrics.koraBudgetRemaining(turn.remaining)
+        if turn.nextTurn == nil { reservations.took(service, at: now) }
+        return turn
+    }
+
+    /// Grants turns to waiting calls as the ledger allows: each waiting service in turn, the one
+    /// furthest behind its share first, until one gets a turn; none does until the next turn comes.
     private func grant() async {
         guard !granting else { return }
         granting = true
         defer { granting = false }
         while !waiting.isEmpty {
             let now = UnixTime.now()
-            let eligible = waiting.indices.filter { !reservations.isOverShare(waiting[$0].service, of: perWindow, at: now) }
-            guard !eligible.isEmpty else {
-                // Every waiting service has had its share while others called: wait for that to change.
-                return schedulePump(at: reservations.nextChange(after: now) ?? now.adding(.seconds(1)))
+            var services: [String] = []
+            for waiter in waiting.sorted(by: { served[$0.service] ?? 0 < served[$1.service] ?? 0 }) where !services.contains(waiter.service) {
+                services.append(waiter.service)
             }
-            let turn: BudgetTurn
-            do {
-                turn = try await ledger.take(perWindow: perWindow, window: window, at: now)
-            } catch {
-                return schedulePump(at: UnixTime.now().adding(.seconds(1)))
+            var granted = false
+            var next: UnixTime?
+            for service in services {
+                let turn: BudgetTurn
+                do {
+                    turn = try await take(for: service, at: now)
+                } catch {
+                    return schedulePump(at: UnixTime.now().adding(.seconds(1)))
+                }
+                if let later = turn.nextTurn {
+                    next = min(next ?? later, later)
+                    continue
+                }
+                // Its first waiter; or, should it have left while the ledger answered, whoever is furthest behind.
+                let index = waiting.firstIndex { $0.service == service }
+                    ?? waiting.indices.min { served[waiting[$0].service] ?? 0 < served[waiting[$1].service] ?? 0 }
+                guard let index else { return }
+                let waiter = waiting.remove(at: index)
+                served[waiter.service, default: 0] += 1 / waiter.share
+                metrics.koraCallsWaiting(waiting.count)
+                waiter.continuation.resume()
+                granted = true
+                break
             }
-            metrics.koraBudgetRemaining(turn.remaining)
-            if let next = turn.nextTurn {
+            if !granted {
                 nextTurn = next
-                return schedulePump(at: next)
+                return schedulePump(at: next ?? now.adding(.seconds(1)))
             }
-            // The turn goes to whoever is furthest behind now (a waiter may have expired while the ledger answered).
-            let candidates = waiting.indices.filter { !reservations.isOverShare(waiting[$0].service, of: perWindow, at: now) }
-            guard let index = candidates.min(by: { served[waiting[$0].service] ?? 0 < served[waiting[$1].service] ?? 0 }) else { continue }
-            let waiter = waiting.remove(at: index)
-            served[waiter.service, default: 0] += 1 / waiter.share
-            reservations.took(waiter.service, at: now)
-            metrics.koraCallsWaiting(waiting.count)
-            waiter.continuation.resume()
         }
     }
 
+    /// Wakes ``grant()`` at `wake`, or sooner if it was to wake later: a call that joins the wait may
+    /// get a turn the ones waiting could not (the turns held for its service).
     private func schedulePump(at wake: UnixTime) {
-        guard pump == nil else { return }
+        if pump != nil, let pumpAt, pumpAt <= wake { return }
+        pump?.cancel()
+        pumpAt = wake
         let delay = Duration.milliseconds(max(0, wake.milliseconds - UnixTime.now().milliseconds))
         pump = Task {
-            try? await Task.sleep(for: delay)
+            guard (try? await Task.sleep(for: delay)) != nil else { return }
             await self.pumped()
         }
     }
 
     private func pumped() async {
         pump = nil
+        pumpAt = nil
         await grant()
     }
 
@@ -193,51 +218,54 @@ actor KoraBudget {
     }
 }
 
-/// Each service's share of the window's turns, held for it while it calls: a service may take more
-/// than its share only when no other service has called within the window. Counted by this process
-/// (each replica keeps its own), from its calls and the turns it gave them.
+/// The turns held for the services that called within the window, so that one that spends the budget
+/// first cannot leave another none when it calls again: each is held one turn more than it had, up to
+/// its share of the window (`perWindow` × its share ÷ the shares of those that called, at least one).
+/// A service calling alone holds nothing back, and a light one holds back little. Counted by this
+/// process (each replica keeps its own), from the calls it saw and the turns it gave them.
 struct Reservations {
     let window: Duration
-    /// The services that called within the window: their share and their last call.
-    private var callers: [String: (share: Double, last: UnixTime)] = [:]
+    /// The services that called within the window: their share and their calls, oldest first.
+    private var calls: [String: (share: Double, at: CircularBuffer<UnixTime>)] = [:]
     /// The turns each service had within the window, oldest first.
-    private var turns: [String: [UnixTime]] = [:]
+    private var turns: [String: CircularBuffer<UnixTime>] = [:]
 
     init(window: Duration) { self.window = window }
 
     mutating func called(_ service: String, share: Double, at now: UnixTime) {
-        callers[service] = (share, now)
+        forget(before: now)
+        calls[service, default: (share, [])].share = share
+        calls[service]?.at.append(now)
     }
 
     mutating func took(_ service: String, at now: UnixTime) {
-        forget(before: now)
         turns[service, default: []].append(now)
     }
 
-    /// Whether `service` has had its share of `perWindow` turns while others called (never when
-    /// the limit is unknown or it calls alone: then every turn is its to take).
-    mutating func isOverShare(_ service: String, of perWindow: Int?, at now: UnixTime) -> Bool {
-        guard let perWindow else { return false }
+    /// How many of `perWindow` turns are held for services other than `service` (none when the
+    /// limit is unknown; never all, so that it can always get one in time).
+    mutating func held(from service: String, of perWindow: Int?, at now: UnixTime) -> Int {
+        guard let perWindow else { return 0 }
         forget(before: now)
-        guard callers.count > 1, let share = callers[service]?.share else { return false }
-        let all = callers.values.reduce(0) { $0 + $1.share }
-        let reserved = max(1, Int((Double(perWindow) * share / all).rounded(.down)))
-        return (turns[service]?.count ?? 0) >= reserved
+        let shares = calls.values.reduce(0) { $0 + $1.share }
+        var held = 0
+        for (other, caller) in calls where other != service {
+            let share = max(1, Int((Double(perWindow) * caller.share / shares).rounded(.down)))
+            let had = turns[other]?.count ?? 0
+            held += max(0, min(share, caller.at.count + 1) - had)
+        }
+        return min(held, perWindow - 1)
     }
 
-    /// When a turn or a caller next leaves the window, which may free a service held at its share.
-    func nextChange(after now: UnixTime) -> UnixTime? {
-        let times = turns.values.compactMap(\.first) + callers.values.map(\.last)
-        return times.map { $0.adding(window) }.filter { $0 > now }.min()
-    }
-
-    /// Drops the callers and turns the window has passed (each call's cost is what it drops).
+    /// Drops the calls and turns the window has passed (each call's cost is what it drops).
     private mutating func forget(before now: UnixTime) {
-        for (service, caller) in callers where caller.last.adding(window) <= now { callers[service] = nil }
-        for (service, taken) in turns {
-            let passed = taken.prefix { $0.adding(window) <= now }.count
-            guard passed > 0 else { continue }
-            turns[service] = passed == taken.count ? nil : Array(taken.dropFirst(passed))
+        for service in Array(calls.keys) {
+            while let first = calls[service]?.at.first, first.adding(window) <= now { calls[service]?.at.removeFirst() }
+            if calls[service]?.at.isEmpty == true { calls[service] = nil }
+        }
+        for service in Array(turns.keys) {
+            while let first = turns[service]?.first, first.adding(window) <= now { turns[service]?.removeFirst() }
+            if turns[service]?.isEmpty == true { turns[service] = nil }
         }
     }
 }
