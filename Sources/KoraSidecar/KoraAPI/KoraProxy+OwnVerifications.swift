@@ -16,6 +16,8 @@ extension KoraProxy {
     func checkOwnVerifications(_ caller: ServiceIdentity.Caller, method: String, path: String) async throws {
         guard caller.onlyOwnVerifications else { return }
         let log: Logger.Metadata = ["service": "\(caller.name)", "kora.method": "\(method)", "kora.path": "\(LoggedPath.masking(path))"]
+        // Read as a server routing without regard to case would (`/Subjects`, `/Verifications`).
+        let path = Self.resourceLowercased(path)
         if Self.showingOthersVerifications.contains(where: { $0.matches(method: method, path: path) }) {
             logger.notice("Kora API call refused: it shows other services' verifications", metadata: log)
             metrics.proxyCallRefused("FORBIDDEN")
@@ -36,6 +38,13 @@ extension KoraProxy {
             metrics.proxyCallRefused("NOT_FOUND")
             throw SidecarHTTPError(.notFound, code: "NOT_FOUND", message: "Service \(caller.name) created no verification with this id.")
         }
+    }
+
+    /// `path` with its first segment, the resource's name, in lower case.
+    static func resourceLowercased(_ path: String) -> String {
+        let segments = path.split(separator: "/", maxSplits: 2, omittingEmptySubsequences: false)
+        guard segments.count >= 2 else { return path }
+        return ([segments[0], Substring(segments[1].lowercased())] + segments.dropFirst(2)).joined(separator: "/")
     }
 
     /// The verification a call on `/verifications/{id}` or below is about.

@@ -75,7 +75,7 @@ struct KoraProxy: Sendable {
         guard Self.isPlain(path) else {
             metrics.proxyCallRefused("INVALID_PATH")
             throw SidecarHTTPError(
-                .badRequest, code: "INVALID_PATH", message: "The path may not hold '#', '\\', ';', quotes, angle brackets, spaces, control or non-ASCII characters, empty, '.' or '..' segments, or encoded dots and slashes.")
+                .badRequest, code: "INVALID_PATH", message: "The path may not hold '#', '\\', ';', quotes, angle brackets, spaces, control or non-ASCII characters, empty, '.' or '..' segments, or encoded letters, digits, dots and slashes.")
         }
         let caller = try authorize(request, method: request.method.rawValue, path: path)
         try await checkOwnVerifications(caller, method: request.method.rawValue, path: path)
@@ -223,9 +223,21 @@ struct KoraProxy: Sendable {
     /// RFC 3986 would encode it (`|`, `[`, `]`, `^`, `{`, `}`) passes.
     static func isPlain(_ path: String) -> Bool {
         let segments = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst()
-        let lowered = path.lowercased()
         return !path.utf8.contains(where: isUnsafeInPath) && !segments.dropLast().contains(where: \.isEmpty)
-            && !segments.contains(where: { $0 == "." || $0 == ".." }) && !["%2e", "%2f", "%5c"].contains(where: lowered.contains)
+            && !segments.contains(where: { $0 == "." || $0 == ".." }) && !hasNeedlessEscape(path)
+    }
+
+    /// Whether `path` escapes a character that needs none (`%76` for `v`) or a separator (`%2f`,
+    /// `%5c`): servers that decode before routing read another path than the allow list and
+    /// onlyOwnVerifications checked.
+    private static func hasNeedlessEscape(_ path: String) -> Bool {
+        let bytes = Array(path.utf8)
+        for index in bytes.indices where bytes[index] == UInt8(ascii: "%") && index + 2 < bytes.count {
+            guard let high = Hex.value(of: bytes[index + 1]), let low = Hex.value(of: bytes[index + 2]) else { continue }
+            let byte = high << 4 | low
+            if byte.isASCIILetter || byte.isASCIIDigit || "-._~/\\".utf8.contains(byte) { return true }
+        }
+        return false
     }
 
     /// Controls, the space, DEL, non-ASCII bytes, and `#`, `\`, `"`, `<`, `>`, `` ` `` and `;`.
