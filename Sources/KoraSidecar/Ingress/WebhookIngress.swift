@@ -106,13 +106,14 @@ struct WebhookIngress: Sendable {
             log["webhook.result"] = "\(failure.rawValue)"
             guard !configuration.enforce else {
                 if legacyTooOld {
-                    await reportLate(body, headers, window: "webhooks.dedupWindowHours (a legacy signature's only replay window)", at: now, log)
-                    throw refusal(failure, message: Self.legacyTooOldMessage, log: log)
+                    // Not reported as Kora's lost webhook: a replay of one captured long ago looks the
+                    // same, and anyone holding one could raise that alert at will.
+                    var old = log
+                    old["webhook.reason"] = "legacy signature, stated time older than webhooks.dedupWindowHours"
+                    throw refusal(failure, message: Self.legacyTooOldMessage, log: old)
                 }
                 if failure == .staleTimestamp, verifier.isSignedOutsideWindow(body: body, headers: signature) {
-                    var late = log
-                    late["webhook.timestamp"] = "\(signature.timestamp ?? "-")"
-                    await reportLate(body, headers, window: "webhooks.toleranceSeconds", at: now, late)
+                    await reportLate(body, headers, timestamp: signature.timestamp, at: now, log)
                 }
                 throw refusal(failure, log: log)
             }
@@ -141,19 +142,20 @@ struct WebhookIngress: Sendable {
     /// Says that a webhook refused as stale was signed with the secret: Kora's own, so its event is
     /// lost unless an operator gets it from Kora. Said quietly when the sidecar already accepted that
     /// event (Kora sending it again late, or a captured webhook replayed), so that nobody can raise
-    /// the alert at will with a webhook they hold. `window` names the setting it was outside.
-    private func reportLate(_ body: [UInt8], _ headers: HTTPFields, window: String, at now: UnixTime, _ log: Logger.Metadata) async {
+    /// the alert at will with a webhook they hold.
+    private func reportLate(_ body: [UInt8], _ headers: HTTPFields, timestamp: String?, at now: UnixTime, _ log: Logger.Metadata) async {
         var late = log
+        late["webhook.timestamp"] = "\(timestamp ?? "-")"
         let event = try? EventNormalizer.normalize(body: body, webhookID: headers[Header.webhookID], receivedAt: now)
         late["webhook.id"] = "\(event?.id ?? "-")"
         let accepted = (try? await store.hasSeen(any: event?.dedupKeys ?? [], since: dedupSince(now))) ?? false
         guard !accepted else {
-            logger.info("A webhook signed with the webhook secret arrived outside \(window); its event was accepted before", metadata: late)
+            logger.info("A webhook signed with the webhook secret arrived outside webhooks.toleranceSeconds; its event was accepted before", metadata: late)
             return
         }
         metrics.webhookSignedLate()
         logger.error(
-            "A webhook signed with the webhook secret arrived outside \(window): its event is not accepted; check the clock, and find the event by its id",
+            "A webhook signed with the webhook secret arrived outside webhooks.toleranceSeconds: its event is not accepted; check the clock, and find the event by its id",
             metadata: late)
     }
 
