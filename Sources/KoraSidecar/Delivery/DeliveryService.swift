@@ -73,9 +73,9 @@ extension SidecarConfiguration {
                     + "every service's events through /admin; set internal.adminToken.")
         }
         for service in services {
-            for name in service.deliver?.events.unknownNames ?? [] {
+            for pattern in service.deliver?.events.unknownPatterns ?? [] {
                 warnings.append(
-                    "Service \(service.name) receives events of type \"\(name)\", which is none of the types Kora documents "
+                    "Service \(service.name) receives events matching \"\(pattern)\", which matches none of the types Kora documents "
                         + "(\(EventFilter.knownTypes.filter { !$0.hasPrefix(EventFilter.sidecarPrefix) }.sorted().joined(separator: ", "))): "
                         + "check services[].deliver.events for a typo.")
             }

@@ -439,7 +439,8 @@ extension SidecarConfiguration {
                 holders[token] = index
             }
         }
-        if let admin = configuration.internal.adminToken?.value, let index = holders[admin] {
+        // With one service, it is the only caller there is: the admin token may be its own.
+        if configuration.services.count > 1, let admin = configuration.internal.adminToken?.value, let index = holders[admin] {
             reader.report("$.internal.adminToken", "is the token of services[\(index)]: that service could read, replay and erase every event")
         }
         var listeners = [("webhooks", configuration.webhooks.listen), ("internal", configuration.internal.listen)]

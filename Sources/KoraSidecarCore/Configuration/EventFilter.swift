@@ -35,10 +35,12 @@ package struct EventFilter: Sendable, Equatable {
         "verification.expired", "fraud_alert.created", deadDelivery, servicePaused, serviceResumed,
     ]
 
-    /// The exact names among the patterns that are none of ``knownTypes``.
-    package var unknownNames: [String] {
-        patterns.filter { $0 != "*" && !$0.hasSuffix(".*") && !Self.knownTypes.contains($0) }
+    /// The patterns that match none of ``knownTypes``: a name that is none of them, a family none is in.
+    package var unknownPatterns: [String] {
+        patterns.filter { $0 != "*" && !Self.knownTypes.contains(where: Self(pattern: $0).matches) }
     }
+
+    private init(pattern: String) { self.patterns = [pattern] }
 
     /// Why `pattern` can match no event, or nil when it is `*`, a family (`name.*`) or a name: a
     /// misspelt pattern would leave its service without events and nothing would say so.
@@ -48,7 +50,7 @@ package struct EventFilter: Sendable, Equatable {
         guard !name.isEmpty, name.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "*") }) else {
             return "must be \"*\", a family such as \"verification.*\", or an event type, without spaces or another \"*\""
         }
-        if pattern.hasPrefix(sidecarPrefix), pattern != "sidecar.*", !knownTypes.contains(pattern) {
+        if pattern.hasPrefix(sidecarPrefix), !knownTypes.contains(where: { $0.hasPrefix(sidecarPrefix) && EventFilter(pattern: pattern).matches($0) }) {
             return "is none of the sidecar's own events (\(deadDelivery), \(servicePaused), \(serviceResumed))"
         }
         return nil
