@@ -404,6 +404,25 @@ struct StoreTests {
     }
 
     @Test(arguments: Kind.allCases)
+    func pruningDeletesAnEventWithItsLastDeliveryOnly(kind: Kind) async throws {
+        let (store, cleanup) = try await makeStore(kind)
+        defer { cleanup() }
+        _ = try await store.enqueue(event("gone"), services: ["a"], at: t0, dedupSince: at(-1))
+        _ = try await store.enqueue(event("shared"), services: ["a", "b"], at: t0, dedupSince: at(-1))
+        for job in try await store.claimDue(service: "a", now: t0, limit: 10, lease: .seconds(30)) {
+            let done = AttemptRecord(attempt: 1, at: t0, statusCode: 200, error: nil, durationMilliseconds: 1)
+            try await store.finish(deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: done, next: .delivered)
+        }
+        #expect(try await store.prune(deliveredBefore: at(1), seenBefore: at(-100), limit: 1000).deliveries == 2)
+        let kept = try await store.keptEvents(after: 0, limit: 10).bodies.compactMap { body -> String? in
+            guard case .event(let id, _) = body.owner else { return nil }
+            return id
+        }
+        #expect(kept == ["shared"])
+        #expect(try await store.claimDue(service: "b", now: t0, limit: 10, lease: .seconds(30)).map(\.event.id) == ["shared"])
+    }
+
+    @Test(arguments: Kind.allCases)
     func originsAndQuarantineAreKept(kind: Kind) async throws {
         let (store, cleanup) = try await makeStore(kind)
         defer { cleanup() }
@@ -523,6 +542,31 @@ struct StoreTests {
         await #expect(throws: SQLiteError.self) {
             try await database.read { db in try db.query("INSERT INTO seen_events VALUES('from the reader', 1)") }
         }
+    }
+
+    @Test func sqliteReadsDoNotWaitForAScanOfAWholeTable() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let database = try SQLiteDatabase(path: directory + "/store.sqlite", migrations: SQLiteStore.migrations, oldestReader: SQLiteStore.oldestReader)
+        defer { database.close() }
+        try await database.write { db in try db.query("INSERT INTO seen_events VALUES('committed', 1)") }
+        let entered = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        let scanEnded = NIOLockedValueBox(false)
+        // The metrics' counts, scanning a table of millions of rows for seconds.
+        let scanning = Task {
+            try await database.scan { _ in
+                entered.signal()
+                _ = release.wait(timeout: .now() + .seconds(10 * Sanitizer.slowdown))
+                scanEnded.withLockedValue { $0 = true }
+            }
+        }
+        #expect(await offPool { entered.wait(timeout: .now() + .seconds(10 * Sanitizer.slowdown)) } == .success)
+        // A webhook's read meanwhile is answered while the scan goes on, not once it ended.
+        #expect(try await database.read { db in try db.query("SELECT event_id FROM seen_events").map { $0.string(0) } } == ["committed"])
+        #expect(!scanEnded.withLockedValue { $0 })
+        release.signal()
+        try await scanning.value
     }
 
     /// Three writes run in one batch (one transaction) on a fresh database, the middle one given

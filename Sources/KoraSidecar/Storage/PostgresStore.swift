@@ -671,28 +671,37 @@ final class PostgresStore: SidecarStore, Service {
             let seenCut = seenBefore.milliseconds
             // The conditions again on the rows deleted: PostgreSQL re-checks those (not the subquery)
             // after waiting for a row's lock, so a delivery an operator re-queued meanwhile stays.
-            let ids = try await connection.query(
+            let deleted = try await connection.query(
                 """
                 DELETE FROM kora_deliveries WHERE status = 'delivered' AND updated_at < \(before) AND id IN
                     (SELECT id FROM kora_deliveries WHERE status = 'delivered' AND updated_at < \(before) LIMIT \(limit))
-                RETURNING id
+                RETURNING id, event_row
                 """, logger: self.logger
-            ).collect().map { try $0.decode(Int64.self) }
+            ).collect().map { try $0.decode((Int64, Int64).self) }
+            let ids = deleted.map(\.0)
             if !ids.isEmpty { try await connection.query("DELETE FROM kora_attempts WHERE delivery_id = ANY(\(ids))", logger: self.logger) }
-            // Routed events whose deliveries are all gone, then unrouted ones past the window: apart, so
-            // that an unrouted event an operator routes meanwhile (no longer unrouted once its lock
-            // is released) fails the re-check and stays with its new deliveries.
+            // Routed events whose deliveries are all gone (those of the deliveries just deleted: found by
+            // id, not by a scan of every event), then unrouted ones past the window: apart, so that an
+            // unrouted event an operator routes meanwhile (no longer unrouted once its lock is
+            // released) fails the re-check and stays with its new deliveries.
+            let eventRows = Array(Set(deleted.map(\.1)))
             var events = 0
-            for condition in ["NOT unrouted", "unrouted AND received_at < \(seenCut)"] {
+            if !eventRows.isEmpty {
                 events += try await connection.query(
                     """
-                    DELETE FROM kora_events WHERE \(unescaped: condition) AND id IN (SELECT e.id FROM kora_events e
-                        WHERE \(unescaped: condition) AND NOT EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id) LIMIT \(limit))
+                    DELETE FROM kora_events e WHERE NOT unrouted AND id = ANY(\(eventRows))
+                        AND NOT EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id)
                     RETURNING 1
-                    """,
-                    logger: self.logger
+                    """, logger: self.logger
                 ).collect().count
             }
+            events += try await connection.query(
+                """
+                DELETE FROM kora_events WHERE unrouted AND received_at < \(seenCut) AND id IN (SELECT e.id FROM kora_events e
+                    WHERE unrouted AND received_at < \(seenCut) AND NOT EXISTS (SELECT 1 FROM kora_deliveries d WHERE d.event_row = e.id) LIMIT \(limit))
+                RETURNING 1
+                """, logger: self.logger
+            ).collect().count
             let seen = try await connection.query(
                 "DELETE FROM kora_seen_events WHERE seen_at < \(seenCut) AND event_id IN (SELECT event_id FROM kora_seen_events WHERE seen_at < \(seenCut) LIMIT \(limit)) RETURNING 1",
                 logger: self.logger

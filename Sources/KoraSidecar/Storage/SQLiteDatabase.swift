@@ -7,13 +7,16 @@ import Dispatch
 import KoraSidecarCore
 import NIOConcurrencyHelpers
 
-/// The store's SQLite file, used through two connections, each on a dedicated thread so that no
+/// The store's SQLite file, used through three connections, each on a dedicated thread so that no
 /// SQLite call ever blocks the event loops or the cooperative pool: the writer runs every write,
 /// and a read-only reader runs pure reads, which WAL mode lets proceed while the writer commits
 /// (a read never waits behind the fsync of queued writes).
 final class SQLiteDatabase: Sendable {
     private let writer: SQLiteThread
     private let reader: SQLiteThread
+    /// A second reader for reads that scan whole tables (the metrics' counts): on the reader, they
+    /// made every read behind them wait, a webhook's among them, for as long as the scan took.
+    private let scanner: SQLiteThread
 
     /// The database file.
     let path: String
@@ -35,8 +38,10 @@ final class SQLiteDatabase: Sendable {
         try Self.migrate(connection, migrations, oldestReader: oldestReader)
         // Opened once the writer has created and migrated the file.
         let readConnection = try SQLiteConnection(path: path, readOnly: true)
+        let scanConnection = try SQLiteConnection(path: path, readOnly: true)
         writer = SQLiteThread(connection, name: "kora-sqlite", writes: true)
         reader = SQLiteThread(readConnection, name: "kora-sqlite-rd", writes: false)
+        scanner = SQLiteThread(scanConnection, name: "kora-sqlite-scan", writes: false)
     }
 
     /// Runs `body` in a transaction on the writer's thread and returns once it is committed.
@@ -55,12 +60,18 @@ final class SQLiteDatabase: Sendable {
         try await reader.run(body)
     }
 
+    /// Runs `body`, a read that may scan a whole table, on a reader of its own (see ``read(_:)``).
+    func scan<T: Sendable>(_ body: @escaping @Sendable (SQLiteConnection) throws -> T) async throws -> T {
+        try await scanner.run(body)
+    }
+
     /// How many writes wait for the writer's thread (for tests that need several in one batch).
     var queuedWrites: Int { writer.queued }
 
-    /// Finishes the queued operations and closes both connections, the writer last: the last
+    /// Finishes the queued operations and closes the connections, the writer last: the last
     /// connection's close checkpoints the WAL and removes it.
     func close() {
+        scanner.close()
         reader.close()
         writer.close()
     }

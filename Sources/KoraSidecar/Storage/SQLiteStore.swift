@@ -562,19 +562,29 @@ final class SQLiteStore: SidecarStore {
 
     package func prune(deliveredBefore: UnixTime, seenBefore: UnixTime, limit: Int) async throws -> PruneResult {
         try await database.write { db in
-            let delivered = "SELECT id FROM deliveries WHERE status = 'delivered' AND updated_at < ?1 LIMIT ?2"
-            let bindings: [SQLiteValue] = [.integer(deliveredBefore.milliseconds), .int(limit)]
-            try db.query("DELETE FROM attempts WHERE delivery_id IN (\(delivered))", bindings)
-            try db.query("DELETE FROM deliveries WHERE id IN (\(delivered))", bindings)
-            let deliveries = db.changes
+            let delivered = try db.query(
+                "SELECT id, event_row FROM deliveries WHERE status = 'delivered' AND updated_at < ? LIMIT ?",
+                [.integer(deliveredBefore.milliseconds), .int(limit)])
+            for row in delivered {
+                try db.query("DELETE FROM attempts WHERE delivery_id = ?", [.integer(row.int(0))])
+                try db.query("DELETE FROM deliveries WHERE id = ?", [.integer(row.int(0))])
+            }
+            let deliveries = delivered.count
+            // The events of the deliveries just deleted, once they have no other: found by their ids, not
+            // by a scan of every event, which held the writer for seconds once a week of events was kept.
+            var events = 0
+            for eventRow in Set(delivered.map { $0.int(1) }) {
+                try db.query("DELETE FROM events WHERE id = ? AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_row = ?)", [.integer(eventRow), .integer(eventRow)])
+                events += db.changes
+            }
             let seen: [SQLiteValue] = [.integer(seenBefore.milliseconds), .int(limit)]
-            // An unrouted event has no delivery yet: it is kept like a quarantined payload.
+            // An unrouted event has no delivery yet: it is kept like a quarantined payload, then goes.
             try db.query(
                 """
-                DELETE FROM events WHERE id IN (SELECT id FROM events WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_row = events.id)
-                    AND (unrouted = 0 OR received_at < ?1) LIMIT ?2)
+                DELETE FROM events WHERE id IN (SELECT id FROM events WHERE unrouted = 1 AND received_at < ?1
+                    AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_row = events.id) LIMIT ?2)
                 """, seen)
-            let events = db.changes
+            events += db.changes
             try db.query("DELETE FROM seen_events WHERE event_id IN (SELECT event_id FROM seen_events WHERE seen_at < ?1 LIMIT ?2)", seen)
             let seenIDs = db.changes
             try db.query("DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine WHERE received_at < ?1 LIMIT ?2)", seen)
@@ -584,7 +594,7 @@ final class SQLiteStore: SidecarStore {
     }
 
     package func depth() async throws -> [OutboxDepth] {
-        try await database.read { db in
+        try await database.scan { db in
             try db.query("SELECT service, status, COUNT(*), MIN(COALESCE(pending_since, created_at)) FROM deliveries GROUP BY service, status").compactMap { row in
                 guard let status = DeliveryStatus(rawValue: row.string(1)) else { return nil }
                 return OutboxDepth(
