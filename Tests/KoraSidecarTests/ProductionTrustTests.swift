@@ -127,11 +127,16 @@ struct ProductionTrustTests {
     @Test func aTokenThatMatchesNoServiceIsRefusedWhereServicesHaveTokens() async throws {
         try await withSimulator { _, base in
             let services = [appService(name: "billing"), appService(name: "web", token: nil)]
-            try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: services)) { sidecar in
+            let logs = TestLogs()
+            try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: services), logs: logs) { sidecar in
                 let url = sidecar.internalURL("/api/v1/idv/document-types?country=US")
                 let unknown = try await request(.GET, url, headers: [("Authorization", "Bearer sk_live_guessed")])
                 #expect(unknown.status == 401)
                 #expect(unknown.code == "UNAUTHORIZED")
+                // Anyone who reaches the listener can repeat it: the log says so, not once per guess.
+                for _ in 0..<30 { _ = try await request(.GET, url, headers: [("Authorization", "Bearer sk_live_guessed")]) }
+                let said = logs.all.filter { $0.contains("no configured service has this token") }
+                #expect(!said.isEmpty && said.count < 16, "\(said.count)")
                 #expect(try await request(.GET, url, headers: [("Authorization", "Basic YTpi")]).status == 401)
                 #expect(try await request(.GET, url).status == 200)
                 #expect(try await request(.GET, url, headers: [("Authorization", "Bearer \(ProxySecrets.appToken)")]).status == 200)

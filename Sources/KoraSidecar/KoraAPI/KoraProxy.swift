@@ -34,6 +34,8 @@ struct KoraProxy: Sendable {
     private let callbackURL: @Sendable () async -> String?
     let logger: Logger
     let metrics: SidecarMetrics
+    /// Refusals any caller of the listener can repeat at will: logged at most once a second each.
+    let refusedLogs = (unknownToken: LogThrottle(every: .seconds(1)), notAllowed: LogThrottle(every: .seconds(1)))
     /// How long a create waits for the same key's create in flight elsewhere before asking Kora.
     let idempotencyWait: Duration
 
@@ -138,13 +140,17 @@ struct KoraProxy: Sendable {
     private func authorize(_ request: Request, method: String, path: String) throws -> ServiceIdentity.Caller {
         guard let caller = identity.caller(authorization: request.headers[.authorization]) else {
             // Said, without the token: a service whose token was rotated without it is locked out.
-            logger.notice("Kora API call refused: no configured service has this token", metadata: ["kora.method": "\(method)"])
+            refusedLogs.unknownToken.log(["kora.method": "\(method)"]) {
+                logger.notice("Kora API call refused: no configured service has this token", metadata: $0)
+            }
             metrics.proxyCallRefused("UNAUTHORIZED")
             throw SidecarHTTPError(
                 .unauthorized, code: "UNAUTHORIZED", message: "Authorization: Bearer must carry the token of a configured service.")
         }
         guard caller.may(method, path) else {
-            logger.notice("Kora API call refused by the allow list", metadata: ["service": "\(caller.name)", "kora.method": "\(method)"])
+            refusedLogs.notAllowed.log(["service": "\(caller.name)", "kora.method": "\(method)"]) {
+                logger.notice("Kora API call refused by the allow list", metadata: $0)
+            }
             metrics.proxyCallRefused("FORBIDDEN")
             throw SidecarHTTPError(.forbidden, code: "FORBIDDEN", message: "Service \(caller.name) may not call \(method) \(path).")
         }
