@@ -197,40 +197,9 @@ public struct JSONParser {
             case UInt8(ascii: "\\"):
                 index += 1
                 guard index < bytes.count else { throw error("unexpected end of input") }
-                let escape = bytes[index]
-                index += 1
-                switch escape {
-                case UInt8(ascii: "\""), UInt8(ascii: "\\"), UInt8(ascii: "/"): scalars.append(escape)
-                case UInt8(ascii: "b"): scalars.append(0x08)
-                case UInt8(ascii: "f"): scalars.append(0x0C)
-                case UInt8(ascii: "n"): scalars.append(0x0A)
-                case UInt8(ascii: "r"): scalars.append(0x0D)
-                case UInt8(ascii: "t"): scalars.append(0x09)
-                case UInt8(ascii: "u"):
-                    var code = try parseHex4()
-                    // RFC 8259's grammar allows a lone surrogate, and JSON.stringify and json.dumps
-                    // write one for such a string: read as U+FFFD, as most parsers do, not refused.
-                    if (0xD800...0xDBFF).contains(code) {
-                        let high = code
-                        code = 0xFFFD
-                        if index + 1 < bytes.count, bytes[index] == UInt8(ascii: "\\"), bytes[index + 1] == UInt8(ascii: "u") {
-                            let mark = index
-                            index += 2
-                            let low = try parseHex4()
-                            if (0xDC00...0xDFFF).contains(low) {
-                                code = 0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00)
-                            } else {
-                                index = mark  // not its pair: read on its own next
-                            }
-                        }
-                    } else if (0xDC00...0xDFFF).contains(code) {
-                        code = 0xFFFD
-                    }
-                    guard let scalar = Unicode.Scalar(code) else { throw error("invalid unicode escape") }
-                    scalars.append(contentsOf: Array(String(Character(scalar)).utf8))
-                default:
-                    throw error("invalid escape in string")
-                }
+                guard let (decoded, next) = JSONStrings.escape(in: bytes, at: index) else { throw error("invalid escape in string") }
+                scalars.append(contentsOf: decoded)
+                index = next
             default:
                 if byte < 0x20 { throw error("control character in string") }
                 scalars.append(byte)
@@ -238,12 +207,5 @@ public struct JSONParser {
             }
         }
         throw error("unterminated string")
-    }
-
-    private mutating func parseHex4() throws(JSONParseError) -> UInt32 {
-        guard index + 4 <= bytes.count else { throw error("unexpected end of input") }
-        guard let value = Hex.value4(bytes, at: index) else { throw error("invalid unicode escape") }
-        index += 4
-        return value
     }
 }

@@ -16,30 +16,42 @@ package enum JSONStrings {
                 output.append(byte)
                 continue
             }
-            let escape = bytes[index]
-            index += 1
-            switch escape {
-            case UInt8(ascii: "b"): output.append(0x08)
-            case UInt8(ascii: "f"): output.append(0x0C)
-            case UInt8(ascii: "n"): output.append(0x0A)
-            case UInt8(ascii: "r"): output.append(0x0D)
-            case UInt8(ascii: "t"): output.append(0x09)
-            case UInt8(ascii: "u"):
-                guard var code = Hex.value4(bytes, at: index) else {
-                    output += [UInt8(ascii: "\\"), escape]
-                    continue
-                }
-                index += 4
-                if (0xD800...0xDBFF).contains(code), index + 1 < bytes.count, bytes[index] == UInt8(ascii: "\\"),
-                    bytes[index + 1] == UInt8(ascii: "u"), let low = Hex.value4(bytes, at: index + 2), (0xDC00...0xDFFF).contains(low)
-                {
-                    code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)
-                    index += 6
-                }
-                output += Array(String(Unicode.Scalar(code).map(Character.init) ?? "\u{FFFD}").utf8)
-            default: output.append(escape)  // \" \\ \/ and anything unknown: the character itself
+            guard let (decoded, next) = escape(in: bytes, at: index) else {
+                output.append(byte)  // a broken escape stays as it was
+                continue
             }
+            output += decoded
+            index = next
         }
         return output
+    }
+
+    /// What the escape at `index` (the byte after its backslash) stands for, in UTF-8, and where the
+    /// text after it starts; nil when it is none. RFC 8259's grammar allows a lone surrogate, which
+    /// JSON.stringify and json.dumps write for a string holding one: it is read as U+FFFD, as most
+    /// parsers do, and a high one followed by an escape that is not its pair leaves that to be read next.
+    package static func escape(in bytes: [UInt8], at index: Int) -> (bytes: [UInt8], next: Int)? {
+        guard index < bytes.count else { return nil }
+        switch bytes[index] {
+        case UInt8(ascii: "\""), UInt8(ascii: "\\"), UInt8(ascii: "/"): return ([bytes[index]], index + 1)
+        case UInt8(ascii: "b"): return ([0x08], index + 1)
+        case UInt8(ascii: "f"): return ([0x0C], index + 1)
+        case UInt8(ascii: "n"): return ([0x0A], index + 1)
+        case UInt8(ascii: "r"): return ([0x0D], index + 1)
+        case UInt8(ascii: "t"): return ([0x09], index + 1)
+        case UInt8(ascii: "u"):
+            guard var code = Hex.value4(bytes, at: index + 1) else { return nil }
+            var next = index + 5
+            if (0xD800...0xDBFF).contains(code), next + 1 < bytes.count, bytes[next] == UInt8(ascii: "\\"), bytes[next + 1] == UInt8(ascii: "u"),
+                let low = Hex.value4(bytes, at: next + 2), (0xDC00...0xDFFF).contains(low)
+            {
+                code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)
+                next += 6
+            }
+            // A lone surrogate is no scalar: U+FFFD.
+            return (Array(String(Character(Unicode.Scalar(code) ?? "\u{FFFD}")).utf8), next)
+        default:
+            return nil
+        }
     }
 }
