@@ -233,8 +233,15 @@ extension DataProtectionTests {
         for body in [#"{"data":{"externalId":"jos\u00e9\/a@x.example""#, #"["jos\u00E9/a@x.example"]"#, #"["jos\u00e9/b@x.example"]"#] {
             try await store.quarantine(QuarantinedPayload(receivedAt: t0, reason: "r", body: Array(body.utf8), headers: [:], signatureVerified: true))
         }
+        // Kora's answer to a create, kept for an Idempotency-Key, escaped as Python would write it.
+        #expect(try await store.claimIdempotencyKey(service: "a", key: "k", digest: "d", at: t0) == nil)
+        try await store.settleIdempotencyKey(
+            service: "a", key: "k", state: .answered(status: 201, contentType: nil, body: Array(#"{"id":"ver_z","externalId":"jos\u00e9/a@x.example"}"#.utf8)),
+            at: t0)
         let report = try await OperatorActions.erase(.externalID("josé/a@x.example"), store: store, logger: quietLogger)
         #expect(report.quarantined == 2)
+        #expect(report.idempotencyKeys == 1)
+        #expect(try await store.idempotencyRecord(service: "a", key: "k") == nil)
         #expect(try await store.quarantined(limit: 10).map { String(decoding: $0.body, as: UTF8.self) } == [#"["jos\u00e9/b@x.example"]"#])
     }
 

@@ -51,6 +51,14 @@ struct JSONTests {
         #expect(String(decoding: JSONStrings.unescaped(Array(text.utf8)), as: UTF8.self) == #"{"a": "xé/"q😀\#u{FFFD}", "b": [1, "\u12"#)
     }
 
+    @Test func aStringIsSpeltAsCommonEncodersSpellIt() {
+        let spelt = JSONStrings.spellings(of: "jö/😀").map { String(decoding: $0, as: UTF8.self) }
+        #expect(spelt == [
+            #""jö/😀""#, #""jö\/😀""#, #""j\u00f6/\ud83d\ude00""#, #""j\u00f6\/\ud83d\ude00""#, #""j\u00F6/\uD83D\uDE00""#, #""j\u00F6\/\uD83D\uDE00""#,
+        ])
+        #expect(JSONStrings.spellings(of: "ver_1") == [Array(#""ver_1""#.utf8)])
+    }
+
     @Test func rejectsInvalidUTF8() {
         #expect(throws: JSONParseError.self) { try JSONParser.parse([0x22, 0xFF, 0xFE, 0x22]) }
     }

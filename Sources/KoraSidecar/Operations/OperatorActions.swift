@@ -88,27 +88,24 @@ package enum OperatorActions {
     static func erase(_ subject: ErasureSubject, store: any SidecarStore, logger: Logger) async throws -> ErasureReport {
         let verificationIDs: [String]
         var eventIDs: [String] = []
-        let mention: [UInt8]
         switch subject {
         case .verification(let id):
             verificationIDs = [id]
-            mention = JSONWriter.encode(.string(id))
         case .externalID(let externalID):
             (verificationIDs, eventIDs) = try await subjects(of: externalID, in: store)
-            mention = JSONWriter.encode(.string(externalID))
         }
-        // Quarantined payloads could not be parsed, and idempotency records hold Kora's answer:
-        // they go when their bytes name the subject or one of its verifications.
-        let mentions = [mention] + verificationIDs.map { JSONWriter.encode(.string($0)) }
-        // Read as their strings say, however the sender escaped them (`\u00e9`, `\/`).
-        let said = ([subject.value] + verificationIDs).map { [UInt8(ascii: "\"")] + Array($0.utf8) + [UInt8(ascii: "\"")] }
+        // Quarantined payloads could not be parsed, and idempotency records hold Kora's answer: they
+        // go when they name the subject or one of its verifications, however the sender escaped it
+        // (`\u00e9`, `\/`). Quarantined ones are read as their strings say; stored answers, which the
+        // store can only search, are searched in each common spelling.
+        let names = [subject.value] + verificationIDs
+        let said = names.map { [UInt8(ascii: "\"")] + Array($0.utf8) + [UInt8(ascii: "\"")] }
         let quarantineIDs = try await store.keptQuarantined().compactMap { body -> Int64? in
             guard case .quarantine(let id) = body.owner else { return nil }
             let unescaped = JSONStrings.unescaped(body.body)
-            guard mentions.contains(where: { body.body.firstRange(of: $0) != nil }) || said.contains(where: { unescaped.firstRange(of: $0) != nil })
-            else { return nil }
-            return id
+            return said.contains(where: { unescaped.firstRange(of: $0) != nil }) ? id : nil
         }
+        let mentions = names.flatMap(JSONStrings.spellings)
         let report = try await store.erase(verificationIDs: verificationIDs, eventIDs: eventIDs, quarantineIDs: quarantineIDs, mentions: mentions)
         logger.notice(
             "Erased stored data",

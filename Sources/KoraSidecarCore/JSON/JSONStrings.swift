@@ -26,6 +26,32 @@ package enum JSONStrings {
         return output
     }
 
+    /// `text` as a JSON string (quotes included) in each spelling common encoders write: non-ASCII
+    /// as itself (JavaScript, Go), as `\u00e9` (Python) or `\u00E9`, each with `/` as itself or as
+    /// `\/` (PHP). For finding a value in stored bytes that a query can only search, not parse.
+    package static func spellings(of text: String) -> [[UInt8]] {
+        // The writer's own escaping of quotes and controls; non-ASCII as itself.
+        let plain = String(decoding: JSONWriter.encode(.string(text)).dropFirst().dropLast(), as: UTF8.self)
+        var spellings: [[UInt8]] = []
+        for uppercase in [nil, false, true] as [Bool?] {
+            let spelled = uppercase.map { uppercase in
+                plain.unicodeScalars.map { scalar in
+                    scalar.isASCII ? String(scalar) : String(scalar).utf16.map { "\\u" + hex4($0, uppercase: uppercase) }.joined()
+                }.joined()
+            } ?? plain
+            for text in [spelled, spelled.split(separator: "/", omittingEmptySubsequences: false).joined(separator: "\\/")] {
+                let quoted = [UInt8(ascii: "\"")] + Array(text.utf8) + [UInt8(ascii: "\"")]
+                if !spellings.contains(quoted) { spellings.append(quoted) }
+            }
+        }
+        return spellings
+    }
+
+    private static func hex4(_ unit: UInt16, uppercase: Bool) -> String {
+        let digits = String(unit, radix: 16, uppercase: uppercase)
+        return String(repeating: "0", count: 4 - digits.count) + digits
+    }
+
     /// What the escape at `index` (the byte after its backslash) stands for, in UTF-8, and where the
     /// text after it starts; nil when it is none. RFC 8259's grammar allows a lone surrogate, which
     /// JSON.stringify and json.dumps write for a string holding one: it is read as U+FFFD, as most
