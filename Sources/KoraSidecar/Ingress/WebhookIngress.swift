@@ -77,48 +77,37 @@ struct WebhookIngress: Sendable {
         let body = Array(buffer.readableBytesView)
         let now = clock()
         var log: Logger.Metadata = ["webhook.bytes": "\(body.count)"]
-        let unverified = try await verify(body, signature, request.headers, at: now, &log)
-        let event = try await normalize(body, request.headers, verified: unverified == nil, at: now, &log)
+        let verdict = try await verify(body, signature, request.headers, at: now, &log)
+        var unverified: SignatureFailure? = if case .failure(let failure) = verdict { failure } else { nil }
+        var event = try await normalize(body, request.headers, verified: unverified == nil, at: now, &log)
+        if case .success(.legacy) = verdict, let occurredAt = event.occurredAt, occurredAt < legacyHorizon(now) {
+            unverified = try refuseTooOld(&event, &log)
+        }
         let result = try await handoff.take(
             event, at: now, dedupSince: dedupSince(now), route: { try await router.recipients(of: event) }, log: log)
         return answer(result, unverified: unverified, log)
     }
 
-    /// Checks the signature over the raw bytes: nil when it holds, the failure when report-only
-    /// mode lets an unverified webhook through.
+    /// Checks the signature over the raw bytes: the scheme that holds, or the failure report-only
+    /// mode lets through.
     /// - Throws: 401 with the failure's code when enforcing.
     private func verify(
         _ body: [UInt8], _ signature: SignatureHeaders, _ headers: HTTPFields, at now: UnixTime, _ log: inout Logger.Metadata
-    ) async throws(SidecarHTTPError) -> SignatureFailure? {
-        var verdict = verifier.verify(body: body, headers: signature, now: now.seconds)
-        // A legacy signature has no time of its own: its webhook is judged by the time its signed body
-        // states, and one the de-duplication window no longer covers could be a replay of one seen.
-        var legacyTooOld = false
-        if case .success(.legacy) = verdict, let occurredAt = EventNormalizer.occurredAt(of: body), occurredAt < legacyHorizon(now) {
-            legacyTooOld = true
-            verdict = .failure(.staleTimestamp)
-        }
-        switch verdict {
+    ) async throws(SidecarHTTPError) -> Result<SignatureScheme, SignatureFailure> {
+        switch verifier.verify(body: body, headers: signature, now: now.seconds) {
         case .success(let scheme):
             log["webhook.scheme"] = "\(scheme.rawValue)"
-            return nil
+            return .success(scheme)
         case .failure(let failure):
             log["webhook.result"] = "\(failure.rawValue)"
             guard !configuration.enforce else {
-                if legacyTooOld {
-                    // Not reported as Kora's lost webhook: a replay of one captured long ago looks the
-                    // same, and anyone holding one could raise that alert at will.
-                    var old = log
-                    old["webhook.reason"] = "legacy signature, stated time older than webhooks.dedupWindowHours"
-                    throw refusal(failure, message: Self.legacyTooOldMessage, log: old)
-                }
                 if failure == .staleTimestamp, verifier.isSignedOutsideWindow(body: body, headers: signature) {
                     await reportLate(body, headers, timestamp: signature.timestamp, at: now, log)
                 }
                 throw refusal(failure, log: log)
             }
             logger.warning("Webhook signature not verified; delivering anyway (report-only mode)", metadata: log)
-            return failure
+            return .failure(failure)
         }
     }
 
@@ -128,6 +117,20 @@ struct WebhookIngress: Sendable {
     private func refusal(_ failure: SignatureFailure, message: String? = nil, log: Logger.Metadata) -> SidecarHTTPError {
         refusals[failure]?.log(log) { logger.warning("Webhook rejected", metadata: $0) }
         return SidecarHTTPError(.unauthorized, code: failure.rawValue, message: message ?? failure.message, closeConnection: true)
+    }
+
+    /// A legacy signature has no time of its own: its webhook is judged by the time its signed body
+    /// states (``KoraEvent/occurredAt``), and one the de-duplication window no longer covers could be
+    /// a replay of one seen. Refused as stale; in report-only mode, delivered as unverified.
+    /// Not reported as Kora's lost webhook: a replay of one captured long ago looks the same, and
+    /// anyone holding one could raise that alert at will.
+    private func refuseTooOld(_ event: inout KoraEvent, _ log: inout Logger.Metadata) throws(SidecarHTTPError) -> SignatureFailure {
+        log["webhook.result"] = "\(SignatureFailure.staleTimestamp.rawValue)"
+        log["webhook.reason"] = "legacy signature, stated time older than webhooks.dedupWindowHours"
+        guard !configuration.enforce else { throw refusal(.staleTimestamp, message: Self.legacyTooOldMessage, log: log) }
+        logger.warning("Webhook signature not verified; delivering anyway (report-only mode)", metadata: log)
+        event.signatureVerified = false
+        return .staleTimestamp
     }
 
     private static let legacyTooOldMessage =

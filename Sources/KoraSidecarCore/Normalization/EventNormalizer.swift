@@ -43,10 +43,11 @@ public enum EventNormalizer {
         let verification = verificationJSON(root: root, data: data, type: type)
         let fraudAlert: JSONValue = type.hasPrefix("fraud_alert.") ? fraudAlertJSON(root: root, data: data) : .null
 
+        let occurredAt = string(root, "timestamp", "occurredAt", "occurred_at", "createdAt", "created_at")
         let envelope: JSONValue = [
             "id": .string(id),
             "type": .string(type),
-            "occurredAt": .optional(occurredAt(root)),
+            "occurredAt": .optional(occurredAt),
             "receivedAt": .string(receivedAt.iso8601Milliseconds),
             "tenantId": .optional(string(root, "tenantId", "tenant_id") ?? string(data, "tenantId", "tenant_id")),
             "verification": verification.json,
@@ -68,20 +69,9 @@ public enum EventNormalizer {
             // could never be stored and Kora would send it forever.
             id: id, type: type, verificationID: verification.id.flatMap(storableID), normalizedBody: normalized, originalBody: body,
             originalHeaders: originalHeaders, signatureVerified: signatureVerified)
+        event.occurredAt = occurredAt.flatMap(UnixTime.parse(dateOrTime:))
         if let digestKey { event.dedupKeys.append(digestKey) }
         return event
-    }
-
-    /// When the body says the event happened, as Kora states it (`timestamp`) or older bodies did.
-    private static func occurredAt(_ root: JSONValue) -> String? {
-        string(root, "timestamp", "occurredAt", "occurred_at", "createdAt", "created_at")
-    }
-
-    /// When `body` (a webhook's) says its event happened, if it is a JSON object stating a readable
-    /// time. Signed with the body, it bounds how old a legacy-signed webhook is, which no header does.
-    package static func occurredAt(of body: [UInt8]) -> UnixTime? {
-        guard let root = try? JSONParser.parse(body), case .object = root else { return nil }
-        return occurredAt(root).flatMap(UnixTime.parse(dateOrTime:))
     }
 
     /// `text` when it can travel in a header (`webhook-id`, `X-Kora-Event-Type`) and in a path (the

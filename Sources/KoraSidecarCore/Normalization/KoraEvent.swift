@@ -19,6 +19,10 @@ public struct KoraEvent: Sendable, Equatable {
     /// new header is still recognised).
     package var dedupKeys: [String] = []
 
+    /// When the body says the event happened (Kora's `timestamp`), if it states a readable time.
+    /// Signed with the body, it bounds how old a legacy-signed webhook is, which no header does.
+    package var occurredAt: UnixTime?
+
     /// The keys remembered once the event is accepted. An unverified event's (report-only mode) are
     /// apart from verified ones', so that a forgery cannot make Kora's signed event its duplicate.
     package var rememberedKeys: [String] { signatureVerified ? dedupKeys : dedupKeys.map { "unverified:" + $0 } }
