@@ -69,7 +69,7 @@ public enum EventNormalizer {
             // could never be stored and Kora would send it forever.
             id: id, type: type, verificationID: verification.id.flatMap(storableID), normalizedBody: normalized, originalBody: body,
             originalHeaders: originalHeaders, signatureVerified: signatureVerified)
-        event.occurredAt = occurredAt.flatMap(UnixTime.parse(dateOrTime:))
+        event.statedTime = occurredAt
         if let digestKey { event.dedupKeys.append(digestKey) }
         return event
     }

@@ -19,9 +19,12 @@ public struct KoraEvent: Sendable, Equatable {
     /// new header is still recognised).
     package var dedupKeys: [String] = []
 
-    /// When the body says the event happened (Kora's `timestamp`), if it states a readable time.
-    /// Signed with the body, it bounds how old a legacy-signed webhook is, which no header does.
-    package var occurredAt: UnixTime?
+    /// When the body says the event happened (Kora's `timestamp`), as it says it.
+    package var statedTime: String?
+
+    /// ``statedTime`` when it is a readable time (read only when asked: the webhook path rarely needs
+    /// it). Signed with the body, it bounds how old a legacy-signed webhook is, which no header does.
+    package var occurredAt: UnixTime? { statedTime.flatMap(UnixTime.parse(dateOrTime:)) }
 
     /// The keys remembered once the event is accepted. An unverified event's (report-only mode) are
     /// apart from verified ones', so that a forgery cannot make Kora's signed event its duplicate.
