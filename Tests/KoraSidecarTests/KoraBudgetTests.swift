@@ -315,6 +315,21 @@ struct KoraBudgetTests {
         }
     }
 
+    @Test func aLimitNoPlanHasDoesNotStopTheProcess() async throws {
+        // Int.max as Kora's limit stopped the process: a service whose own call had left the window
+        // while it waited for Kora's hold, granted its turn while another's call was in it, had a
+        // share of all of it, which overflowed an Int.
+        let budget = KoraBudget(perMinute: nil, maxWait: .seconds(10), window: .seconds(1), metrics: SidecarMetrics())
+        let reset = UnixTime.now().seconds + 3
+        await budget.observe(limit: "\(Int.max)", remaining: "0", reset: "\(reset)")
+        let first = Task { try await budget.acquire(service: "a", share: 1) }
+        // The scenario's timing: b calls half a second before the hold ends, when a's call (2 to 3 s
+        // earlier) has left the window (1.25 s) and b's has not.
+        try await Task.sleep(for: .milliseconds(reset * 1000 - 500 - UnixTime.now().milliseconds))
+        try await budget.acquire(service: "b", share: 1)
+        try await first.value
+    }
+
     @Test(arguments: ["\(Int64.max)", "\(Int64.min)", "\(UnixTime.now().milliseconds)"])
     func aResetNoKoraWindowHasHoldsCallsAnHourAtMost(reset: String) async throws {
         // Beyond Int64 as milliseconds, the reset stopped the process; in milliseconds instead of

@@ -115,7 +115,8 @@ actor KoraBudget {
 
     /// Corrects the budget from one of Kora's answers.
     func observe(limit: String?, remaining: String?, reset: String?) async {
-        if !configured, let limit = limit.flatMap({ Int($0) }), limit > 0 { perWindow = limit }
+        // Kora's own figure, within what a plan can be: an absurd one would overflow the shares.
+        if !configured, let limit = limit.flatMap({ Int($0) }), limit > 0 { perWindow = min(limit, KoraRateLimit.perMinuteRange.upperBound) }
         // Kora has no call left for this key until its reset, whatever was counted (other clients
         // of the key spend it too). A 429 alone is the retry policy's to wait out.
         if remaining.flatMap({ Int($0) }) == 0, let reset = reset.flatMap({ Int64($0) }) {

@@ -161,7 +161,7 @@ extension SidecarConfiguration {
         kora.retry.maxDelayMilliseconds = retry.int(
             "maxDelayMilliseconds", default: kora.retry.maxDelayMilliseconds, in: 0...3_600_000)
         let rateLimit = object.object("rateLimit", keys: ["perMinute", "maxWait"])
-        if rateLimit.has("perMinute") { kora.rateLimit.perMinute = rateLimit.int("perMinute", default: 1, in: 1...100_000) }
+        if rateLimit.has("perMinute") { kora.rateLimit.perMinute = rateLimit.int("perMinute", default: 1, in: KoraRateLimit.perMinuteRange) }
         kora.rateLimit.maxWait = rateLimit.duration("maxWait", default: kora.rateLimit.maxWait, upTo: .seconds(300), describedAs: "5m")
         if kora.retry.maxDelayMilliseconds < kora.retry.initialDelayMilliseconds {
             retry.reader.report(retry.path("maxDelayMilliseconds"), "must not be less than initialDelayMilliseconds")

@@ -82,6 +82,8 @@ package struct RetryConfiguration: Sendable, Equatable {
 package struct KoraRateLimit: Sendable, Equatable {
     /// The plan's limit; nil learns it from Kora's `X-RateLimit-Limit`.
     package var perMinute: Int?
+    /// The limits the budget takes, configured or learned (a larger one is a misread header).
+    package static let perMinuteRange = 1...100_000
     /// How long a call waits for its turn before it is answered 429 `RATE_LIMITED`.
     package var maxWait = Duration.seconds(10)
 
