@@ -18,8 +18,6 @@ enum DeliveryClientError: Error, Equatable, CustomStringConvertible {
     case closedBeforeSending
     /// The connection closed (or was reset) after the request was sent, before the answer's head.
     case closedBeforeAnswer
-    /// The connection closed in the middle of the answer's head or body.
-    case closedDuringAnswer
     /// The answer was not HTTP/1.1.
     case malformedAnswer
     /// The request cannot be written as HTTP/1.1: a configured header value holds a line break or
@@ -33,7 +31,6 @@ enum DeliveryClientError: Error, Equatable, CustomStringConvertible {
         case .timedOut: "timed out"
         case .closedBeforeSending: "connection closed by the other side before the request was sent"
         case .closedBeforeAnswer: "connection closed by the other side"
-        case .closedDuringAnswer: "connection closed during the answer"
         case .malformedAnswer: "the answer was not HTTP/1.1"
         case .invalidRequest: "the request is not valid HTTP: check the service's headers and path"
         case .shutDown: "the sidecar is stopping"
@@ -115,7 +112,7 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
     /// already carry another's), nothing happens.
     func abandon(_ promise: EventLoopPromise<Outcome>) {
         if let pending, pending.promise.futureResult === promise.futureResult {
-            end(.failure(CancellationError()))
+            end(answered ? .success(false) : .failure(CancellationError()))
         } else if lastStarted !== promise.futureResult {
             abandoned = promise.futureResult
             context?.close(promise: nil)
@@ -145,15 +142,14 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         idleClose?.cancel()
-        end(.failure(closed))
+        end(answered ? .success(false) : .failure(closed))
         context.fireChannelInactive()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        // TLS closed without its notice after an answer that ends where its connection ends (no
-        // length, not chunked): many servers close so, and the decoder would only end the answer
-        // after this error. Its status is all an attempt needs.
-        if case NIOSSLError.uncleanShutdown = error, head.map(Self.endsAtClose) == true {
+        // After the answer's head, whatever happens to its body (TLS closed without its notice, a
+        // reset, a body that breaks off), the status is all an attempt needs: the service said it.
+        if answered {
             end(.success(false))
             context.close(promise: nil)
             return
@@ -173,21 +169,18 @@ final class DeliveryExchangeHandler: ChannelInboundHandler {
         context.close(promise: nil)
     }
 
-    /// Whether an answer with `head` has no length of its own: its body is what comes until the close.
-    private static func endsAtClose(_ head: HTTPResponseHead) -> Bool {
-        ![204, 304].contains(head.status.code) && !head.headers.contains(name: "content-length")
-            && !head.headers[canonicalForm: "transfer-encoding"].contains { $0.lowercased() == "chunked" }
-    }
+    /// Whether the final answer's head arrived: from then on the answer counts by its status, however
+    /// its body ends (cut off, broken, too slow, the task cancelled). Counting it as failed would
+    /// send the service again an event it said it took.
+    private var answered: Bool { (head?.status.code ?? 0) >= 200 }
 
-    /// How the exchange under way ends when the connection closes, by how far it got.
-    private var closed: DeliveryClientError {
-        !sent ? .closedBeforeSending : head == nil ? .closedBeforeAnswer : .closedDuringAnswer
-    }
+    /// How the exchange under way ends when the connection closes before its answer's head.
+    private var closed: DeliveryClientError { sent ? .closedBeforeAnswer : .closedBeforeSending }
 
-    /// The time-out passed: an answer whose head arrived counts (its status is known, however slowly
-    /// the rest comes), and ends its connection; without one, the attempt timed out.
+    /// The time-out passed: an answer whose head arrived counts, and ends its connection; without
+    /// one, the attempt timed out.
     private func timedOut() {
-        end(head == nil ? .failure(DeliveryClientError.timedOut) : .success(false))
+        end(answered ? .success(false) : .failure(DeliveryClientError.timedOut))
     }
 
     /// Completes the exchange under way: with the answer (and whether the connection stays), or
