@@ -252,11 +252,11 @@ extension DataProtectionTests {
         storage.sqlitePath = directory + "/store.sqlite"
         let opened = try storage.open(logger: quietLogger)
         _ = try await opened.store.enqueue(try event("e1", verification: "ver_1", marker: "m"), services: ["a"], at: t0, dedupSince: at(-1))
-        (opened.store as? SQLiteStore)?.close()
+        try await stop(opened.service)
         // The same key opens it again.
         let again = try storage.open(logger: quietLogger)
         #expect(try await again.store.delivery(id: 1)?.event.map(\.id) == .success("e1"))
-        (again.store as? SQLiteStore)?.close()
+        try await stop(again.service)
         try FileManager.default.removeItem(atPath: storage.keyFilePath)
         #expect {
             try storage.open(logger: quietLogger)

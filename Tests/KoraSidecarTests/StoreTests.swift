@@ -484,6 +484,27 @@ struct StoreTests {
         #expect(!FileManager.default.fileExists(atPath: storage.sqlitePath + "-wal"))
     }
 
+    @Test func aSecondServeCannotOpenTheSQLiteStoreTheFirstServes() async throws {
+        // Each start releases the store's leases: a second process would send again what the first
+        // has in flight.
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        var storage = StorageConfiguration()
+        storage.sqlitePath = directory + "/store.sqlite"
+        let first = try storage.open(logger: quietLogger)
+        #expect {
+            try storage.open(logger: quietLogger)
+        } throws: { error in
+            "\(error)" == "The store \(storage.sqlitePath) (storage.sqlitePath) is in use by another kora-sidecar serve (process \(getpid())): "
+                + "stop it first, or give each its own storage.sqlitePath (replicas share a store through storage.postgresURL)."
+        }
+        // One-shot commands run beside it.
+        #expect(try await storage.withStore(logger: quietLogger) { try await $0.delivery(id: 1) } == nil)
+        // Once the first has stopped, the store is free.
+        try await stop(first.service)
+        try await stop(try storage.open(logger: quietLogger).service)
+    }
+
     @Test func sqliteGroupCommitsConcurrentWrites() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }

@@ -36,6 +36,13 @@ extension StorageConfiguration {
             #endif
         }
         let sqlite = try openSQLiteCreatingKey(logger: logger)
+        let lock: StoreLock
+        do {
+            lock = try StoreLock(storePath: sqlitePath)
+        } catch {
+            sqlite.close()
+            throw error
+        }
         // Closing waits for queued writes, so it blocks a thread of its own (a serial queue's), not the
         // cooperative pool's; and it runs even when the service group was cancelled (a cancellation-aware
         // call would skip it).
@@ -43,6 +50,7 @@ extension StorageConfiguration {
             await withCheckedContinuation { closed in
                 DispatchQueue(label: "kora-sqlite-close").async {
                     sqlite.close()
+                    lock.release()
                     closed.resume()
                 }
             }
