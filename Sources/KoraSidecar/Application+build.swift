@@ -117,7 +117,8 @@ package func buildApplication(
     services.append(
         Housekeeping(
             store: store, retention: .seconds(configuration.webhooks.dedupWindowHours * 3600),
-            payloadRetention: configuration.storage.payloadRetention, deadRetention: configuration.storage.deadRetention, logger: logger))
+            payloadRetention: configuration.storage.payloadRetention, deadRetention: configuration.storage.deadRetention, logger: logger,
+            clock: options.clock))
 
     let origins = VerificationOrigins(store: store, services: deliveryServices, logger: logger.with("component", "proxy"))
     // Listed before the listeners, so it stops after them and writes the last origins before the store closes.

@@ -484,6 +484,32 @@ struct StoreTests {
         #expect(!FileManager.default.fileExists(atPath: storage.sqlitePath + "-wal"))
     }
 
+    @Test func aWallClockThatStepsAheadDeletesNothingUntilTheNextPassJudgesIt() async throws {
+        // A week ahead (a machine resumed, a clock set wrong), one pass deleted every id that tells a
+        // duplicate, every unrouted event and every dead delivery's body.
+        let store = InMemoryStore()
+        let ahead = NIOLockedValueBox<Int64>(0)
+        let readings = NIOLockedValueBox(0)
+        let clock: @Sendable () -> UnixTime = {
+            readings.withLockedValue { $0 += 1 }
+            return UnixTime(milliseconds: UnixTime.now().milliseconds + ahead.withLockedValue { $0 })
+        }
+        #expect(try await store.enqueue(event("u1"), services: [], at: .now(), dedupSince: UnixTime.now().adding(.seconds(-3600))) == .accepted)
+        let logs = TestLogs()
+        let housekeeping = Housekeeping(
+            store: store, retention: .seconds(3600), payloadRetention: .seconds(86_400), deadRetention: .seconds(86_400),
+            logger: logs.logger(), clock: clock, passEvery: .milliseconds(500))
+        let running = Task { try await housekeeping.run() }
+        defer { running.cancel() }
+        // Once it has read the clock at its start (the time its first pass is judged against), a step.
+        try await waitUntil("housekeeping to start") { readings.withLockedValue { $0 } > 0 }
+        ahead.withLockedValue { $0 = 7 * 86_400_000 }
+        try await waitUntil("a pass to doubt the clock") { logs.all.contains { $0.contains("The wall clock moved ahead") } }
+        #expect(try await store.unroutedCount() == 1)
+        // The clock stays where it is: the next pass takes it, and the event is past its window.
+        try await waitUntil("the next pass to prune") { try await store.unroutedCount() == 0 }
+    }
+
     @Test func aSecondServeCannotOpenTheSQLiteStoreTheFirstServes() async throws {
         // Each start releases the store's leases: a second process would send again what the first
         // has in flight.
