@@ -473,6 +473,13 @@ struct ConfigurationTests {
         for text in ["2025-11-30T12:00:00", "2025-11-30T12:00:00.Z", "2025-11-30T12:00:00+1", "2025-11-30T12:00:00+01:00Z", "2025-11-30T12:00:00ZZ", "2025-11-30T25:00:00Z"] {
             #expect(UnixTime.parse(text, now: noon) == nil, "\(text)")
         }
+        // A day the month does not have is no date (it was read as one a few days into the next month).
+        for text in ["2026-02-29", "2026-02-31", "2025-04-31T00:00:00Z", "1900-02-29", "2026-11-00"] {
+            #expect(UnixTime.parse(dateOrTime: text) == nil, "\(text)")
+        }
+        for text in ["2024-02-29", "2000-02-29", "2026-01-31", "2026-12-31T23:59:59Z"] {
+            #expect(UnixTime.parse(dateOrTime: text) != nil, "\(text)")
+        }
     }
 
     @Test func eventFiltersMatchFamiliesAndNames() {

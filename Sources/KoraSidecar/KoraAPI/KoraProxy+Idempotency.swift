@@ -120,7 +120,7 @@ extension KoraProxy {
         var latest: (id: String, at: Int64, verification: JSONValue)?
         for verification in verifications {
             guard let id = verification["id"]?.text else { continue }
-            let at = (verification["createdAt"] ?? verification["created_at"])?.text.flatMap { UnixTime.parse($0, now: .now()) }?.milliseconds
+            let at = (verification["createdAt"] ?? verification["created_at"])?.text.flatMap { UnixTime.parse(dateOrTime: $0) }?.milliseconds
             if let at, at < earliest || at <= latest?.at ?? .min { continue }
             let origin = try await origins.origin(of: id)
             guard origin == caller.name || (origin == nil && takesUnknown) else { continue }

@@ -25,7 +25,8 @@ extension UnixTime {
             return Int32(String(decoding: bytes[range], as: UTF8.self))
         }
         guard bytes.count >= 10, bytes[4] == UInt8(ascii: "-"), bytes[7] == UInt8(ascii: "-"),
-            let year = number(0..<4), let month = number(5..<7), let day = number(8..<10), (1...12).contains(month), (1...31).contains(day)
+            let year = number(0..<4), let month = number(5..<7), let day = number(8..<10), (1...12).contains(month),
+            (1...daysIn(month: month, of: year)).contains(day)
         else { return nil }
         var fields = tm()
         fields.tm_year = year - 1900
@@ -64,5 +65,14 @@ extension UnixTime {
         }
         let seconds = Int64(timegm(&fields)) - offsetSeconds
         return UnixTime(milliseconds: seconds * 1000 + milliseconds)
+    }
+
+    /// The days of `month` (1…12) in `year`: a 31 February is no date (`timegm` would make it 3 March).
+    private static func daysIn(month: Int32, of year: Int32) -> Int32 {
+        switch month {
+        case 2: year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) ? 29 : 28
+        case 4, 6, 9, 11: 30
+        default: 31
+        }
     }
 }
