@@ -410,8 +410,10 @@ import Glibc
         }
     }
 
-    @Test func aStatusHTTPDoesNotDefineIsNotPassedOn() async throws {
-        let kora = ScriptedKora([.answer(600, [], #"{"error":"odd"}"#)])
+    /// 101 was passed back: the service then waited on a connection that no longer spoke HTTP.
+    @Test(arguments: [600, 101])
+    func aStatusHTTPDoesNotDefineOrAnInterimOneIsNotPassedOn(status: Int) async throws {
+        let kora = ScriptedKora([.answer(status, status == 101 ? [("Upgrade", "h2c"), ("Connection", "Upgrade")] : [], status == 101 ? "" : #"{"error":"odd"}"#)])
         try await withScriptedKora(kora) { base in
             try await withProxySidecar(proxyConfiguration(koraBaseURL: base, services: [appService()])) { sidecar in
                 let answer = try await SDKStyleClient(baseURL: sidecar.internalURL("/api/v1/idv"), apiKey: ProxySecrets.appToken)

@@ -113,8 +113,10 @@ struct KoraClient: Sendable {
             }
             let code = Int(response.status.code)
             status = code
-            // HTTP/1.1 carries any three digits: a status HTTP does not define is no answer to pass on.
-            guard (100...599).contains(code) else {
+            // HTTP/1.1 carries any three digits: a status HTTP does not define is no answer to pass on,
+            // and neither is an interim one (101 would leave the service waiting on a connection that
+            // no longer speaks HTTP; the client skips the others).
+            guard (200...599).contains(code) else {
                 logger.warning("Kora answered with a status HTTP does not define", metadata: metadata())
                 throw SidecarHTTPError(.badGateway, code: "KORA_UNREACHABLE", message: "Kora answered with a status HTTP does not define.")
             }
