@@ -144,6 +144,28 @@ struct DeliveryControlTests {
         }
     }
 
+    @Test func aReplayAskedTwiceSaysTheFirstIsStillQueued() async throws {
+        // The service is down: the replayed delivery waits, pending, for its next attempt. A second
+        // replay said the event had no such delivery, as if it were gone.
+        let directory = try temporaryDirectory()
+        let config = try writeProcessConfig(directory: directory, receiverPort: try freePort(), retrySchedule: ["1h"])
+        let serve = try SidecarProcess(config: config)
+        let sidecar = try await serve.running()
+        #expect(try await sendSigned(TestEvent.body(eventID: "evt_q1"), to: sidecar).status == 200)
+        try await waitUntil("the first attempt to fail") {
+            try await get(sidecar.internalURL("/admin/deliveries?status=pending")).json?["deliveries"]?[0]?["attempts"]?.text == "1"
+        }
+        let replay = try await Binary.run(["deliveries", "replay", "evt_q1", "--config", config])
+        #expect(replay.status == 0, "\(replay.stderr)")
+        #expect(replay.stdout.contains("Event evt_q1 is already queued for 1 delivery, not yet sent; nothing more to do."), "\(replay.stdout)")
+        let admin = try await post(sidecar.internalURL("/admin/events/evt_q1/replay"), body: [], headers: [])
+        #expect(admin.status == 200)
+        #expect(admin.json?["alreadyQueued"]?.text == "1")
+        #expect(admin.json?["requeued"]?.text == "0")
+        serve.signal(SIGTERM)
+        try await serve.expectCleanExit()
+    }
+
     // MARK: Circuit breaker
 
     @Test func aServiceThatRefusesEverythingIsPausedProbedAndResumed() async throws {

@@ -51,6 +51,10 @@ package enum DeliveriesCommand {
                 .replay(eventID: eventID, service: service), store: store, router: EventRouter(services: services, store: store))
             guard outcome.selected > 0 else {
                 if outcome.bodyGone > 0 { throw StartupError("Event \(eventID) cannot be sent again: its body is gone (retention or erasure).") }
+                let pending = try await OperatorActions.pendingDeliveries(ofEvent: eventID, service: service, store: store)
+                if pending > 0 {
+                    return "Event \(eventID) is already queued for \(pending) \(pending == 1 ? "delivery" : "deliveries"), not yet sent; nothing more to do."
+                }
                 throw StartupError("Event \(eventID) has no delivered or dead delivery\(service.map { " to \($0)" } ?? "") to send again.")
             }
             return "Event \(eventID) is queued again for \(outcome.selected) \(outcome.selected == 1 ? "delivery" : "deliveries")."

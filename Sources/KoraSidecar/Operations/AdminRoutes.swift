@@ -47,6 +47,9 @@ struct AdminRoutes {
             let outcome = try await OperatorActions.retry(.replay(eventID: eventID, service: service), store: store, router: eventRouter)
             guard outcome.selected > 0 else {
                 if outcome.bodyGone > 0 { throw Self.bodyGone("The event's body is gone (retention or erasure): it cannot be sent again.") }
+                // Asked twice: the first replay's deliveries are still waiting to be sent.
+                let pending = try await OperatorActions.pendingDeliveries(ofEvent: eventID, service: service, store: store)
+                if pending > 0 { return JSONResponse.make(.ok, ["eventId": .string(eventID), "requeued": 0, "alreadyQueued": .int(pending)]) }
                 throw SidecarHTTPError(.notFound, code: "NOT_FOUND", message: "The event has no delivered or dead delivery to send again.")
             }
             dispatcher?.notify(services: services.map(\.name))

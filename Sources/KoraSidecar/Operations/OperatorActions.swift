@@ -157,6 +157,12 @@ package enum OperatorActions {
         static let statusChoices = "dead, delivered or unrouted"
     }
 
+    /// How many deliveries of `eventID` (to `service`) wait to be sent: a replay that found none
+    /// delivered or dead may have been asked twice, the first one still queued.
+    static func pendingDeliveries(ofEvent eventID: String, service: String?, store: any SidecarStore) async throws -> Int {
+        try await store.deliveries(DeliveryQuery(filter: DeliveryFilter(statuses: [.pending], service: service, eventID: eventID), limit: 1000)).count
+    }
+
     /// What retrying one delivery did.
     enum SingleRetry: Equatable {
         case requeued
