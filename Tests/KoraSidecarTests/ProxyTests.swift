@@ -503,6 +503,16 @@ import Glibc
         #expect(RetryAfter.parse("soon", now: .now()) == nil)
         #expect(RetryAfter.parse("Sun, 06 Nov 999999999 08:49:37 GMT", now: .now()) == nil)
         #expect(RetryAfter.parse("Sun, 06 Nov -2147483648 08:49:37 GMT", now: .now()) == nil)
+        // The obsolete forms RFC 9110 has recipients read too (they were ignored, and the call retried
+        // at once); an RFC 850 year more than 50 years ahead is the century before.
+        let before = UnixTime(milliseconds: 784_111_777_000 - 5000)
+        #expect(RetryAfter.parse("Sunday, 06-Nov-94 08:49:37 GMT", now: before) == .seconds(5))
+        #expect(RetryAfter.parse("Sun Nov  6 08:49:37 1994", now: before) == .seconds(5))
+        #expect(RetryAfter.parse("Thursday, 01-Jan-70 00:00:10 GMT", now: UnixTime(milliseconds: 0)) == .seconds(10))
+        #expect(RetryAfter.parse("Tuesday, 01-Dec-26 06:12:21 GMT", now: UnixTime(milliseconds: 1_796_105_541_000 - 30_000)) == .seconds(30))
+        #expect(RetryAfter.parse("Sun Nov  6 08:49:37 99999", now: .now()) == nil)
+        // More seconds than ten digits hold: a very long wait, not none.
+        #expect(RetryAfter.parse("99999999999", now: .now()) == .seconds(9_999_999_999))
     }
 
     @Test func retryAfterBeyondTheCapEndsTheRetriesAtOnce() async throws {
