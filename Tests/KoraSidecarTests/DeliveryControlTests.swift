@@ -144,6 +144,42 @@ struct DeliveryControlTests {
         }
     }
 
+    @Test func aDryRunSaysTheBoundsThatSendExactlyWhatItCounted() async throws {
+        // The console confirmed "Send 1 again" by asking again with the same filters: every event
+        // delivered in between was sent again too.
+        let receiver = Receiver()
+        try await withReceiver(receiver) { (port: Int) async throws in
+            let directory = try temporaryDirectory()
+            let config = try writeProcessConfig(directory: directory, receiverPort: port)
+            let serve = try SidecarProcess(config: config)
+            let sidecar = try await serve.running()
+            #expect(try await sendSigned(TestEvent.body(eventID: "evt_b1"), to: sidecar).status == 200)
+            _ = try await receiver.waitFor(1)
+            let query = "status=delivered&since=1h"
+            try await waitUntil("delivered") {
+                try await post(sidecar.internalURL("/admin/deliveries/retry?\(query)&dryRun=true"), body: [], headers: []).json?["wouldRequeue"]?.text == "1"
+            }
+            let dry = try await post(sidecar.internalURL("/admin/deliveries/retry?\(query)&dryRun=true"), body: [], headers: []).json
+            let since = try #require(dry?["since"]?.text), until = try #require(dry?["until"]?.text)
+            let cli = try await Binary.run(["deliveries", "retry", "--status", "delivered", "--since", "1h", "--dry-run", "--config", config])
+            #expect(cli.stdout.contains("1 delivered deliveries would be queued again. To send exactly these, add --since "), "\(cli.stdout)")
+            // Another event is delivered before the operator confirms.
+            #expect(try await sendSigned(TestEvent.body(eventID: "evt_b2"), to: sidecar).status == 200)
+            _ = try await receiver.waitFor(2)
+            try await waitUntil("both delivered") {
+                try await post(sidecar.internalURL("/admin/deliveries/retry?\(query)&dryRun=true"), body: [], headers: []).json?["wouldRequeue"]?.text == "2"
+            }
+            let confirmed = try await post(
+                sidecar.internalURL("/admin/deliveries/retry?status=delivered&since=\(percentEncoded(since))&until=\(percentEncoded(until))"),
+                body: [], headers: [])
+            #expect(confirmed.json?["requeued"]?.text == "1")
+            let again = try await receiver.waitFor(3)
+            #expect(again[2].header("webhook-id") == "evt_b1")
+            serve.signal(SIGTERM)
+            try await serve.expectCleanExit()
+        }
+    }
+
     @Test func aReplayAskedTwiceSaysTheFirstIsStillQueued() async throws {
         // The service is down: the replayed delivery waits, pending, for its next attempt. A second
         // replay said the event had no such delivery, as if it were gone.

@@ -447,7 +447,9 @@ async function retryByFilter(button, filters) {
       `${plural(count, `${filters.status} delivery`, `${filters.status} deliveries`)} matching these filters would be queued again, due now.${gone}`,
       `Send ${count} again`);
     if (!yes) return 'Cancelled: nothing was sent.';
-    const done = await api('POST', '/admin/deliveries/retry', filters);
+    // The deliveries counted, not those of events accepted since: the dry run's bounds.
+    const bounds = { until: dry.until, ...(dry.since ? { since: dry.since } : {}) };
+    const done = await api('POST', '/admin/deliveries/retry', { ...filters, ...bounds });
     route();
     return `Queued again: ${plural(done.requeued ?? 0, 'delivery', 'deliveries')}.${done.bodyGone ? ` ${done.bodyGone} without a body could not be.` : ''}`;
   });

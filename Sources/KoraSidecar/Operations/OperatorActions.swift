@@ -193,9 +193,13 @@ package enum OperatorActions {
         /// Deliveries selected but left, because their event's body is gone (retention or erasure).
         package var bodyGone = 0
 
-        /// The admin API's answer.
+        /// The admin API's answer; a dry run's gives the times it counted between, to confirm with.
         var json: JSONValue {
             var members: [JSONMember] = [.init("dryRun", .bool(selection.dryRun))]
+            if selection.dryRun {
+                if let since = selection.filter.since { members.append(.init("since", .string(since.iso8601Milliseconds))) }
+                if let until = selection.filter.until { members.append(.init("until", .string(until.iso8601Milliseconds))) }
+            }
             switch selection.scope {
             case .deliveries:
                 members.append(.init(selection.dryRun ? "wouldRequeue" : "requeued", .int(selected)))
@@ -217,7 +221,9 @@ package enum OperatorActions {
         /// The command's sentence.
         var sentence: String {
             let gone = bodyGone == 0 ? "" : " \(bodyGone) cannot be sent again: their body is gone (retention or erasure)."
-            return action + gone
+            guard selection.dryRun, selected > 0, let until = selection.filter.until else { return action + gone }
+            let since = selection.filter.since.map { " --since \($0.iso8601Milliseconds)" } ?? ""
+            return action + gone + " To send exactly these, add\(since) --until \(until.iso8601Milliseconds) (events accepted later would be included)."
         }
 
         private var action: String {
@@ -232,8 +238,15 @@ package enum OperatorActions {
         }
     }
 
-    /// Retries what `selection` selects, now.
+    /// Retries what `selection` selects, now. A dry run counts what was accepted until now, and says
+    /// so (``RetryOutcome/json``, ``RetryOutcome/sentence``): confirmed with that bound, the same
+    /// deliveries are sent, not those of every event accepted since.
     static func retry(_ selection: RetrySelection, store: any SidecarStore, router: EventRouter) async throws -> RetryOutcome {
+        var selection = selection
+        if selection.dryRun {
+            let now = UnixTime.now()
+            selection.filter.until = min(selection.filter.until ?? now, now)
+        }
         switch selection.scope {
         case .deliveries(let statuses):
             var filter = selection.filter
