@@ -484,6 +484,25 @@ struct StoreTests {
         #expect(!FileManager.default.fileExists(atPath: storage.sqlitePath + "-wal"))
     }
 
+    @Test(arguments: Kind.allCases)
+    func anIdIsNeverGivenTwiceEvenOnceItsRowIsGone(kind: Kind) async throws {
+        // SQLite gave the newest row's id again once that row was erased or pruned: an alert's
+        // "delivery 2" then named another person's delivery.
+        let (store, cleanup) = try await makeStore(kind)
+        defer { cleanup() }
+        #expect(try await store.enqueue(event("e1", verification: "ver_gone"), services: ["a"], at: t0, dedupSince: at(-1)) == .accepted)
+        try await store.quarantine(.init(receivedAt: t0, reason: "bad", body: [1], headers: [:], signatureVerified: true))
+        let delivery = try #require(try await store.deliveries(DeliveryQuery(limit: 10)).first?.id)
+        let quarantined = try #require(try await store.quarantined(limit: 10).first?.id)
+        _ = try await store.erase(verificationIDs: ["ver_gone"], eventIDs: [], quarantineIDs: [quarantined], mentions: [])
+        #expect(try await store.deliveries(DeliveryQuery(limit: 10)).isEmpty)
+        #expect(try await store.enqueue(event("e2"), services: ["a"], at: at(1), dedupSince: at(-1)) == .accepted)
+        try await store.quarantine(.init(receivedAt: at(1), reason: "bad", body: [2], headers: [:], signatureVerified: true))
+        #expect(try await store.deliveries(DeliveryQuery(limit: 10)).map(\.id).allSatisfy { $0 > delivery })
+        #expect(try await store.quarantined(limit: 10).map(\.id).allSatisfy { $0 > quarantined })
+        #expect(try await store.delivery(id: delivery) == nil)
+    }
+
     @Test func aWallClockThatStepsAheadDeletesNothingUntilTheNextPassJudgesIt() async throws {
         // A week ahead (a machine resumed, a clock set wrong), one pass deleted every id that tells a
         // duplicate, every unrouted event and every dead delivery's body.

@@ -73,12 +73,33 @@ final class SQLiteStore: SidecarStore {
         """
         ALTER TABLE deliveries ADD COLUMN pending_since INTEGER;
         """,
+        // SQLite gives a new row the largest id + 1: once the newest rows were erased or pruned, their
+        // ids came back, and an alert's or a log line's delivery id then named another person's. The
+        // largest id deleted is kept, and new ids start above it (``nextID(_:)``).
+        """
+        CREATE TABLE id_floors(name TEXT PRIMARY KEY, floor INTEGER NOT NULL) WITHOUT ROWID;
+        INSERT INTO id_floors VALUES
+            ('events', COALESCE((SELECT max(id) FROM events), 0)), ('deliveries', COALESCE((SELECT max(id) FROM deliveries), 0)),
+            ('quarantine', COALESCE((SELECT max(id) FROM quarantine), 0));
+        CREATE TRIGGER events_floor AFTER DELETE ON events
+            BEGIN UPDATE id_floors SET floor = OLD.id WHERE name = 'events' AND floor < OLD.id; END;
+        CREATE TRIGGER deliveries_floor AFTER DELETE ON deliveries
+            BEGIN UPDATE id_floors SET floor = OLD.id WHERE name = 'deliveries' AND floor < OLD.id; END;
+        CREATE TRIGGER quarantine_floor AFTER DELETE ON quarantine
+            BEGIN UPDATE id_floors SET floor = OLD.id WHERE name = 'quarantine' AND floor < OLD.id; END;
+        """,
     ]
 
     /// The fewest migrations a kora-sidecar must know to use a store this one migrated. When a new
     /// migration only adds (a nullable column, a table, an index), keep this at the number before it:
     /// the version before can then still open the store, so that it can be rolled back to.
-    static let oldestReader = migrations.count
+    /// (The last one adds a table and triggers: the version before still opens the store.)
+    static let oldestReader = migrations.count - 1
+
+    /// The id a new row of `table` gets: above every id it has had, deleted ones included.
+    private static func nextID(_ table: String) -> String {
+        "(SELECT max(COALESCE((SELECT max(id) FROM \(table)), 0), (SELECT floor FROM id_floors WHERE name = '\(table)')) + 1)"
+    }
 
     /// Opens (creating when needed) the store at `path`, sealing and keeping bodies as `protection` says.
     init(path: String, protection: DataProtection) throws {
@@ -116,9 +137,9 @@ final class SQLiteStore: SidecarStore {
             let body = self.protection.columns(for: event)
             try db.query(
                 """
-                INSERT INTO events(event_id, type, verification_id, normalized, original, original_headers, sealed, key_id,
+                INSERT INTO events(id, event_id, type, verification_id, normalized, original, original_headers, sealed, key_id,
                                    signature_verified, received_at, unrouted)
-                VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                VALUES(\(Self.nextID("events")), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 """,
                 [
                     .text(event.id), .text(event.type), .optional(event.verificationID), .blob(body.normalized),
@@ -134,8 +155,8 @@ final class SQLiteStore: SidecarStore {
         for service in services {
             try db.query(
                 """
-                INSERT INTO deliveries(event_row, service, status, next_attempt_at, created_at, updated_at, verification_id)
-                VALUES(?, ?, 'pending', ?, ?, ?, (SELECT verification_id FROM events WHERE id = ?))
+                INSERT INTO deliveries(id, event_row, service, status, next_attempt_at, created_at, updated_at, verification_id)
+                VALUES(\(Self.nextID("deliveries")), ?, ?, 'pending', ?, ?, ?, (SELECT verification_id FROM events WHERE id = ?))
                 """,
                 [
                     .integer(eventRow), .text(service), .integer(at.milliseconds), .integer(at.milliseconds), .integer(at.milliseconds),
@@ -184,7 +205,7 @@ final class SQLiteStore: SidecarStore {
         let body = protection.columns(for: payload)
         try await database.write { db in
             try db.query(
-                "INSERT INTO quarantine(received_at, reason, body, headers, sealed, key_id, signature_verified) VALUES(?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO quarantine(id, received_at, reason, body, headers, sealed, key_id, signature_verified) VALUES(\(Self.nextID("quarantine")), ?, ?, ?, ?, ?, ?, ?)",
                 [
                     .integer(payload.receivedAt.milliseconds), .text(payload.reason), .blob(body.normalized), .text(body.headers),
                     body.sealed.map(SQLiteValue.blob) ?? .null, .optional(body.keyID), .integer(payload.signatureVerified ? 1 : 0),
