@@ -50,13 +50,25 @@ package enum HTTPClientFailure: Equatable {
         case let error as DeliveryClientError: error.description
         case is CancellationError: "cancelled before the answer"
         case ChannelError.connectTimeout(_): "connect timed out"
-        // TLS errors carry no request data: their reason (an unknown issuer, a name that does not match) is the cue.
-        case is NIOSSLError, is NIOSSLExtraError, is BoringSSLError: "TLS handshake failed: \(String(describing: error).prefix(300))"
+        // TLS errors carry no request data; the two an operator meets most are said in words.
+        case let error as NIOSSLExtraError where error == .failedToValidateHostname:
+            "TLS handshake failed: the certificate is not for the URL's host name or IP address"
+        case is NIOSSLError, is NIOSSLExtraError, is BoringSSLError:
+            "TLS handshake failed: \(tlsReason(error))"
         case is NIOConnectionError: "connection refused"
         case let error as IOError where error.errnoCode == ECONNREFUSED: "connection refused"
         case let error as IOError where error.errnoCode == ENOENT: "no such socket file"
         case let error as IOError: "I/O error: \(String(cString: strerror(error.errnoCode))) (errno \(error.errnoCode))"
         default: "request failed: \(type(of: error))"
         }
+    }
+
+    /// BoringSSL's reason, without the source file it names (the build's own paths).
+    private static func tlsReason(_ error: any Error) -> String {
+        let text = String(describing: error)
+        if text.contains("CERTIFICATE_VERIFY_FAILED") {
+            return "the certificate did not verify (its authority is trusted neither by the system nor by delivery.caFile, or it expired)"
+        }
+        return String(text.replacing(#/ at /[^\s\])]*/#, with: "").prefix(300))
     }
 }
