@@ -126,8 +126,10 @@ actor KoraBudget {
     }
 
     /// The longest Kora's reset may hold every call. Kora's windows are a minute: a reset further
-    /// away is a misread header (milliseconds for seconds, say), which would stop calls for ages.
-    static let longestHold = Duration.seconds(3600)
+    /// away is a misread header (milliseconds for seconds, say) or a clock that differs from Kora's,
+    /// and two minutes outlast any window of Kora's, while a longer hold would stop every service's
+    /// calls for as long as the header said (an hour, it was).
+    static let longestHold = Duration.seconds(120)
 
     // MARK: Turns
 
