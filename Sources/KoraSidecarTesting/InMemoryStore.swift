@@ -44,6 +44,23 @@ final class InMemoryStore: SidecarStore {
             }
         }
 
+        mutating func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) -> EnqueueResult {
+            for key in event.duplicateKeys where (seen[key].map { $0 >= dedupSince } ?? false) { return .duplicate }
+            for key in event.rememberedKeys { seen[key] = at }
+            if services.isEmpty {
+                let row = nextID
+                nextID += 1
+                unrouted[row] = (
+                    UnroutedEvent(
+                        row: row, eventID: event.id, eventType: event.type, verificationID: event.verificationID, receivedAt: at,
+                        signatureVerified: event.signatureVerified),
+                    event
+                )
+            }
+            addDeliveries(of: event, to: services, at: at)
+            return .accepted
+        }
+
         /// Adds one pending delivery of `event` per service.
         mutating func addDeliveries(of event: KoraEvent, to services: [String], at: UnixTime) {
             for service in services {
@@ -115,22 +132,7 @@ final class InMemoryStore: SidecarStore {
     }
 
     package func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws -> EnqueueResult {
-        try write { state in
-            for key in event.duplicateKeys where (state.seen[key].map { $0 >= dedupSince } ?? false) { return .duplicate }
-            for key in event.rememberedKeys { state.seen[key] = at }
-            if services.isEmpty {
-                let row = state.nextID
-                state.nextID += 1
-                state.unrouted[row] = (
-                    UnroutedEvent(
-                        row: row, eventID: event.id, eventType: event.type, verificationID: event.verificationID, receivedAt: at,
-                        signatureVerified: event.signatureVerified),
-                    event
-                )
-            }
-            state.addDeliveries(of: event, to: services, at: at)
-            return .accepted
-        }
+        try write { state in state.enqueue(event, services: services, at: at, dedupSince: dedupSince) }
     }
 
     package func quarantine(_ payload: QuarantinedPayload) async throws {
@@ -171,9 +173,12 @@ final class InMemoryStore: SidecarStore {
     }
 
     @discardableResult
-    package func finish(deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep) async throws -> Bool {
+    package func finish(
+        deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep, announcing: Announcement?
+    ) async throws -> Bool {
         try write { state in
             guard var delivery = state.deliveries[deliveryID], delivery.leaseUntil == leasedUntil else { return false }
+            if let announcing { _ = state.enqueue(announcing.event, services: announcing.services, at: attempt.at, dedupSince: attempt.at) }
             delivery.attempts.append(attempt)
             delivery.leaseUntil = nil
             delivery.summary.attempts = attempt.attempt

@@ -485,6 +485,38 @@ struct StoreTests {
     }
 
     @Test(arguments: Kind.allCases)
+    func aDeathIsAnnouncedWithItsResultSoThatNoErasureComesBetween(kind: Kind) async throws {
+        // The announcement was stored after the result, in a transaction of its own: an erasure of
+        // the verification in between left a sidecar.delivery.dead event about it, then delivered.
+        let (store, cleanup) = try await makeStore(kind)
+        defer { cleanup() }
+        let dead = AttemptRecord(attempt: 1, at: at(5), statusCode: 410, error: nil, durationMilliseconds: 1)
+        func announcement(about verification: String) throws -> Announcement {
+            var event = try event("sdc_" + RandomID.make(), verification: verification)
+            event.type = "sidecar.delivery.dead"
+            return Announcement(event: event, services: ["alerts"])
+        }
+        func alerts() async throws -> [DeliverySummary] {
+            try await store.deliveries(DeliveryQuery(filter: DeliveryFilter(statuses: [], service: "alerts"), limit: 10))
+        }
+        // Erased while it was being sent: nothing is recorded, and nothing announced.
+        _ = try await store.enqueue(event("e1", verification: "ver_erased"), services: ["a"], at: t0, dedupSince: at(-1))
+        let first = try #require(try await store.claimDue(service: "a", now: at(1), limit: 1, lease: .seconds(30)).first)
+        _ = try await store.erase(verificationIDs: ["ver_erased"], eventIDs: [], quarantineIDs: [], mentions: [])
+        #expect(try await !store.finish(
+            deliveryID: first.deliveryID, leasedUntil: first.leaseUntil, attempt: dead, next: .dead, announcing: announcement(about: "ver_erased")))
+        #expect(try await alerts().isEmpty)
+        // Recorded: announced with it, and an erasure afterwards takes both.
+        _ = try await store.enqueue(event("e2", verification: "ver_later"), services: ["a"], at: t0, dedupSince: at(-1))
+        let second = try #require(try await store.claimDue(service: "a", now: at(1), limit: 1, lease: .seconds(30)).first)
+        #expect(try await store.finish(
+            deliveryID: second.deliveryID, leasedUntil: second.leaseUntil, attempt: dead, next: .dead, announcing: announcement(about: "ver_later")))
+        #expect(try await alerts().map(\.eventType) == ["sidecar.delivery.dead"])
+        _ = try await store.erase(verificationIDs: ["ver_later"], eventIDs: [], quarantineIDs: [], mentions: [])
+        #expect(try await alerts().isEmpty)
+    }
+
+    @Test(arguments: Kind.allCases)
     func anIdIsNeverGivenTwiceEvenOnceItsRowIsGone(kind: Kind) async throws {
         // SQLite gave the newest row's id again once that row was erased or pruned: an alert's
         // "delivery 2" then named another person's delivery.

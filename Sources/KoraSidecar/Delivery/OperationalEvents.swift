@@ -27,17 +27,24 @@ final class OperationalEvents: Sendable {
     /// Where new deliveries are announced.
     func wakeUp(with notify: @escaping @Sendable ([String]) -> Void) { wake.withLockedValue { $0 = notify } }
 
-    /// A delivery of `event` to `service` is dead after `attempts` attempts.
-    func deliveryDied(_ event: KoraEvent, service: String, deliveryID: Int64, attempts: Int, lastStatusCode: Int?, lastError: String?) {
+    /// What to announce, stored with the result that makes it so (``SidecarStore/finish(deliveryID:leasedUntil:attempt:next:announcing:)``),
+    /// when a delivery of `event` to `service` is dead after `attempts` attempts: so that an erasure of
+    /// its verification cannot come between the two. Nil when no service subscribes.
+    func deadDelivery(_ event: KoraEvent, service: String, deliveryID: Int64, attempts: Int, lastStatusCode: Int?, lastError: String?) -> Announcement? {
         // A dead operational event announces nothing: no event about an event about an event.
-        guard !event.type.hasPrefix(EventFilter.sidecarPrefix) else { return }
-        emit(
+        guard !event.type.hasPrefix(EventFilter.sidecarPrefix) else { return nil }
+        return announcement(
             EventFilter.deadDelivery,
             [
                 "service": .string(service), "deliveryId": .number(String(deliveryID)), "attempts": .int(attempts),
                 "lastStatusCode": lastStatusCode.map(JSONValue.int) ?? .null, "lastError": .optional(lastError),
                 "event": ["id": .string(event.id), "type": .string(event.type), "verificationId": .optional(event.verificationID)],
             ], about: event.verificationID)
+    }
+
+    /// Wakes the services an announcement stored with a result goes to.
+    func stored(_ announcement: Announcement) {
+        wake.withLockedValue { $0 }?(announcement.services)
     }
 
     /// `service`'s breaker opened (`pausedUntil` set) or closed.
@@ -49,16 +56,22 @@ final class OperationalEvents: Sendable {
         emit(paused ? EventFilter.servicePaused : EventFilter.serviceResumed, .object(data))
     }
 
-    /// Stores and announces an event of `type`; `about` is the verification it names, so that erasing
-    /// that verification erases it too.
-    private func emit(_ type: String, _ data: JSONValue, about verificationID: String? = nil) {
+    /// An event of `type` for the services that subscribe to it (nil: none does); `about` is the
+    /// verification it names, so that erasing that verification erases it too.
+    private func announcement(_ type: String, _ data: JSONValue, about verificationID: String? = nil) -> Announcement? {
         let recipients = services.filter { $0.events.matches(type) }.map(\.name)
-        guard !recipients.isEmpty else { return }
-        let now = UnixTime.now()
+        guard !recipients.isEmpty else { return nil }
         let id = "sdc_" + RandomID.make() + RandomID.make()
-        let body = JSONWriter.encode(["id": .string(id), "type": .string(type), "occurredAt": .string(now.iso8601Milliseconds), "data": data])
+        let body = JSONWriter.encode(["id": .string(id), "type": .string(type), "occurredAt": .string(UnixTime.now().iso8601Milliseconds), "data": data])
         let event = KoraEvent(
             id: id, type: type, verificationID: verificationID, normalizedBody: body, originalBody: body, originalHeaders: [], signatureVerified: true)
+        return Announcement(event: event, services: recipients)
+    }
+
+    /// Stores and announces an event of `type`.
+    private func emit(_ type: String, _ data: JSONValue) {
+        guard let announcement = announcement(type, data) else { return }
+        let (event, recipients, now) = (announcement.event, announcement.services, UnixTime.now())
         let wake = wake.withLockedValue { $0 }
         // Stored apart from the caller (a breaker announces under its lock), but counted: the task
         // removes itself under the same lock it was added under, so it can never finish first.

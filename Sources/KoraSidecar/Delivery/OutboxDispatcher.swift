@@ -241,6 +241,12 @@ final class OutboxDispatcher: Service, Sendable {
             // Nothing went to the service: it says nothing of its health, and spent neither probe nor token.
             ServiceHold.giveBack(service.name, breakers: breakers, rateLimits: rateLimits)
         }
+        // A death's announcement, stored with it in one transaction (an erasure cannot come between).
+        let announcing =
+            next == .dead
+            ? operational?.deadDelivery(
+                job.event, service: service.name, deliveryID: job.deliveryID, attempts: job.attempt, lastStatusCode: result.statusCode,
+                lastError: result.error) : nil
         /// Counts, logs and announces what the store answered: what it did not record (the lease had
         /// passed to another worker, say, a replica whose clock is ahead, or an erasure removed the
         /// delivery) is neither counted nor announced as what followed.
@@ -260,18 +266,18 @@ final class OutboxDispatcher: Service, Sendable {
                 retries[service.name]?.withLockedValue { $0 = min($0 ?? at, at) }
             case .dead:
                 logger.error("Delivery dead; waiting for an operator", metadata: metadata)
-                operational?.deliveryDied(
-                    job.event, service: service.name, deliveryID: job.deliveryID, attempts: job.attempt, lastStatusCode: result.statusCode,
-                    lastError: result.error)
+                if let announcing { operational?.stored(announcing) }
             }
         }
-        // The next delivery is leased in the same call only when it may go now (it takes a token).
+        // The next delivery is leased in the same call only when it may go now (it takes a token);
+        // not after a death, whose announcement is stored with it.
         let leasesNext =
-            !stopping.load(ordering: .relaxed) && (breakers[service.name]?.isClosed ?? true)
+            announcing == nil && !stopping.load(ordering: .relaxed) && (breakers[service.name]?.isClosed ?? true)
             && (rateLimits[service.name]?.take(now: .now()) ?? .zero) == .zero
         do {
             guard leasesNext else {
-                recorded(try await store.finish(deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: record, next: next))
+                recorded(
+                    try await store.finish(deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: record, next: next, announcing: announcing))
                 return nil
             }
             let finished = try await store.finishAndClaimNext(

@@ -187,42 +187,47 @@ final class PostgresStore: SidecarStore, Service {
     }
 
     private func enqueueOrThrowDuplicate(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws {
-        try await inTransaction { connection in
-            // Keys that only make this one a duplicate (a verified copy, for an unverified event) are read, not claimed.
-            let readOnly = event.duplicateKeys.filter { !event.rememberedKeys.contains($0) }
-            if !readOnly.isEmpty {
-                let seen = try await connection.query(
-                    "SELECT 1 FROM kora_seen_events WHERE event_id = ANY(\(readOnly)) AND seen_at >= \(dedupSince.milliseconds)",
-                    logger: self.logger
-                ).collect()
-                if !seen.isEmpty { throw Duplicate() }
-            }
-            for key in event.rememberedKeys {
-                // Atomic across replicas: a concurrent insert of the same key waits for this one's
-                // commit and then finds the key taken, so exactly one replica accepts the event.
-                let claimed = try await connection.query(
-                    """
-                    INSERT INTO kora_seen_events(event_id, seen_at) VALUES(\(key), \(at.milliseconds))
-                    ON CONFLICT(event_id) DO UPDATE SET seen_at = excluded.seen_at
-                    WHERE kora_seen_events.seen_at < \(dedupSince.milliseconds)
-                    RETURNING 1
-                    """, logger: self.logger
-                ).collect()
-                if claimed.isEmpty { throw Duplicate() }
-            }
-            let body = self.protection.columns(for: event)
-            let eventRow = try await connection.query(
-                """
-                INSERT INTO kora_events(event_id, type, verification_id, normalized, original, original_headers, sealed, key_id,
-                                        signature_verified, received_at, unrouted)
-                VALUES(\(event.id), \(event.type), \(event.verificationID), \(body.plainNormalized),
-                       \(body.plainOriginal), \(body.headers), \(body.sealed.map { ByteBuffer(bytes: $0) }), \(body.keyID),
-                       \(event.signatureVerified), \(at.milliseconds), \(services.isEmpty))
-                RETURNING id
-                """, logger: self.logger
-            ).collect().first?.decode(Int64.self) ?? 0
-            try await Self.insertDeliveries(connection, eventRow: eventRow, services: services, at: at, logger: self.logger)
+        try await inTransaction { connection in try await self.insert(connection, event, services: services, at: at, dedupSince: dedupSince) }
+    }
+
+    /// Stores `event` and its deliveries in the transaction of `connection`.
+    /// - Throws: ``Duplicate`` when one of its keys was seen since `dedupSince` (thrown out of the
+    ///   transaction, it undoes the keys claimed before).
+    private func insert(_ connection: PostgresConnection, _ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws {
+        // Keys that only make this one a duplicate (a verified copy, for an unverified event) are read, not claimed.
+        let readOnly = event.duplicateKeys.filter { !event.rememberedKeys.contains($0) }
+        if !readOnly.isEmpty {
+            let seen = try await connection.query(
+                "SELECT 1 FROM kora_seen_events WHERE event_id = ANY(\(readOnly)) AND seen_at >= \(dedupSince.milliseconds)",
+                logger: self.logger
+            ).collect()
+            if !seen.isEmpty { throw Duplicate() }
         }
+        for key in event.rememberedKeys {
+            // Atomic across replicas: a concurrent insert of the same key waits for this one's
+            // commit and then finds the key taken, so exactly one replica accepts the event.
+            let claimed = try await connection.query(
+                """
+                INSERT INTO kora_seen_events(event_id, seen_at) VALUES(\(key), \(at.milliseconds))
+                ON CONFLICT(event_id) DO UPDATE SET seen_at = excluded.seen_at
+                WHERE kora_seen_events.seen_at < \(dedupSince.milliseconds)
+                RETURNING 1
+                """, logger: self.logger
+            ).collect()
+            if claimed.isEmpty { throw Duplicate() }
+        }
+        let body = self.protection.columns(for: event)
+        let eventRow = try await connection.query(
+            """
+            INSERT INTO kora_events(event_id, type, verification_id, normalized, original, original_headers, sealed, key_id,
+                                    signature_verified, received_at, unrouted)
+            VALUES(\(event.id), \(event.type), \(event.verificationID), \(body.plainNormalized),
+                   \(body.plainOriginal), \(body.headers), \(body.sealed.map { ByteBuffer(bytes: $0) }), \(body.keyID),
+                   \(event.signatureVerified), \(at.milliseconds), \(services.isEmpty))
+            RETURNING id
+            """, logger: self.logger
+        ).collect().first?.decode(Int64.self) ?? 0
+        try await Self.insertDeliveries(connection, eventRow: eventRow, services: services, at: at, logger: self.logger)
     }
 
     private static func insertDeliveries(
@@ -366,7 +371,9 @@ final class PostgresStore: SidecarStore, Service {
     }
 
     @discardableResult
-    package func finish(deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep) async throws -> Bool {
+    package func finish(
+        deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep, announcing: Announcement?
+    ) async throws -> Bool {
         let (status, nextAt) = next.statusAndTime(after: attempt)
         return try await inTransaction { connection in
             let updated = try await connection.query(
@@ -394,6 +401,12 @@ final class PostgresStore: SidecarStore, Service {
                 _ = try await Self.expireBodies(
                     connection, deliveredBefore: UnixTime(milliseconds: .max),
                     deadBefore: attempt.at.adding(.zero - self.protection.deadRetention), ofDelivery: deliveryID, limit: 1, logger: self.logger)
+            }
+            if let announcing {
+                // Its id is new, so never a duplicate; were it one, the result would stay recorded all the same.
+                do {
+                    try await self.insert(connection, announcing.event, services: announcing.services, at: attempt.at, dedupSince: attempt.at)
+                } catch is Duplicate {}
             }
             return true
         }

@@ -131,24 +131,28 @@ final class SQLiteStore: SidecarStore {
     }
 
     package func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws -> EnqueueResult {
-        try await database.write { db in
-            for key in event.duplicateKeys where try Self.seen(db, key, since: dedupSince) { return .duplicate }
-            for key in event.rememberedKeys { try Self.remember(db, key, at) }
-            let body = self.protection.columns(for: event)
-            try db.query(
-                """
-                INSERT INTO events(id, event_id, type, verification_id, normalized, original, original_headers, sealed, key_id,
-                                   signature_verified, received_at, unrouted)
-                VALUES(\(Self.nextID("events")), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                """,
-                [
-                    .text(event.id), .text(event.type), .optional(event.verificationID), .blob(body.normalized),
-                    .blob(body.original), .text(body.headers), body.sealed.map(SQLiteValue.blob) ?? .null, .optional(body.keyID),
-                    .integer(event.signatureVerified ? 1 : 0), .integer(at.milliseconds), .integer(services.isEmpty ? 1 : 0),
-                ])
-            try Self.insertDeliveries(db, eventRow: db.lastInsertRowID, services: services, at: at)
-            return .accepted
-        }
+        try await database.write { db in try self.enqueue(db, event, services: services, at: at, dedupSince: dedupSince) }
+    }
+
+    private func enqueue(_ db: SQLiteConnection, _ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) throws
+        -> EnqueueResult
+    {
+        for key in event.duplicateKeys where try Self.seen(db, key, since: dedupSince) { return .duplicate }
+        for key in event.rememberedKeys { try Self.remember(db, key, at) }
+        let body = self.protection.columns(for: event)
+        try db.query(
+            """
+            INSERT INTO events(id, event_id, type, verification_id, normalized, original, original_headers, sealed, key_id,
+                               signature_verified, received_at, unrouted)
+            VALUES(\(Self.nextID("events")), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            """,
+            [
+                .text(event.id), .text(event.type), .optional(event.verificationID), .blob(body.normalized),
+                .blob(body.original), .text(body.headers), body.sealed.map(SQLiteValue.blob) ?? .null, .optional(body.keyID),
+                .integer(event.signatureVerified ? 1 : 0), .integer(at.milliseconds), .integer(services.isEmpty ? 1 : 0),
+            ])
+        try Self.insertDeliveries(db, eventRow: db.lastInsertRowID, services: services, at: at)
+        return .accepted
     }
 
     private static func insertDeliveries(_ db: SQLiteConnection, eventRow: Int64, services: [String], at: UnixTime) throws {
@@ -235,8 +239,16 @@ final class SQLiteStore: SidecarStore {
     }
 
     @discardableResult
-    package func finish(deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep) async throws -> Bool {
-        try await database.write { db in try self.finish(db, deliveryID: deliveryID, leasedUntil: leasedUntil, attempt: attempt, next: next) }
+    package func finish(
+        deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep, announcing: Announcement?
+    ) async throws -> Bool {
+        try await database.write { db in
+            guard try self.finish(db, deliveryID: deliveryID, leasedUntil: leasedUntil, attempt: attempt, next: next) else { return false }
+            if let announcing {
+                _ = try self.enqueue(db, announcing.event, services: announcing.services, at: attempt.at, dedupSince: attempt.at)
+            }
+            return true
+        }
     }
 
     func finishAndClaimNext(

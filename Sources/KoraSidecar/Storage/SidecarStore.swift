@@ -32,10 +32,13 @@ package protocol SidecarStore: Sendable {
     /// `leasedUntil` still holds it (the claim's ``DeliveryJob/leaseUntil``). A lease that ran out
     /// and was taken by another worker (a stalled process, a replica's clock) is that worker's now:
     /// a late result recorded over its own would undo a delivery or kill a live one.
+    /// `announcing`, an operational event about the result, is stored in the same transaction, and
+    /// only if the result is: an erasure either removes both or finds the delivery gone (and nothing
+    /// is announced), never leaves an announcement about what it erased.
     /// - Returns: whether it was recorded (not when the lease had passed on, or an erasure removed
     ///   the delivery while it was being sent).
     @discardableResult
-    func finish(deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep) async throws -> Bool
+    func finish(deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep, announcing: Announcement?) async throws -> Bool
     /// ``finish(deliveryID:leasedUntil:attempt:next:)``, then ``claimDue(service:now:limit:lease:ordered:)``
     /// of one delivery: a busy worker's two calls per delivery, as one transaction where the store can.
     func finishAndClaimNext(
@@ -236,6 +239,12 @@ package struct DeliveryDetail: Sendable, Equatable {
         self.attempts = attempts
         self.event = event
     }
+}
+
+/// An operational event to store with a delivery's result, for `services`.
+package struct Announcement: Sendable {
+    package var event: KoraEvent
+    package var services: [String]
 }
 
 /// Which deliveries an operator lists: `filter` (no status: every status), older than the
@@ -483,6 +492,12 @@ enum OutboxSQL {
 }
 
 extension SidecarStore {
+    /// ``finish(deliveryID:leasedUntil:attempt:next:announcing:)`` announcing nothing.
+    @discardableResult
+    func finish(deliveryID: Int64, leasedUntil: UnixTime, attempt: AttemptRecord, next: NextStep) async throws -> Bool {
+        try await finish(deliveryID: deliveryID, leasedUntil: leasedUntil, attempt: attempt, next: next, announcing: nil)
+    }
+
     /// Whether any of an event's de-duplication `keys` was seen at or after `since`.
     func hasSeen(any keys: [String], since: UnixTime) async throws -> Bool {
         for key in keys where try await isDuplicate(eventID: key, since: since) { return true }
