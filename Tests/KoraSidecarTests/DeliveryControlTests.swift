@@ -104,13 +104,20 @@ struct DeliveryControlTests {
 
     // MARK: Replay by filter
 
-    @Test func operatorsReplayByFilterAndResendOneEventWhileServeRuns() async throws {
+    /// The real binary serving a receiver, until `body` has run and a SIGTERM stopped it cleanly.
+    private func serving(_ body: @Sendable (_ receiver: Receiver, _ config: String, _ sidecar: RunningSidecar) async throws -> Void) async throws {
         let receiver = Receiver()
         try await withReceiver(receiver) { (port: Int) async throws in
-            let directory = try temporaryDirectory()
-            let config = try writeProcessConfig(directory: directory, receiverPort: port)
+            let config = try writeProcessConfig(directory: try temporaryDirectory(), receiverPort: port)
             let serve = try SidecarProcess(config: config)
-            let sidecar = try await serve.running()
+            try await body(receiver, config, try await serve.running())
+            serve.signal(SIGTERM)
+            try await serve.expectCleanExit()
+        }
+    }
+
+    @Test func operatorsReplayByFilterAndResendOneEventWhileServeRuns() async throws {
+        try await serving { receiver, config, sidecar in
             for (id, type) in [("evt_r1", "verification.completed"), ("evt_r2", "fraud_alert.created"), ("evt_r3", "verification.completed")] {
                 #expect(try await sendSigned(TestEvent.body(type: type, eventID: id), to: sidecar).status == 200)
             }
@@ -139,20 +146,13 @@ struct DeliveryControlTests {
             let refused = try await post(sidecar.internalURL("/admin/deliveries/retry?status=delivered&since=yesterday"), body: [], headers: [])
             #expect(refused.status == 400)
             #expect(refused.code == "INVALID_TIME")
-            serve.signal(SIGTERM)
-            try await serve.expectCleanExit()
         }
     }
 
     @Test func aDryRunSaysTheBoundsThatSendExactlyWhatItCounted() async throws {
         // The console confirmed "Send 1 again" by asking again with the same filters: every event
         // delivered in between was sent again too.
-        let receiver = Receiver()
-        try await withReceiver(receiver) { (port: Int) async throws in
-            let directory = try temporaryDirectory()
-            let config = try writeProcessConfig(directory: directory, receiverPort: port)
-            let serve = try SidecarProcess(config: config)
-            let sidecar = try await serve.running()
+        try await serving { receiver, config, sidecar in
             #expect(try await sendSigned(TestEvent.body(eventID: "evt_b1"), to: sidecar).status == 200)
             _ = try await receiver.waitFor(1)
             let query = "status=delivered&since=1h"
@@ -175,8 +175,6 @@ struct DeliveryControlTests {
             #expect(confirmed.json?["requeued"]?.text == "1")
             let again = try await receiver.waitFor(3)
             #expect(again[2].header("webhook-id") == "evt_b1")
-            serve.signal(SIGTERM)
-            try await serve.expectCleanExit()
         }
     }
 
