@@ -245,6 +245,22 @@ extension DataProtectionTests {
         #expect(try await store.quarantined(limit: 10).map { String(decoding: $0.body, as: UTF8.self) } == [#"["jos\u00e9/b@x.example"]"#])
     }
 
+    @Test func aKeyFileIsLinkedInWholeOrNotAtAll() throws {
+        // It was written in place: a full disk at a first start left it empty, and every later start
+        // refused the empty file, with no backup to restore.
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let path = directory + "/store.sqlite.key"
+        let key = SealingKey.generate(id: "local-test")
+        try KeyFile.create(path, key: key)
+        #expect(try KeyFile.read(path)?.id == "local-test")
+        #expect((try FileManager.default.attributesOfItem(atPath: path)[.posixPermissions] as? Int) == 0o600)
+        // One made meanwhile (another start) is kept as it is.
+        #expect(throws: StartupError.self) { try KeyFile.create(path, key: SealingKey.generate(id: "local-other")) }
+        #expect(try KeyFile.read(path)?.id == "local-test")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: directory) == ["store.sqlite.key"])
+    }
+
     @Test func aLostKeyFileStopsTheStartInsteadOfSealingWithANewKey() async throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }

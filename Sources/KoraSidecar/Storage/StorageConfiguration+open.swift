@@ -193,16 +193,25 @@ enum KeyFile {
         return key
     }
 
-    /// Creates the file at `path` holding `key`, readable by this user alone.
+    /// Creates the file at `path` holding `key`, readable by this user alone. It is written whole
+    /// under another name first and then linked in, so that a full disk or a kill mid-write leaves
+    /// no empty key file behind (which every later start would refuse, with nothing to restore).
     static func create(_ path: String, key: SealingKey) throws {
         let text = JSONWriter.encode(["id": .string(key.id), "key": .string(key.base64)]) + [UInt8(ascii: "\n")]
-        let descriptor = open(path, O_WRONLY | O_CREAT | O_EXCL, 0o600)
+        let partial = path + ".partial-\(getpid())"
+        let descriptor = open(partial, O_WRONLY | O_CREAT | O_EXCL, 0o600)
         guard descriptor >= 0 else {
             throw StartupError("The encryption key file \(path) cannot be created: check that this user may write in its folder, or set storage.encryption.keys.")
         }
-        defer { close(descriptor) }
-        guard text.withUnsafeBytes({ write(descriptor, $0.baseAddress, $0.count) }) == text.count, fsync(descriptor) == 0 else {
+        defer { unlink(partial) }
+        let written = text.withUnsafeBytes({ write(descriptor, $0.baseAddress, $0.count) }) == text.count && fsync(descriptor) == 0
+        close(descriptor)
+        guard written else {
             throw StartupError("The encryption key file \(path) cannot be written: check the disk, or set storage.encryption.keys.")
+        }
+        // Exclusive, as the create was: a key file another start made meanwhile is kept.
+        guard link(partial, path) == 0 else {
+            throw StartupError("The encryption key file \(path) cannot be created: \(String(cString: strerror(errno))).")
         }
         // The file's name is on disk too before any row is sealed with the key.
         let folder = folder(of: path)
