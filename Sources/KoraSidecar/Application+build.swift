@@ -49,6 +49,7 @@ package func buildApplication(
     if case .unixSocket(let path) = configuration.metrics.listen {
         try UnixSocketFile.replaceIfStale(path, key: "metrics.listen.unixSocket")
     }
+    OpenFileLimit.raise(toHold: configuration.listenerConnections, logger: logger)
     try ListenerPreflight.check(configuration.webhooks.listen, key: "webhooks.listen")
     try ListenerPreflight.check(configuration.internal.listen, key: "internal.listen")
     if let listen = configuration.metrics.listen { try ListenerPreflight.check(listen, key: "metrics.listen") }

@@ -10,6 +10,26 @@ import Testing
 /// connection kept after a refusal, and a bound on the bodies being received at once.
 @Suite("Listener limits")
 struct ListenerLimitsTests {
+    @Test func theOpenFileLimitIsRaisedToTheHardOneAndASmallOneIsWarnedOf() async throws {
+        // At a soft limit of 1024 (common in containers), below the default listeners' 3 × 1024
+        // connections, a full listener spun an event loop on failing accepts.
+        let config = try writeProcessConfig(directory: try temporaryDirectory(), receiverPort: try freePort())
+        let raised = try SidecarProcess(config: config, launcher: ["/usr/bin/prlimit", "--nofile=300:4096"])
+        _ = try await raised.running()
+        let limits = try String(contentsOfFile: "/proc/\(raised.pid)/limits", encoding: .utf8)
+        #expect(limits.split(separator: "\n").first { $0.hasPrefix("Max open files") }?.split(separator: " ", omittingEmptySubsequences: true).dropFirst(3).prefix(2)
+            == ["4096", "4096"], "\(limits)")
+        #expect(!raised.log.contains { $0.contains("limit of open files") })
+        raised.signal(SIGTERM)
+        try await raised.expectCleanExit()
+        // Even the hard limit is below what the listeners may hold: said at start.
+        let small = try SidecarProcess(config: config, launcher: ["/usr/bin/prlimit", "--nofile=1024:1024"])
+        _ = try await small.running()
+        #expect(small.log.contains { $0.contains("The limit of open files is below what the listeners may hold") })
+        small.signal(SIGTERM)
+        try await small.expectCleanExit()
+    }
+
     func directSidecar(
         configure: @Sendable @escaping (inout SidecarConfiguration) -> Void = { _ in }, _ body: @escaping @Sendable (RunningSidecar) async throws -> Void
     ) async throws {

@@ -30,10 +30,13 @@ final class SidecarProcess: @unchecked Sendable {
     private let logEnded = NIOLockedValueBox(false)
 
     /// Starts `serve --config config`, or with no flag at all when `config` is nil (the
-    /// configuration is then found as an operator's shell would find it, from `directory`).
-    init(config: String?, environment: [String: String] = [:], directory: String? = nil) throws {
+    /// configuration is then found as an operator's shell would find it, from `directory`);
+    /// through `launcher` when given (a program that runs the command after it, `prlimit` say).
+    init(config: String?, environment: [String: String] = [:], directory: String? = nil, launcher: [String] = []) throws {
+        let command = [Binary.path, "serve"] + (config.map { ["--config", $0] } ?? [])
+        let program = launcher.first ?? command[0]
         process = try Child(
-            Binary.path, ["serve"] + (config.map { ["--config", $0] } ?? []), environment: childEnvironment(environment, path: "/usr/bin:/bin"),
+            program, Array((launcher + command).dropFirst()), environment: childEnvironment(environment, path: "/usr/bin:/bin"),
             directory: directory, error: .pipe)
         let fd = process.outputPipe!
         let lines = self.lines
