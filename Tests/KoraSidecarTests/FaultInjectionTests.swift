@@ -17,14 +17,20 @@ struct FaultInjectionTests {
             try await expectServesAValidWebhook(sidecar, receiver)
             try await inject()
             let refused = (0..<3).map { "evt_during_fault_\($0)" }
-            for id in refused {
-                let answer = try await sendSigned(TestEvent.body(eventID: id), to: sidecar)
-                #expect(answer.status == 503, "\(answer.body)")
-                #expect(answer.code == "UNAVAILABLE")
+            do {
+                for id in refused {
+                    let answer = try await sendSigned(TestEvent.body(eventID: id), to: sidecar)
+                    #expect(answer.status == 503, "\(answer.body)")
+                    #expect(answer.code == "UNAVAILABLE")
+                }
+                let notReady = try await get(sidecar.internalURL("/readyz"))
+                #expect(notReady.status == 503)
+                #expect(notReady.json?["reason"]?.text?.contains("store") == true, "\(notReady.body)")
+            } catch {
+                // The fault goes first: a process stuck on a frozen disk could not be stopped.
+                try? await remove()
+                throw error
             }
-            let notReady = try await get(sidecar.internalURL("/readyz"))
-            #expect(notReady.status == 503)
-            #expect(notReady.json?["reason"]?.text?.contains("store") == true, "\(notReady.body)")
             try await remove()
             try await waitUntil("readiness to recover") { try await get(sidecar.internalURL("/readyz")).status == 200 }
             for id in refused { #expect(try await sendSigned(TestEvent.body(eventID: id), to: sidecar).status == 200) }
@@ -44,6 +50,21 @@ struct FaultInjectionTests {
         let disk = try await TinyFilesystem.mount(megabytes: 4)
         defer { Task { await disk.unmount() } }
         try await storeFault(directory: disk.path, reason: "full", inject: { try disk.fill() }, remove: { try disk.free() })
+    }
+
+    @Test(.enabled(if: runningAsRoot, "mounting a loop device needs root"))
+    func aStalledDiskAnswers503AndRecoversWithoutRestart() async throws {
+        // A frozen file system: every write waits (a stalled network volume). Webhooks and /readyz
+        // got no answer at all, for as long as the disk stalled.
+        let disk = try await FreezableFilesystem.mount()
+        do {
+            try await storeFault(
+                directory: disk.path, reason: "did not answer", inject: { try await disk.freeze(true) }, remove: { try await disk.freeze(false) })
+        } catch {
+            await disk.unmount()
+            throw error
+        }
+        await disk.unmount()
     }
 
     @Test(.enabled(if: runningAsRoot, "chattr +i needs root"))

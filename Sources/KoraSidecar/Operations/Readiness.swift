@@ -28,11 +28,22 @@ final class Readiness: Sendable {
         if let role = missing.first { return "The \(role.rawValue) listener is not bound yet." }
         return await storeCheck.run { [store] in
             do {
-                try await store.checkWritable(at: .now())
+                try await Deadline.run(after: Self.storeWait, error: { StoreDidNotAnswer(wait: Self.storeWait) }) {
+                    try await store.checkWritable(at: .now())
+                }
                 return nil
             } catch {
                 return "The store does not accept writes: \(error)."
             }
         }
     }
+
+    /// How long the write check may take: a stalled disk otherwise held `/readyz` without an answer.
+    static let storeWait = Duration.seconds(5)
+}
+
+/// The store did not answer within `wait` (a stalled disk, a database that does not answer).
+struct StoreDidNotAnswer: Error, CustomStringConvertible {
+    let wait: Duration
+    var description: String { "it did not answer within \(wait.components.seconds) s" }
 }

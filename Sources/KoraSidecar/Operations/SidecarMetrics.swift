@@ -140,7 +140,9 @@ package struct SidecarMetrics: Sendable {
         }
         Gauge(label: "kora_sidecar_ready", dimensions: [], factory: factory).record(await ready == true ? 1 : 0)
         // Readiness fails only below 1 MiB free: this is the warning before it.
-        if let free = (store as? SQLiteStore)?.freeDiskBytes {
+        if let sqlite = store as? SQLiteStore,
+            let free = try? await Deadline.run(after: Self.storeWait, error: { CancellationError() }, { try await sqlite.freeDiskBytes() })
+        {
             Gauge(label: "kora_sidecar_store_free_bytes", dimensions: [], factory: factory).record(Double(free))
         }
         for breaker in breakers.all {

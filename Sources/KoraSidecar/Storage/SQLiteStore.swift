@@ -705,16 +705,23 @@ final class SQLiteStore: SidecarStore {
     }
 
     package func checkWritable(at: UnixTime) async throws {
-        try await database.write { db in
+        let free = try await database.write { db in
             try db.query("INSERT OR REPLACE INTO health(id, checked_at) VALUES(1, ?)", [.integer(at.milliseconds)])
+            return self.freeDiskBytesNow()
         }
-        if let free = freeDiskBytes, free < DiskSpace.minimumFreeBytes {
+        if let free, free < DiskSpace.minimumFreeBytes {
             throw StoreDiskFull(freeBytes: free)
         }
     }
 
-    /// The bytes still free on the file system holding the store (a metric, and readiness).
-    var freeDiskBytes: UInt64? {
+    /// The bytes still free on the file system holding the store (a metric). Asked on a store
+    /// thread: on a stalled disk `statvfs` blocks, and on the cooperative pool two scrapes blocked
+    /// every task of the process.
+    func freeDiskBytes() async throws -> UInt64? {
+        try await database.scan { _ in self.freeDiskBytesNow() }
+    }
+
+    private func freeDiskBytesNow() -> UInt64? {
         let directory = folder(of: database.path)
         return DiskSpace.freeBytes(at: directory.isEmpty ? "." : directory)
     }

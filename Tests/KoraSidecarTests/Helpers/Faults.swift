@@ -69,6 +69,34 @@ struct TinyFilesystem {
     }
 }
 
+/// A small ext4 file system in a file, mounted through a loop device, that can be frozen
+/// (`fsfreeze`): every write to it then waits until it is thawed, as on a stalled network volume.
+struct FreezableFilesystem {
+    let path: String
+    private var image: String { path + ".img" }
+
+    static func mount() async throws -> FreezableFilesystem {
+        let path = try temporaryDirectory()
+        let disk = FreezableFilesystem(path: path)
+        try await mustRun("/usr/bin/truncate", ["-s", "32M", disk.image])
+        try await mustRun("/usr/sbin/mkfs.ext4", ["-q", "-F", disk.image])
+        try await mustRun("/usr/bin/mount", ["-o", "loop", disk.image, path])
+        return disk
+    }
+
+    func freeze(_ frozen: Bool) async throws {
+        try await mustRun("/usr/sbin/fsfreeze", [frozen ? "--freeze" : "--unfreeze", path])
+    }
+
+    /// Thaws (a failed test may have left it frozen), unmounts and removes it.
+    func unmount() async {
+        _ = try? await runTool("/usr/sbin/fsfreeze", ["--unfreeze", path])
+        _ = try? await runTool("/usr/bin/umount", ["-l", path])
+        try? FileManager.default.removeItem(atPath: path)
+        try? FileManager.default.removeItem(atPath: image)
+    }
+}
+
 /// Makes `paths` immutable (`chattr +i`): the kernel refuses every write to them, even root's.
 func setImmutable(_ immutable: Bool, _ paths: [String]) async throws {
     try await mustRun("/usr/bin/chattr", [immutable ? "+i" : "-i"] + paths)
