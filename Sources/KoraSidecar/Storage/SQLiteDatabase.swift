@@ -6,6 +6,7 @@ import Foundation
 import Dispatch
 import KoraSidecarCore
 import NIOConcurrencyHelpers
+import NIOPosix
 
 /// The store's SQLite file, used through three connections, each on a dedicated thread so that no
 /// SQLite call ever blocks the event loops or the cooperative pool: the writer runs every write,
@@ -49,9 +50,14 @@ final class SQLiteDatabase: Sendable {
     /// A write that is not `durable` is one a crash may undo without harm (a lease: every start
     /// releases them all): when a transaction holds only such writes, its commit skips the fsync.
     /// The next durable commit syncs the log, and with it every write before it, in order.
+    ///
+    /// With a `timeout`, the caller is answered ``StoreDidNotAnswer`` when the commit has not come by
+    /// then (a stalled disk); the write itself still runs when the disk lets it.
     @discardableResult
-    func write<T: Sendable>(durable: Bool = true, _ body: @escaping @Sendable (SQLiteConnection) throws -> T) async throws -> T {
-        try await writer.run(durable: durable, body)
+    func write<T: Sendable>(
+        durable: Bool = true, timeout: Duration? = nil, _ body: @escaping @Sendable (SQLiteConnection) throws -> T
+    ) async throws -> T {
+        try await writer.run(durable: durable, timeout: timeout, body)
     }
 
     /// Runs `body` (which must not write) on the reader's thread, in a read transaction that sees
@@ -159,21 +165,37 @@ private final class SQLiteThread: @unchecked Sendable {
         let connection: SQLiteConnection
     }
 
-    /// Runs `body` in a transaction on the thread and returns once it is committed.
-    func run<T: Sendable>(durable: Bool = true, _ body: @escaping @Sendable (SQLiteConnection) throws -> T) async throws -> T {
+    /// Runs `body` in a transaction on the thread and returns once it is committed, or throws
+    /// ``StoreDidNotAnswer`` once `timeout` passed without (an event loop's timer: no task per call).
+    func run<T: Sendable>(
+        durable: Bool = true, timeout: Duration? = nil, _ body: @escaping @Sendable (SQLiteConnection) throws -> T
+    ) async throws -> T {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
+            let caller = NIOLockedValueBox<CheckedContinuation<T, any Error>?>(continuation)
+            let timer = timeout.map { timeout in
+                MultiThreadedEventLoopGroup.singleton.next().scheduleTask(in: .milliseconds(timeout.milliseconds)) {
+                    caller.withLockedValue { $0.take() }?.resume(throwing: StoreDidNotAnswer(wait: timeout))
+                }
+            }
             let operation = Operation(
                 run: { connection in
                     let value = try body(connection)
-                    return { continuation.resume(returning: value) }
+                    return {
+                        timer?.cancel()
+                        caller.withLockedValue { $0.take() }?.resume(returning: value)
+                    }
                 },
-                fail: { continuation.resume(throwing: $0) },
+                fail: { error in
+                    timer?.cancel()
+                    caller.withLockedValue { $0.take() }?.resume(throwing: error)
+                },
                 durable: durable
             )
             condition.lock()
             if closed {
                 condition.unlock()
-                continuation.resume(throwing: SQLiteError(code: 21, message: "the store is closed"))
+                timer?.cancel()
+                caller.withLockedValue { $0.take() }?.resume(throwing: SQLiteError(code: 21, message: "the store is closed"))
                 return
             }
             pending.append(operation)

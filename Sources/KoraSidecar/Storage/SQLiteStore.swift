@@ -130,8 +130,10 @@ final class SQLiteStore: SidecarStore {
             [.text(eventID), .integer(at.milliseconds)])
     }
 
+    /// Answers within ``Readiness/storeWait``: on a stalled disk Kora then gets its 503 and retries,
+    /// instead of no answer at all (a commit that ends later makes the retry a duplicate, answered 200).
     package func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws -> EnqueueResult {
-        try await database.write { db in try self.enqueue(db, event, services: services, at: at, dedupSince: dedupSince) }
+        try await database.write(timeout: Readiness.storeWait) { db in try self.enqueue(db, event, services: services, at: at, dedupSince: dedupSince) }
     }
 
     private func enqueue(_ db: SQLiteConnection, _ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) throws
