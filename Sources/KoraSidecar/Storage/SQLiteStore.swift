@@ -707,7 +707,7 @@ final class SQLiteStore: SidecarStore {
     }
 
     package func checkWritable(at: UnixTime) async throws {
-        let free = try await database.write { db in
+        let free = try await database.write(timeout: Readiness.storeWait) { db in
             try db.query("INSERT OR REPLACE INTO health(id, checked_at) VALUES(1, ?)", [.integer(at.milliseconds)])
             return self.freeDiskBytesNow()
         }
