@@ -89,7 +89,6 @@ struct DeliveryClientTests {
     @Test func aConnectionClosedAfterTheRequestWentOutIsAFailedAttemptNotRetriedAtOnce() async throws {
         let closing = try await ScriptedService { _, _ in .closeWithoutAnswer }
         let closingKept = try await ScriptedService { _, request in request == 0 ? .answer() : .closeWithoutAnswer }
-        let cut = try await ScriptedService { _, request in request == 0 ? .answer() : .headThenClose }
         let client = DeliveryClient()
         // A new connection, and a kept-alive one: the service may have acted on what it read.
         #expect(try await deliver(with: client, to: "http://127.0.0.1:\(closingKept.port)/e").statusCode == 200)

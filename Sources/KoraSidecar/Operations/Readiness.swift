@@ -28,7 +28,7 @@ final class Readiness: Sendable {
         if let role = missing.first { return "The \(role.rawValue) listener is not bound yet." }
         return await storeCheck.run { [store] in
             do {
-                // Each store answers within its own time-out (``storeWait``), a stalled disk included.
+                // Each store answers within its own time-out (5 s), a stalled disk included.
                 try await store.checkWritable(at: .now())
                 return nil
             } catch {
@@ -36,14 +36,4 @@ final class Readiness: Sendable {
             }
         }
     }
-
-    /// How long the store may take to answer a webhook's write or the write check: a stalled disk
-    /// otherwise held both without an answer (PostgreSQL's operations have the same time-out).
-    static let storeWait = Duration.seconds(5)
-}
-
-/// The store did not answer within `wait` (a stalled disk, a database that does not answer).
-struct StoreDidNotAnswer: Error, CustomStringConvertible {
-    let wait: Duration
-    var description: String { "it did not answer within \(wait.components.seconds) s" }
 }

@@ -166,40 +166,44 @@ private final class SQLiteThread: @unchecked Sendable {
     }
 
     /// Runs `body` in a transaction on the thread and returns once it is committed, or throws
-    /// ``StoreDidNotAnswer`` once `timeout` passed without (an event loop's timer: no task per call).
+    /// ``StoreDidNotAnswer`` once `timeout` passed without.
     func run<T: Sendable>(
         durable: Bool = true, timeout: Duration? = nil, _ body: @escaping @Sendable (SQLiteConnection) throws -> T
     ) async throws -> T {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
-            let caller = NIOLockedValueBox<CheckedContinuation<T, any Error>?>(continuation)
-            let timer = timeout.map { timeout in
-                MultiThreadedEventLoopGroup.singleton.next().scheduleTask(in: .milliseconds(timeout.milliseconds)) {
-                    caller.withLockedValue { $0.take() }?.resume(throwing: StoreDidNotAnswer(wait: timeout))
-                }
-            }
+            let answer = Self.answer(continuation, within: timeout)
             let operation = Operation(
                 run: { connection in
                     let value = try body(connection)
-                    return {
-                        timer?.cancel()
-                        caller.withLockedValue { $0.take() }?.resume(returning: value)
-                    }
+                    return { answer(.success(value)) }
                 },
-                fail: { error in
-                    timer?.cancel()
-                    caller.withLockedValue { $0.take() }?.resume(throwing: error)
-                },
+                fail: { answer(.failure($0)) },
                 durable: durable
             )
             condition.lock()
             if closed {
                 condition.unlock()
-                timer?.cancel()
-                caller.withLockedValue { $0.take() }?.resume(throwing: SQLiteError(code: 21, message: "the store is closed"))
+                answer(.failure(SQLiteError(code: 21, message: "the store is closed")))
                 return
             }
             pending.append(operation)
             condition.unlock(withValue: 1)
+        }
+    }
+
+    /// Resumes `continuation` with the operation's result; with a `timeout`, with the first of that
+    /// and ``StoreDidNotAnswer`` (an event loop's timer, not a task per call).
+    private static func answer<T: Sendable>(
+        _ continuation: CheckedContinuation<T, any Error>, within timeout: Duration?
+    ) -> @Sendable (Result<T, any Error>) -> Void {
+        guard let timeout else { return { continuation.resume(with: $0) } }
+        let caller = NIOLockedValueBox<CheckedContinuation<T, any Error>?>(continuation)
+        let timer = MultiThreadedEventLoopGroup.singleton.next().scheduleTask(in: .milliseconds(timeout.milliseconds)) {
+            caller.withLockedValue { $0.take() }?.resume(throwing: StoreDidNotAnswer(wait: timeout))
+        }
+        return { result in
+            timer.cancel()
+            caller.withLockedValue { $0.take() }?.resume(with: result)
         }
     }
 
@@ -287,4 +291,10 @@ private final class SQLiteThread: @unchecked Sendable {
         try connection.query(each ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL")
         syncsEachCommit = each
     }
+}
+
+/// The store did not answer within `wait` (a stalled disk).
+struct StoreDidNotAnswer: Error, CustomStringConvertible {
+    let wait: Duration
+    var description: String { "it did not answer within \(wait.components.seconds) s" }
 }

@@ -130,10 +130,13 @@ final class SQLiteStore: SidecarStore {
             [.text(eventID), .integer(at.milliseconds)])
     }
 
-    /// Answers within ``Readiness/storeWait``: on a stalled disk Kora then gets its 503 and retries,
-    /// instead of no answer at all (a commit that ends later makes the retry a duplicate, answered 200).
+    /// How long a webhook's write and the readiness check wait for their commit, as PostgreSQL's
+    /// operations do: on a stalled disk they got no answer at all. Kora then gets its 503 and
+    /// retries; a commit the disk finishes later makes the retry a duplicate, answered 200.
+    static let operationTimeout = Duration.seconds(5)
+
     package func enqueue(_ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) async throws -> EnqueueResult {
-        try await database.write(timeout: Readiness.storeWait) { db in try self.enqueue(db, event, services: services, at: at, dedupSince: dedupSince) }
+        try await database.write(timeout: Self.operationTimeout) { db in try self.enqueue(db, event, services: services, at: at, dedupSince: dedupSince) }
     }
 
     private func enqueue(_ db: SQLiteConnection, _ event: KoraEvent, services: [String], at: UnixTime, dedupSince: UnixTime) throws
@@ -707,7 +710,7 @@ final class SQLiteStore: SidecarStore {
     }
 
     package func checkWritable(at: UnixTime) async throws {
-        let free = try await database.write(timeout: Readiness.storeWait) { db in
+        let free = try await database.write(timeout: Self.operationTimeout) { db in
             try db.query("INSERT OR REPLACE INTO health(id, checked_at) VALUES(1, ?)", [.integer(at.milliseconds)])
             return self.freeDiskBytesNow()
         }
