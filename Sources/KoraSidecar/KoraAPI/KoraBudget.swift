@@ -292,7 +292,9 @@ protocol BudgetLedger: Sendable {
 
 /// The turns of this process (one sidecar, or a SQLite store that no other process shares).
 actor LocalBudgetLedger: BudgetLedger {
-    private var sent: [UnixTime] = []
+    /// Oldest first; a ring, as the oldest leave one by one (up to 100 000 a minute: an array shifted
+    /// all the others at each call).
+    private var sent = CircularBuffer<UnixTime>()
     /// Kora's hold: until when, and when it was set.
     private var koraHold: (until: UnixTime, setAt: UnixTime)?
 
@@ -302,12 +304,12 @@ actor LocalBudgetLedger: BudgetLedger {
         // Turns stamped after `now` were taken before the wall clock stepped back: they count as
         // taken now (still a window's worth in Kora's real minute), not for as long as the step; a
         // hold set then lasts what it had left, not that plus the step.
-        if let last = sent.last, last > now { sent = sent.map { min($0, now) } }
+        if let last = sent.last, last > now { sent = CircularBuffer(sent.lazy.map { min($0, now) }) }
         if let held = koraHold, now < held.setAt { koraHold = (now.adding(.milliseconds(held.until.milliseconds - held.setAt.milliseconds)), now) }
         while let first = sent.first, first.adding(window) <= now { sent.removeFirst() }
         // The later of Kora's hold and the window's next free turn: a caller told the hold's end would
         // wait, or come back, for nothing.
-        let slot = perWindow.flatMap { sent.count >= $0 ? sent[sent.count - $0].adding(window) : nil }
+        let slot = perWindow.flatMap { sent.count >= $0 ? sent[sent.index(sent.endIndex, offsetBy: -$0)].adding(window) : nil }
         if let koraHold, now < koraHold.until { return BudgetTurn(nextTurn: max(koraHold.until, slot ?? koraHold.until), remaining: 0) }
         guard let perWindow else { return BudgetTurn(nextTurn: nil, remaining: -1) }
         if let slot { return BudgetTurn(nextTurn: slot, remaining: 0) }
