@@ -75,7 +75,9 @@ final class SQLiteStore: SidecarStore {
         """,
         // SQLite gives a new row the largest id + 1: once the newest rows were erased or pruned, their
         // ids came back, and an alert's or a log line's delivery id then named another person's. The
-        // largest id deleted is kept, and new ids start above it (``nextID(_:)``).
+        // largest id deleted is kept, and new ids start above it (``nextID(_:)``). (SQLite's
+        // AUTOINCREMENT does the same, but only for a table created with it: adding it would rebuild
+        // these tables, copying every row of a store at its first start after the upgrade.)
         """
         CREATE TABLE id_floors(name TEXT PRIMARY KEY, floor INTEGER NOT NULL) WITHOUT ROWID;
         INSERT INTO id_floors VALUES
