@@ -344,9 +344,3 @@ struct KoraBudgetTests {
         }
     }
 }
-
-/// The value of an unlabelled metric on the internal listener.
-private func metric(_ name: String, in sidecar: ProxySidecar) async throws -> Double? {
-    let text = try await get(sidecar.internalURL("/metrics")).body
-    return text.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Double($0.split(separator: " ")[1]) }
-}

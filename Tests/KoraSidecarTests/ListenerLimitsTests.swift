@@ -7,7 +7,8 @@ import Testing
 @testable import KoraSidecarTesting
 
 /// What the public listener holds for clients that are not Kora: no memory for unsigned bodies, no
-/// connection kept after a refusal, and a bound on the bodies being received at once.
+/// connection kept after a refusal, and a bound on the bodies being received at once; and the
+/// internal listener's bound on the proxied bodies it holds.
 @Suite("Listener limits")
 struct ListenerLimitsTests {
     @Test func theOpenFileLimitIsRaisedToTheHardOneAndASmallOneIsWarnedOf() async throws {
@@ -136,6 +137,61 @@ struct ListenerLimitsTests {
             // Every byte was given back: a body of nearly the whole limit is taken again.
             let large = TestEvent.body() + [UInt8](repeating: 0x20, count: 1_000_000)
             #expect(try await sendSigned(large, to: sidecar).status == 200)
+        }
+    }
+
+    @Test func proxiedBodiesAreBoundedUntilKoraAnswersAndGivenBack() async throws {
+        // 80 uploads of 1 MiB to a Kora that has not answered yet: each is held whole until Kora
+        // answers, so past their first 64 KiB they come to more than the internal listener's
+        // 64 MiB. The ones past it get 503 without reaching Kora; the others wait for Kora.
+        let uploads = 80
+        let size = 1 << 20
+        let answers = Gate()
+        let kora = ScriptedKora(Array(repeating: .answerWhenOpened(answers, 200, "{}"), count: uploads + 1))
+        try await withScriptedKora(kora) { base in
+            defer { answers.open() }
+            var configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
+            configuration.internal.limits.maxBodyBytes = size
+            configuration.internal.limits.readTimeoutSeconds = 60 * Sanitizer.slowdown
+            configuration.kora.timeoutSeconds = 120 * Sanitizer.slowdown
+            configuration.kora.retry.maxAttempts = 1
+            try await withProxySidecar(configuration) { sidecar in
+                let refused = #"kora_sidecar_proxy_refused_total{code="UNAVAILABLE"}"#
+                let upload = "POST /api/v1/idv/documents HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \(ProxySecrets.appToken)\r\n"
+                    + "Content-Type: application/octet-stream\r\nContent-Length: \(size)\r\n\r\n"
+                let statuses = try await withThrowingTaskGroup(of: Int?.self) { group in
+                    for _ in 0..<uploads {
+                        let connection = try RawConnection(port: sidecar.internalPort, readTimeout: 180)
+                        group.addTask {
+                            await offPool {
+                                connection.send(upload)
+                                connection.send([UInt8](repeating: 0x41, count: size))
+                                return statusCode(of: connection.readResponse())
+                            }
+                        }
+                    }
+                    try await waitUntil("an upload to be refused", timeout: .seconds(60)) {
+                        try await metric(refused, in: sidecar) ?? 0 > 0
+                    }
+                    answers.open()
+                    return try await group.reduce(into: [Int?]()) { $0.append($1) }
+                }
+                let refusals = try #require(try await metric(refused, in: sidecar))
+                // A refused upload is answered 503 (or, still sending when its connection closed, reset).
+                #expect(statuses.allSatisfy { $0 == 200 || $0 == 503 || $0 == nil }, "\(statuses)")
+                #expect(statuses.count { $0 == 200 } == uploads - Int(refusals), "\(statuses)")
+                #expect(kora.requests.count == uploads - Int(refusals))
+
+                // Every byte was given back: an upload of the whole limit is taken again.
+                let last = try RawConnection(port: sidecar.internalPort, readTimeout: 60)
+                let status = await offPool {
+                    last.send(upload)
+                    last.send([UInt8](repeating: 0x41, count: size))
+                    return statusCode(of: last.readResponse())
+                }
+                #expect(status == 200)
+                #expect(kora.requests.last?.bodyBytes == size)
+            }
         }
     }
 }

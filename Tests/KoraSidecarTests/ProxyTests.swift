@@ -350,6 +350,7 @@ import Glibc
                 #expect(answer.status == 413)
                 #expect(answer.code == "PAYLOAD_TOO_LARGE")
                 #expect(kora.requests.isEmpty)
+                #expect(try await metric(#"kora_sidecar_proxy_refused_total{code="PAYLOAD_TOO_LARGE"}"#, in: sidecar) == 1)
             }
         }
     }

@@ -1,9 +1,10 @@
 import NIOConcurrencyHelpers
 
-/// The bytes a listener holds for request bodies still being received, shared by all its
-/// connections. Each body is bounded by the listener's `maxBodyBytes`, but a few hundred clients
-/// sending bodies near that size at once would take more memory than a container is given; past
-/// the budget a body is refused with 503 (Kora retries) instead of the process being killed.
+/// The bytes a listener holds for request bodies, shared by all its connections: on the webhook
+/// listener while they are received, on the internal one until Kora answered the call that carries
+/// them. Each body is bounded by the listener's `maxBodyBytes`, but a few hundred clients sending
+/// bodies near that size at once would take more memory than a container is given; past the budget
+/// a body is refused with 503 (its client retries) instead of the process being killed.
 ///
 /// The first ``free`` bytes of every body are not counted (`maxConnections` already bounds them):
 /// Kora's webhooks, a few kilobytes, are then never refused, however many large bodies hold the budget.

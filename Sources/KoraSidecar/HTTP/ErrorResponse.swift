@@ -140,8 +140,36 @@ package enum BodyReader {
         _ request: Request, channel: any Channel, limit: Int, timeout: Duration? = nil, budget: BodyBudget? = nil, logger: Logger? = nil,
         throttle: LogThrottle? = nil
     ) async throws(SidecarHTTPError) -> ByteBuffer {
+        let held = try await hold(request, channel: channel, limit: limit, timeout: timeout, budget: budget, logger: logger, throttle: throttle)
+        held.giveBack()
+        return held.body
+    }
+
+    /// The whole body, as ``collect(_:channel:limit:timeout:budget:logger:throttle:)``, its bytes
+    /// past ``BodyBudget/free`` kept out of `budget` until `use` returns: a body the sidecar holds
+    /// after receiving it (a proxied upload, until Kora answers) counts for as long as it is held.
+    static func withBody<T>(
+        _ request: Request, channel: any Channel, limit: Int, budget: BodyBudget, logger: Logger, _ use: (ByteBuffer) async throws -> T
+    ) async throws -> T {
+        let held = try await hold(request, channel: channel, limit: limit, timeout: nil, budget: budget, logger: logger, throttle: nil)
+        defer { held.giveBack() }
+        return try await use(held.body)
+    }
+
+    /// A body received, with the bytes of its budget it took.
+    private struct Held {
+        let body: ByteBuffer
+        let taken: Int
+        let budget: BodyBudget?
+
+        func giveBack() { if taken > 0 { budget?.give(taken) } }
+    }
+
+    private static func hold(
+        _ request: Request, channel: any Channel, limit: Int, timeout: Duration?, budget: BodyBudget?, logger: Logger?, throttle: LogThrottle?
+    ) async throws(SidecarHTTPError) -> Held {
         do {
-            return try await collect(request, channel: channel, limit: limit, timeout: timeout, budget: budget)
+            return try await hold(request, channel: channel, limit: limit, timeout: timeout, budget: budget)
         } catch {
             let metadata: Logger.Metadata = [
                 "http.path": "\(LoggedPath.masking(request.uri.path))", "http.status": "\(error.status.code)", "error.code": "\(error.code)",
@@ -153,9 +181,9 @@ package enum BodyReader {
         }
     }
 
-    private static func collect(
+    private static func hold(
         _ request: Request, channel: any Channel, limit: Int, timeout: Duration?, budget: BodyBudget?
-    ) async throws(SidecarHTTPError) -> ByteBuffer {
+    ) async throws(SidecarHTTPError) -> Held {
         if declaresMore(than: limit, request) { throw .payloadTooLarge(limit: limit) }
         // The client waiting for `100 Continue` may send now (asked only by those that wait: the
         // webhook path does not hop to the event loop for it).
@@ -166,12 +194,12 @@ package enum BodyReader {
             channel.eventLoop.scheduleTask(in: .milliseconds(timeout.milliseconds)) { channel.close(promise: nil) }
         }
         defer { timer?.cancel() }
-        let body: ByteBuffer
+        let held: Held
         do {
             if let budget {
-                body = try await collect(request.body, upTo: limit, budget: budget)
+                held = try await collect(request.body, upTo: limit, budget: budget)
             } else {
-                body = try await request.body.collect(upTo: limit)
+                held = Held(body: try await request.body.collect(upTo: limit), taken: 0, budget: nil)
             }
         } catch let error as SidecarHTTPError {
             throw error
@@ -181,8 +209,11 @@ package enum BodyReader {
             throw .requestTimeout()
         }
         // A connection closed mid-body ends the body early: there is no request to answer.
-        guard channel.isActive else { throw .requestTimeout() }
-        return body
+        guard channel.isActive else {
+            held.giveBack()
+            throw .requestTimeout()
+        }
+        return held
     }
 
     /// Whether the request's `Content-Length` is over `limit`: refused with 413 before any byte is read.
@@ -190,23 +221,27 @@ package enum BodyReader {
         request.headers[.contentLength].flatMap { Int($0) }.map { $0 > limit } ?? false
     }
 
-    /// The body, its bytes past ``BodyBudget/free`` taken from `budget` as they arrive and given
-    /// back once it is whole.
-    private static func collect(_ body: RequestBody, upTo limit: Int, budget: BodyBudget) async throws -> ByteBuffer {
+    /// The body, its bytes past ``BodyBudget/free`` taken from `budget` as they arrive; given back
+    /// when it cannot be read whole, else by the caller.
+    private static func collect(_ body: RequestBody, upTo limit: Int, budget: BodyBudget) async throws -> Held {
         var collected = ByteBuffer()
         var taken = 0
-        defer { budget.give(taken) }
-        for try await chunk in body {
-            guard chunk.readableBytes <= limit - collected.readableBytes else { throw NIOTooManyBytesError(maxBytes: limit) }
-            // A webhook's few kilobytes cost nothing here, not even the budget's lock.
-            let charged = max(0, collected.readableBytes + chunk.readableBytes - max(collected.readableBytes, BodyBudget.free))
-            if charged > 0 {
-                guard budget.take(charged) else { throw SidecarHTTPError.busy() }
-                taken += charged
+        do {
+            for try await chunk in body {
+                guard chunk.readableBytes <= limit - collected.readableBytes else { throw NIOTooManyBytesError(maxBytes: limit) }
+                // A webhook's few kilobytes cost nothing here, not even the budget's lock.
+                let charged = max(0, collected.readableBytes + chunk.readableBytes - max(collected.readableBytes, BodyBudget.free))
+                if charged > 0 {
+                    guard budget.take(charged) else { throw SidecarHTTPError.busy() }
+                    taken += charged
+                }
+                var chunk = chunk
+                collected.writeBuffer(&chunk)
             }
-            var chunk = chunk
-            collected.writeBuffer(&chunk)
+        } catch {
+            budget.give(taken)
+            throw error
         }
-        return collected
+        return Held(body: collected, taken: taken, budget: budget)
     }
 }

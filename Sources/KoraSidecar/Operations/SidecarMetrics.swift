@@ -75,7 +75,8 @@ package struct SidecarMetrics: Sendable {
     }
 
     /// A call the proxy refused before Kora saw it: `UNAUTHORIZED` (no service has its token),
-    /// `FORBIDDEN` (the service's allow list) or `INVALID_PATH`.
+    /// `FORBIDDEN` (the service's allow list), `NOT_FOUND`, `INVALID_PATH`, or its body:
+    /// `PAYLOAD_TOO_LARGE`, `UNAVAILABLE` (the listener's budget for proxied bodies spent).
     func proxyCallRefused(_ code: String) {
         counter("kora_sidecar_proxy_refused_total", [("code", code)]).increment()
     }

@@ -336,3 +336,9 @@ func withProxySidecar(
                 webhookPort: bound.first { $0.0 == .webhooks }?.1 ?? 0, internalPort: bound.first { $0.0 == .internal }?.1 ?? 0))
     }
 }
+
+/// The value of a metric on the internal listener, named with its labels as `/metrics` writes them.
+func metric(_ name: String, in sidecar: ProxySidecar) async throws -> Double? {
+    let text = try await get(sidecar.internalURL("/metrics")).body
+    return text.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Double($0.split(separator: " ")[1]) }
+}
