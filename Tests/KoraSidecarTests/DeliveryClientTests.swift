@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import NIOEmbedded
 import NIOHTTP1
+import NIOPosix
 import NIOSSL
 import Testing
 
@@ -296,6 +297,23 @@ struct DeliveryClientTests {
         client.shutdown()
     }
 
+    @Test func aConnectionThatCouldNotBeMadeSaysWhy() async throws {
+        // A host name that does not resolve (a resolver that finds nothing: a typo in deliver.url)
+        // is not said to refuse the connection, which would send an operator to a service that is up.
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let unresolved = await #expect(throws: NIOConnectionError.self) {
+            try await ClientBootstrap(group: loop).resolver(NoAddresses(loop: loop)).connect(host: "app.invalid", port: 80).get()
+        }
+        #expect(unresolved.map(HTTPClientFailure.describe) == "the host name did not resolve")
+        #expect(unresolved.map(HTTPClientFailure.isOwnLimit) == false)
+        // A port nobody listens on does refuse it.
+        let port = try freePort()
+        let refused = await #expect(throws: NIOConnectionError.self) {
+            try await ClientBootstrap(group: loop).connect(host: "127.0.0.1", port: port).get()
+        }
+        #expect(refused.map(HTTPClientFailure.describe) == "connection refused")
+    }
+
     @Test(arguments: [
         ("http://127.0.0.1:8080/events?x=1", "127.0.0.1:8080", "/events?x=1", nil),
         ("https://hooks.example.com", "hooks.example.com", "/", "hooks.example.com"),
@@ -329,4 +347,14 @@ struct DeliveryClientTests {
         let event = try EventNormalizer.normalize(body: TestEvent.body(), webhookID: nil, receivedAt: .now())
         return await EventSender(client: client, reportOnly: false).send(event, to: DeliveryService(name: "app", deliver: service.deliver!), attempt: 1)
     }
+}
+
+/// A resolver that finds no address for any name, as DNS answers for a name that does not exist.
+private struct NoAddresses: Resolver {
+    struct NotFound: Error {}
+    let loop: any EventLoop
+
+    func initiateAQuery(host: String, port: Int) -> EventLoopFuture<[SocketAddress]> { loop.makeFailedFuture(NotFound()) }
+    func initiateAAAAQuery(host: String, port: Int) -> EventLoopFuture<[SocketAddress]> { loop.makeFailedFuture(NotFound()) }
+    func cancelQueries() {}
 }

@@ -380,6 +380,48 @@ struct ProductionTrustTests {
         #expect(result.stderr.split(separator: "\n").count == 1, "\(result.stderr)")
     }
 
+    @Test func outOfFileDescriptorsTheSidecarSaysSoAndDoesNotPauseTheService() async throws {
+        // The sidecar that cannot open a connection to a service that is up says why, and the
+        // failure is its own: two of them would pause the service (breaker failures: 2).
+        let receiver = Receiver()
+        try await withReceiver(receiver) { port in
+            let services =
+                #"[{"name": "app", "deliver": {"url": "http://127.0.0.1:\#(port)/events", "signingSecret": "\#(TestSecrets.signing)", "breaker": {"failures": 2}}}]"#
+            let config = try writeProcessConfig(directory: try temporaryDirectory(), receiverPort: port, services: services, mode: .direct)
+            let sidecar = try SidecarProcess(config: config)
+            let running = try await sidecar.running()
+            // Connections the sidecar has accepted (it answered on them) stay usable under any limit.
+            let webhooks = try RawConnection(port: running.webhookPort, readTimeout: 30)
+            let admin = try RawConnection(port: try #require(running.internalPort), readTimeout: 30)
+            for connection in [webhooks, admin] {
+                connection.send("GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                #expect(statusCode(of: await connection.response()) == 200)
+            }
+            let hard = try #require(sidecar.openFileLimits?.hard)
+            // A soft limit of 0: no new file descriptor at all.
+            #expect(try await runTool("/usr/bin/prlimit", ["--pid", "\(sidecar.pid)", "--nofile=0:\(hard)"]).status == 0)
+            for _ in 0..<3 {
+                webhooks.send(signedWebhookRequest(TestEvent.body()))
+                let answer = await webhooks.response()
+                #expect(statusCode(of: answer) == 503)
+                #expect(answer.contains("did not accept"), "\(answer)")
+            }
+            admin.send("GET /admin/services HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            let listing = await admin.response()
+            #expect(listing.contains(#""consecutiveFailures":0"#), "\(listing)")
+            #expect(listing.contains(#""state":"closed""#), "\(listing)")
+            #expect(sidecar.log.contains { $0.contains("the sidecar is out of file descriptors for a new connection (EMFILE)") }, "\(sidecar.log.suffix(5))")
+            #expect(!sidecar.log.contains { $0.contains("connection refused") })
+
+            #expect(try await runTool("/usr/bin/prlimit", ["--pid", "\(sidecar.pid)", "--nofile=\(hard):\(hard)"]).status == 0)
+            webhooks.send(signedWebhookRequest(TestEvent.body()))
+            #expect(statusCode(of: await webhooks.response()) == 200)
+            #expect(receiver.count == 1)
+            sidecar.signal(SIGTERM)
+            try await sidecar.expectCleanExit()
+        }
+    }
+
     @Test func deliveriesHelpSaysWhatEachCommandDoes() async throws {
         let help = try await Binary.run(["deliveries", "--help"])
         for phrase in ["List deliveries", "Show one delivery", "Queue one delivery again", "Send an already delivered"] {
@@ -394,4 +436,12 @@ extension JSONValue {
         guard case .array(let elements) = self, elements.indices.contains(index) else { return nil }
         return elements[index]
     }
+}
+
+/// A webhook request signed as Kora signs it, whole, for a raw connection.
+private func signedWebhookRequest(_ body: [UInt8]) -> [UInt8] {
+    let headers = KoraSignature.headers(scheme: .timestamped, secret: Secret(TestSecrets.webhook), body: body, timestamp: UnixTime.now().seconds)
+    let head = "POST /webhooks/koraidv HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: \(body.count)\r\n"
+        + headers.map { "\($0.name): \($0.value)\r\n" }.joined() + "\r\n"
+    return Array(head.utf8) + body
 }

@@ -158,7 +158,7 @@ struct DirectHandoff: EventHandoff {
         var everyServiceTookIt = true
         for (name, result) in results {
             metrics.delivery(service: name, result: result.succeeded ? "delivered" : "refused", milliseconds: result.durationMilliseconds)
-            breakers[name]?.record(healthy: !result.serviceFailed, now: .now())
+            ServiceHold.record(result, of: name, breakers: breakers, rateLimits: rateLimits, now: .now())
             guard !result.succeeded else { continue }
             var metadata = log
             metadata["service"] = "\(name)"

@@ -10,6 +10,9 @@ package struct AttemptResult: Sendable, Equatable {
     var durationMilliseconds: Int
     /// How long the service asked to wait (`Retry-After` on a 429 or 503).
     var retryAfter: Duration? = nil
+    /// Whether the sidecar itself could not make the attempt (out of file descriptors): it then
+    /// says nothing of the service.
+    var ownFailure = false
 
     /// Whether the service took the event (2xx).
     var succeeded: Bool { statusCode.map { (200..<300).contains($0) } ?? false }
@@ -59,7 +62,8 @@ package struct EventSender: Sendable {
             let retryAfter = answer.status == 429 || answer.status == 503 ? answer.retryAfter.flatMap { RetryAfter.parse($0, now: .now()) } : nil
             return AttemptResult(statusCode: answer.status, error: nil, durationMilliseconds: elapsed(), retryAfter: retryAfter)
         } catch {
-            return AttemptResult(statusCode: nil, error: HTTPClientFailure.describe(error), durationMilliseconds: elapsed())
+            return AttemptResult(
+                statusCode: nil, error: HTTPClientFailure.describe(error), durationMilliseconds: elapsed(), ownFailure: HTTPClientFailure.isOwnLimit(error))
         }
     }
 }

@@ -236,7 +236,7 @@ final class OutboxDispatcher: Service, Sendable {
         ]
         if let error = result.error { metadata["error"] = "\(error)" }
         if job.bodyProblem == nil {
-            breakers[service.name]?.record(healthy: !result.serviceFailed, now: .now())
+            ServiceHold.record(result, of: service.name, breakers: breakers, rateLimits: rateLimits, now: .now())
         } else {
             // Nothing went to the service: it says nothing of its health, and spent neither probe nor token.
             ServiceHold.giveBack(service.name, breakers: breakers, rateLimits: rateLimits)

@@ -154,6 +154,14 @@ enum ServiceHold {
         return nil
     }
 
+    /// Records what an attempt ``check(_:breakers:rateLimits:now:)`` let go said of `service` at
+    /// `now`: nothing, when the sidecar itself could not make it (``AttemptResult/ownFailure``), so
+    /// its probe and rate token are given back; else whether it found the service healthy.
+    static func record(_ result: AttemptResult, of service: String, breakers: ServiceBreakers, rateLimits: ServiceRateLimits, now: UnixTime) {
+        guard !result.ownFailure else { return giveBack(service, breakers: breakers, rateLimits: rateLimits) }
+        breakers[service]?.record(healthy: !result.serviceFailed, now: now)
+    }
+
     /// An attempt ``check(_:breakers:rateLimits:now:)`` let go sends nothing after all (no delivery
     /// was due, or its body could not be opened): its probe and its rate token are given back, or
     /// idle workers would spend the service's rate and later events wait for tokens nobody used.

@@ -55,12 +55,33 @@ package enum HTTPClientFailure: Equatable {
             "TLS handshake failed: the certificate is not for the URL's host name or IP address"
         case is NIOSSLError, is NIOSSLExtraError, is BoringSSLError:
             "TLS handshake failed: \(tlsReason(error))"
-        case is NIOConnectionError: "connection refused"
+        case let error as NIOConnectionError: connectFailure(error)
         case let error as IOError where error.errnoCode == ECONNREFUSED: "connection refused"
+        case let error as IOError where error.errnoCode == EMFILE || error.errnoCode == ENFILE:
+            "the sidecar is out of file descriptors for a new connection (\(error.errnoCode == EMFILE ? "EMFILE" : "ENFILE")): raise its limit of open files"
         case let error as IOError where error.errnoCode == ENOENT: "no such socket file"
         case let error as IOError: "I/O error: \(String(cString: strerror(error.errnoCode))) (errno \(error.errnoCode))"
         default: "request failed: \(type(of: error))"
         }
+    }
+
+    /// Whether the sidecar itself could not open a connection (out of file descriptors): the
+    /// attempt says nothing of the other side, so it must not count against a service's breaker.
+    package static func isOwnLimit(_ error: any Error) -> Bool {
+        switch error {
+        case let error as IOError: error.errnoCode == EMFILE || error.errnoCode == ENFILE
+        case let error as NIOConnectionError: !error.connectionErrors.isEmpty && error.connectionErrors.allSatisfy { isOwnLimit($0.error) }
+        default: false
+        }
+    }
+
+    /// Why no connection was made to a host name: what the first address tried answered, or that
+    /// the name did not resolve; not "connection refused" for all of them, which sends an operator
+    /// to a service that is up.
+    private static func connectFailure(_ error: NIOConnectionError) -> String {
+        if let first = error.connectionErrors.first { return describe(first.error) }
+        if error.dnsAError != nil || error.dnsAAAAError != nil { return "the host name did not resolve" }
+        return "no address to connect to"
     }
 
     /// BoringSSL's reason, without the source file it names (the build's own paths).

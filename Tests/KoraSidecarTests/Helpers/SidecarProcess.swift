@@ -106,6 +106,15 @@ final class SidecarProcess: @unchecked Sendable {
         #expect(status == 0, "exit status \(status); log ends: \(log.suffix(40).joined(separator: "\n"))", sourceLocation: sourceLocation)
     }
 
+    /// The soft and hard limits of open files, from /proc.
+    var openFileLimits: (soft: Int, hard: Int)? {
+        guard let limits = try? String(contentsOfFile: "/proc/\(pid)/limits", encoding: .utf8),
+            let line = limits.split(separator: "\n").first(where: { $0.hasPrefix("Max open files") })
+        else { return nil }
+        let fields = line.split(separator: " ", omittingEmptySubsequences: true).dropFirst(3).prefix(2).compactMap { Int($0) }
+        return fields.count == 2 ? (fields[0], fields[1]) : nil
+    }
+
     /// The resident set size in kilobytes, from /proc.
     var residentKilobytes: Int {
         guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
@@ -123,12 +132,12 @@ final class SidecarProcess: @unchecked Sendable {
 }
 
 /// Writes a sidecar configuration for a child process: both listeners on 127.0.0.1 port 0,
-/// queued delivery to `receiverPort` (or to the `services` given as JSON), the store in `directory`
+/// `mode` delivery (queued unless given) to `receiverPort` (or to the `services` given as JSON), the store in `directory`
 /// (or the PostgreSQL database at `postgresURL`). The default service's breaker is out of the way
 /// (these tests are about durability and retries; the breaker has tests of its own).
 func writeProcessConfig(
     directory: String, receiverPort: Int, retrySchedule: [String] = ["100ms", "100ms", "200ms"], extra: String = "", services: String? = nil,
-    postgresURL: String? = nil
+    postgresURL: String? = nil, mode: DeliveryMode = .queued
 ) throws -> String {
     // Replicas share one key; with SQLite the key file beside the store is created on first start.
     let storage =
@@ -141,7 +150,7 @@ func writeProcessConfig(
           "webhooks": {"listen": {"host": "127.0.0.1", "port": 0}, "secrets": ["\(TestSecrets.webhook)"]},
           "internal": {"listen": {"host": "127.0.0.1", "port": 0}\(extra)},
           "services": \(services ?? #"[{"name": "app", "deliver": {"url": "http://127.0.0.1:\#(receiverPort)/events", "signingSecret": "\#(TestSecrets.signing)", "timeoutSeconds": 5, "breaker": {"failures": 1000}}}]"#),
-          "delivery": {"mode": "queued", "retrySchedule": [\(schedule)], "concurrency": 8, "drainTimeout": "20s"},
+          "delivery": {"mode": "\(mode.rawValue)", "retrySchedule": [\(schedule)], "concurrency": 8, "drainTimeout": "20s"},
           "storage": \(storage),
           "logging": {"level": "info", "format": "json"}
         }
