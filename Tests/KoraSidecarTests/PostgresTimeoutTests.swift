@@ -42,4 +42,28 @@ struct PostgresTimeoutTests {
         release.open()
         try await holder.value
     }
+
+    @Test func aDatabaseThatTakesNoConnectionAtStartIsNotReadyWithTheServersReasonUntilItDoes() async throws {
+        // A role that may hold no connection at all: the sidecar starting as the database is full.
+        let server = try await PostgresServer.shared()
+        let database = String(try await server.createDatabase().split(separator: "/").last!.split(separator: "?").first!)
+        let role = "full_" + database
+        try await server.execute("CREATE ROLE \(role) LOGIN CONNECTION LIMIT 0; ALTER DATABASE \(database) OWNER TO \(role)")
+        let store = try PostgresStore(
+            url: Secret(server.url(database: database, user: role)), logger: quietLogger, operationTimeout: .seconds(1) * Sanitizer.slowdown,
+            protection: .sealedForTests)
+        let running = Task { await store.run() }
+        defer { running.cancel() }
+        try await waitUntil("the store to say why it is not ready", timeout: .seconds(30)) {
+            do {
+                try await store.waitUntilMigrated(timeout: .zero)
+                return false
+            } catch {
+                return "\(error)".contains("too many connections for role")
+            }
+        }
+        try await server.execute("ALTER ROLE \(role) CONNECTION LIMIT -1")
+        try await store.waitUntilMigrated(timeout: .seconds(30))
+        #expect(try await store.unroutedCount() == 0)
+    }
 }

@@ -15,6 +15,7 @@ import Synchronization
 /// retrying until the database answers; until then every operation throws ``PostgresStoreError``.
 final class PostgresStore: SidecarStore, Service {
     private let client: PostgresClient
+    private let address: PostgresURL
     private let location: String
     private let logger: Logger
     /// Longest an operation waits, including for a connection, before it fails (the caller answers 503).
@@ -42,6 +43,7 @@ final class PostgresStore: SidecarStore, Service {
         var logger = logger
         logger.logLevel = max(logger.logLevel, .info)
         client = PostgresClient(configuration: address.clientConfiguration, backgroundLogger: logger)
+        self.address = address
         location = address.location
         self.logger = logger
         self.operationTimeout = operationTimeout
@@ -81,9 +83,16 @@ final class PostgresStore: SidecarStore, Service {
         var delay = Duration.milliseconds(100)
         while !Task.isCancelled, !Task.isShuttingDownGracefully {
             do {
-                try await client.withConnection { connection in
-                    try await Self.transaction(connection, logger: self.logger) { try await PostgresSchema.migrate($0, logger: self.logger) }
+                // On a connection of its own: the pool would keep a refusal to itself (the server
+                // full, the role's connection limit) and the migration waiting for its turn.
+                let connection = try await PostgresConnection.connect(configuration: address.connectionConfiguration(), id: 0, logger: logger)
+                do {
+                    try await Self.transaction(connection, logger: logger) { try await PostgresSchema.migrate($0, logger: self.logger) }
+                } catch {
+                    try? await connection.close()
+                    throw error
                 }
+                try? await connection.close()
                 notReady.withLockedValue { $0 = nil }
                 return
             } catch {

@@ -54,7 +54,12 @@ final class PostgresServer: Sendable {
         return url(database: name)
     }
 
-    func url(database: String) -> String { "postgres://kora@127.0.0.1:\(port)/\(database)?sslmode=disable" }
+    func url(database: String, user: String = "kora") -> String { "postgres://\(user)@127.0.0.1:\(port)/\(database)?sslmode=disable" }
+
+    /// Runs `sql` as the server's superuser, in `database`.
+    func execute(_ sql: String, database: String = "postgres") async throws {
+        try await Self.spawn(bin + "/psql", ["-h", "127.0.0.1", "-p", "\(port)", "-U", "kora", "-d", database, "-v", "ON_ERROR_STOP=1", "-qc", sql])
+    }
 
     /// Starts the server again on its port (after `stop()`).
     func start() async throws { try await Self.start(bin: bin, directory: directory, port: port) }
