@@ -53,7 +53,7 @@ package func buildApplication(
     try ListenerPreflight.check(configuration.webhooks.listen, key: "webhooks.listen")
     try ListenerPreflight.check(configuration.internal.listen, key: "internal.listen")
     if let listen = configuration.metrics.listen { try ListenerPreflight.check(listen, key: "metrics.listen") }
-    let webhookServer = try HTTPServerBuilder.webhookServer(configuration.webhooks.limits, tls: configuration.webhooks.tls)
+    let webhookServer = try HTTPServerBuilder.webhookServer(configuration.webhooks.limits, tls: configuration.webhooks.tls, logger: logger)
     let store: any SidecarStore
     var services: [any Service] = []
     if let given = options.store {
@@ -140,7 +140,7 @@ package func buildApplication(
         router: buildInternalRouter(
             configuration: configuration, store: store, readiness: readiness, metrics: options.metrics, breakers: breakers, proxy: proxy,
             dispatcher: dispatcher),
-        server: .sidecarHTTP1(configuration.internal.limits),
+        server: .sidecarHTTP1(configuration.internal.limits, listener: .internal, logger: logger),
         configuration: .sidecar(configuration.internal.listen, configuration.internal.limits, logger: logger),
         onServerRunning: { channel in
             if case .unixSocket(let path) = configuration.internal.listen { UnixSocketFile.restrict(path) }
@@ -155,7 +155,7 @@ package func buildApplication(
             Application(
                 router: buildMetricsRouter(
                     configuration: configuration, store: store, readiness: readiness, metrics: options.metrics, breakers: breakers),
-                server: .sidecarHTTP1(configuration.metrics.limits),
+                server: .sidecarHTTP1(configuration.metrics.limits, listener: .metrics, logger: logger),
                 configuration: .sidecar(listen, configuration.metrics.limits, logger: logger),
                 onServerRunning: { channel in
                     logger.info("Listening", metadata: ["listener": "metrics", "address": "\(channel.localAddress.map(String.init(describing:)) ?? "-")"])
@@ -228,13 +228,16 @@ extension ApplicationConfiguration {
 }
 
 extension HTTPServerBuilder {
-    /// HTTP/1.1 with the listener's header limit, a deadline for the first request head, and the idle time-out.
-    static func sidecarHTTP1(_ limits: ListenerLimits) -> HTTPServerBuilder {
-        .http1(
+    /// HTTP/1.1 with the listener's header limit, a deadline for the first request head, the idle
+    /// time-out, and room made for new connections when the listener is full.
+    static func sidecarHTTP1(_ limits: ListenerLimits, listener: ListenerRole, logger: Logger) -> HTTPServerBuilder {
+        let connections = ListenerConnections(maxConnections: limits.maxConnections, listener: listener, logger: logger)
+        return .http1(
             configuration: .init(
                 additionalChannelHandlers: [
                     RequestDeadline(deadline: .seconds(Int64(limits.readTimeoutSeconds))),
                     ExpectContinue(),
+                    connections.handler(),
                 ],
                 idleTimeout: .seconds(Int64(limits.idleTimeoutSeconds)),
                 httpDecoderConfiguration: .init(

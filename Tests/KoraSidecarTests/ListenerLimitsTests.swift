@@ -139,6 +139,43 @@ struct ListenerLimitsTests {
         }
     }
 
+    @Test func aFullListenerClosesTheConnectionsThatWaitLongestForARequest() async throws {
+        // Four connections kept alive after a request fill a listener of four; their idle time-out
+        // is ten minutes away. A fifth client gets in, and the connections that waited longest make
+        // room; those in use since stay open.
+        try await directSidecar(configure: {
+            $0.webhooks.limits.maxConnections = 4
+            $0.webhooks.limits.idleTimeoutSeconds = 600
+        }) { sidecar in
+            func healthz(_ connection: RawConnection) async -> Int? {
+                connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                return statusCode(of: await connection.response())
+            }
+            var kept: [RawConnection] = []
+            for _ in 0..<4 {
+                let connection = try RawConnection(port: sidecar.webhookPort, readTimeout: 30)
+                #expect(await healthz(connection) == 200)
+                kept.append(connection)
+            }
+            let newcomer = try RawConnection(port: sidecar.webhookPort, readTimeout: 30)
+            #expect(await healthz(newcomer) == 200)
+            // The fourth's opening closed the first; the fifth's, the second.
+            #expect(await kept[0].closedByPeer())
+            #expect(await kept[1].closedByPeer())
+            #expect(await healthz(kept[3]) == 200)
+            #expect(await healthz(newcomer) == 200)
+            // A connection in the middle of a request is never closed for room (its `100 Continue`
+            // says the sidecar has read the head and waits for the body).
+            kept[2].send(
+                "POST /webhooks/koraidv HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nExpect: 100-continue\r\nX-Kora-Signature: \(String(repeating: "0", count: 64))\r\n\r\n")
+            #expect(await kept[2].head().hasPrefix("HTTP/1.1 100"))
+            let another = try RawConnection(port: sidecar.webhookPort, readTimeout: 30)
+            #expect(await healthz(another) == 200)
+            kept[2].send("0123456789")
+            #expect(statusCode(of: await kept[2].response()) == 401)
+        }
+    }
+
     @Test func proxiedBodiesAreBoundedUntilKoraAnswersAndGivenBack() async throws {
         // 80 uploads of 1 MiB to a Kora that has not answered yet: each is held whole until Kora
         // answers, so past their first 64 KiB they come to more than the internal listener's

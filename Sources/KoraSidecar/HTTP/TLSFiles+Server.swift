@@ -6,6 +6,7 @@ import Foundation
 import HummingbirdCore
 import HummingbirdTLS
 import KoraSidecarCore
+import Logging
 import NIOSSL
 
 extension TLSFiles {
@@ -74,8 +75,9 @@ extension DeliveryConfiguration {
 
 extension HTTPServerBuilder {
     /// The public listener's server: HTTP/1.1 with its limits, inside TLS when `tls` is set.
-    static func webhookServer(_ limits: ListenerLimits, tls: TLSFiles?) throws -> HTTPServerBuilder {
-        guard let tls else { return .sidecarHTTP1(limits) }
-        return try .tls(.sidecarHTTP1(limits), tlsConfiguration: tls.serverConfiguration())
+    static func webhookServer(_ limits: ListenerLimits, tls: TLSFiles?, logger: Logger) throws -> HTTPServerBuilder {
+        let http1 = HTTPServerBuilder.sidecarHTTP1(limits, listener: .webhooks, logger: logger)
+        guard let tls else { return http1 }
+        return try .tls(http1, tlsConfiguration: tls.serverConfiguration())
     }
 }

@@ -33,11 +33,13 @@ func withChildSidecar(
 
 /// Sends a new signed event and expects it accepted (200) and delivered, each within a generous
 /// liveness bound (`timeout` for the request, 10 s for the delivery), not a measured threshold.
+/// It comes on a connection of its own: a full listener closes the kept-alive connections that
+/// waited longest, and a client's pool may not have seen that yet.
 func expectServesAValidWebhook(
     _ sidecar: RunningSidecar, _ receiver: Receiver, timeout: Duration = .seconds(10), _ sourceLocation: SourceLocation = #_sourceLocation
 ) async throws {
     let id = "evt_probe_" + RandomID.make()
-    let answer = try await sendSigned(TestEvent.body(eventID: id), to: sidecar, timeout: timeout)
+    let answer = try await sendSigned(TestEvent.body(eventID: id), to: sidecar, extra: [("Connection", "close")], timeout: timeout)
     #expect(answer.status == 200, "\(answer.body)", sourceLocation: sourceLocation)
     try await waitUntil("the probe \(id) to be delivered") { receiver.deliveries.contains { $0.header("webhook-id") == id } }
 }
