@@ -176,6 +176,35 @@ struct ListenerLimitsTests {
         }
     }
 
+    @Test func aListenerFilledByRequestsMakesRoomOnceTheyAreAnswered() async throws {
+        // Two proxied calls that Kora holds fill an internal listener of two; a third client waits
+        // in the backlog. Once Kora answers, one of the two kept-alive connections makes room for
+        // it, well before their idle time-out, ten minutes away.
+        let answers = Gate()
+        let kora = ScriptedKora([.answerWhenOpened(answers, 200, "{}"), .answerWhenOpened(answers, 200, "{}")])
+        try await withScriptedKora(kora) { base in
+            defer { answers.open() }
+            var configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
+            configuration.internal.limits.maxConnections = 2
+            configuration.internal.limits.idleTimeoutSeconds = 600
+            try await withProxySidecar(configuration) { sidecar in
+                let call = "GET /api/v1/idv/verifications/ver_1 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \(ProxySecrets.appToken)\r\n\r\n"
+                let held = try (0..<2).map { _ in try RawConnection(port: sidecar.internalPort, readTimeout: 30) }
+                for connection in held { connection.send(call) }
+                try await waitUntil("Kora to hold both calls") { kora.requests.count == 2 }
+                let newcomer = try RawConnection(port: sidecar.internalPort, readTimeout: 30)
+                newcomer.send("GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                // Not waiting for an event: Kora answers once the sidecar's look for room, one grace
+                // after the second connection opened, has found both busy, so that the room below
+                // is made when an answer is sent (answering sooner, that look would make it).
+                try await Task.sleep(for: .nanoseconds(ListenerConnections.grace.nanoseconds * 2))
+                answers.open()
+                for connection in held { #expect(statusCode(of: await connection.response()) == 200) }
+                #expect(statusCode(of: await newcomer.response()) == 200)
+            }
+        }
+    }
+
     @Test func proxiedBodiesAreBoundedUntilKoraAnswersAndGivenBack() async throws {
         // 80 uploads of 1 MiB to a Kora that has not answered yet: each is held whole until Kora
         // answers, so past their first 64 KiB they come to more than the internal listener's

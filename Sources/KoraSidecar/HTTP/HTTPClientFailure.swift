@@ -57,8 +57,8 @@ package enum HTTPClientFailure: Equatable {
             "TLS handshake failed: \(tlsReason(error))"
         case let error as NIOConnectionError: connectFailure(error)
         case let error as IOError where error.errnoCode == ECONNREFUSED: "connection refused"
-        case let error as IOError where error.errnoCode == EMFILE || error.errnoCode == ENFILE:
-            "the sidecar is out of file descriptors for a new connection (\(error.errnoCode == EMFILE ? "EMFILE" : "ENFILE")): raise its limit of open files"
+        case let error as IOError where error.errnoCode == EMFILE: "the sidecar is out of file descriptors for a new connection (EMFILE): raise its limit of open files"
+        case let error as IOError where error.errnoCode == ENFILE: "the system is out of file descriptors for a new connection (ENFILE)"
         case let error as IOError where error.errnoCode == ENOENT: "no such socket file"
         case let error as IOError: "I/O error: \(String(cString: strerror(error.errnoCode))) (errno \(error.errnoCode))"
         default: "request failed: \(type(of: error))"
@@ -75,11 +75,12 @@ package enum HTTPClientFailure: Equatable {
         }
     }
 
-    /// Why no connection was made to a host name: what the first address tried answered, or that
-    /// the name did not resolve; not "connection refused" for all of them, which sends an operator
-    /// to a service that is up.
+    /// Why no connection was made to a host name: a refusal if an address refused (an IPv6 address
+    /// unreachable beside it says less), else the first address's failure, or that the name did not
+    /// resolve; not "connection refused" for all of them, which sends an operator to a service that is up.
     private static func connectFailure(_ error: NIOConnectionError) -> String {
-        if let first = error.connectionErrors.first { return describe(first.error) }
+        let refused = error.connectionErrors.first { ($0.error as? IOError)?.errnoCode == ECONNREFUSED }
+        if let failure = refused ?? error.connectionErrors.first { return describe(failure.error) }
         if error.dnsAError != nil || error.dnsAAAAError != nil { return "the host name did not resolve" }
         return "no address to connect to"
     }

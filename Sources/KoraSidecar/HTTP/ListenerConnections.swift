@@ -4,30 +4,36 @@ import NIOConcurrencyHelpers
 import NIOCore
 import Synchronization
 
-/// The open connections of one listener, so that a full listener makes room: when a connection
-/// opens and the listener holds `maxConnections`, the connection that has waited longest for a
-/// request (kept alive after an answer, or never sent one) is closed, as nginx closes kept-alive
-/// connections when it runs out. Without it, anyone who can reach a listener holds all of it with
-/// one request per connection per `idleTimeoutSeconds`, and Kora's webhooks (or the probes and
-/// services on the internal listener) wait in the kernel's backlog until the idle time-outs.
+/// The open connections of one listener, so that a full listener makes room: whenever it holds
+/// `maxConnections` (a connection opens, or one finishes a request), the connection that has waited
+/// longest for a request (kept alive after an answer, or silent since it opened), for at least
+/// ``grace``, is closed, as nginx closes kept-alive connections when it runs out. Without it, anyone
+/// who can reach a listener holds all of it with one request per connection per
+/// `idleTimeoutSeconds`, and Kora's webhooks (or the probes and services on the internal listener)
+/// wait in the kernel's backlog until the idle time-outs. The listener stops accepting at
+/// `maxConnections`, so room is made before a newcomer comes, not when it does.
 ///
-/// A connection in the middle of a request is never closed for room: its head and body have
-/// their deadline (``RequestDeadline``), its answer the route's time-outs.
+/// A connection whose request head has been read is not closed for room until its answer is sent:
+/// its body has its deadline (``RequestDeadline``), its answer the route's time-outs.
 final class ListenerConnections: Sendable {
-    /// One connection: since when it waits for a request (0 while a request is being received or
-    /// answered), written on its event loop and read by whichever connection needs room.
-    fileprivate final class Entry: Sendable {
-        let channel: any Channel
-        let waitingSince = Atomic<UInt64>(0)
+    /// How long a connection waits for a request before it may be closed for room: a client that
+    /// just connected, or just had its answer, is about to send; an idle holder has to send a
+    /// request this often to keep its connections, which makes holding a listener a flood.
+    static let grace = TimeAmount.seconds(1)
 
-        init(_ channel: any Channel) { self.channel = channel }
-
-        func wait() { waitingSince.store(max(1, NIODeadline.now().uptimeNanoseconds), ordering: .relaxed) }
-        func work() { waitingSince.store(0, ordering: .relaxed) }
+    private struct Open {
+        var entries: [ObjectIdentifier: Entry] = [:]
+        /// Those picked to make room and not yet closed: they count no more.
+        var closing: Set<ObjectIdentifier> = []
+        /// Whether room is to be made again once the longest waiting has waited ``grace``.
+        var recheck = false
+        var counted: Int { entries.count - closing.count }
     }
 
     private let maxConnections: Int
-    private let open = NIOLockedValueBox<[ObjectIdentifier: Entry]>([:])
+    private let open = NIOLockedValueBox(Open())
+    /// How many are open and not closing, read without the lock when a request ends.
+    private let count = Atomic<Int>(0)
     private let listener: ListenerRole
     private let logger: Logger
     private let full = LogThrottle(every: .seconds(60))
@@ -41,28 +47,111 @@ final class ListenerConnections: Sendable {
     /// The handler each of the listener's connections carries, after HTTP decoding.
     func handler() -> some RemovableChannelHandler { Handler(self) }
 
-    fileprivate func opened(_ entry: Entry) {
-        let room: Entry? = open.withLockedValue { open in
-            open[ObjectIdentifier(entry.channel)] = entry
-            guard open.count >= maxConnections else { return nil }
-            return open.values.lazy.filter { $0 !== entry }
-                .map { ($0, $0.waitingSince.load(ordering: .relaxed)) }.filter { $0.1 != 0 }
-                .min { $0.1 < $1.1 }?.0
+    private func opened(_ entry: Entry) {
+        open.withLockedValue { open in
+            open.entries[ObjectIdentifier(entry.channel)] = entry
+            count.store(open.counted, ordering: .relaxed)
         }
-        guard let room else { return }
-        room.channel.close(promise: nil)
-        full.log(["listener": "\(listener.rawValue)", "maxConnections": "\(maxConnections)"]) {
-            logger.warning("Listener full: closing the connections that wait longest for a request", metadata: $0)
+        makeRoom(on: entry.channel.eventLoop)
+    }
+
+    private func closed(_ entry: Entry) {
+        open.withLockedValue { open in
+            let id = ObjectIdentifier(entry.channel)
+            open.entries[id] = nil
+            open.closing.remove(id)
+            count.store(open.counted, ordering: .relaxed)
         }
     }
 
-    fileprivate func closed(_ entry: Entry) {
-        open.withLockedValue { open in _ = open.removeValue(forKey: ObjectIdentifier(entry.channel)) }
+    /// A connection finished its requests and waits for the next: with the listener full, some
+    /// connection makes room (this one, when every other is busy).
+    private func waiting(on loop: any EventLoop) {
+        if count.load(ordering: .relaxed) >= maxConnections { makeRoom(on: loop) }
     }
 
-    /// Marks its connection waiting from when it opens and after each answer, working from each
-    /// request head on: requests read and not yet answered are counted, for clients that pipeline.
-    private final class Handler: ChannelDuplexHandler, RemovableChannelHandler {
+    /// When the listener is full, closes the connection that has waited longest for a request, if
+    /// it has waited ``grace``; else looks again once it has. The connection is picked under the
+    /// lock (no other opening picks it too, and it counts no more), then closed on its own event
+    /// loop, where a request that arrived meanwhile keeps it open and another one is picked.
+    private func makeRoom(on loop: any EventLoop) {
+        enum Step {
+            case close(Entry)
+            case lookAgain(in: TimeAmount)
+        }
+        let now = NIODeadline.now().uptimeNanoseconds
+        let step: Step? = open.withLockedValue { open in
+            guard open.counted >= maxConnections else { return nil }
+            var longest: (entry: Entry, since: UInt64)?
+            for (id, entry) in open.entries where !open.closing.contains(id) {
+                let since = entry.waitingSince.load(ordering: .relaxed)
+                if since != 0, since < longest?.since ?? .max { longest = (entry, since) }
+            }
+            guard let longest else { return nil }
+            let waited = TimeAmount.nanoseconds(Int64(now - min(now, longest.since)))
+            guard waited >= Self.grace else {
+                guard !open.recheck else { return nil }
+                open.recheck = true
+                return .lookAgain(in: Self.grace - waited)
+            }
+            open.closing.insert(ObjectIdentifier(longest.entry.channel))
+            count.store(open.counted, ordering: .relaxed)
+            return .close(longest.entry)
+        }
+        switch step {
+        case .lookAgain(let wait)?:
+            loop.scheduleTask(in: wait) {
+                self.open.withLockedValue { $0.recheck = false }
+                self.makeRoom(on: loop)
+            }
+        case .close(let entry)?:
+            full.log(["listener": "\(listener.rawValue)", "maxConnections": "\(maxConnections)"]) {
+                logger.warning("Listener full: closing the connection that waits longest for a request", metadata: $0)
+            }
+            entry.handler.hop { handler in
+                if handler.isWaiting { return entry.channel.close(promise: nil) }
+                self.keep(entry)
+                self.makeRoom(on: entry.channel.eventLoop)
+            }
+        case nil:
+            break
+        }
+    }
+
+    /// A connection picked to make room had a request come first: it counts again.
+    private func keep(_ entry: Entry) {
+        open.withLockedValue { open in
+            open.closing.remove(ObjectIdentifier(entry.channel))
+            count.store(open.counted, ordering: .relaxed)
+        }
+    }
+
+    /// One connection, as the others see it.
+    fileprivate final class Entry: Sendable {
+        let channel: any Channel
+        /// Since when it waits for a request (``NIODeadline`` nanoseconds), 0 while it works on one.
+        let waitingSince = Atomic<UInt64>(0)
+        let handler: LoopBoundHandler
+
+        init(_ channel: any Channel, _ handler: LoopBoundHandler) {
+            self.channel = channel
+            self.handler = handler
+        }
+    }
+
+    /// The connection's handler, touched on its event loop only.
+    fileprivate struct LoopBoundHandler: Sendable {
+        let bound: NIOLoopBound<Handler>
+
+        func hop(_ body: @escaping @Sendable (Handler) -> Void) {
+            let bound = bound
+            bound.eventLoop.execute { body(bound.value) }
+        }
+    }
+
+    /// Counts its connection's requests: read and not yet answered (clients may pipeline). It
+    /// waits from when it opens, and again once the answer to its last request is sent.
+    fileprivate final class Handler: ChannelDuplexHandler, RemovableChannelHandler {
         typealias InboundIn = HTTP1Channel.Value.InboundElement
         typealias InboundOut = InboundIn
         typealias OutboundIn = HTTP1Channel.Value.OutboundElement
@@ -71,13 +160,15 @@ final class ListenerConnections: Sendable {
         private let connections: ListenerConnections
         private var entry: Entry?
         private var unanswered = 0
+        /// Whether the answers are all sent and no request has come since.
+        private(set) var isWaiting = true
 
         init(_ connections: ListenerConnections) { self.connections = connections }
 
         func handlerAdded(context: ChannelHandlerContext) {
-            let entry = Entry(context.channel)
-            entry.wait()
+            let entry = Entry(context.channel, LoopBoundHandler(bound: NIOLoopBound(self, eventLoop: context.eventLoop)))
             self.entry = entry
+            entry.waitingSince.store(Self.now(), ordering: .relaxed)
             connections.opened(entry)
         }
 
@@ -89,17 +180,30 @@ final class ListenerConnections: Sendable {
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
             if case .head = unwrapInboundIn(data) {
                 unanswered += 1
-                entry?.work()
+                isWaiting = false
+                entry?.waitingSince.store(0, ordering: .relaxed)
             }
             context.fireChannelRead(data)
         }
 
         func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-            if case .end = unwrapOutboundIn(data), unanswered > 0 {
-                unanswered -= 1
-                if unanswered == 0 { entry?.wait() }
-            }
-            context.write(data, promise: promise)
+            guard case .end = unwrapOutboundIn(data), unanswered > 0 else { return context.write(data, promise: promise) }
+            unanswered -= 1
+            guard unanswered == 0 else { return context.write(data, promise: promise) }
+            let written = promise ?? context.eventLoop.makePromise()
+            let loop = context.eventLoop
+            written.futureResult.assumeIsolated().whenSuccess { self.answered(on: loop) }
+            context.write(data, promise: written)
         }
+
+        /// The last answer is sent: waiting, unless a request came meanwhile.
+        private func answered(on loop: any EventLoop) {
+            guard unanswered == 0, let entry else { return }
+            isWaiting = true
+            entry.waitingSince.store(Self.now(), ordering: .relaxed)
+            connections.waiting(on: loop)
+        }
+
+        private static func now() -> UInt64 { max(1, NIODeadline.now().uptimeNanoseconds) }
     }
 }
