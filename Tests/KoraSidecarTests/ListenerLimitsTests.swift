@@ -1,5 +1,9 @@
 import Foundation
+import HTTPTypes
+import Hummingbird
 import NIOConcurrencyHelpers
+import NIOCore
+import NIOEmbedded
 import Testing
 
 @testable import KoraSidecar
@@ -205,57 +209,79 @@ struct ListenerLimitsTests {
         }
     }
 
+    @Test func aBodyIsChargedPastItsFreeBytesHeldWhileInUseAndGivenBackOnEveryPath() async throws {
+        // 64 KiB free, then chunks of 40 KiB, against a budget of 100 KiB.
+        func request(chunks: Int) -> Request {
+            let parts = [ByteBuffer(repeating: 0x41, count: BodyBudget.free)] + Array(repeating: ByteBuffer(repeating: 0x41, count: 40 << 10), count: chunks)
+            let body = AsyncStream<ByteBuffer> { continuation in
+                for part in parts { continuation.yield(part) }
+                continuation.finish()
+            }
+            return Request(head: HTTPRequest(method: .post, scheme: "http", authority: "x", path: "/"), body: RequestBody(asyncSequence: body))
+        }
+        let budget = BodyBudget(bytes: 100 << 10)
+        let channel = EmbeddedChannel()
+        try await channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).get()
+        // The third chunk is past the budget: refused, and the two taken are given back.
+        await #expect(throws: SidecarHTTPError.self) {
+            _ = try await BodyReader.hold(request(chunks: 3), channel: channel, limit: 1 << 20, budget: budget, logger: quietLogger)
+        }
+        // Two chunks fit and stay charged while the body is held, until given back.
+        let held = try await BodyReader.hold(request(chunks: 2), channel: channel, limit: 1 << 20, budget: budget, logger: quietLogger)
+        #expect(held.body.readableBytes == BodyBudget.free + (80 << 10))
+        #expect(!budget.take((20 << 10) + 1))
+        held.giveBack()
+        #expect(budget.take(100 << 10))
+    }
+
     @Test func proxiedBodiesAreBoundedUntilKoraAnswersAndGivenBack() async throws {
-        // 80 uploads of 1 MiB to a Kora that has not answered yet: each is held whole until Kora
-        // answers, so past their first 64 KiB they come to more than the internal listener's
-        // 64 MiB. The ones past it get 503 without reaching Kora; the others wait for Kora.
-        let uploads = 80
-        let size = 1 << 20
-        let answers = Gate()
-        let kora = ScriptedKora(Array(repeating: .answerWhenOpened(answers, 200, "{}"), count: uploads + 1))
+        // Uploads of 2 MiB, one after another, to a Kora that holds each: every one is held whole
+        // until Kora answers, so past their first 64 KiB, 33 fit the internal listener's 64 MiB and
+        // the 34th gets 503 without reaching Kora. Once Kora answers, every byte is back (the
+        // refused upload's too): 33 fit again. (Fewer than the 64 connections the sidecar opens to
+        // Kora, so that each held upload reaches Kora.)
+        let size = 2 << 20
+        let fit = (64 << 20) / (size - BodyBudget.free)
+        let (first, second) = (Gate(), Gate())
+        let kora = ScriptedKora(
+            Array(repeating: .answerWhenOpened(first, 200, "{}"), count: fit) + Array(repeating: .answerWhenOpened(second, 200, "{}"), count: fit))
         try await withScriptedKora(kora) { base in
-            defer { answers.open() }
+            defer { (first.open(), second.open()) }
             var configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
             configuration.internal.limits.maxBodyBytes = size
-            configuration.internal.limits.readTimeoutSeconds = 60 * Sanitizer.slowdown
             configuration.kora.timeoutSeconds = 120 * Sanitizer.slowdown
             configuration.kora.retry.maxAttempts = 1
             try await withProxySidecar(configuration) { sidecar in
-                let refused = #"kora_sidecar_proxy_refused_total{code="UNAVAILABLE"}"#
                 let upload = "POST /api/v1/idv/documents HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \(ProxySecrets.appToken)\r\n"
                     + "Content-Type: application/octet-stream\r\nContent-Length: \(size)\r\n\r\n"
-                let statuses = try await withThrowingTaskGroup(of: Int?.self) { group in
-                    for _ in 0..<uploads {
-                        let connection = try RawConnection(port: sidecar.internalPort, readTimeout: 180)
-                        group.addTask {
-                            await offPool {
-                                connection.send(upload)
-                                connection.send([UInt8](repeating: 0x41, count: size))
-                                return statusCode(of: connection.readResponse())
-                            }
+                /// Uploads until one is refused: the uploads Kora holds, and the refusal's status.
+                func fill() async throws -> (held: [RawConnection], refusal: Int?) {
+                    var held: [RawConnection] = []
+                    let reached = kora.requests.count
+                    while held.count <= fit {
+                        let connection = try RawConnection(port: sidecar.internalPort, readTimeout: 60)
+                        connection.send(upload)
+                        connection.send([UInt8](repeating: 0x41, count: size))
+                        // Held by Kora, or refused (answered at once; Kora never sees it).
+                        try await waitUntil("the upload to reach Kora or be refused", timeout: .seconds(30)) {
+                            kora.requests.count == reached + held.count + 1 || connection.hasBytesToRead
                         }
+                        guard kora.requests.count == reached + held.count + 1 else { return (held, statusCode(of: await connection.response())) }
+                        held.append(connection)
                     }
-                    try await waitUntil("an upload to be refused", timeout: .seconds(60)) {
-                        try await metric(refused, in: sidecar) ?? 0 > 0
-                    }
-                    answers.open()
-                    return try await group.reduce(into: [Int?]()) { $0.append($1) }
+                    return (held, nil)
                 }
-                let refusals = try #require(try await metric(refused, in: sidecar))
-                // A refused upload is answered 503 (or, still sending when its connection closed, reset).
-                #expect(statuses.allSatisfy { $0 == 200 || $0 == 503 || $0 == nil }, "\(statuses)")
-                #expect(statuses.count { $0 == 200 } == uploads - Int(refusals), "\(statuses)")
-                #expect(kora.requests.count == uploads - Int(refusals))
+                let once = try await fill()
+                #expect(once.held.count == fit)
+                #expect(once.refusal == 503)
+                first.open()
+                for connection in once.held { #expect(statusCode(of: await connection.response()) == 200) }
+                #expect(try await metric(#"kora_sidecar_proxy_refused_total{code="UNAVAILABLE"}"#, in: sidecar) == 1)
 
-                // Every byte was given back: an upload of the whole limit is taken again.
-                let last = try RawConnection(port: sidecar.internalPort, readTimeout: 60)
-                let status = await offPool {
-                    last.send(upload)
-                    last.send([UInt8](repeating: 0x41, count: size))
-                    return statusCode(of: last.readResponse())
-                }
-                #expect(status == 200)
-                #expect(kora.requests.last?.bodyBytes == size)
+                let again = try await fill()
+                #expect(again.held.count == fit)
+                #expect(again.refusal == 503)
+                second.open()
             }
         }
     }

@@ -146,22 +146,20 @@ package enum BodyReader {
     }
 
     /// The whole body, as ``collect(_:channel:limit:timeout:budget:logger:throttle:)``, its bytes
-    /// past ``BodyBudget/free`` kept out of `budget` until `use` returns: a body the sidecar holds
-    /// after receiving it (a proxied upload, until Kora answers) counts for as long as it is held.
-    static func withBody<T>(
-        _ request: Request, channel: any Channel, limit: Int, budget: BodyBudget, logger: Logger, _ use: (ByteBuffer) async throws -> T
-    ) async throws -> T {
-        let held = try await hold(request, channel: channel, limit: limit, timeout: nil, budget: budget, logger: logger, throttle: nil)
-        defer { held.giveBack() }
-        return try await use(held.body)
+    /// past ``BodyBudget/free`` kept out of `budget` until the caller gives them back: a body the
+    /// sidecar holds after receiving it (a proxied upload, until Kora answers) counts for as long
+    /// as it is held.
+    static func hold(_ request: Request, channel: any Channel, limit: Int, budget: BodyBudget, logger: Logger) async throws(SidecarHTTPError) -> Held {
+        try await hold(request, channel: channel, limit: limit, timeout: nil, budget: budget, logger: logger, throttle: nil)
     }
 
     /// A body received, with the bytes of its budget it took.
-    private struct Held {
+    struct Held {
         let body: ByteBuffer
-        let taken: Int
-        let budget: BodyBudget?
+        fileprivate let taken: Int
+        fileprivate let budget: BodyBudget?
 
+        /// Gives the bytes back to the budget: once, when the body is no longer held.
         func giveBack() { if taken > 0 { budget?.give(taken) } }
     }
 

@@ -25,9 +25,8 @@ package struct KoraProxyOptions: Sendable {
 struct KoraProxy: Sendable {
     private let kora: KoraConfiguration
     private let limits: ListenerLimits
-    /// The bytes of proxied bodies the listener holds, from their first byte until Kora answers
-    /// (each past its first 64 KiB): uploads of several megabytes to a slow Kora stop at this bound
-    /// with 503 instead of growing the process until it is killed, and the webhooks with it.
+    /// The proxied bodies held until Kora answers: uploads to a slow Kora stop at this bound with
+    /// 503 instead of growing the process until it is killed, and the webhooks with it.
     private let bodies: BodyBudget
     private let identity: ServiceIdentity
     let client: KoraClient
@@ -86,21 +85,21 @@ struct KoraProxy: Sendable {
         }
         let caller = try authorize(request, method: request.method.rawValue, path: path)
         try await checkOwnVerifications(caller, method: request.method.rawValue, path: path)
+        let body: BodyReader.Held
         do {
-            return try await BodyReader.withBody(request, channel: context.channel, limit: limits.maxBodyBytes, budget: bodies, logger: logger) { body in
-                let call = KoraCall(method: request.method, path: path, query: request.uri.query, headers: request.headers, body: body)
-                if Self.isCreate(method: request.method, path: path) {
-                    let answer = try await createOnce(call, caller: caller, key: request.headers[Self.idempotencyKey])
-                    return JSONResponse.make(answer.status, answer.body, headers: answer.headers).withContentType(answer.contentType)
-                }
-                let response = try await client.send(call, service: caller.name)
-                return try await ProxyAnswer.passBack(response, head: request.method == .head)
-            }
-        } catch let error as SidecarHTTPError where error.unavailableReason == .busy || error.status == .contentTooLarge {
-            // Only reading the body refuses so: Kora never saw the call.
+            body = try await BodyReader.hold(request, channel: context.channel, limit: limits.maxBodyBytes, budget: bodies, logger: logger)
+        } catch {
             metrics.proxyCallRefused(error.code)
             throw error
         }
+        defer { body.giveBack() }
+        let call = KoraCall(method: request.method, path: path, query: request.uri.query, headers: request.headers, body: body.body)
+        if Self.isCreate(method: request.method, path: path) {
+            let answer = try await createOnce(call, caller: caller, key: request.headers[Self.idempotencyKey])
+            return JSONResponse.make(answer.status, answer.body, headers: answer.headers).withContentType(answer.contentType)
+        }
+        let response = try await client.send(call, service: caller.name)
+        return try await ProxyAnswer.passBack(response, head: request.method == .head)
     }
 
     /// `POST /api/verifications` with `{"userId", "tier"}`: the seed server of Kora's integration

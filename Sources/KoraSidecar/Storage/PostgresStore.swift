@@ -85,7 +85,8 @@ final class PostgresStore: SidecarStore, Service {
             do {
                 // On a connection of its own: the pool would keep a refusal to itself (the server
                 // full, the role's connection limit) and the migration waiting for its turn.
-                let connection = try await PostgresConnection.connect(configuration: address.connectionConfiguration(), id: 0, logger: logger)
+                // Its id is outside the pool's, which count from 0, for the logs.
+                let connection = try await PostgresConnection.connect(configuration: address.connectionConfiguration(), id: -1, logger: logger)
                 do {
                     try await Self.transaction(connection, logger: logger) { try await PostgresSchema.migrate($0, logger: self.logger) }
                 } catch {

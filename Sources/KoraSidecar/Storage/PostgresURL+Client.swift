@@ -4,11 +4,13 @@ import NIOSSL
 import PostgresNIO
 
 extension PostgresURL {
+    private static let connectTimeout = Duration.seconds(5)
+
     /// The client configuration for this address.
     var clientConfiguration: PostgresClient.Configuration {
         var configuration = PostgresClient.Configuration(
             host: host, port: port, username: username, password: password, database: database, tls: tls)
-        configuration.options.connectTimeout = .seconds(5)
+        configuration.options.connectTimeout = Self.connectTimeout
         configuration.options.maximumConnections = 16
         return configuration
     }
@@ -24,7 +26,7 @@ extension PostgresURL {
         }
         var configuration = PostgresConnection.Configuration(
             host: host, port: port, username: username, password: password, database: database, tls: tls)
-        configuration.options.connectTimeout = .seconds(5)
+        configuration.options.connectTimeout = TimeAmount(Self.connectTimeout)
         return configuration
     }
 

@@ -88,6 +88,12 @@ final class RawConnection: @unchecked Sendable {
     /// Whether the peer closed the connection (a read returns end of stream) within the read time-out.
     func isClosedByPeer() -> Bool { readEnd() != .timedOut }
 
+    /// Whether the peer sent something not read yet (an answer), without reading it or waiting.
+    var hasBytesToRead: Bool {
+        var byte: UInt8 = 0
+        return recv(fd, &byte, 1, Int32(MSG_PEEK) | Int32(MSG_DONTWAIT)) > 0
+    }
+
     /// How the peer's side of the connection ended, read within the read time-out.
     enum End { case endOfStream, reset, timedOut }
 
