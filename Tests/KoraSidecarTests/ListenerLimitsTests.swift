@@ -163,7 +163,8 @@ struct ListenerLimitsTests {
             }
             let newcomer = try RawConnection(port: sidecar.webhookPort, readTimeout: 30)
             #expect(await healthz(newcomer) == 200)
-            // The fourth's opening closed the first; the fifth's, the second.
+            // The first was closed once it had waited the grace after the fourth opened; the second,
+            // for the fifth.
             #expect(await kept[0].closedByPeer())
             #expect(await kept[1].closedByPeer())
             #expect(await healthz(kept[3]) == 200)
@@ -177,6 +178,28 @@ struct ListenerLimitsTests {
             #expect(await healthz(another) == 200)
             kept[2].send("0123456789")
             #expect(statusCode(of: await kept[2].response()) == 401)
+        }
+    }
+
+    @Test func aListenerThatAcceptedSeveralAtOnceComesBackUnderItsLimit() async throws {
+        // Three clients wait in the backlog of a full listener of two. When room is made, one read
+        // of the listening socket accepts all three, four open for a limit of two: enough are
+        // closed to take it back under the limit, so that a sixth client gets in too.
+        try await directSidecar(configure: {
+            $0.webhooks.limits.maxConnections = 2
+            $0.webhooks.limits.idleTimeoutSeconds = 600
+        }) { sidecar in
+            func healthz(_ connection: RawConnection) async -> Int? {
+                connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                return statusCode(of: await connection.response())
+            }
+            let kept = try (0..<2).map { _ in try RawConnection(port: sidecar.webhookPort, readTimeout: 30) }
+            for connection in kept { #expect(await healthz(connection) == 200) }
+            let waiting = try (0..<3).map { _ in try RawConnection(port: sidecar.webhookPort, readTimeout: 30) }
+            for connection in waiting { connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n") }
+            for connection in waiting { #expect(statusCode(of: await connection.response()) == 200) }
+            let last = try RawConnection(port: sidecar.webhookPort, readTimeout: 30)
+            #expect(await healthz(last) == 200)
         }
     }
 

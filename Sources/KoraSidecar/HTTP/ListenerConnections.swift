@@ -50,7 +50,7 @@ final class ListenerConnections: Sendable {
     private func opened(_ entry: Entry) {
         open.withLockedValue { open in
             open.entries[ObjectIdentifier(entry.channel)] = entry
-            count.store(open.counted, ordering: .relaxed)
+            count.store(open.counted, ordering: .sequentiallyConsistent)
         }
         makeRoom(on: entry.channel.eventLoop)
     }
@@ -60,61 +60,60 @@ final class ListenerConnections: Sendable {
             let id = ObjectIdentifier(entry.channel)
             open.entries[id] = nil
             open.closing.remove(id)
-            count.store(open.counted, ordering: .relaxed)
+            count.store(open.counted, ordering: .sequentiallyConsistent)
         }
     }
 
     /// A connection finished its requests and waits for the next: with the listener full, some
     /// connection makes room (this one, when every other is busy).
     private func waiting(on loop: any EventLoop) {
-        if count.load(ordering: .relaxed) >= maxConnections { makeRoom(on: loop) }
+        if count.load(ordering: .sequentiallyConsistent) >= maxConnections { makeRoom(on: loop) }
     }
 
-    /// When the listener is full, closes the connection that has waited longest for a request, if
-    /// it has waited ``grace``; else looks again once it has. The connection is picked under the
-    /// lock (no other opening picks it too, and it counts no more), then closed on its own event
-    /// loop, where a request that arrived meanwhile keeps it open and another one is picked.
+    /// When the listener is full, closes the connections that have waited longest for a request,
+    /// those that have waited ``grace``, as many as take it back under `maxConnections` (one read of
+    /// the listening socket may accept several); looks again once the next of them has waited that
+    /// long. They are picked under the lock (no other opening picks them too, and they count no
+    /// more), then closed on their own event loops, where one that had a request meanwhile is kept
+    /// and another one picked.
     private func makeRoom(on loop: any EventLoop) {
-        enum Step {
-            case close(Entry)
-            case lookAgain(in: TimeAmount)
-        }
-        let now = NIODeadline.now().uptimeNanoseconds
-        let step: Step? = open.withLockedValue { open in
-            guard open.counted >= maxConnections else { return nil }
-            var longest: (entry: Entry, since: UInt64)?
+        let (picked, lookAgain): ([(entry: Entry, since: UInt64)], TimeAmount?) = open.withLockedValue { open in
+            let excess = open.counted - maxConnections + 1
+            // A look already planned comes no later than any connection here reaches the grace.
+            guard excess > 0, !open.recheck else { return ([], nil) }
+            var waiting: [(entry: Entry, since: UInt64)] = []
             for (id, entry) in open.entries where !open.closing.contains(id) {
-                let since = entry.waitingSince.load(ordering: .relaxed)
-                if since != 0, since < longest?.since ?? .max { longest = (entry, since) }
+                let since = entry.waitingSince.load(ordering: .sequentiallyConsistent)
+                if since != 0 { waiting.append((entry, since)) }
             }
-            guard let longest else { return nil }
-            let waited = TimeAmount.nanoseconds(Int64(now - min(now, longest.since)))
-            guard waited >= Self.grace else {
-                guard !open.recheck else { return nil }
-                open.recheck = true
-                return .lookAgain(in: Self.grace - waited)
-            }
-            open.closing.insert(ObjectIdentifier(longest.entry.channel))
-            count.store(open.counted, ordering: .relaxed)
-            return .close(longest.entry)
+            waiting.sort { $0.since < $1.since }
+            let now = NIODeadline.now().uptimeNanoseconds
+            let grace = UInt64(Self.grace.nanoseconds)
+            let picked = waiting.prefix { now - min(now, $0.since) >= grace }.prefix(excess)
+            for (entry, _) in picked { open.closing.insert(ObjectIdentifier(entry.channel)) }
+            count.store(open.counted, ordering: .sequentiallyConsistent)
+            guard picked.count < excess, waiting.count > picked.count else { return (Array(picked), nil) }
+            open.recheck = true
+            return (Array(picked), .nanoseconds(Int64(waiting[picked.count].since + grace - min(now, waiting[picked.count].since + grace))))
         }
-        switch step {
-        case .lookAgain(let wait)?:
-            loop.scheduleTask(in: wait) {
+        if let lookAgain {
+            loop.scheduleTask(in: lookAgain) {
                 self.open.withLockedValue { $0.recheck = false }
                 self.makeRoom(on: loop)
-            }
-        case .close(let entry)?:
-            full.log(["listener": "\(listener.rawValue)", "maxConnections": "\(maxConnections)"]) {
-                logger.warning("Listener full: closing the connection that waits longest for a request", metadata: $0)
-            }
+            }.futureResult.whenFailure { _ in self.open.withLockedValue { $0.recheck = false } }
+        }
+        for (entry, since) in picked {
             entry.handler.hop { handler in
-                if handler.isWaiting { return entry.channel.close(promise: nil) }
+                // Still waiting since it was picked: no request came, nor one and its answer.
+                if handler.isWaiting, entry.waitingSince.load(ordering: .sequentiallyConsistent) == since {
+                    self.full.log(["listener": "\(self.listener.rawValue)", "maxConnections": "\(self.maxConnections)"]) {
+                        self.logger.warning("Listener full: closing the connection that waits longest for a request", metadata: $0)
+                    }
+                    return entry.channel.close(promise: nil)
+                }
                 self.keep(entry)
                 self.makeRoom(on: entry.channel.eventLoop)
             }
-        case nil:
-            break
         }
     }
 
@@ -122,7 +121,7 @@ final class ListenerConnections: Sendable {
     private func keep(_ entry: Entry) {
         open.withLockedValue { open in
             open.closing.remove(ObjectIdentifier(entry.channel))
-            count.store(open.counted, ordering: .relaxed)
+            count.store(open.counted, ordering: .sequentiallyConsistent)
         }
     }
 
@@ -139,7 +138,8 @@ final class ListenerConnections: Sendable {
         }
     }
 
-    /// The connection's handler, touched on its event loop only.
+    /// The connection's handler, touched on its event loop only. (Handler and entry refer to each
+    /// other until the handler is removed, which the connection's closing always does.)
     fileprivate struct LoopBoundHandler: Sendable {
         let bound: NIOLoopBound<Handler>
 
@@ -168,7 +168,7 @@ final class ListenerConnections: Sendable {
         func handlerAdded(context: ChannelHandlerContext) {
             let entry = Entry(context.channel, LoopBoundHandler(bound: NIOLoopBound(self, eventLoop: context.eventLoop)))
             self.entry = entry
-            entry.waitingSince.store(Self.now(), ordering: .relaxed)
+            entry.waitingSince.store(Self.now(), ordering: .sequentiallyConsistent)
             connections.opened(entry)
         }
 
@@ -181,7 +181,7 @@ final class ListenerConnections: Sendable {
             if case .head = unwrapInboundIn(data) {
                 unanswered += 1
                 isWaiting = false
-                entry?.waitingSince.store(0, ordering: .relaxed)
+                entry?.waitingSince.store(0, ordering: .sequentiallyConsistent)
             }
             context.fireChannelRead(data)
         }
@@ -200,7 +200,7 @@ final class ListenerConnections: Sendable {
         private func answered(on loop: any EventLoop) {
             guard unanswered == 0, let entry else { return }
             isWaiting = true
-            entry.waitingSince.store(Self.now(), ordering: .relaxed)
+            entry.waitingSince.store(Self.now(), ordering: .sequentiallyConsistent)
             connections.waiting(on: loop)
         }
 
