@@ -13,8 +13,9 @@ import Synchronization
 /// wait in the kernel's backlog until the idle time-outs. The listener stops accepting at
 /// `maxConnections`, so room is made before a newcomer comes, not when it does.
 ///
-/// A connection whose request head has been read is not closed for room until its answer is sent:
-/// its body has its deadline (``RequestDeadline``), its answer the route's time-outs.
+/// A connection whose request head has been read is not closed for room until its answer is written
+/// and the grace has passed: its body has its deadline (``RequestDeadline``), its answer the route's
+/// time-outs.
 final class ListenerConnections: Sendable {
     /// How long a connection waits for a request before it may be closed for room: a client that
     /// just connected, or just had its answer, is about to send; an idle holder has to send a
@@ -150,7 +151,7 @@ final class ListenerConnections: Sendable {
     }
 
     /// Counts its connection's requests: read and not yet answered (clients may pipeline). It
-    /// waits from when it opens, and again once the answer to its last request is sent.
+    /// waits from when it opens, and again once the answer to its last request is written.
     fileprivate final class Handler: ChannelDuplexHandler, RemovableChannelHandler {
         typealias InboundIn = HTTP1Channel.Value.InboundElement
         typealias InboundOut = InboundIn
@@ -160,7 +161,7 @@ final class ListenerConnections: Sendable {
         private let connections: ListenerConnections
         private var entry: Entry?
         private var unanswered = 0
-        /// Whether the answers are all sent and no request has come since.
+        /// Whether the answers are all written and no request has come since.
         private(set) var isWaiting = true
 
         init(_ connections: ListenerConnections) { self.connections = connections }
@@ -187,21 +188,15 @@ final class ListenerConnections: Sendable {
         }
 
         func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-            guard case .end = unwrapOutboundIn(data), unanswered > 0 else { return context.write(data, promise: promise) }
+            context.write(data, promise: promise)
+            guard case .end = unwrapOutboundIn(data), unanswered > 0 else { return }
             unanswered -= 1
-            guard unanswered == 0 else { return context.write(data, promise: promise) }
-            let written = promise ?? context.eventLoop.makePromise()
-            let loop = context.eventLoop
-            written.futureResult.assumeIsolated().whenSuccess { self.answered(on: loop) }
-            context.write(data, promise: written)
-        }
-
-        /// The last answer is sent: waiting, unless a request came meanwhile.
-        private func answered(on loop: any EventLoop) {
+            // The last answer is written: waiting from now. Its bytes may still be on their way to
+            // the client; the grace covers that, and one that takes longer is a client not reading.
             guard unanswered == 0, let entry else { return }
             isWaiting = true
             entry.waitingSince.store(Self.now(), ordering: .sequentiallyConsistent)
-            connections.waiting(on: loop)
+            connections.waiting(on: context.eventLoop)
         }
 
         private static func now() -> UInt64 { max(1, NIODeadline.now().uptimeNanoseconds) }
