@@ -143,18 +143,26 @@ struct ListenerLimitsTests {
         }
     }
 
+    /// A sidecar whose webhook listener takes `maxConnections`, with idle time-outs ten minutes away.
+    func fullListenerSidecar(maxConnections: Int, _ body: @escaping @Sendable (RunningSidecar) async throws -> Void) async throws {
+        try await directSidecar(
+            configure: {
+                $0.webhooks.limits.maxConnections = maxConnections
+                $0.webhooks.limits.idleTimeoutSeconds = 600
+            }, body)
+    }
+
+    /// `GET /healthz` on `connection`: its status.
+    func healthz(_ connection: RawConnection) async -> Int? {
+        connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        return statusCode(of: await connection.response())
+    }
+
     @Test func aFullListenerClosesTheConnectionsThatWaitLongestForARequest() async throws {
         // Four connections kept alive after a request fill a listener of four; their idle time-out
         // is ten minutes away. A fifth client gets in, and the connections that waited longest make
         // room; those in use since stay open.
-        try await directSidecar(configure: {
-            $0.webhooks.limits.maxConnections = 4
-            $0.webhooks.limits.idleTimeoutSeconds = 600
-        }) { sidecar in
-            func healthz(_ connection: RawConnection) async -> Int? {
-                connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-                return statusCode(of: await connection.response())
-            }
+        try await fullListenerSidecar(maxConnections: 4) { sidecar in
             var kept: [RawConnection] = []
             for _ in 0..<4 {
                 let connection = try RawConnection(port: sidecar.webhookPort, readTimeout: 30)
@@ -185,14 +193,7 @@ struct ListenerLimitsTests {
         // Three clients wait in the backlog of a full listener of two. When room is made, one read
         // of the listening socket accepts all three, four open for a limit of two: enough are
         // closed to take it back under the limit, so that a sixth client gets in too.
-        try await directSidecar(configure: {
-            $0.webhooks.limits.maxConnections = 2
-            $0.webhooks.limits.idleTimeoutSeconds = 600
-        }) { sidecar in
-            func healthz(_ connection: RawConnection) async -> Int? {
-                connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-                return statusCode(of: await connection.response())
-            }
+        try await fullListenerSidecar(maxConnections: 2) { sidecar in
             let kept = try (0..<2).map { _ in try RawConnection(port: sidecar.webhookPort, readTimeout: 30) }
             for connection in kept { #expect(await healthz(connection) == 200) }
             let waiting = try (0..<3).map { _ in try RawConnection(port: sidecar.webhookPort, readTimeout: 30) }
