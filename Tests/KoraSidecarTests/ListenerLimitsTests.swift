@@ -215,17 +215,20 @@ struct ListenerLimitsTests {
             var configuration = proxyConfiguration(koraBaseURL: base, services: [appService()])
             configuration.internal.limits.maxConnections = 2
             configuration.internal.limits.idleTimeoutSeconds = 600
-            try await withProxySidecar(configuration) { sidecar in
+            let logs = TestLogs()
+            try await withProxySidecar(configuration, logs: logs) { sidecar in
                 let call = "GET /api/v1/idv/verifications/ver_1 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \(ProxySecrets.appToken)\r\n\r\n"
                 let held = try (0..<2).map { _ in try RawConnection(port: sidecar.internalPort, readTimeout: 30) }
                 for connection in held { connection.send(call) }
                 try await waitUntil("Kora to hold both calls") { kora.requests.count == 2 }
                 let newcomer = try RawConnection(port: sidecar.internalPort, readTimeout: 30)
                 newcomer.send("GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-                // Not waiting for an event: Kora answers once the sidecar's look for room, one grace
-                // after the second connection opened, has found both busy, so that the room below
-                // is made when an answer is sent (answering sooner, that look would make it).
-                try await Task.sleep(for: .nanoseconds(ListenerConnections.grace.nanoseconds * 2))
+                // Kora answers once the sidecar's look for room, one grace after the second
+                // connection opened, has found both busy, so that the room below is made when an
+                // answer is written (answering sooner, that look would make it).
+                try await waitUntil("the listener to be full of requests") {
+                    logs.all.contains { $0.contains("Listener full: every connection is in the middle of a request") }
+                }
                 answers.open()
                 for connection in held { #expect(statusCode(of: await connection.response()) == 200) }
                 #expect(statusCode(of: await newcomer.response()) == 200)

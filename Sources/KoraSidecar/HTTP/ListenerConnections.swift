@@ -33,11 +33,12 @@ final class ListenerConnections: Sendable {
 
     private let maxConnections: Int
     private let open = NIOLockedValueBox(Open())
-    /// How many are open and not closing, read without the lock when a request ends.
+    /// `counted`, read without the lock when a request ends.
     private let count = Atomic<Int>(0)
     private let listener: ListenerRole
     private let logger: Logger
-    private let full = LogThrottle(every: .seconds(60))
+    private let closingLog = LogThrottle(every: .seconds(60))
+    private let busyLog = LogThrottle(every: .seconds(60))
 
     init(maxConnections: Int, listener: ListenerRole, logger: Logger) {
         self.maxConnections = maxConnections
@@ -48,20 +49,24 @@ final class ListenerConnections: Sendable {
     /// The handler each of the listener's connections carries, after HTTP decoding.
     func handler() -> some RemovableChannelHandler { Handler(self) }
 
-    private func opened(_ entry: Entry) {
+    /// Changes the open connections under the lock, and `count` with them.
+    private func change<T>(_ body: (inout Open) -> T) -> T {
         open.withLockedValue { open in
-            open.entries[ObjectIdentifier(entry.channel)] = entry
-            count.store(open.counted, ordering: .sequentiallyConsistent)
+            defer { count.store(open.counted, ordering: .sequentiallyConsistent) }
+            return body(&open)
         }
+    }
+
+    private func opened(_ entry: Entry) {
+        change { $0.entries[ObjectIdentifier(entry.channel)] = entry }
         makeRoom(on: entry.channel.eventLoop)
     }
 
     private func closed(_ entry: Entry) {
-        open.withLockedValue { open in
-            let id = ObjectIdentifier(entry.channel)
+        let id = ObjectIdentifier(entry.channel)
+        change { open in
             open.entries[id] = nil
             open.closing.remove(id)
-            count.store(open.counted, ordering: .sequentiallyConsistent)
         }
     }
 
@@ -78,10 +83,10 @@ final class ListenerConnections: Sendable {
     /// more), then closed on their own event loops, where one that had a request meanwhile is kept
     /// and another one picked.
     private func makeRoom(on loop: any EventLoop) {
-        let (picked, lookAgain): ([(entry: Entry, since: UInt64)], TimeAmount?) = open.withLockedValue { open in
+        let (picked, lookAgain, allBusy): ([(entry: Entry, since: UInt64)], TimeAmount?, Bool) = change { open in
             let excess = open.counted - maxConnections + 1
             // A look already planned comes no later than any connection here reaches the grace.
-            guard excess > 0, !open.recheck else { return ([], nil) }
+            guard excess > 0, !open.recheck else { return ([], nil, false) }
             var waiting: [(entry: Entry, since: UInt64)] = []
             for (id, entry) in open.entries where !open.closing.contains(id) {
                 let since = entry.waitingSince.load(ordering: .sequentiallyConsistent)
@@ -90,12 +95,17 @@ final class ListenerConnections: Sendable {
             waiting.sort { $0.since < $1.since }
             let now = NIODeadline.now().uptimeNanoseconds
             let grace = UInt64(Self.grace.nanoseconds)
-            let picked = waiting.prefix { now - min(now, $0.since) >= grace }.prefix(excess)
+            let picked = Array(waiting.prefix { now - min(now, $0.since) >= grace }.prefix(excess))
             for (entry, _) in picked { open.closing.insert(ObjectIdentifier(entry.channel)) }
-            count.store(open.counted, ordering: .sequentiallyConsistent)
-            guard picked.count < excess, waiting.count > picked.count else { return (Array(picked), nil) }
+            guard picked.count < excess, waiting.count > picked.count else { return (picked, nil, waiting.isEmpty) }
             open.recheck = true
-            return (Array(picked), .nanoseconds(Int64(waiting[picked.count].since + grace - min(now, waiting[picked.count].since + grace))))
+            // Not yet past the grace: later than now.
+            return (picked, .nanoseconds(Int64(waiting[picked.count].since + grace - now)), false)
+        }
+        if allBusy {
+            busyLog.log(["listener": "\(listener.rawValue)", "maxConnections": "\(maxConnections)"]) {
+                logger.warning("Listener full: every connection is in the middle of a request", metadata: $0)
+            }
         }
         if let lookAgain {
             loop.scheduleTask(in: lookAgain) {
@@ -104,50 +114,29 @@ final class ListenerConnections: Sendable {
             }.futureResult.whenFailure { _ in self.open.withLockedValue { $0.recheck = false } }
         }
         for (entry, since) in picked {
-            entry.handler.hop { handler in
-                // Still waiting since it was picked: no request came, nor one and its answer.
-                if handler.isWaiting, entry.waitingSince.load(ordering: .sequentiallyConsistent) == since {
-                    self.full.log(["listener": "\(self.listener.rawValue)", "maxConnections": "\(self.maxConnections)"]) {
-                        self.logger.warning("Listener full: closing the connection that waits longest for a request", metadata: $0)
-                    }
-                    return entry.channel.close(promise: nil)
+            // On its loop, where its handler writes `waitingSince`: the same value means it has had
+            // no request since it was picked.
+            entry.channel.eventLoop.execute {
+                guard entry.waitingSince.load(ordering: .sequentiallyConsistent) == since else {
+                    self.change { _ = $0.closing.remove(ObjectIdentifier(entry.channel)) }
+                    return self.makeRoom(on: entry.channel.eventLoop)
                 }
-                self.keep(entry)
-                self.makeRoom(on: entry.channel.eventLoop)
+                self.closingLog.log(["listener": "\(self.listener.rawValue)", "maxConnections": "\(self.maxConnections)"]) {
+                    self.logger.warning("Listener full: closing the connection that waits longest for a request", metadata: $0)
+                }
+                entry.channel.close(promise: nil)
             }
-        }
-    }
-
-    /// A connection picked to make room had a request come first: it counts again.
-    private func keep(_ entry: Entry) {
-        open.withLockedValue { open in
-            open.closing.remove(ObjectIdentifier(entry.channel))
-            count.store(open.counted, ordering: .sequentiallyConsistent)
         }
     }
 
     /// One connection, as the others see it.
     fileprivate final class Entry: Sendable {
         let channel: any Channel
-        /// Since when it waits for a request (``NIODeadline`` nanoseconds), 0 while it works on one.
+        /// Since when it waits for a request (``NIODeadline`` nanoseconds), 0 while it works on one;
+        /// written on the connection's event loop only.
         let waitingSince = Atomic<UInt64>(0)
-        let handler: LoopBoundHandler
 
-        init(_ channel: any Channel, _ handler: LoopBoundHandler) {
-            self.channel = channel
-            self.handler = handler
-        }
-    }
-
-    /// The connection's handler, touched on its event loop only. (Handler and entry refer to each
-    /// other until the handler is removed, which the connection's closing always does.)
-    fileprivate struct LoopBoundHandler: Sendable {
-        let bound: NIOLoopBound<Handler>
-
-        func hop(_ body: @escaping @Sendable (Handler) -> Void) {
-            let bound = bound
-            bound.eventLoop.execute { body(bound.value) }
-        }
+        init(_ channel: any Channel) { self.channel = channel }
     }
 
     /// Counts its connection's requests: read and not yet answered (clients may pipeline). It
@@ -161,13 +150,11 @@ final class ListenerConnections: Sendable {
         private let connections: ListenerConnections
         private var entry: Entry?
         private var unanswered = 0
-        /// Whether the answers are all written and no request has come since.
-        private(set) var isWaiting = true
 
         init(_ connections: ListenerConnections) { self.connections = connections }
 
         func handlerAdded(context: ChannelHandlerContext) {
-            let entry = Entry(context.channel, LoopBoundHandler(bound: NIOLoopBound(self, eventLoop: context.eventLoop)))
+            let entry = Entry(context.channel)
             self.entry = entry
             entry.waitingSince.store(Self.now(), ordering: .sequentiallyConsistent)
             connections.opened(entry)
@@ -181,7 +168,6 @@ final class ListenerConnections: Sendable {
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
             if case .head = unwrapInboundIn(data) {
                 unanswered += 1
-                isWaiting = false
                 entry?.waitingSince.store(0, ordering: .sequentiallyConsistent)
             }
             context.fireChannelRead(data)
@@ -194,7 +180,6 @@ final class ListenerConnections: Sendable {
             // The last answer is written: waiting from now. Its bytes may still be on their way to
             // the client; the grace covers that, and one that takes longer is a client not reading.
             guard unanswered == 0, let entry else { return }
-            isWaiting = true
             entry.waitingSince.store(Self.now(), ordering: .sequentiallyConsistent)
             connections.waiting(on: context.eventLoop)
         }
