@@ -145,14 +145,6 @@ package enum BodyReader {
         return held.body
     }
 
-    /// The whole body, as ``collect(_:channel:limit:timeout:budget:logger:throttle:)``, its bytes
-    /// past ``BodyBudget/free`` kept out of `budget` until the caller gives them back: a body the
-    /// sidecar holds after receiving it (a proxied upload, until Kora answers) counts for as long
-    /// as it is held.
-    static func hold(_ request: Request, channel: any Channel, limit: Int, budget: BodyBudget, logger: Logger) async throws(SidecarHTTPError) -> Held {
-        try await hold(request, channel: channel, limit: limit, timeout: nil, budget: budget, logger: logger, throttle: nil)
-    }
-
     /// A body received, with the bytes of its budget it took.
     struct Held {
         let body: ByteBuffer
@@ -163,11 +155,16 @@ package enum BodyReader {
         func giveBack() { if taken > 0 { budget?.give(taken) } }
     }
 
-    private static func hold(
-        _ request: Request, channel: any Channel, limit: Int, timeout: Duration?, budget: BodyBudget?, logger: Logger?, throttle: LogThrottle?
+    /// The whole body, as ``collect(_:channel:limit:timeout:budget:logger:throttle:)``, its bytes
+    /// past ``BodyBudget/free`` kept out of `budget` until the caller gives them back: a body the
+    /// sidecar holds after receiving it (a proxied upload, until Kora answers) counts for as long
+    /// as it is held.
+    static func hold(
+        _ request: Request, channel: any Channel, limit: Int, timeout: Duration? = nil, budget: BodyBudget?, logger: Logger?,
+        throttle: LogThrottle? = nil
     ) async throws(SidecarHTTPError) -> Held {
         do {
-            return try await hold(request, channel: channel, limit: limit, timeout: timeout, budget: budget)
+            return try await receive(request, channel: channel, limit: limit, timeout: timeout, budget: budget)
         } catch {
             let metadata: Logger.Metadata = [
                 "http.path": "\(LoggedPath.masking(request.uri.path))", "http.status": "\(error.status.code)", "error.code": "\(error.code)",
@@ -179,7 +176,7 @@ package enum BodyReader {
         }
     }
 
-    private static func hold(
+    private static func receive(
         _ request: Request, channel: any Channel, limit: Int, timeout: Duration?, budget: BodyBudget?
     ) async throws(SidecarHTTPError) -> Held {
         if declaresMore(than: limit, request) { throw .payloadTooLarge(limit: limit) }
