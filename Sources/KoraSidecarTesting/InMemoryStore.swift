@@ -389,7 +389,7 @@ final class InMemoryStore: SidecarStore {
                 .values.map { group in
                     OutboxDepth(
                         service: group[0].summary.service, status: group[0].summary.status, count: group.count,
-                        oldestSince: group.map { $0.pendingSince ?? $0.summary.createdAt }.min())
+                        oldestSince: group[0].summary.status == .pending ? group.map { $0.pendingSince ?? $0.summary.createdAt }.min() : nil)
                 }
         }
     }

@@ -385,6 +385,76 @@ struct StoreTests {
     }
 
     @Test(arguments: Kind.allCases)
+    func theOutboxCountsFollowEveryChangeOfADeliverysState(kind: Kind) async throws {
+        let (store, cleanup) = try await makeStore(kind)
+        defer { cleanup() }
+        // The outbox gauges must say what a listing of the deliveries says, whatever changed them.
+        func expectCountsMatchTheListing(_ step: Comment) async throws {
+            var listed: [String: Int] = [:]
+            for delivery in try await store.deliveries(status: nil, limit: 100) { listed["\(delivery.service) \(delivery.status)", default: 0] += 1 }
+            var counted: [String: Int] = [:]
+            for row in try await store.depth() where row.count > 0 { counted["\(row.service) \(row.status)"] = row.count }
+            #expect(counted == listed, step)
+        }
+        func settle(_ service: String, limit: Int, now: UnixTime, code: Int, next: NextStep) async throws {
+            for job in try await store.claimDue(service: service, now: now, limit: limit, lease: .seconds(30)) {
+                let attempt = AttemptRecord(attempt: 1, at: now, statusCode: code, error: nil, durationMilliseconds: 1)
+                try await store.finish(deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: attempt, next: next)
+            }
+        }
+        for index in 0..<6 {
+            _ = try await store.enqueue(event("e\(index)", verification: "ver_\(index)"), services: ["a", "b"], at: t0, dedupSince: at(-1))
+        }
+        try await settle("a", limit: 4, now: t0, code: 200, next: .delivered)
+        try await settle("b", limit: 3, now: t0, code: 410, next: .dead)
+        try await expectCountsMatchTheListing("delivered and dead")
+        #expect(try await store.requeue(DeliveryFilter(statuses: [.dead]), at: at(1), dryRun: false).selected == 3)
+        try await expectCountsMatchTheListing("the dead ones re-queued")
+        #expect(try await store.requeue(DeliveryFilter(statuses: [.delivered], verificationID: "ver_1"), at: at(2), dryRun: false).selected == 1)
+        try await expectCountsMatchTheListing("a delivered one re-queued")
+        let dead = try #require(try await store.deliveries(status: .pending, limit: 10).first { $0.service == "b" })
+        #expect(try await store.requeue(id: dead.id, at: at(2)))
+        try await expectCountsMatchTheListing("a pending one made due")
+        try await settle("a", limit: 10, now: at(3), code: 200, next: .delivered)
+        try await settle("b", limit: 2, now: at(3), code: 410, next: .dead)
+        try await expectCountsMatchTheListing("settled again")
+        // ver_0's event had a delivered delivery and a dead one.
+        _ = try await store.erase(verificationIDs: ["ver_0"], eventIDs: [], quarantineIDs: [], mentions: [])
+        try await expectCountsMatchTheListing("erased")
+        #expect(try await store.prune(deliveredBefore: at(100), seenBefore: at(-100), limit: 1000).deliveries == 5)
+        try await expectCountsMatchTheListing("pruned")
+        #expect(try await store.depth().contains { $0.status == .dead && $0.count > 0 })
+    }
+
+    @Test func anUpgradedSQLiteStoreCountsTheDeliveriesItAlreadyHeld() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let path = directory + "/store.sqlite"
+        let store = try SQLiteStore(path: path, protection: .sealedForTests)
+        for index in 0..<3 {
+            _ = try await store.enqueue(event("e\(index)"), services: ["a"], at: t0, dedupSince: at(-1))
+        }
+        for (index, job) in try await store.claimDue(service: "a", now: t0, limit: 2, lease: .seconds(30)).enumerated() {
+            let attempt = AttemptRecord(attempt: 1, at: t0, statusCode: 200, error: nil, durationMilliseconds: 1)
+            try await store.finish(deliveryID: job.deliveryID, leasedUntil: job.leaseUntil, attempt: attempt, next: index == 0 ? .delivered : .dead)
+        }
+        store.close()
+        // The store as the version before the counts left it.
+        let before = SQLiteStore.migrations.count - 1
+        let downgrade = try await runTool(
+            "/usr/bin/sqlite3",
+            [
+                path,
+                "DROP TRIGGER delivery_counts_delete; DROP TRIGGER delivery_counts_update; DROP TABLE delivery_counts; PRAGMA user_version=\(before);",
+            ])
+        #expect(downgrade.status == 0, "\(downgrade.stderr)")
+        let upgraded = try SQLiteStore(path: path, protection: .sealedForTests)
+        defer { upgraded.close() }
+        let counts = try await upgraded.depth().map { "\($0.status) \($0.count)" }.sorted()
+        #expect(counts == ["dead 1", "delivered 1", "pending 1"])
+    }
+
+    @Test(arguments: Kind.allCases)
     func pruningRemovesOnlyWhatIsFinishedAndOld(kind: Kind) async throws {
         let (store, cleanup) = try await makeStore(kind)
         defer { cleanup() }

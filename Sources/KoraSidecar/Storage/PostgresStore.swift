@@ -738,7 +738,14 @@ final class PostgresStore: SidecarStore, Service {
     }
 
     package func depth() async throws -> [OutboxDepth] {
-        try await rows("SELECT service, status, COUNT(*), MIN(COALESCE(pending_since, created_at)) FROM kora_deliveries GROUP BY service, status").compactMap { row in
+        // Counted on the database's server, at each scrape: replicas keeping counts as SQLite does
+        // would all update the same rows at every delivery's end.
+        try await rows(
+            """
+            SELECT service, status, COUNT(*), MIN(COALESCE(pending_since, created_at)) FILTER (WHERE status = 'pending')
+            FROM kora_deliveries GROUP BY service, status
+            """
+        ).compactMap { row in
             let (service, statusText, count, oldest) = try row.decode((String, String, Int64, Int64?).self)
             guard let status = DeliveryStatus(rawValue: statusText) else { return nil }
             return OutboxDepth(service: service, status: status, count: Int(count), oldestSince: oldest.map(UnixTime.init(milliseconds:)))

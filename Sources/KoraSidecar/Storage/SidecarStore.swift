@@ -465,7 +465,7 @@ package struct OutboxDepth: Sendable, Equatable {
     package var service: String
     package var status: DeliveryStatus
     package var count: Int
-    /// Since when the oldest delivery in this state has waited: its creation, or the last time an
+    /// Pending deliveries only: since when the oldest has waited, its creation or the last time an
     /// operator made it pending again (a re-queued delivery of last week has not waited a week).
     package var oldestSince: UnixTime?
 
