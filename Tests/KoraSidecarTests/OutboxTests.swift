@@ -159,10 +159,5 @@ struct OutboxTests {
         #expect(next(after: 1, retryAfter: .seconds(3600)) == .retry(at: UnixTime(milliseconds: 60_000)))
         #expect(next(after: 2, retryAfter: .seconds(1)) == .retry(at: UnixTime(milliseconds: 60_000)))
         #expect(next(after: 3, retryAfter: .seconds(1)) == .dead)
-        // An attempt the sidecar itself could not make (out of file descriptors) never ends the schedule.
-        var own = AttemptResult(statusCode: nil, error: "out of file descriptors", durationMilliseconds: 1)
-        own.ownFailure = true
-        #expect(policy.next(after: 3, result: own, now: now) == .retry(at: UnixTime(milliseconds: 60_000)))
-        #expect(policy.next(after: 9, result: own, now: now) == .retry(at: UnixTime(milliseconds: 60_000)))
     }
 }

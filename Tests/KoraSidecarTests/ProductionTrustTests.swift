@@ -422,6 +422,49 @@ struct ProductionTrustTests {
         }
     }
 
+    @Test func outOfFileDescriptorsAQueuedDeliveryKeepsItsRetriesAndGoesOnceItCan() async throws {
+        // Queued, with a schedule of three retries 100–200 ms apart: attempts the sidecar could not
+        // make would have spent them in half a second, and the delivery's attempt count with them.
+        let receiver = Receiver()
+        try await withReceiver(receiver) { port in
+            let config = try writeProcessConfig(directory: try temporaryDirectory(), receiverPort: port)
+            var sidecar = try SidecarProcess(config: config)
+            let running = try await sidecar.running()
+            let webhooks = try RawConnection(port: running.webhookPort, readTimeout: 30)
+            webhooks.send("GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            #expect(statusCode(of: await webhooks.response()) == 200)
+            let hard = try #require(sidecar.openFileLimits?.hard)
+            #expect(try await runTool("/usr/bin/prlimit", ["--pid", "\(sidecar.pid)", "--nofile=0:\(hard)"]).status == 0)
+            let eventID = "evt_emfile_\(TestSecrets.unique)"
+            // Stored on a connection already open and a store already open: accepted.
+            webhooks.send(signedWebhookRequest(TestEvent.body(eventID: eventID)))
+            #expect(statusCode(of: await webhooks.response()) == 200)
+            let failed = sidecar
+            try await waitUntil("the sidecar to meet EMFILE delivering") {
+                failed.log.contains { $0.contains("the sidecar is out of file descriptors for a new connection (EMFILE)") }
+            }
+            let listed = try await Binary.run(["deliveries", "list", "--status", "pending", "--config", config])
+            let delivery = try JSONParser.parse(Array(listed.stdout.utf8))[0]
+            #expect(delivery?["eventId"]?.text == eventID, "\(listed.stdout)")
+            #expect(delivery?["attempts"] == .int(0), "\(listed.stdout)")
+            #expect(sidecar.log.contains { $0.contains("Delivery not attempted: the sidecar could not open a connection") })
+            #expect(receiver.count == 0)
+
+            // With descriptors again it goes, as its first attempt: here at the next start, which
+            // ends every lease (in a running sidecar, once its lease ends).
+            #expect(try await runTool("/usr/bin/prlimit", ["--pid", "\(sidecar.pid)", "--nofile=\(hard):\(hard)"]).status == 0)
+            sidecar.signal(SIGTERM)
+            try await sidecar.expectCleanExit()
+            sidecar = try SidecarProcess(config: config)
+            _ = try await sidecar.running()
+            let delivered = try await receiver.waitFor(1)
+            #expect(delivered[0].header("webhook-id") == eventID)
+            #expect(delivered[0].header("X-Kora-Delivery-Attempt") == "1")
+            sidecar.signal(SIGTERM)
+            try await sidecar.expectCleanExit()
+        }
+    }
+
     @Test func deliveriesHelpSaysWhatEachCommandDoes() async throws {
         let help = try await Binary.run(["deliveries", "--help"])
         for phrase in ["List deliveries", "Show one delivery", "Queue one delivery again", "Send an already delivered"] {

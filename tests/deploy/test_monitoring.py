@@ -37,7 +37,7 @@ CONTRACT_METRICS = {
         "reason": {"MISSING_SIGNATURE", "INVALID_SIGNATURE", "STALE_TIMESTAMP", "UNSUPPORTED_ALGORITHM",
                    "store", "service_refused", "service_held", "in_flight", "busy"},
     },
-    "kora_sidecar_deliveries_total": {"service": None, "result": {"delivered", "retry", "dead", "refused", "not_recorded"}},
+    "kora_sidecar_deliveries_total": {"service": None, "result": {"delivered", "retry", "dead", "refused", "not_recorded", "not_attempted"}},
     "kora_sidecar_delivery_duration_seconds": {"service": None},
     "kora_sidecar_outbox_depth": {"service": None, "state": {"pending", "delivered", "dead"}},
     "kora_sidecar_oldest_pending_age_seconds": {"service": None},

@@ -39,6 +39,9 @@ final class OutboxDispatcher: Service, Sendable {
     private let retries: [String: NIOLockedValueBox<UnixTime?>]
     /// "Outbox unavailable", once a minute for each service: every worker meets the same outage each second.
     private let outages: [String: LogThrottle]
+    /// "Delivery not attempted", once a minute for each service: out of file descriptors, every
+    /// delivery due meets it.
+    private let ownFailures: [String: LogThrottle]
     /// Rung once, on shutdown.
     private let shutdownBell = Doorbell()
     private let stopping = Atomic(false)
@@ -63,6 +66,7 @@ final class OutboxDispatcher: Service, Sendable {
         self.dueTimes = Self.perService(services) { SingleFlight() }
         self.retries = Self.perService(services) { NIOLockedValueBox(nil) }
         self.outages = Self.perService(services) { LogThrottle(every: .seconds(60)) }
+        self.ownFailures = Self.perService(services) { LogThrottle(every: .seconds(60)) }
         self.policy = policy
         self.concurrency = concurrency
         self.drainTimeout = drainTimeout
@@ -223,6 +227,19 @@ final class OutboxDispatcher: Service, Sendable {
                 logger.notice(
                     "Delivery cut off by the drain time-out; it stays pending",
                     metadata: ["webhook.id": "\(job.event.id)", "service": "\(service.name)", "delivery.id": "\(job.deliveryID)"])
+                return nil
+            }
+            // The sidecar could not open a connection (out of file descriptors): that says nothing of
+            // the service and spends none of its retries. It goes again once its lease ends.
+            if result.ownFailure {
+                ServiceHold.record(result, of: service.name, breakers: breakers, rateLimits: rateLimits, now: .now())
+                metrics.delivery(service: service.name, result: "not_attempted", milliseconds: result.durationMilliseconds)
+                let metadata: Logger.Metadata = [
+                    "webhook.id": "\(job.event.id)", "service": "\(service.name)", "delivery.id": "\(job.deliveryID)", "error": "\(result.error ?? "-")",
+                ]
+                ownFailures[service.name]?.log(metadata) {
+                    logger.error("Delivery not attempted: the sidecar could not open a connection; it goes again once its lease ends", metadata: $0)
+                }
                 return nil
             }
             next = policy.next(after: job.attempt, result: result, now: .now())

@@ -20,10 +20,8 @@ struct RetryPolicy: Sendable {
     package func next(after attempt: Int, result: AttemptResult, now: UnixTime) -> NextStep {
         if result.succeeded { return .delivered }
         if result.statusCode == 410 { return .dead }
-        // The sidecar's own failure (out of file descriptors) is never why a delivery dies: past the
-        // schedule it is retried at its last delay, until the attempt can be made.
-        guard attempt <= schedule.count || (result.ownFailure && !schedule.isEmpty) else { return .dead }
-        let delay = Double(schedule[min(attempt, schedule.count) - 1].milliseconds)
+        guard attempt <= schedule.count else { return .dead }
+        let delay = Double(schedule[attempt - 1].milliseconds)
         let jittered = Int64((delay * (1 + Double.random(in: -jitter...jitter))).rounded())
         if let asked = result.retryAfter, let longest = schedule.last {
             return .retry(at: UnixTime(milliseconds: now.milliseconds + max(min(asked, longest).milliseconds, jittered)))
