@@ -48,6 +48,8 @@ final class OutboxDispatcher: Service, Sendable {
 
     /// Longest a worker sleeps before looking for due deliveries again.
     static let idlePoll = Duration.seconds(5)
+    /// How long a worker waits after the sidecar could not open a connection (out of file descriptors).
+    static let ownFailurePause = Duration.seconds(1)
 
     init(
         store: any SidecarStore, sender: EventSender, services: [DeliveryService], policy: RetryPolicy, concurrency: Int,
@@ -240,6 +242,10 @@ final class OutboxDispatcher: Service, Sendable {
                 ownFailures[service.name]?.log(metadata) {
                     logger.error("Delivery not attempted: the sidecar could not open a connection; it goes again once its lease ends", metadata: $0)
                 }
+                // Every delivery due would meet the same limit: the worker pauses, rather than lease
+                // each of them in turn, a write and a failed connect apiece, for as long as it lasts.
+                let generation = shutdownBell.generation
+                if !stopping.load(ordering: .relaxed) { await shutdownBell.wait(after: generation, timeout: Self.ownFailurePause) }
                 return nil
             }
             next = policy.next(after: job.attempt, result: result, now: .now())
