@@ -237,6 +237,58 @@ struct OperationsTests {
                 "The private key \(otherKey) (webhooks.tls.privateKeyFile) cannot be used with the certificate \(certificate) (webhooks.tls.certificateFile): is it the certificate's key?")
         ) { try buildApplication(configuration, logger: TestLogs().logger(), options: options) }
     }
+
+    @Test func theWebhookListenerServesARenewedCertificateWithoutARestart() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        // As a Kubernetes volume renews them: the files sit in a folder a link names, swapped at once.
+        func makePair(_ name: String) async throws {
+            try FileManager.default.createDirectory(atPath: directory + "/" + name, withIntermediateDirectories: true)
+            let made = try await runTool(
+                "/usr/bin/openssl",
+                ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "\(directory)/\(name)/key.pem", "-out", "\(directory)/\(name)/cert.pem", "-days", "1", "-subj", "/CN=\(name)"])
+            try #require(made.status == 0, "\(made.stderr)")
+        }
+        @Sendable func serve(_ name: String) throws {
+            let link = directory + "/current.new"
+            try? FileManager.default.removeItem(atPath: link)
+            try FileManager.default.createSymbolicLink(atPath: link, withDestinationPath: name)
+            try #require(rename(link, directory + "/current") == 0)
+        }
+        /// The common name of the certificate a new handshake gets.
+        @Sendable func served(_ port: Int) async throws -> String? {
+            let client = try await runTool("/usr/bin/openssl", ["s_client", "-connect", "127.0.0.1:\(port)"])
+            let subject = client.stdout.split(separator: "\n").first { $0.hasPrefix("subject=") }
+            return subject.map { $0.replacingOccurrences(of: " ", with: "") }?.components(separatedBy: "CN=").last
+        }
+        for name in ["first", "second", "third"] { try await makePair(name) }
+        // A renewal whose key is another certificate's.
+        try FileManager.default.createDirectory(atPath: directory + "/mismatched", withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: directory + "/third/cert.pem", toPath: directory + "/mismatched/cert.pem")
+        try FileManager.default.copyItem(atPath: directory + "/first/key.pem", toPath: directory + "/mismatched/key.pem")
+        try serve("first")
+
+        var configuration = testConfiguration(services: [])
+        configuration.webhooks.tls = TLSFiles(certificateFile: directory + "/current/cert.pem", privateKeyFile: directory + "/current/key.pem")
+        var options = SidecarOptions()
+        options.store = InMemoryStore()
+        let logs = TestLogs()
+        try await withSidecar(configuration, options: options, logs: logs) { (sidecar: RunningSidecar) async throws in
+            #expect(try await served(sidecar.webhookPort) == "first")
+            try serve("second")
+            try await waitUntil("the renewed certificate to be served") { try await served(sidecar.webhookPort) == "second" }
+            #expect(logs.all.contains { $0.contains("TLS certificate was read again") })
+            try serve("mismatched")
+            // Handshakes look at the files: each one here still gets the certificate served before.
+            try await waitUntil("the unusable renewal to be reported") {
+                let name = try await served(sidecar.webhookPort)
+                #expect(name == "second")
+                return logs.all.contains { $0.contains("TLS certificate files changed but cannot be used; the previous certificate is still served") }
+            }
+            try serve("third")
+            try await waitUntil("the next renewal to be served") { try await served(sidecar.webhookPort) == "third" }
+        }
+    }
 }
 
 @Suite("Proxy paths")

@@ -14,6 +14,19 @@ extension TLSFiles {
     /// at least.
     /// - Throws: ``StartupError`` naming the key and the file that cannot be used.
     func serverConfiguration() throws -> TLSConfiguration {
+        let (chain, key) = try readPair()
+        return Self.serverConfiguration(chain: chain, key: key)
+    }
+
+    private static func serverConfiguration(chain: [NIOSSLCertificate], key: NIOSSLPrivateKey) -> TLSConfiguration {
+        var configuration = TLSConfiguration.makeServerConfiguration(certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
+        configuration.minimumTLSVersion = .tlsv12
+        return configuration
+    }
+
+    /// The certificate chain and its key, read from the files and checked to belong together.
+    /// - Throws: ``StartupError`` naming the key and the file that cannot be used.
+    func readPair() throws -> (chain: [NIOSSLCertificate], key: NIOSSLPrivateKey) {
         let chain = try PEMCertificates.read(certificateFile, key: "webhooks.tls.certificateFile")
         let key: NIOSSLPrivateKey
         if !FileManager.default.fileExists(atPath: privateKeyFile) {
@@ -24,17 +37,15 @@ extension TLSFiles {
         } catch {
             throw StartupError("The private key \(privateKeyFile) (webhooks.tls.privateKeyFile) cannot be read as PEM.")
         }
-        var configuration = TLSConfiguration.makeServerConfiguration(certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
-        configuration.minimumTLSVersion = .tlsv12
         // Built here, once, so that a key of another certificate is this sentence, not a failure
-        // deep in the listener's start.
+        // deep in the listener's start (or in every handshake after a renewal).
         do {
-            _ = try NIOSSLContext(configuration: configuration)
+            _ = try NIOSSLContext(configuration: Self.serverConfiguration(chain: chain, key: key))
         } catch {
             throw StartupError(
                 "The private key \(privateKeyFile) (webhooks.tls.privateKeyFile) cannot be used with the certificate \(certificateFile) (webhooks.tls.certificateFile): is it the certificate's key?")
         }
-        return configuration
+        return (chain, key)
     }
 }
 
@@ -75,9 +86,14 @@ extension DeliveryConfiguration {
 
 extension HTTPServerBuilder {
     /// The public listener's server: HTTP/1.1 with its limits, inside TLS when `tls` is set.
+    /// The certificate files are read again when they change (``ServedCertificate``).
     static func webhookServer(_ limits: ListenerLimits, tls: TLSFiles?, logger: Logger) throws -> HTTPServerBuilder {
         let http1 = HTTPServerBuilder.sidecarHTTP1(limits, listener: .webhooks, logger: logger)
         guard let tls else { return http1 }
-        return try .tls(http1, tlsConfiguration: tls.serverConfiguration())
+        // Before the files are read: a change made meanwhile is read again at the first handshake.
+        let served = ServedCertificate(files: tls, logger: logger)
+        var configuration = try tls.serverConfiguration()
+        configuration.sslContextCallback = { _, promise in promise.succeed(served.current()) }
+        return try .tls(http1, tlsConfiguration: configuration)
     }
 }
