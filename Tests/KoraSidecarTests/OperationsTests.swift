@@ -257,7 +257,7 @@ struct OperationsTests {
         }
         /// The common name of the certificate a new handshake gets.
         @Sendable func served(_ port: Int) async throws -> String? {
-            let client = try await runTool("/usr/bin/openssl", ["s_client", "-connect", "127.0.0.1:\(port)"])
+            let client = try await runTool("/usr/bin/timeout", ["10", "/usr/bin/openssl", "s_client", "-connect", "127.0.0.1:\(port)"])
             let subject = client.stdout.split(separator: "\n").first { $0.hasPrefix("subject=") }
             return subject.map { $0.replacingOccurrences(of: " ", with: "") }?.components(separatedBy: "CN=").last
         }
@@ -276,8 +276,9 @@ struct OperationsTests {
         try await withSidecar(configuration, options: options, logs: logs) { (sidecar: RunningSidecar) async throws in
             #expect(try await served(sidecar.webhookPort) == "first")
             try serve("second")
-            try await waitUntil("the renewed certificate to be served") { try await served(sidecar.webhookPort) == "second" }
-            #expect(logs.all.contains { $0.contains("TLS certificate was read again") })
+            try await waitUntil("the renewed certificate to be served, and said") {
+                try await served(sidecar.webhookPort) == "second" && logs.all.contains { $0.contains("TLS certificate was read again") }
+            }
             try serve("mismatched")
             // Handshakes look at the files: each one here still gets the certificate served before.
             try await waitUntil("the unusable renewal to be reported") {
