@@ -64,7 +64,8 @@ package func buildApplication(
         services.append(opened.service)
     }
 
-    let client = DeliveryClient(tls: try configuration.delivery.clientTLS())
+    let client = DeliveryClient(
+        tls: try configuration.delivery.clientTLS(), caFile: configuration.delivery.caFile, logger: logger.with("component", "delivery"))
     services.append(CloseOnShutdown { client.shutdown() })
     let deliveryServices = configuration.deliveryServices
     for service in deliveryServices where service.signingKeys.isEmpty {

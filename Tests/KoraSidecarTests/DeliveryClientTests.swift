@@ -273,6 +273,63 @@ struct DeliveryClientTests {
         } throws: { "\($0)" == "The certificate file \(directory)/absent.pem (delivery.caFile) does not exist." }
     }
 
+    @Test func aCertificateAuthorityAddedToTheCAFileIsTrustedWithoutARestart() async throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        // Two authorities of a company's, each a self-signed certificate for the service's name.
+        func makeAuthority(_ name: String) async throws -> String {
+            let made = try await runTool(
+                "/usr/bin/openssl",
+                [
+                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "\(directory)/\(name).key", "-out", "\(directory)/\(name).pem", "-days",
+                    "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                ])
+            try #require(made.status == 0, "\(made.stderr)")
+            return try String(contentsOfFile: "\(directory)/\(name).pem", encoding: .utf8)
+        }
+        let (old, new) = (try await makeAuthority("old"), try await makeAuthority("new"))
+        let caFile = directory + "/ca.pem"
+        // Written whole and renamed over the file, as a bundle is renewed.
+        @Sendable func writeCAFile(_ text: String) throws {
+            try text.write(toFile: caFile + ".new", atomically: false, encoding: .utf8)
+            try #require(rename(caFile + ".new", caFile) == 0)
+        }
+        try writeCAFile(old)
+        let server = TLSConfiguration.makeServerConfiguration(
+            certificateChain: try NIOSSLCertificate.fromPEMFile(directory + "/new.pem").map { .certificate($0) },
+            privateKey: .privateKey(try NIOSSLPrivateKey(file: directory + "/new.key", format: .pem)))
+        let service = try await ScriptedService(tls: server) { _, _ in .answer() }
+        var configuration = DeliveryConfiguration()
+        configuration.caFile = caFile
+        let logs = TestLogs()
+        let client = DeliveryClient(tls: try configuration.clientTLS(), caFile: caFile, logger: logs.logger())
+        defer { client.shutdown() }
+
+        let refused = try await deliver(with: client, to: "https://localhost:\(service.port)/e")
+        #expect(refused.error?.hasPrefix("TLS handshake failed: the certificate did not verify") == true, "\(refused.error ?? "")")
+        try writeCAFile(old + new)
+        try await waitUntil("the new authority to be trusted") {
+            try await deliver(with: client, to: "https://localhost:\(service.port)/e").statusCode == 200
+        }
+        #expect(logs.all.contains { $0.contains("delivery.caFile was read again") })
+        // A bundle that cannot be read leaves the authorities read before: new connections still verify.
+        @Sendable func deliverOnANewConnection() async throws -> AttemptResult {
+            let another = try await ScriptedService(tls: server) { _, _ in .answer() }
+            let result = try await deliver(with: client, to: "https://localhost:\(another.port)/e")
+            await another.close()
+            return result
+        }
+        try writeCAFile("not a certificate")
+        try await waitUntil("the unusable bundle to be reported") {
+            let result = try await deliverOnANewConnection()
+            #expect(result.statusCode == 200, "\(result.error ?? "")")
+            return logs.all.contains { $0.contains("delivery.caFile changed but cannot be used; the certificate authorities read before are still trusted") }
+        }
+        let after = try await deliverOnANewConnection()
+        #expect(after.statusCode == 200, "\(after.error ?? "")")
+        await service.close()
+    }
+
     @Test func aServiceThatNeverAcceptsTheConnectionTimesOutConnecting() async throws {
         // A listener whose accept queue is full: the kernel drops further connection requests.
         let listener = try RawListener()
