@@ -30,24 +30,19 @@ package final class DeliveryClient: Sendable {
         var shutDown = false
     }
 
-    private struct TLSState {
-        /// Made on the first `https` connection: loading the trust roots costs start-up time and
-        /// memory a sidecar delivering over plain HTTP or a Unix socket never needs.
-        var context: NIOSSLContext?
-        /// `delivery.caFile`, read again when it changes: a company's certificate authority added to
-        /// the bundle is trusted without a restart.
-        var caFile: FileRereading?
-    }
-
     private let group: any EventLoopGroup
     private let tls: TLSConfiguration
-    private let caFile: String?
     private let pool = NIOLockedValueBox(Pool())
-    private let tlsState: NIOLockedValueBox<TLSState>
-    private let logger: Logger
+    /// Made on the first `https` connection: loading the trust roots costs start-up time and memory
+    /// a sidecar delivering over plain HTTP or a Unix socket never needs.
+    private let tlsContext = NIOLockedValueBox<NIOSSLContext?>(nil)
+    /// With `delivery.caFile`, the context made again when the file changes: a company's authority
+    /// added to the bundle is trusted without a restart. Connections kept alive keep the
+    /// authorities they were opened with.
+    private let renewedContext: RereadFiles<NIOSSLContext>?
 
-    /// `tls` verifies `https` services' certificates (the system's trust roots by default, and
-    /// those of `caFile`, which is read again when it changes: `tls` must hold what it held at start);
+    /// `tls` verifies `https` services' certificates (the system's trust roots by default, and the
+    /// certificates of `caFile`, read again when it changes: `tls` must hold what it held at start);
     /// the idle time-out (55 s) and the most idle connections per service (64) are parameters for tests.
     package init(
         tls: TLSConfiguration = .makeClientConfiguration(), caFile: String? = nil, idleTimeout: TimeAmount = .seconds(55),
@@ -55,12 +50,24 @@ package final class DeliveryClient: Sendable {
         logger: Logger = Logger(label: "kora-sidecar", factory: { _ in SwiftLogNoOpLogHandler() })
     ) {
         self.tls = tls
-        self.caFile = caFile
         self.idleTimeout = idleTimeout
         self.maximumIdlePerEndpoint = maximumIdlePerEndpoint
         self.group = group
-        self.logger = logger
-        self.tlsState = NIOLockedValueBox(TLSState(caFile: caFile.map { FileRereading(paths: [$0]) }))
+        self.renewedContext = caFile.map { caFile in
+            RereadFiles(
+                paths: [caFile],
+                read: {
+                    var renewed = tls
+                    renewed.additionalTrustRoots = [.certificates(try PEMCertificates.read(caFile, key: "delivery.caFile"))]
+                    return try NIOSSLContext(configuration: renewed)
+                },
+                didRead: { _ in logger.info("delivery.caFile was read again", metadata: [:]) },
+                didFail: { error in
+                    logger.error(
+                        "delivery.caFile changed but cannot be used; the certificate authorities read before are still trusted",
+                        metadata: ["error": "\(error)"])
+                })
+        }
     }
 
     /// POSTs `body` with `headers` to `endpoint` and returns the answer, or throws why there is none
@@ -152,27 +159,11 @@ package final class DeliveryClient: Sendable {
     }
 
     private func sslContext() throws -> NIOSSLContext {
-        try tlsState.withLockedValue { state in
-            let now = NIODeadline.now()
-            if let caFile, let context = state.context, state.caFile?.lookDue(now: now) == true, let stamps = state.caFile?.look(),
-                state.caFile?.shouldRead(stamps, now: now) == true
-            {
-                do {
-                    var renewed = tls
-                    renewed.additionalTrustRoots = [.certificates(try PEMCertificates.read(caFile, key: "delivery.caFile"))]
-                    state.context = try NIOSSLContext(configuration: renewed)
-                    logger.info("delivery.caFile was read again", metadata: [:])
-                } catch {
-                    state.caFile?.readFailed(stamps, now: now)
-                    logger.error(
-                        "delivery.caFile changed but cannot be used; the certificate authorities read before are still trusted",
-                        metadata: ["error": "\(error)"])
-                }
-                return state.context ?? context
-            }
-            if let context = state.context { return context }
+        if let renewed = renewedContext?.current() { return renewed }
+        return try tlsContext.withLockedValue { context in
+            if let context { return context }
             let made = try NIOSSLContext(configuration: tls)
-            state.context = made
+            context = made
             return made
         }
     }

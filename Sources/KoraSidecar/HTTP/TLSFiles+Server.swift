@@ -86,14 +86,31 @@ extension DeliveryConfiguration {
 
 extension HTTPServerBuilder {
     /// The public listener's server: HTTP/1.1 with its limits, inside TLS when `tls` is set.
-    /// The certificate files are read again when they change (``ServedCertificate``).
+    /// The certificate and key are read again when their files change: cert-manager and the
+    /// kubelet renew them in place, and a certificate read only at start expired under a sidecar
+    /// that ran longer, and every webhook of Kora's failed its handshake. A handshake serves the
+    /// pair last read (``RereadFiles``); one that cannot be used leaves the one served, and says so.
     static func webhookServer(_ limits: ListenerLimits, tls: TLSFiles?, logger: Logger) throws -> HTTPServerBuilder {
         let http1 = HTTPServerBuilder.sidecarHTTP1(limits, listener: .webhooks, logger: logger)
         guard let tls else { return http1 }
-        // Before the files are read: a change made meanwhile is read again at the first handshake.
-        let served = ServedCertificate(files: tls, logger: logger)
+        // Before the files are read: a change made meanwhile is read again at the first look.
+        let renewed = RereadFiles(
+            paths: [tls.certificateFile, tls.privateKeyFile],
+            read: {
+                let (chain, key) = try tls.readPair()
+                var pair = NIOSSLContextConfigurationOverride()
+                pair.certificateChain = chain.map { .certificate($0) }
+                pair.privateKey = .privateKey(key)
+                return (pair: pair, notValidAfter: UnixTime(milliseconds: Int64(chain[0].notValidAfter) * 1000))
+            },
+            didRead: { logger.info("The webhook listener's TLS certificate was read again", metadata: ["tls.notValidAfter": "\($0.notValidAfter.iso8601Seconds)"]) },
+            didFail: { error in
+                logger.error(
+                    "The webhook listener's TLS certificate files changed but cannot be used; the previous certificate is still served",
+                    metadata: ["error": "\(error)"])
+            })
         var configuration = try tls.serverConfiguration()
-        configuration.sslContextCallback = { _, promise in promise.succeed(served.current()) }
+        configuration.sslContextCallback = { _, promise in promise.succeed(renewed.current()?.pair ?? .noChanges) }
         return try .tls(http1, tlsConfiguration: configuration)
     }
 }
