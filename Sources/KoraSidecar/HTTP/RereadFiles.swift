@@ -68,3 +68,51 @@ final class RereadFiles<Value: Sendable>: Sendable {
         }
     }
 }
+
+/// When files read at start (certificates, certificate authorities) are read again, so that a
+/// renewal needs no restart: looked at (a `stat` of each) at most once a second, read when they
+/// changed, and after a read that failed (a passing failure: out of file descriptors, a permission
+/// being fixed) again every 30 s until they change.
+struct FileRereading: Sendable {
+    static let lookInterval = TimeAmount.seconds(1)
+    static let retryInterval = TimeAmount.seconds(30)
+
+    private let paths: [String]
+    /// The files as last looked at, whether they could be used or not.
+    private var stamps: [FileStamp?]
+    private var nextLook: NIODeadline
+    private var retryAt: NIODeadline?
+
+    /// Takes the files as they are now: make it before reading them at start.
+    init(paths: [String], now: NIODeadline = .now()) {
+        self.paths = paths
+        stamps = paths.map { FileStamp(path: $0) }
+        nextLook = now + Self.lookInterval
+    }
+
+    /// Whether a look is due at `now`; a true answer takes it.
+    mutating func lookDue(now: NIODeadline) -> Bool {
+        guard now >= nextLook else { return false }
+        nextLook = now + Self.lookInterval
+        return true
+    }
+
+    /// The files as they are now.
+    func look() -> [FileStamp?] { paths.map { FileStamp(path: $0) } }
+
+    /// Whether files that look as `stamps` at `now` are to be read; they become the ones last seen.
+    mutating func shouldRead(_ stamps: [FileStamp?], now: NIODeadline) -> Bool {
+        guard stamps != self.stamps || retryAt.map({ now >= $0 }) == true else { return false }
+        self.stamps = stamps
+        retryAt = nil
+        return true
+    }
+
+    /// Whether files read as `stamps` are still the ones last seen: what they held may be used.
+    func isLatest(_ stamps: [FileStamp?]) -> Bool { stamps == self.stamps }
+
+    /// The read of files that looked as `stamps` failed at `now`.
+    mutating func readFailed(_ stamps: [FileStamp?], now: NIODeadline) {
+        if isLatest(stamps) { retryAt = now + Self.retryInterval }
+    }
+}
